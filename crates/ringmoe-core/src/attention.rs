@@ -1,0 +1,485 @@
+//! Blockwise attention with an online softmax, returning `(out, lse)`, and the exact `merge` of two
+//! partial results.
+//!
+//! `attention_block` attends a block of queries to a block of keys/values, each token carrying its
+//! absolute position; the causal mask is "key position ≤ query position". It never materialises an
+//! `Lq × Lk` score matrix: it walks `BQ × BK` tiles (FlashAttention's schedule), skips tiles that
+//! the mask removes entirely, and keeps a running max and sum per query row. The per-row
+//! log-sum-exp it returns lets partial results over disjoint key sets be combined exactly by
+//! [`merge`], which is all ring attention needs.
+
+use rayon::prelude::*;
+
+use crate::gemm::{MatRef, Par, gemm_into};
+use crate::{Error, Result};
+
+/// Query rows per tile.
+const BQ: usize = 64;
+/// Key rows per tile.
+const BK: usize = 128;
+
+/// Head layout and scaling of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    pub n_heads: usize,
+    /// Key/value heads; `n_heads` must be a multiple (grouped-query attention).
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies `q·k` (usually `1/sqrt(head_dim)`).
+    pub scale: f32,
+    /// Mask keys whose position is greater than the query's.
+    pub causal: bool,
+}
+
+/// The result of attending queries to one subset of the keys.
+///
+/// `out` is `[tokens, n_heads, head_dim]`, normalised over that subset; `lse` is `[tokens, n_heads]`,
+/// the natural log of the softmax denominator (`-inf` for a row that saw no unmasked key, whose
+/// `out` row is zero).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialAttention {
+    pub out: Vec<f32>,
+    pub lse: Vec<f32>,
+}
+
+impl PartialAttention {
+    /// The neutral element of [`merge`]: no keys seen.
+    pub fn empty(tokens: usize, n_heads: usize, head_dim: usize) -> Self {
+        Self {
+            out: vec![0.0; tokens * n_heads * head_dim],
+            lse: vec![f32::NEG_INFINITY; tokens * n_heads],
+        }
+    }
+}
+
+impl AttentionParams {
+    fn validate(
+        &self,
+        q: &[f32],
+        q_pos: &[usize],
+        k: &[f32],
+        v: &[f32],
+        k_pos: &[usize],
+    ) -> Result<()> {
+        let bad = |msg: String| {
+            Err(Error::InvalidArgument {
+                op: "attention",
+                msg,
+            })
+        };
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
+            return bad(format!("empty head layout {self:?}"));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} query heads are not a multiple of {} kv heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if q.len() != q_pos.len() * self.n_heads * self.head_dim {
+            return bad(format!(
+                "q has {} elements for {} positions",
+                q.len(),
+                q_pos.len()
+            ));
+        }
+        let kv = k_pos.len() * self.n_kv_heads * self.head_dim;
+        if k.len() != kv || v.len() != kv {
+            return bad(format!(
+                "k/v have {}/{} elements for {} positions (want {kv})",
+                k.len(),
+                v.len(),
+                k_pos.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn min_max(pos: &[usize]) -> (usize, usize) {
+    pos.iter()
+        .fold((usize::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)))
+}
+
+/// Attends `q` (`[Lq, n_heads, head_dim]`, positions `q_pos`) to `k`/`v` (`[Lk, n_kv_heads,
+/// head_dim]`, positions `k_pos`). Positions need not be sorted or contiguous.
+pub fn attention_block(
+    p: &AttentionParams,
+    q: &[f32],
+    q_pos: &[usize],
+    k: &[f32],
+    v: &[f32],
+    k_pos: &[usize],
+) -> Result<PartialAttention> {
+    p.validate(q, q_pos, k, v, k_pos)?;
+    let (lq, lk, d, hq, hkv) = (
+        q_pos.len(),
+        k_pos.len(),
+        p.head_dim,
+        p.n_heads,
+        p.n_kv_heads,
+    );
+    let group = hq / hkv;
+    let q_tiles = lq.div_ceil(BQ);
+    let k_tiles: Vec<(usize, usize, usize, usize)> = (0..lk.div_ceil(BK))
+        .map(|t| {
+            let (s, e) = (t * BK, ((t + 1) * BK).min(lk));
+            let (lo, hi) = min_max(&k_pos[s..e]);
+            (s, e, lo, hi)
+        })
+        .collect();
+
+    // One task per (head, query tile); each returns its rows of out and lse.
+    let tiles: Vec<(Vec<f32>, Vec<f32>)> = (0..hq * q_tiles)
+        .into_par_iter()
+        .map(|task| {
+            let (h, qt) = (task / q_tiles, task % q_tiles);
+            let (q0, q1) = (qt * BQ, ((qt + 1) * BQ).min(lq));
+            let bq = q1 - q0;
+            let (qlo, qhi) = min_max(&q_pos[q0..q1]);
+            let kvh = h / group;
+            let q_view = MatRef {
+                data: &q[q0 * hq * d + h * d..],
+                rows: bq,
+                cols: d,
+                row_stride: hq * d,
+                col_stride: 1,
+            };
+            let mut m = vec![f32::NEG_INFINITY; bq];
+            let mut l = vec![0.0f32; bq];
+            let mut acc = vec![0.0f32; bq * d];
+            let mut s = vec![0.0f32; bq * BK];
+            for &(k0, k1, klo, khi) in &k_tiles {
+                if p.causal && klo > qhi {
+                    continue; // every key in this tile is in every query's future
+                }
+                let bk = k1 - k0;
+                let k_view = MatRef {
+                    data: &k[k0 * hkv * d + kvh * d..],
+                    rows: bk,
+                    cols: d,
+                    row_stride: hkv * d,
+                    col_stride: 1,
+                };
+                gemm_into(&mut s, BK, q_view, k_view.t(), p.scale, false, Par::Serial)?;
+                let needs_mask = p.causal && khi > qlo;
+                for r in 0..bq {
+                    let row = &mut s[r * BK..r * BK + bk];
+                    if needs_mask {
+                        let qp = q_pos[q0 + r];
+                        for (x, &kp) in row.iter_mut().zip(&k_pos[k0..k1]) {
+                            if kp > qp {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    if mx == f32::NEG_INFINITY {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let m_new = m[r].max(mx);
+                    let mut sum = 0.0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - m_new).exp();
+                        sum += *x;
+                    }
+                    let corr = (m[r] - m_new).exp();
+                    l[r] = l[r] * corr + sum;
+                    if corr != 1.0 {
+                        acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
+                    }
+                    m[r] = m_new;
+                }
+                let p_view = MatRef {
+                    data: &s,
+                    rows: bq,
+                    cols: bk,
+                    row_stride: BK,
+                    col_stride: 1,
+                };
+                let v_view = MatRef {
+                    data: &v[k0 * hkv * d + kvh * d..],
+                    rows: bk,
+                    cols: d,
+                    row_stride: hkv * d,
+                    col_stride: 1,
+                };
+                gemm_into(&mut acc, d, p_view, v_view, 1.0, true, Par::Serial)?;
+            }
+            let mut lse = vec![f32::NEG_INFINITY; bq];
+            for r in 0..bq {
+                let row = &mut acc[r * d..(r + 1) * d];
+                if l[r] > 0.0 {
+                    let inv = 1.0 / l[r];
+                    row.iter_mut().for_each(|a| *a *= inv);
+                    lse[r] = m[r] + l[r].ln();
+                } else {
+                    row.fill(0.0);
+                }
+            }
+            Ok((acc, lse))
+        })
+        .collect::<Result<_>>()?;
+
+    let mut res = PartialAttention::empty(lq, hq, d);
+    for (task, (acc, lse)) in tiles.into_iter().enumerate() {
+        let (h, qt) = (task / q_tiles, task % q_tiles);
+        for (r, (row, &lv)) in acc.chunks(d).zip(&lse).enumerate() {
+            let t = qt * BQ + r;
+            res.out[(t * hq + h) * d..(t * hq + h + 1) * d].copy_from_slice(row);
+            res.lse[t * hq + h] = lv;
+        }
+    }
+    Ok(res)
+}
+
+/// Combines two partial results over disjoint key sets into the result over their union.
+///
+/// With `m = max(lse_a, lse_b)` the weights `exp(lse_a − m)` and `exp(lse_b − m)` are at most 1, so
+/// no exponent can overflow however extreme the logits; rows where both sides saw nothing stay
+/// empty (`lse = -inf`, `out = 0`) instead of becoming NaN.
+pub fn merge(a: &PartialAttention, b: &PartialAttention) -> Result<PartialAttention> {
+    let mut acc = a.clone();
+    merge_into(&mut acc, b)?;
+    Ok(acc)
+}
+
+/// In-place [`merge`]: `acc ← merge(acc, b)`.
+pub fn merge_into(acc: &mut PartialAttention, b: &PartialAttention) -> Result<()> {
+    let rows = acc.lse.len();
+    if b.lse.len() != rows
+        || acc.out.len() != b.out.len()
+        || (rows > 0 && acc.out.len() % rows != 0)
+    {
+        return Err(Error::ShapeMismatch {
+            op: "merge",
+            expected: vec![rows, acc.out.len()],
+            got: vec![b.lse.len(), b.out.len()],
+        });
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let d = acc.out.len() / rows;
+    acc.out
+        .par_chunks_mut(d)
+        .zip(acc.lse.par_iter_mut())
+        .zip(b.out.par_chunks(d).zip(b.lse.par_iter()))
+        .for_each(|((oa, la), (ob, &lb))| {
+            let m = la.max(lb);
+            if m == f32::NEG_INFINITY {
+                return;
+            }
+            let (wa, wb) = ((*la - m).exp(), (lb - m).exp());
+            let inv = 1.0 / (wa + wb);
+            let (wa, wb) = (wa * inv, wb * inv);
+            for (x, &y) in oa.iter_mut().zip(ob) {
+                *x = wa * *x + wb * y;
+            }
+            // One of the two weights is exactly 1, so this is m + ln(1 + e^{-|Δ|}).
+            *la = m + (-(*la - lb).abs()).exp().ln_1p();
+        });
+    Ok(())
+}
+
+/// Reference attention that materialises every score row in f64. For tests of the blockwise
+/// kernel and of ring attention, never for serving.
+pub fn naive_attention(
+    p: &AttentionParams,
+    q: &[f32],
+    q_pos: &[usize],
+    k: &[f32],
+    v: &[f32],
+    k_pos: &[usize],
+) -> Result<PartialAttention> {
+    p.validate(q, q_pos, k, v, k_pos)?;
+    let (d, hq, hkv) = (p.head_dim, p.n_heads, p.n_kv_heads);
+    let mut res = PartialAttention::empty(q_pos.len(), hq, d);
+    for (t, &qp) in q_pos.iter().enumerate() {
+        for h in 0..hq {
+            let kvh = h / (hq / hkv);
+            let qrow = &q[(t * hq + h) * d..][..d];
+            let scores: Vec<f64> = k_pos
+                .iter()
+                .enumerate()
+                .map(|(j, &kp)| {
+                    if p.causal && kp > qp {
+                        f64::NEG_INFINITY
+                    } else {
+                        let krow = &k[(j * hkv + kvh) * d..][..d];
+                        p.scale as f64
+                            * qrow
+                                .iter()
+                                .zip(krow)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
+                    }
+                })
+                .collect();
+            let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            if mx == f64::NEG_INFINITY {
+                continue;
+            }
+            let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            let out = &mut res.out[(t * hq + h) * d..][..d];
+            for (j, wj) in w.iter().enumerate() {
+                let vrow = &v[(j * hkv + kvh) * d..][..d];
+                for (o, x) in out.iter_mut().zip(vrow) {
+                    *o += (wj / sum * *x as f64) as f32;
+                }
+            }
+            res.lse[t * hq + h] = (mx + sum.ln()) as f32;
+        }
+    }
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-amp, amp].
+    fn rand_vec(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+            })
+            .collect()
+    }
+
+    fn assert_close(a: &PartialAttention, b: &PartialAttention, tol: f32) {
+        for (x, y) in a.out.iter().zip(&b.out) {
+            assert!((x - y).abs() <= tol, "out {x} vs {y}");
+        }
+        for (x, y) in a.lse.iter().zip(&b.lse) {
+            assert!(x == y || (x - y).abs() <= tol, "lse {x} vs {y}");
+        }
+    }
+
+    fn params(hq: usize, hkv: usize, d: usize, causal: bool) -> AttentionParams {
+        AttentionParams {
+            n_heads: hq,
+            n_kv_heads: hkv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            causal,
+        }
+    }
+
+    #[test]
+    fn matches_naive_on_multi_tile_causal_gqa() {
+        let p = params(4, 2, 16, true);
+        let (lq, lk) = (150, 300);
+        let q = rand_vec(lq * 4 * 16, 1, 2.0);
+        let k = rand_vec(lk * 2 * 16, 2, 2.0);
+        let v = rand_vec(lk * 2 * 16, 3, 1.0);
+        let q_pos: Vec<usize> = (150..300).collect();
+        let k_pos: Vec<usize> = (0..300).collect();
+        let got = attention_block(&p, &q, &q_pos, &k, &v, &k_pos).unwrap();
+        let want = naive_attention(&p, &q, &q_pos, &k, &v, &k_pos).unwrap();
+        assert_close(&got, &want, 1e-5);
+    }
+
+    #[test]
+    fn fully_masked_rows_are_empty_not_nan() {
+        let p = params(2, 1, 8, true);
+        let q = rand_vec(3 * 2 * 8, 4, 1.0);
+        let k = rand_vec(5 * 8, 5, 1.0);
+        let v = rand_vec(5 * 8, 6, 1.0);
+        let got = attention_block(&p, &q, &[0, 1, 2], &k, &v, &[10, 11, 12, 13, 14]).unwrap();
+        assert!(got.lse.iter().all(|l| *l == f32::NEG_INFINITY));
+        assert!(got.out.iter().all(|o| *o == 0.0));
+    }
+
+    #[test]
+    fn merge_is_stable_at_extreme_logits() {
+        let a = PartialAttention {
+            out: vec![1.0, 2.0],
+            lse: vec![1e30],
+        };
+        let b = PartialAttention {
+            out: vec![3.0, 4.0],
+            lse: vec![-1e30],
+        };
+        let m = merge(&a, &b).unwrap();
+        assert_eq!(m.out, vec![1.0, 2.0]);
+        assert_eq!(m.lse, vec![1e30]);
+        let c = PartialAttention {
+            out: vec![5.0, 6.0],
+            lse: vec![88.8],
+        };
+        let d = PartialAttention {
+            out: vec![7.0, 8.0],
+            lse: vec![88.8],
+        };
+        let m = merge(&c, &d).unwrap();
+        assert!((m.out[0] - 6.0).abs() < 1e-6 && (m.lse[0] - (88.8 + 2f32.ln())).abs() < 1e-4);
+        let e = PartialAttention::empty(1, 1, 2);
+        assert_eq!(merge(&e, &e).unwrap(), e);
+        assert_eq!(merge(&e, &c).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let p = params(3, 2, 4, true);
+        assert!(attention_block(&p, &[0.0; 12], &[0], &[0.0; 8], &[0.0; 8], &[0]).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Splitting the keys into any number of blocks, attending to each and merging the
+        /// results in order gives plain attention over all keys.
+        #[test]
+        fn any_block_partition_equals_naive(
+            lq in 1usize..90, lk in 1usize..300, cuts in proptest::collection::vec(0usize..300, 0..5),
+            seed in 0u64..1000, causal in any::<bool>(), offset in 0usize..200,
+        ) {
+            let p = params(4, 2, 8, causal);
+            let q = rand_vec(lq * 32, seed, 3.0);
+            let k = rand_vec(lk * 16, seed + 1, 3.0);
+            let v = rand_vec(lk * 16, seed + 2, 1.0);
+            let q_pos: Vec<usize> = (0..lq).map(|i| i * 3 + offset).collect();
+            let k_pos: Vec<usize> = (0..lk).collect();
+            let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c % (lk + 1)).collect();
+            bounds.extend([0, lk]);
+            bounds.sort_unstable();
+            let mut acc = PartialAttention::empty(lq, 4, 8);
+            for w in bounds.windows(2) {
+                let (s, e) = (w[0], w[1]);
+                let part = attention_block(&p, &q, &q_pos, &k[s * 16..e * 16], &v[s * 16..e * 16], &k_pos[s..e]).unwrap();
+                merge_into(&mut acc, &part).unwrap();
+            }
+            let want = naive_attention(&p, &q, &q_pos, &k, &v, &k_pos).unwrap();
+            assert_close(&acc, &want, 2e-5);
+        }
+
+        #[test]
+        fn merge_is_commutative_and_associative(seed in 0u64..1000, rows in 1usize..20, spread in 0.0f32..80.0) {
+            let d = 4;
+            let mk = |s: u64| {
+                let mut lse = rand_vec(rows, s, spread);
+                // Some rows saw no keys.
+                if s % 3 == 0 { lse[0] = f32::NEG_INFINITY; }
+                let mut out = rand_vec(rows * d, s + 7, 1.0);
+                for (r, l) in lse.iter().enumerate() {
+                    if *l == f32::NEG_INFINITY { out[r * d..(r + 1) * d].fill(0.0); }
+                }
+                PartialAttention { out, lse }
+            };
+            let (a, b, c) = (mk(seed * 3), mk(seed * 3 + 1), mk(seed * 3 + 2));
+            assert_close(&merge(&a, &b).unwrap(), &merge(&b, &a).unwrap(), 1e-5);
+            let left = merge(&merge(&a, &b).unwrap(), &c).unwrap();
+            let right = merge(&a, &merge(&b, &c).unwrap()).unwrap();
+            assert_close(&left, &right, 1e-4);
+        }
+    }
+}

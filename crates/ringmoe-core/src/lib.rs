@@ -1,0 +1,21 @@
+//! `ringmoe-core`: tensors, the CPU compute backend and the numerical kernels every layer is built from.
+//!
+//! This crate owns the numerics: GEMM, RMSNorm, RoPE, SwiGLU, softmax/top-k and the blockwise
+//! attention that returns `(out, lse)` together with the exact `merge` of two partial results.
+//! Ring attention (a later crate) is built from exactly these two functions. Nothing here knows
+//! about networking, tokio or model files.
+
+pub mod attention;
+pub mod dtype;
+pub mod error;
+pub mod gemm;
+pub mod ops;
+pub mod rope;
+pub mod tensor;
+
+pub use attention::{
+    AttentionParams, PartialAttention, attention_block, merge, merge_into, naive_attention,
+};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use tensor::{Device, Tensor};
