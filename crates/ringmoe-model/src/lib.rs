@@ -1,1 +1,25 @@
-//! placeholder
+//! `ringmoe-model`: Hugging Face checkpoints (config, safetensors, tokenizer), the MoE
+//! architectures, router and experts, the single-process forward, KV cache and sampling.
+//!
+//! The model receives its device and the experts to load as arguments ([`LoadOptions`]); it never
+//! reads environment variables or globals, so the cluster can build partial models per worker.
+
+pub mod arch;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod layers;
+pub mod model;
+pub mod moe;
+pub mod rope;
+pub mod tokenizer;
+
+pub use checkpoint::Checkpoint;
+pub use config::{Architecture, GenerationConfig, ModelConfig};
+pub use error::{Error, Result};
+pub use generate::{GenerationStats, Sampler, SamplingParams, generate};
+pub use kv_cache::KvCache;
+pub use model::{ExpertSelection, ForwardOutput, LoadOptions, LogitsFor, Model};
+pub use tokenizer::{TextStream, Tokenizer};

@@ -1,0 +1,43 @@
+//! Mixtral (`MixtralForCausalLM`), reproducing transformers' `models/mixtral/modeling_mixtral.py`
+//! (https://github.com/huggingface/transformers/blob/main/src/transformers/models/mixtral/modeling_mixtral.py).
+//!
+//! - Attention: grouped-query, no biases, RoPE, causal (sliding window only if configured).
+//! - Every layer is sparse: `block_sparse_moe.gate` is the router (softmax over all experts in
+//!   f32, top-k, always renormalised); experts `block_sparse_moe.experts.E.{w1,w3,w2}` are the
+//!   SwiGLU gate, up and down projections of size `intermediate_size`.
+
+use crate::Result;
+use crate::layers::{DecoderLayer, Mlp, SparseMoe, WeightLoader};
+use crate::model::ExpertSelection;
+use crate::moe::TopKNorm;
+
+pub(crate) fn load_layer(
+    w: &WeightLoader<'_>,
+    layer: usize,
+    sel: &ExpertSelection,
+) -> Result<DecoderLayer> {
+    let c = w.cfg;
+    let p = format!("model.layers.{layer}");
+    let attn = super::attention(w, &p)?;
+    let m = format!("{p}.block_sparse_moe");
+    let experts = super::experts(w, layer, sel, c.moe.expert_intermediate_size, |e| {
+        (
+            format!("{m}.experts.{e}.w1"),
+            format!("{m}.experts.{e}.w3"),
+            format!("{m}.experts.{e}.w2"),
+        )
+    })?;
+    let moe = SparseMoe {
+        router: w.linear(
+            &format!("{m}.gate"),
+            c.moe.num_experts,
+            c.hidden_size,
+            false,
+        )?,
+        experts,
+        top_k: c.moe.top_k,
+        norm: TopKNorm::Renormalize,
+        shared: None,
+    };
+    super::decoder_layer(w, &p, attn, Mlp::Sparse(moe))
+}

@@ -1,0 +1,103 @@
+//! One file per architecture: how its checkpoint names map onto the shared layers. Shared here:
+//! the attention block and the decoder-layer norms, which all three name the same way.
+
+pub mod mixtral;
+pub mod qwen2_moe;
+pub mod qwen3_moe;
+
+use ringmoe_core::attention::AttentionParams;
+
+use crate::Result;
+use crate::config::Architecture;
+use crate::layers::{Attention, DecoderLayer, Mlp, WeightLoader};
+use crate::model::ExpertSelection;
+use crate::moe::{ExpertSet, ExpertWeights};
+use crate::rope::rope_freqs;
+
+/// Loads decoder layer `layer` of whichever architecture the config names.
+pub(crate) fn load_layer(
+    w: &WeightLoader<'_>,
+    layer: usize,
+    sel: &ExpertSelection,
+) -> Result<DecoderLayer> {
+    match w.cfg.architecture {
+        Architecture::Mixtral => mixtral::load_layer(w, layer, sel),
+        Architecture::Qwen3Moe => qwen3_moe::load_layer(w, layer, sel),
+        Architecture::Qwen2Moe => qwen2_moe::load_layer(w, layer, sel),
+    }
+}
+
+/// `{prefix}.self_attn.{q,k,v,o}_proj` (+ biases, + `q_norm`/`k_norm` as the config says).
+pub(crate) fn attention(w: &WeightLoader<'_>, prefix: &str) -> Result<Attention> {
+    let c = w.cfg;
+    let (h, d, hq, hkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+    let a = format!("{prefix}.self_attn");
+    let qkv = w.fused_linear(
+        &[
+            (&format!("{a}.q_proj"), hq * d),
+            (&format!("{a}.k_proj"), hkv * d),
+            (&format!("{a}.v_proj"), hkv * d),
+        ],
+        h,
+        c.qkv_bias,
+    )?;
+    let qk_norm = if c.qk_norm {
+        Some((
+            w.vector(&format!("{a}.q_norm.weight"), d)?,
+            w.vector(&format!("{a}.k_norm.weight"), d)?,
+        ))
+    } else {
+        None
+    };
+    Ok(Attention {
+        qkv,
+        o: w.linear(&format!("{a}.o_proj"), h, hq * d, c.o_bias)?,
+        qk_norm,
+        params: AttentionParams {
+            n_heads: hq,
+            n_kv_heads: hkv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            causal: true,
+        },
+        rope: rope_freqs(&c.rope, d),
+        eps: c.rms_norm_eps,
+    })
+}
+
+/// Wraps attention and an MLP with `{prefix}.input_layernorm` / `post_attention_layernorm`.
+pub(crate) fn decoder_layer(
+    w: &WeightLoader<'_>,
+    prefix: &str,
+    attn: Attention,
+    mlp: Mlp,
+) -> Result<DecoderLayer> {
+    let h = w.cfg.hidden_size;
+    Ok(DecoderLayer {
+        input_norm: w.vector(&format!("{prefix}.input_layernorm.weight"), h)?,
+        attn,
+        post_attn_norm: w.vector(&format!("{prefix}.post_attention_layernorm.weight"), h)?,
+        mlp,
+        eps: w.cfg.rms_norm_eps,
+    })
+}
+
+/// The experts of `layer` that `sel` asks for; `names(e)` gives (gate, up, down) prefixes.
+pub(crate) fn experts(
+    w: &WeightLoader<'_>,
+    layer: usize,
+    sel: &ExpertSelection,
+    inter: usize,
+    names: impl Fn(usize) -> (String, String, String),
+) -> Result<ExpertSet> {
+    let experts = (0..w.cfg.moe.num_experts)
+        .map(|e| -> Result<Option<ExpertWeights>> {
+            if !sel.includes(layer, e) {
+                return Ok(None);
+            }
+            let (g, u, d) = names(e);
+            Ok(Some(w.expert(&g, &u, &d, inter)?))
+        })
+        .collect::<Result<_>>()?;
+    Ok(ExpertSet { layer, experts })
+}

@@ -1,0 +1,75 @@
+//! Qwen2-MoE (`Qwen2MoeForCausalLM`), reproducing transformers' `models/qwen2_moe/modeling_qwen2_moe.py`
+//! (https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2_moe/modeling_qwen2_moe.py).
+//!
+//! - Attention: grouped-query with q/k/v biases (`qkv_bias`, default true), no bias on o_proj.
+//! - Sparse layers as in Qwen3-MoE (`mlp_only_layers`, `decoder_sparse_step`); router `mlp.gate`,
+//!   renormalised only with `norm_topk_prob`; experts `mlp.experts.E.{gate,up,down}_proj`.
+//! - Plus a shared expert on every token: `routed + sigmoid(x · shared_expert_gate) ·
+//!   SwiGLU_shared(x)`, with `mlp.shared_expert.{gate,up,down}_proj` of
+//!   `shared_expert_intermediate_size` and the `[1, hidden]` gate `mlp.shared_expert_gate`.
+
+use crate::layers::{DecoderLayer, DenseMlp, Mlp, SparseMoe, WeightLoader};
+use crate::model::ExpertSelection;
+use crate::moe::TopKNorm;
+use crate::{Error, Result};
+
+pub(crate) fn load_layer(
+    w: &WeightLoader<'_>,
+    layer: usize,
+    sel: &ExpertSelection,
+) -> Result<DecoderLayer> {
+    let c = w.cfg;
+    let p = format!("model.layers.{layer}");
+    let attn = super::attention(w, &p)?;
+    let m = format!("{p}.mlp");
+    let mlp = if c.sparse_layers[layer] {
+        let experts = super::experts(w, layer, sel, c.moe.expert_intermediate_size, |e| {
+            (
+                format!("{m}.experts.{e}.gate_proj"),
+                format!("{m}.experts.{e}.up_proj"),
+                format!("{m}.experts.{e}.down_proj"),
+            )
+        })?;
+        let shared_inter = c
+            .moe
+            .shared_expert_intermediate_size
+            .ok_or_else(|| Error::Config {
+                field: "shared_expert_intermediate_size".into(),
+                msg: "missing".into(),
+            })?;
+        let s = format!("{m}.shared_expert");
+        let shared = DenseMlp(w.expert(
+            &format!("{s}.gate_proj"),
+            &format!("{s}.up_proj"),
+            &format!("{s}.down_proj"),
+            shared_inter,
+        )?);
+        Mlp::Sparse(SparseMoe {
+            router: w.linear(
+                &format!("{m}.gate"),
+                c.moe.num_experts,
+                c.hidden_size,
+                false,
+            )?,
+            experts,
+            top_k: c.moe.top_k,
+            norm: if c.moe.norm_topk_prob {
+                TopKNorm::Renormalize
+            } else {
+                TopKNorm::Softmax
+            },
+            shared: Some((
+                shared,
+                w.linear(&format!("{m}.shared_expert_gate"), 1, c.hidden_size, false)?,
+            )),
+        })
+    } else {
+        Mlp::Dense(DenseMlp(w.expert(
+            &format!("{m}.gate_proj"),
+            &format!("{m}.up_proj"),
+            &format!("{m}.down_proj"),
+            c.dense_intermediate_size,
+        )?))
+    };
+    super::decoder_layer(w, &p, attn, mlp)
+}

@@ -1,0 +1,277 @@
+//! Memory-mapped safetensors checkpoints, single-file or sharded (`model.safetensors.index.json`).
+//!
+//! Opening a checkpoint maps the files and parses only their JSON headers. A tensor's bytes are
+//! touched only when that tensor is loaded, so a worker that loads a quarter of the experts pages
+//! in about a quarter of the expert bytes. [`Checkpoint::bytes_read`] counts the tensor bytes
+//! actually decoded, which the tests use to show that a subset load reads nothing else.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::Mmap;
+use ringmoe_core::{DType, Tensor};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use crate::config::read_json;
+use crate::{Error, Result};
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Offset of the data section (8-byte length + JSON header).
+    data_start: usize,
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    file: usize,
+    start: usize,
+    end: usize,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<MappedFile>,
+    tensors: HashMap<String, TensorMeta>,
+    bytes_read: AtomicU64,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("files", &self.files.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+fn convert_dtype(d: Dtype) -> Option<DType> {
+    Some(match d {
+        Dtype::F32 => DType::F32,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F16 => DType::F16,
+        Dtype::I32 => DType::I32,
+        Dtype::I64 => DType::I64,
+        Dtype::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Opens `DIR/model.safetensors.index.json` if present, else every `DIR/*.safetensors` file
+    /// (normally the single `model.safetensors`).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<String> = if index.exists() {
+            let v = read_json(&index)?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::Safetensors {
+                    path: index.clone(),
+                    msg: "no \"weight_map\" object".into(),
+                })?;
+            let mut files: Vec<String> = Vec::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| Error::Safetensors {
+                    path: index.clone(),
+                    msg: format!("weight_map entry for {tensor:?} is not a file name"),
+                })?;
+                if file.contains('/') || file.contains("..") {
+                    return Err(Error::Safetensors {
+                        path: index.clone(),
+                        msg: format!("shard name {file:?} leaves the directory"),
+                    });
+                }
+                if !files.iter().any(|f| f == file) {
+                    files.push(file.to_string());
+                }
+            }
+            files.sort();
+            files
+        } else {
+            let rd = std::fs::read_dir(dir).map_err(|source| Error::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            let mut files: Vec<String> = rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".safetensors") && n != "reference.safetensors")
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::Safetensors {
+                    path: dir.to_path_buf(),
+                    msg: "no *.safetensors files in the model directory".into(),
+                });
+            }
+            files
+        };
+        let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+        Self::open_files(dir, &paths)
+    }
+
+    /// Opens an explicit list of safetensors files (also used for `--input-ids` files).
+    pub fn open_files(dir: &Path, paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for (fi, path) in paths.iter().enumerate() {
+            let file = File::open(path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the map is read-only and private to this process. A checkpoint file that
+            // another process truncates while we run would fault on access; that is the documented
+            // trade-off of memory-mapping weights (candle and safetensors do the same).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (header_len, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let dtype = convert_dtype(info.dtype).ok_or_else(|| Error::TensorDType {
+                    name: name.clone(),
+                    dtype: format!("{:?}", info.dtype),
+                })?;
+                let (s, e) = info.data_offsets;
+                if data_start + e > mmap.len() || s > e {
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        msg: format!("tensor {name:?} lies outside the file"),
+                    });
+                }
+                tensors.insert(
+                    name,
+                    TensorMeta {
+                        dtype,
+                        shape: info.shape.clone(),
+                        file: fi,
+                        start: s,
+                        end: e,
+                    },
+                );
+            }
+            files.push(MappedFile {
+                path: path.clone(),
+                mmap,
+                data_start,
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            tensors,
+            bytes_read: AtomicU64::new(0),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn meta(&self, name: &str) -> Result<&TensorMeta> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })
+    }
+
+    /// Names of every tensor in the checkpoint.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Total bytes of tensor data in the checkpoint.
+    pub fn total_tensor_bytes(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|m| (m.end - m.start) as u64)
+            .sum()
+    }
+
+    /// Tensor bytes decoded so far by this handle.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    fn raw(&self, name: &str) -> Result<(&TensorMeta, &[u8])> {
+        let meta = self.meta(name)?;
+        let f = &self.files[meta.file];
+        let bytes = &f.mmap[f.data_start + meta.start..f.data_start + meta.end];
+        let expected = meta.shape.iter().product::<usize>() * meta.dtype.size_in_bytes();
+        if bytes.len() != expected {
+            return Err(Error::Safetensors {
+                path: f.path.clone(),
+                msg: format!(
+                    "tensor {name:?} has {} bytes, shape {:?} needs {expected}",
+                    bytes.len(),
+                    meta.shape
+                ),
+            });
+        }
+        self.bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok((meta, bytes))
+    }
+
+    /// Loads a floating point tensor as f32, checking its shape.
+    pub fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let meta = self.meta(name)?;
+        if meta.shape != shape {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: meta.shape.clone(),
+            });
+        }
+        if !meta.dtype.is_float() {
+            return Err(Error::TensorDType {
+                name: name.to_string(),
+                dtype: format!("{:?}", meta.dtype),
+            });
+        }
+        let (meta, bytes) = self.raw(name)?;
+        let mut data = Vec::new();
+        ringmoe_core::dtype::extend_f32_from_le_bytes(meta.dtype, bytes, &mut data)?;
+        Ok(Tensor::from_vec(data, shape.to_vec())?)
+    }
+
+    /// Loads an integer tensor (i64 or i32) as i64 values, with its shape.
+    pub fn load_i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let (meta, bytes) = self.raw(name)?;
+        let vals = match meta.dtype {
+            DType::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            DType::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
+                .collect(),
+            other => {
+                return Err(Error::TensorDType {
+                    name: name.to_string(),
+                    dtype: format!("{other:?} (expected I64 or I32)"),
+                });
+            }
+        };
+        Ok((vals, meta.shape.clone()))
+    }
+}

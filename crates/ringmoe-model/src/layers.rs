@@ -1,0 +1,247 @@
+//! The building blocks the architecture files assemble: linear layers, attention with a KV cache,
+//! the dense SwiGLU MLP, the sparse MoE block (with Qwen2-MoE's optional shared expert) and the
+//! pre-norm decoder layer. Everything is f32 on the device of the tensors it holds.
+
+use ringmoe_core::attention::{AttentionParams, attention_block};
+use ringmoe_core::gemm::{Par, matmul_nt};
+use ringmoe_core::rope::{RopeFreqs, apply_rope};
+use ringmoe_core::{Tensor, ops};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::kv_cache::LayerKv;
+use crate::moe::{self, ExpertSet, ExpertWeights, Routing, TopKNorm};
+use crate::{Error, Result};
+
+/// `y = x Wᵀ (+ b)` with HF's `[out, in]` weight layout.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Vec<f32>,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut y = matmul_nt(
+            x,
+            rows,
+            self.in_features,
+            &self.weight,
+            self.out_features,
+            Par::Rayon,
+        )?;
+        if let Some(b) = &self.bias {
+            ops::add_bias_rows(&mut y, b)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Loads tensors by name with the shapes the config implies.
+pub(crate) struct WeightLoader<'a> {
+    pub ckpt: &'a Checkpoint,
+    pub cfg: &'a ModelConfig,
+}
+
+impl WeightLoader<'_> {
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.ckpt.load(name, &[len])?.into_vec())
+    }
+
+    pub fn matrix(&self, name: &str, out: usize, inp: usize) -> Result<Vec<f32>> {
+        Ok(self.ckpt.load(name, &[out, inp])?.into_vec())
+    }
+
+    /// Several `[out_i, in]` projections stacked into one `[Σ out_i, in]` linear (fused QKV,
+    /// fused gate/up), with their biases stacked too when `bias`.
+    pub fn fused_linear(
+        &self,
+        prefixes: &[(&str, usize)],
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let mut weight = Vec::new();
+        let mut b = Vec::new();
+        for (prefix, out) in prefixes {
+            weight.extend(self.matrix(&format!("{prefix}.weight"), *out, inp)?);
+            if bias {
+                b.extend(self.vector(&format!("{prefix}.bias"), *out)?);
+            }
+        }
+        let out_features = prefixes.iter().map(|p| p.1).sum();
+        Ok(Linear {
+            weight,
+            out_features,
+            in_features: inp,
+            bias: bias.then_some(b),
+        })
+    }
+
+    pub fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        self.fused_linear(&[(prefix, out)], inp, bias)
+    }
+
+    /// A SwiGLU expert from three projections named `(gate, up, down)`.
+    pub fn expert(&self, gate: &str, up: &str, down: &str, inter: usize) -> Result<ExpertWeights> {
+        let h = self.cfg.hidden_size;
+        let gu = self.fused_linear(&[(gate, inter), (up, inter)], h, false)?;
+        Ok(ExpertWeights {
+            hidden: h,
+            intermediate: inter,
+            gate_up: gu.weight,
+            down: self.matrix(&format!("{down}.weight"), h, inter)?,
+        })
+    }
+}
+
+/// Queries, keys and values of a batch of tokens after norms and RoPE:
+/// `q` is `[tokens, n_heads, head_dim]`, `k`/`v` are `[tokens, n_kv_heads, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct Qkv {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Multi-head (grouped-query) self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// q, k and v projections fused row-wise.
+    pub qkv: Linear,
+    pub o: Linear,
+    /// Qwen3-MoE's per-head RMSNorm weights for q and k (applied before RoPE).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub params: AttentionParams,
+    pub rope: RopeFreqs,
+    pub eps: f32,
+}
+
+impl Attention {
+    /// Projects, normalises and rotates; positions are absolute.
+    pub fn qkv(&self, x: &[f32], positions: &[usize]) -> Result<Qkv> {
+        let t = positions.len();
+        let (hq, hkv, d) = (
+            self.params.n_heads,
+            self.params.n_kv_heads,
+            self.params.head_dim,
+        );
+        let fused = self.qkv.forward(x, t)?;
+        let width = (hq + 2 * hkv) * d;
+        let (mut q, mut k, mut v) = (
+            Vec::with_capacity(t * hq * d),
+            Vec::with_capacity(t * hkv * d),
+            Vec::with_capacity(t * hkv * d),
+        );
+        for row in fused.chunks(width) {
+            q.extend_from_slice(&row[..hq * d]);
+            k.extend_from_slice(&row[hq * d..(hq + hkv) * d]);
+            v.extend_from_slice(&row[(hq + hkv) * d..]);
+        }
+        if let Some((qn, kn)) = &self.qk_norm {
+            ops::rms_norm_chunks_inplace(&mut q, qn, self.eps)?;
+            ops::rms_norm_chunks_inplace(&mut k, kn, self.eps)?;
+        }
+        apply_rope(&mut q, hq, d, positions, &self.rope)?;
+        apply_rope(&mut k, hkv, d, positions, &self.rope)?;
+        Ok(Qkv { q, k, v })
+    }
+
+    /// Attends the new tokens to the cache plus themselves, appending their k/v to the cache.
+    pub fn forward(&self, x: &[f32], positions: &[usize], cache: &mut LayerKv) -> Result<Vec<f32>> {
+        let Qkv { q, k, v } = self.qkv(x, positions)?;
+        cache.append(&k, &v, positions);
+        let res = attention_block(
+            &self.params,
+            &q,
+            positions,
+            &cache.k,
+            &cache.v,
+            &cache.positions,
+        )?;
+        self.o.forward(&res.out, positions.len())
+    }
+}
+
+/// Dense SwiGLU MLP (layers listed in `mlp_only_layers`, and Qwen2-MoE's shared expert).
+#[derive(Debug, Clone)]
+pub struct DenseMlp(pub ExpertWeights);
+
+/// The sparse MoE block.
+#[derive(Debug, Clone)]
+pub struct SparseMoe {
+    pub router: Linear,
+    pub experts: ExpertSet,
+    pub top_k: usize,
+    pub norm: TopKNorm,
+    /// Qwen2-MoE: `sigmoid(x·w_gate) · shared(x)` added to the routed output.
+    pub shared: Option<(DenseMlp, Linear)>,
+}
+
+impl SparseMoe {
+    pub fn forward(&self, x: &[f32], rows: usize) -> Result<(Vec<f32>, Routing)> {
+        let hidden = self.router.in_features;
+        let logits = self.router.forward(x, rows)?;
+        let (mut y, routing) =
+            moe::moe_forward(x, hidden, &logits, &self.experts, self.top_k, self.norm)?;
+        if let Some((mlp, gate)) = &self.shared {
+            let s = mlp.0.forward(x, rows)?;
+            let g = gate.forward(x, rows)?;
+            for ((yr, sr), &gv) in y.chunks_mut(hidden).zip(s.chunks(hidden)).zip(&g) {
+                let gv = ops::sigmoid(gv);
+                for (a, b) in yr.iter_mut().zip(sr) {
+                    *a += gv * b;
+                }
+            }
+        }
+        Ok((y, routing))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    Dense(DenseMlp),
+    Sparse(SparseMoe),
+}
+
+/// Pre-norm decoder layer: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_norm: Vec<f32>,
+    pub attn: Attention,
+    pub post_attn_norm: Vec<f32>,
+    pub mlp: Mlp,
+    pub eps: f32,
+}
+
+impl DecoderLayer {
+    /// Runs the layer on `x` (`[tokens, hidden]`) in place; returns the routing when sparse.
+    pub fn forward(
+        &self,
+        x: &mut Tensor,
+        positions: &[usize],
+        cache: &mut LayerKv,
+    ) -> Result<Option<Routing>> {
+        let rows = positions.len();
+        if x.shape()[0] != rows {
+            return Err(Error::InvalidInput(format!(
+                "{} hidden rows for {rows} positions",
+                x.shape()[0]
+            )));
+        }
+        let normed = ops::rms_norm(x, &self.input_norm, self.eps)?;
+        let attn = self.attn.forward(normed.as_slice(), positions, cache)?;
+        ops::add_inplace(x, &Tensor::from_vec(attn, x.shape().to_vec())?)?;
+        let normed = ops::rms_norm(x, &self.post_attn_norm, self.eps)?;
+        let (y, routing) = match &self.mlp {
+            Mlp::Dense(m) => (m.0.forward(normed.as_slice(), rows)?, None),
+            Mlp::Sparse(m) => {
+                let (y, r) = m.forward(normed.as_slice(), rows)?;
+                (y, Some(r))
+            }
+        };
+        ops::add_inplace(x, &Tensor::from_vec(y, x.shape().to_vec())?)?;
+        Ok(routing)
+    }
+}

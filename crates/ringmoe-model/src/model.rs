@@ -1,0 +1,252 @@
+//! The single-process model: embedding, decoder layers, final norm and lm_head, with a forward that
+//! serves prefill (many tokens) and decode (one token) over a [`KvCache`].
+
+use std::path::Path;
+
+use ringmoe_core::gemm::{Par, matmul_nt};
+use ringmoe_core::{Device, Tensor, ops};
+
+use crate::arch;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::layers::{DecoderLayer, Mlp, WeightLoader};
+use crate::moe::Routing;
+use crate::{Error, Result};
+
+/// Which experts a process loads. The cluster loads only the experts its placement names.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ExpertSelection {
+    #[default]
+    All,
+    /// The same expert ids in every sparse layer.
+    Same(Vec<usize>),
+    /// Expert ids per layer (index = layer).
+    PerLayer(Vec<Vec<usize>>),
+}
+
+impl ExpertSelection {
+    pub fn includes(&self, layer: usize, expert: usize) -> bool {
+        match self {
+            Self::All => true,
+            Self::Same(ids) => ids.contains(&expert),
+            Self::PerLayer(per) => per.get(layer).is_some_and(|ids| ids.contains(&expert)),
+        }
+    }
+}
+
+/// Options for [`Model::load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub experts: ExpertSelection,
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last position (generation).
+    Last,
+    /// Every position (scoring, parity checks).
+    All,
+}
+
+/// Result of a forward pass: `[positions, vocab]` logits and, per sparse layer, its routing.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    pub logits: Tensor,
+    pub routing: Vec<(usize, Routing)>,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Vec<f32>,
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    lm_head: Vec<f32>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Loads `DIR/config.json` and the weights the options select from `DIR`'s safetensors.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(cfg, &ckpt, opts)
+    }
+
+    pub fn from_checkpoint(
+        cfg: ModelConfig,
+        ckpt: &Checkpoint,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        opts.device.ensure_available()?;
+        let w = WeightLoader { ckpt, cfg: &cfg };
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = w.matrix("model.embed_tokens.weight", v, h)?;
+        let lm_head = if ckpt.contains("lm_head.weight") || !cfg.tie_word_embeddings {
+            w.matrix("lm_head.weight", v, h)?
+        } else {
+            embed.clone()
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|l| arch::load_layer(&w, l, &opts.experts))
+            .collect::<Result<_>>()?;
+        let norm = w.vector("model.norm.weight", h)?;
+        Ok(Self {
+            config: cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Checks token ids against the vocabulary.
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            Some(position) => Err(Error::TokenOutOfRange {
+                id: tokens[position],
+                position,
+                vocab,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Embedding rows of `tokens`, `[tokens, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        self.check_tokens(tokens)?;
+        let h = self.config.hidden_size;
+        let mut data = Vec::with_capacity(tokens.len() * h);
+        for &t in tokens {
+            data.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
+        }
+        Ok(Tensor::from_vec(data, [tokens.len(), h])?)
+    }
+
+    /// Final norm and lm_head on `hidden` rows (`[rows, hidden]`), giving `[rows, vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (rows, h) = hidden.dims2("logits")?;
+        let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        let v = self.config.vocab_size;
+        Ok(Tensor::from_vec(
+            matmul_nt(normed.as_slice(), rows, h, &self.lm_head, v, Par::Rayon)?,
+            [rows, v],
+        )?)
+    }
+
+    /// Runs the decoder stack on `tokens`, which follow the cached ones, and returns the final
+    /// hidden states (before the final norm) plus the routing of each sparse layer.
+    pub fn forward_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Vec<(usize, Routing)>)> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("forward called with no tokens".into()));
+        }
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::InvalidInput(format!(
+                "KV cache has {} layers, model {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let start = cache.len();
+        let end = start + tokens.len();
+        if let Some(w) = self.config.sliding_window {
+            if end > w {
+                return Err(Error::InvalidInput(format!(
+                    "sequence of {end} tokens exceeds the model's sliding_window of {w}; sliding-window attention is not implemented"
+                )));
+            }
+        }
+        let positions: Vec<usize> = (start..end).collect();
+        let mut x = self.embed(tokens)?;
+        let mut routing = Vec::new();
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            if let Some(r) = layer.forward(&mut x, &positions, kv)? {
+                routing.push((l, r));
+            }
+        }
+        Ok((x, routing))
+    }
+
+    /// Forward pass returning logits for the requested positions.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: LogitsFor,
+    ) -> Result<ForwardOutput> {
+        let (hidden, routing) = self.forward_hidden(tokens, cache)?;
+        let rows = match which {
+            LogitsFor::All => hidden,
+            LogitsFor::Last => hidden.rows(tokens.len() - 1, tokens.len())?,
+        };
+        Ok(ForwardOutput {
+            logits: self.logits(&rows)?,
+            routing,
+        })
+    }
+
+    /// Negative log-likelihood of each token given its prefix (`tokens.len() − 1` values), with
+    /// lm_head applied in chunks so a long sequence never holds `[L, vocab]` logits at once.
+    pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() < 2 {
+            return Err(Error::InvalidInput(format!(
+                "scoring needs at least 2 tokens, got {}",
+                tokens.len()
+            )));
+        }
+        let mut cache = self.new_cache();
+        let (hidden, _) = self.forward_hidden(tokens, &mut cache)?;
+        let n = tokens.len() - 1;
+        let mut nll = Vec::with_capacity(n);
+        const CHUNK: usize = 512;
+        for s in (0..n).step_by(CHUNK) {
+            let e = (s + CHUNK).min(n);
+            let logits = self.logits(&hidden.rows(s, e)?)?;
+            for (i, row) in logits.as_slice().chunks(self.config.vocab_size).enumerate() {
+                nll.push(nll_of(row, tokens[s + i + 1] as usize));
+            }
+        }
+        Ok(nll)
+    }
+
+    /// Experts held per sparse layer (for load reports and tests).
+    pub fn loaded_experts(&self) -> Vec<(usize, Vec<usize>)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, layer)| match &layer.mlp {
+                Mlp::Sparse(m) => Some((l, m.experts.loaded())),
+                Mlp::Dense(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// `−log softmax(row)[target]`, computed in f64.
+pub fn nll_of(row: &[f32], target: usize) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+    (m + z.ln() - row[target] as f64) as f32
+}

@@ -1,0 +1,264 @@
+//! The single-process engine against Hugging Face transformers on the committed fixture models
+//! (built by `scripts/make_fixtures.py`; versions in `tests/fixtures/versions.json`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, ensure};
+use ringmoe_model::{
+    Checkpoint, ExpertSelection, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler,
+    SamplingParams, Tokenizer, generate,
+};
+
+const LOGIT_TOL: f32 = 1e-4;
+const MODELS: [&str; 3] = ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+struct Reference(Checkpoint);
+
+impl Reference {
+    fn open(model: &str) -> Result<Self> {
+        let dir = fixture(model);
+        Ok(Self(Checkpoint::open_files(
+            &dir,
+            &[dir.join("reference.safetensors")],
+        )?))
+    }
+
+    fn ids(&self, name: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .0
+            .load_i64(name)?
+            .0
+            .into_iter()
+            .map(|x| x as u32)
+            .collect())
+    }
+
+    fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        let shape = self.0.meta(name)?.shape.clone();
+        Ok(self.0.load(name, &shape)?.into_vec())
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_logits_and_routing(model_name: &str) -> Result<()> {
+    let model = Model::load(&fixture(model_name), &LoadOptions::default())?;
+    let r = Reference::open(model_name)?;
+    let router_layers = r.ids("router_layers")?;
+    let k = model.config.moe.top_k;
+    for len in [1, 7, 64, 300] {
+        let ids = r.ids(&format!("input_ids_L{len}"))?;
+        let mut cache = model.new_cache();
+        let out = model.forward(&ids, &mut cache, LogitsFor::All)?;
+        let want = r.f32(&format!("logits_L{len}"))?;
+        let d = max_abs_diff(out.logits.as_slice(), &want);
+        ensure!(
+            d <= LOGIT_TOL,
+            "{model_name} L={len}: max |Δlogits| = {d:e} > {LOGIT_TOL:e}"
+        );
+
+        let want_routes = r.ids(&format!("router_ids_L{len}"))?;
+        ensure!(
+            out.routing.len() == router_layers.len(),
+            "{model_name}: sparse layers differ"
+        );
+        for (i, (layer, routing)) in out.routing.iter().enumerate() {
+            ensure!(
+                *layer as u32 == router_layers[i],
+                "{model_name}: sparse layer {layer} vs {}",
+                router_layers[i]
+            );
+            let want = &want_routes[i * len * k..(i + 1) * len * k];
+            ensure!(
+                routing.expert_ids == want,
+                "{model_name} L={len} layer {layer}: router top-{k} ids differ"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn mixtral_logits_and_router_match_transformers() -> Result<()> {
+    check_logits_and_routing("mixtral-tiny")
+}
+
+#[test]
+fn qwen3_moe_logits_and_router_match_transformers() -> Result<()> {
+    check_logits_and_routing("qwen3-moe-tiny")
+}
+
+#[test]
+fn qwen2_moe_logits_and_router_match_transformers() -> Result<()> {
+    check_logits_and_routing("qwen2-moe-tiny")
+}
+
+/// The bf16 checkpoint against transformers computing in f32 on the same bf16-rounded weights.
+#[test]
+fn bf16_checkpoint_matches_transformers_on_upcast_weights() -> Result<()> {
+    let ckpt = Checkpoint::open(&fixture("mixtral-tiny-bf16"))?;
+    ensure!(
+        ckpt.meta("lm_head.weight")?.dtype == ringmoe_core::DType::BF16,
+        "fixture is not bf16"
+    );
+    check_logits_and_routing("mixtral-tiny-bf16")
+}
+
+#[test]
+fn greedy_generation_matches_transformers_token_for_token() -> Result<()> {
+    for name in MODELS.iter().chain(&["mixtral-tiny-bf16"]) {
+        let dir = fixture(name);
+        let model = Model::load(&dir, &LoadOptions::default())?;
+        let r = Reference::open(name)?;
+        let prompt = r.ids("gen_prompt_ids")?;
+        let want = r.ids("gen_output_ids")?;
+        let eos = GenerationConfig::from_dir(&dir)?
+            .context("fixture has a generation_config.json")?
+            .eos_token_ids;
+        let mut sampler = Sampler::new(SamplingParams::default())?;
+        let mut streamed = Vec::new();
+        let (got, stats) = generate(&model, &prompt, 16, &mut sampler, &eos, |t| {
+            streamed.push(t);
+            Ok(())
+        })?;
+        ensure!(
+            got == want,
+            "{name}: generated {got:?}, transformers {want:?}"
+        );
+        ensure!(
+            streamed == got && stats.generated_tokens == got.len(),
+            "{name}: streaming differs"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn prefill_then_decode_equals_one_shot_prefill() -> Result<()> {
+    for name in MODELS {
+        let model = Model::load(&fixture(name), &LoadOptions::default())?;
+        let ids = Reference::open(name)?.ids("input_ids_L64")?;
+        let mut cache = model.new_cache();
+        let one_shot = model
+            .forward(&ids, &mut cache, LogitsFor::All)?
+            .logits
+            .into_vec();
+        let vocab = model.config.vocab_size;
+        let mut cache = model.new_cache();
+        let mut incremental = model
+            .forward(&ids[..40], &mut cache, LogitsFor::All)?
+            .logits
+            .into_vec();
+        for t in 40..ids.len() {
+            incremental.extend(
+                model
+                    .forward(&ids[t..t + 1], &mut cache, LogitsFor::Last)?
+                    .logits
+                    .into_vec(),
+            );
+        }
+        ensure!(cache.len() == ids.len());
+        let d = max_abs_diff(&incremental, &one_shot);
+        ensure!(
+            d <= 1e-5,
+            "{name}: prefill+decode differs from one-shot by {d:e} over {} logits",
+            ids.len() * vocab
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn tokenizer_ids_match_transformers() -> Result<()> {
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer_cases.json"))?)?;
+    let tok = Tokenizer::from_dir(&fixture("mixtral-tiny"))?;
+    let cases = cases.as_array().context("cases")?;
+    ensure!(cases.len() >= 8);
+    for case in cases {
+        let text = case["text"].as_str().context("text")?;
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .context("ids")?
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(u64::MAX) as u32)
+            .collect();
+        let got = tok.encode(text, true)?;
+        ensure!(got == want, "{text:?}: {got:?} vs {want:?}");
+        ensure!(
+            tok.decode(&got, true)? == text,
+            "{text:?} does not round-trip"
+        );
+    }
+    Ok(())
+}
+
+/// A worker hosting experts 4..8 of 8 decodes only those experts' bytes plus the dense weights.
+#[test]
+fn loading_a_subset_of_experts_reads_only_those_tensors() -> Result<()> {
+    let dir = fixture("mixtral-tiny");
+    let ckpt = Checkpoint::open(&dir)?;
+    ensure!(ckpt.bytes_read() == 0, "opening must not decode tensors");
+    let cfg = ringmoe_model::ModelConfig::from_dir(&dir)?;
+    let opts = LoadOptions {
+        experts: ExpertSelection::Same(vec![4, 5, 6, 7]),
+        ..Default::default()
+    };
+    let model = Model::from_checkpoint(cfg, &ckpt, &opts)?;
+    let mut unselected = 0u64;
+    let mut expert_bytes = 0u64;
+    for name in ckpt.tensor_names() {
+        if let Some(rest) = name.split(".experts.").nth(1) {
+            let meta = ckpt.meta(name)?;
+            let bytes = (meta.shape.iter().product::<usize>() * meta.dtype.size_in_bytes()) as u64;
+            expert_bytes += bytes;
+            let e: usize = rest.split('.').next().context("expert id")?.parse()?;
+            if e < 4 {
+                unselected += bytes;
+            }
+        }
+    }
+    ensure!(
+        ckpt.bytes_read() == ckpt.total_tensor_bytes() - unselected,
+        "read {} bytes",
+        ckpt.bytes_read()
+    );
+    ensure!(unselected * 2 == expert_bytes);
+    ensure!(
+        model
+            .loaded_experts()
+            .iter()
+            .all(|(_, e)| e == &vec![4, 5, 6, 7])
+    );
+    // Routing a token to an expert this process does not hold is an error, not wrong output.
+    let ids = Reference::open("mixtral-tiny")?.ids("input_ids_L64")?;
+    let err = model
+        .forward(&ids, &mut model.new_cache(), LogitsFor::Last)
+        .unwrap_err()
+        .to_string();
+    ensure!(err.contains("is not loaded in this process"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn out_of_vocabulary_token_is_a_clear_error() -> Result<()> {
+    let model = Model::load(&fixture("qwen2-moe-tiny"), &LoadOptions::default())?;
+    let err = model
+        .forward(&[1, 2, 100_000], &mut model.new_cache(), LogitsFor::Last)
+        .unwrap_err()
+        .to_string();
+    ensure!(err.contains("token id 100000 at position 2"), "{err}");
+    Ok(())
+}
