@@ -1,1 +1,106 @@
-fn main() {}
+//! Criterion benchmarks of the single-process engine on a bench-size random Mixtral (vocab 32000,
+//! hidden 1024, intermediate 2816, 4 layers, 16 heads, 8 KV heads, 8 experts, top-2):
+//! prefill tokens/s at 512 and 2048 tokens, the grouped expert GEMM, and the attention kernel.
+//!
+//! Run: `cargo bench -p ringmoe-model --bench engine`. Numbers go to docs/performance.md.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ringmoe_core::attention::{AttentionParams, attention_block};
+use ringmoe_model::moe::{ExpertSet, ExpertWeights, expert_compute};
+use ringmoe_model::{LoadOptions, LogitsFor, Model, ModelConfig, RandomWeights, TensorSource};
+use serde_json::json;
+
+fn bench_config() -> ModelConfig {
+    let v = json!({
+        "architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 1024,
+        "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+    });
+    ModelConfig::from_json(&v).expect("bench config is valid")
+}
+
+fn tokens(n: usize, vocab: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| i.wrapping_mul(2_654_435_761) % vocab)
+        .collect()
+}
+
+fn prefill(c: &mut Criterion) {
+    let model = Model::from_checkpoint(
+        bench_config(),
+        &RandomWeights { seed: 1 },
+        &LoadOptions::default(),
+    )
+    .expect("model");
+    let mut g = c.benchmark_group("prefill");
+    g.sample_size(10);
+    for n in [512usize, 2048] {
+        let ids = tokens(n, 32000);
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &ids, |b, ids| {
+            b.iter(|| {
+                model
+                    .forward(ids, &mut model.new_cache(), LogitsFor::Last)
+                    .expect("forward")
+            })
+        });
+    }
+    g.finish();
+}
+
+fn expert_gemm(c: &mut Criterion) {
+    let (h, i, e, rows) = (1024, 2816, 8, 512);
+    let src = RandomWeights { seed: 2 };
+    let load = |name: &str, shape: &[usize]| src.load(name, shape).expect("random").into_vec();
+    let set = ExpertSet {
+        layer: 0,
+        experts: (0..e)
+            .map(|k| {
+                Some(ExpertWeights {
+                    hidden: h,
+                    intermediate: i,
+                    gate_up: load(&format!("e{k}.gate_up"), &[2 * i, h]),
+                    down: load(&format!("e{k}.down"), &[h, i]),
+                })
+            })
+            .collect(),
+    };
+    let x = load("x", &[e * rows, h]);
+    let groups: Vec<(usize, usize)> = (0..e).map(|k| (k, rows)).collect();
+    let mut g = c.benchmark_group("expert_gemm");
+    g.sample_size(10);
+    // Throughput in FLOPs: criterion's "elements/s" then reads as FLOP/s.
+    g.throughput(Throughput::Elements(6 * (e * rows * h * i) as u64));
+    g.bench_function("8x512_h1024_i2816", |b| {
+        b.iter(|| expert_compute(&x, h, &groups, &set).expect("experts"))
+    });
+    g.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let (l, hq, hkv, d) = (2048usize, 16, 8, 64);
+    let src = RandomWeights { seed: 3 };
+    let q = src.load("q", &[l, hq * d]).expect("q").into_vec();
+    let k = src.load("k", &[l, hkv * d]).expect("k").into_vec();
+    let v = src.load("v", &[l, hkv * d]).expect("v").into_vec();
+    let pos: Vec<usize> = (0..l).collect();
+    let p = AttentionParams {
+        n_heads: hq,
+        n_kv_heads: hkv,
+        head_dim: d,
+        scale: 1.0 / 8.0,
+        causal: true,
+    };
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    // Causal FLOPs: QKᵀ and PV over half the score matrix.
+    g.throughput(Throughput::Elements((2 * 2 * l * l * d * hq / 2) as u64));
+    g.bench_function("causal_2048_h16_kv8_d64", |b| {
+        b.iter(|| attention_block(&p, &q, &pos, &k, &v, &pos).expect("attention"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, attention, expert_gemm, prefill);
+criterion_main!(benches);

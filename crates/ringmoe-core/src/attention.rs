@@ -11,10 +11,11 @@
 use rayon::prelude::*;
 
 use crate::gemm::{MatRef, Par, gemm_into};
+use crate::simd;
 use crate::{Error, Result};
 
 /// Query rows per tile.
-const BQ: usize = 64;
+const BQ: usize = 128;
 /// Key rows per tile.
 const BK: usize = 128;
 
@@ -173,21 +174,17 @@ pub fn attention_block(
                             }
                         }
                     }
-                    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mx = simd::row_max(row);
                     if mx == f32::NEG_INFINITY {
                         row.fill(0.0);
                         continue;
                     }
                     let m_new = m[r].max(mx);
-                    let mut sum = 0.0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - m_new).exp();
-                        sum += *x;
-                    }
+                    let sum = simd::exp_sub_sum(row, m_new);
                     let corr = (m[r] - m_new).exp();
                     l[r] = l[r] * corr + sum;
                     if corr != 1.0 {
-                        acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
+                        simd::scale(&mut acc[r * d..(r + 1) * d], corr);
                     }
                     m[r] = m_new;
                 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod gemm;
 pub mod ops;
 pub mod rope;
+pub mod simd;
 pub mod tensor;
 
 pub use attention::{

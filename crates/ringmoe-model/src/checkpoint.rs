@@ -35,6 +35,64 @@ pub struct TensorMeta {
     end: usize,
 }
 
+/// Anything the model loader can take named, shaped f32 tensors from: a checkpoint on disk, or
+/// [`RandomWeights`] for benchmarks and tests that need a model of a given shape but no file.
+pub trait TensorSource {
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor `name` as f32, which must have exactly `shape`.
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+}
+
+impl TensorSource for Checkpoint {
+    fn contains(&self, name: &str) -> bool {
+        Checkpoint::contains(self, name)
+    }
+
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Checkpoint::load(self, name, shape)
+    }
+}
+
+/// Seeded random weights of whatever shape is asked for: norms near 1, matrices with
+/// `1/sqrt(fan_in)` scale (so activations stay O(1) through deep stacks), deterministic per
+/// (seed, tensor name).
+#[derive(Debug, Clone, Copy)]
+pub struct RandomWeights {
+    pub seed: u64,
+}
+
+impl TensorSource for RandomWeights {
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let mut s = name
+            .bytes()
+            .fold(self.seed ^ 0xCBF2_9CE4_8422_2325, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+            })
+            | 1;
+        let n: usize = shape.iter().product();
+        let (center, amp) = if name.contains("norm") {
+            (1.0, 0.1)
+        } else if name.contains("embed_tokens") {
+            (0.0, 1.0)
+        } else {
+            (0.0, (3.0 / *shape.last().unwrap_or(&1) as f32).sqrt())
+        };
+        let data = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                center + ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, shape.to_vec())?)
+    }
+}
+
 /// An opened checkpoint directory.
 pub struct Checkpoint {
     dir: PathBuf,

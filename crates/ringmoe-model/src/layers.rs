@@ -7,7 +7,7 @@ use ringmoe_core::gemm::{Par, matmul_nt};
 use ringmoe_core::rope::{RopeFreqs, apply_rope};
 use ringmoe_core::{Tensor, ops};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::TensorSource;
 use crate::config::ModelConfig;
 use crate::kv_cache::LayerKv;
 use crate::moe::{self, ExpertSet, ExpertWeights, Routing, TopKNorm};
@@ -41,7 +41,7 @@ impl Linear {
 
 /// Loads tensors by name with the shapes the config implies.
 pub(crate) struct WeightLoader<'a> {
-    pub ckpt: &'a Checkpoint,
+    pub ckpt: &'a dyn TensorSource,
     pub cfg: &'a ModelConfig,
 }
 

@@ -7,7 +7,7 @@ use ringmoe_core::gemm::{Par, matmul_nt};
 use ringmoe_core::{Device, Tensor, ops};
 
 use crate::arch;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorSource};
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::layers::{DecoderLayer, Mlp, WeightLoader};
@@ -82,9 +82,10 @@ impl Model {
         Self::from_checkpoint(cfg, &ckpt, opts)
     }
 
+    /// Builds the model from any tensor source (a [`Checkpoint`], or random weights for benches).
     pub fn from_checkpoint(
         cfg: ModelConfig,
-        ckpt: &Checkpoint,
+        ckpt: &dyn TensorSource,
         opts: &LoadOptions,
     ) -> Result<Self> {
         opts.device.ensure_available()?;

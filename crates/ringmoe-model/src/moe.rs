@@ -166,23 +166,15 @@ pub struct ExpertWeights {
 impl ExpertWeights {
     /// Applies the expert to `rows` rows of `x` (`[rows, hidden]`).
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let gu = matmul_nt(
-            x,
-            rows,
-            self.hidden,
-            &self.gate_up,
-            2 * self.intermediate,
-            Par::Rayon,
-        )?;
-        let act = ops::swiglu_fused(&gu, rows, self.intermediate)?;
-        Ok(matmul_nt(
-            &act,
-            rows,
-            self.intermediate,
-            &self.down,
-            self.hidden,
-            Par::Rayon,
-        )?)
+        self.forward_with(x, rows, Par::Rayon)
+    }
+
+    /// [`Self::forward`] with an explicit GEMM parallelism.
+    pub fn forward_with(&self, x: &[f32], rows: usize, par: Par) -> Result<Vec<f32>> {
+        let (h, i) = (self.hidden, self.intermediate);
+        let gu = matmul_nt(x, rows, h, &self.gate_up, 2 * i, par)?;
+        let act = ops::swiglu_fused(&gu, rows, i)?;
+        Ok(matmul_nt(&act, rows, i, &self.down, h, par)?)
     }
 
     /// Bytes of f32 weights held.
@@ -236,14 +228,37 @@ pub fn expert_compute(
             x_rows.len()
         )));
     }
+    // Experts run side by side on the rayon pool, each GEMM single-threaded: with several busy
+    // experts this keeps every core on its own packed weights instead of splitting each GEMM.
+    // A lone busy expert (decode, or a skewed batch) gets the whole pool inside its GEMMs.
+    let busy = groups.iter().filter(|g| g.1 > 0).count();
+    let par = if busy >= rayon::current_num_threads() {
+        Par::Serial
+    } else {
+        Par::Rayon
+    };
     let mut out = vec![0f32; total * hidden];
+    let mut chunks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(groups.len());
+    let mut rest = out.as_mut_slice();
     let mut start = 0;
     for &(e, n) in groups {
-        let w = experts.get(e)?;
-        let y = w.forward(&x_rows[start * hidden..(start + n) * hidden], n)?;
-        out[start * hidden..(start + n) * hidden].copy_from_slice(&y);
+        let (head, tail) = rest.split_at_mut(n * hidden);
+        chunks.push((e, start, head));
+        rest = tail;
         start += n;
     }
+    chunks
+        .into_par_iter()
+        .try_for_each(|(e, start, dst)| -> Result<()> {
+            let n = dst.len() / hidden.max(1);
+            let y = experts.get(e)?.forward_with(
+                &x_rows[start * hidden..(start + n) * hidden],
+                n,
+                par,
+            )?;
+            dst.copy_from_slice(&y);
+            Ok(())
+        })?;
     Ok(out)
 }
 

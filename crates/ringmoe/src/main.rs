@@ -1,1 +1,349 @@
-fn main() {}
+//! The `ringmoe` command line: `generate`, `score`, `forward` and `bench` on the single-process engine.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Args, Parser, Subcommand};
+use ringmoe_model::{
+    Checkpoint, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams,
+    TextStream, Tokenizer, generate,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "ringmoe",
+    version,
+    about = "Mixture-of-Experts inference over very long contexts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, printing tokens as they come; timings go to stderr.
+    Generate(GenerateArgs),
+    /// Mean negative log-likelihood per token and perplexity of a text file.
+    Score(ScoreArgs),
+    /// Logits for every position of `input_ids` from a safetensors file, written to another.
+    Forward(ForwardArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(
+        long,
+        conflicts_with = "prompt_file",
+        required_unless_present = "prompt_file"
+    )]
+    prompt: Option<String>,
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// UTF-8 text to score.
+    #[arg(long)]
+    file: PathBuf,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// safetensors file with an int64 tensor `input_ids` of shape [1, L].
+    #[arg(long)]
+    input_ids: PathBuf,
+    /// Output safetensors file; gets f32 `logits` of shape [1, L, vocab].
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill throughput on random token ids (logits for the last position only).
+    Prefill(BenchPrefillArgs),
+    /// Grouped expert GEMM (gate/up GEMM, SwiGLU, down GEMM) over equally loaded experts.
+    Experts(BenchExpertsArgs),
+}
+
+#[derive(Args)]
+struct BenchExpertsArgs {
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    /// Rows per expert (2048 tokens × top-2 over 8 experts = 512).
+    #[arg(long, default_value_t = 512)]
+    rows: usize,
+    #[arg(long, default_value_t = 1024)]
+    hidden: usize,
+    #[arg(long, default_value_t = 2816)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchPrefillArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Score(a) => cmd_score(a),
+        Cmd::Forward(a) => cmd_forward(a),
+        Cmd::Bench(BenchCmd::Prefill(a)) => cmd_bench_prefill(a),
+        Cmd::Bench(BenchCmd::Experts(a)) => cmd_bench_experts(a),
+    }
+}
+
+fn load_model(dir: &Path) -> Result<(Model, f64)> {
+    let t = Instant::now();
+    let model = Model::load(dir, &LoadOptions::default())
+        .with_context(|| format!("loading model from {}", dir.display()))?;
+    Ok((model, t.elapsed().as_secs_f64()))
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let (model, load_secs) = load_model(&a.model)?;
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        (None, None) => bail!("give --prompt or --prompt-file"),
+    };
+    let ids = tok.encode(&prompt, true)?;
+    let gen_cfg = GenerationConfig::from_dir(&a.model)?;
+    let eos = match &gen_cfg {
+        Some(g) if !g.eos_token_ids.is_empty() => g.eos_token_ids.clone(),
+        _ => model.config.eos_token_ids.clone(),
+    };
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    })?;
+    let mut stream = TextStream::default();
+    let mut stdout = std::io::stdout().lock();
+    let (_, stats) = generate(&model, &ids, a.max_new_tokens, &mut sampler, &eos, |id| {
+        if let Some(piece) = stream.push(&tok, id)? {
+            // A closed stdout (e.g. `| head`) must not abort generation with a panic.
+            let _ = write!(stdout, "{piece}").and_then(|_| stdout.flush());
+        }
+        Ok(())
+    })?;
+    let _ = writeln!(stdout);
+    eprintln!("load time      = {:>9.2} ms", load_secs * 1e3);
+    eprintln!(
+        "prefill        = {:>9.2} ms / {:>5} tokens ({:>9.2} tokens/s)",
+        stats.prefill_secs * 1e3,
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_sec()
+    );
+    eprintln!(
+        "decode         = {:>9.2} ms / {:>5} tokens ({:>9.2} tokens/s)",
+        stats.decode_secs * 1e3,
+        stats.generated_tokens.saturating_sub(1),
+        stats.decode_tokens_per_sec()
+    );
+    Ok(())
+}
+
+fn cmd_score(a: ScoreArgs) -> Result<()> {
+    let (model, _) = load_model(&a.model)?;
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let ids = tok.encode(&text, true)?;
+    let t = Instant::now();
+    let nll = model.score(&ids)?;
+    let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len() as f64;
+    println!("tokens           {}", ids.len());
+    println!("scored tokens    {}", nll.len());
+    println!("mean NLL/token   {mean:.6}");
+    println!("perplexity       {:.6}", mean.exp());
+    eprintln!(
+        "time             {:.2} s ({:.1} tokens/s)",
+        t.elapsed().as_secs_f64(),
+        ids.len() as f64 / t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Reads `input_ids` ([1, L] int64) from a safetensors file.
+fn read_input_ids(path: &Path) -> Result<Vec<u32>> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let ckpt = Checkpoint::open_files(dir, &[path.to_path_buf()])?;
+    let (vals, shape) = ckpt
+        .load_i64("input_ids")
+        .with_context(|| format!("reading input_ids from {}", path.display()))?;
+    ensure!(
+        shape.len() == 2 && shape[0] == 1,
+        "input_ids must have shape [1, L], got {shape:?}"
+    );
+    vals.into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            u32::try_from(v).with_context(|| format!("input_ids[0, {i}] = {v} is not a token id"))
+        })
+        .collect()
+}
+
+fn cmd_forward(a: ForwardArgs) -> Result<()> {
+    let (model, _) = load_model(&a.model)?;
+    let ids = read_input_ids(&a.input_ids)?;
+    ensure!(!ids.is_empty(), "input_ids is empty");
+    let out = model.forward(&ids, &mut model.new_cache(), LogitsFor::All)?;
+    let vocab = model.config.vocab_size;
+    let bytes: Vec<u8> = out
+        .logits
+        .as_slice()
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![1, ids.len(), vocab],
+        &bytes,
+    )?;
+    safetensors::serialize_to_file([("logits", view)], None, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote logits [1, {}, {vocab}] to {}",
+        ids.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn cmd_bench_prefill(a: BenchPrefillArgs) -> Result<()> {
+    ensure!(
+        a.tokens > 0 && a.repeat > 0,
+        "--tokens and --repeat must be positive"
+    );
+    let (model, load_secs) = load_model(&a.model)?;
+    let vocab = model.config.vocab_size as u64;
+    let ids: Vec<u32> = xorshift(a.seed)
+        .take(a.tokens)
+        .map(|s| (s % vocab) as u32)
+        .collect();
+    let mut rates = Vec::new();
+    for _ in 0..a.repeat {
+        let t = Instant::now();
+        model.forward(&ids, &mut model.new_cache(), LogitsFor::Last)?;
+        rates.push(a.tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let best = rates.iter().copied().fold(0.0, f64::max);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"tokens": a.tokens, "load_secs": load_secs, "tokens_per_sec": rates, "best_tokens_per_sec": best, "threads": rayon_threads()})
+        );
+    } else {
+        for (i, r) in rates.iter().enumerate() {
+            println!("run {i}: {r:.1} tokens/s");
+        }
+        println!(
+            "best: {best:.1} tokens/s at {} tokens ({} threads)",
+            a.tokens,
+            rayon_threads()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_bench_experts(a: BenchExpertsArgs) -> Result<()> {
+    use ringmoe_model::moe::{ExpertSet, ExpertWeights, expert_compute};
+    ensure!(
+        a.experts > 0 && a.rows > 0 && a.repeat > 0,
+        "--experts, --rows and --repeat must be positive"
+    );
+    let (h, i) = (a.hidden, a.intermediate);
+    let mut rng = xorshift(1).map(|s| (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5);
+    let mut rand = |n: usize| (&mut rng).take(n).collect::<Vec<f32>>();
+    let set = ExpertSet {
+        layer: 0,
+        experts: (0..a.experts)
+            .map(|_| {
+                Some(ExpertWeights {
+                    hidden: h,
+                    intermediate: i,
+                    gate_up: rand(2 * i * h),
+                    down: rand(h * i),
+                })
+            })
+            .collect(),
+    };
+    let x = rand(a.experts * a.rows * h);
+    let groups: Vec<(usize, usize)> = (0..a.experts).map(|e| (e, a.rows)).collect();
+    let flops = 6.0 * (a.experts * a.rows * h * i) as f64;
+    let mut gflops = Vec::new();
+    for _ in 0..a.repeat {
+        let t = Instant::now();
+        expert_compute(&x, h, &groups, &set)?;
+        gflops.push(flops / t.elapsed().as_secs_f64() / 1e9);
+    }
+    let best = gflops.iter().copied().fold(0.0, f64::max);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"gflops": gflops, "best_gflops": best, "threads": rayon_threads()})
+        );
+    } else {
+        println!(
+            "expert GEMM: best {best:.1} GFLOP/s over {} experts x {} rows (hidden {h}, intermediate {i})",
+            a.experts, a.rows
+        );
+    }
+    Ok(())
+}
+
+/// A seeded xorshift64 stream for benchmark inputs.
+fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    std::iter::repeat_with(move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    })
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
