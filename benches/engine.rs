@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench -p ringmoe-model --bench engine`. Numbers go to docs/performance.md.
 
+#![allow(clippy::expect_used)] // Benchmark set-up: a failure here is a bug in the bench itself.
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ringmoe_core::attention::{AttentionParams, attention_block};
 use ringmoe_model::moe::{ExpertSet, ExpertWeights, expert_compute};
@@ -102,5 +104,21 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, attention, expert_gemm, prefill);
+fn swiglu(c: &mut Criterion) {
+    // One layer's worth of routed rows of the bench model: 4096 rows × intermediate 2816.
+    let (rows, inter) = (4096usize, 2816);
+    let gu = RandomWeights { seed: 4 }
+        .load("gate_up", &[rows, 2 * inter])
+        .expect("gate_up")
+        .into_vec();
+    let mut g = c.benchmark_group("swiglu");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((rows * inter) as u64));
+    g.bench_function("4096x2816", |b| {
+        b.iter(|| ringmoe_core::ops::swiglu_fused(&gu, rows, inter).expect("swiglu"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, attention, swiglu, expert_gemm, prefill);
 criterion_main!(benches);

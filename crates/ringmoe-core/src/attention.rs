@@ -181,7 +181,7 @@ pub fn attention_block(
                     }
                     let m_new = m[r].max(mx);
                     let sum = simd::exp_sub_sum(row, m_new);
-                    let corr = (m[r] - m_new).exp();
+                    let corr = simd::exp_approx(m[r] - m_new);
                     l[r] = l[r] * corr + sum;
                     if corr != 1.0 {
                         simd::scale(&mut acc[r * d..(r + 1) * d], corr);

@@ -62,12 +62,6 @@ pub fn rms_norm_chunks_inplace(x: &mut [f32], weight: &[f32], eps: f32) -> Resul
     Ok(())
 }
 
-/// `silu(x) = x · sigmoid(x)`.
-#[inline]
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 /// `sigmoid(x)`.
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {
@@ -92,9 +86,7 @@ pub fn swiglu_fused(gate_up: &[f32], rows: usize, inter: usize) -> Result<Vec<f3
         .zip(gate_up.par_chunks(2 * inter))
         .for_each(|(o, gu)| {
             let (g, u) = gu.split_at(inter);
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = silu(g) * u;
-            }
+            crate::simd::swiglu(g, u, o);
         });
     Ok(out)
 }

@@ -17,41 +17,54 @@ pub struct RopeFreqs {
     pub attention_scaling: f32,
 }
 
+/// cos and sin of every (position, frequency) pair of a batch of tokens, computed once per
+/// forward and shared by q, k and every layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeTable {
+    /// `[positions, rotary_dim / 2]`.
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+    pub positions: usize,
+}
+
 impl RopeFreqs {
-    /// cos and sin tables `[positions.len(), rotary_dim / 2]`, computed as transformers does:
-    /// the angle `pos · inv_freq` rounded to f32, then its cosine, then the scaling.
-    pub fn cos_sin(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    /// The table for `positions`, computed as transformers does: the angle `pos · inv_freq`
+    /// rounded to f32, then its cosine (here in f64, correctly rounded), then the scaling.
+    pub fn table(&self, positions: &[usize]) -> RopeTable {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &self.inv_freq {
-                let angle = (p as f32 * f) as f64;
-                cos.push(angle.cos() as f32 * self.attention_scaling);
-                sin.push(angle.sin() as f32 * self.attention_scaling);
-            }
+        let mut cos = vec![0f32; positions.len() * half];
+        let mut sin = vec![0f32; positions.len() * half];
+        cos.par_chunks_mut(half.max(1))
+            .zip(sin.par_chunks_mut(half.max(1)))
+            .zip(positions.par_iter())
+            .for_each(|((c, s), &p)| {
+                for ((c, s), &f) in c.iter_mut().zip(s.iter_mut()).zip(&self.inv_freq) {
+                    let angle = (p as f32 * f) as f64;
+                    *c = angle.cos() as f32 * self.attention_scaling;
+                    *s = angle.sin() as f32 * self.attention_scaling;
+                }
+            });
+        RopeTable {
+            cos,
+            sin,
+            half,
+            positions: positions.len(),
         }
-        (cos, sin)
     }
 }
 
-/// Rotates `x` laid out `[tokens, heads, head_dim]` in place for the given absolute positions.
-/// Only the first `2 · inv_freq.len()` dimensions of each head rotate (partial rotary).
-pub fn apply_rope(
-    x: &mut [f32],
-    heads: usize,
-    head_dim: usize,
-    positions: &[usize],
-    freqs: &RopeFreqs,
-) -> Result<()> {
-    let half = freqs.inv_freq.len();
-    if 2 * half > head_dim || x.len() != positions.len() * heads * head_dim {
+/// Rotates `x` laid out `[tokens, heads, head_dim]` in place with a table for its tokens' absolute
+/// positions. Only the first `2 · table.half` dimensions of each head rotate (partial rotary).
+pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, table: &RopeTable) -> Result<()> {
+    let half = table.half;
+    if 2 * half > head_dim || x.len() != table.positions * heads * head_dim {
         return Err(Error::InvalidArgument {
             op: "apply_rope",
             msg: format!(
                 "x has {} elements, positions {}, heads {heads}, head_dim {head_dim}, rotary dim {}",
                 x.len(),
-                positions.len(),
+                table.positions,
                 2 * half
             ),
         });
@@ -59,12 +72,11 @@ pub fn apply_rope(
     if x.is_empty() {
         return Ok(());
     }
-    let (cos, sin) = freqs.cos_sin(positions);
     x.par_chunks_mut(heads * head_dim)
         .enumerate()
         .for_each(|(t, tok)| {
-            let c = &cos[t * half..(t + 1) * half];
-            let s = &sin[t * half..(t + 1) * half];
+            let c = &table.cos[t * half..(t + 1) * half];
+            let s = &table.sin[t * half..(t + 1) * half];
             for head in tok.chunks_mut(head_dim) {
                 let (a, b) = head[..2 * half].split_at_mut(half);
                 for i in 0..half {
@@ -89,7 +101,7 @@ mod tests {
         };
         let orig = vec![0.3f32, -1.2, 0.7, 2.0, 1.0, 1.0, 1.0, 1.0];
         let mut x = orig.clone();
-        apply_rope(&mut x, 1, 4, &[0, 5], &freqs).unwrap();
+        apply_rope(&mut x, 1, 4, &freqs.table(&[0, 5])).unwrap();
         assert_eq!(&x[..4], &orig[..4]);
         let n0: f32 = orig[4..].iter().map(|v| v * v).sum();
         let n1: f32 = x[4..].iter().map(|v| v * v).sum();
@@ -106,8 +118,8 @@ mod tests {
         let k = [1.1f32, 0.4, -0.6, 0.9];
         let dot_at = |pq: usize, pk: usize| {
             let (mut a, mut b) = (q.to_vec(), k.to_vec());
-            apply_rope(&mut a, 1, 4, &[pq], &freqs).unwrap();
-            apply_rope(&mut b, 1, 4, &[pk], &freqs).unwrap();
+            apply_rope(&mut a, 1, 4, &freqs.table(&[pq])).unwrap();
+            apply_rope(&mut b, 1, 4, &freqs.table(&[pk])).unwrap();
             a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
         };
         assert!((dot_at(10, 3) - dot_at(107, 100)).abs() < 1e-4);

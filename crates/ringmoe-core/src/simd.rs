@@ -18,6 +18,8 @@ pub fn exp_approx(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     // 1.5 · 2^23: adding it rounds to an integer n, which then sits in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
+    // max/min rather than clamp: they lower to plain vmaxps/vminps and keep the loop branch-free.
+    #[allow(clippy::manual_clamp)]
     let xc = x.max(-87.3).min(88.0);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
@@ -27,7 +29,7 @@ pub fn exp_approx(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n from n's bits (integer ops only, so the loop vectorises without float→int casts).
     let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
@@ -99,8 +101,12 @@ fn sum_body(row: &[f32]) -> f32 {
 
 #[inline(always)]
 fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp_approx(-g)) * u;
+    // Equal-length reslices and an index loop: a chain of `zip`s does not vectorise here.
+    let n = out.len().min(gate.len()).min(up.len());
+    let (gate, up, out) = (&gate[..n], &up[..n], &mut out[..n]);
+    for i in 0..n {
+        let g = gate[i];
+        out[i] = g / (1.0 + exp_approx(-g)) * up[i];
     }
 }
 

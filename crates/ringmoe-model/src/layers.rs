@@ -4,7 +4,7 @@
 
 use ringmoe_core::attention::{AttentionParams, attention_block};
 use ringmoe_core::gemm::{Par, matmul_nt};
-use ringmoe_core::rope::{RopeFreqs, apply_rope};
+use ringmoe_core::rope::{RopeFreqs, RopeTable, apply_rope};
 use ringmoe_core::{Tensor, ops};
 
 use crate::checkpoint::TensorSource;
@@ -119,9 +119,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Projects, normalises and rotates; positions are absolute.
-    pub fn qkv(&self, x: &[f32], positions: &[usize]) -> Result<Qkv> {
-        let t = positions.len();
+    /// Projects, normalises and rotates; `rope` holds the tokens' absolute positions.
+    pub fn qkv(&self, x: &[f32], rope: &RopeTable) -> Result<Qkv> {
+        let t = rope.positions;
         let (hq, hkv, d) = (
             self.params.n_heads,
             self.params.n_kv_heads,
@@ -143,14 +143,20 @@ impl Attention {
             ops::rms_norm_chunks_inplace(&mut q, qn, self.eps)?;
             ops::rms_norm_chunks_inplace(&mut k, kn, self.eps)?;
         }
-        apply_rope(&mut q, hq, d, positions, &self.rope)?;
-        apply_rope(&mut k, hkv, d, positions, &self.rope)?;
+        apply_rope(&mut q, hq, d, rope)?;
+        apply_rope(&mut k, hkv, d, rope)?;
         Ok(Qkv { q, k, v })
     }
 
     /// Attends the new tokens to the cache plus themselves, appending their k/v to the cache.
-    pub fn forward(&self, x: &[f32], positions: &[usize], cache: &mut LayerKv) -> Result<Vec<f32>> {
-        let Qkv { q, k, v } = self.qkv(x, positions)?;
+    pub fn forward(
+        &self,
+        x: &[f32],
+        positions: &[usize],
+        rope: &RopeTable,
+        cache: &mut LayerKv,
+    ) -> Result<Vec<f32>> {
+        let Qkv { q, k, v } = self.qkv(x, rope)?;
         cache.append(&k, &v, positions);
         let res = attention_block(
             &self.params,
@@ -221,17 +227,21 @@ impl DecoderLayer {
         &self,
         x: &mut Tensor,
         positions: &[usize],
+        rope: &RopeTable,
         cache: &mut LayerKv,
     ) -> Result<Option<Routing>> {
         let rows = positions.len();
-        if x.shape()[0] != rows {
+        if x.shape()[0] != rows || rope.positions != rows {
             return Err(Error::InvalidInput(format!(
-                "{} hidden rows for {rows} positions",
-                x.shape()[0]
+                "{} hidden rows and {} RoPE rows for {rows} positions",
+                x.shape()[0],
+                rope.positions
             )));
         }
         let normed = ops::rms_norm(x, &self.input_norm, self.eps)?;
-        let attn = self.attn.forward(normed.as_slice(), positions, cache)?;
+        let attn = self
+            .attn
+            .forward(normed.as_slice(), positions, rope, cache)?;
         ops::add_inplace(x, &Tensor::from_vec(attn, x.shape().to_vec())?)?;
         let normed = ops::rms_norm(x, &self.post_attn_norm, self.eps)?;
         let (y, routing) = match &self.mlp {

@@ -182,8 +182,13 @@ impl Model {
         let positions: Vec<usize> = (start..end).collect();
         let mut x = self.embed(tokens)?;
         let mut routing = Vec::new();
+        // Every layer shares one RoPE configuration, so the table is computed once per forward.
+        let rope = match self.layers.first() {
+            Some(l) => l.attn.rope.table(&positions),
+            None => return Err(Error::InvalidInput("model has no layers".into())),
+        };
         for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            if let Some(r) = layer.forward(&mut x, &positions, kv)? {
+            if let Some(r) = layer.forward(&mut x, &positions, &rope, kv)? {
                 routing.push((l, r));
             }
         }

@@ -84,4 +84,16 @@ impl TextStream {
         self.emitted = text.len();
         Ok(Some(piece))
     }
+
+    /// Whatever is still held back, once no more tokens will come (an incomplete character at
+    /// the very end then decodes to U+FFFD, as transformers' `decode` shows it).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        let text = tok.decode(&self.ids, true)?;
+        if text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(None);
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(piece))
+    }
 }

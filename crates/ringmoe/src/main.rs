@@ -120,6 +120,9 @@ struct BenchPrefillArgs {
     json: bool,
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Generate(a) => cmd_generate(a),
@@ -167,6 +170,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
         Ok(())
     })?;
+    if let Some(rest) = stream.finish(&tok)? {
+        let _ = write!(stdout, "{rest}");
+    }
     let _ = writeln!(stdout);
     eprintln!("load time      = {:>9.2} ms", load_secs * 1e3);
     eprintln!(

@@ -1,0 +1,183 @@
+//! The `ringmoe` binary end to end on the fixture models: what a user runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result, ensure};
+use ringmoe_model::{Checkpoint, LoadOptions, Model, Tokenizer};
+use safetensors::tensor::TensorView;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn ringmoe(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_ringmoe"))
+        .args(args)
+        .output()?)
+}
+
+fn reference_ids(model: &str, name: &str) -> Result<Vec<i64>> {
+    let dir = fixture(model);
+    Ok(
+        Checkpoint::open_files(&dir, &[dir.join("reference.safetensors")])?
+            .load_i64(name)?
+            .0,
+    )
+}
+
+fn write_input_ids(path: &Path, ids: &[i64]) -> Result<()> {
+    let bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = TensorView::new(safetensors::Dtype::I64, vec![1, ids.len()], &bytes)?;
+    safetensors::serialize_to_file([("input_ids", view)], None, path)?;
+    Ok(())
+}
+
+#[test]
+fn generate_prints_transformers_greedy_text_and_timings() -> Result<()> {
+    let dir = fixture("qwen2-moe-tiny");
+    let dir_s = dir.to_str().context("utf-8 path")?;
+    let out = ringmoe(&[
+        "generate",
+        "--model",
+        dir_s,
+        "--prompt",
+        "The quick brown fox",
+        "--max-new-tokens",
+        "16",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want_ids: Vec<u32> = reference_ids("qwen2-moe-tiny", "gen_output_ids")?
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    let want = Tokenizer::from_dir(&dir)?.decode(&want_ids, true)?;
+    let stdout = String::from_utf8(out.stdout)?;
+    ensure!(
+        stdout.trim_end_matches('\n') == want,
+        "stdout {stdout:?}, transformers {want:?}"
+    );
+    let stderr = String::from_utf8(out.stderr)?;
+    for field in ["load time", "prefill", "decode", "tokens/s"] {
+        ensure!(stderr.contains(field), "stderr lacks {field}: {stderr}");
+    }
+    Ok(())
+}
+
+#[test]
+fn forward_writes_logits_matching_transformers() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ids = reference_ids("qwen3-moe-tiny", "input_ids_L64")?;
+    let inp = tmp.path().join("in.safetensors");
+    let outp = tmp.path().join("out.safetensors");
+    write_input_ids(&inp, &ids)?;
+    let model = fixture("qwen3-moe-tiny");
+    let out = ringmoe(&[
+        "forward",
+        "--model",
+        model.to_str().context("path")?,
+        "--input-ids",
+        inp.to_str().context("path")?,
+        "--out",
+        outp.to_str().context("path")?,
+    ])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = Checkpoint::open_files(tmp.path(), std::slice::from_ref(&outp))?;
+    ensure!(got.meta("logits")?.shape == vec![1, 64, 384]);
+    let logits = got.load("logits", &[1, 64, 384])?.into_vec();
+    let r = Checkpoint::open_files(&model, &[model.join("reference.safetensors")])?;
+    let want = r.load("logits_L64", &[64, 384])?.into_vec();
+    let d = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    ensure!(d <= 1e-4, "max |Δ| {d:e}");
+    Ok(())
+}
+
+#[test]
+fn score_reports_the_engines_mean_nll() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let text = "Ring attention passes key and value blocks around a ring of workers.";
+    let file = tmp.path().join("t.txt");
+    std::fs::write(&file, text)?;
+    let dir = fixture("mixtral-tiny");
+    let out = ringmoe(&[
+        "score",
+        "--model",
+        dir.to_str().context("path")?,
+        "--file",
+        file.to_str().context("path")?,
+    ])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout)?;
+    let mean: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("mean NLL/token"))
+        .context("mean line")?
+        .trim()
+        .parse()?;
+    let ppl: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("perplexity"))
+        .context("ppl line")?
+        .trim()
+        .parse()?;
+    let ids = Tokenizer::from_dir(&dir)?.encode(text, true)?;
+    let nll = Model::load(&dir, &LoadOptions::default())?.score(&ids)?;
+    let want = nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len() as f64;
+    ensure!(
+        (mean - want).abs() < 1e-5 && (ppl - want.exp()).abs() < 1e-3 * want.exp(),
+        "{mean} vs {want}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_exit_nonzero_with_a_message() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let inp = tmp.path().join("in.safetensors");
+    write_input_ids(&inp, &[1, 2, 99_999])?;
+    let model = fixture("mixtral-tiny");
+    let m = model.to_str().context("path")?;
+    let out = ringmoe(&[
+        "forward",
+        "--model",
+        m,
+        "--input-ids",
+        inp.to_str().context("path")?,
+        "--out",
+        "/dev/null",
+    ])?;
+    ensure!(!out.status.success());
+    let err = String::from_utf8(out.stderr)?;
+    ensure!(
+        err.contains("token id 99999 at position 2 is outside the vocabulary of 384"),
+        "{err}"
+    );
+
+    let out = ringmoe(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "hi",
+    ])?;
+    ensure!(!out.status.success() && String::from_utf8(out.stderr)?.contains("/nonexistent/model"));
+    Ok(())
+}
