@@ -4,7 +4,8 @@
 Builds the bench model (vocab 32000, hidden 1024, intermediate 2816, 4 layers, 16 heads, 8 KV
 heads, 8 experts, top-2) with transformers, saves it, then alternates:
   * prefill of N random tokens: transformers (default attention and experts implementation,
-    logits for the last position only) vs `ringmoe bench prefill` (same);
+    logits for the last position only) vs `ringmoe bench prefill` (same); each side has one
+    untimed full-size warm-up run before it is timed;
   * the grouped expert GEMM (8 experts x 512 rows: gate/up GEMM, SwiGLU, down GEMM): torch
     (sgemm via `x @ W.T`) vs `ringmoe bench experts`.
 Both use every core of the machine. Prints medians and ratios; --json for machines.
@@ -78,11 +79,12 @@ def main():
     torch.set_num_threads(threads)
     model = build_model(a.model_dir)
     hf_pre, rm_pre, hf_gemm, rm_gemm = [], [], [], []
-    hf_prefill(model, 64, 0)  # warm up torch's kernels once
+    # Both sides get one untimed full-size run first (ringmoe: --warmup 1 in each process).
+    hf_prefill(model, a.tokens, 99)
     torch_experts_gflops()
     for r in range(a.rounds):
         hf_pre.append(hf_prefill(model, a.tokens, r))
-        rm_pre.append(ringmoe_json(a.ringmoe, ["prefill", "--model", a.model_dir, "--tokens", str(a.tokens), "--repeat", "1", "--seed", str(r)])["best_tokens_per_sec"])
+        rm_pre.append(ringmoe_json(a.ringmoe, ["prefill", "--model", a.model_dir, "--tokens", str(a.tokens), "--warmup", "1", "--repeat", "1", "--seed", str(r)])["best_tokens_per_sec"])
         hf_gemm.append(torch_experts_gflops())
         rm_gemm.append(ringmoe_json(a.ringmoe, ["experts", "--repeat", "1"])["best_gflops"])
     res = {

@@ -113,6 +113,9 @@ struct BenchPrefillArgs {
     tokens: usize,
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Untimed full-size runs first (allocator and page warm-up), as a long-running server is.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print one JSON object instead of text.
@@ -268,6 +271,9 @@ fn cmd_bench_prefill(a: BenchPrefillArgs) -> Result<()> {
         .take(a.tokens)
         .map(|s| (s % vocab) as u32)
         .collect();
+    for _ in 0..a.warmup {
+        model.forward(&ids, &mut model.new_cache(), LogitsFor::Last)?;
+    }
     let mut rates = Vec::new();
     for _ in 0..a.repeat {
         let t = Instant::now();
