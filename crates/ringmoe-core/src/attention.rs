@@ -338,19 +338,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    /// Deterministic pseudo-random values in [-amp, amp].
-    fn rand_vec(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-            })
-            .collect()
-    }
+    use crate::testing::rand_vec;
 
     fn assert_close(a: &PartialAttention, b: &PartialAttention, tol: f32) {
         for (x, y) in a.out.iter().zip(&b.out) {

@@ -13,6 +13,7 @@ pub mod ops;
 pub mod rope;
 pub mod simd;
 pub mod tensor;
+pub mod testing;
 
 pub use attention::{
     AttentionParams, PartialAttention, attention_block, merge, merge_into, naive_attention,

@@ -67,12 +67,11 @@ impl TensorSource for RandomWeights {
     }
 
     fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let mut s = name
+        let seed = name
             .bytes()
             .fold(self.seed ^ 0xCBF2_9CE4_8422_2325, |h, b| {
                 (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
-            })
-            | 1;
+            });
         let n: usize = shape.iter().product();
         let (center, amp) = if name.contains("norm") {
             (1.0, 0.1)
@@ -81,13 +80,9 @@ impl TensorSource for RandomWeights {
         } else {
             (0.0, (3.0 / *shape.last().unwrap_or(&1) as f32).sqrt())
         };
+        let mut rng = ringmoe_core::testing::XorShift::new(seed);
         let data = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                center + ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-            })
+            .map(|_| center + rng.next_signed_unit() * amp)
             .collect();
         Ok(Tensor::from_vec(data, shape.to_vec())?)
     }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
+use ringmoe_core::testing::{XorShift, rand_vec};
 use ringmoe_model::{
     Checkpoint, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams,
     TextStream, Tokenizer, generate,
@@ -267,7 +268,7 @@ fn cmd_bench_prefill(a: BenchPrefillArgs) -> Result<()> {
     );
     let (model, load_secs) = load_model(&a.model)?;
     let vocab = model.config.vocab_size as u64;
-    let ids: Vec<u32> = xorshift(a.seed)
+    let ids: Vec<u32> = XorShift::new(a.seed)
         .take(a.tokens)
         .map(|s| (s % vocab) as u32)
         .collect();
@@ -306,8 +307,11 @@ fn cmd_bench_experts(a: BenchExpertsArgs) -> Result<()> {
         "--experts, --rows and --repeat must be positive"
     );
     let (h, i) = (a.hidden, a.intermediate);
-    let mut rng = xorshift(1).map(|s| (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5);
-    let mut rand = |n: usize| (&mut rng).take(n).collect::<Vec<f32>>();
+    let mut seed = 0;
+    let mut rand = |n: usize| {
+        seed += 1;
+        rand_vec(n, seed, 0.5)
+    };
     let set = ExpertSet {
         layer: 0,
         experts: (0..a.experts)
@@ -343,17 +347,6 @@ fn cmd_bench_experts(a: BenchExpertsArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A seeded xorshift64 stream for benchmark inputs.
-fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    std::iter::repeat_with(move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    })
 }
 
 fn rayon_threads() -> usize {

@@ -7,7 +7,7 @@
 //!   SwiGLU gate, up and down projections of size `intermediate_size`.
 
 use crate::Result;
-use crate::layers::{DecoderLayer, Mlp, SparseMoe, WeightLoader};
+use crate::layers::{DecoderLayer, Mlp, WeightLoader};
 use crate::model::ExpertSelection;
 use crate::moe::TopKNorm;
 
@@ -16,28 +16,16 @@ pub(crate) fn load_layer(
     layer: usize,
     sel: &ExpertSelection,
 ) -> Result<DecoderLayer> {
-    let c = w.cfg;
     let p = format!("model.layers.{layer}");
     let attn = super::attention(w, &p)?;
     let m = format!("{p}.block_sparse_moe");
-    let experts = super::experts(w, layer, sel, c.moe.expert_intermediate_size, |e| {
+    let names = |e| {
         (
             format!("{m}.experts.{e}.w1"),
             format!("{m}.experts.{e}.w3"),
             format!("{m}.experts.{e}.w2"),
         )
-    })?;
-    let moe = SparseMoe {
-        router: w.linear(
-            &format!("{m}.gate"),
-            c.moe.num_experts,
-            c.hidden_size,
-            false,
-        )?,
-        experts,
-        top_k: c.moe.top_k,
-        norm: TopKNorm::Renormalize,
-        shared: None,
     };
+    let moe = super::sparse_moe(w, layer, sel, &m, names, TopKNorm::Renormalize, None)?;
     super::decoder_layer(w, &p, attn, Mlp::Sparse(moe))
 }

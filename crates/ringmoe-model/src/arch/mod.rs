@@ -9,9 +9,9 @@ use ringmoe_core::attention::AttentionParams;
 
 use crate::Result;
 use crate::config::Architecture;
-use crate::layers::{Attention, DecoderLayer, Mlp, WeightLoader};
+use crate::layers::{Attention, DecoderLayer, DenseMlp, Linear, Mlp, SparseMoe, WeightLoader};
 use crate::model::ExpertSelection;
-use crate::moe::{ExpertSet, ExpertWeights};
+use crate::moe::{ExpertSet, ExpertWeights, TopKNorm};
 use crate::rope::rope_freqs;
 
 /// Loads decoder layer `layer` of whichever architecture the config names.
@@ -82,22 +82,72 @@ pub(crate) fn decoder_layer(
     })
 }
 
-/// The experts of `layer` that `sel` asks for; `names(e)` gives (gate, up, down) prefixes.
-pub(crate) fn experts(
+/// `{prefix}.{gate,up,down}_proj`: a SwiGLU MLP as Llama-family checkpoints name it.
+pub(crate) fn swiglu_mlp(w: &WeightLoader<'_>, prefix: &str, inter: usize) -> Result<DenseMlp> {
+    Ok(DenseMlp(w.expert(
+        &format!("{prefix}.gate_proj"),
+        &format!("{prefix}.up_proj"),
+        &format!("{prefix}.down_proj"),
+        inter,
+    )?))
+}
+
+/// A sparse MoE block: the router `{prefix}.gate` and the experts of `layer` that `sel` asks for,
+/// expert `e` being `names(e) = (gate, up, down)` projections of `expert_intermediate_size`.
+pub(crate) fn sparse_moe(
     w: &WeightLoader<'_>,
     layer: usize,
     sel: &ExpertSelection,
-    inter: usize,
+    prefix: &str,
     names: impl Fn(usize) -> (String, String, String),
-) -> Result<ExpertSet> {
-    let experts = (0..w.cfg.moe.num_experts)
+    norm: TopKNorm,
+    shared: Option<(DenseMlp, Linear)>,
+) -> Result<SparseMoe> {
+    let c = w.cfg;
+    let experts = (0..c.moe.num_experts)
         .map(|e| -> Result<Option<ExpertWeights>> {
             if !sel.includes(layer, e) {
                 return Ok(None);
             }
             let (g, u, d) = names(e);
-            Ok(Some(w.expert(&g, &u, &d, inter)?))
+            Ok(Some(w.expert(
+                &g,
+                &u,
+                &d,
+                c.moe.expert_intermediate_size,
+            )?))
         })
         .collect::<Result<_>>()?;
-    Ok(ExpertSet { layer, experts })
+    Ok(SparseMoe {
+        router: w.linear(
+            &format!("{prefix}.gate"),
+            c.moe.num_experts,
+            c.hidden_size,
+            false,
+        )?,
+        experts: ExpertSet { layer, experts },
+        top_k: c.moe.top_k,
+        norm,
+        shared,
+    })
+}
+
+/// Expert names of the Qwen MoE family: `{prefix}.experts.E.{gate,up,down}_proj`.
+pub(crate) fn qwen_expert_names(prefix: &str) -> impl Fn(usize) -> (String, String, String) + '_ {
+    move |e| {
+        (
+            format!("{prefix}.experts.{e}.gate_proj"),
+            format!("{prefix}.experts.{e}.up_proj"),
+            format!("{prefix}.experts.{e}.down_proj"),
+        )
+    }
+}
+
+/// Qwen routers renormalise the top-k probabilities only with `norm_topk_prob`.
+pub(crate) fn qwen_topk_norm(w: &WeightLoader<'_>) -> TopKNorm {
+    if w.cfg.moe.norm_topk_prob {
+        TopKNorm::Renormalize
+    } else {
+        TopKNorm::Softmax
+    }
 }

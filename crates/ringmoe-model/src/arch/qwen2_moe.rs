@@ -8,9 +8,8 @@
 //!   SwiGLU_shared(x)`, with `mlp.shared_expert.{gate,up,down}_proj` of
 //!   `shared_expert_intermediate_size` and the `[1, hidden]` gate `mlp.shared_expert_gate`.
 
-use crate::layers::{DecoderLayer, DenseMlp, Mlp, SparseMoe, WeightLoader};
+use crate::layers::{DecoderLayer, Mlp, WeightLoader};
 use crate::model::ExpertSelection;
-use crate::moe::TopKNorm;
 use crate::{Error, Result};
 
 pub(crate) fn load_layer(
@@ -23,13 +22,6 @@ pub(crate) fn load_layer(
     let attn = super::attention(w, &p)?;
     let m = format!("{p}.mlp");
     let mlp = if c.sparse_layers[layer] {
-        let experts = super::experts(w, layer, sel, c.moe.expert_intermediate_size, |e| {
-            (
-                format!("{m}.experts.{e}.gate_proj"),
-                format!("{m}.experts.{e}.up_proj"),
-                format!("{m}.experts.{e}.down_proj"),
-            )
-        })?;
         let shared_inter = c
             .moe
             .shared_expert_intermediate_size
@@ -37,39 +29,19 @@ pub(crate) fn load_layer(
                 field: "shared_expert_intermediate_size".into(),
                 msg: "missing".into(),
             })?;
-        let s = format!("{m}.shared_expert");
-        let shared = DenseMlp(w.expert(
-            &format!("{s}.gate_proj"),
-            &format!("{s}.up_proj"),
-            &format!("{s}.down_proj"),
-            shared_inter,
-        )?);
-        Mlp::Sparse(SparseMoe {
-            router: w.linear(
-                &format!("{m}.gate"),
-                c.moe.num_experts,
-                c.hidden_size,
-                false,
-            )?,
-            experts,
-            top_k: c.moe.top_k,
-            norm: if c.moe.norm_topk_prob {
-                TopKNorm::Renormalize
-            } else {
-                TopKNorm::Softmax
-            },
-            shared: Some((
-                shared,
-                w.linear(&format!("{m}.shared_expert_gate"), 1, c.hidden_size, false)?,
-            )),
-        })
+        let shared = super::swiglu_mlp(w, &format!("{m}.shared_expert"), shared_inter)?;
+        let gate = w.linear(&format!("{m}.shared_expert_gate"), 1, c.hidden_size, false)?;
+        Mlp::Sparse(super::sparse_moe(
+            w,
+            layer,
+            sel,
+            &m,
+            super::qwen_expert_names(&m),
+            super::qwen_topk_norm(w),
+            Some((shared, gate)),
+        )?)
     } else {
-        Mlp::Dense(DenseMlp(w.expert(
-            &format!("{m}.gate_proj"),
-            &format!("{m}.up_proj"),
-            &format!("{m}.down_proj"),
-            c.dense_intermediate_size,
-        )?))
+        Mlp::Dense(super::swiglu_mlp(w, &m, c.dense_intermediate_size)?)
     };
     super::decoder_layer(w, &p, attn, mlp)
 }

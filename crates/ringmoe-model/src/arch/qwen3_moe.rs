@@ -9,50 +9,29 @@
 //!   `mlp.experts.E.{gate,up,down}_proj` of `moe_intermediate_size`.
 
 use crate::Result;
-use crate::layers::{DecoderLayer, DenseMlp, Mlp, SparseMoe, WeightLoader};
+use crate::layers::{DecoderLayer, Mlp, WeightLoader};
 use crate::model::ExpertSelection;
-use crate::moe::TopKNorm;
 
 pub(crate) fn load_layer(
     w: &WeightLoader<'_>,
     layer: usize,
     sel: &ExpertSelection,
 ) -> Result<DecoderLayer> {
-    let c = w.cfg;
     let p = format!("model.layers.{layer}");
     let attn = super::attention(w, &p)?;
     let m = format!("{p}.mlp");
-    let mlp = if c.sparse_layers[layer] {
-        let experts = super::experts(w, layer, sel, c.moe.expert_intermediate_size, |e| {
-            (
-                format!("{m}.experts.{e}.gate_proj"),
-                format!("{m}.experts.{e}.up_proj"),
-                format!("{m}.experts.{e}.down_proj"),
-            )
-        })?;
-        Mlp::Sparse(SparseMoe {
-            router: w.linear(
-                &format!("{m}.gate"),
-                c.moe.num_experts,
-                c.hidden_size,
-                false,
-            )?,
-            experts,
-            top_k: c.moe.top_k,
-            norm: if c.moe.norm_topk_prob {
-                TopKNorm::Renormalize
-            } else {
-                TopKNorm::Softmax
-            },
-            shared: None,
-        })
+    let mlp = if w.cfg.sparse_layers[layer] {
+        Mlp::Sparse(super::sparse_moe(
+            w,
+            layer,
+            sel,
+            &m,
+            super::qwen_expert_names(&m),
+            super::qwen_topk_norm(w),
+            None,
+        )?)
     } else {
-        Mlp::Dense(DenseMlp(w.expert(
-            &format!("{m}.gate_proj"),
-            &format!("{m}.up_proj"),
-            &format!("{m}.down_proj"),
-            c.dense_intermediate_size,
-        )?))
+        Mlp::Dense(super::swiglu_mlp(w, &m, w.cfg.dense_intermediate_size)?)
     };
     super::decoder_layer(w, &p, attn, mlp)
 }
