@@ -1,0 +1,73 @@
+//! Communicator errors. Every variant names the peer and, for bad frames, what was expected and
+//! what arrived; after any of them the communicator is poisoned.
+
+use std::time::Duration;
+
+use crate::Tag;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommError {
+    #[error("rank {rank}: peer {peer} is out of range for world size {world}")]
+    BadPeer {
+        rank: usize,
+        peer: usize,
+        world: usize,
+    },
+
+    #[error("rank {rank}: timed out after {timeout:?} waiting for {tag} from peer {peer}")]
+    Timeout {
+        rank: usize,
+        peer: usize,
+        tag: Tag,
+        timeout: Duration,
+    },
+
+    #[error("rank {rank}: lost peer {peer}: {reason}")]
+    PeerLost {
+        rank: usize,
+        peer: usize,
+        reason: String,
+    },
+
+    #[error("rank {rank}: from peer {peer} expected {expected} but {arrived} arrived")]
+    UnexpectedTag {
+        rank: usize,
+        peer: usize,
+        expected: Tag,
+        arrived: Tag,
+    },
+
+    #[error("rank {rank}: {tag} from peer {peer}: expected {expected} but {arrived} arrived")]
+    UnexpectedPayload {
+        rank: usize,
+        peer: usize,
+        tag: Tag,
+        expected: String,
+        arrived: String,
+    },
+
+    #[error("rank {rank}: corrupt or foreign frame from peer {peer}: {reason}")]
+    BadFrame {
+        rank: usize,
+        peer: usize,
+        reason: String,
+    },
+
+    #[error("rank {rank}: rendezvous failed: {reason}")]
+    Rendezvous { rank: usize, reason: String },
+
+    #[error("rank {rank}: invalid argument to {op}: {msg}")]
+    InvalidArgument {
+        rank: usize,
+        op: &'static str,
+        msg: String,
+    },
+
+    #[error("rank {rank}: communicator is poisoned by an earlier error: {cause}")]
+    Poisoned { rank: usize, cause: String },
+
+    #[error("NCCL transport unavailable: {0}")]
+    NcclUnavailable(String),
+}
+
+pub type Result<T> = std::result::Result<T, CommError>;

@@ -1,0 +1,377 @@
+//! The TCP transport: one connection per pair of ranks, length-prefixed frames (`wire.rs`),
+//! `TCP_NODELAY`, large socket buffers.
+//!
+//! Each communicator owns a small tokio runtime (its own threads, so busy compute threads can never
+//! starve socket I/O). Per peer, a writer task drains a queue of posted messages and a reader task
+//! parses frames into that peer's inbox; the blocking side only touches queues. Rendezvous: every
+//! rank listens; rank `i` connects to each `j < i` and accepts from each `j > i`; both sides
+//! exchange a hello naming rank, world size and session, so strays and other clusters are refused.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc as tokio_mpsc;
+use tokio::task::JoinHandle;
+
+use crate::transport::{Message, Transport};
+use crate::wire::{self, HELLO_LEN, Hello, ReadError};
+use crate::{CommError, Communicator, Result};
+
+/// Settings of the TCP transport.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// How long rendezvous may take (peers may start at different times).
+    pub connect_timeout: Duration,
+    /// Socket send and receive buffer sizes.
+    pub socket_buffer_bytes: usize,
+    /// Largest payload a frame may announce; larger ones are refused before allocation.
+    pub max_frame_bytes: u64,
+    /// Identifies one communicator group; peers with another session are refused.
+    pub session: u64,
+    /// I/O threads of the transport's runtime.
+    pub io_threads: usize,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(30),
+            socket_buffer_bytes: 8 << 20,
+            max_frame_bytes: 16 << 30,
+            session: 0,
+            io_threads: 2,
+        }
+    }
+}
+
+struct Link {
+    writer: Option<tokio_mpsc::UnboundedSender<Message>>,
+}
+
+struct Tcp {
+    rank: usize,
+    world: usize,
+    rt: Option<tokio::runtime::Runtime>,
+    links: Mutex<Vec<Option<Link>>>,
+    inboxes: Vec<Option<Mutex<std_mpsc::Receiver<Result<Message>>>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Each writer reports here when its queue is drained and its socket half closed.
+    writers_done: Mutex<std_mpsc::Receiver<()>>,
+    drain_timeout: Duration,
+}
+
+/// Joins the TCP group: `listener` is this rank's bound socket and `peers[j]` rank j's address
+/// (this rank's own entry is ignored). Blocks until every peer is connected or the connect timeout
+/// passes.
+pub fn tcp(
+    rank: usize,
+    listener: std::net::TcpListener,
+    peers: &[SocketAddr],
+    opts: &TcpOptions,
+    timeout: Duration,
+) -> Result<Communicator> {
+    let world = peers.len();
+    let rv = |reason: String| CommError::Rendezvous { rank, reason };
+    if rank >= world {
+        return Err(rv(format!("rank {rank} is outside a world of {world}")));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.io_threads.max(1))
+        .thread_name(format!("ringmoe-comm-{rank}"))
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| rv(format!("cannot start I/O runtime: {e}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| rv(format!("listener: {e}")))?;
+    let streams = rt.block_on(rendezvous(rank, world, listener, peers, opts))?;
+
+    let (done_tx, done_rx) = std_mpsc::channel();
+    let mut links = Vec::with_capacity(world);
+    let mut inboxes = Vec::with_capacity(world);
+    let mut tasks = Vec::new();
+    for (peer, stream) in streams.into_iter().enumerate() {
+        let Some(stream) = stream else {
+            links.push(None);
+            inboxes.push(None);
+            continue;
+        };
+        let (r, w) = stream.into_split();
+        let (wtx, wrx) = tokio_mpsc::unbounded_channel();
+        let (itx, irx) = std_mpsc::channel();
+        tasks.push(rt.spawn(writer(w, wrx, done_tx.clone())));
+        tasks.push(rt.spawn(reader(rank, peer, r, itx, opts.max_frame_bytes)));
+        links.push(Some(Link { writer: Some(wtx) }));
+        inboxes.push(Some(Mutex::new(irx)));
+    }
+    let t = Tcp {
+        rank,
+        world,
+        rt: Some(rt),
+        links: Mutex::new(links),
+        inboxes,
+        tasks: Mutex::new(tasks),
+        writers_done: Mutex::new(done_rx),
+        drain_timeout: timeout,
+    };
+    Ok(Communicator::new(Box::new(t), timeout))
+}
+
+fn configure(stream: &TcpStream, opts: &TcpOptions) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(stream);
+    sock.set_send_buffer_size(opts.socket_buffer_bytes)?;
+    sock.set_recv_buffer_size(opts.socket_buffer_bytes)?;
+    Ok(())
+}
+
+async fn rendezvous(
+    rank: usize,
+    world: usize,
+    listener: std::net::TcpListener,
+    peers: &[SocketAddr],
+    opts: &TcpOptions,
+) -> Result<Vec<Option<TcpStream>>> {
+    let rv = |reason: String| CommError::Rendezvous { rank, reason };
+    let deadline = Instant::now() + opts.connect_timeout;
+    let me = Hello {
+        rank: rank as u32,
+        world: world as u32,
+        session: opts.session,
+    };
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|e| rv(format!("listener: {e}")))?;
+    let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+
+    // Connect to every lower rank, retrying while it may still be starting.
+    let mut connects = Vec::new();
+    for (j, addr) in peers.iter().enumerate().take(rank) {
+        let addr = *addr;
+        let opts = opts.clone();
+        connects.push(tokio::spawn(async move {
+            loop {
+                match TcpStream::connect(addr).await {
+                    Ok(mut s) => {
+                        configure(&s, &opts).map_err(|e| format!("rank {j} at {addr}: {e}"))?;
+                        s.write_all(&me.encode()).await.map_err(|e| format!("hello to rank {j}: {e}"))?;
+                        let mut b = [0u8; HELLO_LEN];
+                        s.read_exact(&mut b).await.map_err(|e| format!("hello from rank {j} at {addr}: {e}"))?;
+                        let h = Hello::decode(&b).map_err(|e| format!("rank {j} at {addr}: {e}"))?;
+                        if h != (Hello { rank: j as u32, ..me }) {
+                            return Err(format!("{addr} answered as {h:?}, expected rank {j} of {world} in session {}", me.session));
+                        }
+                        return Ok((j, s));
+                    }
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => return Err(format!("cannot connect to rank {j} at {addr}: {e}")),
+                }
+            }
+        }));
+    }
+
+    // Accept every higher rank. Each connection's hello is read in its own task, so a stray that
+    // never speaks cannot delay the real peers; invalid or duplicate hellos are dropped.
+    let (found_tx, mut found_rx) = tokio_mpsc::unbounded_channel::<(usize, TcpStream)>();
+    let acceptor = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let found = found_tx.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; HELLO_LEN];
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await
+                {
+                    if let Ok(h) = Hello::decode(&b) {
+                        let j = h.rank as usize;
+                        if h.world as usize == world
+                            && h.session == me.session
+                            && j > rank
+                            && j < world
+                        {
+                            let _ = found.send((j, s));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut pending = world - 1 - rank;
+    while pending > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (j, mut s) = match tokio::time::timeout(left, found_rx.recv()).await {
+            Ok(Some(x)) => x,
+            _ => {
+                acceptor.abort();
+                return Err(rv(format!(
+                    "{pending} higher-ranked peers did not connect within {:?}",
+                    opts.connect_timeout
+                )));
+            }
+        };
+        if streams[j].is_some() {
+            continue;
+        }
+        configure(&s, opts).map_err(|e| rv(format!("rank {j}: {e}")))?;
+        s.write_all(&me.encode())
+            .await
+            .map_err(|e| rv(format!("hello to rank {j}: {e}")))?;
+        streams[j] = Some(s);
+        pending -= 1;
+    }
+    acceptor.abort();
+    for c in connects {
+        let (j, s) = c.await.map_err(|e| rv(e.to_string()))?.map_err(rv)?;
+        streams[j] = Some(s);
+    }
+    Ok(streams)
+}
+
+async fn writer(
+    mut w: OwnedWriteHalf,
+    mut rx: tokio_mpsc::UnboundedReceiver<Message>,
+    done: std_mpsc::Sender<()>,
+) {
+    while let Some(msg) = rx.recv().await {
+        if wire::write_frame(&mut w, &msg).await.is_err() {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+    let _ = done.send(());
+}
+
+async fn reader(
+    rank: usize,
+    peer: usize,
+    mut r: OwnedReadHalf,
+    inbox: std_mpsc::Sender<Result<Message>>,
+    max: u64,
+) {
+    loop {
+        match wire::read_frame(&mut r, max).await {
+            Ok(m) => {
+                if inbox.send(Ok(m)).is_err() {
+                    return;
+                }
+            }
+            Err(ReadError::Closed(reason)) => {
+                let _ = inbox.send(Err(CommError::PeerLost { rank, peer, reason }));
+                return;
+            }
+            Err(ReadError::Invalid(reason)) => {
+                let _ = inbox.send(Err(CommError::BadFrame { rank, peer, reason }));
+                return;
+            }
+        }
+    }
+}
+
+impl Transport for Tcp {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn post(&self, peer: usize, msg: Message) -> Result<()> {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let lost = |reason: &str| CommError::PeerLost {
+            rank: self.rank,
+            peer,
+            reason: reason.into(),
+        };
+        match links
+            .get(peer)
+            .and_then(Option::as_ref)
+            .and_then(|l| l.writer.as_ref())
+        {
+            Some(tx) => tx.send(msg).map_err(|_| lost("connection closed")),
+            None => Err(lost("link is shut down")),
+        }
+    }
+
+    fn next(&self, peer: usize, timeout: Duration) -> Result<Message> {
+        let inbox = self
+            .inboxes
+            .get(peer)
+            .and_then(Option::as_ref)
+            .ok_or(CommError::BadPeer {
+                rank: self.rank,
+                peer,
+                world: self.world,
+            })?;
+        let rx = inbox.lock().unwrap_or_else(|p| p.into_inner());
+        match rx.recv_timeout(timeout) {
+            Ok(m) => m,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => Err(CommError::Timeout {
+                rank: self.rank,
+                peer,
+                tag: crate::Tag::new(0, 0, 0, crate::Kind::Data),
+                timeout,
+            }),
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(CommError::PeerLost {
+                rank: self.rank,
+                peer,
+                reason: "connection closed".into(),
+            }),
+        }
+    }
+
+    fn shutdown(&self) {
+        // Abort: drop queued sends, close every socket now, so peers see EOF immediately.
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+            .for_each(|l| *l = None);
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            t.abort();
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+impl Drop for Tcp {
+    fn drop(&mut self) {
+        // Graceful close: let writers flush what was posted, then stop everything.
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let open = links
+            .iter()
+            .flatten()
+            .filter(|l| l.writer.is_some())
+            .count();
+        links.iter_mut().flatten().for_each(|l| l.writer = None);
+        drop(links);
+        let done = self.writers_done.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + self.drain_timeout;
+        for _ in 0..open {
+            if done
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+            {
+                break;
+            }
+        }
+        drop(done);
+        self.shutdown();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}

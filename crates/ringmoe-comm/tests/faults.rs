@@ -1,0 +1,201 @@
+//! Wrong tags, dtypes and sizes, foreign and corrupt frames, silent and vanished peers: each is an
+//! error naming what happened, within the timeout, and leaves the communicator poisoned.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use ringmoe_comm::wire::{Hello, MAGIC};
+use ringmoe_comm::{CommError, Kind, Payload, Tag, TcpOptions, in_process, tcp};
+use ringmoe_core::DType;
+
+fn tag(step: u32) -> Tag {
+    Tag::new(5, 1, step, Kind::Data)
+}
+
+#[test]
+fn unexpected_tag_dtype_and_shape_are_named_and_poison() -> Result<()> {
+    let mut c = in_process(2, Duration::from_secs(2));
+    let (b, a) = (c.pop().expect("rank 1"), c.pop().expect("rank 0"));
+    b.send(0, tag(1), Payload::f32(vec![1.0; 3]))?;
+    let e = a.recv(1, tag(2)).unwrap_err().to_string();
+    ensure!(
+        e.contains(
+            "expected Data(job 5, layer 1, step 2) but Data(job 5, layer 1, step 1) arrived"
+        ),
+        "{e}"
+    );
+    let e = a.recv(1, tag(1)).unwrap_err();
+    ensure!(matches!(e, CommError::Poisoned { .. }), "{e}");
+
+    let mut c = in_process(2, Duration::from_secs(2));
+    let (b, a) = (c.pop().expect("rank 1"), c.pop().expect("rank 0"));
+    b.send(0, tag(1), Payload::f32(vec![1.0; 3]))?;
+    let e = a
+        .recv_expect(1, tag(1), DType::BF16, &[3])
+        .unwrap_err()
+        .to_string();
+    ensure!(e.contains("expected BF16[3] but F32[3] arrived"), "{e}");
+    b.send(0, tag(2), Payload::f32(vec![1.0; 3])).ok();
+    Ok(())
+}
+
+#[test]
+fn silent_peer_times_out_and_exited_peer_is_reported_at_once() -> Result<()> {
+    let mut c = in_process(3, Duration::from_millis(300));
+    let (r2, r1, r0) = (
+        c.pop().expect("2"),
+        c.pop().expect("1"),
+        c.pop().expect("0"),
+    );
+    let t = Instant::now();
+    let e = r0.recv(1, tag(0)).unwrap_err();
+    ensure!(matches!(e, CommError::Timeout { peer: 1, .. }), "{e}");
+    ensure!(t.elapsed() < Duration::from_secs(2));
+    ensure!(
+        e.to_string()
+            .contains("waiting for Data(job 5, layer 1, step 0) from peer 1"),
+        "{e}"
+    );
+    drop(r2);
+    let t = Instant::now();
+    let e = r1.recv(2, tag(0)).unwrap_err();
+    ensure!(
+        matches!(e, CommError::PeerLost { peer: 2, .. })
+            && t.elapsed() < Duration::from_millis(200),
+        "{e}"
+    );
+    Ok(())
+}
+
+/// A poisoned rank closes its links, so a rank waiting on it fails now rather than at its timeout.
+#[test]
+fn poison_propagates_without_waiting_for_timeouts() -> Result<()> {
+    let mut c = in_process(3, Duration::from_secs(20));
+    let (r2, r1, r0) = (
+        c.pop().expect("2"),
+        c.pop().expect("1"),
+        c.pop().expect("0"),
+    );
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        // r0 waits on r1; r1 waits on r2, which dies.
+        let h0 = s.spawn(|| r0.recv(1, tag(0)));
+        let h1 = s.spawn(|| r1.recv(2, tag(0)));
+        std::thread::sleep(Duration::from_millis(50));
+        drop(r2);
+        let e1 = h1.join().expect("join");
+        let e0 = h0.join().expect("join");
+        assert!(
+            matches!(e1, Err(CommError::PeerLost { peer: 2, .. })),
+            "{e1:?}"
+        );
+        assert!(
+            matches!(e0, Err(CommError::PeerLost { peer: 1, .. })),
+            "{e0:?}"
+        );
+    });
+    ensure!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+/// Rank 1 is a hand-written socket: a correct hello, then bytes that are not a frame.
+fn fake_peer_sends(bytes: Vec<u8>) -> Result<CommError> {
+    let l0 = TcpListener::bind("127.0.0.1:0")?;
+    let l1 = TcpListener::bind("127.0.0.1:0")?;
+    let addrs: Vec<SocketAddr> = vec![l0.local_addr()?, l1.local_addr()?];
+    let a0 = addrs[0];
+    let fake = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = TcpStream::connect(a0)?;
+        s.write_all(
+            &Hello {
+                rank: 1,
+                world: 2,
+                session: 3,
+            }
+            .encode(),
+        )?;
+        let mut reply = [0u8; 21];
+        s.read_exact(&mut reply)?;
+        s.write_all(&bytes)?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    });
+    let opts = TcpOptions {
+        session: 3,
+        connect_timeout: Duration::from_secs(5),
+        ..TcpOptions::default()
+    };
+    let c0 = tcp(0, l0, &addrs, &opts, Duration::from_secs(3))?;
+    let e = c0.recv(1, tag(0)).unwrap_err();
+    let _ = fake.join();
+    Ok(e)
+}
+
+#[test]
+fn corrupt_and_foreign_frames_are_errors_naming_the_fault() -> Result<()> {
+    let e = fake_peer_sends(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec())?.to_string();
+    ensure!(
+        e.contains("corrupt or foreign frame from peer 1: bad frame magic"),
+        "{e}"
+    );
+
+    // A frame whose announced size disagrees with its shape.
+    let mut f = Vec::new();
+    f.extend_from_slice(&MAGIC.to_le_bytes());
+    f.extend_from_slice(&[1, 0, Kind::Data as u8, 1]);
+    f.extend_from_slice(&5u64.to_le_bytes());
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&10u64.to_le_bytes());
+    f.extend_from_slice(&12u64.to_le_bytes());
+    let e = fake_peer_sends(f)?.to_string();
+    ensure!(
+        e.contains("payload of 12 bytes does not match F32[10]"),
+        "{e}"
+    );
+
+    // The peer vanishes mid-frame.
+    let e = fake_peer_sends(MAGIC.to_le_bytes()[..3].to_vec())?;
+    ensure!(matches!(e, CommError::PeerLost { peer: 1, .. }), "{e}");
+    Ok(())
+}
+
+#[test]
+fn rendezvous_ignores_strays_and_other_sessions() -> Result<()> {
+    let l0 = TcpListener::bind("127.0.0.1:0")?;
+    let l1 = TcpListener::bind("127.0.0.1:0")?;
+    let addrs = vec![l0.local_addr()?, l1.local_addr()?];
+    // A stray that speaks HTTP and a peer from another session both knock first.
+    let mut stray = TcpStream::connect(addrs[0])?;
+    stray.write_all(b"GET / HTTP/1.1\r\n\r\n")?;
+    let mut other = TcpStream::connect(addrs[0])?;
+    other.write_all(
+        &Hello {
+            rank: 1,
+            world: 2,
+            session: 999,
+        }
+        .encode(),
+    )?;
+    let opts = TcpOptions {
+        session: 4,
+        connect_timeout: Duration::from_secs(10),
+        ..TcpOptions::default()
+    };
+    let (c0, c1) = std::thread::scope(|s| {
+        let a = &addrs;
+        let h1 = s.spawn(|| tcp(1, l1, a, &opts, Duration::from_secs(5)));
+        let c0 = tcp(0, l0, a, &opts, Duration::from_secs(5));
+        (c0, h1.join().expect("join"))
+    });
+    let (c0, c1) = (c0?, c1?);
+    c1.send(0, tag(0), Payload::f32(vec![2.0]))?;
+    ensure!(c0.recv(1, tag(0))?.into_f32() == Some(vec![2.0]));
+    Ok(())
+}
