@@ -13,9 +13,11 @@ compile_error!(
     "ringmoe-comm writes payloads as their in-memory bytes and assumes a little-endian host"
 );
 
+pub mod bench;
 pub mod communicator;
 pub mod error;
 pub mod inproc;
+pub mod launch;
 pub mod nccl;
 pub mod payload;
 pub mod tag;

@@ -8,8 +8,8 @@
 //! exchange a hello naming rank, world size and session, so strays and other clusters are refused.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,6 +18,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc as tokio_mpsc;
 use tokio::task::JoinHandle;
 
+use crate::payload::Data;
 use crate::transport::{Message, Transport};
 use crate::wire::{self, HELLO_LEN, Hello, ReadError};
 use crate::{CommError, Communicator, Result};
@@ -46,6 +47,42 @@ impl Default for TcpOptions {
             session: 0,
             io_threads: 2,
         }
+    }
+}
+
+/// Payload buffers whose frames were sent, kept for reuse by incoming frames of the same dtype and
+/// length. A fresh multi-megabyte buffer is new mmap'd memory that the kernel faults in page by page
+/// while `read` fills it; recycling makes ring steps and uniform all-to-alls allocation-free.
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<Vec<Data>>,
+}
+
+impl BufferPool {
+    const MAX_BUFFERS: usize = 16;
+    /// Buffers smaller than this are cheap to allocate and not worth pooling.
+    const MIN_BYTES: usize = 256 << 10;
+
+    fn take(&self, dtype: ringmoe_core::DType, len: usize) -> Data {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        match free
+            .iter()
+            .position(|d| d.dtype() == dtype && d.len() == len)
+        {
+            Some(i) => free.swap_remove(i),
+            None => Data::zeroed(dtype, len),
+        }
+    }
+
+    fn give(&self, data: Data) {
+        if data.as_bytes().len() < Self::MIN_BYTES {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() >= Self::MAX_BUFFERS {
+            free.remove(0);
+        }
+        free.push(data);
     }
 }
 
@@ -93,6 +130,7 @@ pub fn tcp(
     let streams = rt.block_on(rendezvous(rank, world, listener, peers, opts))?;
 
     let (done_tx, done_rx) = std_mpsc::channel();
+    let pool = Arc::new(BufferPool::default());
     let mut links = Vec::with_capacity(world);
     let mut inboxes = Vec::with_capacity(world);
     let mut tasks = Vec::new();
@@ -105,8 +143,15 @@ pub fn tcp(
         let (r, w) = stream.into_split();
         let (wtx, wrx) = tokio_mpsc::unbounded_channel();
         let (itx, irx) = std_mpsc::channel();
-        tasks.push(rt.spawn(writer(w, wrx, done_tx.clone())));
-        tasks.push(rt.spawn(reader(rank, peer, r, itx, opts.max_frame_bytes)));
+        tasks.push(rt.spawn(writer(w, wrx, done_tx.clone(), pool.clone())));
+        tasks.push(rt.spawn(reader(
+            rank,
+            peer,
+            r,
+            itx,
+            opts.max_frame_bytes,
+            pool.clone(),
+        )));
         links.push(Some(Link { writer: Some(wtx) }));
         inboxes.push(Some(Mutex::new(irx)));
     }
@@ -241,11 +286,13 @@ async fn writer(
     mut w: OwnedWriteHalf,
     mut rx: tokio_mpsc::UnboundedReceiver<Message>,
     done: std_mpsc::Sender<()>,
+    pool: Arc<BufferPool>,
 ) {
     while let Some(msg) = rx.recv().await {
         if wire::write_frame(&mut w, &msg).await.is_err() {
             break;
         }
+        pool.give(msg.payload.data);
     }
     let _ = w.shutdown().await;
     let _ = done.send(());
@@ -257,9 +304,10 @@ async fn reader(
     mut r: OwnedReadHalf,
     inbox: std_mpsc::Sender<Result<Message>>,
     max: u64,
+    pool: Arc<BufferPool>,
 ) {
     loop {
-        match wire::read_frame(&mut r, max).await {
+        match wire::read_frame(&mut r, max, |dtype, len| pool.take(dtype, len)).await {
             Ok(m) => {
                 if inbox.send(Ok(m)).is_err() {
                     return;

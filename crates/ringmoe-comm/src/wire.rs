@@ -123,10 +123,12 @@ pub async fn write_frame<W: AsyncWriteExt + Unpin>(
     w.write_all(msg.payload.data.as_bytes()).await
 }
 
-/// Reads and validates one frame; payloads above `max_bytes` are rejected before allocation.
+/// Reads and validates one frame; payloads above `max_bytes` are rejected before allocation. The
+/// payload buffer comes from `alloc(dtype, elements)`; its contents are fully overwritten.
 pub async fn read_frame<R: AsyncReadExt + Unpin>(
     r: &mut R,
     max_bytes: u64,
+    alloc: impl FnOnce(DType, usize) -> Data,
 ) -> Result<Message, ReadError> {
     let closed = |e: std::io::Error| {
         ReadError::Closed(if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -183,7 +185,7 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(
         )));
     }
     let count = (len / dtype.size_in_bytes() as u64) as usize;
-    let mut data = Data::zeroed(dtype, count);
+    let mut data = alloc(dtype, count);
     r.read_exact(data.as_bytes_mut()).await.map_err(closed)?;
     let shape = dims.iter().map(|&d| d as usize).collect();
     let payload = Payload { shape, data };

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use ringmoe_comm::wire::{Hello, MAGIC};
 use ringmoe_comm::{CommError, Kind, Payload, Tag, TcpOptions, in_process, tcp};
 use ringmoe_core::DType;
@@ -132,7 +132,7 @@ fn fake_peer_sends(bytes: Vec<u8>) -> Result<CommError> {
         ..TcpOptions::default()
     };
     let c0 = tcp(0, l0, &addrs, &opts, Duration::from_secs(3))?;
-    let e = c0.recv(1, tag(0)).unwrap_err();
+    let e = c0.recv(1, tag(0)).err().context("a bad frame must fail the receive")?;
     let _ = fake.join();
     Ok(e)
 }

@@ -1,4 +1,6 @@
-//! The `ringmoe` command line: `generate`, `score`, `forward` and `bench` on the single-process engine.
+//! The `ringmoe` command line: `generate`, `score`, `forward` and `bench` (engine and communicator).
+
+mod comm_bench;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -87,6 +89,11 @@ enum BenchCmd {
     Prefill(BenchPrefillArgs),
     /// Grouped expert GEMM (gate/up GEMM, SwiGLU, down GEMM) over equally loaded experts.
     Experts(BenchExpertsArgs),
+    /// Communicator throughput: all_to_all_v and ring sendrecv, like nccl-tests' all_to_all_perf.
+    Comm(comm_bench::CommArgs),
+    /// One rank of `bench comm --transport tcp` (started by it; not for direct use).
+    #[command(hide = true)]
+    CommRank(comm_bench::CommRankArgs),
 }
 
 #[derive(Args)]
@@ -134,6 +141,8 @@ fn main() -> Result<()> {
         Cmd::Forward(a) => cmd_forward(a),
         Cmd::Bench(BenchCmd::Prefill(a)) => cmd_bench_prefill(a),
         Cmd::Bench(BenchCmd::Experts(a)) => cmd_bench_experts(a),
+        Cmd::Bench(BenchCmd::Comm(a)) => comm_bench::run(a),
+        Cmd::Bench(BenchCmd::CommRank(a)) => comm_bench::run_rank(a),
     }
 }
 

@@ -1,15 +1,13 @@
 //! One communicator rank as its own OS process, for multi-process TCP tests.
 //!
-//! Protocol with the parent: bind 127.0.0.1:0 and print `PORT <p>`; read `PEERS a:p,b:p,...` on
-//! stdin; run the scenario; print `OK <ms>` or `ERR <ms> <message>` and exit 0 or 1. During the
+//! Joins through `ringmoe_comm::launch` (prints `PORT`, reads `PEERS`), runs the scenario, print `OK <ms>` or `ERR <ms> <message>` and exit 0 or 1. During the
 //! fault scenarios the rank prints `ITER <i>` after each iteration so the parent can pick when to
 //! kill or stop one of them.
 
-use std::io::{BufRead, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
-use ringmoe_comm::{Kind, Payload, Tag, TcpOptions, tcp, testkit};
+use ringmoe_comm::{Kind, Payload, Tag, TcpOptions, launch, tcp, testkit};
 
 fn main() {
     let code = match run() {
@@ -46,25 +44,8 @@ fn run() -> Result<(), String> {
         .parse()
         .map_err(|e| format!("{e}"))?;
 
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let (listener, peers) = launch::join_from_parent().map_err(|e| e.to_string())?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "PORT {port}")
-        .and_then(|_| out.flush())
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let peers: Vec<SocketAddr> = line
-        .trim()
-        .strip_prefix("PEERS ")
-        .ok_or("expected PEERS line")?
-        .split(',')
-        .map(|a| a.parse().map_err(|e| format!("peer {a}: {e}")))
-        .collect::<Result<_, _>>()?;
-
     let t0 = Instant::now();
     let opts = TcpOptions {
         session: 7,
