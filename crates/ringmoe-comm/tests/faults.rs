@@ -132,7 +132,10 @@ fn fake_peer_sends(bytes: Vec<u8>) -> Result<CommError> {
         ..TcpOptions::default()
     };
     let c0 = tcp(0, l0, &addrs, &opts, Duration::from_secs(3))?;
-    let e = c0.recv(1, tag(0)).err().context("a bad frame must fail the receive")?;
+    let e = c0
+        .recv(1, tag(0))
+        .err()
+        .context("a bad frame must fail the receive")?;
     let _ = fake.join();
     Ok(e)
 }
