@@ -24,5 +24,5 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The NCCL transport must keep compiling without CUDA (cudarc loads the libraries at run time).
-cargo clippy -p ringmoe-comm --features cuda --all-targets --locked -- -D warnings
+cargo clippy -p ringmoe-comm -p ringmoe --features cuda --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast

@@ -13,9 +13,14 @@
 //! `all_to_all_v` is a grouped set of `ncclSend`/`ncclRecv` (NCCL has no native all-to-all-v).
 //! Without the feature, the same entry points exist and return "not compiled with CUDA support".
 //!
-//! Status: compile-checked in CI; not yet run on a GPU (see docs/performance.md for what is owed).
-//! NCCL calls block inside the library when a peer dies; the fail-fast watchdog
-//! (`ncclCommGetAsyncError` + `ncclCommAbort`) is not implemented yet.
+//! Faults: NCCL kernels never finish when a peer dies, so every operation is enqueued and then
+//! waited for by polling a CUDA event up to the communicator's timeout. On expiry the communicator is
+//! poisoned and the NCCL communicator aborted (`ncclCommAbort`, through cudarc's `Drop`), which
+//! releases the stuck kernels; later calls return the poison error. NCCL's asynchronous error query
+//! is not used (cudarc keeps the raw handle private), so a failure surfaces at the timeout.
+//!
+//! Status: compile-checked in CI (`cargo clippy -p ringmoe-comm --features cuda`); not yet run on a
+//! GPU. See docs/performance.md for the GPU checks still owed.
 
 #[cfg(not(feature = "cuda"))]
 use crate::{CommError, Result};
@@ -25,9 +30,7 @@ use crate::{CommError, Result};
 pub struct NcclId(pub Vec<u8>);
 
 #[cfg(feature = "cuda")]
-pub use imp::NcclCommunicator;
-#[cfg(feature = "cuda")]
-pub use imp::{available, unique_id};
+pub use imp::{NcclCommunicator, available, bench_threads, unique_id};
 
 #[cfg(not(feature = "cuda"))]
 fn not_compiled() -> CommError {
@@ -48,6 +51,13 @@ pub fn unique_id() -> Result<NcclId> {
     Err(not_compiled())
 }
 
+/// `world` NCCL ranks as threads, rank `r` on GPU `r`: seconds per `all_to_all_v` and per ring
+/// step for each size in bytes per rank (f32 device buffers), after one warm-up call.
+#[cfg(not(feature = "cuda"))]
+pub fn bench_threads(_world: usize, _sizes: &[usize], _iters: u32) -> Result<Vec<Vec<(f64, f64)>>> {
+    Err(not_compiled())
+}
+
 /// Without CUDA support this type cannot be constructed.
 #[cfg(not(feature = "cuda"))]
 #[derive(Debug)]
@@ -55,14 +65,21 @@ pub struct NcclCommunicator(());
 
 #[cfg(not(feature = "cuda"))]
 impl NcclCommunicator {
-    pub fn new(_rank: usize, _world: usize, _id: &NcclId, _device: usize) -> Result<Self> {
+    pub fn new(
+        _rank: usize,
+        _world: usize,
+        _id: &NcclId,
+        _device: usize,
+        _timeout: std::time::Duration,
+    ) -> Result<Self> {
         Err(not_compiled())
     }
 }
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
 
     use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
     use cudarc::nccl::{Comm, Id, NcclType, result};
@@ -96,21 +113,6 @@ mod imp {
         Ok(NcclId(id.internal().iter().map(|&c| c as u8).collect()))
     }
 
-    /// One rank of an NCCL group, bound to one GPU and its default stream.
-    pub struct NcclCommunicator {
-        comm: Comm,
-        stream: Arc<CudaStream>,
-    }
-
-    impl std::fmt::Debug for NcclCommunicator {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("NcclCommunicator")
-                .field("rank", &self.comm.rank())
-                .field("world", &self.comm.world_size())
-                .finish()
-        }
-    }
-
     fn group<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         result::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
         let r = f();
@@ -118,8 +120,34 @@ mod imp {
         r
     }
 
+    /// One rank of an NCCL group, bound to one GPU and its default stream.
+    pub struct NcclCommunicator {
+        /// `None` once aborted after a failure.
+        comm: Mutex<Option<Comm>>,
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        poisoned: Mutex<Option<String>>,
+    }
+
+    impl std::fmt::Debug for NcclCommunicator {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("NcclCommunicator")
+                .field("rank", &self.rank)
+                .field("world", &self.world)
+                .finish()
+        }
+    }
+
     impl NcclCommunicator {
-        pub fn new(rank: usize, world: usize, id: &NcclId, device: usize) -> Result<Self> {
+        pub fn new(
+            rank: usize,
+            world: usize,
+            id: &NcclId,
+            device: usize,
+            timeout: Duration,
+        ) -> Result<Self> {
             available()?;
             if id.0.len() != 128 {
                 return Err(CommError::NcclUnavailable(format!(
@@ -135,22 +163,91 @@ mod imp {
             let stream = ctx.default_stream();
             let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal))
                 .map_err(|e| nccl_err("ncclCommInitRank", e))?;
-            Ok(Self { comm, stream })
+            Ok(Self {
+                comm: Mutex::new(Some(comm)),
+                stream,
+                rank,
+                world,
+                timeout,
+                poisoned: Mutex::new(None),
+            })
         }
 
         pub fn rank(&self) -> usize {
-            self.comm.rank()
+            self.rank
         }
 
         pub fn world_size(&self) -> usize {
-            self.comm.world_size()
+            self.world
         }
 
         pub fn stream(&self) -> &Arc<CudaStream> {
             &self.stream
         }
 
-        /// One ring step on device buffers, enqueued on the communicator's stream.
+        /// Enqueues `f` on the live communicator, then waits for the stream up to the timeout.
+        fn run(&self, what: &'static str, f: impl FnOnce(&Comm) -> Result<()>) -> Result<()> {
+            if let Some(cause) = self
+                .poisoned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                return Err(CommError::Poisoned {
+                    rank: self.rank,
+                    cause,
+                });
+            }
+            let enqueued = {
+                let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+                match comm.as_ref() {
+                    Some(c) => f(c),
+                    None => Err(CommError::Poisoned {
+                        rank: self.rank,
+                        cause: "NCCL communicator was aborted".into(),
+                    }),
+                }
+            };
+            enqueued.map_err(|e| self.poison(e))?;
+            self.wait(what)
+        }
+
+        fn poison(&self, e: CommError) -> CommError {
+            let mut p = self.poisoned.lock().unwrap_or_else(|p| p.into_inner());
+            if p.is_none() {
+                *p = Some(e.to_string());
+            }
+            drop(p);
+            // Dropping cudarc's Comm calls ncclCommAbort, which frees kernels stuck on a dead peer.
+            self.comm.lock().unwrap_or_else(|p| p.into_inner()).take();
+            e
+        }
+
+        /// Polls an event recorded after the enqueued work until it completes or the timeout passes.
+        fn wait(&self, what: &'static str) -> Result<()> {
+            let event = self
+                .stream
+                .record_event(None)
+                .map_err(|e| self.poison(nccl_err("record event", e)))?;
+            let deadline = Instant::now() + self.timeout;
+            loop {
+                match event.try_is_complete() {
+                    Ok(true) => return Ok(()),
+                    Ok(false) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_micros(50))
+                    }
+                    Ok(false) => {
+                        return Err(self.poison(CommError::NcclUnavailable(format!(
+                            "rank {}: {what} did not complete within {:?}; a peer is gone or stuck (communicator aborted)",
+                            self.rank, self.timeout
+                        ))));
+                    }
+                    Err(e) => return Err(self.poison(nccl_err(what, e))),
+                }
+            }
+        }
+
+        /// One ring step on device buffers.
         pub fn sendrecv<T: NcclType>(
             &self,
             to: usize,
@@ -158,14 +255,14 @@ mod imp {
             from: usize,
             recv: &mut CudaSlice<T>,
         ) -> Result<()> {
-            group(|| {
-                self.comm
-                    .send(send, to as i32)
-                    .map_err(|e| nccl_err("ncclSend", e))?;
-                self.comm
-                    .recv(recv, from as i32)
-                    .map_err(|e| nccl_err("ncclRecv", e))?;
-                Ok(())
+            self.run("sendrecv", |c| {
+                group(|| {
+                    c.send(send, to as i32)
+                        .map_err(|e| nccl_err("ncclSend", e))?;
+                    c.recv(recv, from as i32)
+                        .map_err(|e| nccl_err("ncclRecv", e))?;
+                    Ok(())
+                })
             })
         }
 
@@ -178,10 +275,10 @@ mod imp {
             recv: &mut CudaSlice<T>,
             recv_counts: &[usize],
         ) -> Result<()> {
-            let n = self.world_size();
+            let n = self.world;
             if send_counts.len() != n || recv_counts.len() != n {
                 return Err(CommError::InvalidArgument {
-                    rank: self.rank(),
+                    rank: self.rank,
                     op: "all_to_all_v",
                     msg: format!("counts for {n} ranks expected"),
                 });
@@ -189,7 +286,7 @@ mod imp {
             let (st, rt): (usize, usize) = (send_counts.iter().sum(), recv_counts.iter().sum());
             if st > send.len() || rt > recv.len() {
                 return Err(CommError::InvalidArgument {
-                    rank: self.rank(),
+                    rank: self.rank,
                     op: "all_to_all_v",
                     msg: format!(
                         "counts need {st}/{rt} elements, buffers hold {}/{}",
@@ -198,26 +295,26 @@ mod imp {
                     ),
                 });
             }
-            group(|| {
-                let mut off = 0;
-                for (j, &c) in send_counts.iter().enumerate() {
-                    if c > 0 {
-                        self.comm
-                            .send(&send.slice(off..off + c), j as i32)
-                            .map_err(|e| nccl_err("ncclSend", e))?;
+            self.run("all_to_all_v", |comm| {
+                group(|| {
+                    let mut off = 0;
+                    for (j, &c) in send_counts.iter().enumerate() {
+                        if c > 0 {
+                            comm.send(&send.slice(off..off + c), j as i32)
+                                .map_err(|e| nccl_err("ncclSend", e))?;
+                        }
+                        off += c;
                     }
-                    off += c;
-                }
-                let mut off = 0;
-                for (j, &c) in recv_counts.iter().enumerate() {
-                    if c > 0 {
-                        self.comm
-                            .recv(&mut recv.slice_mut(off..off + c), j as i32)
-                            .map_err(|e| nccl_err("ncclRecv", e))?;
+                    let mut off = 0;
+                    for (j, &c) in recv_counts.iter().enumerate() {
+                        if c > 0 {
+                            comm.recv(&mut recv.slice_mut(off..off + c), j as i32)
+                                .map_err(|e| nccl_err("ncclRecv", e))?;
+                        }
+                        off += c;
                     }
-                    off += c;
-                }
-                Ok(())
+                    Ok(())
+                })
             })
         }
 
@@ -226,10 +323,11 @@ mod imp {
             send: &CudaSlice<T>,
             recv: &mut CudaSlice<T>,
         ) -> Result<()> {
-            self.comm
-                .all_gather(send, recv)
-                .map(|_| ())
-                .map_err(|e| nccl_err("ncclAllGather", e))
+            self.run("all_gather", |c| {
+                c.all_gather(send, recv)
+                    .map(|_| ())
+                    .map_err(|e| nccl_err("ncclAllGather", e))
+            })
         }
 
         pub fn all_reduce(
@@ -242,17 +340,66 @@ mod imp {
                 ReduceOp::Sum => cudarc::nccl::ReduceOp::Sum,
                 ReduceOp::Max => cudarc::nccl::ReduceOp::Max,
             };
-            self.comm
-                .all_reduce(send, recv, &op)
-                .map(|_| ())
-                .map_err(|e| nccl_err("ncclAllReduce", e))
+            self.run("all_reduce", |c| {
+                c.all_reduce(send, recv, &op)
+                    .map(|_| ())
+                    .map_err(|e| nccl_err("ncclAllReduce", e))
+            })
         }
+    }
 
-        /// Waits for everything enqueued on the stream.
-        pub fn synchronize(&self) -> Result<()> {
-            self.stream
-                .synchronize()
-                .map_err(|e| nccl_err("stream synchronize", e))
-        }
+    pub fn bench_threads(
+        world: usize,
+        sizes: &[usize],
+        iters: u32,
+    ) -> Result<Vec<Vec<(f64, f64)>>> {
+        available()?;
+        let id = unique_id()?;
+        let alloc = |c: &NcclCommunicator, n: usize| {
+            c.stream
+                .alloc_zeros::<f32>(n.max(1))
+                .map_err(|e| nccl_err("alloc", e))
+        };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|r| {
+                    let id = &id;
+                    s.spawn(move || -> Result<Vec<(f64, f64)>> {
+                        let c = NcclCommunicator::new(r, world, id, r, Duration::from_secs(60))?;
+                        let mut out = Vec::new();
+                        for &bytes in sizes {
+                            let chunk = bytes / 4 / world;
+                            let counts = vec![chunk; world];
+                            let send = alloc(&c, chunk * world)?;
+                            let mut recv = alloc(&c, chunk * world)?;
+                            c.all_to_all_v(&send, &counts, &mut recv, &counts)?;
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                c.all_to_all_v(&send, &counts, &mut recv, &counts)?;
+                            }
+                            let a2a = t.elapsed().as_secs_f64() / iters.max(1) as f64;
+                            let block = alloc(&c, bytes / 4)?;
+                            let mut incoming = alloc(&c, bytes / 4)?;
+                            let (next, prev) = ((r + 1) % world, (r + world - 1) % world);
+                            c.sendrecv(next, &block, prev, &mut incoming)?;
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                c.sendrecv(next, &block, prev, &mut incoming)?;
+                            }
+                            out.push((a2a, t.elapsed().as_secs_f64() / iters.max(1) as f64));
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().map_err(|_| {
+                        CommError::NcclUnavailable("a benchmark rank panicked".into())
+                    })?
+                })
+                .collect()
+        })
     }
 }
