@@ -32,6 +32,38 @@ pub struct NcclId(pub Vec<u8>);
 #[cfg(feature = "cuda")]
 pub use imp::{NcclCommunicator, available, bench_threads, unique_id};
 
+/// Forms an NCCL group over the ranks of an existing communicator (TCP or in-process): rank 0
+/// creates the unique id and every rank receives it through `comm`, then initialises NCCL on
+/// `device`. Ranks without CUDA support fail together: rank 0 sends an empty id instead.
+pub fn join(
+    comm: &crate::Communicator,
+    device: usize,
+    timeout: std::time::Duration,
+) -> crate::Result<NcclCommunicator> {
+    use crate::{Data, Kind, Payload, Tag};
+    let tag = Tag::new(0, 0, 0, Kind::AllGather);
+    let mine = match comm.rank() {
+        0 => unique_id().map(|id| id.0).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let all = comm.all_gather(
+        tag,
+        Payload {
+            shape: vec![mine.len()],
+            data: Data::U8(mine),
+        },
+    )?;
+    let id = match all.into_iter().next().map(|p| p.data) {
+        Some(Data::U8(bytes)) if bytes.len() == 128 => NcclId(bytes),
+        _ => {
+            return Err(crate::CommError::NcclUnavailable(
+                "rank 0 could not create an NCCL unique id (no CUDA/NCCL there)".into(),
+            ));
+        }
+    };
+    NcclCommunicator::new(comm.rank(), comm.world_size(), &id, device, timeout)
+}
+
 #[cfg(not(feature = "cuda"))]
 fn not_compiled() -> CommError {
     CommError::NcclUnavailable(

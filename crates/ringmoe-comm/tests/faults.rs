@@ -202,3 +202,30 @@ fn rendezvous_ignores_strays_and_other_sessions() -> Result<()> {
     ensure!(c0.recv(1, tag(0))?.into_f32() == Some(vec![2.0]));
     Ok(())
 }
+
+/// Without CUDA, forming an NCCL group over a CPU communicator fails on every rank with a clear
+/// error instead of hanging or panicking.
+#[test]
+fn nccl_join_without_cuda_fails_cleanly_on_every_rank() -> Result<()> {
+    let comms = in_process(3, Duration::from_secs(5));
+    // The NCCL communicator is bound to its thread (not Send), so only the outcome leaves it.
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    ringmoe_comm::nccl::join(c, 0, Duration::from_secs(5))
+                        .err()
+                        .map(|e| e.to_string())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("join").unwrap_or_default())
+            .collect()
+    });
+    for e in &errs {
+        ensure!(e.contains("NCCL transport unavailable"), "{e}");
+    }
+    Ok(())
+}
