@@ -147,27 +147,6 @@ impl Attention {
         apply_rope(&mut k, hkv, d, rope)?;
         Ok(Qkv { q, k, v })
     }
-
-    /// Attends the new tokens to the cache plus themselves, appending their k/v to the cache.
-    pub fn forward(
-        &self,
-        x: &[f32],
-        positions: &[usize],
-        rope: &RopeTable,
-        cache: &mut LayerKv,
-    ) -> Result<Vec<f32>> {
-        let Qkv { q, k, v } = self.qkv(x, rope)?;
-        cache.append(&k, &v, positions);
-        let res = attention_block(
-            &self.params,
-            &q,
-            positions,
-            &cache.k,
-            &cache.v,
-            &cache.positions,
-        )?;
-        self.o.forward(&res.out, positions.len())
-    }
 }
 
 /// Dense SwiGLU MLP (layers listed in `mlp_only_layers`, and Qwen2-MoE's shared expert).
@@ -222,7 +201,8 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Runs the layer on `x` (`[tokens, hidden]`) in place; returns the routing when sparse.
+    /// Runs the layer on `x` (`[tokens, hidden]`) in place over a KV cache: the new tokens attend
+    /// to the cached ones and to themselves. Returns the routing when the layer is sparse.
     pub fn forward(
         &self,
         x: &mut Tensor,
@@ -230,18 +210,47 @@ impl DecoderLayer {
         rope: &RopeTable,
         cache: &mut LayerKv,
     ) -> Result<Option<Routing>> {
-        let rows = positions.len();
-        if x.shape()[0] != rows || rope.positions != rows {
+        let params = self.attn.params;
+        self.forward_with(x, rope, |qkv| -> Result<Vec<f32>> {
+            cache.append(&qkv.k, &qkv.v, positions);
+            Ok(attention_block(
+                &params,
+                &qkv.q,
+                positions,
+                &cache.k,
+                &cache.v,
+                &cache.positions,
+            )?
+            .out)
+        })
+    }
+
+    /// The layer with its attention core supplied by `attend`, which receives this batch's rotated
+    /// q/k/v and returns the attention output `[tokens, n_heads · head_dim]` before the output
+    /// projection. Ring attention plugs in here; everything else is the single-process layer.
+    pub fn forward_with<E: From<Error>>(
+        &self,
+        x: &mut Tensor,
+        rope: &RopeTable,
+        attend: impl FnOnce(Qkv) -> std::result::Result<Vec<f32>, E>,
+    ) -> std::result::Result<Option<Routing>, E> {
+        let rows = x.shape().first().copied().unwrap_or(0);
+        if rope.positions != rows {
             return Err(Error::InvalidInput(format!(
-                "{} hidden rows and {} RoPE rows for {rows} positions",
-                x.shape()[0],
+                "{rows} hidden rows but {} RoPE positions",
                 rope.positions
-            )));
+            ))
+            .into());
         }
-        let normed = ops::rms_norm(x, &self.input_norm, self.eps)?;
-        let attn = self
-            .attn
-            .forward(normed.as_slice(), positions, rope, cache)?;
+        let normed = ops::rms_norm(x, &self.input_norm, self.eps).map_err(Error::from)?;
+        let out = attend(self.attn.qkv(normed.as_slice(), rope)?)?;
+        self.finish(x, out).map_err(E::from)
+    }
+
+    /// Output projection, residual, and the MLP half of the layer.
+    fn finish(&self, x: &mut Tensor, attn_out: Vec<f32>) -> Result<Option<Routing>> {
+        let rows = x.shape().first().copied().unwrap_or(0);
+        let attn = self.attn.o.forward(&attn_out, rows)?;
         ops::add_inplace(x, &Tensor::from_vec(attn, x.shape().to_vec())?)?;
         let normed = ops::rms_norm(x, &self.post_attn_norm, self.eps)?;
         let (y, routing) = match &self.mlp {

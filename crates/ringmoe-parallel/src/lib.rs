@@ -1,0 +1,14 @@
+//! `ringmoe-parallel`: the distributed forward. Today: context parallelism — a sequence sharded over
+//! P ranks (zigzag or contiguous), every layer's attention computed exactly as a ring of K/V blocks
+//! over a [`ringmoe_comm::Communicator`], each rank holding only its own tokens' K/V. Expert
+//! parallelism joins here later.
+
+pub mod error;
+pub mod prefill;
+pub mod ring;
+pub mod shard;
+
+pub use error::{ParallelError, Result};
+pub use prefill::{RankPrefill, prefill_shard};
+pub use ring::ring_attention;
+pub use shard::{ShardPlan, Sharding};
