@@ -3,11 +3,13 @@
 //! over a [`ringmoe_comm::Communicator`], each rank holding only its own tokens' K/V. Expert
 //! parallelism joins here later.
 
+pub mod decode;
 pub mod error;
 pub mod prefill;
 pub mod ring;
 pub mod shard;
 
+pub use decode::{ShardedSequence, StopRule, generate_sharded};
 pub use error::{ParallelError, Result};
 pub use prefill::{RankPrefill, prefill_shard};
 pub use ring::ring_attention;

@@ -1,0 +1,199 @@
+//! Decoding after a context-parallel prefill.
+//!
+//! The K/V cache stays sharded. Each new token's query attends to every rank's shard: each rank
+//! computes the partial `(out, lse)` against its own K/V, the partials are all-gathered and merged in
+//! rank order, so every rank gets bit-identical attention output. The dense parts of the layer run
+//! redundantly on every rank for the one new token (cheap next to attention over a long context).
+//!
+//! Placement of new K/V: the rank with the fewest cached tokens takes it (lowest rank on ties).
+//! Every rank evaluates the same rule on the same shard sizes, so they agree without messages, and
+//! shards never differ by more than one token more than they did after prefill.
+
+use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag};
+use ringmoe_core::attention::{PartialAttention, attention_block, merge_into};
+use ringmoe_model::generate::Sampler;
+use ringmoe_model::{KvCache, Model};
+
+use crate::{ParallelError, Result, ShardPlan, prefill_shard};
+
+/// A sequence whose K/V cache is sharded over the ranks of a communicator.
+pub struct ShardedSequence<'a> {
+    model: &'a Model,
+    comm: &'a Communicator,
+    /// This rank's K/V (its own tokens only).
+    pub cache: KvCache,
+    /// Cached tokens per rank, identical on every rank.
+    pub shard_sizes: Vec<usize>,
+    next_position: usize,
+    job: u64,
+    steps: u32,
+}
+
+impl std::fmt::Debug for ShardedSequence<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedSequence")
+            .field("shard_sizes", &self.shard_sizes)
+            .field("next_position", &self.next_position)
+            .finish()
+    }
+}
+
+/// Whichever rank holds position `pos` contributes `row`; every rank gets it.
+fn share_row(comm: &Communicator, tag: Tag, row: Option<Vec<f32>>) -> Result<Vec<f32>> {
+    let gathered = comm.all_gather(tag, Payload::f32(row.unwrap_or_default()))?;
+    gathered
+        .into_iter()
+        .filter_map(|p| p.into_f32())
+        .find(|v| !v.is_empty())
+        .ok_or_else(|| ParallelError::Plan("no rank holds the requested row".into()))
+}
+
+impl<'a> ShardedSequence<'a> {
+    /// Prefills `tokens` (the whole prompt, known to every rank) sharded by `plan`; returns the
+    /// sequence and the logits of the last prompt position, on every rank.
+    pub fn prefill(
+        model: &'a Model,
+        comm: &'a Communicator,
+        plan: &ShardPlan,
+        tokens: &[u32],
+        job: u64,
+    ) -> Result<(Self, Vec<f32>)> {
+        if tokens.is_empty() {
+            return Err(ParallelError::Plan("the prompt has no tokens".into()));
+        }
+        let me = comm.rank();
+        let out = prefill_shard(model, comm, plan, &plan.tokens_for(me, tokens)?, job)?;
+        let last = tokens.len() - 1;
+        let mine = match out.positions.iter().position(|&p| p == last) {
+            Some(i) => Some(model.logits(&out.hidden.rows(i, i + 1)?)?.into_vec()),
+            None => None,
+        };
+        let tag = Tag::new(job, model.layers().len() as u32, 0, Kind::AllGather);
+        let logits = share_row(comm, tag, mine)?;
+        let shard_sizes = (0..plan.world()).map(|r| plan.positions(r).len()).collect();
+        Ok((
+            Self {
+                model,
+                comm,
+                cache: out.cache,
+                shard_sizes,
+                next_position: tokens.len(),
+                job,
+                steps: 0,
+            },
+            logits,
+        ))
+    }
+
+    /// The rank that stores the next token's K/V.
+    pub fn owner_of_next(&self) -> usize {
+        let min = self.shard_sizes.iter().copied().min().unwrap_or(0);
+        self.shard_sizes.iter().position(|&s| s == min).unwrap_or(0)
+    }
+
+    /// Feeds one token (the same on every rank) and returns the next logits, on every rank.
+    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
+        let (me, model, comm) = (self.comm.rank(), self.model, self.comm);
+        let owner = self.owner_of_next();
+        let pos = self.next_position;
+        self.steps += 1;
+        let step = self.steps;
+        let first = model
+            .layers()
+            .first()
+            .ok_or_else(|| ParallelError::Plan("model has no layers".into()))?;
+        let rope = first.attn.rope.table(&[pos]);
+        let mut x = model.embed(&[token])?;
+        for (l, (layer, kv)) in model
+            .layers()
+            .iter()
+            .zip(self.cache.layers.iter_mut())
+            .enumerate()
+        {
+            let params = layer.attn.params;
+            layer.forward_with(&mut x, &rope, |qkv| -> Result<Vec<f32>> {
+                if me == owner {
+                    kv.append(&qkv.k, &qkv.v, &[pos]);
+                }
+                let (hq, d) = (params.n_heads, params.head_dim);
+                let part = if kv.is_empty() {
+                    PartialAttention::empty(1, hq, d)
+                } else {
+                    attention_block(&params, &qkv.q, &[pos], &kv.k, &kv.v, &kv.positions)?
+                };
+                let mut packed = part.out;
+                packed.extend_from_slice(&part.lse);
+                let tag = Tag::new(self.job, l as u32, step, Kind::AllGather);
+                let mut acc = PartialAttention::empty(1, hq, d);
+                for (r, p) in comm
+                    .all_gather(
+                        tag,
+                        Payload {
+                            shape: vec![hq * d + hq],
+                            data: Data::F32(packed),
+                        },
+                    )?
+                    .into_iter()
+                    .enumerate()
+                {
+                    let desc = p.describe();
+                    let v = p
+                        .into_f32()
+                        .filter(|v| v.len() == hq * d + hq)
+                        .ok_or_else(|| {
+                            ParallelError::Plan(format!(
+                                "partial attention from rank {r} is {desc}, expected F32[{}]",
+                                hq * d + hq
+                            ))
+                        })?;
+                    let (out, lse) = v.split_at(hq * d);
+                    merge_into(
+                        &mut acc,
+                        &PartialAttention {
+                            out: out.to_vec(),
+                            lse: lse.to_vec(),
+                        },
+                    )?;
+                }
+                Ok(acc.out)
+            })?;
+        }
+        self.shard_sizes[owner] += 1;
+        self.next_position += 1;
+        Ok(model.logits(&x)?.into_vec())
+    }
+}
+
+/// When generation stops: after `max_new_tokens`, or after emitting a token in `eos`.
+#[derive(Debug, Clone, Copy)]
+pub struct StopRule<'e> {
+    pub max_new_tokens: usize,
+    pub eos: &'e [u32],
+}
+
+/// Prefill sharded by `plan`, then decode until `stop`. Every rank calls this with the same
+/// arguments (and an identically seeded sampler) and gets the same tokens.
+pub fn generate_sharded(
+    model: &Model,
+    comm: &Communicator,
+    plan: &ShardPlan,
+    prompt: &[u32],
+    stop: StopRule<'_>,
+    sampler: &mut Sampler,
+    job: u64,
+) -> Result<Vec<u32>> {
+    let (max_new_tokens, eos) = (stop.max_new_tokens, stop.eos);
+    let mut out = Vec::new();
+    if max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let (mut seq, logits) = ShardedSequence::prefill(model, comm, plan, prompt, job)?;
+    let mut next = sampler.sample(&logits);
+    loop {
+        out.push(next);
+        if eos.contains(&next) || out.len() >= max_new_tokens {
+            return Ok(out);
+        }
+        next = sampler.sample(&seq.decode(next)?);
+    }
+}
