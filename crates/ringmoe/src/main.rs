@@ -1,6 +1,7 @@
 //! The `ringmoe` command line: `generate`, `score`, `forward` and `bench` (engine and communicator).
 
 mod comm_bench;
+mod forward;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,8 +11,8 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
 use ringmoe_core::testing::{XorShift, rand_vec};
 use ringmoe_model::{
-    Checkpoint, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams,
-    TextStream, Tokenizer, generate,
+    GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams, TextStream,
+    Tokenizer, generate,
 };
 
 #[derive(Parser)]
@@ -32,7 +33,10 @@ enum Cmd {
     /// Mean negative log-likelihood per token and perplexity of a text file.
     Score(ScoreArgs),
     /// Logits for every position of `input_ids` from a safetensors file, written to another.
-    Forward(ForwardArgs),
+    Forward(forward::ForwardArgs),
+    /// One rank of `forward --transport tcp` (started by it; not for direct use).
+    #[command(hide = true)]
+    ForwardRank(forward::ForwardRankArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -69,18 +73,6 @@ struct ScoreArgs {
     /// UTF-8 text to score.
     #[arg(long)]
     file: PathBuf,
-}
-
-#[derive(Args)]
-struct ForwardArgs {
-    #[arg(long)]
-    model: PathBuf,
-    /// safetensors file with an int64 tensor `input_ids` of shape [1, L].
-    #[arg(long)]
-    input_ids: PathBuf,
-    /// Output safetensors file; gets f32 `logits` of shape [1, L, vocab].
-    #[arg(long)]
-    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -138,7 +130,8 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Score(a) => cmd_score(a),
-        Cmd::Forward(a) => cmd_forward(a),
+        Cmd::Forward(a) => forward::run(a),
+        Cmd::ForwardRank(a) => forward::run_rank(a),
         Cmd::Bench(BenchCmd::Prefill(a)) => cmd_bench_prefill(a),
         Cmd::Bench(BenchCmd::Experts(a)) => cmd_bench_experts(a),
         Cmd::Bench(BenchCmd::Comm(a)) => comm_bench::run(a),
@@ -220,52 +213,6 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         "time             {:.2} s ({:.1} tokens/s)",
         t.elapsed().as_secs_f64(),
         ids.len() as f64 / t.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-/// Reads `input_ids` ([1, L] int64) from a safetensors file.
-fn read_input_ids(path: &Path) -> Result<Vec<u32>> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let ckpt = Checkpoint::open_files(dir, &[path.to_path_buf()])?;
-    let (vals, shape) = ckpt
-        .load_i64("input_ids")
-        .with_context(|| format!("reading input_ids from {}", path.display()))?;
-    ensure!(
-        shape.len() == 2 && shape[0] == 1,
-        "input_ids must have shape [1, L], got {shape:?}"
-    );
-    vals.into_iter()
-        .enumerate()
-        .map(|(i, v)| {
-            u32::try_from(v).with_context(|| format!("input_ids[0, {i}] = {v} is not a token id"))
-        })
-        .collect()
-}
-
-fn cmd_forward(a: ForwardArgs) -> Result<()> {
-    let (model, _) = load_model(&a.model)?;
-    let ids = read_input_ids(&a.input_ids)?;
-    ensure!(!ids.is_empty(), "input_ids is empty");
-    let out = model.forward(&ids, &mut model.new_cache(), LogitsFor::All)?;
-    let vocab = model.config.vocab_size;
-    let bytes: Vec<u8> = out
-        .logits
-        .as_slice()
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
-    let view = safetensors::tensor::TensorView::new(
-        safetensors::Dtype::F32,
-        vec![1, ids.len(), vocab],
-        &bytes,
-    )?;
-    safetensors::serialize_to_file([("logits", view)], None, &a.out)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!(
-        "wrote logits [1, {}, {vocab}] to {}",
-        ids.len(),
-        a.out.display()
     );
     Ok(())
 }

@@ -106,6 +106,51 @@ fn forward_writes_logits_matching_transformers() -> Result<()> {
     Ok(())
 }
 
+/// The same logits file from a sequence sharded over ranks: threads, and OS processes over TCP.
+#[test]
+fn sharded_forward_writes_the_same_logits() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ids = reference_ids("mixtral-tiny", "input_ids_L300")?;
+    let inp = tmp.path().join("in.safetensors");
+    write_input_ids(&inp, &ids)?;
+    let model = fixture("mixtral-tiny");
+    let r = Checkpoint::open_files(&model, &[model.join("reference.safetensors")])?;
+    let want = r.load("logits_L300", &[300, 384])?.into_vec();
+    for (shards, transport, sharding) in [("3", "tcp", "contiguous"), ("4", "inproc", "zigzag")] {
+        let outp = tmp.path().join(format!("out-{transport}.safetensors"));
+        let out = ringmoe(&[
+            "forward",
+            "--model",
+            model.to_str().context("path")?,
+            "--input-ids",
+            inp.to_str().context("path")?,
+            "--out",
+            outp.to_str().context("path")?,
+            "--seq-shards",
+            shards,
+            "--transport",
+            transport,
+            "--sharding",
+            sharding,
+        ])?;
+        ensure!(
+            out.status.success(),
+            "{transport}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = Checkpoint::open_files(tmp.path(), std::slice::from_ref(&outp))?
+            .load("logits", &[1, 300, 384])?
+            .into_vec();
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        ensure!(d <= 1e-4, "{transport} P={shards}: max |Δ| {d:e}");
+    }
+    Ok(())
+}
+
 #[test]
 fn score_reports_the_engines_mean_nll() -> Result<()> {
     let tmp = tempfile::tempdir()?;
