@@ -12,5 +12,5 @@ pub mod shard;
 pub use decode::{ShardedSequence, StopRule, generate_sharded};
 pub use error::{ParallelError, Result};
 pub use prefill::{RankPrefill, prefill_shard};
-pub use ring::ring_attention;
+pub use ring::{RingStats, ring_attention, ring_attention_with_stats};
 pub use shard::{ShardPlan, Sharding};

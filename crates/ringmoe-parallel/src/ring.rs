@@ -21,6 +21,18 @@ fn kv_payload(k: Vec<f32>, v: Vec<f32>, tokens: usize, width: usize) -> Payload 
     }
 }
 
+/// Where one rank's ring attention spent its time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RingStats {
+    /// Attending to blocks and merging.
+    pub compute_secs: f64,
+    /// Blocked waiting for the next block (communication not hidden behind compute).
+    pub wait_secs: f64,
+    /// Blocks attended to / skipped because the causal mask removed them entirely.
+    pub blocks_computed: usize,
+    pub blocks_skipped: usize,
+}
+
 /// `q` is this rank's `[tokens, n_heads, head_dim]`, `k`/`v` its `[tokens, n_kv_heads, head_dim]`,
 /// all at the positions `plan` gives this rank. `tag` names the job and layer; steps are set here.
 pub fn ring_attention(
@@ -32,6 +44,20 @@ pub fn ring_attention(
     v: Vec<f32>,
     tag: Tag,
 ) -> Result<PartialAttention> {
+    Ok(ring_attention_with_stats(comm, plan, params, q, k, v, tag)?.0)
+}
+
+/// [`ring_attention`] that also reports where the time went.
+pub fn ring_attention_with_stats(
+    comm: &Communicator,
+    plan: &ShardPlan,
+    params: &AttentionParams,
+    q: &[f32],
+    k: Vec<f32>,
+    v: Vec<f32>,
+    tag: Tag,
+) -> Result<(PartialAttention, RingStats)> {
+    let mut stats = RingStats::default();
     let (me, world) = (comm.rank(), comm.world_size());
     if plan.world() != world {
         return Err(ParallelError::Plan(format!(
@@ -63,7 +89,11 @@ pub fn ring_attention(
             (Some(qm), Some(&k0)) => params.causal && k0 > qm,
             _ => true, // no queries or no keys
         };
-        if !masked {
+        let t = std::time::Instant::now();
+        if masked {
+            stats.blocks_skipped += 1;
+        } else {
+            stats.blocks_computed += 1;
             let Data::F32(kv) = &block.data else {
                 return Err(ParallelError::Plan(format!(
                     "block from rank {origin} is not f32"
@@ -73,10 +103,13 @@ pub fn ring_attention(
             let part = attention_block(params, q, q_pos, kb, vb, k_pos)?;
             merge_into(&mut acc, &part)?;
         }
+        stats.compute_secs += t.elapsed().as_secs_f64();
         if let Some(p) = pending {
             let from = (origin + world - 1) % world;
             let want = [2, plan.positions(from).len(), width];
+            let t = std::time::Instant::now();
             block = comm.wait(p)?;
+            stats.wait_secs += t.elapsed().as_secs_f64();
             if block.shape != want || block.dtype() != ringmoe_core::DType::F32 {
                 return Err(ParallelError::Plan(format!(
                     "rank {me}: K/V block from rank {from} is {}, expected F32{want:?}",
@@ -85,5 +118,5 @@ pub fn ring_attention(
             }
         }
     }
-    Ok(acc)
+    Ok((acc, stats))
 }

@@ -2,6 +2,7 @@
 
 mod comm_bench;
 mod forward;
+mod ring_bench;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,8 @@ enum BenchCmd {
     Experts(BenchExpertsArgs),
     /// Communicator throughput: all_to_all_v and ring sendrecv, like nccl-tests' all_to_all_perf.
     Comm(comm_bench::CommArgs),
+    /// Ring attention vs single-rank attention over the same sequence.
+    Ring(ring_bench::RingArgs),
     /// One rank of `bench comm --transport tcp` (started by it; not for direct use).
     #[command(hide = true)]
     CommRank(comm_bench::CommRankArgs),
@@ -135,6 +138,7 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Prefill(a)) => cmd_bench_prefill(a),
         Cmd::Bench(BenchCmd::Experts(a)) => cmd_bench_experts(a),
         Cmd::Bench(BenchCmd::Comm(a)) => comm_bench::run(a),
+        Cmd::Bench(BenchCmd::Ring(a)) => ring_bench::run(a),
         Cmd::Bench(BenchCmd::CommRank(a)) => comm_bench::run_rank(a),
     }
 }

@@ -1,0 +1,195 @@
+//! `ringmoe bench ring`: the cost of ring attention against single-rank blockwise attention over
+//! the same sequence (random q/k/v, causal), and, per rank, how much of the ring is spent blocked
+//! on the next block (communication not hidden behind compute).
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use clap::{Args, ValueEnum};
+use ringmoe_comm::{Communicator, Kind, Tag, TcpOptions, in_process, tcp};
+use ringmoe_core::attention::{AttentionParams, attention_block};
+use ringmoe_core::testing::rand_vec;
+use ringmoe_parallel::{RingStats, ShardPlan, Sharding, ring_attention_with_stats};
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Inproc,
+    /// TCP on 127.0.0.1, ranks as threads of this process.
+    Tcp,
+}
+
+#[derive(Args)]
+pub struct RingArgs {
+    #[arg(long, default_value_t = 65536)]
+    len: usize,
+    #[arg(long, default_value_t = 4)]
+    ranks: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    #[arg(long, value_enum, default_value = "inproc")]
+    transport: Transport,
+    #[arg(long)]
+    json: bool,
+}
+
+/// CPU seconds (user + system) this process has used, from /proc (Linux).
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn tcp_group(n: usize) -> Result<Vec<Communicator>> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<_>>()?;
+    let opts = TcpOptions::default();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let (a, o) = (&addrs, &opts);
+                s.spawn(move || tcp(r, l, a, o, Duration::from_secs(600)))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow!("rendezvous panicked"))?
+                    .map_err(Into::into)
+            })
+            .collect()
+    })
+}
+
+pub fn run(a: RingArgs) -> Result<()> {
+    ensure!(
+        a.ranks >= 1 && a.len >= 1,
+        "--ranks and --len must be positive"
+    );
+    let p = AttentionParams {
+        n_heads: a.heads,
+        n_kv_heads: a.kv_heads,
+        head_dim: a.head_dim,
+        scale: 1.0 / (a.head_dim as f32).sqrt(),
+        causal: true,
+    };
+    let (qw, kw) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+    let q = rand_vec(a.len * qw, 1, 2.0);
+    let k = rand_vec(a.len * kw, 2, 2.0);
+    let v = rand_vec(a.len * kw, 3, 1.0);
+    let all: Vec<usize> = (0..a.len).collect();
+
+    let (c0, t0) = (cpu_secs(), Instant::now());
+    attention_block(&p, &q, &all, &k, &v, &all)?;
+    let (single_wall, single_cpu) = (
+        t0.elapsed().as_secs_f64(),
+        cpu_secs().zip(c0).map(|(b, a)| b - a),
+    );
+
+    let comms = match a.transport {
+        Transport::Inproc => in_process(a.ranks, Duration::from_secs(600)),
+        Transport::Tcp => tcp_group(a.ranks)?,
+    };
+    let plan = ShardPlan::new(a.len, a.ranks, Sharding::Zigzag)?;
+    let pick = |src: &[f32], w: usize, r: usize| -> Vec<f32> {
+        plan.positions(r)
+            .iter()
+            .flat_map(|&i| src[i * w..(i + 1) * w].iter().copied())
+            .collect()
+    };
+    let inputs: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..a.ranks)
+        .map(|r| (pick(&q, qw, r), pick(&k, kw, r), pick(&v, kw, r)))
+        .collect();
+    let (c1, t1) = (cpu_secs(), Instant::now());
+    let stats: Vec<RingStats> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .zip(inputs)
+            .map(|(c, (q, k, v))| {
+                let (plan, p) = (&plan, &p);
+                s.spawn(move || -> Result<RingStats> {
+                    Ok(ring_attention_with_stats(
+                        c,
+                        plan,
+                        p,
+                        &q,
+                        k,
+                        v,
+                        Tag::new(1, 0, 0, Kind::Ring),
+                    )?
+                    .1)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().map_err(|_| anyhow!("rank panicked"))?)
+            .collect::<Result<_>>()
+    })?;
+    let (ring_wall, ring_cpu) = (
+        t1.elapsed().as_secs_f64(),
+        cpu_secs().zip(c1).map(|(b, a)| b - a),
+    );
+    let ranks: Vec<_> = stats
+        .iter()
+        .map(|s| {
+            json!({"compute_secs": s.compute_secs, "wait_secs": s.wait_secs, "blocked_fraction": s.wait_secs / (s.compute_secs + s.wait_secs).max(1e-12),
+                   "blocks_computed": s.blocks_computed, "blocks_skipped": s.blocks_skipped})
+        })
+        .collect();
+    let res = json!({
+        "len": a.len, "ranks": a.ranks, "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
+        "transport": format!("{:?}", a.transport).to_lowercase(),
+        "single_wall_secs": single_wall, "single_cpu_secs": single_cpu,
+        "ring_wall_secs": ring_wall, "ring_cpu_secs": ring_cpu,
+        "cpu_overhead": ring_cpu.zip(single_cpu).map(|(r, s)| r / s - 1.0),
+        "wall_overhead": ring_wall / single_wall - 1.0,
+        "per_rank": ranks,
+    });
+    if a.json {
+        println!("{res}");
+        return Ok(());
+    }
+    println!(
+        "causal attention, L = {}, {} heads ({} KV), head_dim {}",
+        a.len, a.heads, a.kv_heads, a.head_dim
+    );
+    println!(
+        "single rank:        wall {single_wall:8.3} s   cpu {}",
+        single_cpu.map_or("-".into(), |c| format!("{c:8.3} s"))
+    );
+    println!(
+        "ring, {} ranks {:?}: wall {ring_wall:8.3} s   cpu {}   overhead {}",
+        a.ranks,
+        a.transport,
+        ring_cpu.map_or("-".into(), |c| format!("{c:8.3} s")),
+        res["cpu_overhead"]
+            .as_f64()
+            .map_or("-".into(), |o| format!("{:+.1}% cpu", o * 100.0))
+    );
+    for (r, s) in stats.iter().enumerate() {
+        println!(
+            "  rank {r}: compute {:7.3} s, blocked on next block {:6.3} s ({:4.1}%), blocks {} computed / {} skipped",
+            s.compute_secs,
+            s.wait_secs,
+            100.0 * s.wait_secs / (s.compute_secs + s.wait_secs).max(1e-12),
+            s.blocks_computed,
+            s.blocks_skipped
+        );
+    }
+    let _ = res.get("len").context("result")?;
+    Ok(())
+}
