@@ -6,36 +6,14 @@
 //! Run: `cargo bench -p ringmoe-comm --bench comm`. Numbers go to docs/performance.md.
 #![allow(clippy::expect_used)] // Benchmark set-up: a failure here is a bug in the bench itself.
 
-use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ringmoe_comm::{Communicator, TcpOptions, bench, in_process, tcp};
+use ringmoe_comm::local::{on_every_rank, tcp_group};
+use ringmoe_comm::{Communicator, TcpOptions, bench, in_process};
 
 const RANKS: usize = 4;
 const SIZES: [usize; 4] = [1 << 20, 4 << 20, 16 << 20, 64 << 20];
-
-fn tcp_group(n: usize) -> Vec<Communicator> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr"))
-        .collect();
-    let opts = TcpOptions::default();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(r, l)| {
-                let (a, o) = (&addrs, &opts);
-                s.spawn(move || tcp(r, l, a, o, Duration::from_secs(60)).expect("tcp"))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("join")).collect()
-    })
-}
 
 /// Runs `f` on every rank at once for `iters` iterations; the slowest rank's time counts.
 fn on_all(
@@ -44,15 +22,9 @@ fn on_all(
     f: fn(&Communicator, usize, u32) -> ringmoe_comm::Result<f64>,
     bytes: usize,
 ) -> Duration {
-    let secs = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter()
-            .map(|c| s.spawn(move || f(c, bytes, iters as u32).expect("collective")))
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("join"))
-            .fold(0.0, f64::max)
-    });
+    let secs = on_every_rank(comms, |c| f(c, bytes, iters as u32).expect("collective"))
+        .into_iter()
+        .fold(0.0, f64::max);
     Duration::from_secs_f64(secs * iters as f64)
 }
 
@@ -79,7 +51,8 @@ fn collectives(c: &mut Criterion, name: &str, comms: &[Communicator]) {
 }
 
 fn tcp_loopback(c: &mut Criterion) {
-    let comms = tcp_group(RANKS);
+    let comms =
+        tcp_group(RANKS, &TcpOptions::default(), Duration::from_secs(60)).expect("tcp group");
     collectives(c, "tcp_4_ranks", &comms);
     let mut g = c.benchmark_group("raw_tcp_stream");
     g.sample_size(10);

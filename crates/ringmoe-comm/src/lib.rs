@@ -18,6 +18,7 @@ pub mod communicator;
 pub mod error;
 pub mod inproc;
 pub mod launch;
+pub mod local;
 pub mod nccl;
 pub mod payload;
 pub mod tag;

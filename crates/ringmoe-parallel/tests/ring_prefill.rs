@@ -1,16 +1,20 @@
-//! Context-parallel prefill against the single-process engine on the fixture models: any number of
-//! sequence shards, zigzag or contiguous, in-process or over TCP, gives the same logits.
+//! Context-parallel prefill and decode against the single-process engine (and so transformers) on
+//! the fixture models: any number of sequence shards, zigzag or contiguous, in-process or over TCP.
 
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, ensure};
-use ringmoe_comm::{Communicator, TcpOptions, in_process, tcp};
+use anyhow::{Result, ensure};
+use ringmoe_comm::local::{on_every_rank, tcp_group};
+use ringmoe_comm::{Communicator, Kind, Tag, TcpOptions, in_process};
 use ringmoe_core::attention::{AttentionParams, naive_attention};
 use ringmoe_core::testing::rand_vec;
-use ringmoe_model::{Checkpoint, LoadOptions, LogitsFor, Model};
-use ringmoe_parallel::{ShardPlan, Sharding, prefill_shard, ring_attention};
+use ringmoe_model::{
+    Checkpoint, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams,
+};
+use ringmoe_parallel::{
+    ShardPlan, ShardedSequence, Sharding, StopRule, generate_sharded, prefill_shard, ring_attention,
+};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -18,42 +22,15 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn reference_ids(model: &str, len: usize) -> Result<Vec<u32>> {
+fn reference_ids(model: &str, name: &str) -> Result<Vec<u32>> {
     let dir = fixture(model);
     let r = Checkpoint::open_files(&dir, &[dir.join("reference.safetensors")])?;
-    Ok(r.load_i64(&format!("input_ids_L{len}"))?
-        .0
-        .into_iter()
-        .map(|x| x as u32)
-        .collect())
+    Ok(r.load_i64(name)?.0.into_iter().map(|x| x as u32).collect())
 }
 
-fn tcp_group(n: usize) -> Result<Vec<Communicator>> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()?;
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<_>>()?;
-    let opts = TcpOptions::default();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(r, l)| {
-                let (a, o) = (&addrs, &opts);
-                s.spawn(move || tcp(r, l, a, o, Duration::from_secs(20)))
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow!("rendezvous panicked"))?
-                    .map_err(Into::into)
-            })
-            .collect()
-    })
+/// Collects one `Result` per rank into one.
+fn all_ok<T>(per_rank: Vec<Result<T>>) -> Result<Vec<T>> {
+    per_rank.into_iter().collect()
 }
 
 /// Logits `[L, vocab]` from a prefill sharded over `comms`, gathered back into sequence order.
@@ -66,34 +43,23 @@ fn distributed_logits(
 ) -> Result<Vec<f32>> {
     let plan = ShardPlan::new(tokens.len(), comms.len(), kind)?;
     let kv_width = model.config.num_kv_heads * model.config.head_dim;
-    let per_rank: Vec<Vec<f32>> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter()
-            .enumerate()
-            .map(|(r, c)| {
-                let plan = &plan;
-                s.spawn(move || -> Result<Vec<f32>> {
-                    let mine = plan.tokens_for(r, tokens)?;
-                    let out = prefill_shard(model, c, plan, &mine, 9)?;
-                    for layer in &out.cache.layers {
-                        ensure!(
-                            layer.positions == plan.positions(r),
-                            "rank {r} cached foreign positions"
-                        );
-                        ensure!(
-                            layer.k.len() == mine.len() * kv_width,
-                            "rank {r} holds {} K values",
-                            layer.k.len()
-                        );
-                    }
-                    Ok(model.logits(&out.hidden)?.into_vec())
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().map_err(|_| anyhow!("rank panicked"))?)
-            .collect::<Result<_>>()
-    })?;
+    let per_rank = all_ok(on_every_rank(comms, |c| -> Result<Vec<f32>> {
+        let r = c.rank();
+        let mine = plan.tokens_for(r, tokens)?;
+        let out = prefill_shard(model, c, &plan, &mine, 9)?;
+        for layer in &out.cache.layers {
+            ensure!(
+                layer.positions == plan.positions(r),
+                "rank {r} cached foreign positions"
+            );
+            ensure!(
+                layer.k.len() == mine.len() * kv_width,
+                "rank {r} holds {} K values",
+                layer.k.len()
+            );
+        }
+        Ok(model.logits(&out.hidden)?.into_vec())
+    }))?;
     Ok(plan.unshard_rows(&per_rank, model.config.vocab_size)?)
 }
 
@@ -109,7 +75,7 @@ fn sharded_prefill_equals_single_process_on_every_fixture() -> Result<()> {
     for name in ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"] {
         let model = Model::load(&fixture(name), &LoadOptions::default())?;
         for len in [64, 300] {
-            let ids = reference_ids(name, len)?;
+            let ids = reference_ids(name, &format!("input_ids_L{len}"))?;
             let want = model
                 .forward(&ids, &mut model.new_cache(), LogitsFor::All)?
                 .logits
@@ -131,7 +97,7 @@ fn sharded_prefill_equals_single_process_on_every_fixture() -> Result<()> {
             }
         }
         // Fewer tokens than zigzag chunks: some ranks hold nothing and still take part.
-        let ids = reference_ids(name, 7)?;
+        let ids = reference_ids(name, "input_ids_L7")?;
         let want = model
             .forward(&ids[..3], &mut model.new_cache(), LogitsFor::All)?
             .logits
@@ -153,13 +119,14 @@ fn sharded_prefill_equals_single_process_on_every_fixture() -> Result<()> {
 #[test]
 fn sharded_prefill_over_tcp_equals_single_process() -> Result<()> {
     let model = Model::load(&fixture("qwen3-moe-tiny"), &LoadOptions::default())?;
-    let ids = reference_ids("qwen3-moe-tiny", 300)?;
+    let ids = reference_ids("qwen3-moe-tiny", "input_ids_L300")?;
     let want = model
         .forward(&ids, &mut model.new_cache(), LogitsFor::All)?
         .logits
         .into_vec();
     for world in [2, 4] {
-        let got = distributed_logits(&model, &tcp_group(world)?, &ids, Sharding::Zigzag)?;
+        let comms = tcp_group(world, &TcpOptions::default(), Duration::from_secs(20))?;
+        let got = distributed_logits(&model, &comms, &ids, Sharding::Zigzag)?;
         let d = max_abs_diff(&got, &want);
         ensure!(d <= 1e-4, "TCP P={world}: max |Δ| {d:e}");
     }
@@ -184,38 +151,28 @@ fn ring_attention_equals_naive_attention() -> Result<()> {
         let all: Vec<usize> = (0..len).collect();
         let want = naive_attention(&params, &q, &all, &k, &v, &all)?;
         let plan = ShardPlan::new(len, world, Sharding::Zigzag)?;
-        let comms = in_process(world, Duration::from_secs(10));
-        let outs: Vec<Vec<f32>> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .iter()
-                .enumerate()
-                .map(|(r, c)| {
-                    let (plan, q, k, v, params) = (&plan, &q, &k, &v, &params);
-                    s.spawn(move || -> Result<Vec<f32>> {
-                        let pick = |src: &[f32], w: usize| -> Vec<f32> {
-                            plan.positions(r)
-                                .iter()
-                                .flat_map(|&p| src[p * w..(p + 1) * w].to_vec())
-                                .collect()
-                        };
-                        let tag = ringmoe_comm::Tag::new(1, 0, 0, ringmoe_comm::Kind::Ring);
-                        Ok(ring_attention(
-                            c,
-                            plan,
-                            params,
-                            &pick(q, 32),
-                            pick(k, 16),
-                            pick(v, 16),
-                            tag,
-                        )?
-                        .out)
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().map_err(|_| anyhow!("rank panicked"))?)
-                .collect::<Result<_>>()
-        })?;
+        let outs = all_ok(on_every_rank(
+            &in_process(world, Duration::from_secs(10)),
+            |c| -> Result<Vec<f32>> {
+                let pick = |src: &[f32], w: usize| -> Vec<f32> {
+                    plan.positions(c.rank())
+                        .iter()
+                        .flat_map(|&p| src[p * w..(p + 1) * w].to_vec())
+                        .collect()
+                };
+                let tag = Tag::new(1, 0, 0, Kind::Ring);
+                Ok(ring_attention(
+                    c,
+                    &plan,
+                    &params,
+                    &pick(&q, 32),
+                    pick(&k, 16),
+                    pick(&v, 16),
+                    tag,
+                )?
+                .out)
+            },
+        ))?;
         let got = plan.unshard_rows(&outs, 32)?;
         let d = max_abs_diff(&got, &want.out);
         ensure!(d <= 1e-5, "P={world} L={len}: max |Δ| {d:e}");
@@ -224,50 +181,40 @@ fn ring_attention_equals_naive_attention() -> Result<()> {
 }
 
 /// Greedy generation from a sharded prefill equals transformers' (and so the single-process
-/// engine's) tokens, and the shards stay balanced as tokens are appended.
+/// engine's) tokens, on every rank.
 #[test]
 fn generation_after_sharded_prefill_matches_transformers() -> Result<()> {
-    use ringmoe_model::{GenerationConfig, Sampler, SamplingParams};
     for name in ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"] {
         let dir = fixture(name);
         let model = Model::load(&dir, &LoadOptions::default())?;
-        let r = Checkpoint::open_files(&dir, &[dir.join("reference.safetensors")])?;
-        let ids = |n: &str| -> Result<Vec<u32>> {
-            Ok(r.load_i64(n)?.0.into_iter().map(|x| x as u32).collect())
-        };
-        let (prompt, want) = (ids("gen_prompt_ids")?, ids("gen_output_ids")?);
+        let (prompt, want) = (
+            reference_ids(name, "gen_prompt_ids")?,
+            reference_ids(name, "gen_output_ids")?,
+        );
         let eos = GenerationConfig::from_dir(&dir)?
             .map(|g| g.eos_token_ids)
             .unwrap_or_default();
         for world in [2, 3] {
             let plan = ShardPlan::new(prompt.len(), world, Sharding::Zigzag)?;
-            let comms = in_process(world, Duration::from_secs(20));
-            let outs: Vec<Vec<u32>> = std::thread::scope(|s| {
-                let hs: Vec<_> = comms
-                    .iter()
-                    .map(|c| {
-                        let (model, plan, prompt, eos) = (&model, &plan, &prompt, &eos);
-                        s.spawn(move || -> Result<Vec<u32>> {
-                            let mut sampler = Sampler::new(SamplingParams::default())?;
-                            Ok(ringmoe_parallel::generate_sharded(
-                                model,
-                                c,
-                                plan,
-                                prompt,
-                                ringmoe_parallel::StopRule {
-                                    max_new_tokens: 16,
-                                    eos,
-                                },
-                                &mut sampler,
-                                3,
-                            )?)
-                        })
-                    })
-                    .collect();
-                hs.into_iter()
-                    .map(|h| h.join().map_err(|_| anyhow!("rank panicked"))?)
-                    .collect::<Result<_>>()
-            })?;
+            let outs = all_ok(on_every_rank(
+                &in_process(world, Duration::from_secs(20)),
+                |c| -> Result<Vec<u32>> {
+                    let mut sampler = Sampler::new(SamplingParams::default())?;
+                    let stop = StopRule {
+                        max_new_tokens: 16,
+                        eos: &eos,
+                    };
+                    Ok(generate_sharded(
+                        &model,
+                        c,
+                        &plan,
+                        &prompt,
+                        stop,
+                        &mut sampler,
+                        3,
+                    )?)
+                },
+            ))?;
             for (rank, got) in outs.iter().enumerate() {
                 ensure!(
                     got == &want,
@@ -282,29 +229,19 @@ fn generation_after_sharded_prefill_matches_transformers() -> Result<()> {
 #[test]
 fn decode_appends_new_kv_to_the_least_loaded_rank() -> Result<()> {
     let model = Model::load(&fixture("mixtral-tiny"), &LoadOptions::default())?;
-    let prompt = reference_ids("mixtral-tiny", 7)?;
+    let prompt = reference_ids("mixtral-tiny", "input_ids_L7")?;
     let plan = ShardPlan::new(prompt.len(), 3, Sharding::Zigzag)?;
-    let comms = in_process(3, Duration::from_secs(20));
-    let sizes: Vec<Vec<usize>> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter()
-            .map(|c| {
-                let (model, plan, prompt) = (&model, &plan, &prompt);
-                s.spawn(move || -> Result<Vec<usize>> {
-                    let (mut seq, _) =
-                        ringmoe_parallel::ShardedSequence::prefill(model, c, plan, prompt, 4)?;
-                    for t in [5u32, 6, 7, 8, 9] {
-                        seq.decode(t)?;
-                    }
-                    ensure!(seq.cache.layers[0].len() == seq.shard_sizes[c.rank()]);
-                    Ok(seq.shard_sizes.clone())
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().map_err(|_| anyhow!("rank panicked"))?)
-            .collect::<Result<_>>()
-    })?;
+    let sizes = all_ok(on_every_rank(
+        &in_process(3, Duration::from_secs(20)),
+        |c| -> Result<Vec<usize>> {
+            let (mut seq, _) = ShardedSequence::prefill(&model, c, &plan, &prompt, 4)?;
+            for t in [5u32, 6, 7, 8, 9] {
+                seq.decode(t)?;
+            }
+            ensure!(seq.cache.layers[0].len() == seq.shard_sizes[c.rank()]);
+            Ok(seq.shard_sizes.clone())
+        },
+    ))?;
     // 7 prompt tokens over 3 ranks (zigzag: 3, 2, 2), then 5 more, always to the smallest shard.
     ensure!(sizes.iter().all(|s| s == &vec![4, 4, 4]), "{sizes:?}");
     Ok(())

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, ValueEnum};
+use ringmoe_comm::local::on_every_rank;
 use ringmoe_comm::{Communicator, TcpOptions, bench, in_process, launch, tcp};
 use serde_json::json;
 
@@ -99,15 +100,9 @@ pub fn run(a: CommArgs) -> Result<()> {
         Transport::Nccl => ringmoe_comm::nccl::bench_threads(a.ranks, &sizes, a.iters)?,
         Transport::Inproc => {
             let comms = in_process(a.ranks, Duration::from_secs(120));
-            std::thread::scope(|s| {
-                let hs: Vec<_> = comms
-                    .iter()
-                    .map(|c| s.spawn(|| measure(c, &sizes, a.iters)))
-                    .collect();
-                hs.into_iter()
-                    .map(|h| h.join().map_err(|_| anyhow::anyhow!("rank panicked"))?)
-                    .collect::<Result<_>>()
-            })?
+            on_every_rank(&comms, |c| measure(c, &sizes, a.iters))
+                .into_iter()
+                .collect::<Result<_>>()?
         }
         Transport::Tcp => {
             let exe = std::env::current_exe()?;

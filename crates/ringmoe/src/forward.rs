@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, ValueEnum};
+use ringmoe_comm::local::on_every_rank;
 use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag, TcpOptions, in_process, launch, tcp};
 use ringmoe_model::{Checkpoint, LoadOptions, LogitsFor, Model};
 use ringmoe_parallel::{ShardPlan, Sharding, prefill_shard};
@@ -136,15 +137,9 @@ pub fn run(a: ForwardArgs) -> Result<()> {
             let (model, ids) = load(&a.model, &a.input_ids)?;
             let plan = ShardPlan::new(ids.len(), p, a.sharding.into())?;
             let comms = in_process(p, Duration::from_secs(600));
-            let per_rank: Vec<Vec<f32>> = std::thread::scope(|s| {
-                let hs: Vec<_> = comms
-                    .iter()
-                    .map(|c| s.spawn(|| rank_logits(&model, c, &plan, &ids)))
-                    .collect();
-                hs.into_iter()
-                    .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
-                    .collect::<Result<_>>()
-            })?;
+            let per_rank = on_every_rank(&comms, |c| rank_logits(&model, c, &plan, &ids))
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?;
             let vocab = model.config.vocab_size;
             write_logits(
                 &a.out,

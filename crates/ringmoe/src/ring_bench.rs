@@ -2,12 +2,12 @@
 //! the same sequence (random q/k/v, causal), and, per rank, how much of the ring is spent blocked
 //! on the next block (communication not hidden behind compute).
 
-use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::{Args, ValueEnum};
-use ringmoe_comm::{Communicator, Kind, Tag, TcpOptions, in_process, tcp};
+use ringmoe_comm::local::{on_every_rank, tcp_group};
+use ringmoe_comm::{Kind, Tag, TcpOptions, in_process};
 use ringmoe_core::attention::{AttentionParams, attention_block};
 use ringmoe_core::testing::rand_vec;
 use ringmoe_parallel::{RingStats, ShardPlan, Sharding, ring_attention_with_stats};
@@ -47,34 +47,6 @@ fn cpu_secs() -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-fn tcp_group(n: usize) -> Result<Vec<Communicator>> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()?;
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<_>>()?;
-    let opts = TcpOptions::default();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(r, l)| {
-                let (a, o) = (&addrs, &opts);
-                s.spawn(move || tcp(r, l, a, o, Duration::from_secs(600)))
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| anyhow!("rendezvous panicked"))?
-                    .map_err(Into::into)
-            })
-            .collect()
-    })
-}
-
 pub fn run(a: RingArgs) -> Result<()> {
     ensure!(
         a.ranks >= 1 && a.len >= 1,
@@ -102,7 +74,7 @@ pub fn run(a: RingArgs) -> Result<()> {
 
     let comms = match a.transport {
         Transport::Inproc => in_process(a.ranks, Duration::from_secs(600)),
-        Transport::Tcp => tcp_group(a.ranks)?,
+        Transport::Tcp => tcp_group(a.ranks, &TcpOptions::default(), Duration::from_secs(600))?,
     };
     let plan = ShardPlan::new(a.len, a.ranks, Sharding::Zigzag)?;
     let pick = |src: &[f32], w: usize, r: usize| -> Vec<f32> {
@@ -115,30 +87,13 @@ pub fn run(a: RingArgs) -> Result<()> {
         .map(|r| (pick(&q, qw, r), pick(&k, kw, r), pick(&v, kw, r)))
         .collect();
     let (c1, t1) = (cpu_secs(), Instant::now());
-    let stats: Vec<RingStats> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter()
-            .zip(inputs)
-            .map(|(c, (q, k, v))| {
-                let (plan, p) = (&plan, &p);
-                s.spawn(move || -> Result<RingStats> {
-                    Ok(ring_attention_with_stats(
-                        c,
-                        plan,
-                        p,
-                        &q,
-                        k,
-                        v,
-                        Tag::new(1, 0, 0, Kind::Ring),
-                    )?
-                    .1)
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().map_err(|_| anyhow!("rank panicked"))?)
-            .collect::<Result<_>>()
-    })?;
+    let stats = on_every_rank(&comms, |c| -> Result<RingStats> {
+        let (q, k, v) = &inputs[c.rank()];
+        let tag = Tag::new(1, 0, 0, Kind::Ring);
+        Ok(ring_attention_with_stats(c, &plan, &p, q, k.clone(), v.clone(), tag)?.1)
+    })
+    .into_iter()
+    .collect::<Result<Vec<RingStats>>>()?;
     let (ring_wall, ring_cpu) = (
         t1.elapsed().as_secs_f64(),
         cpu_secs().zip(c1).map(|(b, a)| b - a),
