@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the build or the tests need. None yet for the engine; the cluster adds
-# protobuf-compiler (tonic codegen) and etcd-server (membership tests) here.
-APT_PACKAGES=()
+# Debian packages the build or the tests need: procps for `kill -STOP` in the communicator's
+# fault tests. The cluster adds protobuf-compiler (tonic codegen) and etcd-server here.
+APT_PACKAGES=(procps)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
