@@ -60,6 +60,8 @@ struct BufferPool {
 
 impl BufferPool {
     const MAX_BUFFERS: usize = 16;
+    /// At most this many bytes are kept idle, so a ring of very large K/V blocks cannot pin memory.
+    const MAX_BYTES: usize = 1 << 30;
     /// Buffers smaller than this are cheap to allocate and not worth pooling.
     const MIN_BYTES: usize = 256 << 10;
 
@@ -75,14 +77,17 @@ impl BufferPool {
     }
 
     fn give(&self, data: Data) {
-        if data.as_bytes().len() < Self::MIN_BYTES {
+        let bytes = data.as_bytes().len();
+        if !(Self::MIN_BYTES..=Self::MAX_BYTES).contains(&bytes) {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() >= Self::MAX_BUFFERS {
-            free.remove(0);
-        }
         free.push(data);
+        // Evict the oldest buffers beyond the count and byte limits.
+        let mut held: usize = free.iter().map(|d| d.as_bytes().len()).sum();
+        while free.len() > Self::MAX_BUFFERS || held > Self::MAX_BYTES {
+            held -= free.remove(0).as_bytes().len();
+        }
     }
 }
 
