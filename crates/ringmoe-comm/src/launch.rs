@@ -35,6 +35,19 @@ pub fn join_from_parent() -> std::io::Result<(TcpListener, Vec<SocketAddr>)> {
     Ok((listener, peers))
 }
 
+/// Child side, all of it: [`join_from_parent`], then the TCP rendezvous with the peers.
+pub fn join_tcp(
+    rank: usize,
+    opts: &crate::TcpOptions,
+    timeout: Duration,
+) -> crate::Result<crate::Communicator> {
+    let (listener, peers) = join_from_parent().map_err(|e| crate::CommError::Rendezvous {
+        rank,
+        reason: format!("talking to the parent process: {e}"),
+    })?;
+    crate::tcp(rank, listener, &peers, opts, timeout)
+}
+
 /// Parent side: one started rank.
 #[derive(Debug)]
 pub struct RankProcess {

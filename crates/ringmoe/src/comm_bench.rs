@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use clap::{Args, ValueEnum};
 use ringmoe_comm::local::on_every_rank;
-use ringmoe_comm::{Communicator, TcpOptions, bench, in_process, launch, tcp};
+use ringmoe_comm::{Communicator, TcpOptions, bench, in_process, launch};
 use serde_json::json;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -75,14 +75,7 @@ fn measure(comm: &Communicator, sizes: &[usize], iters: u32) -> Result<Vec<(f64,
 
 pub fn run_rank(a: CommRankArgs) -> Result<()> {
     let sizes = parse_sizes(&a.bytes)?;
-    let (listener, peers) = launch::join_from_parent()?;
-    let comm = tcp(
-        a.rank,
-        listener,
-        &peers,
-        &TcpOptions::default(),
-        Duration::from_secs(120),
-    )?;
+    let comm = launch::join_tcp(a.rank, &TcpOptions::default(), Duration::from_secs(120))?;
     let res = measure(&comm, &sizes, a.iters)?;
     println!("RESULT {}", json!(res));
     Ok(())

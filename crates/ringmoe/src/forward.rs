@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use clap::{Args, ValueEnum};
 use ringmoe_comm::local::on_every_rank;
-use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag, TcpOptions, in_process, launch, tcp};
+use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag, TcpOptions, in_process, launch};
 use ringmoe_model::{Checkpoint, LoadOptions, LogitsFor, Model};
 use ringmoe_parallel::{ShardPlan, Sharding, prefill_shard};
 
@@ -34,8 +34,9 @@ impl From<ShardingArg> for Sharding {
     }
 }
 
-#[derive(Args)]
-pub struct ForwardArgs {
+/// What to compute; shared by `forward` and the hidden per-rank command it starts.
+#[derive(Args, Clone)]
+pub struct ForwardJob {
     #[arg(long)]
     model: PathBuf,
     /// safetensors file with an int64 tensor `input_ids` of shape [1, L].
@@ -47,28 +48,26 @@ pub struct ForwardArgs {
     /// Ranks the sequence is sharded over (ring attention); 1 is the single-process engine.
     #[arg(long, default_value_t = 1)]
     seq_shards: usize,
+    #[arg(long, value_enum, default_value = "zigzag")]
+    sharding: ShardingArg,
+}
+
+#[derive(Args)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    job: ForwardJob,
     /// `tcp` runs one OS process per rank on 127.0.0.1.
     #[arg(long, value_enum, default_value = "inproc")]
     transport: Transport,
-    #[arg(long, value_enum, default_value = "zigzag")]
-    sharding: ShardingArg,
 }
 
 /// One rank of `forward --transport tcp` (started by it; not for direct use).
 #[derive(Args)]
 pub struct ForwardRankArgs {
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long)]
-    input_ids: PathBuf,
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    job: ForwardJob,
     #[arg(long)]
     rank: usize,
-    #[arg(long)]
-    seq_shards: usize,
-    #[arg(long, value_enum)]
-    sharding: ShardingArg,
 }
 
 /// Reads `input_ids` ([1, L] int64) from a safetensors file.
@@ -120,9 +119,10 @@ fn rank_logits(
     Ok(model.logits(&out.hidden)?.into_vec())
 }
 
-pub fn run(a: ForwardArgs) -> Result<()> {
+pub fn run(args: ForwardArgs) -> Result<()> {
+    let (a, transport) = (args.job, args.transport);
     ensure!(a.seq_shards >= 1, "--seq-shards must be at least 1");
-    match (a.seq_shards, a.transport) {
+    match (a.seq_shards, transport) {
         (1, Transport::Inproc) => {
             let (model, ids) = load(&a.model, &a.input_ids)?;
             let out = model.forward(&ids, &mut model.new_cache(), LogitsFor::All)?;
@@ -181,21 +181,15 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     }
 }
 
-pub fn run_rank(a: ForwardRankArgs) -> Result<()> {
-    let (listener, peers) = launch::join_from_parent()?;
-    let comm = tcp(
-        a.rank,
-        listener,
-        &peers,
-        &TcpOptions::default(),
-        Duration::from_secs(600),
-    )?;
+pub fn run_rank(args: ForwardRankArgs) -> Result<()> {
+    let (a, rank) = (args.job, args.rank);
+    let comm = launch::join_tcp(rank, &TcpOptions::default(), Duration::from_secs(600))?;
     let (model, ids) = load(&a.model, &a.input_ids)?;
     let plan = ShardPlan::new(ids.len(), a.seq_shards, a.sharding.into())?;
     let rows = rank_logits(&model, &comm, &plan, &ids)?;
     let vocab = model.config.vocab_size;
     let tag = Tag::new(1, u32::MAX, 0, Kind::Data);
-    if a.rank == 0 {
+    if rank == 0 {
         let mut per_rank = vec![rows];
         for r in 1..a.seq_shards {
             per_rank.push(

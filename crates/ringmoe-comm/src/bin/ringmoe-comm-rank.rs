@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use ringmoe_comm::{Kind, Payload, Tag, TcpOptions, launch, tcp, testkit};
+use ringmoe_comm::{Kind, Payload, Tag, TcpOptions, launch, testkit};
 
 fn main() {
     let code = match run() {
@@ -44,14 +44,13 @@ fn run() -> Result<(), String> {
         .parse()
         .map_err(|e| format!("{e}"))?;
 
-    let (listener, peers) = launch::join_from_parent().map_err(|e| e.to_string())?;
     let mut out = std::io::stdout().lock();
     let t0 = Instant::now();
     let opts = TcpOptions {
         session: 7,
         ..TcpOptions::default()
     };
-    let result = tcp(rank, listener, &peers, &opts, timeout)
+    let result = launch::join_tcp(rank, &opts, timeout)
         .map_err(|e| e.to_string())
         .and_then(|comm| match scenario.as_str() {
             "all" => testkit::exercise_all(&comm, 42, 2),
