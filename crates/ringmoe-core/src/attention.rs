@@ -54,7 +54,7 @@ impl PartialAttention {
 }
 
 impl AttentionParams {
-    fn validate(
+    pub(crate) fn validate(
         &self,
         q: &[f32],
         q_pos: &[usize],
@@ -97,9 +97,163 @@ impl AttentionParams {
     }
 }
 
-fn min_max(pos: &[usize]) -> (usize, usize) {
+pub(crate) fn min_max(pos: &[usize]) -> (usize, usize) {
     pos.iter()
         .fold((usize::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)))
+}
+
+/// `rows × cols` starting at `data[start]`, rows `row_stride` apart.
+fn strided(data: &[f32], start: usize, rows: usize, cols: usize, row_stride: usize) -> MatRef<'_> {
+    MatRef {
+        data: &data[start..],
+        rows,
+        cols,
+        row_stride,
+        col_stride: 1,
+    }
+}
+
+/// What the kernel does with one `BQ × BK` tile of (query, key) pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TileKind {
+    /// Nothing in it is kept: not computed.
+    Skip,
+    /// Everything in it is kept: computed without a mask.
+    Full,
+    /// Computed, then `keep` decides pair by pair.
+    Masked,
+}
+
+/// Which (query, key) pairs an attention call scores. `tile` sees the position ranges of a tile
+/// and must be conservative: `Skip` only when no pair in it is kept, `Full` only when every pair
+/// is. `keep` is exact.
+pub(crate) trait Rule: Sync {
+    fn tile(&self, h: usize, q: (usize, usize), k: (usize, usize)) -> TileKind;
+    fn keep(&self, h: usize, qp: usize, kp: usize) -> bool;
+    /// Keys that query head `h` scores outside the tiles: vertical-slash's columns, gathered into
+    /// a compact block and attended to under the causal mask only.
+    fn gathered(&self, _h: usize) -> Option<&Gathered> {
+        None
+    }
+}
+
+/// K/V rows of one head gathered from a block (`[n, head_dim]` each) with their positions, sorted.
+#[derive(Debug, Default)]
+pub(crate) struct Gathered {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub pos: Vec<usize>,
+}
+
+/// The causal mask alone (or no mask at all when `.0` is false).
+pub(crate) struct Causal(pub bool);
+
+impl Rule for Causal {
+    fn tile(&self, _h: usize, (qlo, qhi): (usize, usize), (klo, khi): (usize, usize)) -> TileKind {
+        if !self.0 || khi <= qlo {
+            TileKind::Full
+        } else if klo > qhi {
+            TileKind::Skip
+        } else {
+            TileKind::Masked
+        }
+    }
+    fn keep(&self, _h: usize, qp: usize, kp: usize) -> bool {
+        !self.0 || kp <= qp
+    }
+}
+
+/// The running softmax of one (head, query tile): FlashAttention's `m`, `l` and unnormalised
+/// output, plus the scratch score tile.
+struct Rows {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+    s: Vec<f32>,
+    d: usize,
+    /// (query, key) pairs scored, masked or not: the kernel's work.
+    scored: u64,
+}
+
+impl Rows {
+    fn new(bq: usize, d: usize) -> Self {
+        Self {
+            m: vec![f32::NEG_INFINITY; bq],
+            l: vec![0.0; bq],
+            acc: vec![0.0; bq * d],
+            s: vec![0.0; bq * BK],
+            d,
+            scored: 0,
+        }
+    }
+
+    /// Scores the queries against one tile of at most `BK` keys and folds it into the running
+    /// softmax; with `masked`, pairs where `keep(qp, kp)` is false are dropped first.
+    #[allow(clippy::too_many_arguments)]
+    fn tile<F: Fn(usize, usize) -> bool>(
+        &mut self,
+        q: MatRef<'_>,
+        q_pos: &[usize],
+        k: MatRef<'_>,
+        v: MatRef<'_>,
+        k_pos: &[usize],
+        scale: f32,
+        masked: bool,
+        keep: &F,
+    ) -> Result<()> {
+        let (bq, bk, d) = (q.rows, k.rows, self.d);
+        self.scored += (bq * bk) as u64;
+        gemm_into(&mut self.s, BK, q, k.t(), scale, false, Par::Serial)?;
+        for r in 0..bq {
+            let row = &mut self.s[r * BK..r * BK + bk];
+            if masked {
+                let qp = q_pos[r];
+                for (x, &kp) in row.iter_mut().zip(k_pos) {
+                    if !keep(qp, kp) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let mx = simd::row_max(row);
+            if mx == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let m_new = self.m[r].max(mx);
+            let sum = simd::exp_sub_sum(row, m_new);
+            let corr = simd::exp_approx(self.m[r] - m_new);
+            self.l[r] = self.l[r] * corr + sum;
+            if corr != 1.0 {
+                simd::scale(&mut self.acc[r * d..(r + 1) * d], corr);
+            }
+            self.m[r] = m_new;
+        }
+        let p_view = MatRef {
+            data: &self.s,
+            rows: bq,
+            cols: bk,
+            row_stride: BK,
+            col_stride: 1,
+        };
+        gemm_into(&mut self.acc, d, p_view, v, 1.0, true, Par::Serial)
+    }
+
+    /// Normalised output rows and their log-sum-exp (`-inf` and zeros for rows that kept nothing).
+    fn finish(mut self) -> (Vec<f32>, Vec<f32>, u64) {
+        let d = self.d;
+        let mut lse = vec![f32::NEG_INFINITY; self.m.len()];
+        for (r, lv) in lse.iter_mut().enumerate() {
+            let row = &mut self.acc[r * d..(r + 1) * d];
+            if self.l[r] > 0.0 {
+                let inv = 1.0 / self.l[r];
+                row.iter_mut().for_each(|a| *a *= inv);
+                *lv = self.m[r] + self.l[r].ln();
+            } else {
+                row.fill(0.0);
+            }
+        }
+        (self.acc, lse, self.scored)
+    }
 }
 
 /// Attends `q` (`[Lq, n_heads, head_dim]`, positions `q_pos`) to `k`/`v` (`[Lk, n_kv_heads,
@@ -112,6 +266,20 @@ pub fn attention_block(
     v: &[f32],
     k_pos: &[usize],
 ) -> Result<PartialAttention> {
+    Ok(attend(p, &Causal(p.causal), q, q_pos, k, v, k_pos)?.0)
+}
+
+/// The blockwise kernel under any [`Rule`]; also returns the number of (query, key) pairs scored
+/// (summed over heads).
+pub(crate) fn attend<R: Rule>(
+    p: &AttentionParams,
+    rule: &R,
+    q: &[f32],
+    q_pos: &[usize],
+    k: &[f32],
+    v: &[f32],
+    k_pos: &[usize],
+) -> Result<(PartialAttention, u64)> {
     p.validate(q, q_pos, k, v, k_pos)?;
     let (lq, lk, d, hq, hkv) = (
         q_pos.len(),
@@ -129,106 +297,76 @@ pub fn attention_block(
             (s, e, lo, hi)
         })
         .collect();
+    let causal = Causal(true);
 
     // One task per (head, query tile); each returns its rows of out and lse.
-    let tiles: Vec<(Vec<f32>, Vec<f32>)> = (0..hq * q_tiles)
+    let tiles: Vec<(Vec<f32>, Vec<f32>, u64)> = (0..hq * q_tiles)
         .into_par_iter()
         .map(|task| {
             let (h, qt) = (task / q_tiles, task % q_tiles);
             let (q0, q1) = (qt * BQ, ((qt + 1) * BQ).min(lq));
-            let bq = q1 - q0;
             let (qlo, qhi) = min_max(&q_pos[q0..q1]);
             let kvh = h / group;
             let q_view = MatRef {
                 data: &q[q0 * hq * d + h * d..],
-                rows: bq,
+                rows: q1 - q0,
                 cols: d,
                 row_stride: hq * d,
                 col_stride: 1,
             };
-            let mut m = vec![f32::NEG_INFINITY; bq];
-            let mut l = vec![0.0f32; bq];
-            let mut acc = vec![0.0f32; bq * d];
-            let mut s = vec![0.0f32; bq * BK];
-            for &(k0, k1, klo, khi) in &k_tiles {
-                if p.causal && klo > qhi {
-                    continue; // every key in this tile is in every query's future
-                }
-                let bk = k1 - k0;
-                let k_view = MatRef {
-                    data: &k[k0 * hkv * d + kvh * d..],
-                    rows: bk,
-                    cols: d,
-                    row_stride: hkv * d,
-                    col_stride: 1,
-                };
-                gemm_into(&mut s, BK, q_view, k_view.t(), p.scale, false, Par::Serial)?;
-                let needs_mask = p.causal && khi > qlo;
-                for r in 0..bq {
-                    let row = &mut s[r * BK..r * BK + bk];
-                    if needs_mask {
-                        let qp = q_pos[q0 + r];
-                        for (x, &kp) in row.iter_mut().zip(&k_pos[k0..k1]) {
-                            if kp > qp {
-                                *x = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                    let mx = simd::row_max(row);
-                    if mx == f32::NEG_INFINITY {
-                        row.fill(0.0);
+            let mut rows = Rows::new(q1 - q0, d);
+            if let Some(g) = rule.gathered(h) {
+                for s in (0..g.pos.len()).step_by(BK) {
+                    let e = (s + BK).min(g.pos.len());
+                    let kind = causal.tile(h, (qlo, qhi), min_max(&g.pos[s..e]));
+                    if kind == TileKind::Skip {
                         continue;
                     }
-                    let m_new = m[r].max(mx);
-                    let sum = simd::exp_sub_sum(row, m_new);
-                    let corr = simd::exp_approx(m[r] - m_new);
-                    l[r] = l[r] * corr + sum;
-                    if corr != 1.0 {
-                        simd::scale(&mut acc[r * d..(r + 1) * d], corr);
-                    }
-                    m[r] = m_new;
-                }
-                let p_view = MatRef {
-                    data: &s,
-                    rows: bq,
-                    cols: bk,
-                    row_stride: BK,
-                    col_stride: 1,
-                };
-                let v_view = MatRef {
-                    data: &v[k0 * hkv * d + kvh * d..],
-                    rows: bk,
-                    cols: d,
-                    row_stride: hkv * d,
-                    col_stride: 1,
-                };
-                gemm_into(&mut acc, d, p_view, v_view, 1.0, true, Par::Serial)?;
-            }
-            let mut lse = vec![f32::NEG_INFINITY; bq];
-            for r in 0..bq {
-                let row = &mut acc[r * d..(r + 1) * d];
-                if l[r] > 0.0 {
-                    let inv = 1.0 / l[r];
-                    row.iter_mut().for_each(|a| *a *= inv);
-                    lse[r] = m[r] + l[r].ln();
-                } else {
-                    row.fill(0.0);
+                    rows.tile(
+                        q_view,
+                        &q_pos[q0..q1],
+                        strided(&g.k, s * d, e - s, d, d),
+                        strided(&g.v, s * d, e - s, d, d),
+                        &g.pos[s..e],
+                        p.scale,
+                        kind == TileKind::Masked,
+                        &|qp, kp| kp <= qp,
+                    )?;
                 }
             }
-            Ok((acc, lse))
+            for &(k0, k1, klo, khi) in &k_tiles {
+                let kind = rule.tile(h, (qlo, qhi), (klo, khi));
+                if kind == TileKind::Skip {
+                    continue;
+                }
+                let start = k0 * hkv * d + kvh * d;
+                rows.tile(
+                    q_view,
+                    &q_pos[q0..q1],
+                    strided(k, start, k1 - k0, d, hkv * d),
+                    strided(v, start, k1 - k0, d, hkv * d),
+                    &k_pos[k0..k1],
+                    p.scale,
+                    kind == TileKind::Masked,
+                    &|qp, kp| rule.keep(h, qp, kp),
+                )?;
+            }
+            Ok(rows.finish())
         })
         .collect::<Result<_>>()?;
 
     let mut res = PartialAttention::empty(lq, hq, d);
-    for (task, (acc, lse)) in tiles.into_iter().enumerate() {
+    let mut scored = 0;
+    for (task, (acc, lse, n)) in tiles.into_iter().enumerate() {
         let (h, qt) = (task / q_tiles, task % q_tiles);
+        scored += n;
         for (r, (row, &lv)) in acc.chunks(d).zip(&lse).enumerate() {
             let t = qt * BQ + r;
             res.out[(t * hq + h) * d..(t * hq + h + 1) * d].copy_from_slice(row);
             res.lse[t * hq + h] = lv;
         }
     }
-    Ok(res)
+    Ok((res, scored))
 }
 
 /// Combines two partial results over disjoint key sets into the result over their union.

@@ -12,6 +12,7 @@ pub mod gemm;
 pub mod ops;
 pub mod rope;
 pub mod simd;
+pub mod sparse;
 pub mod tensor;
 pub mod testing;
 
