@@ -135,7 +135,41 @@ pub(crate) trait Rule: Sync {
     fn gathered(&self, _h: usize) -> Option<&Gathered> {
         None
     }
+    /// Offsets `qp − kp` (sorted) that query head `h` scores pair by pair outside the tiles:
+    /// vertical-slash's diagonals, which cross many tiles while using one key of each row.
+    fn diagonals(&self, _h: usize) -> Option<&[usize]> {
+        None
+    }
 }
+
+/// Position → row of a block of keys, as runs of consecutive positions at consecutive rows.
+pub(crate) struct PosIndex {
+    /// `(first position, first row, length)`, sorted by position.
+    runs: Vec<(usize, usize, usize)>,
+}
+
+impl PosIndex {
+    pub(crate) fn new(pos: &[usize]) -> Self {
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for (j, &p) in pos.iter().enumerate() {
+            match runs.last_mut() {
+                Some((p0, j0, n)) if *p0 + *n == p && *j0 + *n == j => *n += 1,
+                _ => runs.push((p, j, 1)),
+            }
+        }
+        runs.sort_unstable();
+        Self { runs }
+    }
+
+    pub(crate) fn get(&self, p: usize) -> Option<usize> {
+        let i = self.runs.partition_point(|r| r.0 <= p);
+        let &(p0, j0, n) = self.runs.get(i.checked_sub(1)?)?;
+        (p < p0 + n).then(|| j0 + p - p0)
+    }
+}
+
+/// Offsets per chunk of the pair-by-pair path.
+const DIAG_CHUNK: usize = 256;
 
 /// K/V rows of one head gathered from a block (`[n, head_dim]` each) with their positions, sorted.
 #[derive(Debug, Default)]
@@ -238,6 +272,60 @@ impl Rows {
         gemm_into(&mut self.acc, d, p_view, v, 1.0, true, Par::Serial)
     }
 
+    /// Scores each query against the keys at `qp − o` for the `offsets` (sorted) that `index`
+    /// finds in the block and `keep` accepts, folding them into the running softmax.
+    /// `q_at(r)` and `k_at(j)` give where query row `r` and key/value row `j` start.
+    #[allow(clippy::too_many_arguments)]
+    fn diagonals<F: Fn(usize, usize) -> bool>(
+        &mut self,
+        q: &[f32],
+        q_at: impl Fn(usize) -> usize,
+        q_pos: &[usize],
+        k: &[f32],
+        v: &[f32],
+        k_at: impl Fn(usize) -> usize,
+        offsets: &[usize],
+        index: &PosIndex,
+        scale: f32,
+        keep: &F,
+    ) {
+        let d = self.d;
+        let mut starts = Vec::with_capacity(DIAG_CHUNK);
+        let mut sc = vec![0f32; DIAG_CHUNK];
+        for (r, &qp) in q_pos.iter().enumerate() {
+            let qrow = &q[q_at(r)..q_at(r) + d];
+            for chunk in offsets.chunks(DIAG_CHUNK) {
+                starts.clear();
+                for &o in chunk.iter().take_while(|&&o| o <= qp) {
+                    let kp = qp - o;
+                    if let Some(j) = index.get(kp) {
+                        if keep(qp, kp) {
+                            starts.push(k_at(j));
+                        }
+                    }
+                }
+                if starts.is_empty() {
+                    continue;
+                }
+                let n = starts.len();
+                let row = &mut sc[..n];
+                simd::dot_rows(qrow, k, &starts, row);
+                simd::scale(row, scale);
+                self.scored += n as u64;
+                let m_new = self.m[r].max(simd::row_max(row));
+                let sum = simd::exp_sub_sum(row, m_new);
+                let corr = simd::exp_approx(self.m[r] - m_new);
+                self.l[r] = self.l[r] * corr + sum;
+                let acc = &mut self.acc[r * d..(r + 1) * d];
+                if corr != 1.0 {
+                    simd::scale(acc, corr);
+                }
+                self.m[r] = m_new;
+                simd::axpy_rows(acc, row, v, &starts);
+            }
+        }
+    }
+
     /// Normalised output rows and their log-sum-exp (`-inf` and zeros for rows that kept nothing).
     fn finish(mut self) -> (Vec<f32>, Vec<f32>, u64) {
         let d = self.d;
@@ -298,6 +386,9 @@ pub(crate) fn attend<R: Rule>(
         })
         .collect();
     let causal = Causal(true);
+    let index = (0..hq)
+        .any(|h| rule.diagonals(h).is_some())
+        .then(|| PosIndex::new(k_pos));
 
     // One task per (head, query tile); each returns its rows of out and lse.
     let tiles: Vec<(Vec<f32>, Vec<f32>, u64)> = (0..hq * q_tiles)
@@ -350,6 +441,20 @@ pub(crate) fn attend<R: Rule>(
                     kind == TileKind::Masked,
                     &|qp, kp| rule.keep(h, qp, kp),
                 )?;
+            }
+            if let (Some(offsets), Some(index)) = (rule.diagonals(h), &index) {
+                rows.diagonals(
+                    q,
+                    |r| ((q0 + r) * hq + h) * d,
+                    &q_pos[q0..q1],
+                    k,
+                    v,
+                    |j| (j * hkv + kvh) * d,
+                    offsets,
+                    index,
+                    p.scale,
+                    &|qp, kp| rule.keep(h, qp, kp),
+                );
             }
             Ok(rows.finish())
         })

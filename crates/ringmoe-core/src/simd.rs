@@ -117,6 +117,53 @@ fn scale_body(row: &mut [f32], s: f32) {
     }
 }
 
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn dot_rows_body(x: &[f32], m: &[f32], starts: &[usize], out: &mut [f32]) {
+    let d = x.len();
+    for (o, &s) in out.iter_mut().zip(starts) {
+        *o = dot_body(x, &m[s..s + d]);
+    }
+}
+
+#[inline(always)]
+fn axpy_rows_body(acc: &mut [f32], w: &[f32], m: &[f32], starts: &[usize]) {
+    let d = acc.len();
+    for (&wi, &s) in w.iter().zip(starts) {
+        let row = &m[s..s + d];
+        for i in 0..d {
+            acc[i] += wi * row[i];
+        }
+    }
+}
+
+dispatch! {
+    /// `out[i] = x · m[starts[i] .. starts[i] + x.len()]`: one query against gathered key rows.
+    pub fn dot_rows(x: &[f32], m: &[f32], starts: &[usize], out: &mut [f32]) -> () => dot_rows_body
+}
+
+dispatch! {
+    /// `acc += Σ w[i] · m[starts[i] .. starts[i] + acc.len()]`: weighted gathered value rows.
+    pub fn axpy_rows(acc: &mut [f32], w: &[f32], m: &[f32], starts: &[usize]) -> () => axpy_rows_body
+}
+
 dispatch! {
     /// The largest element (−∞ for an empty row).
     pub fn row_max(row: &[f32]) -> f32 => max_body

@@ -265,26 +265,21 @@ impl Rule for AShapeRule {
     }
 }
 
-/// Vertical-slash on one block of keys: the tiles take the diagonals, the columns are gathered.
+/// Vertical-slash on one block of keys: the columns are gathered into a block of keys attended
+/// to with GEMMs; the diagonals, which cross many tiles but use one key per query, pair by pair.
 struct VsRule<'a> {
     pattern: &'a VsPattern,
     gathered: Vec<Gathered>,
 }
 
 impl Rule for VsRule<'_> {
-    fn tile(&self, h: usize, (qlo, qhi): (usize, usize), (klo, khi): (usize, usize)) -> TileKind {
-        if klo > qhi {
-            return TileKind::Skip;
-        }
-        // Offsets present in the tile lie in [qlo − khi, qhi − klo].
-        let (lo, hi) = (qlo.saturating_sub(khi), qhi - klo);
-        let s = &self.pattern.heads[h].slashes;
-        let i = s.partition_point(|&o| o < lo);
-        if i < s.len() && s[i] <= hi {
-            TileKind::Masked
-        } else {
-            TileKind::Skip
-        }
+    /// Diagonals are scored pair by pair ([`Rule::diagonals`]) and columns as a gathered block,
+    /// so no tile of the block itself is computed.
+    fn tile(&self, _h: usize, _q: (usize, usize), _k: (usize, usize)) -> TileKind {
+        TileKind::Skip
+    }
+    fn diagonals(&self, h: usize) -> Option<&[usize]> {
+        self.pattern.heads.get(h).map(|x| x.slashes.as_slice())
     }
     fn keep(&self, h: usize, qp: usize, kp: usize) -> bool {
         let head = &self.pattern.heads[h];

@@ -14,7 +14,7 @@ use ringmoe_core::attention::{PartialAttention, attention_block, merge_into};
 use ringmoe_model::generate::Sampler;
 use ringmoe_model::{KvCache, Model};
 
-use crate::{ParallelError, Result, ShardPlan, prefill_shard};
+use crate::{JobOptions, ParallelError, Result, ShardPlan, prefill_shard};
 
 /// A sequence whose K/V cache is sharded over the ranks of a communicator.
 pub struct ShardedSequence<'a> {
@@ -56,7 +56,7 @@ impl<'a> ShardedSequence<'a> {
         comm: &'a Communicator,
         plan: &ShardPlan,
         tokens: &[u32],
-        job: u64,
+        job: JobOptions,
     ) -> Result<(Self, Vec<f32>)> {
         if tokens.is_empty() {
             return Err(ParallelError::Plan("the prompt has no tokens".into()));
@@ -68,7 +68,7 @@ impl<'a> ShardedSequence<'a> {
             Some(i) => Some(model.logits(&out.hidden.rows(i, i + 1)?)?.into_vec()),
             None => None,
         };
-        let tag = Tag::new(job, model.layers().len() as u32, 0, Kind::AllGather);
+        let tag = Tag::new(job.id, model.layers().len() as u32, 0, Kind::AllGather);
         let logits = share_row(comm, tag, mine)?;
         let shard_sizes = (0..plan.world()).map(|r| plan.positions(r).len()).collect();
         Ok((
@@ -78,7 +78,7 @@ impl<'a> ShardedSequence<'a> {
                 cache: out.cache,
                 shard_sizes,
                 next_position: tokens.len(),
-                job,
+                job: job.id,
                 steps: 0,
             },
             logits,
@@ -180,7 +180,7 @@ pub fn generate_sharded(
     prompt: &[u32],
     stop: StopRule<'_>,
     sampler: &mut Sampler,
-    job: u64,
+    job: JobOptions,
 ) -> Result<Vec<u32>> {
     let (max_new_tokens, eos) = (stop.max_new_tokens, stop.eos);
     let mut out = Vec::new();

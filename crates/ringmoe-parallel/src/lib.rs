@@ -8,9 +8,11 @@ pub mod error;
 pub mod prefill;
 pub mod ring;
 pub mod shard;
+pub mod sparse;
 
 pub use decode::{ShardedSequence, StopRule, generate_sharded};
 pub use error::{ParallelError, Result};
-pub use prefill::{RankPrefill, prefill_shard};
-pub use ring::{RingStats, ring_attention, ring_attention_with_stats};
+pub use prefill::{JobOptions, RankPrefill, prefill_shard};
+pub use ring::{RingStats, ring_attention, ring_attention_mode, ring_attention_with_stats};
 pub use shard::{ShardPlan, Sharding};
+pub use sparse::AttentionMode;

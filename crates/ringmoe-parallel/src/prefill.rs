@@ -7,7 +7,7 @@ use ringmoe_core::Tensor;
 use ringmoe_model::moe::Routing;
 use ringmoe_model::{KvCache, Model};
 
-use crate::{ParallelError, Result, ShardPlan, ring_attention};
+use crate::{AttentionMode, ParallelError, Result, RingStats, ShardPlan, ring_attention_mode};
 
 /// What a rank holds after prefill.
 #[derive(Debug)]
@@ -20,6 +20,26 @@ pub struct RankPrefill {
     pub cache: KvCache,
     /// Routing of this rank's tokens in each sparse layer.
     pub routing: Vec<(usize, Routing)>,
+    /// Ring attention figures summed over the layers.
+    pub attention: RingStats,
+}
+
+/// What identifies a job on the wire and how its prefill attends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JobOptions {
+    /// Goes into every message tag of the job.
+    pub id: u64,
+    pub attention: AttentionMode,
+}
+
+impl JobOptions {
+    /// Job `id` with dense attention.
+    pub fn dense(id: u64) -> Self {
+        Self {
+            id,
+            attention: AttentionMode::Dense,
+        }
+    }
 }
 
 /// Runs this rank's shard (`tokens` = the tokens at `plan.positions(comm.rank())`) through the
@@ -29,7 +49,7 @@ pub fn prefill_shard(
     comm: &Communicator,
     plan: &ShardPlan,
     tokens: &[u32],
-    job: u64,
+    job: JobOptions,
 ) -> Result<RankPrefill> {
     let positions = plan.positions(comm.rank()).to_vec();
     if tokens.len() != positions.len() {
@@ -48,6 +68,7 @@ pub fn prefill_shard(
     let mut x = model.embed(tokens)?;
     let mut cache = model.new_cache();
     let mut routing = Vec::new();
+    let mut attention = RingStats::default();
     for (l, (layer, kv)) in model
         .layers()
         .iter()
@@ -57,8 +78,19 @@ pub fn prefill_shard(
         let params = layer.attn.params;
         let r = layer.forward_with(&mut x, &rope, |qkv| -> Result<Vec<f32>> {
             kv.append(&qkv.k, &qkv.v, &positions);
-            let tag = Tag::new(job, l as u32, 0, Kind::Ring);
-            Ok(ring_attention(comm, plan, &params, &qkv.q, qkv.k, qkv.v, tag)?.out)
+            let tag = Tag::new(job.id, l as u32, 0, Kind::Ring);
+            let (out, stats) = ring_attention_mode(
+                comm,
+                plan,
+                &params,
+                &job.attention,
+                &qkv.q,
+                qkv.k,
+                qkv.v,
+                tag,
+            )?;
+            attention.add(&stats);
+            Ok(out.out)
         })?;
         if let Some(r) = r {
             routing.push((l, r));
@@ -69,5 +101,6 @@ pub fn prefill_shard(
         hidden: x,
         cache,
         routing,
+        attention,
     })
 }

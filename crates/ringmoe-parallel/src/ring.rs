@@ -3,34 +3,86 @@
 //! P steps. At each step the rank posts the K/V block in hand to the next rank
 //! (`start_sendrecv`), attends its queries to that block while the transfer runs, merges the partial
 //! `(out, lse)`, then takes the block arriving from the previous rank. Only KV heads travel
-//! (grouped-query attention), and positions never do: every rank knows the shard plan, so the block
-//! received at step s came from rank `(me − s) mod P` and holds that rank's positions. A block that
-//! the causal mask removes entirely is skipped without compute.
+//! (grouped-query attention), and positions never do: every rank knows the shard plan and the
+//! attention pattern, so it can work out which positions a block it receives holds.
+//!
+//! Before passing a block on, the holder drops the keys that none of the block's remaining
+//! recipients will score (under the causal mask and the sparse pattern, if any): with contiguous
+//! sharding the causal mask alone trims blocks, with A-shape most keys never travel. A rank skips
+//! a block none of its queries scores without computing.
 
 use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag};
-use ringmoe_core::attention::{AttentionParams, PartialAttention, attention_block, merge_into};
+use ringmoe_core::attention::{AttentionParams, PartialAttention, merge_into};
+use ringmoe_core::sparse::{Sparsity, attention_sparse};
 
+use crate::sparse::{AttentionMode, estimate_vs};
 use crate::{ParallelError, Result, ShardPlan};
 
-fn kv_payload(k: Vec<f32>, v: Vec<f32>, tokens: usize, width: usize) -> Payload {
-    let mut kv = k;
-    kv.extend_from_slice(&v);
-    Payload {
-        shape: vec![2, tokens, width],
-        data: Data::F32(kv),
-    }
-}
-
-/// Where one rank's ring attention spent its time.
+/// Where one rank's ring attention spent its time, and what it moved and computed.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RingStats {
     /// Attending to blocks and merging.
     pub compute_secs: f64,
     /// Blocked waiting for the next block (communication not hidden behind compute).
     pub wait_secs: f64,
-    /// Blocks attended to / skipped because the causal mask removed them entirely.
+    /// Estimating the vertical-slash pattern (its collectives included).
+    pub estimate_secs: f64,
+    /// Blocks attended to / skipped because no query of this rank scores any key in them.
     pub blocks_computed: usize,
     pub blocks_skipped: usize,
+    /// (query, key) pairs the kernel scored, summed over heads: the attention work.
+    pub pairs_scored: u64,
+    /// K/V bytes this rank sent to the next one.
+    pub bytes_sent: u64,
+    /// The most K/V bytes this rank held at once: the block in hand, the copy being sent and the
+    /// block arriving.
+    pub peak_block_bytes: u64,
+}
+
+impl RingStats {
+    /// Adds another call's figures (peaks take the max).
+    pub fn add(&mut self, o: &RingStats) {
+        self.compute_secs += o.compute_secs;
+        self.wait_secs += o.wait_secs;
+        self.estimate_secs += o.estimate_secs;
+        self.blocks_computed += o.blocks_computed;
+        self.blocks_skipped += o.blocks_skipped;
+        self.pairs_scored += o.pairs_scored;
+        self.bytes_sent += o.bytes_sent;
+        self.peak_block_bytes = self.peak_block_bytes.max(o.peak_block_bytes);
+    }
+}
+
+/// The rows of a `[2, tokens, width]` K/V block that `keep` selects, as a new block.
+fn select_rows(kv: &[f32], tokens: usize, width: usize, keep: &[bool]) -> Payload {
+    let n = keep.iter().filter(|&&x| x).count();
+    let mut out = Vec::with_capacity(2 * n * width);
+    for half in 0..2 {
+        for (t, _) in keep.iter().enumerate().filter(|&(_, &x)| x) {
+            let at = (half * tokens + t) * width;
+            out.extend_from_slice(&kv[at..at + width]);
+        }
+    }
+    Payload {
+        shape: vec![2, n, width],
+        data: Data::F32(out),
+    }
+}
+
+fn filter_positions(pos: &[usize], keep: &[bool]) -> Vec<usize> {
+    pos.iter()
+        .zip(keep)
+        .filter(|&(_, &k)| k)
+        .map(|(&p, _)| p)
+        .collect()
+}
+
+/// The positions of every rank that sees the block of `origin` after step `step`.
+fn later_recipients(plan: &ShardPlan, origin: usize, step: usize) -> Vec<usize> {
+    let world = plan.world();
+    (step + 1..world)
+        .flat_map(|j| plan.positions((origin + j) % world).iter().copied())
+        .collect()
 }
 
 /// `q` is this rank's `[tokens, n_heads, head_dim]`, `k`/`v` its `[tokens, n_kv_heads, head_dim]`,
@@ -57,6 +109,23 @@ pub fn ring_attention_with_stats(
     v: Vec<f32>,
     tag: Tag,
 ) -> Result<(PartialAttention, RingStats)> {
+    ring_attention_mode(comm, plan, params, &AttentionMode::Dense, q, k, v, tag)
+}
+
+/// Ring attention under an attention mode: dense, or one of the sparse prefill patterns. Every
+/// rank must pass the same mode. With vertical-slash the pattern is estimated first (three small
+/// all-gathers; see [`crate::sparse`]).
+#[allow(clippy::too_many_arguments)]
+pub fn ring_attention_mode(
+    comm: &Communicator,
+    plan: &ShardPlan,
+    params: &AttentionParams,
+    mode: &AttentionMode,
+    q: &[f32],
+    k: Vec<f32>,
+    v: Vec<f32>,
+    tag: Tag,
+) -> Result<(PartialAttention, RingStats)> {
     let mut stats = RingStats::default();
     let (me, world) = (comm.rank(), comm.world_size());
     if plan.world() != world {
@@ -66,11 +135,28 @@ pub fn ring_attention_with_stats(
         )));
     }
     let q_pos = plan.positions(me);
+    let pattern = match mode {
+        AttentionMode::VerticalSlash(cfg) => {
+            let t = std::time::Instant::now();
+            let p = estimate_vs(comm, plan, params, cfg, q, &k, tag)?;
+            stats.estimate_secs = t.elapsed().as_secs_f64();
+            Some(p)
+        }
+        _ => None,
+    };
+    let mask = match (mode, &pattern) {
+        (AttentionMode::AShape(a), _) => Sparsity::AShape(*a),
+        (_, Some(p)) => Sparsity::VerticalSlash(p),
+        _ => Sparsity::Dense,
+    };
     let width = params.n_kv_heads * params.head_dim;
+    let kv_bytes = |p: &Payload| p.byte_len() as u64;
     let mut acc = PartialAttention::empty(q_pos.len(), params.n_heads, params.head_dim);
-    let q_max = q_pos.iter().copied().max();
     let (next, prev) = ((me + 1) % world, (me + world - 1) % world);
-    let mut block = kv_payload(k, v, q_pos.len(), width);
+    let mut block_pos = q_pos.to_vec();
+    let mut kv = k;
+    kv.extend_from_slice(&v);
+    drop(v);
     for step in 0..world {
         let origin = (me + world - step) % world;
         let step_tag = Tag {
@@ -78,44 +164,54 @@ pub fn ring_attention_with_stats(
             kind: Kind::Ring,
             ..tag
         };
-        // Post the block in hand before computing on it, so the transfer overlaps the compute.
+        // Post what the later recipients need before computing, so the transfer overlaps.
+        let mut held = 4 * kv.len() as u64;
         let pending = if step + 1 < world {
-            Some(comm.start_sendrecv(next, block.clone(), prev, step_tag)?)
+            let keep = mask.needed_keys(
+                params.causal,
+                &later_recipients(plan, origin, step),
+                &block_pos,
+            );
+            let onward = select_rows(&kv, block_pos.len(), width, &keep);
+            stats.bytes_sent += kv_bytes(&onward);
+            held += kv_bytes(&onward);
+            Some(comm.start_sendrecv(next, onward, prev, step_tag)?)
         } else {
             None
         };
-        let k_pos = plan.positions(origin);
-        let masked = match (q_max, k_pos.first()) {
-            (Some(qm), Some(&k0)) => params.causal && k0 > qm,
-            _ => true, // no queries or no keys
-        };
         let t = std::time::Instant::now();
-        if masked {
-            stats.blocks_skipped += 1;
-        } else {
+        let mine = mask.needed_keys(params.causal, q_pos, &block_pos);
+        if mine.iter().any(|&x| x) {
             stats.blocks_computed += 1;
-            let Data::F32(kv) = &block.data else {
-                return Err(ParallelError::Plan(format!(
-                    "block from rank {origin} is not f32"
-                )));
-            };
-            let (kb, vb) = kv.split_at(k_pos.len() * width);
-            let part = attention_block(params, q, q_pos, kb, vb, k_pos)?;
+            let (kb, vb) = kv.split_at(block_pos.len() * width);
+            let (part, pairs) = attention_sparse(params, &mask, q, q_pos, kb, vb, &block_pos)?;
+            stats.pairs_scored += pairs;
             merge_into(&mut acc, &part)?;
+        } else {
+            stats.blocks_skipped += 1;
         }
         stats.compute_secs += t.elapsed().as_secs_f64();
         if let Some(p) = pending {
             let from = (origin + world - 1) % world;
-            let want = [2, plan.positions(from).len(), width];
+            let full = plan.positions(from);
+            let keep = mask.needed_keys(params.causal, &later_recipients(plan, from, step), full);
+            let want_pos = filter_positions(full, &keep);
+            let want = [2, want_pos.len(), width];
             let t = std::time::Instant::now();
-            block = comm.wait(p)?;
+            let block = comm.wait(p)?;
             stats.wait_secs += t.elapsed().as_secs_f64();
+            held += kv_bytes(&block);
+            stats.peak_block_bytes = stats.peak_block_bytes.max(held);
             if block.shape != want || block.dtype() != ringmoe_core::DType::F32 {
                 return Err(ParallelError::Plan(format!(
                     "rank {me}: K/V block from rank {from} is {}, expected F32{want:?}",
                     block.describe()
                 )));
             }
+            kv = block.into_f32().unwrap_or_default();
+            block_pos = want_pos;
+        } else {
+            stats.peak_block_bytes = stats.peak_block_bytes.max(held);
         }
     }
     Ok((acc, stats))

@@ -13,7 +13,8 @@ use ringmoe_model::{
     Checkpoint, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams,
 };
 use ringmoe_parallel::{
-    ShardPlan, ShardedSequence, Sharding, StopRule, generate_sharded, prefill_shard, ring_attention,
+    JobOptions, ShardPlan, ShardedSequence, Sharding, StopRule, generate_sharded, prefill_shard,
+    ring_attention,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -46,7 +47,7 @@ fn distributed_logits(
     let per_rank = all_ok(on_every_rank(comms, |c| -> Result<Vec<f32>> {
         let r = c.rank();
         let mine = plan.tokens_for(r, tokens)?;
-        let out = prefill_shard(model, c, &plan, &mine, 9)?;
+        let out = prefill_shard(model, c, &plan, &mine, JobOptions::dense(9))?;
         for layer in &out.cache.layers {
             ensure!(
                 layer.positions == plan.positions(r),
@@ -211,7 +212,7 @@ fn generation_after_sharded_prefill_matches_transformers() -> Result<()> {
                         &prompt,
                         stop,
                         &mut sampler,
-                        3,
+                        JobOptions::dense(3),
                     )?)
                 },
             ))?;
@@ -234,7 +235,8 @@ fn decode_appends_new_kv_to_the_least_loaded_rank() -> Result<()> {
     let sizes = all_ok(on_every_rank(
         &in_process(3, Duration::from_secs(20)),
         |c| -> Result<Vec<usize>> {
-            let (mut seq, _) = ShardedSequence::prefill(&model, c, &plan, &prompt, 4)?;
+            let (mut seq, _) =
+                ShardedSequence::prefill(&model, c, &plan, &prompt, JobOptions::dense(4))?;
             for t in [5u32, 6, 7, 8, 9] {
                 seq.decode(t)?;
             }
