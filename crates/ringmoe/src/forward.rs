@@ -10,8 +10,9 @@ use anyhow::{Context, Result, ensure};
 use clap::{Args, ValueEnum};
 use ringmoe_comm::local::on_every_rank;
 use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag, TcpOptions, in_process, launch};
+use ringmoe_core::sparse::{AShape, VsConfig};
 use ringmoe_model::{Checkpoint, LoadOptions, LogitsFor, Model};
-use ringmoe_parallel::{ShardPlan, Sharding, prefill_shard};
+use ringmoe_parallel::{AttentionMode, JobOptions, RingStats, ShardPlan, Sharding, prefill_shard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
@@ -23,6 +24,85 @@ pub enum Transport {
 pub enum ShardingArg {
     Zigzag,
     Contiguous,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttentionArg {
+    Dense,
+    /// Sinks plus a local window (StreamingLLM / MInference's A-shape).
+    AShape,
+    /// Per-head vertical columns and diagonals estimated from the last queries (MInference).
+    VerticalSlash,
+}
+
+/// How prefill attends: dense (exact, the default) or a sparse pattern with its settings.
+#[derive(Args, Clone, Debug)]
+pub struct AttentionOpts {
+    #[arg(long, value_enum, default_value = "dense")]
+    attention: AttentionArg,
+    /// a-shape and vertical-slash: keys at positions below this are always attended to.
+    #[arg(long)]
+    sink: Option<usize>,
+    /// a-shape: window of keys ending at the query; vertical-slash: diagonals always kept.
+    #[arg(long)]
+    local: Option<usize>,
+    /// vertical-slash: columns kept per head.
+    #[arg(long)]
+    vertical: Option<usize>,
+    /// vertical-slash: diagonals kept per head.
+    #[arg(long)]
+    slash: Option<usize>,
+    /// vertical-slash: last queries used to estimate the pattern.
+    #[arg(long)]
+    last_q: Option<usize>,
+}
+
+impl AttentionOpts {
+    pub fn mode(&self) -> AttentionMode {
+        match self.attention {
+            AttentionArg::Dense => AttentionMode::Dense,
+            AttentionArg::AShape => {
+                let d = AShape::default();
+                AttentionMode::AShape(AShape {
+                    sink: self.sink.unwrap_or(d.sink),
+                    local: self.local.unwrap_or(d.local),
+                })
+            }
+            AttentionArg::VerticalSlash => {
+                let d = VsConfig::default();
+                AttentionMode::VerticalSlash(VsConfig {
+                    last_q: self.last_q.unwrap_or(d.last_q),
+                    vertical: self.vertical.unwrap_or(d.vertical),
+                    slash: self.slash.unwrap_or(d.slash),
+                    sink: self.sink.unwrap_or(d.sink),
+                    local: self.local.unwrap_or(d.local),
+                })
+            }
+        }
+    }
+
+    /// The same options as command-line arguments, for the rank processes.
+    pub fn to_args(&self) -> Vec<String> {
+        let name = self
+            .attention
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        let mut v = vec!["--attention".to_string(), name];
+        let named = [
+            ("--sink", self.sink),
+            ("--local", self.local),
+            ("--vertical", self.vertical),
+            ("--slash", self.slash),
+            ("--last-q", self.last_q),
+        ];
+        for (flag, val) in named {
+            if let Some(x) = val {
+                v.extend([flag.to_string(), x.to_string()]);
+            }
+        }
+        v
+    }
 }
 
 impl From<ShardingArg> for Sharding {
@@ -50,6 +130,8 @@ pub struct ForwardJob {
     seq_shards: usize,
     #[arg(long, value_enum, default_value = "zigzag")]
     sharding: ShardingArg,
+    #[command(flatten)]
+    attention: AttentionOpts,
 }
 
 #[derive(Args)]
@@ -59,6 +141,10 @@ pub struct ForwardArgs {
     /// `tcp` runs one OS process per rank on 127.0.0.1.
     #[arg(long, value_enum, default_value = "inproc")]
     transport: Transport,
+    /// A logits file from another run (or from transformers) to compare the output with: prints
+    /// the largest and mean |Δ| and how often the top token agrees.
+    #[arg(long)]
+    compare: Option<PathBuf>,
 }
 
 /// One rank of `forward --transport tcp` (started by it; not for direct use).
@@ -108,22 +194,98 @@ fn load(model: &Path, input_ids: &Path) -> Result<(Model, Vec<u32>)> {
     Ok((m, ids))
 }
 
-/// This rank's logits rows (its positions, in order).
+/// This rank's logits rows (its positions, in order) and its attention figures.
 fn rank_logits(
     model: &Model,
     comm: &Communicator,
     plan: &ShardPlan,
     ids: &[u32],
-) -> Result<Vec<f32>> {
-    let out = prefill_shard(model, comm, plan, &plan.tokens_for(comm.rank(), ids)?, 1)?;
-    Ok(model.logits(&out.hidden)?.into_vec())
+    attention: AttentionMode,
+) -> Result<(Vec<f32>, RingStats)> {
+    let job = JobOptions { id: 1, attention };
+    let out = prefill_shard(model, comm, plan, &plan.tokens_for(comm.rank(), ids)?, job)?;
+    Ok((model.logits(&out.hidden)?.into_vec(), out.attention))
+}
+
+/// One line on stderr: the attention work against causal attention's pairs, and what moved.
+fn report_attention(model: &Model, len: usize, per_rank: &[RingStats]) {
+    let mut total = RingStats::default();
+    per_rank.iter().for_each(|s| total.add(s));
+    let causal =
+        (len * (len + 1) / 2) as f64 * model.config.num_heads as f64 * model.layers().len() as f64;
+    eprintln!(
+        "attention: {} (query, key) pairs scored = {:.4} of causal attention's {causal:.0}; \
+         {:.2} MiB of K/V sent between ranks; pattern estimate {:.3} s",
+        total.pairs_scored,
+        total.pairs_scored as f64 / causal,
+        total.bytes_sent as f64 / (1 << 20) as f64,
+        total.estimate_secs,
+    );
+}
+
+/// Prints how far the logits in `out` are from those in `reference` (same shape).
+fn compare(out: &Path, reference: &Path) -> Result<()> {
+    let read = |p: &Path| -> Result<(Vec<f32>, Vec<usize>)> {
+        let dir = p.parent().unwrap_or(Path::new("."));
+        let ck = Checkpoint::open_files(dir, &[p.to_path_buf()])?;
+        let shape = ck
+            .meta("logits")
+            .with_context(|| format!("{} has no `logits`", p.display()))?
+            .shape
+            .clone();
+        Ok((ck.load("logits", &shape)?.into_vec(), shape))
+    };
+    let (a, sa) = read(out)?;
+    let (b, sb) = read(reference)?;
+    ensure!(
+        sa == sb,
+        "logits shapes differ: {sa:?} vs {sb:?} in {}",
+        reference.display()
+    );
+    let vocab = sa.last().copied().unwrap_or(1).max(1);
+    let (mut max, mut sum) = (0f32, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        max = max.max((x - y).abs());
+        sum += f64::from((x - y).abs());
+    }
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |m, (i, &x)| if x > m.1 { (i, x) } else { m },
+            )
+            .0
+    };
+    let rows = a.len() / vocab;
+    let same = a
+        .chunks(vocab)
+        .zip(b.chunks(vocab))
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    println!(
+        "vs {}: max |Δ| {max:.3e}, mean |Δ| {:.3e}, top-1 agrees at {same}/{rows} positions",
+        reference.display(),
+        sum / a.len().max(1) as f64
+    );
+    Ok(())
 }
 
 pub fn run(args: ForwardArgs) -> Result<()> {
+    let (out, reference) = (args.job.out.clone(), args.compare.clone());
+    forward(args)?;
+    match reference {
+        Some(r) => compare(&out, &r),
+        None => Ok(()),
+    }
+}
+
+fn forward(args: ForwardArgs) -> Result<()> {
     let (a, transport) = (args.job, args.transport);
     ensure!(a.seq_shards >= 1, "--seq-shards must be at least 1");
+    let mode = a.attention.mode();
     match (a.seq_shards, transport) {
-        (1, Transport::Inproc) => {
+        (1, Transport::Inproc) if mode == AttentionMode::Dense => {
             let (model, ids) = load(&a.model, &a.input_ids)?;
             let out = model.forward(&ids, &mut model.new_cache(), LogitsFor::All)?;
             write_logits(
@@ -137,9 +299,13 @@ pub fn run(args: ForwardArgs) -> Result<()> {
             let (model, ids) = load(&a.model, &a.input_ids)?;
             let plan = ShardPlan::new(ids.len(), p, a.sharding.into())?;
             let comms = in_process(p, Duration::from_secs(600));
-            let per_rank = on_every_rank(&comms, |c| rank_logits(&model, c, &plan, &ids))
-                .into_iter()
-                .collect::<Result<Vec<_>>>()?;
+            let (per_rank, stats): (Vec<_>, Vec<_>) =
+                on_every_rank(&comms, |c| rank_logits(&model, c, &plan, &ids, mode))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .unzip();
+            report_attention(&model, ids.len(), &stats);
             let vocab = model.config.vocab_size;
             write_logits(
                 &a.out,
@@ -153,7 +319,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
             let path = |p: &Path| p.to_string_lossy().into_owned();
             let sharding = format!("{:?}", a.sharding).to_lowercase();
             let ranks = launch::spawn_ranks(&exe, p, |r| {
-                vec![
+                let mut args = vec![
                     "forward-rank".into(),
                     "--model".into(),
                     path(&a.model),
@@ -167,7 +333,9 @@ pub fn run(args: ForwardArgs) -> Result<()> {
                     p.to_string(),
                     "--sharding".into(),
                     sharding.clone(),
-                ]
+                ];
+                args.extend(a.attention.to_args());
+                args
             })?;
             for (r, mut proc_) in ranks.into_iter().enumerate() {
                 let status = proc_.child.wait()?;
@@ -186,10 +354,35 @@ pub fn run_rank(args: ForwardRankArgs) -> Result<()> {
     let comm = launch::join_tcp(rank, &TcpOptions::default(), Duration::from_secs(600))?;
     let (model, ids) = load(&a.model, &a.input_ids)?;
     let plan = ShardPlan::new(ids.len(), a.seq_shards, a.sharding.into())?;
-    let rows = rank_logits(&model, &comm, &plan, &ids)?;
+    let (rows, stats) = rank_logits(&model, &comm, &plan, &ids, a.attention.mode())?;
     let vocab = model.config.vocab_size;
     let tag = Tag::new(1, u32::MAX, 0, Kind::Data);
+    let figures = vec![
+        stats.pairs_scored as i64,
+        stats.bytes_sent as i64,
+        stats.estimate_secs.to_bits() as i64,
+    ];
+    let gathered = comm.all_gather(
+        Tag::new(1, u32::MAX, 1, Kind::AllGather),
+        Payload {
+            shape: vec![3],
+            data: Data::I64(figures),
+        },
+    )?;
     if rank == 0 {
+        let per_rank: Vec<RingStats> = gathered
+            .iter()
+            .filter_map(|p| match &p.data {
+                Data::I64(v) if v.len() == 3 => Some(RingStats {
+                    pairs_scored: v[0] as u64,
+                    bytes_sent: v[1] as u64,
+                    estimate_secs: f64::from_bits(v[2] as u64),
+                    ..RingStats::default()
+                }),
+                _ => None,
+            })
+            .collect();
+        report_attention(&model, ids.len(), &per_rank);
         let mut per_rank = vec![rows];
         for r in 1..a.seq_shards {
             per_rank.push(

@@ -151,6 +151,74 @@ fn sharded_forward_writes_the_same_logits() -> Result<()> {
     Ok(())
 }
 
+/// `--attention`: a sparse mode over TCP processes writes what it writes in one process, and
+/// `--compare` reports how far that is from dense.
+#[test]
+fn sparse_forward_is_the_same_in_one_process_and_over_tcp() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let inp = tmp.path().join("in.safetensors");
+    write_input_ids(&inp, &reference_ids("qwen3-moe-tiny", "input_ids_L300")?)?;
+    let model = fixture("qwen3-moe-tiny");
+    let run = |name: &str, extra: &[&str]| -> Result<(PathBuf, String)> {
+        let outp = tmp.path().join(name);
+        let mut args = vec![
+            "forward",
+            "--model",
+            model.to_str().context("path")?,
+            "--input-ids",
+            inp.to_str().context("path")?,
+            "--out",
+            outp.to_str().context("path")?,
+        ];
+        args.extend_from_slice(extra);
+        let out = ringmoe(&args)?;
+        ensure!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((outp, String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let (dense, _) = run("dense.safetensors", &[])?;
+    let load = |p: &Path| -> Result<Vec<f32>> {
+        Ok(Checkpoint::open_files(tmp.path(), &[p.to_path_buf()])?
+            .load("logits", &[1, 300, 384])?
+            .into_vec())
+    };
+    for mode in [
+        ["--attention", "a-shape", "--sink", "4", "--local", "64"],
+        [
+            "--attention",
+            "vertical-slash",
+            "--vertical",
+            "24",
+            "--slash",
+            "40",
+        ],
+    ] {
+        let (one, _) = run("one.safetensors", &mode)?;
+        let mut tcp_args = mode.to_vec();
+        tcp_args.extend(["--seq-shards", "3", "--transport", "tcp", "--compare"]);
+        tcp_args.push(dense.to_str().context("path")?);
+        let (tcp, stdout) = run("tcp.safetensors", &tcp_args)?;
+        let (a, b) = (load(&one)?, load(&tcp)?);
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        ensure!(
+            d <= 1e-4,
+            "{mode:?}: P=3 over TCP vs one process: max |Δ| {d:e}"
+        );
+        ensure!(
+            stdout.contains("max |Δ|") && stdout.contains("top-1 agrees at"),
+            "no comparison printed: {stdout}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn score_reports_the_engines_mean_nll() -> Result<()> {
     let tmp = tempfile::tempdir()?;
