@@ -130,13 +130,21 @@ pub(crate) enum TileKind {
 pub(crate) trait Rule: Sync {
     fn tile(&self, h: usize, q: (usize, usize), k: (usize, usize)) -> TileKind;
     fn keep(&self, h: usize, qp: usize, kp: usize) -> bool;
+    /// Sets `row[i]` (query `qp` against key `k_pos[i]`) to −∞ wherever `keep` is false.
+    fn mask_row(&self, h: usize, qp: usize, k_pos: &[usize], row: &mut [f32]) {
+        for (x, &kp) in row.iter_mut().zip(k_pos) {
+            if !self.keep(h, qp, kp) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
     /// Keys that query head `h` scores outside the tiles: vertical-slash's columns, gathered into
     /// a compact block and attended to under the causal mask only.
     fn gathered(&self, _h: usize) -> Option<&Gathered> {
         None
     }
-    /// Offsets `qp − kp` (sorted) that query head `h` scores pair by pair outside the tiles:
-    /// vertical-slash's diagonals, which cross many tiles while using one key of each row.
+    /// Offsets `qp − kp` (sorted) that query head `h` scores pair by pair in the tiles that
+    /// `tile` skipped: vertical-slash's diagonals where they are too sparse for a whole tile.
     fn diagonals(&self, _h: usize) -> Option<&[usize]> {
         None
     }
@@ -169,7 +177,7 @@ impl PosIndex {
 }
 
 /// Offsets per chunk of the pair-by-pair path.
-const DIAG_CHUNK: usize = 256;
+const DIAG_CHUNK: usize = 64;
 
 /// K/V rows of one head gathered from a block (`[n, head_dim]` each) with their positions, sorted.
 #[derive(Debug, Default)]
@@ -222,9 +230,10 @@ impl Rows {
     }
 
     /// Scores the queries against one tile of at most `BK` keys and folds it into the running
-    /// softmax; with `masked`, pairs where `keep(qp, kp)` is false are dropped first.
+    /// softmax; with `masked`, `mask(qp, k_pos, row)` first sets the dropped scores of each row
+    /// to −∞.
     #[allow(clippy::too_many_arguments)]
-    fn tile<F: Fn(usize, usize) -> bool>(
+    fn tile<F: Fn(usize, &[usize], &mut [f32])>(
         &mut self,
         q: MatRef<'_>,
         q_pos: &[usize],
@@ -233,7 +242,7 @@ impl Rows {
         k_pos: &[usize],
         scale: f32,
         masked: bool,
-        keep: &F,
+        mask: &F,
     ) -> Result<()> {
         let (bq, bk, d) = (q.rows, k.rows, self.d);
         self.scored += (bq * bk) as u64;
@@ -241,12 +250,7 @@ impl Rows {
         for r in 0..bq {
             let row = &mut self.s[r * BK..r * BK + bk];
             if masked {
-                let qp = q_pos[r];
-                for (x, &kp) in row.iter_mut().zip(k_pos) {
-                    if !keep(qp, kp) {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
+                mask(q_pos[r], k_pos, row);
             }
             let mx = simd::row_max(row);
             if mx == f32::NEG_INFINITY {
@@ -273,8 +277,13 @@ impl Rows {
     }
 
     /// Scores each query against the keys at `qp − o` for the `offsets` (sorted) that `index`
-    /// finds in the block and `keep` accepts, folding them into the running softmax.
-    /// `q_at(r)` and `k_at(j)` give where query row `r` and key/value row `j` start.
+    /// finds in the block, in key tiles not computed as tiles (`tiled`), and that `keep` accepts,
+    /// folding them into the running softmax. `q_at(r)` and `k_at(j)` give where query row `r`
+    /// and key/value row `j` start.
+    ///
+    /// Diagonal-major: for one offset the tile's queries use a strip of consecutive keys, and
+    /// nearby offsets use overlapping strips, so keys are reused from cache across offsets
+    /// instead of each query streaming its own scattered keys.
     #[allow(clippy::too_many_arguments)]
     fn diagonals<F: Fn(usize, usize) -> bool>(
         &mut self,
@@ -286,42 +295,77 @@ impl Rows {
         k_at: impl Fn(usize) -> usize,
         offsets: &[usize],
         index: &PosIndex,
+        tiled: &[bool],
         scale: f32,
         keep: &F,
     ) {
-        let d = self.d;
-        let mut starts = Vec::with_capacity(DIAG_CHUNK);
-        let mut sc = vec![0f32; DIAG_CHUNK];
-        for (r, &qp) in q_pos.iter().enumerate() {
-            let qrow = &q[q_at(r)..q_at(r) + d];
-            for chunk in offsets.chunks(DIAG_CHUNK) {
-                starts.clear();
-                for &o in chunk.iter().take_while(|&&o| o <= qp) {
-                    let kp = qp - o;
-                    if let Some(j) = index.get(kp) {
-                        if keep(qp, kp) {
-                            starts.push(k_at(j));
-                        }
+        let (d, bq) = (self.d, q_pos.len());
+        let qhi = q_pos.iter().copied().max().unwrap_or(0);
+        let usable = &offsets[..offsets.partition_point(|&o| o <= qhi)];
+        let q_rows: Vec<usize> = (0..bq).map(&q_at).collect();
+        // Scores [row][offset in chunk]; per offset, the (row, key row) pairs that count.
+        let mut sc = vec![f32::NEG_INFINITY; bq * DIAG_CHUNK];
+        let (mut rows, mut keys, mut q_starts, mut acc_at) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut bounds = Vec::with_capacity(DIAG_CHUNK + 1);
+        let mut dots = vec![0f32; bq];
+        let mut w = Vec::new();
+        for chunk in usable.chunks(DIAG_CHUNK) {
+            sc.fill(f32::NEG_INFINITY);
+            rows.clear();
+            keys.clear();
+            bounds.clear();
+            bounds.push(0);
+            for (c, &o) in chunk.iter().enumerate() {
+                let first = rows.len();
+                q_starts.clear();
+                for (r, &qp) in q_pos.iter().enumerate() {
+                    let Some(kp) = qp.checked_sub(o) else {
+                        continue;
+                    };
+                    let Some(j) = index.get(kp) else { continue };
+                    if tiled[j / BK] || !keep(qp, kp) {
+                        continue;
                     }
+                    rows.push(r);
+                    keys.push(k_at(j));
+                    q_starts.push(q_rows[r]);
                 }
-                if starts.is_empty() {
+                let n = rows.len() - first;
+                simd::dot_pairs(q, &q_starts, k, &keys[first..], d, &mut dots[..n]);
+                for (&r, &x) in rows[first..].iter().zip(&dots[..n]) {
+                    sc[r * DIAG_CHUNK + c] = x * scale;
+                }
+                bounds.push(rows.len());
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            self.scored += rows.len() as u64;
+            for r in 0..bq {
+                let row = &mut sc[r * DIAG_CHUNK..(r + 1) * DIAG_CHUNK];
+                let mx = simd::row_max(row);
+                if mx == f32::NEG_INFINITY {
                     continue;
                 }
-                let n = starts.len();
-                let row = &mut sc[..n];
-                simd::dot_rows(qrow, k, &starts, row);
-                simd::scale(row, scale);
-                self.scored += n as u64;
-                let m_new = self.m[r].max(simd::row_max(row));
+                let m_new = self.m[r].max(mx);
                 let sum = simd::exp_sub_sum(row, m_new);
                 let corr = simd::exp_approx(self.m[r] - m_new);
                 self.l[r] = self.l[r] * corr + sum;
-                let acc = &mut self.acc[r * d..(r + 1) * d];
                 if corr != 1.0 {
-                    simd::scale(acc, corr);
+                    simd::scale(&mut self.acc[r * d..(r + 1) * d], corr);
                 }
                 self.m[r] = m_new;
-                simd::axpy_rows(acc, row, v, &starts);
+            }
+            for c in 0..chunk.len() {
+                let (s, e) = (bounds[c], bounds[c + 1]);
+                w.clear();
+                acc_at.clear();
+                for &r in &rows[s..e] {
+                    w.push(sc[r * DIAG_CHUNK + c]);
+                    acc_at.push(r * d);
+                }
+                simd::axpy_pairs(&mut self.acc, &acc_at, &w, v, &keys[s..e], d);
             }
         }
     }
@@ -421,15 +465,20 @@ pub(crate) fn attend<R: Rule>(
                         &g.pos[s..e],
                         p.scale,
                         kind == TileKind::Masked,
-                        &|qp, kp| kp <= qp,
+                        &|qp, kps: &[usize], row: &mut [f32]| {
+                            Causal(true).mask_row(0, qp, kps, row)
+                        },
                     )?;
                 }
             }
-            for &(k0, k1, klo, khi) in &k_tiles {
+            // Tiles computed here; the pair-by-pair path leaves their pairs alone.
+            let mut tiled = vec![false; k_tiles.len()];
+            for (t, &(k0, k1, klo, khi)) in k_tiles.iter().enumerate() {
                 let kind = rule.tile(h, (qlo, qhi), (klo, khi));
                 if kind == TileKind::Skip {
                     continue;
                 }
+                tiled[t] = true;
                 let start = k0 * hkv * d + kvh * d;
                 rows.tile(
                     q_view,
@@ -439,7 +488,7 @@ pub(crate) fn attend<R: Rule>(
                     &k_pos[k0..k1],
                     p.scale,
                     kind == TileKind::Masked,
-                    &|qp, kp| rule.keep(h, qp, kp),
+                    &|qp, kps: &[usize], row: &mut [f32]| rule.mask_row(h, qp, kps, row),
                 )?;
             }
             if let (Some(offsets), Some(index)) = (rule.diagonals(h), &index) {
@@ -452,6 +501,7 @@ pub(crate) fn attend<R: Rule>(
                     |j| (j * hkv + kvh) * d,
                     offsets,
                     index,
+                    &tiled,
                     p.scale,
                     &|qp, kp| rule.keep(h, qp, kp),
                 );

@@ -154,6 +154,40 @@ fn axpy_rows_body(acc: &mut [f32], w: &[f32], m: &[f32], starts: &[usize]) {
     }
 }
 
+#[inline(always)]
+fn dot_pairs_body(a: &[f32], a_at: &[usize], b: &[f32], b_at: &[usize], d: usize, out: &mut [f32]) {
+    for ((o, &i), &j) in out.iter_mut().zip(a_at).zip(b_at) {
+        *o = dot_body(&a[i..i + d], &b[j..j + d]);
+    }
+}
+
+#[inline(always)]
+fn axpy_pairs_body(
+    acc: &mut [f32],
+    acc_at: &[usize],
+    w: &[f32],
+    b: &[f32],
+    b_at: &[usize],
+    d: usize,
+) {
+    for ((&i, &wi), &j) in acc_at.iter().zip(w).zip(b_at) {
+        let (dst, src) = (&mut acc[i..i + d], &b[j..j + d]);
+        for t in 0..d {
+            dst[t] += wi * src[t];
+        }
+    }
+}
+
+dispatch! {
+    /// `out[n] = a[a_at[n] ..][..d] · b[b_at[n] ..][..d]`: dot products of paired rows.
+    pub fn dot_pairs(a: &[f32], a_at: &[usize], b: &[f32], b_at: &[usize], d: usize, out: &mut [f32]) -> () => dot_pairs_body
+}
+
+dispatch! {
+    /// `acc[acc_at[n] ..][..d] += w[n] · b[b_at[n] ..][..d]` for each pair, in order.
+    pub fn axpy_pairs(acc: &mut [f32], acc_at: &[usize], w: &[f32], b: &[f32], b_at: &[usize], d: usize) -> () => axpy_pairs_body
+}
+
 dispatch! {
     /// `out[i] = x · m[starts[i] .. starts[i] + x.len()]`: one query against gathered key rows.
     pub fn dot_rows(x: &[f32], m: &[f32], starts: &[usize], out: &mut [f32]) -> () => dot_rows_body

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::attention::{
     AttentionParams, Causal, Gathered, PartialAttention, Rule, TileKind, attend,
 };
-use crate::{Error, Result};
+use crate::{Error, Result, simd};
 
 /// Sinks plus a sliding local window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,18 +265,69 @@ impl Rule for AShapeRule {
     }
 }
 
+/// A tile with at least one diagonal per this many offsets in its range is computed whole
+/// (measured: the pair-by-pair path costs about 6× a tile's per pair; `bench ring`).
+const TILE_DENSITY: usize = 6;
+
 /// Vertical-slash on one block of keys: the columns are gathered into a block of keys attended
-/// to with GEMMs; the diagonals, which cross many tiles but use one key per query, pair by pair.
+/// to with GEMMs; the diagonals as masked tiles where they are dense and pair by pair elsewhere.
 struct VsRule<'a> {
     pattern: &'a VsPattern,
     gathered: Vec<Gathered>,
 }
 
 impl Rule for VsRule<'_> {
-    /// Diagonals are scored pair by pair ([`Rule::diagonals`]) and columns as a gathered block,
-    /// so no tile of the block itself is computed.
-    fn tile(&self, _h: usize, _q: (usize, usize), _k: (usize, usize)) -> TileKind {
-        TileKind::Skip
+    /// A tile whose offset range is densely covered by diagonals is computed as a masked tile;
+    /// a sparser one is left to the pair-by-pair path, which costs several times more per pair
+    /// than a tile's GEMM but scores only the selected pairs.
+    fn tile(&self, h: usize, (qlo, qhi): (usize, usize), (klo, khi): (usize, usize)) -> TileKind {
+        if klo > qhi {
+            return TileKind::Skip;
+        }
+        // Offsets present in the tile lie in [qlo − khi, qhi − klo].
+        let (lo, hi) = (qlo.saturating_sub(khi), qhi - klo);
+        let s = &self.pattern.heads[h].slashes;
+        let count = s.partition_point(|&o| o <= hi) - s.partition_point(|&o| o < lo);
+        if count > 0 && count * TILE_DENSITY >= hi - lo + 1 {
+            TileKind::Masked
+        } else {
+            TileKind::Skip
+        }
+    }
+    /// For a run of consecutive key positions, walks the diagonals that cross the row instead of
+    /// testing every key.
+    fn mask_row(&self, h: usize, qp: usize, k_pos: &[usize], row: &mut [f32]) {
+        let n = k_pos.len().min(row.len());
+        let (Some(&first), Some(&last)) = (k_pos.first(), k_pos.get(n.wrapping_sub(1))) else {
+            return;
+        };
+        if last + 1 - first != n || n > 128 {
+            for (x, &kp) in row.iter_mut().zip(k_pos) {
+                if !self.keep(h, qp, kp) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            return;
+        }
+        let head = &self.pattern.heads[h];
+        let mut kept = [0f32; 128];
+        kept[..n].copy_from_slice(&row[..n]);
+        row[..n].fill(f32::NEG_INFINITY);
+        if first > qp {
+            return;
+        }
+        // Keys first ..= min(last, qp) are at offsets qp − min(last, qp) ..= qp − first.
+        let (lo, hi) = (qp - last.min(qp), qp - first);
+        let s = &head.slashes;
+        for &o in s[s.partition_point(|&o| o < lo)..]
+            .iter()
+            .take_while(|&&o| o <= hi)
+        {
+            let kp = qp - o;
+            if !head.vbits.has(kp) {
+                row[kp - first] = kept[kp - first];
+            }
+        }
     }
     fn diagonals(&self, h: usize) -> Option<&[usize]> {
         self.pattern.heads.get(h).map(|x| x.slashes.as_slice())
@@ -464,8 +515,9 @@ impl Sparsity<'_> {
     }
 }
 
-/// Scores of queries `q_last` (`[n, n_heads, head_dim]` at `last_pos`) against keys `k`, computed
-/// in f64 with a fixed summation order, so every rank and a single process agree bit for bit.
+/// Scores of queries `q_last` (`[n, n_heads, head_dim]` at `last_pos`) against keys `k`: one f32
+/// dot product per pair in a fixed order (so every rank and a single process get the same bits),
+/// then f64 from there on.
 /// Calls `f(h, i, j, score)` for each unmasked (head, query, key) triple, heads in parallel.
 fn for_each_score<T: Send>(
     p: &AttentionParams,
@@ -483,19 +535,23 @@ fn for_each_score<T: Send>(
         .map(|h| {
             let mut acc = init();
             let kvh = h / group;
+            let mut starts = Vec::with_capacity(k_pos.len());
+            let mut js = Vec::with_capacity(k_pos.len());
+            let mut dots = vec![0f32; k_pos.len()];
             for (i, &qp) in last_pos.iter().enumerate() {
                 let qrow = &q_last[(i * hq + h) * d..][..d];
+                starts.clear();
+                js.clear();
                 for (j, &kp) in k_pos.iter().enumerate() {
-                    if kp > qp {
-                        continue;
+                    if kp <= qp {
+                        starts.push((j * hkv + kvh) * d);
+                        js.push(j);
                     }
-                    let krow = &k[(j * hkv + kvh) * d..][..d];
-                    let mut lanes = [0f64; 4];
-                    for (c, (a, b)) in qrow.iter().zip(krow).enumerate() {
-                        lanes[c % 4] += *a as f64 * *b as f64;
-                    }
-                    let dot = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-                    f(&mut acc, h, i, j, dot * p.scale as f64);
+                }
+                let dots = &mut dots[..js.len()];
+                simd::dot_rows(qrow, k, &starts, dots);
+                for (&j, &x) in js.iter().zip(dots.iter()) {
+                    f(&mut acc, h, i, j, x as f64 * p.scale as f64);
                 }
             }
             acc
@@ -524,30 +580,29 @@ pub fn vs_row_stats(
 ) -> Result<Vec<(f64, f64)>> {
     check_last(p, q_last, last_pos, k, k_pos)?;
     let n = last_pos.len();
-    // Two passes per head: the max, then the sum relative to it.
-    let maxes = for_each_score(
+    // One pass per head: a running max, rescaling the sum whenever it grows.
+    let stats = for_each_score(
         p,
         q_last,
         last_pos,
         k,
         k_pos,
-        || vec![f64::NEG_INFINITY; n],
-        |m, _h, i, _j, s| m[i] = m[i].max(s),
-    );
-    let sums = for_each_score(
-        p,
-        q_last,
-        last_pos,
-        k,
-        k_pos,
-        || vec![0f64; n],
-        |acc, h, i, _j, s| acc[i] += (s - maxes[h][i]).exp(),
+        || vec![(f64::NEG_INFINITY, 0f64); n],
+        |st, _h, i, _j, x| {
+            let (m, sum) = &mut st[i];
+            if x > *m {
+                *sum = *sum * (*m - x).exp() + 1.0;
+                *m = x;
+            } else {
+                *sum += (x - *m).exp();
+            }
+        },
     );
     let hq = p.n_heads;
     let mut out = vec![(f64::NEG_INFINITY, 0.0); n * hq];
     for h in 0..hq {
         for i in 0..n {
-            out[i * hq + h] = (maxes[h][i], sums[h][i]);
+            out[i * hq + h] = stats[h][i];
         }
     }
     Ok(out)

@@ -35,11 +35,9 @@ pub enum AttentionArg {
     VerticalSlash,
 }
 
-/// How prefill attends: dense (exact, the default) or a sparse pattern with its settings.
+/// Settings of the sparse patterns (defaults: MInference's, sized for 128K+ contexts).
 #[derive(Args, Clone, Debug)]
-pub struct AttentionOpts {
-    #[arg(long, value_enum, default_value = "dense")]
-    attention: AttentionArg,
+pub struct PatternOpts {
     /// a-shape and vertical-slash: keys at positions below this are always attended to.
     #[arg(long)]
     sink: Option<usize>,
@@ -57,9 +55,9 @@ pub struct AttentionOpts {
     last_q: Option<usize>,
 }
 
-impl AttentionOpts {
-    pub fn mode(&self) -> AttentionMode {
-        match self.attention {
+impl PatternOpts {
+    pub fn mode(&self, which: AttentionArg) -> AttentionMode {
+        match which {
             AttentionArg::Dense => AttentionMode::Dense,
             AttentionArg::AShape => {
                 let d = AShape::default();
@@ -81,14 +79,8 @@ impl AttentionOpts {
         }
     }
 
-    /// The same options as command-line arguments, for the rank processes.
-    pub fn to_args(&self) -> Vec<String> {
-        let name = self
-            .attention
-            .to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default();
-        let mut v = vec!["--attention".to_string(), name];
+    /// The same settings as command-line arguments, for the rank processes.
+    fn to_args(&self) -> Vec<String> {
         let named = [
             ("--sink", self.sink),
             ("--local", self.local),
@@ -96,11 +88,36 @@ impl AttentionOpts {
             ("--slash", self.slash),
             ("--last-q", self.last_q),
         ];
-        for (flag, val) in named {
-            if let Some(x) = val {
-                v.extend([flag.to_string(), x.to_string()]);
-            }
-        }
+        named
+            .into_iter()
+            .filter_map(|(flag, val)| val.map(|x| [flag.to_string(), x.to_string()]))
+            .flatten()
+            .collect()
+    }
+}
+
+/// How prefill attends: dense (exact, the default) or a sparse pattern with its settings.
+#[derive(Args, Clone, Debug)]
+pub struct AttentionOpts {
+    #[arg(long, value_enum, default_value = "dense")]
+    attention: AttentionArg,
+    #[command(flatten)]
+    pattern: PatternOpts,
+}
+
+impl AttentionOpts {
+    pub fn mode(&self) -> AttentionMode {
+        self.pattern.mode(self.attention)
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        let name = self
+            .attention
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        let mut v = vec!["--attention".to_string(), name];
+        v.extend(self.pattern.to_args());
         v
     }
 }
