@@ -247,10 +247,10 @@ impl Rows {
         let (bq, bk, d) = (q.rows, k.rows, self.d);
         self.scored += (bq * bk) as u64;
         gemm_into(&mut self.s, BK, q, k.t(), scale, false, Par::Serial)?;
-        for r in 0..bq {
+        for (r, &qp) in q_pos.iter().enumerate().take(bq) {
             let row = &mut self.s[r * BK..r * BK + bk];
             if masked {
-                mask(q_pos[r], k_pos, row);
+                mask(qp, k_pos, row);
             }
             let mx = simd::row_max(row);
             if mx == f32::NEG_INFINITY {
@@ -300,8 +300,22 @@ impl Rows {
         keep: &F,
     ) {
         let (d, bq) = (self.d, q_pos.len());
-        let qhi = q_pos.iter().copied().max().unwrap_or(0);
-        let usable = &offsets[..offsets.partition_point(|&o| o <= qhi)];
+        // Only offsets that put some query's key inside one of the block's runs of positions.
+        let (qlo, qhi) = min_max(q_pos);
+        let mut ranges: Vec<(usize, usize)> = index
+            .runs
+            .iter()
+            .filter(|r| r.0 <= qhi)
+            .map(|&(p0, _, n)| (qlo.saturating_sub(p0 + n - 1), qhi - p0))
+            .collect();
+        ranges.sort_unstable();
+        let mut usable: Vec<usize> = Vec::new();
+        let mut next = 0; // offsets below this are already taken
+        for (lo, hi) in ranges {
+            let from = offsets.partition_point(|&o| o < lo.max(next));
+            usable.extend(offsets[from..].iter().take_while(|&&o| o <= hi));
+            next = next.max(hi + 1);
+        }
         let q_rows: Vec<usize> = (0..bq).map(&q_at).collect();
         // Scores [row][offset in chunk]; per offset, the (row, key row) pairs that count.
         let mut sc = vec![f32::NEG_INFINITY; bq * DIAG_CHUNK];

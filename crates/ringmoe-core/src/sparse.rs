@@ -288,7 +288,7 @@ impl Rule for VsRule<'_> {
         let (lo, hi) = (qlo.saturating_sub(khi), qhi - klo);
         let s = &self.pattern.heads[h].slashes;
         let count = s.partition_point(|&o| o <= hi) - s.partition_point(|&o| o < lo);
-        if count > 0 && count * TILE_DENSITY >= hi - lo + 1 {
+        if count > 0 && count * TILE_DENSITY > hi - lo {
             TileKind::Masked
         } else {
             TileKind::Skip
@@ -920,7 +920,8 @@ mod tests {
             .collect();
         let pattern = VsPattern::new(seq, heads.clone()).unwrap();
         let a = AShape { sink: 3, local: 20 };
-        let cases: [(Sparsity<'_>, Box<dyn Fn(usize, usize, usize) -> bool>); 3] = [
+        type Keep<'a> = Box<dyn Fn(usize, usize, usize) -> bool + 'a>;
+        let cases: [(Sparsity<'_>, Keep<'_>); 3] = [
             (Sparsity::Dense, Box::new(|_, qp, kp| kp <= qp)),
             (
                 Sparsity::AShape(a),
