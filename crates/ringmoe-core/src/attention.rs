@@ -205,6 +205,25 @@ impl Rule for Causal {
     }
 }
 
+/// One online-softmax step for a row of scores: rescales the running sum `l` and output `acc` to
+/// the new max and turns `row` into weights `e^(s − m)`. Returns false, leaving everything
+/// untouched, when every score is −∞ (nothing kept).
+fn softmax_step(m: &mut f32, l: &mut f32, acc: &mut [f32], row: &mut [f32]) -> bool {
+    let mx = simd::row_max(row);
+    if mx == f32::NEG_INFINITY {
+        return false;
+    }
+    let m_new = m.max(mx);
+    let sum = simd::exp_sub_sum(row, m_new);
+    let corr = simd::exp_approx(*m - m_new);
+    *l = *l * corr + sum;
+    if corr != 1.0 {
+        simd::scale(acc, corr);
+    }
+    *m = m_new;
+    true
+}
+
 /// The running softmax of one (head, query tile): FlashAttention's `m`, `l` and unnormalised
 /// output, plus the scratch score tile.
 struct Rows {
@@ -252,19 +271,10 @@ impl Rows {
             if masked {
                 mask(qp, k_pos, row);
             }
-            let mx = simd::row_max(row);
-            if mx == f32::NEG_INFINITY {
+            let acc = &mut self.acc[r * d..(r + 1) * d];
+            if !softmax_step(&mut self.m[r], &mut self.l[r], acc, row) {
                 row.fill(0.0);
-                continue;
             }
-            let m_new = self.m[r].max(mx);
-            let sum = simd::exp_sub_sum(row, m_new);
-            let corr = simd::exp_approx(self.m[r] - m_new);
-            self.l[r] = self.l[r] * corr + sum;
-            if corr != 1.0 {
-                simd::scale(&mut self.acc[r * d..(r + 1) * d], corr);
-            }
-            self.m[r] = m_new;
         }
         let p_view = MatRef {
             data: &self.s,
@@ -358,18 +368,8 @@ impl Rows {
             self.scored += rows.len() as u64;
             for r in 0..bq {
                 let row = &mut sc[r * DIAG_CHUNK..(r + 1) * DIAG_CHUNK];
-                let mx = simd::row_max(row);
-                if mx == f32::NEG_INFINITY {
-                    continue;
-                }
-                let m_new = self.m[r].max(mx);
-                let sum = simd::exp_sub_sum(row, m_new);
-                let corr = simd::exp_approx(self.m[r] - m_new);
-                self.l[r] = self.l[r] * corr + sum;
-                if corr != 1.0 {
-                    simd::scale(&mut self.acc[r * d..(r + 1) * d], corr);
-                }
-                self.m[r] = m_new;
+                let acc = &mut self.acc[r * d..(r + 1) * d];
+                softmax_step(&mut self.m[r], &mut self.l[r], acc, row);
             }
             for c in 0..chunk.len() {
                 let (s, e) = (bounds[c], bounds[c + 1]);
