@@ -132,11 +132,7 @@ pub(crate) trait Rule: Sync {
     fn keep(&self, h: usize, qp: usize, kp: usize) -> bool;
     /// Sets `row[i]` (query `qp` against key `k_pos[i]`) to −∞ wherever `keep` is false.
     fn mask_row(&self, h: usize, qp: usize, k_pos: &[usize], row: &mut [f32]) {
-        for (x, &kp) in row.iter_mut().zip(k_pos) {
-            if !self.keep(h, qp, kp) {
-                *x = f32::NEG_INFINITY;
-            }
-        }
+        mask_each(self, h, qp, k_pos, row);
     }
     /// Keys that query head `h` scores outside the tiles: vertical-slash's columns, gathered into
     /// a compact block and attended to under the causal mask only.
@@ -178,6 +174,21 @@ impl PosIndex {
 
 /// Offsets per chunk of the pair-by-pair path.
 const DIAG_CHUNK: usize = 64;
+
+/// `Rule::mask_row` by testing every key with `keep`.
+pub(crate) fn mask_each<R: Rule + ?Sized>(
+    rule: &R,
+    h: usize,
+    qp: usize,
+    k_pos: &[usize],
+    row: &mut [f32],
+) {
+    for (x, &kp) in row.iter_mut().zip(k_pos) {
+        if !rule.keep(h, qp, kp) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
 
 /// K/V rows of one head gathered from a block (`[n, head_dim]` each) with their positions, sorted.
 #[derive(Debug, Default)]

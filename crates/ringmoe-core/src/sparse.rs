@@ -18,7 +18,7 @@
 use rayon::prelude::*;
 
 use crate::attention::{
-    AttentionParams, Causal, Gathered, PartialAttention, Rule, TileKind, attend,
+    AttentionParams, Causal, Gathered, PartialAttention, Rule, TileKind, attend, mask_each,
 };
 use crate::{Error, Result, simd};
 
@@ -302,12 +302,7 @@ impl Rule for VsRule<'_> {
             return;
         };
         if last + 1 - first != n || n > 128 {
-            for (x, &kp) in row.iter_mut().zip(k_pos) {
-                if !self.keep(h, qp, kp) {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-            return;
+            return mask_each(self, h, qp, k_pos, row);
         }
         let head = &self.pattern.heads[h];
         let mut kept = [0f32; 128];
@@ -433,7 +428,7 @@ fn gather_verticals(
 }
 
 /// Maximal runs of consecutive values in a sorted list, as inclusive `(first, last)`.
-fn runs(sorted: &[usize]) -> Vec<(usize, usize)> {
+pub fn runs(sorted: &[usize]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
     for &x in sorted {
         match out.last_mut() {
@@ -720,6 +715,20 @@ pub fn estimate_vs(
     VsPattern::select(cfg, seq_len, &vertical, &sc.slash)
 }
 
+/// Which of `pos` are among the last `cfg.last_q` positions of the sequence, sorted by position:
+/// `(position, index in pos)`.
+pub fn last_positions(cfg: &VsConfig, seq_len: usize, pos: &[usize]) -> Vec<(usize, usize)> {
+    let first = seq_len.saturating_sub(cfg.last_q);
+    let mut rows: Vec<(usize, usize)> = pos
+        .iter()
+        .enumerate()
+        .filter(|&(_, &x)| x >= first)
+        .map(|(i, &x)| (x, i))
+        .collect();
+    rows.sort_unstable();
+    rows
+}
+
 /// This holder's rows among the last `cfg.last_q` positions of the sequence, sorted by position:
 /// `(positions, q rows)`.
 pub fn last_queries(
@@ -729,15 +738,8 @@ pub fn last_queries(
     q: &[f32],
     pos: &[usize],
 ) -> (Vec<usize>, Vec<f32>) {
-    let first = seq_len.saturating_sub(cfg.last_q);
     let w = p.n_heads * p.head_dim;
-    let mut rows: Vec<(usize, usize)> = pos
-        .iter()
-        .enumerate()
-        .filter(|&(_, &x)| x >= first)
-        .map(|(i, &x)| (x, i))
-        .collect();
-    rows.sort_unstable();
+    let rows = last_positions(cfg, seq_len, pos);
     let positions = rows.iter().map(|&(x, _)| x).collect();
     let data = rows
         .iter()

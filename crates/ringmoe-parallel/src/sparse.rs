@@ -17,7 +17,8 @@
 use ringmoe_comm::{Communicator, Data, Payload, Tag};
 use ringmoe_core::attention::AttentionParams;
 use ringmoe_core::sparse::{
-    AShape, VsConfig, VsPattern, combine_row_stats, last_queries, top_n, vs_row_stats, vs_scores,
+    AShape, VsConfig, VsPattern, combine_row_stats, last_positions, last_queries, runs, top_n,
+    vs_row_stats, vs_scores,
 };
 
 use crate::{ParallelError, Result, ShardPlan};
@@ -63,14 +64,7 @@ fn unbits(x: i64) -> f64 {
 fn offset_ranges(keys: &[usize], first_last: usize, seq_len: usize) -> Vec<(usize, usize)> {
     let mut sorted = keys.to_vec();
     sorted.sort_unstable();
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for &x in &sorted {
-        match runs.last_mut() {
-            Some((_, e)) if x == *e + 1 => *e = x,
-            _ => runs.push((x, x)),
-        }
-    }
-    let mut out: Vec<(usize, usize)> = runs
+    let mut out: Vec<(usize, usize)> = runs(&sorted)
         .into_iter()
         .filter(|&(a, _)| a < seq_len)
         .map(|(a, b)| (first_last.saturating_sub(b), seq_len - 1 - a))
@@ -109,17 +103,10 @@ pub fn estimate_vs(
     let parts = comm.all_gather(step(0), Payload::f32(my_rows))?;
     let mut rows: Vec<(usize, &[f32])> = Vec::new();
     for (r, p) in parts.iter().enumerate() {
-        let theirs: Vec<usize> = {
-            let first = seq_len.saturating_sub(cfg.last_q);
-            let mut v: Vec<usize> = plan
-                .positions(r)
-                .iter()
-                .copied()
-                .filter(|&x| x >= first)
-                .collect();
-            v.sort_unstable();
-            v
-        };
+        let theirs: Vec<usize> = last_positions(cfg, seq_len, plan.positions(r))
+            .into_iter()
+            .map(|(x, _)| x)
+            .collect();
         let Data::F32(data) = &p.data else {
             return Err(ParallelError::Plan(format!(
                 "pattern estimate: rank {r} sent {} queries",
