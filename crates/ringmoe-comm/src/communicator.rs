@@ -35,6 +35,14 @@ pub struct PendingRecv {
     tag: Tag,
 }
 
+/// An all-to-all whose sends are posted; [`Communicator::wait_all_to_all_v`] receives.
+#[must_use = "a started all-to-all must be waited for"]
+#[derive(Debug)]
+pub struct PendingAllToAll {
+    tag: Tag,
+    own: Option<Payload>,
+}
+
 pub struct Communicator {
     transport: Box<dyn Transport>,
     timeout: Duration,
@@ -233,6 +241,15 @@ impl Communicator {
     /// Every rank sends `sends[j]` (possibly empty) to rank `j` and gets back what each rank sent
     /// it, indexed by source. The own slot moves locally.
     pub fn all_to_all_v(&self, tag: Tag, sends: Vec<Payload>) -> Result<Vec<Payload>> {
+        let pending = self.start_all_to_all_v(tag, sends)?;
+        self.wait_all_to_all_v(pending)
+    }
+
+    /// Posts the sends of an [`Self::all_to_all_v`] and returns; the transfers progress on the
+    /// transport's I/O threads while the caller computes. Finish with [`Self::wait_all_to_all_v`].
+    /// Several may be in flight (two-batch overlap); they must be finished in the order they were
+    /// started, on every rank, since each link delivers in order.
+    pub fn start_all_to_all_v(&self, tag: Tag, sends: Vec<Payload>) -> Result<PendingAllToAll> {
         self.guard(|| {
             let (me, n) = (self.rank(), self.world_size());
             if sends.len() != n {
@@ -250,6 +267,15 @@ impl Communicator {
                     self.post(j, tag, p)?;
                 }
             }
+            Ok(PendingAllToAll { tag, own })
+        })
+    }
+
+    /// Receives what every rank sent in a started [`Self::all_to_all_v`], indexed by source.
+    pub fn wait_all_to_all_v(&self, pending: PendingAllToAll) -> Result<Vec<Payload>> {
+        self.guard(|| {
+            let (me, n) = (self.rank(), self.world_size());
+            let PendingAllToAll { tag, mut own } = pending;
             let mut out = Vec::with_capacity(n);
             for j in 0..n {
                 if j == me {

@@ -166,10 +166,31 @@ pub struct SparseMoe {
 
 impl SparseMoe {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<(Vec<f32>, Routing)> {
+        self.forward_routed(x, rows, |x, routing| {
+            moe::experts_local(x, self.router.in_features, routing, &self.experts)
+        })
+    }
+
+    /// The block with the routed experts supplied by `experts`, which gets the normalised input
+    /// (`[rows, hidden]`) and its routing and returns the gate-weighted sum of each token's expert
+    /// outputs. Expert parallelism plugs in here; the router and the shared expert stay local.
+    pub fn forward_routed<E: From<Error>>(
+        &self,
+        x: &[f32],
+        rows: usize,
+        experts: impl FnOnce(&[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+    ) -> std::result::Result<(Vec<f32>, Routing), E> {
         let hidden = self.router.in_features;
         let logits = self.router.forward(x, rows)?;
-        let (mut y, routing) =
-            moe::moe_forward(x, hidden, &logits, &self.experts, self.top_k, self.norm)?;
+        let routing = moe::route(&logits, self.experts.experts.len(), self.top_k, self.norm)?;
+        let mut y = experts(x, &routing)?;
+        if y.len() != rows * hidden {
+            return Err(Error::InvalidInput(format!(
+                "routed experts returned {} values for {rows} rows of hidden size {hidden}",
+                y.len()
+            ))
+            .into());
+        }
         if let Some((mlp, gate)) = &self.shared {
             let s = mlp.0.forward(x, rows)?;
             let g = gate.forward(x, rows)?;
@@ -234,6 +255,20 @@ impl DecoderLayer {
         rope: &RopeTable,
         attend: impl FnOnce(Qkv) -> std::result::Result<Vec<f32>, E>,
     ) -> std::result::Result<Option<Routing>, E> {
+        self.forward_parts(x, rope, attend, |moe, x, routing| {
+            moe::experts_local(x, moe.router.in_features, routing, &moe.experts).map_err(E::from)
+        })
+    }
+
+    /// [`Self::forward_with`] with the routed experts of a sparse layer supplied as well (see
+    /// [`SparseMoe::forward_routed`]); `experts` is not called for a dense-MLP layer.
+    pub fn forward_parts<E: From<Error>>(
+        &self,
+        x: &mut Tensor,
+        rope: &RopeTable,
+        attend: impl FnOnce(Qkv) -> std::result::Result<Vec<f32>, E>,
+        experts: impl FnOnce(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+    ) -> std::result::Result<Option<Routing>, E> {
         let rows = x.shape().first().copied().unwrap_or(0);
         if rope.positions != rows {
             return Err(Error::InvalidInput(format!(
@@ -244,23 +279,27 @@ impl DecoderLayer {
         }
         let normed = ops::rms_norm(x, &self.input_norm, self.eps).map_err(Error::from)?;
         let out = attend(self.attn.qkv(normed.as_slice(), rope)?)?;
-        self.finish(x, out).map_err(E::from)
-    }
-
-    /// Output projection, residual, and the MLP half of the layer.
-    fn finish(&self, x: &mut Tensor, attn_out: Vec<f32>) -> Result<Option<Routing>> {
-        let rows = x.shape().first().copied().unwrap_or(0);
-        let attn = self.attn.o.forward(&attn_out, rows)?;
-        ops::add_inplace(x, &Tensor::from_vec(attn, x.shape().to_vec())?)?;
-        let normed = ops::rms_norm(x, &self.post_attn_norm, self.eps)?;
+        // Output projection and residual, then the MLP half of the layer.
+        let attn = self.attn.o.forward(&out, rows)?;
+        ops::add_inplace(
+            x,
+            &Tensor::from_vec(attn, x.shape().to_vec()).map_err(Error::from)?,
+        )
+        .map_err(Error::from)?;
+        let normed = ops::rms_norm(x, &self.post_attn_norm, self.eps).map_err(Error::from)?;
         let (y, routing) = match &self.mlp {
             Mlp::Dense(m) => (m.0.forward(normed.as_slice(), rows)?, None),
             Mlp::Sparse(m) => {
-                let (y, r) = m.forward(normed.as_slice(), rows)?;
+                let (y, r) =
+                    m.forward_routed(normed.as_slice(), rows, |x, routing| experts(m, x, routing))?;
                 (y, Some(r))
             }
         };
-        ops::add_inplace(x, &Tensor::from_vec(y, x.shape().to_vec())?)?;
+        ops::add_inplace(
+            x,
+            &Tensor::from_vec(y, x.shape().to_vec()).map_err(Error::from)?,
+        )
+        .map_err(Error::from)?;
         Ok(routing)
     }
 }

@@ -277,13 +277,38 @@ pub fn combine(
             expert_out.len()
         )));
     }
+    combine_rows(expert_out, hidden, &plan.row_of_slot, routing, None)
+}
+
+/// [`combine`] with the row of each routing slot given directly (`row_of_slot[slot]`). Slots
+/// marked `false` in `keep` (tokens a capacity limit dropped) contribute nothing.
+pub fn combine_rows(
+    expert_out: &[f32],
+    hidden: usize,
+    row_of_slot: &[u32],
+    routing: &Routing,
+    keep: Option<&[bool]>,
+) -> Result<Vec<f32>> {
+    let (tokens, k) = (routing.tokens(), routing.top_k);
+    let rows = expert_out.len() / hidden.max(1);
+    if row_of_slot.len() != tokens * k
+        || row_of_slot.iter().any(|&r| r as usize >= rows)
+        || keep.is_some_and(|m| m.len() != tokens * k)
+    {
+        return Err(Error::InvalidInput(format!(
+            "combine: {} slot rows into {rows} expert output rows for {tokens} tokens × top-{k}",
+            row_of_slot.len()
+        )));
+    }
     let mut out = vec![0f32; tokens * hidden];
     out.par_chunks_mut(hidden).enumerate().for_each(|(t, acc)| {
-        let mut slots: Vec<usize> = (t * k..(t + 1) * k).collect();
+        let mut slots: Vec<usize> = (t * k..(t + 1) * k)
+            .filter(|&s| keep.is_none_or(|m| m[s]))
+            .collect();
         slots.sort_by_key(|&s| routing.expert_ids[s]);
         for s in slots {
             let w = routing.weights[s];
-            let row = plan.row_of_slot[s] as usize;
+            let row = row_of_slot[s] as usize;
             for (a, y) in acc
                 .iter_mut()
                 .zip(&expert_out[row * hidden..(row + 1) * hidden])
@@ -304,12 +329,21 @@ pub fn moe_forward(
     top_k: usize,
     norm: TopKNorm,
 ) -> Result<(Vec<f32>, Routing)> {
-    let num_experts = experts.experts.len();
-    let routing = route(router_logits, num_experts, top_k, norm)?;
-    let plan = plan(&routing, num_experts)?;
+    let routing = route(router_logits, experts.experts.len(), top_k, norm)?;
+    Ok((experts_local(x, hidden, &routing, experts)?, routing))
+}
+
+/// plan → gather → compute → combine of already routed tokens, every expert on this process.
+pub fn experts_local(
+    x: &[f32],
+    hidden: usize,
+    routing: &Routing,
+    experts: &ExpertSet,
+) -> Result<Vec<f32>> {
+    let plan = plan(routing, experts.experts.len())?;
     let rows = gather_rows(x, hidden, &plan);
     let y = expert_compute(&rows, hidden, &plan.groups(), experts)?;
-    Ok((combine(&y, hidden, &plan, &routing)?, routing))
+    combine(&y, hidden, &plan, routing)
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! Decoding after a context-parallel prefill.
 //!
-//! The K/V cache stays sharded. Each new token's query attends to every rank's shard: each rank
+//! The K/V cache stays sharded. With expert parallelism every rank runs the new token's dense
+//! parts and dispatches its copy of the token to the experts' hosts, so every rank gets the same
+//! result without a broadcast (the duplicate expert rows cost little for one token).
+//! Each new token's query attends to every rank's shard: each rank
 //! computes the partial `(out, lse)` against its own K/V, the partials are all-gathered and merged in
 //! rank order, so every rank gets bit-identical attention output. The dense parts of the layer run
 //! redundantly on every rank for the one new token (cheap next to attention over a long context).
@@ -14,7 +17,9 @@ use ringmoe_core::attention::{PartialAttention, attention_block, merge_into};
 use ringmoe_model::generate::Sampler;
 use ringmoe_model::{KvCache, Model};
 
-use crate::{JobOptions, ParallelError, Result, ShardPlan, prefill_shard};
+use crate::{
+    ExpertParallel, JobOptions, ParallelError, Result, ShardPlan, moe_parallel, prefill_shard_with,
+};
 
 /// A sequence whose K/V cache is sharded over the ranks of a communicator.
 pub struct ShardedSequence<'a> {
@@ -27,6 +32,7 @@ pub struct ShardedSequence<'a> {
     next_position: usize,
     job: u64,
     steps: u32,
+    experts: Option<&'a ExpertParallel>,
 }
 
 impl std::fmt::Debug for ShardedSequence<'_> {
@@ -58,11 +64,24 @@ impl<'a> ShardedSequence<'a> {
         tokens: &[u32],
         job: JobOptions,
     ) -> Result<(Self, Vec<f32>)> {
+        Self::prefill_with(model, comm, plan, tokens, job, None)
+    }
+
+    /// [`Self::prefill`] with the routed experts expert-parallel (prefill and every decode step).
+    pub fn prefill_with(
+        model: &'a Model,
+        comm: &'a Communicator,
+        plan: &ShardPlan,
+        tokens: &[u32],
+        job: JobOptions,
+        experts: Option<&'a ExpertParallel>,
+    ) -> Result<(Self, Vec<f32>)> {
         if tokens.is_empty() {
             return Err(ParallelError::Plan("the prompt has no tokens".into()));
         }
         let me = comm.rank();
-        let out = prefill_shard(model, comm, plan, &plan.tokens_for(me, tokens)?, job)?;
+        let mine = plan.tokens_for(me, tokens)?;
+        let out = prefill_shard_with(model, comm, plan, &mine, job, experts)?;
         let last = tokens.len() - 1;
         let mine = match out.positions.iter().position(|&p| p == last) {
             Some(i) => Some(model.logits(&out.hidden.rows(i, i + 1)?)?.into_vec()),
@@ -80,6 +99,7 @@ impl<'a> ShardedSequence<'a> {
                 next_position: tokens.len(),
                 job: job.id,
                 steps: 0,
+                experts,
             },
             logits,
         ))
@@ -111,7 +131,7 @@ impl<'a> ShardedSequence<'a> {
             .enumerate()
         {
             let params = layer.attn.params;
-            layer.forward_with(&mut x, &rope, |qkv| -> Result<Vec<f32>> {
+            let attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
                 if me == owner {
                     kv.append(&qkv.k, &qkv.v, &[pos]);
                 }
@@ -156,7 +176,15 @@ impl<'a> ShardedSequence<'a> {
                     )?;
                 }
                 Ok(acc.out)
-            })?;
+            };
+            match self.experts {
+                None => layer.forward_with(&mut x, &rope, attend)?,
+                Some(ep) => layer.forward_parts(&mut x, &rope, attend, |m, xs, routing| {
+                    let tag = Tag::new(self.job, l as u32, step, Kind::Dispatch);
+                    let hidden = m.router.in_features;
+                    Ok(moe_parallel(comm, ep, l, &m.experts, xs, hidden, routing, tag)?.0)
+                })?,
+            };
         }
         self.shard_sizes[owner] += 1;
         self.next_position += 1;
@@ -171,7 +199,8 @@ pub struct StopRule<'e> {
     pub eos: &'e [u32],
 }
 
-/// Prefill sharded by `plan`, then decode until `stop`. Every rank calls this with the same
+/// Prefill sharded by `plan` (experts expert-parallel if `experts` is given), then decode until
+/// `stop`. Every rank calls this with the same
 /// arguments (and an identically seeded sampler) and gets the same tokens.
 pub fn generate_sharded(
     model: &Model,
@@ -181,13 +210,14 @@ pub fn generate_sharded(
     stop: StopRule<'_>,
     sampler: &mut Sampler,
     job: JobOptions,
+    experts: Option<&ExpertParallel>,
 ) -> Result<Vec<u32>> {
     let (max_new_tokens, eos) = (stop.max_new_tokens, stop.eos);
     let mut out = Vec::new();
     if max_new_tokens == 0 {
         return Ok(out);
     }
-    let (mut seq, logits) = ShardedSequence::prefill(model, comm, plan, prompt, job)?;
+    let (mut seq, logits) = ShardedSequence::prefill_with(model, comm, plan, prompt, job, experts)?;
     let mut next = sampler.sample(&logits);
     loop {
         out.push(next);

@@ -13,6 +13,23 @@ pub enum ParallelError {
 
     #[error("invalid shard plan: {0}")]
     Plan(String),
+
+    #[error("expert placement: {0}")]
+    Placement(String),
+
+    #[error("expert dispatch: {0}")]
+    Dispatch(String),
+
+    #[error(
+        "worker {worker} has placement version {mine} but rank {peer} dispatched with version {theirs}: \
+         every worker must switch placements together"
+    )]
+    StalePlacement {
+        worker: usize,
+        peer: usize,
+        mine: u64,
+        theirs: u64,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, ParallelError>;

@@ -1,13 +1,18 @@
 //! Context-parallel prefill of a whole model: each rank runs its shard of the sequence through every
-//! layer; attention is a ring over the communicator, everything else (norms, projections, MoE) is
-//! the single-process layer on the rank's own tokens. Each rank keeps the K/V of its own tokens only.
+//! layer; attention is a ring over the communicator. The routed experts run either on the rank
+//! itself (every rank holds every expert) or expert-parallel over the same ranks
+//! ([`ExpertParallel`]); everything else (norms, projections, router, shared expert) is the
+//! single-process layer on the rank's own tokens. Each rank keeps the K/V of its own tokens only.
 
 use ringmoe_comm::{Communicator, Kind, Tag};
 use ringmoe_core::Tensor;
 use ringmoe_model::moe::Routing;
 use ringmoe_model::{KvCache, Model};
 
-use crate::{AttentionMode, ParallelError, Result, RingStats, ShardPlan, ring_attention_mode};
+use crate::{
+    AttentionMode, ExpertParallel, MoeStats, ParallelError, Result, RingStats, ShardPlan,
+    moe_parallel, ring_attention_mode,
+};
 
 /// What a rank holds after prefill.
 #[derive(Debug)]
@@ -22,6 +27,8 @@ pub struct RankPrefill {
     pub routing: Vec<(usize, Routing)>,
     /// Ring attention figures summed over the layers.
     pub attention: RingStats,
+    /// Expert-parallel figures summed over the sparse layers (zero when experts run locally).
+    pub moe: MoeStats,
 }
 
 /// What identifies a job on the wire and how its prefill attends.
@@ -51,6 +58,29 @@ pub fn prefill_shard(
     tokens: &[u32],
     job: JobOptions,
 ) -> Result<RankPrefill> {
+    prefill_shard_with(model, comm, plan, tokens, job, None)
+}
+
+/// [`prefill_shard`] with the routed experts run expert-parallel when `experts` is given: then
+/// this rank's model holds only the experts the placement puts on it.
+pub fn prefill_shard_with(
+    model: &Model,
+    comm: &Communicator,
+    plan: &ShardPlan,
+    tokens: &[u32],
+    job: JobOptions,
+    experts: Option<&ExpertParallel>,
+) -> Result<RankPrefill> {
+    if let Some(ep) = experts {
+        ep.check(model, comm)?;
+    }
+    if plan.world() != comm.world_size() {
+        return Err(ParallelError::Plan(format!(
+            "the plan has {} ranks, the group {}",
+            plan.world(),
+            comm.world_size()
+        )));
+    }
     let positions = plan.positions(comm.rank()).to_vec();
     if tokens.len() != positions.len() {
         return Err(ParallelError::Plan(format!(
@@ -69,6 +99,7 @@ pub fn prefill_shard(
     let mut cache = model.new_cache();
     let mut routing = Vec::new();
     let mut attention = RingStats::default();
+    let mut moe = MoeStats::default();
     for (l, (layer, kv)) in model
         .layers()
         .iter()
@@ -76,7 +107,7 @@ pub fn prefill_shard(
         .enumerate()
     {
         let params = layer.attn.params;
-        let r = layer.forward_with(&mut x, &rope, |qkv| -> Result<Vec<f32>> {
+        let attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
             kv.append(&qkv.k, &qkv.v, &positions);
             let tag = Tag::new(job.id, l as u32, 0, Kind::Ring);
             let (out, stats) = ring_attention_mode(
@@ -91,7 +122,17 @@ pub fn prefill_shard(
             )?;
             attention.add(&stats);
             Ok(out.out)
-        })?;
+        };
+        let r = match experts {
+            None => layer.forward_with(&mut x, &rope, attend)?,
+            Some(ep) => layer.forward_parts(&mut x, &rope, attend, |m, xs, routing| {
+                let tag = Tag::new(job.id, l as u32, 0, Kind::Dispatch);
+                let hidden = m.router.in_features;
+                let (y, s) = moe_parallel(comm, ep, l, &m.experts, xs, hidden, routing, tag)?;
+                moe.add(&s);
+                Ok(y)
+            })?,
+        };
         if let Some(r) = r {
             routing.push((l, r));
         }
@@ -102,5 +143,6 @@ pub fn prefill_shard(
         cache,
         routing,
         attention,
+        moe,
     })
 }

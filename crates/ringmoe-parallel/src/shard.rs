@@ -60,6 +60,20 @@ impl ShardPlan {
         Ok(Self { len, kind, ranks })
     }
 
+    /// A plan over `world` ranks where only the first `active` hold tokens (sharded as by
+    /// [`Self::new`]); the rest take part in every collective with empty shards, e.g. workers
+    /// that only host experts.
+    pub fn with_active(len: usize, world: usize, active: usize, kind: Sharding) -> Result<Self> {
+        if active == 0 || active > world {
+            return Err(ParallelError::Plan(format!(
+                "{active} ranks holding tokens out of {world}: need 1..={world}"
+            )));
+        }
+        let mut p = Self::new(len, active, kind)?;
+        p.ranks.resize(world, Vec::new());
+        Ok(p)
+    }
+
     pub fn world(&self) -> usize {
         self.ranks.len()
     }

@@ -213,6 +213,7 @@ fn generation_after_sharded_prefill_matches_transformers() -> Result<()> {
                         stop,
                         &mut sampler,
                         JobOptions::dense(3),
+                        None,
                     )?)
                 },
             ))?;
