@@ -202,6 +202,7 @@ pub struct StopRule<'e> {
 /// Prefill sharded by `plan` (experts expert-parallel if `experts` is given), then decode until
 /// `stop`. Every rank calls this with the same
 /// arguments (and an identically seeded sampler) and gets the same tokens.
+#[allow(clippy::too_many_arguments)]
 pub fn generate_sharded(
     model: &Model,
     comm: &Communicator,

@@ -170,7 +170,7 @@ fn every_placement_computes_the_local_moe_layer() -> Result<()> {
                     ensure!(computed as usize == slots);
                     let snap = load.snapshot();
                     ensure!(snap.per_expert(1, n)[0].iter().sum::<u64>() as usize == slots);
-                    for (&(_, e, w), _) in &snap.counts {
+                    for &(_, e, w) in snap.counts.keys() {
                         ensure!(
                             placement.hosts(0, e as usize, w as usize),
                             "{name}: load on a non-host"

@@ -1,9 +1,11 @@
-//! `ringmoe forward`: logits for every position of `input_ids`, in one process or with the sequence
-//! sharded over P ranks (ring attention) — in-process threads, or OS processes over TCP on
-//! 127.0.0.1. The output file is the same either way: the user-visible check that sharding
-//! computes the same function.
+//! `ringmoe forward`: logits for every position of `input_ids`, in one process or over a group of
+//! workers — the sequence sharded over P of them (ring attention), the experts spread over all of
+//! them by a placement (expert parallelism) — as in-process threads, or OS processes over TCP on
+//! 127.0.0.1. The output file is the same either way: the user-visible check that sharding and
+//! placement compute the same function.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -11,8 +13,11 @@ use clap::{Args, ValueEnum};
 use ringmoe_comm::local::on_every_rank;
 use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag, TcpOptions, in_process, launch};
 use ringmoe_core::sparse::{AShape, VsConfig};
-use ringmoe_model::{Checkpoint, LoadOptions, LogitsFor, Model};
-use ringmoe_parallel::{AttentionMode, JobOptions, RingStats, ShardPlan, Sharding, prefill_shard};
+use ringmoe_model::{Checkpoint, ExpertSelection, LoadOptions, LogitsFor, Model, ModelConfig};
+use ringmoe_parallel::{
+    AttentionMode, ExpertParallel, JobOptions, LoadSnapshot, LoadTracker, MoeStats, Placement,
+    RingStats, ShardPlan, Sharding, prefill_shard_with,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
@@ -131,6 +136,72 @@ impl From<ShardingArg> for Sharding {
     }
 }
 
+/// Expert parallelism: how many workers and how the experts are spread over them.
+#[derive(Args, Clone, Debug)]
+pub struct ExpertOpts {
+    /// Workers in the group; each hosts the experts the placement gives it and, if it is one of
+    /// the first --seq-shards, a shard of the sequence. Default: --seq-shards (no expert
+    /// parallelism unless --placement is given).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// contiguous, round-robin, or a placement JSON file (as `Placement::to_json` writes).
+    #[arg(long)]
+    placement: Option<String>,
+    /// Replicate the K most loaded experts of every layer (load measured by a first pass over
+    /// the same input), then compute with the new placement.
+    #[arg(long, default_value_t = 0)]
+    replicate_hot: usize,
+    /// Drop routed rows past ⌈F · tokens · top_k / experts⌉ per expert and rank (default: dropless).
+    #[arg(long)]
+    capacity_factor: Option<f32>,
+    /// Two-batch overlap of the expert all-to-all with expert compute.
+    #[arg(long)]
+    overlap: bool,
+}
+
+impl ExpertOpts {
+    fn enabled(&self) -> bool {
+        self.workers.is_some()
+            || self.placement.is_some()
+            || self.replicate_hot > 0
+            || self.capacity_factor.is_some()
+            || self.overlap
+    }
+
+    /// The placement named on the command line, for `world` workers.
+    fn placement(&self, cfg: &ModelConfig, world: usize) -> Result<Placement> {
+        let (layers, n) = (cfg.num_layers, cfg.moe.num_experts);
+        let p = match self.placement.as_deref().unwrap_or("contiguous") {
+            "contiguous" => Placement::contiguous(layers, n, world)?,
+            "round-robin" => Placement::round_robin(layers, n, world)?,
+            file => Placement::load(Path::new(file))?,
+        };
+        p.check_model(cfg, world)?;
+        Ok(p)
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(w) = self.workers {
+            v.extend(["--workers".to_string(), w.to_string()]);
+        }
+        if let Some(p) = &self.placement {
+            v.extend(["--placement".to_string(), p.clone()]);
+        }
+        v.extend([
+            "--replicate-hot".to_string(),
+            self.replicate_hot.to_string(),
+        ]);
+        if let Some(f) = self.capacity_factor {
+            v.extend(["--capacity-factor".to_string(), f.to_string()]);
+        }
+        if self.overlap {
+            v.push("--overlap".into());
+        }
+        v
+    }
+}
+
 /// What to compute; shared by `forward` and the hidden per-rank command it starts.
 #[derive(Args, Clone)]
 pub struct ForwardJob {
@@ -149,6 +220,34 @@ pub struct ForwardJob {
     sharding: ShardingArg,
     #[command(flatten)]
     attention: AttentionOpts,
+    #[command(flatten)]
+    experts: ExpertOpts,
+}
+
+impl ForwardJob {
+    fn world(&self) -> usize {
+        self.experts.workers.unwrap_or(self.seq_shards)
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(self.seq_shards >= 1, "--seq-shards must be at least 1");
+        ensure!(
+            self.seq_shards <= self.world(),
+            "--seq-shards {} is more than --workers {}",
+            self.seq_shards,
+            self.world()
+        );
+        Ok(())
+    }
+
+    fn plan(&self, len: usize) -> Result<ShardPlan> {
+        Ok(ShardPlan::with_active(
+            len,
+            self.world(),
+            self.seq_shards,
+            self.sharding.into(),
+        )?)
+    }
 }
 
 #[derive(Args)]
@@ -211,17 +310,57 @@ fn load(model: &Path, input_ids: &Path) -> Result<(Model, Vec<u32>)> {
     Ok((m, ids))
 }
 
-/// This rank's logits rows (its positions, in order) and its attention figures.
+/// What one rank computed: its logits rows (its positions, in order) and its figures.
+struct RankOut {
+    rows: Vec<f32>,
+    attention: RingStats,
+    moe: MoeStats,
+}
+
+/// This rank's prefill and logits.
 fn rank_logits(
     model: &Model,
     comm: &Communicator,
     plan: &ShardPlan,
     ids: &[u32],
     attention: AttentionMode,
-) -> Result<(Vec<f32>, RingStats)> {
+    experts: Option<&ExpertParallel>,
+) -> Result<RankOut> {
     let job = JobOptions { id: 1, attention };
-    let out = prefill_shard(model, comm, plan, &plan.tokens_for(comm.rank(), ids)?, job)?;
-    Ok((model.logits(&out.hidden)?.into_vec(), out.attention))
+    let mine = plan.tokens_for(comm.rank(), ids)?;
+    let out = prefill_shard_with(model, comm, plan, &mine, job, experts)?;
+    Ok(RankOut {
+        rows: model.logits(&out.hidden)?.into_vec(),
+        attention: out.attention,
+        moe: out.moe,
+    })
+}
+
+/// The model `worker` loads: the dense weights and the experts `placement` gives it.
+fn load_worker(dir: &Path, placement: Option<&Placement>, worker: usize) -> Result<Model> {
+    let opts = LoadOptions {
+        experts: placement.map_or(ExpertSelection::All, |p| p.selection(worker)),
+        ..Default::default()
+    };
+    Model::load(dir, &opts).with_context(|| format!("loading model from {}", dir.display()))
+}
+
+/// One line on stderr about the expert all-to-all and the load of each worker.
+fn report_experts(placement: &Placement, per_rank: &[MoeStats], load: &LoadSnapshot) {
+    let mut t = MoeStats::default();
+    per_rank.iter().for_each(|s| t.add(s));
+    let per_worker = load.per_worker(placement.workers);
+    eprintln!(
+        "experts: placement version {} over {} workers; {} of {} routed rows computed on another \
+         worker, {:.2} MiB moved, {} dropped; rows per worker {per_worker:?}, max/mean {:.2}",
+        placement.version,
+        placement.workers,
+        t.rows_remote,
+        t.slots,
+        t.bytes_sent as f64 / (1 << 20) as f64,
+        t.dropped,
+        load.imbalance(placement.workers),
+    );
 }
 
 /// One line on stderr: the attention work against causal attention's pairs, and what moved.
@@ -299,10 +438,11 @@ pub fn run(args: ForwardArgs) -> Result<()> {
 
 fn forward(args: ForwardArgs) -> Result<()> {
     let (a, transport) = (args.job, args.transport);
-    ensure!(a.seq_shards >= 1, "--seq-shards must be at least 1");
+    a.check()?;
     let mode = a.attention.mode();
-    match (a.seq_shards, transport) {
-        (1, Transport::Inproc) if mode == AttentionMode::Dense => {
+    let world = a.world();
+    match transport {
+        Transport::Inproc if world == 1 && mode == AttentionMode::Dense && !a.experts.enabled() => {
             let (model, ids) = load(&a.model, &a.input_ids)?;
             let out = model.forward(&ids, &mut model.new_cache(), LogitsFor::All)?;
             write_logits(
@@ -312,30 +452,72 @@ fn forward(args: ForwardArgs) -> Result<()> {
                 model.config.vocab_size,
             )
         }
-        (p, Transport::Inproc) => {
-            let (model, ids) = load(&a.model, &a.input_ids)?;
-            let plan = ShardPlan::new(ids.len(), p, a.sharding.into())?;
-            let comms = in_process(p, Duration::from_secs(600));
-            let (per_rank, stats): (Vec<_>, Vec<_>) =
-                on_every_rank(&comms, |c| rank_logits(&model, c, &plan, &ids, mode))
+        Transport::Inproc => {
+            let ids = read_input_ids(&a.input_ids)?;
+            ensure!(!ids.is_empty(), "input_ids is empty");
+            let plan = a.plan(ids.len())?;
+            let comms = in_process(world, Duration::from_secs(600));
+            let (models, ep) = if a.experts.enabled() {
+                let cfg = ModelConfig::from_dir(&a.model)?;
+                let mut placement = a.experts.placement(&cfg, world)?;
+                if a.experts.replicate_hot > 0 {
+                    let load = Arc::new(LoadTracker::default());
+                    let models = (0..world)
+                        .map(|w| load_worker(&a.model, Some(&placement), w))
+                        .collect::<Result<Vec<_>>>()?;
+                    models[0].check_tokens(&ids)?;
+                    let ep = ExpertParallel {
+                        load: load.clone(),
+                        ..ExpertParallel::new(placement.clone())
+                    };
+                    on_every_rank(&comms, |c| {
+                        rank_logits(&models[c.rank()], c, &plan, &ids, mode, Some(&ep))
+                    })
                     .into_iter()
-                    .collect::<Result<Vec<_>>>()?
-                    .into_iter()
-                    .unzip();
-            report_attention(&model, ids.len(), &stats);
-            let vocab = model.config.vocab_size;
-            write_logits(
-                &a.out,
-                &plan.unshard_rows(&per_rank, vocab)?,
-                ids.len(),
-                vocab,
-            )
+                    .collect::<Result<Vec<_>>>()?;
+                    let snap = load.snapshot();
+                    eprintln!(
+                        "calibration pass: rows per worker {:?}, max/mean {:.2}",
+                        snap.per_worker(world),
+                        snap.imbalance(world)
+                    );
+                    let per_expert = snap.per_expert(cfg.num_layers, cfg.moe.num_experts);
+                    placement = placement.replicate_hot(&per_expert, a.experts.replicate_hot)?;
+                }
+                let ep = ExpertParallel {
+                    capacity_factor: a.experts.capacity_factor,
+                    overlap: a.experts.overlap,
+                    ..ExpertParallel::new(placement)
+                };
+                let models = (0..world)
+                    .map(|w| load_worker(&a.model, Some(&ep.placement), w))
+                    .collect::<Result<Vec<_>>>()?;
+                (models, Some(ep))
+            } else {
+                (vec![load_worker(&a.model, None, 0)?], None)
+            };
+            models[0].check_tokens(&ids)?;
+            let model_of = |r: usize| &models[r.min(models.len() - 1)];
+            let outs = on_every_rank(&comms, |c| {
+                rank_logits(model_of(c.rank()), c, &plan, &ids, mode, ep.as_ref())
+            })
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+            let stats: Vec<RingStats> = outs.iter().map(|o| o.attention).collect();
+            report_attention(&models[0], ids.len(), &stats);
+            if let Some(ep) = &ep {
+                let moe: Vec<MoeStats> = outs.iter().map(|o| o.moe).collect();
+                report_experts(&ep.placement, &moe, &ep.load.snapshot());
+            }
+            let vocab = models[0].config.vocab_size;
+            let rows: Vec<Vec<f32>> = outs.into_iter().map(|o| o.rows).collect();
+            write_logits(&a.out, &plan.unshard_rows(&rows, vocab)?, ids.len(), vocab)
         }
-        (p, Transport::Tcp) => {
+        Transport::Tcp => {
             let exe = std::env::current_exe()?;
             let path = |p: &Path| p.to_string_lossy().into_owned();
             let sharding = format!("{:?}", a.sharding).to_lowercase();
-            let ranks = launch::spawn_ranks(&exe, p, |r| {
+            let ranks = launch::spawn_ranks(&exe, world, |r| {
                 let mut args = vec![
                     "forward-rank".into(),
                     "--model".into(),
@@ -347,11 +529,14 @@ fn forward(args: ForwardArgs) -> Result<()> {
                     "--rank".into(),
                     r.to_string(),
                     "--seq-shards".into(),
-                    p.to_string(),
+                    a.seq_shards.to_string(),
                     "--sharding".into(),
                     sharding.clone(),
                 ];
                 args.extend(a.attention.to_args());
+                if a.experts.enabled() {
+                    args.extend(a.experts.to_args());
+                }
                 args
             })?;
             for (r, mut proc_) in ranks.into_iter().enumerate() {
@@ -366,42 +551,127 @@ fn forward(args: ForwardArgs) -> Result<()> {
     }
 }
 
+/// Every rank's load snapshot, merged (the same on every rank).
+fn gather_load(comm: &Communicator, tag: Tag, load: &LoadTracker) -> Result<LoadSnapshot> {
+    let mine = load.snapshot().to_i64();
+    let n = mine.len();
+    let mut all = LoadSnapshot::default();
+    for (r, p) in comm
+        .all_gather(
+            tag,
+            Payload {
+                shape: vec![n],
+                data: Data::I64(mine),
+            },
+        )?
+        .into_iter()
+        .enumerate()
+    {
+        let snap = match &p.data {
+            Data::I64(v) => LoadSnapshot::from_i64(v),
+            _ => None,
+        }
+        .with_context(|| format!("rank {r} sent a malformed load snapshot: {}", p.describe()))?;
+        all.merge(&snap);
+    }
+    Ok(all)
+}
+
 pub fn run_rank(args: ForwardRankArgs) -> Result<()> {
     let (a, rank) = (args.job, args.rank);
+    a.check()?;
+    let world = a.world();
     let comm = launch::join_tcp(rank, &TcpOptions::default(), Duration::from_secs(600))?;
-    let (model, ids) = load(&a.model, &a.input_ids)?;
-    let plan = ShardPlan::new(ids.len(), a.seq_shards, a.sharding.into())?;
-    let (rows, stats) = rank_logits(&model, &comm, &plan, &ids, a.attention.mode())?;
+    let ids = read_input_ids(&a.input_ids)?;
+    ensure!(!ids.is_empty(), "input_ids is empty");
+    let plan = a.plan(ids.len())?;
+    let mode = a.attention.mode();
+    let ep = if a.experts.enabled() {
+        let cfg = ModelConfig::from_dir(&a.model)?;
+        let mut placement = a.experts.placement(&cfg, world)?;
+        if a.experts.replicate_hot > 0 {
+            // Every rank measures, gathers the same totals and derives the same new placement.
+            let model = load_worker(&a.model, Some(&placement), rank)?;
+            model.check_tokens(&ids)?;
+            let ep = ExpertParallel::new(placement.clone());
+            rank_logits(&model, &comm, &plan, &ids, mode, Some(&ep))?;
+            let snap = gather_load(&comm, Tag::new(1, u32::MAX, 2, Kind::AllGather), &ep.load)?;
+            if rank == 0 {
+                eprintln!(
+                    "calibration pass: rows per worker {:?}, max/mean {:.2}",
+                    snap.per_worker(world),
+                    snap.imbalance(world)
+                );
+            }
+            let per_expert = snap.per_expert(cfg.num_layers, cfg.moe.num_experts);
+            placement = placement.replicate_hot(&per_expert, a.experts.replicate_hot)?;
+        }
+        Some(ExpertParallel {
+            capacity_factor: a.experts.capacity_factor,
+            overlap: a.experts.overlap,
+            ..ExpertParallel::new(placement)
+        })
+    } else {
+        None
+    };
+    let model = load_worker(&a.model, ep.as_ref().map(|e| &e.placement), rank)?;
+    model.check_tokens(&ids)?;
+    let out = rank_logits(&model, &comm, &plan, &ids, mode, ep.as_ref())?;
     let vocab = model.config.vocab_size;
     let tag = Tag::new(1, u32::MAX, 0, Kind::Data);
+    let (s, m) = (out.attention, out.moe);
     let figures = vec![
-        stats.pairs_scored as i64,
-        stats.bytes_sent as i64,
-        stats.estimate_secs.to_bits() as i64,
+        s.pairs_scored as i64,
+        s.bytes_sent as i64,
+        s.estimate_secs.to_bits() as i64,
+        m.slots as i64,
+        m.rows_remote as i64,
+        m.dropped as i64,
+        m.bytes_sent as i64,
     ];
     let gathered = comm.all_gather(
         Tag::new(1, u32::MAX, 1, Kind::AllGather),
         Payload {
-            shape: vec![3],
+            shape: vec![figures.len()],
             data: Data::I64(figures),
         },
     )?;
+    let load = match &ep {
+        Some(ep) => Some(gather_load(
+            &comm,
+            Tag::new(1, u32::MAX, 3, Kind::AllGather),
+            &ep.load,
+        )?),
+        None => None,
+    };
     if rank == 0 {
-        let per_rank: Vec<RingStats> = gathered
+        let (per_rank, moe): (Vec<RingStats>, Vec<MoeStats>) = gathered
             .iter()
             .filter_map(|p| match &p.data {
-                Data::I64(v) if v.len() == 3 => Some(RingStats {
-                    pairs_scored: v[0] as u64,
-                    bytes_sent: v[1] as u64,
-                    estimate_secs: f64::from_bits(v[2] as u64),
-                    ..RingStats::default()
-                }),
+                Data::I64(v) if v.len() == 7 => Some((
+                    RingStats {
+                        pairs_scored: v[0] as u64,
+                        bytes_sent: v[1] as u64,
+                        estimate_secs: f64::from_bits(v[2] as u64),
+                        ..RingStats::default()
+                    },
+                    MoeStats {
+                        slots: v[3] as u64,
+                        rows_remote: v[4] as u64,
+                        dropped: v[5] as u64,
+                        bytes_sent: v[6] as u64,
+                        ..MoeStats::default()
+                    },
+                )),
                 _ => None,
             })
-            .collect();
+            .unzip();
         report_attention(&model, ids.len(), &per_rank);
-        let mut per_rank = vec![rows];
-        for r in 1..a.seq_shards {
+        if let (Some(ep), Some(load)) = (&ep, &load) {
+            report_experts(&ep.placement, &moe, load);
+        }
+        let mut per_rank = vec![out.rows];
+        for r in 1..world {
             per_rank.push(
                 comm.recv(r, tag)?
                     .into_f32()
@@ -415,6 +685,7 @@ pub fn run_rank(args: ForwardRankArgs) -> Result<()> {
             vocab,
         )?;
     } else {
+        let rows = out.rows;
         let n = rows.len() / vocab.max(1);
         comm.send(
             0,

@@ -294,3 +294,142 @@ fn bad_inputs_exit_nonzero_with_a_message() -> Result<()> {
     ensure!(!out.status.success() && String::from_utf8(out.stderr)?.contains("/nonexistent/model"));
     Ok(())
 }
+
+/// `--workers/--placement`: experts spread over workers (with the sequence over some of them) write
+/// the logits one process writes, in-process and as TCP processes, for built-in layouts, a
+/// placement file and replicated hot experts; a placement file that leaves an expert without a
+/// host is refused with the reason.
+#[test]
+fn expert_parallel_forward_writes_the_single_process_logits() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let inp = tmp.path().join("in.safetensors");
+    write_input_ids(&inp, &reference_ids("mixtral-tiny", "input_ids_L64")?)?;
+    let model = fixture("mixtral-tiny");
+    let run = |name: &str, extra: &[&str]| -> Result<(PathBuf, Output)> {
+        let outp = tmp.path().join(name);
+        let mut args = vec![
+            "forward",
+            "--model",
+            model.to_str().context("path")?,
+            "--input-ids",
+            inp.to_str().context("path")?,
+            "--out",
+            outp.to_str().context("path")?,
+        ];
+        args.extend_from_slice(extra);
+        let out = ringmoe(&args)?;
+        Ok((outp, out))
+    };
+    let load = |p: &Path| -> Result<Vec<f32>> {
+        Ok(Checkpoint::open_files(tmp.path(), &[p.to_path_buf()])?
+            .load("logits", &[1, 64, 384])?
+            .into_vec())
+    };
+    let (single, out) = run("single.safetensors", &[])?;
+    ensure!(out.status.success());
+    let want = load(&single)?;
+    // Two layers of eight experts: worker 0 hosts expert 0 only, worker 1 the rest, and worker 2
+    // replicates experts 1 and 2.
+    let layer: Vec<Vec<usize>> = (0..8)
+        .map(|e| match e {
+            0 => vec![0],
+            1 | 2 => vec![1, 2],
+            _ => vec![1],
+        })
+        .collect();
+    let file = tmp.path().join("placement.json");
+    std::fs::write(
+        &file,
+        ringmoe_parallel::Placement::from_hosts(3, 3, &[layer.clone(), layer])?.to_json(),
+    )?;
+    let file_s = file.to_str().context("path")?;
+    let cases: Vec<Vec<&str>> = vec![
+        vec![
+            "--workers",
+            "4",
+            "--placement",
+            "round-robin",
+            "--seq-shards",
+            "2",
+        ],
+        vec!["--workers", "3", "--placement", file_s, "--seq-shards", "3"],
+        vec![
+            "--workers",
+            "2",
+            "--replicate-hot",
+            "2",
+            "--seq-shards",
+            "2",
+            "--overlap",
+        ],
+        vec![
+            "--workers",
+            "3",
+            "--placement",
+            "contiguous",
+            "--transport",
+            "tcp",
+        ],
+        vec![
+            "--workers",
+            "2",
+            "--placement",
+            file_s.trim_end_matches(".json"),
+            "--transport",
+            "tcp",
+        ],
+        vec![
+            "--workers",
+            "3",
+            "--replicate-hot",
+            "1",
+            "--seq-shards",
+            "3",
+            "--transport",
+            "tcp",
+        ],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let (outp, out) = run(&format!("ep{i}.safetensors"), case)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if i == 4 {
+            // A file that does not exist is named.
+            ensure!(
+                !out.status.success() && stderr.contains("cannot read"),
+                "{stderr}"
+            );
+            continue;
+        }
+        ensure!(out.status.success(), "{case:?}: {stderr}");
+        let d = load(&outp)?
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        ensure!(d <= 1e-4, "{case:?}: max |Δ| {d:e}");
+        ensure!(
+            stderr.contains("experts: placement version") && stderr.contains("max/mean"),
+            "{stderr}"
+        );
+        if case.contains(&"--replicate-hot") {
+            ensure!(
+                stderr.contains("calibration pass") && stderr.contains("placement version 2"),
+                "{stderr}"
+            );
+        }
+    }
+    // An expert nobody hosts.
+    let mut bad: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
+    bad["layers"][1][5] = serde_json::json!([]);
+    std::fs::write(&file, bad.to_string())?;
+    let (_, out) = run(
+        "bad.safetensors",
+        &["--workers", "3", "--placement", file_s],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("expert 5 of layer 1 is hosted by no worker"),
+        "{stderr}"
+    );
+    Ok(())
+}
