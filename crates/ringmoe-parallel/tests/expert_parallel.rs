@@ -552,3 +552,67 @@ fn a_worker_with_a_quarter_of_the_experts_reads_a_quarter_of_their_bytes() -> Re
     ensure!(err.contains("did not load it"), "{err}");
     Ok(())
 }
+
+/// Greedy generation with the experts spread over workers (prefill and every decode step) gives
+/// transformers' tokens on every rank.
+#[test]
+fn generation_with_expert_parallelism_matches_transformers() -> Result<()> {
+    use ringmoe_model::{GenerationConfig, Sampler, SamplingParams};
+    use ringmoe_parallel::{StopRule, generate_sharded};
+    for name in ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"] {
+        let dir = fixture(name);
+        let cfg = ModelConfig::from_dir(&dir)?;
+        let (prompt, want) = (
+            reference_ids(name, "gen_prompt_ids")?,
+            reference_ids(name, "gen_output_ids")?,
+        );
+        let eos = GenerationConfig::from_dir(&dir)?
+            .map(|g| g.eos_token_ids)
+            .unwrap_or_default();
+        let world = 3;
+        let placement = Placement::round_robin(cfg.num_layers, cfg.moe.num_experts, world)?;
+        let models: Vec<Model> = (0..world)
+            .map(|w| {
+                Model::load(
+                    &dir,
+                    &LoadOptions {
+                        experts: placement.selection(w),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let plan = ShardPlan::new(prompt.len(), world, Sharding::Zigzag)?;
+        let outs = all_ok(on_every_rank(
+            &in_process(world, Duration::from_secs(20)),
+            |c| -> Result<Vec<u32>> {
+                let ep = ExpertParallel {
+                    overlap: true,
+                    ..ExpertParallel::new(placement.clone())
+                };
+                let mut sampler = Sampler::new(SamplingParams::default())?;
+                let stop = StopRule {
+                    max_new_tokens: 16,
+                    eos: &eos,
+                };
+                Ok(generate_sharded(
+                    &models[c.rank()],
+                    c,
+                    &plan,
+                    &prompt,
+                    stop,
+                    &mut sampler,
+                    JobOptions::dense(6),
+                    Some(&ep),
+                )?)
+            },
+        ))?;
+        for (rank, got) in outs.iter().enumerate() {
+            ensure!(
+                got == &want,
+                "{name} rank {rank}: {got:?} vs transformers {want:?}"
+            );
+        }
+    }
+    Ok(())
+}

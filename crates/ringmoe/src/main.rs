@@ -2,6 +2,7 @@
 
 mod comm_bench;
 mod forward;
+mod moe_bench;
 mod ring_bench;
 
 use std::io::Write;
@@ -86,6 +87,8 @@ enum BenchCmd {
     Comm(comm_bench::CommArgs),
     /// Ring attention vs single-rank attention over the same sequence.
     Ring(ring_bench::RingArgs),
+    /// A MoE layer's experts over W ranks (expert parallelism) vs one rank holding them all.
+    Moe(moe_bench::MoeArgs),
     /// One rank of `bench comm --transport tcp` (started by it; not for direct use).
     #[command(hide = true)]
     CommRank(comm_bench::CommRankArgs),
@@ -139,6 +142,7 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Experts(a)) => cmd_bench_experts(a),
         Cmd::Bench(BenchCmd::Comm(a)) => comm_bench::run(a),
         Cmd::Bench(BenchCmd::Ring(a)) => ring_bench::run(a),
+        Cmd::Bench(BenchCmd::Moe(a)) => moe_bench::run(a),
         Cmd::Bench(BenchCmd::CommRank(a)) => comm_bench::run_rank(a),
     }
 }
