@@ -390,7 +390,12 @@ fn ep_logits(
 
 #[test]
 fn expert_parallel_forward_equals_single_process_on_every_fixture() -> Result<()> {
-    for name in ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"] {
+    for name in [
+        "mixtral-tiny",
+        "mixtral-tiny-bf16",
+        "qwen3-moe-tiny",
+        "qwen2-moe-tiny",
+    ] {
         let dir = fixture(name);
         let cfg = ModelConfig::from_dir(&dir)?;
         let (layers, n) = (cfg.num_layers, cfg.moe.num_experts);
