@@ -2,8 +2,11 @@
 //! (every placement, replicas, capacity, overlap, malformed frames), and whole fixture models
 //! with experts sharded over workers, alone and combined with ring attention, in-process and TCP.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
+
+use common::*;
+
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -13,32 +16,9 @@ use ringmoe_core::testing::rand_vec;
 use ringmoe_model::moe::{ExpertSet, ExpertWeights, Routing, TopKNorm, experts_local, route};
 use ringmoe_model::{Checkpoint, LoadOptions, LogitsFor, Model, ModelConfig};
 use ringmoe_parallel::{
-    ExpertParallel, JobOptions, LoadTracker, MoeStats, Placement, ShardPlan, Sharding,
-    moe_parallel, prefill_shard_with,
+    ExpertParallel, JobOptions, MoeStats, Placement, ShardPlan, Sharding, moe_parallel,
+    prefill_shard_with,
 };
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-fn reference_ids(model: &str, name: &str) -> Result<Vec<u32>> {
-    let dir = fixture(model);
-    let r = Checkpoint::open_files(&dir, &[dir.join("reference.safetensors")])?;
-    Ok(r.load_i64(name)?.0.into_iter().map(|x| x as u32).collect())
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn all_ok<T>(per_rank: Vec<Result<T>>) -> Result<Vec<T>> {
-    per_rank.into_iter().collect()
-}
 
 // ---- The MoE layer alone -------------------------------------------------------------------
 
@@ -91,15 +71,15 @@ fn rank_inputs(world: usize, n: usize, k: usize, seed: u64, skew: f32) -> Vec<(V
 fn run_layer(
     comms: &[Communicator],
     all: &[ExpertWeights],
-    eps: &[ExpertParallel],
+    ep: &ExpertParallel,
     inputs: &[(Vec<f32>, Routing)],
 ) -> Result<Vec<(Vec<f32>, MoeStats)>> {
     all_ok(on_every_rank(comms, |c| -> Result<(Vec<f32>, MoeStats)> {
         let r = c.rank();
-        let set = hosted_set(all, &eps[r].placement, r);
+        let set = hosted_set(all, &ep.placement, r);
         let (x, routing) = &inputs[r];
         let tag = Tag::new(5, 0, 0, Kind::Dispatch);
-        Ok(moe_parallel(c, &eps[r], 0, &set, x, HIDDEN, routing, tag)?)
+        Ok(moe_parallel(c, ep, 0, &set, x, HIDDEN, routing, tag)?)
     }))
 }
 
@@ -143,15 +123,9 @@ fn every_placement_computes_the_local_moe_layer() -> Result<()> {
                     } else {
                         in_process(world, Duration::from_secs(20))
                     };
-                    let load = Arc::new(LoadTracker::default());
-                    let eps: Vec<ExpertParallel> = (0..world)
-                        .map(|_| ExpertParallel {
-                            overlap,
-                            load: load.clone(),
-                            ..ExpertParallel::new(placement.clone())
-                        })
-                        .collect();
-                    let outs = run_layer(&comms, &all, &eps, &inputs)?;
+                    let ep = with_overlap(&placement, overlap);
+                    let load = ep.load.clone();
+                    let outs = run_layer(&comms, &all, &ep, &inputs)?;
                     let mut computed = 0;
                     for (r, ((got, stats), (x, routing))) in outs.iter().zip(&inputs).enumerate() {
                         let want = local_reference(&all, x, routing)?;
@@ -190,23 +164,17 @@ fn replicas_of_hot_experts_cut_the_imbalance() -> Result<()> {
     let inputs = rank_inputs(world, n, k, 9, 0.6);
     let base = Placement::contiguous(1, n, world)?;
     let measure = |placement: &Placement| -> Result<(f64, Vec<Vec<u64>>)> {
-        let load = Arc::new(LoadTracker::default());
-        let eps: Vec<ExpertParallel> = (0..world)
-            .map(|_| ExpertParallel {
-                load: load.clone(),
-                ..ExpertParallel::new(placement.clone())
-            })
-            .collect();
+        let ep = ExpertParallel::new(placement.clone());
         let outs = run_layer(
             &in_process(world, Duration::from_secs(20)),
             &all,
-            &eps,
+            &ep,
             &inputs,
         )?;
         for ((got, _), (x, routing)) in outs.iter().zip(&inputs) {
             ensure!(max_abs_diff(got, &local_reference(&all, x, routing)?) <= 1e-5);
         }
-        let snap = load.snapshot();
+        let snap = ep.load.snapshot();
         Ok((snap.imbalance(world), snap.per_expert(1, n)))
     };
     let (before, per_expert) = measure(&base)?;
@@ -230,18 +198,14 @@ fn capacity_drops_late_rows_and_counts_them() -> Result<()> {
     let all = random_experts(n, 5);
     let inputs = rank_inputs(world, n, k, 77, 0.8);
     let factor = 0.5f32;
-    let eps: Vec<ExpertParallel> = (0..world)
-        .map(|_| ExpertParallel {
-            capacity_factor: Some(factor),
-            ..ExpertParallel::new(
-                Placement::round_robin(1, n, world).unwrap_or_else(|e| panic!("{e}")),
-            )
-        })
-        .collect();
+    let ep = ExpertParallel {
+        capacity_factor: Some(factor),
+        ..ExpertParallel::new(Placement::round_robin(1, n, world)?)
+    };
     let outs = run_layer(
         &in_process(world, Duration::from_secs(20)),
         &all,
-        &eps,
+        &ep,
         &inputs,
     )?;
     let mut dropped = 0;
@@ -352,22 +316,22 @@ fn malformed_frames_and_stale_placements_are_refused() -> Result<()> {
 
 // ---- Whole models --------------------------------------------------------------------------
 
-/// Logits of a forward with experts placed by `placement` over `comms.len()` workers and the
-/// sequence over the first `seq_shards` of them. Each worker loads only its own experts.
+/// Logits of a forward with experts placed by `ep.placement` over `comms.len()` workers and the
+/// sequence over the first `seq_shards` of them. Each worker loads only its own experts; all
+/// record into `ep.load`.
 fn ep_logits(
     dir: &Path,
     comms: &[Communicator],
     tokens: &[u32],
     seq_shards: usize,
-    placement: &Placement,
-    overlap: bool,
+    ep: &ExpertParallel,
 ) -> Result<(Vec<f32>, Vec<MoeStats>)> {
     let world = comms.len();
     let plan = ShardPlan::with_active(tokens.len(), world, seq_shards, Sharding::Zigzag)?;
     let models: Vec<Model> = (0..world)
         .map(|w| {
             let opts = LoadOptions {
-                experts: placement.selection(w),
+                experts: ep.placement.selection(w),
                 ..Default::default()
             };
             Model::load(dir, &opts)
@@ -376,16 +340,20 @@ fn ep_logits(
     let vocab = models[0].config.vocab_size;
     let outs = all_ok(on_every_rank(comms, |c| -> Result<(Vec<f32>, MoeStats)> {
         let r = c.rank();
-        let ep = ExpertParallel {
-            overlap,
-            ..ExpertParallel::new(placement.clone())
-        };
         let mine = plan.tokens_for(r, tokens)?;
-        let out = prefill_shard_with(&models[r], c, &plan, &mine, JobOptions::dense(4), Some(&ep))?;
+        let out = prefill_shard_with(&models[r], c, &plan, &mine, JobOptions::dense(4), Some(ep))?;
         Ok((models[r].logits(&out.hidden)?.into_vec(), out.moe))
     }))?;
     let (rows, stats): (Vec<_>, Vec<_>) = outs.into_iter().unzip();
     Ok((plan.unshard_rows(&rows, vocab)?, stats))
+}
+
+/// `placement` with two-batch overlap on or off.
+fn with_overlap(placement: &Placement, overlap: bool) -> ExpertParallel {
+    ExpertParallel {
+        overlap,
+        ..ExpertParallel::new(placement.clone())
+    }
 }
 
 #[test]
@@ -435,39 +403,15 @@ fn expert_parallel_forward_equals_single_process_on_every_fixture() -> Result<()
         ));
         // Hot experts replicated, by measured load.
         let base = Placement::round_robin(layers, n, 3)?;
-        let load = {
-            let comms = in_process(3, Duration::from_secs(20));
-            let tracker = Arc::new(LoadTracker::default());
-            let plan = ShardPlan::new(ids.len(), 3, Sharding::Zigzag)?;
-            let models: Vec<Model> = (0..3)
-                .map(|w| {
-                    Model::load(
-                        &dir,
-                        &LoadOptions {
-                            experts: base.selection(w),
-                            ..Default::default()
-                        },
-                    )
-                })
-                .collect::<std::result::Result<_, _>>()?;
-            all_ok(on_every_rank(&comms, |c| -> Result<()> {
-                let ep = ExpertParallel {
-                    load: tracker.clone(),
-                    ..ExpertParallel::new(base.clone())
-                };
-                let mine = plan.tokens_for(c.rank(), &ids)?;
-                prefill_shard_with(
-                    &models[c.rank()],
-                    c,
-                    &plan,
-                    &mine,
-                    JobOptions::dense(2),
-                    Some(&ep),
-                )?;
-                Ok(())
-            }))?;
-            tracker.snapshot().per_expert(layers, n)
-        };
+        let calibration = ExpertParallel::new(base.clone());
+        ep_logits(
+            &dir,
+            &in_process(3, Duration::from_secs(20)),
+            &ids,
+            3,
+            &calibration,
+        )?;
+        let load = calibration.load.snapshot().per_expert(layers, n);
         cases.push((
             "hot replicas".into(),
             3,
@@ -484,7 +428,8 @@ fn expert_parallel_forward_equals_single_process_on_every_fixture() -> Result<()
             // Every worker does both (P = W), and experts alone (P = 1).
             for seq in [*world, 1] {
                 let comms = in_process(*world, Duration::from_secs(20));
-                let (got, stats) = ep_logits(&dir, &comms, &ids, seq, placement, *overlap)?;
+                let (got, stats) =
+                    ep_logits(&dir, &comms, &ids, seq, &with_overlap(placement, *overlap))?;
                 let d = max_abs_diff(&got, &want);
                 ensure!(d <= 1e-4, "{name} {case} P={seq}: max |Δ| {d}");
                 let dropped: u64 = stats.iter().map(|s| s.dropped).sum();
@@ -509,7 +454,13 @@ fn ring_attention_and_expert_parallelism_over_tcp() -> Result<()> {
         for world in [2, 4] {
             let placement = Placement::round_robin(cfg.num_layers, cfg.moe.num_experts, world)?;
             let comms = tcp_group(world, &TcpOptions::default(), Duration::from_secs(20))?;
-            let (got, stats) = ep_logits(&dir, &comms, &ids, world, &placement, world == 4)?;
+            let (got, stats) = ep_logits(
+                &dir,
+                &comms,
+                &ids,
+                world,
+                &with_overlap(&placement, world == 4),
+            )?;
             let d = max_abs_diff(&got, &want);
             ensure!(d <= 1e-4, "{name} TCP P=W={world}: max |Δ| {d}");
             ensure!(stats.iter().all(|s| s.rows_remote > 0 && s.bytes_sent > 0));

@@ -1,7 +1,10 @@
 //! Context-parallel prefill and decode against the single-process engine (and so transformers) on
 //! the fixture models: any number of sequence shards, zigzag or contiguous, in-process or over TCP.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
+
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -9,30 +12,11 @@ use ringmoe_comm::local::{on_every_rank, tcp_group};
 use ringmoe_comm::{Communicator, Kind, Tag, TcpOptions, in_process};
 use ringmoe_core::attention::{AttentionParams, naive_attention};
 use ringmoe_core::testing::rand_vec;
-use ringmoe_model::{
-    Checkpoint, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams,
-};
+use ringmoe_model::{GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams};
 use ringmoe_parallel::{
     JobOptions, ShardPlan, ShardedSequence, Sharding, StopRule, generate_sharded, prefill_shard,
     ring_attention,
 };
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-fn reference_ids(model: &str, name: &str) -> Result<Vec<u32>> {
-    let dir = fixture(model);
-    let r = Checkpoint::open_files(&dir, &[dir.join("reference.safetensors")])?;
-    Ok(r.load_i64(name)?.0.into_iter().map(|x| x as u32).collect())
-}
-
-/// Collects one `Result` per rank into one.
-fn all_ok<T>(per_rank: Vec<Result<T>>) -> Result<Vec<T>> {
-    per_rank.into_iter().collect()
-}
 
 /// Logits `[L, vocab]` from a prefill sharded over `comms`, gathered back into sequence order.
 /// Also checks that every rank's KV cache holds exactly its own tokens.
@@ -62,13 +46,6 @@ fn distributed_logits(
         Ok(model.logits(&out.hidden)?.into_vec())
     }))?;
     Ok(plan.unshard_rows(&per_rank, model.config.vocab_size)?)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! same pattern, the keep-everything settings equal dense, and the sparse modes move and score
 //! less than dense.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
+
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -23,14 +26,6 @@ const PARAMS: AttentionParams = AttentionParams {
     scale: 0.25,
     causal: true,
 };
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 struct Inputs {
     q: Vec<f32>,
@@ -220,12 +215,6 @@ fn sparse_modes_send_and_score_less() -> Result<()> {
         "causal trimming sent nothing less"
     );
     Ok(())
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
 }
 
 fn logits(

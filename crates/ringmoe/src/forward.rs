@@ -180,6 +180,35 @@ impl ExpertOpts {
         Ok(p)
     }
 
+    /// The expert-parallel settings of this command line with `placement`.
+    fn parallel(&self, placement: Placement) -> ExpertParallel {
+        ExpertParallel {
+            capacity_factor: self.capacity_factor,
+            overlap: self.overlap,
+            ..ExpertParallel::new(placement)
+        }
+    }
+
+    /// `placement` with the --replicate-hot experts of the calibration pass's `load` replicated.
+    fn replicate(
+        &self,
+        cfg: &ModelConfig,
+        placement: &Placement,
+        load: &LoadSnapshot,
+        report: bool,
+    ) -> Result<Placement> {
+        let w = placement.workers;
+        if report {
+            eprintln!(
+                "calibration pass: rows per worker {:?}, max/mean {:.2}",
+                load.per_worker(w),
+                load.imbalance(w)
+            );
+        }
+        let per_expert = load.per_expert(cfg.num_layers, cfg.moe.num_experts);
+        Ok(placement.replicate_hot(&per_expert, self.replicate_hot)?)
+    }
+
     fn to_args(&self) -> Vec<String> {
         let mut v = Vec::new();
         if let Some(w) = self.workers {
@@ -475,20 +504,11 @@ fn forward(args: ForwardArgs) -> Result<()> {
                     })
                     .into_iter()
                     .collect::<Result<Vec<_>>>()?;
-                    let snap = load.snapshot();
-                    eprintln!(
-                        "calibration pass: rows per worker {:?}, max/mean {:.2}",
-                        snap.per_worker(world),
-                        snap.imbalance(world)
-                    );
-                    let per_expert = snap.per_expert(cfg.num_layers, cfg.moe.num_experts);
-                    placement = placement.replicate_hot(&per_expert, a.experts.replicate_hot)?;
+                    placement = a
+                        .experts
+                        .replicate(&cfg, &placement, &load.snapshot(), true)?;
                 }
-                let ep = ExpertParallel {
-                    capacity_factor: a.experts.capacity_factor,
-                    overlap: a.experts.overlap,
-                    ..ExpertParallel::new(placement)
-                };
+                let ep = a.experts.parallel(placement);
                 let models = (0..world)
                     .map(|w| load_worker(&a.model, Some(&ep.placement), w))
                     .collect::<Result<Vec<_>>>()?;
@@ -596,21 +616,9 @@ pub fn run_rank(args: ForwardRankArgs) -> Result<()> {
             let ep = ExpertParallel::new(placement.clone());
             rank_logits(&model, &comm, &plan, &ids, mode, Some(&ep))?;
             let snap = gather_load(&comm, Tag::new(1, u32::MAX, 2, Kind::AllGather), &ep.load)?;
-            if rank == 0 {
-                eprintln!(
-                    "calibration pass: rows per worker {:?}, max/mean {:.2}",
-                    snap.per_worker(world),
-                    snap.imbalance(world)
-                );
-            }
-            let per_expert = snap.per_expert(cfg.num_layers, cfg.moe.num_experts);
-            placement = placement.replicate_hot(&per_expert, a.experts.replicate_hot)?;
+            placement = a.experts.replicate(&cfg, &placement, &snap, rank == 0)?;
         }
-        Some(ExpertParallel {
-            capacity_factor: a.experts.capacity_factor,
-            overlap: a.experts.overlap,
-            ..ExpertParallel::new(placement)
-        })
+        Some(a.experts.parallel(placement))
     } else {
         None
     };

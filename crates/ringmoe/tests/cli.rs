@@ -19,6 +19,21 @@ fn ringmoe(args: &[&str]) -> Result<Output> {
         .output()?)
 }
 
+/// `ringmoe forward --model M --input-ids IN --out OUT EXTRA…`.
+fn forward(model: &Path, inp: &Path, outp: &Path, extra: &[&str]) -> Result<Output> {
+    let mut args = vec![
+        "forward",
+        "--model",
+        model.to_str().context("path")?,
+        "--input-ids",
+        inp.to_str().context("path")?,
+        "--out",
+        outp.to_str().context("path")?,
+    ];
+    args.extend_from_slice(extra);
+    ringmoe(&args)
+}
+
 fn reference_ids(model: &str, name: &str) -> Result<Vec<i64>> {
     let dir = fixture(model);
     Ok(
@@ -161,17 +176,7 @@ fn sparse_forward_is_the_same_in_one_process_and_over_tcp() -> Result<()> {
     let model = fixture("qwen3-moe-tiny");
     let run = |name: &str, extra: &[&str]| -> Result<(PathBuf, String)> {
         let outp = tmp.path().join(name);
-        let mut args = vec![
-            "forward",
-            "--model",
-            model.to_str().context("path")?,
-            "--input-ids",
-            inp.to_str().context("path")?,
-            "--out",
-            outp.to_str().context("path")?,
-        ];
-        args.extend_from_slice(extra);
-        let out = ringmoe(&args)?;
+        let out = forward(&model, &inp, &outp, extra)?;
         ensure!(
             out.status.success(),
             "{extra:?}: {}",
@@ -307,17 +312,7 @@ fn expert_parallel_forward_writes_the_single_process_logits() -> Result<()> {
     let model = fixture("mixtral-tiny");
     let run = |name: &str, extra: &[&str]| -> Result<(PathBuf, Output)> {
         let outp = tmp.path().join(name);
-        let mut args = vec![
-            "forward",
-            "--model",
-            model.to_str().context("path")?,
-            "--input-ids",
-            inp.to_str().context("path")?,
-            "--out",
-            outp.to_str().context("path")?,
-        ];
-        args.extend_from_slice(extra);
-        let out = ringmoe(&args)?;
+        let out = forward(&model, &inp, &outp, extra)?;
         Ok((outp, out))
     };
     let load = |p: &Path| -> Result<Vec<f32>> {
