@@ -1,0 +1,383 @@
+//! The durable job store: one directory per job under `DIR/jobs/`, holding
+//!
+//! * `input.bin` — the token ids, u32 little-endian;
+//! * `spec.json` — what to do with them ([`JobSpec`]);
+//! * `state.json` — where the job is ([`JobState`]), rewritten on every transition;
+//! * `result.json` — the result, once there is one.
+//!
+//! Every file is written to a temporary name, fsynced, renamed over the final name, and the
+//! directory is fsynced, so a crash leaves either the old or the new file, never a torn one.
+//! [`JobStore::create`] returns only after the input, the spec and the `Queued` state are durable:
+//! the coordinator acknowledges a job after that call, so an acknowledged job survives a crash.
+//! A job directory without a state file is a job whose creation did not finish (never
+//! acknowledged); [`JobStore::open`] removes it.
+//!
+//! On [`JobStore::open`], jobs that were running (loading, prefill, decode) go back to `Queued`
+//! — they re-run from the start, as the job's partial results lived on workers — and finished jobs
+//! stay as they are.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+pub type JobId = u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("job store {path}: {msg}")]
+    Corrupt { path: PathBuf, msg: String },
+
+    #[error("job {0} is not in the store")]
+    UnknownJob(JobId),
+
+    #[error("job {id}: cannot go from {from} to {to}")]
+    Transition { id: JobId, from: String, to: String },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What a job asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum JobMode {
+    /// Continue the input by up to `max_new_tokens` tokens.
+    Generate {
+        max_new_tokens: u32,
+        temperature: f32,
+        top_p: f32,
+        seed: u64,
+    },
+    /// Negative log-likelihood of every token given its prefix.
+    Score,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The model the job runs on, as the cluster names it.
+    pub model: String,
+    #[serde(flatten)]
+    pub mode: JobMode,
+    /// `dense`, `a-shape` or `vertical-slash`.
+    pub attention: String,
+    /// Higher runs first.
+    pub priority: i32,
+}
+
+/// Where a job is. Transitions: queued → loading → prefill → decode → done, with failed or
+/// cancelled possible from any unfinished state, and (on restart only) running → queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Loading,
+    Prefill { layer: u32, layers: u32 },
+    Decode { token: u32, tokens: u32 },
+    Done,
+    Failed { message: String },
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_finished(&self) -> bool {
+        matches!(self, Self::Done | Self::Failed { .. } | Self::Cancelled)
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self,
+            Self::Loading | Self::Prefill { .. } | Self::Decode { .. }
+        )
+    }
+
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Queued => 0,
+            Self::Loading => 1,
+            Self::Prefill { .. } => 2,
+            Self::Decode { .. } => 3,
+            Self::Done | Self::Failed { .. } | Self::Cancelled => 4,
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Self::Prefill { layer, layers } => format!("prefill (layer {layer} of {layers})"),
+            Self::Decode { token, tokens } => format!("decode (token {token} of {tokens})"),
+            other => format!("{other:?}").to_lowercase(),
+        }
+    }
+
+    /// Whether a job in `self` may move to `to`: forward only (progress within a phase counts),
+    /// never out of a finished state.
+    fn may_become(&self, to: &JobState) -> bool {
+        if self.is_finished() {
+            return false;
+        }
+        to.is_finished() || to.rank() >= self.rank()
+    }
+}
+
+/// A job as the store holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredJob {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Number of input tokens (the tokens themselves stay on disk until [`JobStore::input`]).
+    pub input_len: usize,
+}
+
+/// What [`JobStore::open`] found.
+#[derive(Debug)]
+pub struct Recovered {
+    /// Every complete job, by id; running ones are back in `Queued`.
+    pub jobs: Vec<StoredJob>,
+    /// Ids of the jobs that were running and were re-queued.
+    pub requeued: Vec<JobId>,
+    /// Job directories removed because their creation never finished (no state file).
+    pub discarded: Vec<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct JobStore {
+    jobs_dir: PathBuf,
+    next: Mutex<JobId>,
+}
+
+/// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io(path))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Plain data types of this module always serialise.
+    serde_json::to_vec_pretty(v).unwrap_or_default()
+}
+
+impl JobStore {
+    /// Opens (creating if needed) the store in `dir` and recovers its jobs.
+    pub fn open(dir: &Path) -> Result<(Self, Recovered)> {
+        let jobs_dir = dir.join("jobs");
+        fs::create_dir_all(&jobs_dir).map_err(io(&jobs_dir))?;
+        let mut recovered = Recovered {
+            jobs: Vec::new(),
+            requeued: Vec::new(),
+            discarded: Vec::new(),
+        };
+        let mut max_id = 0;
+        for entry in fs::read_dir(&jobs_dir).map_err(io(&jobs_dir))? {
+            let path = entry.map_err(io(&jobs_dir))?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<JobId>().ok())
+            else {
+                continue; // not a job directory
+            };
+            max_id = max_id.max(id);
+            if !path.join("state.json").exists() {
+                fs::remove_dir_all(&path).map_err(io(&path))?;
+                recovered.discarded.push(path);
+                continue;
+            }
+            let spec: JobSpec = read_json(&path.join("spec.json"))?;
+            let mut state: JobState = read_json(&path.join("state.json"))?;
+            let input = path.join("input.bin");
+            let len = fs::metadata(&input).map_err(io(&input))?.len();
+            if len % 4 != 0 {
+                return Err(StoreError::Corrupt {
+                    path: input,
+                    msg: format!("{len} bytes is not a whole number of u32 token ids"),
+                });
+            }
+            if state.is_running() {
+                state = JobState::Queued;
+                write_durable(&path.join("state.json"), &to_json(&state))?;
+                recovered.requeued.push(id);
+            }
+            recovered.jobs.push(StoredJob {
+                id,
+                spec,
+                state,
+                input_len: (len / 4) as usize,
+            });
+        }
+        sync_dir(&jobs_dir)?;
+        recovered.jobs.sort_by_key(|j| j.id);
+        recovered.requeued.sort_unstable();
+        Ok((
+            Self {
+                jobs_dir,
+                next: Mutex::new(max_id + 1),
+            },
+            recovered,
+        ))
+    }
+
+    fn job_dir(&self, id: JobId) -> PathBuf {
+        self.jobs_dir.join(id.to_string())
+    }
+
+    /// Stores a new job durably in `Queued` and returns its id; acknowledge it only after this.
+    pub fn create(&self, spec: &JobSpec, tokens: &[u32]) -> Result<JobId> {
+        let id = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let id = *next;
+            *next += 1;
+            id
+        };
+        let dir = self.job_dir(id);
+        fs::create_dir(&dir).map_err(io(&dir))?;
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        write_durable(&dir.join("input.bin"), &bytes)?;
+        write_durable(&dir.join("spec.json"), &to_json(spec))?;
+        // The state file last: its presence marks a complete, acknowledged job.
+        write_durable(&dir.join("state.json"), &to_json(&JobState::Queued))?;
+        sync_dir(&self.jobs_dir)?;
+        Ok(id)
+    }
+
+    pub fn state(&self, id: JobId) -> Result<JobState> {
+        let path = self.job_dir(id).join("state.json");
+        if !path.exists() {
+            return Err(StoreError::UnknownJob(id));
+        }
+        read_json(&path)
+    }
+
+    /// Records a transition durably; refuses to move backwards or out of a finished state.
+    pub fn set_state(&self, id: JobId, to: JobState) -> Result<()> {
+        let from = self.state(id)?;
+        if !from.may_become(&to) {
+            return Err(StoreError::Transition {
+                id,
+                from: from.name(),
+                to: to.name(),
+            });
+        }
+        write_durable(&self.job_dir(id).join("state.json"), &to_json(&to))
+    }
+
+    /// The job's input tokens.
+    pub fn input(&self, id: JobId) -> Result<Vec<u32>> {
+        let path = self.job_dir(id).join("input.bin");
+        if !path.exists() {
+            return Err(StoreError::UnknownJob(id));
+        }
+        let bytes = fs::read(&path).map_err(io(&path))?;
+        if bytes.len() % 4 != 0 {
+            return Err(StoreError::Corrupt {
+                path,
+                msg: format!(
+                    "{} bytes is not a whole number of u32 token ids",
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Stores the job's result (any JSON value: generated ids, per-token NLL, …).
+    pub fn put_result(&self, id: JobId, result: &serde_json::Value) -> Result<()> {
+        let dir = self.job_dir(id);
+        if !dir.join("state.json").exists() {
+            return Err(StoreError::UnknownJob(id));
+        }
+        write_durable(&dir.join("result.json"), &to_json(result))
+    }
+
+    pub fn result(&self, id: JobId) -> Result<Option<serde_json::Value>> {
+        let path = self.job_dir(id).join("result.json");
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_json(&path).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            model: "qwen3-moe-tiny".into(),
+            mode: JobMode::Generate {
+                max_new_tokens: 8,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 3,
+            },
+            attention: "dense".into(),
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn transitions_only_move_forward() {
+        let p = |layer| JobState::Prefill { layer, layers: 4 };
+        assert!(JobState::Queued.may_become(&JobState::Loading));
+        assert!(p(1).may_become(&p(2)));
+        assert!(p(3).may_become(&JobState::Decode {
+            token: 0,
+            tokens: 5
+        }));
+        assert!(p(3).may_become(&JobState::Cancelled));
+        assert!(
+            !JobState::Decode {
+                token: 0,
+                tokens: 5
+            }
+            .may_become(&p(0))
+        );
+        assert!(!JobState::Done.may_become(&JobState::Queued));
+        assert!(!JobState::Cancelled.may_become(&JobState::Done));
+    }
+
+    #[test]
+    fn spec_json_is_flat_and_readable() {
+        let v = serde_json::to_value(spec()).unwrap();
+        assert_eq!(v["mode"], "generate");
+        assert_eq!(v["max_new_tokens"], 8);
+        let back: JobSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(back, spec());
+    }
+}
