@@ -386,25 +386,26 @@ impl Layer<'_> {
                     ));
                 }
             }
-            let mut data = v;
-            data.drain(..HEADER + n);
-            parsed.push((counts, data));
+            // The rows stay in the received buffer, after the header (no copy).
+            parsed.push((counts, v));
         }
-        // Where each (source, expert) run starts in its source's rows.
+        // Where each (source, expert) run starts in its source's frame.
+        let body = HEADER + n;
         let starts: Vec<Vec<usize>> = parsed
             .iter()
             .map(|(c, _)| {
                 c.iter()
-                    .scan(0, |acc, &x| {
+                    .scan(body, |acc, &x| {
                         let s = *acc;
-                        *acc += x;
+                        *acc += x * h;
                         Some(s)
                     })
                     .collect()
             })
             .collect();
         let mut groups = Vec::new();
-        let mut input = Vec::new();
+        let rows_in: usize = parsed.iter().map(|(c, _)| c.iter().sum::<usize>()).sum();
+        let mut input = Vec::with_capacity(rows_in * h);
         for e in 0..n {
             let total: usize = parsed.iter().map(|(c, _)| c[e]).sum();
             if total == 0 {
@@ -412,7 +413,7 @@ impl Layer<'_> {
             }
             groups.push((e, total));
             for ((c, rows), st) in parsed.iter().zip(&starts) {
-                input.extend_from_slice(&rows[st[e] * h..(st[e] + c[e]) * h]);
+                input.extend_from_slice(&rows[st[e]..st[e] + c[e] * h]);
             }
             self.ep.load.record(l, e, me, total as u64);
         }

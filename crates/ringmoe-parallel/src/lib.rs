@@ -20,6 +20,6 @@ pub use expert::{ExpertParallel, MoeStats, moe_parallel};
 pub use load::{LoadSnapshot, LoadTracker};
 pub use placement::{Placement, Replica};
 pub use prefill::{JobOptions, RankPrefill, prefill_shard, prefill_shard_with};
-pub use ring::{RingStats, ring_attention, ring_attention_mode, ring_attention_with_stats};
+pub use ring::{RingStats, ring_attention, ring_attention_mode};
 pub use shard::{ShardPlan, Sharding};
 pub use sparse::AttentionMode;

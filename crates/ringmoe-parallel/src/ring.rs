@@ -96,20 +96,7 @@ pub fn ring_attention(
     v: Vec<f32>,
     tag: Tag,
 ) -> Result<PartialAttention> {
-    Ok(ring_attention_with_stats(comm, plan, params, q, k, v, tag)?.0)
-}
-
-/// [`ring_attention`] that also reports where the time went.
-pub fn ring_attention_with_stats(
-    comm: &Communicator,
-    plan: &ShardPlan,
-    params: &AttentionParams,
-    q: &[f32],
-    k: Vec<f32>,
-    v: Vec<f32>,
-    tag: Tag,
-) -> Result<(PartialAttention, RingStats)> {
-    ring_attention_mode(comm, plan, params, &AttentionMode::Dense, q, k, v, tag)
+    Ok(ring_attention_mode(comm, plan, params, &AttentionMode::Dense, q, k, v, tag)?.0)
 }
 
 /// Ring attention under an attention mode: dense, or one of the sparse prefill patterns. Every

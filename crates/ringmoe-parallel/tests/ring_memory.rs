@@ -12,7 +12,7 @@ use ringmoe_comm::local::on_every_rank;
 use ringmoe_comm::{Kind, Tag, in_process};
 use ringmoe_core::attention::AttentionParams;
 use ringmoe_core::testing::rand_vec;
-use ringmoe_parallel::{RingStats, ShardPlan, Sharding, ring_attention_with_stats};
+use ringmoe_parallel::{AttentionMode, RingStats, ShardPlan, Sharding, ring_attention_mode};
 
 struct Counting;
 
@@ -70,8 +70,16 @@ fn ring_attention_allocates_o_of_l_over_p_per_rank() -> Result<()> {
     let stats = on_every_rank(&comms, |c| -> Result<RingStats> {
         let (q, k, v) = &inputs[c.rank()];
         let tag = Tag::new(1, 0, 0, Kind::Ring);
-        let (out, stats) =
-            ring_attention_with_stats(c, &plan, &params, q, k.clone(), v.clone(), tag)?;
+        let (out, stats) = ring_attention_mode(
+            c,
+            &plan,
+            &params,
+            &AttentionMode::Dense,
+            q,
+            k.clone(),
+            v.clone(),
+            tag,
+        )?;
         drop(out);
         Ok(stats)
     })

@@ -93,15 +93,7 @@ fn forward_writes_logits_matching_transformers() -> Result<()> {
     let outp = tmp.path().join("out.safetensors");
     write_input_ids(&inp, &ids)?;
     let model = fixture("qwen3-moe-tiny");
-    let out = ringmoe(&[
-        "forward",
-        "--model",
-        model.to_str().context("path")?,
-        "--input-ids",
-        inp.to_str().context("path")?,
-        "--out",
-        outp.to_str().context("path")?,
-    ])?;
+    let out = forward(&model, &inp, &outp, &[])?;
     ensure!(
         out.status.success(),
         "{}",
@@ -133,21 +125,15 @@ fn sharded_forward_writes_the_same_logits() -> Result<()> {
     let want = r.load("logits_L300", &[300, 384])?.into_vec();
     for (shards, transport, sharding) in [("3", "tcp", "contiguous"), ("4", "inproc", "zigzag")] {
         let outp = tmp.path().join(format!("out-{transport}.safetensors"));
-        let out = ringmoe(&[
-            "forward",
-            "--model",
-            model.to_str().context("path")?,
-            "--input-ids",
-            inp.to_str().context("path")?,
-            "--out",
-            outp.to_str().context("path")?,
+        let extra = [
             "--seq-shards",
             shards,
             "--transport",
             transport,
             "--sharding",
             sharding,
-        ])?;
+        ];
+        let out = forward(&model, &inp, &outp, &extra)?;
         ensure!(
             out.status.success(),
             "{transport}: {}",
@@ -272,16 +258,7 @@ fn bad_inputs_exit_nonzero_with_a_message() -> Result<()> {
     let inp = tmp.path().join("in.safetensors");
     write_input_ids(&inp, &[1, 2, 99_999])?;
     let model = fixture("mixtral-tiny");
-    let m = model.to_str().context("path")?;
-    let out = ringmoe(&[
-        "forward",
-        "--model",
-        m,
-        "--input-ids",
-        inp.to_str().context("path")?,
-        "--out",
-        "/dev/null",
-    ])?;
+    let out = forward(&model, &inp, Path::new("/dev/null"), &[])?;
     ensure!(!out.status.success());
     let err = String::from_utf8(out.stderr)?;
     ensure!(
