@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the build or the tests need: procps for `kill -STOP` in the communicator's
-# fault tests. The cluster adds protobuf-compiler (tonic codegen) and etcd-server here.
-APT_PACKAGES=(procps)
+# fault tests, protobuf-compiler (protoc) for the gRPC code generated from proto/. The etcd
+# membership work adds etcd-server here.
+APT_PACKAGES=(procps protobuf-compiler)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

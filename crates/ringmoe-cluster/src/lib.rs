@@ -1,6 +1,55 @@
-//! `ringmoe-cluster`: the control plane of the cluster. Today: the durable job store the
-//! coordinator writes every job to before acknowledging it, and reloads after a restart.
+//! `ringmoe-cluster`: the cluster's processes and their protocol.
+//!
+//! * [`proto`] — the generated `ringmoe.v1` gRPC messages and services;
+//! * [`store`] — the durable job store the coordinator writes every job to before acknowledging it;
+//! * [`coordinator`] — accepts, persists, schedules and drives jobs over the workers;
+//! * [`worker`] — holds a shard of a sequence and some experts and runs its part of jobs;
+//! * [`client`] — what `ringmoe submit` uses: upload, watch, fetch results;
+//! * [`server`] — health, reflection and size limits every server shares.
 
+pub mod client;
+pub mod convert;
+pub mod coordinator;
+pub mod proto;
+pub mod server;
 pub mod store;
+pub mod worker;
 
+pub use coordinator::{CoordinatorConfig, ModelEntry, run_coordinator};
+pub use server::ServerOptions;
 pub use store::{JobId, JobMode, JobSpec, JobState, JobStore, Recovered, StoreError, StoredJob};
+pub use worker::{WorkerConfig, run_worker};
+
+/// Errors of the cluster's processes (gRPC handlers answer with a `tonic::Status` instead).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+
+    #[error("gRPC server: {0}")]
+    Server(String),
+
+    #[error("model {name}: {msg}")]
+    Model { name: String, msg: String },
+}
+
+impl ClusterError {
+    fn io(what: &str) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            what: what.to_string(),
+            source,
+        }
+    }
+}
+
+/// Locks a mutex; a poisoned one (a panic elsewhere) becomes an internal error, not a panic here.
+fn lock<T>(m: &std::sync::Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, tonic::Status> {
+    m.lock()
+        .map_err(|_| tonic::Status::internal("internal state poisoned by an earlier panic"))
+}

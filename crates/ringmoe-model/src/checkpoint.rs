@@ -328,3 +328,75 @@ impl Checkpoint {
         Ok((vals, meta.shape.clone()))
     }
 }
+
+/// Records every tensor a model load asks [`RandomWeights`] for.
+struct Recorder {
+    inner: RandomWeights,
+    seen: std::sync::Mutex<Vec<(String, Tensor)>>,
+}
+
+impl TensorSource for Recorder {
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.inner.load(name, shape)?;
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push((name.to_string(), t.clone()));
+        }
+        Ok(t)
+    }
+}
+
+/// Writes a Hugging Face model directory — `config.json` as given and `model.safetensors` (f32)
+/// holding the [`RandomWeights`] of `seed` — so that `Model::load(dir)` gives the same model as
+/// `Model::from_checkpoint(config, &RandomWeights { seed }, ..)`. For tests and benchmarks that
+/// need a checkpoint of a shape no fixture has (a long context, say) without a model hub.
+pub fn write_random_checkpoint(dir: &Path, config: &Value, seed: u64) -> Result<()> {
+    let cfg = crate::ModelConfig::from_json(config)?;
+    let rec = Recorder {
+        inner: RandomWeights { seed },
+        seen: std::sync::Mutex::new(Vec::new()),
+    };
+    crate::Model::from_checkpoint(cfg, &rec, &crate::LoadOptions::default())?;
+    let seen = rec
+        .seen
+        .into_inner()
+        .map_err(|_| Error::InvalidInput("weight recorder poisoned".into()))?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let cfg_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(config)
+        .map_err(|e| Error::InvalidInput(format!("config: {e}")))?;
+    std::fs::write(&cfg_path, text).map_err(io(&cfg_path))?;
+    let mut names = std::collections::HashSet::new();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = seen
+        .into_iter()
+        .filter(|(n, _)| names.insert(n.clone()))
+        .map(|(n, t)| {
+            let shape = t.shape().to_vec();
+            let b = t.as_slice().iter().flat_map(|x| x.to_le_bytes()).collect();
+            (n, shape, b)
+        })
+        .collect();
+    let path = dir.join("model.safetensors");
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Safetensors {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| Error::Safetensors {
+        path: path.clone(),
+        msg: e.to_string(),
+    })
+}

@@ -16,7 +16,7 @@ pub mod moe;
 pub mod rope;
 pub mod tokenizer;
 
-pub use checkpoint::{Checkpoint, RandomWeights, TensorSource};
+pub use checkpoint::{Checkpoint, RandomWeights, TensorSource, write_random_checkpoint};
 pub use config::{Architecture, GenerationConfig, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerationStats, Sampler, SamplingParams, generate};

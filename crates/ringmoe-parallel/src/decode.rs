@@ -18,7 +18,8 @@ use ringmoe_model::generate::Sampler;
 use ringmoe_model::{KvCache, Model};
 
 use crate::{
-    ExpertParallel, JobOptions, ParallelError, Result, ShardPlan, moe_parallel, prefill_shard_with,
+    ExpertParallel, JobOptions, ParallelError, Result, ShardPlan, moe_parallel,
+    prefill_shard_observed,
 };
 
 /// A sequence whose K/V cache is sharded over the ranks of a communicator.
@@ -76,13 +77,27 @@ impl<'a> ShardedSequence<'a> {
         job: JobOptions,
         experts: Option<&'a ExpertParallel>,
     ) -> Result<(Self, Vec<f32>)> {
-        if tokens.is_empty() {
+        let mine = plan.tokens_for(comm.rank(), tokens)?;
+        Self::prefill_shard(model, comm, plan, &mine, job, experts, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::prefill_with`] when this rank knows only its own shard (`mine` = the tokens at
+    /// `plan.positions(rank)`), as a cluster worker does; `on_layer` as in
+    /// [`prefill_shard_observed`].
+    pub fn prefill_shard(
+        model: &'a Model,
+        comm: &'a Communicator,
+        plan: &ShardPlan,
+        mine: &[u32],
+        job: JobOptions,
+        experts: Option<&'a ExpertParallel>,
+        on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<(Self, Vec<f32>)> {
+        if plan.len == 0 {
             return Err(ParallelError::Plan("the prompt has no tokens".into()));
         }
-        let me = comm.rank();
-        let mine = plan.tokens_for(me, tokens)?;
-        let out = prefill_shard_with(model, comm, plan, &mine, job, experts)?;
-        let last = tokens.len() - 1;
+        let out = prefill_shard_observed(model, comm, plan, mine, job, experts, on_layer)?;
+        let last = plan.len - 1;
         let mine = match out.positions.iter().position(|&p| p == last) {
             Some(i) => Some(model.logits(&out.hidden.rows(i, i + 1)?)?.into_vec()),
             None => None,
@@ -96,7 +111,7 @@ impl<'a> ShardedSequence<'a> {
                 comm,
                 cache: out.cache,
                 shard_sizes,
-                next_position: tokens.len(),
+                next_position: plan.len,
                 job: job.id,
                 steps: 0,
                 experts,

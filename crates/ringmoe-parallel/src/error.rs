@@ -17,6 +17,9 @@ pub enum ParallelError {
     #[error("expert placement: {0}")]
     Placement(String),
 
+    #[error("job {0} was cancelled")]
+    Cancelled(u64),
+
     #[error("expert dispatch: {0}")]
     Dispatch(String),
 

@@ -19,7 +19,9 @@ pub use error::{ParallelError, Result};
 pub use expert::{ExpertParallel, MoeStats, moe_parallel};
 pub use load::{LoadSnapshot, LoadTracker};
 pub use placement::{Placement, Replica};
-pub use prefill::{JobOptions, RankPrefill, prefill_shard, prefill_shard_with};
+pub use prefill::{
+    JobOptions, RankPrefill, prefill_shard, prefill_shard_observed, prefill_shard_with,
+};
 pub use ring::{RingStats, ring_attention, ring_attention_mode};
 pub use shard::{ShardPlan, Sharding};
 pub use sparse::AttentionMode;

@@ -71,6 +71,21 @@ pub fn prefill_shard_with(
     job: JobOptions,
     experts: Option<&ExpertParallel>,
 ) -> Result<RankPrefill> {
+    prefill_shard_observed(model, comm, plan, tokens, job, experts, &mut |_, _| Ok(()))
+}
+
+/// [`prefill_shard_with`] calling `on_layer(layers_done, layers)` after every layer. An error
+/// from `on_layer` (a cancelled job, say) stops the prefill and is returned; the other ranks
+/// then fail on their next collective with this rank.
+pub fn prefill_shard_observed(
+    model: &Model,
+    comm: &Communicator,
+    plan: &ShardPlan,
+    tokens: &[u32],
+    job: JobOptions,
+    experts: Option<&ExpertParallel>,
+    on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<RankPrefill> {
     if let Some(ep) = experts {
         ep.check(model, comm)?;
     }
@@ -136,6 +151,7 @@ pub fn prefill_shard_with(
         if let Some(r) = r {
             routing.push((l, r));
         }
+        on_layer(l + 1, model.layers().len())?;
     }
     Ok(RankPrefill {
         positions,

@@ -1,5 +1,6 @@
 //! The `ringmoe` command line: `generate`, `score`, `forward` and `bench` (engine and communicator).
 
+mod cluster_cmd;
 mod comm_bench;
 mod forward;
 mod moe_bench;
@@ -42,6 +43,14 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Coordinator and N workers on this machine: the cluster with nothing else installed.
+    Serve(cluster_cmd::ServeArgs),
+    /// Submit a job to a coordinator, follow its progress and print the result.
+    Submit(cluster_cmd::SubmitArgs),
+    /// The cluster's coordinator: accepts jobs over gRPC and drives them over the workers.
+    Coordinator(cluster_cmd::CoordinatorArgs),
+    /// A cluster worker: registers with the coordinator and runs its part of jobs.
+    Worker(cluster_cmd::WorkerArgs),
 }
 
 #[derive(Args)]
@@ -144,6 +153,10 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Ring(a)) => ring_bench::run(a),
         Cmd::Bench(BenchCmd::Moe(a)) => moe_bench::run(a),
         Cmd::Bench(BenchCmd::CommRank(a)) => comm_bench::run_rank(a),
+        Cmd::Serve(a) => cluster_cmd::serve(a),
+        Cmd::Submit(a) => cluster_cmd::submit(a),
+        Cmd::Coordinator(a) => cluster_cmd::coordinator(a),
+        Cmd::Worker(a) => cluster_cmd::worker(a),
     }
 }
 

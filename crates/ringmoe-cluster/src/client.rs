@@ -1,0 +1,146 @@
+//! The client side of [`JobService`](crate::proto::job_service_server::JobService): what
+//! `ringmoe submit` and the tests use.
+
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::proto::job_service_client::JobServiceClient;
+use crate::proto::{self, result_chunk, submit_job_request};
+use crate::server::http_url;
+
+/// A job's input.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Tokens(Vec<u32>),
+    /// UTF-8 text as bytes (sent as is; the coordinator checks it and tokenizes).
+    Text(Vec<u8>),
+}
+
+impl Input {
+    fn len(&self) -> usize {
+        match self {
+            Self::Tokens(t) => t.len(),
+            Self::Text(b) => b.len(),
+        }
+    }
+}
+
+/// A finished job's result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobResult {
+    Tokens(Vec<u32>),
+    /// `nll[i]` scores input token `i + 1`.
+    Scores(Vec<f32>),
+}
+
+pub type Client = JobServiceClient<Channel>;
+
+/// Connects to a coordinator (`host:port` or a URL) with `max_message_bytes` limits.
+pub async fn connect(addr: &str, max_message_bytes: usize) -> Result<Client, Status> {
+    let c = JobServiceClient::connect(http_url(addr))
+        .await
+        .map_err(|e| Status::unavailable(format!("connecting to {addr}: {e}")))?;
+    Ok(c.max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
+}
+
+/// Tokens (or bytes of text) per upload message.
+pub const UPLOAD_CHUNK: usize = 64 * 1024;
+
+/// Uploads a job: the spec, then `input` in chunks of `chunk`; `sent(n)` is called as the
+/// stream is consumed with the number of tokens or bytes sent so far. Returns the job id.
+pub async fn submit(
+    client: &mut Client,
+    mut spec: proto::JobSpec,
+    input: Input,
+    chunk: usize,
+    sent: impl Fn(u64) + Send + Sync + 'static,
+) -> Result<proto::SubmitJobResponse, Status> {
+    spec.input_length = input.len() as u64;
+    let chunk = chunk.max(1);
+    let mut msgs = vec![proto::SubmitJobRequest {
+        part: Some(submit_job_request::Part::Spec(spec)),
+    }];
+    let mut sizes = vec![0u64];
+    let mut total = 0u64;
+    match input {
+        Input::Tokens(t) => {
+            for c in t.chunks(chunk) {
+                total += c.len() as u64;
+                sizes.push(total);
+                msgs.push(proto::SubmitJobRequest {
+                    part: Some(submit_job_request::Part::Tokens(proto::TokenIds {
+                        ids: c.to_vec(),
+                    })),
+                });
+            }
+        }
+        Input::Text(b) => {
+            for c in b.chunks(chunk) {
+                total += c.len() as u64;
+                sizes.push(total);
+                msgs.push(proto::SubmitJobRequest {
+                    part: Some(submit_job_request::Part::Text(c.to_vec())),
+                });
+            }
+        }
+    }
+    let stream = tokio_stream::StreamExt::map(
+        tokio_stream::iter(msgs.into_iter().zip(sizes)),
+        move |(m, n)| {
+            sent(n);
+            m
+        },
+    );
+    Ok(client.submit_job(stream).await?.into_inner())
+}
+
+/// Follows a job's progress until it finishes; returns the last progress message.
+pub async fn watch(
+    client: &mut Client,
+    job_id: u64,
+    mut on: impl FnMut(&proto::JobProgress),
+) -> Result<proto::JobProgress, Status> {
+    let mut s = client
+        .watch_job(proto::WatchJobRequest { job_id })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(p) = s.message().await? {
+        on(&p);
+        last = Some(p);
+    }
+    last.ok_or_else(|| Status::unavailable("the progress stream ended without a message"))
+}
+
+/// The result of a job (waits for it to finish).
+pub async fn result(client: &mut Client, job_id: u64) -> Result<JobResult, Status> {
+    let mut s = client
+        .get_result(proto::GetResultRequest { job_id })
+        .await?
+        .into_inner();
+    let (mut tokens, mut nll) = (Vec::new(), Vec::new());
+    let mut scores = false;
+    while let Some(c) = s.message().await? {
+        match c.part {
+            Some(result_chunk::Part::Tokens(t)) => tokens.extend(t.ids),
+            Some(result_chunk::Part::Scores(sc)) => {
+                scores = true;
+                if sc.offset as usize != nll.len() {
+                    return Err(Status::data_loss(format!(
+                        "score chunk at offset {} after {} scores",
+                        sc.offset,
+                        nll.len()
+                    )));
+                }
+                nll.extend(sc.nll);
+            }
+            None => {}
+        }
+    }
+    Ok(if scores {
+        JobResult::Scores(nll)
+    } else {
+        JobResult::Tokens(tokens)
+    })
+}

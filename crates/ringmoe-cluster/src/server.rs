@@ -1,0 +1,62 @@
+//! What every ringmoe gRPC server has: explicit message size limits, `grpc.health.v1` and server
+//! reflection, graceful shutdown.
+
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::{ClusterError, proto};
+
+/// Settings shared by the coordinator's and the workers' servers and their clients.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Largest gRPC message accepted or sent, in bytes. Bulk data is chunked well below it.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 << 20,
+        }
+    }
+}
+
+/// `host:port` → `http://host:port`; a URL stays as it is.
+pub fn http_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Serves `routes` plus health (each of `services` reported serving) and reflection on
+/// `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: Routes,
+    services: &[&str],
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ClusterError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for s in services {
+        reporter
+            .set_service_status(*s, ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ClusterError::Server(format!("reflection: {e}")))?;
+    let routes = routes.add_service(health).add_service(reflection);
+    Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| ClusterError::Server(e.to_string()))
+}

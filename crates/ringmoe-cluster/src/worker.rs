@@ -1,0 +1,595 @@
+//! `ringmoe worker`: serves [`WorkerService`] to the coordinator and runs its part of jobs.
+//!
+//! A worker registers by heartbeat with the coordinator, loads the dense weights and the experts
+//! the placement gives it, and per job: binds a data-plane listener ([`WorkerService::prepare_job`]),
+//! receives its zigzag shard of the sequence, connects a TCP communicator to the job's peers and
+//! runs prefill (and decode) with ring attention and expert-parallel MoE. The compute runs on a
+//! thread of its own; the gRPC side only moves messages.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ringmoe_comm::TcpOptions;
+use ringmoe_model::generate::SamplingParams;
+use ringmoe_model::model::nll_of;
+use ringmoe_model::{LoadOptions, Model, Sampler};
+use ringmoe_parallel::{
+    ExpertParallel, JobOptions, LoadTracker, ParallelError, Placement, ShardPlan, ShardedSequence,
+    Sharding, prefill_shard_observed,
+};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::convert::attention_mode;
+use crate::proto::cluster_service_client::ClusterServiceClient;
+use crate::proto::worker_service_server::{WorkerService, WorkerServiceServer};
+use crate::proto::{self, shard_chunk, worker_event};
+use crate::server::{self, ServerOptions};
+use crate::{ClusterError, lock};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The coordinator's address (`http://host:port` or `host:port`).
+    pub coordinator: String,
+    /// The address this worker's gRPC server is reachable at, as told to the coordinator (the
+    /// bound address when `None`).
+    pub advertise: Option<String>,
+    /// Bytes this worker may spend on K/V cache.
+    pub kv_budget_bytes: u64,
+    /// Where job data-plane listeners bind (their port is always picked by the OS).
+    pub data_host: std::net::IpAddr,
+    /// How long a data-plane receive may wait for a peer before the job fails.
+    pub data_timeout: Duration,
+    pub server: ServerOptions,
+}
+
+/// A loaded model and the placement it was loaded for.
+struct Loaded {
+    name: String,
+    path: String,
+    placement: Placement,
+    index: usize,
+    model: Arc<Model>,
+}
+
+/// A job between `PrepareJob` and `RunJob`.
+#[derive(Default)]
+struct PendingJob {
+    listener: Option<TcpListener>,
+    shard: Option<Shard>,
+}
+
+struct Shard {
+    rank: usize,
+    world: usize,
+    len: usize,
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Inner {
+    loaded: Mutex<Option<Arc<Loaded>>>,
+    pending: Mutex<HashMap<u64, PendingJob>>,
+    running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    load: Arc<LoadTracker>,
+    data_host: Option<std::net::IpAddr>,
+    data_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl Worker {
+    fn new(cfg: &WorkerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                data_host: Some(cfg.data_host),
+                data_timeout: cfg.data_timeout,
+                ..Inner::default()
+            }),
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WorkerEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for Worker {
+    async fn load_model(
+        &self,
+        req: Request<proto::LoadModelRequest>,
+    ) -> Result<Response<proto::LoadModelResponse>, Status> {
+        let r = req.into_inner();
+        let placement = Placement::from_json(&r.placement_json)
+            .map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
+        let index = r.worker_index as usize;
+        if index >= placement.workers {
+            return Err(Status::invalid_argument(format!(
+                "worker index {index} outside a placement of {} workers",
+                placement.workers
+            )));
+        }
+        if let Some(l) = lock(&self.inner.loaded)?.as_ref() {
+            if l.name == r.model && l.path == r.path && l.placement == placement && l.index == index
+            {
+                return Ok(Response::new(proto::LoadModelResponse {
+                    load_secs: 0.0,
+                    cached: true,
+                }));
+            }
+        }
+        // Drop the old model first: two copies may not fit.
+        *lock(&self.inner.loaded)? = None;
+        let (path, sel) = (r.path.clone(), placement.selection(index));
+        let t = Instant::now();
+        let model = tokio::task::spawn_blocking(move || {
+            let opts = LoadOptions {
+                experts: sel,
+                ..LoadOptions::default()
+            };
+            Model::load(std::path::Path::new(&path), &opts)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::failed_precondition(format!("loading {}: {e}", r.path)))?;
+        placement
+            .check_model(&model.config, placement.workers)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let load_secs = t.elapsed().as_secs_f64();
+        info!(model = %r.model, index, load_secs, "model loaded");
+        *lock(&self.inner.loaded)? = Some(Arc::new(Loaded {
+            name: r.model,
+            path: r.path,
+            placement,
+            index,
+            model: Arc::new(model),
+        }));
+        Ok(Response::new(proto::LoadModelResponse {
+            load_secs,
+            cached: false,
+        }))
+    }
+
+    async fn prepare_job(
+        &self,
+        req: Request<proto::PrepareJobRequest>,
+    ) -> Result<Response<proto::PrepareJobResponse>, Status> {
+        let id = req.into_inner().job_id;
+        let host = self
+            .inner
+            .data_host
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let listener = TcpListener::bind(SocketAddr::new(host, 0))
+            .map_err(|e| internal(format!("binding a data-plane port on {host}: {e}")))?;
+        let addr = listener.local_addr().map_err(internal)?;
+        lock(&self.inner.pending)?.insert(
+            id,
+            PendingJob {
+                listener: Some(listener),
+                shard: None,
+            },
+        );
+        Ok(Response::new(proto::PrepareJobResponse {
+            data_addr: addr.to_string(),
+        }))
+    }
+
+    async fn send_shard(
+        &self,
+        req: Request<Streaming<proto::ShardChunk>>,
+    ) -> Result<Response<proto::SendShardResponse>, Status> {
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(proto::ShardChunk {
+                part: Some(shard_chunk::Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a shard stream starts with its header",
+                ));
+            }
+        };
+        let (rank, world, len) = (
+            header.rank as usize,
+            header.world as usize,
+            header.sequence_len as usize,
+        );
+        let plan = ShardPlan::new(len, world, Sharding::Zigzag)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if rank >= world {
+            return Err(Status::invalid_argument(format!(
+                "rank {rank} outside a world of {world}"
+            )));
+        }
+        let want = plan.positions(rank).len();
+        let (mut tokens, mut targets) = (Vec::with_capacity(want), Vec::new());
+        while let Some(chunk) = stream.message().await? {
+            match chunk.part {
+                Some(shard_chunk::Part::Tokens(t)) => tokens.extend(t.ids),
+                Some(shard_chunk::Part::Targets(t)) => targets.extend(t.ids),
+                _ => return Err(Status::invalid_argument("a second shard header")),
+            }
+            if tokens.len() > want || targets.len() > want {
+                return Err(Status::invalid_argument(format!(
+                    "more than the {want} tokens of rank {rank}'s shard"
+                )));
+            }
+        }
+        if tokens.len() != want || !(targets.is_empty() || targets.len() == want) {
+            return Err(Status::invalid_argument(format!(
+                "rank {rank}'s shard has {want} positions; got {} tokens and {} targets",
+                tokens.len(),
+                targets.len()
+            )));
+        }
+        let n = tokens.len() as u64;
+        let mut pending = lock(&self.inner.pending)?;
+        let job = pending.get_mut(&header.job_id).ok_or_else(|| {
+            Status::failed_precondition(format!("job {} was not prepared", header.job_id))
+        })?;
+        job.shard = Some(Shard {
+            rank,
+            world,
+            len,
+            tokens,
+            targets,
+        });
+        Ok(Response::new(proto::SendShardResponse { tokens: n }))
+    }
+
+    type RunJobStream = EventStream;
+
+    async fn run_job(
+        &self,
+        req: Request<proto::RunJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = req.into_inner();
+        let id = r.job_id;
+        let job = lock(&self.inner.pending)?
+            .remove(&id)
+            .ok_or_else(|| Status::failed_precondition(format!("job {id} was not prepared")))?;
+        let (Some(listener), Some(shard)) = (job.listener, job.shard) else {
+            return Err(Status::failed_precondition(format!(
+                "job {id} has no shard yet"
+            )));
+        };
+        let loaded = lock(&self.inner.loaded)?
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("no model is loaded"))?;
+        let peers: Vec<SocketAddr> = r
+            .peers
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| Status::invalid_argument(format!("peer address: {e}")))?;
+        if peers.len() != shard.world || loaded.placement.workers != shard.world {
+            return Err(Status::invalid_argument(format!(
+                "{} peers and a placement of {} workers for a shard of a {}-rank job",
+                peers.len(),
+                loaded.placement.workers,
+                shard.world
+            )));
+        }
+        let attention = attention_mode(r.attention).map_err(Status::invalid_argument)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        lock(&self.inner.running)?.insert(id, cancel.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let inner = self.inner.clone();
+        let span = info_span!("job", id, rank = shard.rank);
+        std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || {
+                let _g = span.enter();
+                let run = JobRun {
+                    id,
+                    loaded: &loaded,
+                    shard: &shard,
+                    cancel: &cancel,
+                    tx: &tx,
+                    load: &inner.load,
+                };
+                let t = Instant::now();
+                let res = run.execute(listener, &peers, &r, attention, inner.data_timeout);
+                match res {
+                    Ok(()) => info!(secs = t.elapsed().as_secs_f64(), "job part done"),
+                    Err(e) => {
+                        warn!(error = %e, "job part failed");
+                        let status = match e {
+                            ParallelError::Cancelled(_) => Status::cancelled(e.to_string()),
+                            e => Status::internal(format!("worker rank {}: {e}", shard.rank)),
+                        };
+                        let _ = tx.blocking_send(Err(status));
+                    }
+                }
+                if let Ok(mut m) = inner.running.lock() {
+                    m.remove(&id);
+                }
+            })
+            .map_err(internal)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<proto::WorkerCancelRequest>,
+    ) -> Result<Response<proto::WorkerCancelResponse>, Status> {
+        let id = req.into_inner().job_id;
+        lock(&self.inner.pending)?.remove(&id);
+        let was_running = match lock(&self.inner.running)?.get(&id) {
+            Some(c) => {
+                c.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        };
+        Ok(Response::new(proto::WorkerCancelResponse { was_running }))
+    }
+
+    async fn report_load(
+        &self,
+        _req: Request<proto::ReportLoadRequest>,
+    ) -> Result<Response<proto::ReportLoadResponse>, Status> {
+        let (layers, experts) = match lock(&self.inner.loaded)?.as_ref() {
+            Some(l) => (l.model.config.num_layers, l.model.config.moe.num_experts),
+            None => (0, 0),
+        };
+        let snap = self.inner.load.snapshot();
+        let rows = snap
+            .per_expert(layers, experts)
+            .into_iter()
+            .flatten()
+            .collect();
+        Ok(Response::new(proto::ReportLoadResponse {
+            layers: layers as u32,
+            experts: experts as u32,
+            rows,
+            window_secs: self.inner.load.window().as_secs_f64(),
+        }))
+    }
+}
+
+/// One worker's part of one job, on its own thread.
+struct JobRun<'a> {
+    id: u64,
+    loaded: &'a Loaded,
+    shard: &'a Shard,
+    cancel: &'a AtomicBool,
+    tx: &'a tokio::sync::mpsc::Sender<Result<proto::WorkerEvent, Status>>,
+    load: &'a Arc<LoadTracker>,
+}
+
+/// Values per streamed chunk of scores or tokens (well under any sane message limit).
+const CHUNK: usize = 16 * 1024;
+
+impl JobRun<'_> {
+    fn emit(&self, ev: worker_event::Event) -> Result<(), ParallelError> {
+        self.tx
+            .blocking_send(Ok(proto::WorkerEvent { event: Some(ev) }))
+            .map_err(|_| ParallelError::Cancelled(self.id))
+    }
+
+    /// Stops the job when it was cancelled or the coordinator stopped listening.
+    fn check(&self) -> Result<(), ParallelError> {
+        if self.cancel.load(Ordering::Relaxed) || self.tx.is_closed() {
+            return Err(ParallelError::Cancelled(self.id));
+        }
+        Ok(())
+    }
+
+    fn execute(
+        &self,
+        listener: TcpListener,
+        peers: &[SocketAddr],
+        r: &proto::RunJobRequest,
+        attention: ringmoe_parallel::AttentionMode,
+        timeout: Duration,
+    ) -> Result<(), ParallelError> {
+        let (s, model) = (self.shard, &*self.loaded.model);
+        let opts = TcpOptions {
+            session: self.id,
+            ..TcpOptions::default()
+        };
+        let comm = ringmoe_comm::tcp(s.rank, listener, peers, &opts, timeout)?;
+        let plan = ShardPlan::new(s.len, s.world, Sharding::Zigzag)?;
+        let ep = ExpertParallel {
+            load: self.load.clone(),
+            ..ExpertParallel::new(self.loaded.placement.clone())
+        };
+        let job = JobOptions {
+            id: self.id,
+            attention,
+        };
+        let lead = s.rank == 0;
+        let mut on_layer = |layer: usize, layers: usize| {
+            self.check()?;
+            if lead {
+                self.emit(worker_event::Event::LayerDone(proto::LayerDone {
+                    layer: layer as u32,
+                    layers: layers as u32,
+                }))?;
+            }
+            Ok(())
+        };
+        match proto::JobMode::try_from(r.mode) {
+            Ok(proto::JobMode::Score) => {
+                let out = prefill_shard_observed(
+                    model,
+                    &comm,
+                    &plan,
+                    &s.tokens,
+                    job,
+                    Some(&ep),
+                    &mut on_layer,
+                )?;
+                self.scores(model, &out.positions, &out.hidden)
+            }
+            Ok(proto::JobMode::Generate) => {
+                let (mut seq, mut logits) = ShardedSequence::prefill_shard(
+                    model,
+                    &comm,
+                    &plan,
+                    &s.tokens,
+                    job,
+                    Some(&ep),
+                    &mut on_layer,
+                )?;
+                let sp = r.sampling.unwrap_or_default();
+                let mut sampler = Sampler::new(SamplingParams {
+                    temperature: sp.temperature,
+                    top_p: if sp.top_p == 0.0 { 1.0 } else { sp.top_p },
+                    seed: sp.seed,
+                })?;
+                let mut out = Vec::new();
+                loop {
+                    let next = sampler.sample(&logits);
+                    out.push(next);
+                    if lead {
+                        self.emit(worker_event::Event::Decoded(out.len() as u32))?;
+                    }
+                    if r.eos_token_ids.contains(&next) || out.len() >= r.max_new_tokens as usize {
+                        break;
+                    }
+                    self.check()?;
+                    logits = seq.decode(next)?;
+                }
+                if lead {
+                    for c in out.chunks(CHUNK) {
+                        self.emit(worker_event::Event::Generated(proto::TokenIds {
+                            ids: c.to_vec(),
+                        }))?;
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(ParallelError::Plan(format!("unknown job mode {}", r.mode))),
+        }
+    }
+
+    /// NLL of the next token at each of this rank's positions that has one, streamed in chunks;
+    /// lm_head runs on a few hundred rows at a time.
+    fn scores(
+        &self,
+        model: &Model,
+        positions: &[usize],
+        hidden: &ringmoe_core::Tensor,
+    ) -> Result<(), ParallelError> {
+        let vocab = model.config.vocab_size;
+        let targets = &self.shard.targets;
+        if targets.len() != positions.len() {
+            return Err(ParallelError::Plan(format!(
+                "score mode needs a target per position: {} targets for {} positions",
+                targets.len(),
+                positions.len()
+            )));
+        }
+        let (mut pos, mut nll) = (Vec::new(), Vec::new());
+        const ROWS: usize = 256;
+        for s in (0..positions.len()).step_by(ROWS) {
+            self.check()?;
+            let e = (s + ROWS).min(positions.len());
+            let logits = model.logits(&hidden.rows(s, e)?)?;
+            for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
+                let t = targets[s + i];
+                if t == u32::MAX {
+                    continue;
+                }
+                if t as usize >= vocab {
+                    return Err(ParallelError::Plan(format!(
+                        "target token {t} outside the vocabulary of {vocab}"
+                    )));
+                }
+                pos.push(positions[s + i] as u64);
+                nll.push(nll_of(row, t as usize));
+            }
+            if pos.len() >= CHUNK || e == positions.len() {
+                self.emit(worker_event::Event::Scores(proto::PositionScores {
+                    positions: std::mem::take(&mut pos),
+                    nll: std::mem::take(&mut nll),
+                }))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a worker on `listener` until `shutdown` resolves: the gRPC server, and heartbeats to the
+/// coordinator (which is how the coordinator learns the worker exists).
+pub async fn run_worker(
+    listener: tokio::net::TcpListener,
+    cfg: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ClusterError> {
+    let bound = listener
+        .local_addr()
+        .map_err(ClusterError::io("local_addr"))?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let worker = Worker::new(&cfg);
+    let svc = WorkerServiceServer::new(worker)
+        .max_decoding_message_size(cfg.server.max_message_bytes)
+        .max_encoding_message_size(cfg.server.max_message_bytes);
+    let routes = tonic::service::Routes::new(svc);
+    let beat = tokio::spawn(
+        heartbeat(
+            cfg.coordinator.clone(),
+            advertise.clone(),
+            cfg.kv_budget_bytes,
+        )
+        .instrument(info_span!("heartbeat", worker = %advertise)),
+    );
+    info!(addr = %bound, "worker serving");
+    let names = ["ringmoe.v1.WorkerService"];
+    let res = server::serve(listener, routes, &names, shutdown).await;
+    beat.abort();
+    res
+}
+
+/// Beats forever; a coordinator that is down or restarting is retried at the same interval.
+async fn heartbeat(coordinator: String, me: String, kv_budget_bytes: u64) {
+    let url = server::http_url(&coordinator);
+    let mut client: Option<ClusterServiceClient<tonic::transport::Channel>> = None;
+    let mut interval = Duration::from_millis(500);
+    loop {
+        if client.is_none() {
+            client = ClusterServiceClient::connect(url.clone()).await.ok();
+        }
+        if let Some(c) = client.as_mut() {
+            let req = proto::HeartbeatRequest {
+                worker_addr: me.clone(),
+                kv_budget_bytes,
+            };
+            match c.heartbeat(req).await {
+                Ok(r) => {
+                    interval = Duration::from_millis(r.into_inner().interval_ms.clamp(50, 10_000));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat failed");
+                    client = None;
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Starts a worker's server on `listener` in the background (for `serve` and tests).
+pub fn spawn_worker(
+    listener: tokio::net::TcpListener,
+    cfg: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), ClusterError>> {
+    tokio::spawn(run_worker(listener, cfg, shutdown))
+}

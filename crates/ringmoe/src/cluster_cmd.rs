@@ -1,0 +1,495 @@
+//! The cluster commands: `coordinator`, `worker`, `serve` (both on this machine) and `submit`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use ringmoe_cluster::client::{self, Input, JobResult};
+use ringmoe_cluster::proto::{self, JobPhase};
+use ringmoe_cluster::{CoordinatorConfig, ModelEntry, ServerOptions, WorkerConfig};
+use tokio::net::TcpListener;
+
+use crate::forward::read_input_ids;
+
+#[derive(Args, Clone, Debug)]
+pub struct LimitOpts {
+    /// Largest gRPC message accepted or sent, in bytes (uploads are chunked well below it).
+    #[arg(long, default_value_t = 16 << 20)]
+    max_message_bytes: usize,
+}
+
+impl LimitOpts {
+    fn server(&self) -> ServerOptions {
+        ServerOptions {
+            max_message_bytes: self.max_message_bytes,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Where to listen (port 0: any free port; the bound address is stdout's first line).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// The job store directory (created if missing; reloaded on restart).
+    #[arg(long)]
+    store: PathBuf,
+    /// A model to serve: `DIR` (named after the directory) or `NAME=DIR`. Repeatable. DIR must
+    /// be the same path on every worker.
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// Jobs wait until this many workers are live.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    #[command(flatten)]
+    limits: LimitOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The coordinator's address.
+    #[arg(long)]
+    coordinator: String,
+    /// Where this worker's gRPC server listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: String,
+    /// The address the coordinator should use for this worker (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The IP job data-plane connections bind to and peers reach (default: the listen IP).
+    #[arg(long)]
+    data_host: Option<std::net::IpAddr>,
+    #[command(flatten)]
+    kv: KvOpts,
+    #[command(flatten)]
+    limits: LimitOpts,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct KvOpts {
+    /// GiB of K/V cache per worker; the coordinator refuses jobs longer than the workers hold.
+    #[arg(long, default_value_t = 8.0)]
+    kv_budget_gib: f64,
+}
+
+impl KvOpts {
+    fn bytes(&self) -> Result<u64> {
+        if !(self.kv_budget_gib.is_finite() && self.kv_budget_gib > 0.0) {
+            bail!(
+                "--kv-budget-gib must be a positive number, got {}",
+                self.kv_budget_gib
+            );
+        }
+        Ok((self.kv_budget_gib * (1u64 << 30) as f64) as u64)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// A model to serve: `DIR` or `NAME=DIR`. Repeatable.
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// Worker count (each holds a shard of every sequence and 1/N of the experts).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Where the coordinator listens (port 0: any free port; printed on stdout's first line).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// The job store directory.
+    #[arg(long, default_value = "ringmoe-jobs")]
+    store: PathBuf,
+    #[command(flatten)]
+    kv: KvOpts,
+    #[command(flatten)]
+    limits: LimitOpts,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum ModeArg {
+    Generate,
+    Score,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum AttnArg {
+    Dense,
+    AShape,
+    VerticalSlash,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// The coordinator's address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// A UTF-8 text file (the coordinator tokenizes it).
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
+    file: Option<PathBuf>,
+    /// A safetensors file with int64 `input_ids` [1, L] (as `forward` takes).
+    #[arg(long)]
+    token_ids: Option<PathBuf>,
+    /// The model to run (default: the coordinator's only model).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, value_enum, default_value = "generate")]
+    mode: ModeArg,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: u32,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "dense")]
+    attention: AttnArg,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0)]
+    priority: i32,
+    /// Print one JSON object (job id, final state, result) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Tokens (or text bytes) per upload message.
+    #[arg(long, default_value_t = client::UPLOAD_CHUNK)]
+    chunk: usize,
+    #[command(flatten)]
+    limits: LimitOpts,
+}
+
+/// Logs to stderr, `RUST_LOG` or `default` deciding what.
+pub fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn model_entries(specs: &[String]) -> Result<Vec<ModelEntry>> {
+    specs
+        .iter()
+        .map(|s| {
+            let (name, dir) = match s.split_once('=') {
+                Some((n, d)) => (n.to_string(), PathBuf::from(d)),
+                None => {
+                    let dir = PathBuf::from(s);
+                    let name = dir
+                        .canonicalize()
+                        .ok()
+                        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                        .with_context(|| format!("--model {s}: not a directory name"))?;
+                    (name, dir)
+                }
+            };
+            let path = dir
+                .canonicalize()
+                .with_context(|| format!("--model {s}: {}", dir.display()))?;
+            Ok(ModelEntry { name, path })
+        })
+        .collect()
+}
+
+async fn bind(addr: &str) -> Result<TcpListener> {
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    // The first line of stdout: scripts and tests read the bound address from it.
+    println!("listening on {}", l.local_addr()?);
+    Ok(l)
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    init_tracing("info");
+    let mut cfg = CoordinatorConfig::new(a.store, model_entries(&a.models)?);
+    cfg.server = a.limits.server();
+    cfg.min_workers = a.min_workers;
+    runtime()?.block_on(async move {
+        let l = bind(&a.addr).await?;
+        ringmoe_cluster::run_coordinator(l, cfg, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    init_tracing("info");
+    runtime()?.block_on(async move {
+        let l = bind(&a.addr).await?;
+        let cfg = WorkerConfig {
+            coordinator: a.coordinator,
+            advertise: a.advertise,
+            kv_budget_bytes: a.kv.bytes()?,
+            data_host: a.data_host.unwrap_or(l.local_addr()?.ip()),
+            data_timeout: Duration::from_secs(300),
+            server: a.limits.server(),
+        };
+        ringmoe_cluster::run_worker(l, cfg, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    init_tracing("info");
+    if a.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let mut cfg = CoordinatorConfig::new(a.store.clone(), model_entries(&a.models)?);
+    cfg.server = a.limits.server();
+    cfg.min_workers = a.workers;
+    let kv = a.kv.bytes()?;
+    runtime()?.block_on(async move {
+        let l = bind(&a.addr).await?;
+        let coord = l.local_addr()?.to_string();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..a.workers {
+            let wl = TcpListener::bind("127.0.0.1:0").await?;
+            let wcfg = WorkerConfig {
+                coordinator: coord.clone(),
+                advertise: None,
+                kv_budget_bytes: kv,
+                data_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                data_timeout: Duration::from_secs(300),
+                server: a.limits.server(),
+            };
+            tasks.spawn(ringmoe_cluster::run_worker(
+                wl,
+                wcfg,
+                stopped(stop_rx.clone()),
+            ));
+        }
+        tasks.spawn(ringmoe_cluster::run_coordinator(
+            l,
+            cfg,
+            stopped(stop_rx.clone()),
+        ));
+        eprintln!(
+            "ringmoe serve: coordinator on {coord} with {} workers, job store {}",
+            a.workers,
+            a.store.display()
+        );
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            r = tasks.join_next() => {
+                if let Some(Ok(Err(e))) = r {
+                    return Err(e.into());
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    })
+}
+
+fn phase_name(p: JobPhase) -> &'static str {
+    match p {
+        JobPhase::Queued => "queued",
+        JobPhase::Loading => "loading",
+        JobPhase::Prefill => "prefill",
+        JobPhase::Decode => "decode",
+        JobPhase::Done => "done",
+        JobPhase::Failed => "failed",
+        JobPhase::Cancelled => "cancelled",
+        JobPhase::Unspecified => "unknown",
+    }
+}
+
+fn bar(mp: &MultiProgress, len: u64, label: &str, hidden: bool) -> ProgressBar {
+    let b = if hidden {
+        ProgressBar::hidden()
+    } else {
+        mp.add(ProgressBar::new(len))
+    };
+    b.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b.set_prefix(label.to_string());
+    b
+}
+
+fn read_input(a: &SubmitArgs) -> Result<Input> {
+    match (&a.file, &a.token_ids) {
+        (Some(f), None) => Ok(Input::Text(
+            std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+        )),
+        (None, Some(t)) => Ok(Input::Tokens(read_input_ids(t)?)),
+        _ => bail!("give exactly one of --file and --token-ids"),
+    }
+}
+
+pub fn submit(a: SubmitArgs) -> Result<()> {
+    init_tracing("warn");
+    let input = read_input(&a)?;
+    runtime()?.block_on(submit_async(a, input))
+}
+
+async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
+    let max = a.limits.max_message_bytes;
+    let mut c = client::connect(&a.addr, max).await?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => {
+            let l = c.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+            match l.models.as_slice() {
+                [one] => one.clone(),
+                many => bail!(
+                    "the coordinator serves {} models ({}); say which with --model",
+                    many.len(),
+                    many.join(", ")
+                ),
+            }
+        }
+    };
+    let spec = proto::JobSpec {
+        model,
+        mode: match a.mode {
+            ModeArg::Generate => proto::JobMode::Generate,
+            ModeArg::Score => proto::JobMode::Score,
+        } as i32,
+        max_new_tokens: a.max_new_tokens,
+        sampling: Some(proto::Sampling {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+        }),
+        attention: match a.attention {
+            AttnArg::Dense => proto::AttentionMode::Dense,
+            AttnArg::AShape => proto::AttentionMode::AShape,
+            AttnArg::VerticalSlash => proto::AttentionMode::VerticalSlash,
+        } as i32,
+        priority: a.priority,
+        input_length: 0,
+    };
+    let quiet = a.json;
+    let mp = MultiProgress::new();
+    let unit = if matches!(input, Input::Text(_)) {
+        "bytes"
+    } else {
+        "tokens"
+    };
+    let up = bar(&mp, input_len(&input), "upload", quiet);
+    up.set_message(unit);
+    let up2 = up.clone();
+    let ack = client::submit(&mut c, spec, input, a.chunk, move |n| up2.set_position(n))
+        .await
+        .map_err(status_error)?;
+    up.finish_with_message(format!("{unit}: job {} accepted", ack.job_id));
+    let id = ack.job_id;
+    let (mut prefill, mut decode): (Option<ProgressBar>, Option<ProgressBar>) = (None, None);
+    let last = client::watch(&mut c, id, |p| match p.phase() {
+        JobPhase::Prefill => {
+            let b = prefill.get_or_insert_with(|| bar(&mp, p.tokens_total, "prefill", quiet));
+            b.set_length(p.tokens_total.max(1));
+            b.set_position(p.tokens_done);
+            b.set_message(format!(
+                "layer {}/{} · {:.0} tok/s · ETA {:.0}s · {} workers",
+                p.layer, p.layers, p.tokens_per_sec, p.eta_secs, p.workers
+            ));
+        }
+        JobPhase::Decode => {
+            if let Some(b) = &prefill {
+                b.finish();
+            }
+            let b = decode.get_or_insert_with(|| bar(&mp, p.tokens_total, "decode", quiet));
+            b.set_position(p.tokens_done);
+            b.set_message(format!("{:.1} tok/s", p.tokens_per_sec));
+        }
+        _ => {}
+    })
+    .await
+    .map_err(status_error)?;
+    for b in [prefill, decode].into_iter().flatten() {
+        b.finish();
+    }
+    let phase = last.phase();
+    if phase != JobPhase::Done {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"job_id": id, "state": phase_name(phase), "message": last.message})
+            );
+        }
+        bail!("job {id} {}: {}", phase_name(phase), last.message);
+    }
+    let result = client::result(&mut c, id).await.map_err(status_error)?;
+    if a.json {
+        let mut o = serde_json::json!({"job_id": id, "state": "done"});
+        match result {
+            JobResult::Tokens(t) => o["tokens"] = serde_json::json!(t),
+            JobResult::Scores(n) => {
+                let mean = n.iter().map(|&x| x as f64).sum::<f64>() / n.len().max(1) as f64;
+                o["nll"] = serde_json::json!(n);
+                o["mean_nll"] = serde_json::json!(mean);
+            }
+        }
+        println!("{o}");
+    } else {
+        match result {
+            JobResult::Tokens(t) => {
+                println!("job {id} done: {} tokens generated", t.len());
+                println!(
+                    "{}",
+                    t.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+                );
+            }
+            JobResult::Scores(n) => {
+                let mean = n.iter().map(|&x| x as f64).sum::<f64>() / n.len().max(1) as f64;
+                println!(
+                    "job {id} done: {} tokens scored, mean NLL {mean:.4}, perplexity {:.3}",
+                    n.len(),
+                    mean.exp()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn input_len(i: &Input) -> u64 {
+    match i {
+        Input::Tokens(t) => t.len() as u64,
+        Input::Text(b) => b.len() as u64,
+    }
+}
+
+/// A gRPC status as an error that names its code.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}

@@ -1,0 +1,565 @@
+//! The cluster as users run it: `ringmoe coordinator` and `ringmoe worker` processes (or
+//! `ringmoe serve`) on 127.0.0.1, jobs through the gRPC client, results against the
+//! single-process engine.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use ringmoe_cluster::client::{self, Input, JobResult};
+use ringmoe_cluster::proto::{self, JobPhase, submit_job_request};
+use ringmoe_model::{LoadOptions, LogitsFor, Model, write_random_checkpoint};
+use serde_json::json;
+use tonic::Code;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `ringmoe ARGS`, waits for stdout's first line (`listening on ADDR`) and returns the
+/// process and ADDR. Logs go to `log_dir/NAME.log`.
+fn start(name: &str, args: &[&str], log_dir: &Path) -> Result<(Proc, String)> {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringmoe"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let p = Proc {
+        child,
+        name: name.to_string(),
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {} // keep draining so the child never blocks on stdout
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .with_context(|| format!("{} printed no address", p.name))?;
+    let addr = line
+        .strip_prefix("listening on ")
+        .with_context(|| format!("{}'s first line: {line}", p.name))?
+        .to_string();
+    Ok((p, addr))
+}
+
+struct Cluster {
+    coordinator: Proc,
+    addr: String,
+    workers: Vec<Proc>,
+    dir: tempfile::TempDir,
+}
+
+/// A coordinator serving `model` and `n` worker processes; `extra` goes to every process.
+fn cluster(model: &Path, n: usize, coord_extra: &[&str], worker_extra: &[&str]) -> Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let (coordinator, addr) =
+        start_coordinator(model, &store, "127.0.0.1:0", n, coord_extra, dir.path())?;
+    let workers = (0..n)
+        .map(|i| start_worker(&addr, i, worker_extra, dir.path()))
+        .collect::<Result<_>>()?;
+    Ok(Cluster {
+        coordinator,
+        addr,
+        workers,
+        dir,
+    })
+}
+
+fn start_coordinator(
+    model: &Path,
+    store: &Path,
+    addr: &str,
+    min_workers: usize,
+    extra: &[&str],
+    logs: &Path,
+) -> Result<(Proc, String)> {
+    let model = format!("m={}", model.display());
+    let min = min_workers.to_string();
+    let mut args = vec![
+        "coordinator",
+        "--addr",
+        addr,
+        "--store",
+        store.to_str().context("path")?,
+        "--model",
+        &model,
+        "--min-workers",
+        &min,
+    ];
+    args.extend_from_slice(extra);
+    start("coordinator", &args, logs)
+}
+
+fn start_worker(coord: &str, i: usize, extra: &[&str], logs: &Path) -> Result<Proc> {
+    let mut args = vec!["worker", "--coordinator", coord];
+    args.extend_from_slice(extra);
+    Ok(start(&format!("worker{i}"), &args, logs)?.0)
+}
+
+fn rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn spec(mode: proto::JobMode, max_new_tokens: u32) -> proto::JobSpec {
+    proto::JobSpec {
+        model: "m".into(),
+        mode: mode as i32,
+        max_new_tokens,
+        sampling: Some(proto::Sampling::default()),
+        ..Default::default()
+    }
+}
+
+/// Submits, follows to the end, and fetches the result.
+async fn run_job(addr: &str, spec: proto::JobSpec, input: Input) -> Result<(u64, JobResult)> {
+    let mut c = client::connect(addr, 64 << 20).await?;
+    let id = client::submit(&mut c, spec, input, client::UPLOAD_CHUNK, |_| {})
+        .await?
+        .job_id;
+    let last = client::watch(&mut c, id, |_| {}).await?;
+    ensure!(
+        last.phase() == JobPhase::Done,
+        "job {id} ended {:?}: {}",
+        last.phase(),
+        last.message
+    );
+    Ok((id, client::result(&mut c, id).await?))
+}
+
+/// Single-process reference: per-token NLL and `n` greedy tokens.
+fn reference(model: &Model, ids: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {
+    let mut cache = model.new_cache();
+    let (hidden, _) = model.forward_hidden(ids, &mut cache)?;
+    let vocab = model.config.vocab_size;
+    let mut nll = Vec::with_capacity(ids.len() - 1);
+    for s in (0..ids.len() - 1).step_by(512) {
+        let e = (s + 512).min(ids.len() - 1);
+        let logits = model.logits(&hidden.rows(s, e)?)?;
+        for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
+            nll.push(ringmoe_model::model::nll_of(row, ids[s + i + 1] as usize));
+        }
+    }
+    let last = ids.len() - 1;
+    let mut logits = model.logits(&hidden.rows(last, last + 1)?)?.into_vec();
+    let mut out = Vec::new();
+    loop {
+        let next = argmax(&logits);
+        out.push(next);
+        if out.len() == n {
+            return Ok((nll, out));
+        }
+        logits = model
+            .forward(&[next], &mut cache, LogitsFor::Last)?
+            .logits
+            .into_vec();
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> Result<f32> {
+    ensure!(a.len() == b.len(), "lengths {} and {}", a.len(), b.len());
+    Ok(a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max))
+}
+
+fn random_ids(n: usize, vocab: u32, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i ^ seed).wrapping_mul(2_654_435_761) % vocab)
+        .collect()
+}
+
+/// One Mixtral layer with long-context RoPE and 4 experts (one per worker), narrow elsewhere.
+fn long_model(dir: &Path) -> Result<PathBuf> {
+    let m = dir.join("long-model");
+    write_random_checkpoint(
+        &m,
+        &json!({
+            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 256,
+            "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+            "eos_token_id": 9999
+        }),
+        5,
+    )?;
+    Ok(m)
+}
+
+fn scores(r: JobResult) -> Result<Vec<f32>> {
+    match r {
+        JobResult::Scores(s) => Ok(s),
+        other => bail!("expected scores, got {other:?}"),
+    }
+}
+
+fn tokens(r: JobResult) -> Result<Vec<u32>> {
+    match r {
+        JobResult::Tokens(t) => Ok(t),
+        other => bail!("expected tokens, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_32k_token_job_on_four_worker_processes_matches_the_single_process_engine() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = long_model(tmp.path())?;
+    let c = cluster(&dir, 4, &[], &[])?;
+    let ids = random_ids(32 * 1024, 512, 7);
+    let model = Model::load(&dir, &LoadOptions::default())?;
+    let (want_nll, want_tokens) = reference(&model, &ids, 4)?;
+    drop(model);
+    let rt = rt()?;
+    let (_, got) = rt.block_on(run_job(
+        &c.addr,
+        spec(proto::JobMode::Score, 0),
+        Input::Tokens(ids.clone()),
+    ))?;
+    let got = scores(got)?;
+    let d = max_abs_diff(&got, &want_nll)?;
+    ensure!(d <= 1e-4, "32K tokens over 4 workers: NLL max |Δ| {d:e}");
+    let (_, got) = rt.block_on(run_job(
+        &c.addr,
+        spec(proto::JobMode::Generate, 4),
+        Input::Tokens(ids),
+    ))?;
+    ensure!(tokens(got)? == want_tokens, "greedy tokens differ");
+    drop(c.workers);
+    drop(c.coordinator);
+    drop(c.dir);
+    Ok(())
+}
+
+#[test]
+fn two_jobs_submitted_together_both_complete_correctly() -> Result<()> {
+    let fx = fixture("mixtral-tiny");
+    let c = cluster(&fx, 2, &[], &[])?;
+    let model = Model::load(&fx, &LoadOptions::default())?;
+    let a = random_ids(300, 384, 1);
+    let b = random_ids(200, 384, 2);
+    let (want_a, _) = reference(&model, &a, 1)?;
+    let (_, want_b) = reference(&model, &b, 6)?;
+    let (ra, rb) = rt()?.block_on(async {
+        tokio::join!(
+            run_job(&c.addr, spec(proto::JobMode::Score, 0), Input::Tokens(a)),
+            run_job(&c.addr, spec(proto::JobMode::Generate, 6), Input::Tokens(b)),
+        )
+    });
+    let d = max_abs_diff(&scores(ra?.1)?, &want_a)?;
+    ensure!(d <= 1e-4, "score job: max |Δ| {d:e}");
+    ensure!(tokens(rb?.1)? == want_b, "generate job's tokens differ");
+    Ok(())
+}
+
+#[test]
+fn a_job_acknowledged_before_the_coordinator_is_killed_completes_after_a_restart() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = long_model(tmp.path())?;
+    let c = cluster(&dir, 2, &[], &[])?;
+    let ids = random_ids(16 * 1024, 512, 3);
+    let rt = rt()?;
+    let (id, seen) = rt.block_on(async {
+        let mut cl = client::connect(&c.addr, 64 << 20).await?;
+        let id = client::submit(
+            &mut cl,
+            spec(proto::JobMode::Score, 0),
+            Input::Tokens(ids.clone()),
+            client::UPLOAD_CHUNK,
+            |_| {},
+        )
+        .await?
+        .job_id;
+        // Follow until the job is running, then pull the plug.
+        let mut s = cl
+            .watch_job(proto::WatchJobRequest { job_id: id })
+            .await?
+            .into_inner();
+        let mut seen = JobPhase::Queued;
+        while let Some(p) = s.message().await? {
+            seen = p.phase();
+            if matches!(seen, JobPhase::Prefill | JobPhase::Done) {
+                break;
+            }
+        }
+        anyhow::Ok((id, seen))
+    })?;
+    ensure!(
+        seen == JobPhase::Prefill,
+        "the job was {seen:?} when killed"
+    );
+    let Cluster {
+        coordinator,
+        addr,
+        workers,
+        dir: cdir,
+    } = c;
+    drop(coordinator); // SIGKILL: no shutdown path runs
+    let store = cdir.path().join("store");
+    // Same address, so the workers' heartbeats find the new coordinator.
+    let (coordinator, addr2) = start_coordinator(&dir, &store, &addr, 2, &[], cdir.path())?;
+    ensure!(addr2 == addr, "restarted on {addr2}, not {addr}");
+    let model = Model::load(&dir, &LoadOptions::default())?;
+    let (want, _) = reference(&model, &ids, 1)?;
+    let got = rt.block_on(async {
+        let mut cl = client::connect(&addr, 64 << 20).await?;
+        let last = client::watch(&mut cl, id, |_| {}).await?;
+        ensure!(last.phase() == JobPhase::Done, "after restart: {last:?}");
+        anyhow::Ok(client::result(&mut cl, id).await?)
+    })?;
+    let d = max_abs_diff(&scores(got)?, &want)?;
+    ensure!(d <= 1e-4, "re-run after restart: max |Δ| {d:e}");
+    drop(workers);
+    drop(coordinator);
+    Ok(())
+}
+
+/// Sends raw upload messages and returns the status (or the job id).
+async fn raw_submit(
+    addr: &str,
+    msgs: Vec<proto::SubmitJobRequest>,
+) -> Result<std::result::Result<u64, tonic::Status>> {
+    let mut c = client::connect(addr, 64 << 20).await?;
+    Ok(c.submit_job(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner().job_id))
+}
+
+fn spec_msg(s: proto::JobSpec) -> proto::SubmitJobRequest {
+    proto::SubmitJobRequest {
+        part: Some(submit_job_request::Part::Spec(s)),
+    }
+}
+
+fn tokens_msg(ids: Vec<u32>) -> proto::SubmitJobRequest {
+    proto::SubmitJobRequest {
+        part: Some(submit_job_request::Part::Tokens(proto::TokenIds { ids })),
+    }
+}
+
+fn text_msg(b: &[u8]) -> proto::SubmitJobRequest {
+    proto::SubmitJobRequest {
+        part: Some(submit_job_request::Part::Text(b.to_vec())),
+    }
+}
+
+#[test]
+fn bad_inputs_get_invalid_argument_and_the_coordinator_keeps_serving() -> Result<()> {
+    let fx = fixture("mixtral-tiny");
+    // 1 MiB messages; K/V for 2 layers x 2 x 2 heads x 16 dims x 4 bytes = 512 B/token, so a
+    // 128 KiB budget holds 256 tokens.
+    let budget = (128.0 / (1024.0 * 1024.0)).to_string();
+    let c = cluster(
+        &fx,
+        1,
+        &["--max-message-bytes", "1048576"],
+        &["--kv-budget-gib", &budget],
+    )?;
+    let score = spec(proto::JobMode::Score, 0);
+    let mut declared = score.clone();
+    declared.input_length = 100;
+    let unknown = proto::JobSpec {
+        model: "nope".into(),
+        ..score.clone()
+    };
+    let cases: Vec<(&str, Vec<proto::SubmitJobRequest>, &str)> = vec![
+        ("empty job", vec![spec_msg(score.clone())], "input tokens"),
+        (
+            "token id out of the vocabulary",
+            vec![spec_msg(score.clone()), tokens_msg(vec![1, 2, 384])],
+            "vocabulary of 384",
+        ),
+        (
+            "unknown model",
+            vec![spec_msg(unknown), tokens_msg(vec![1, 2, 3])],
+            "unknown model 'nope'",
+        ),
+        (
+            "invalid UTF-8",
+            vec![spec_msg(score.clone()), text_msg(b"ok \xff\xfe bad")],
+            "UTF-8",
+        ),
+        ("spec missing", vec![tokens_msg(vec![1, 2, 3])], "spec"),
+        (
+            "stream closed mid-upload",
+            vec![spec_msg(declared), tokens_msg(vec![5; 50])],
+            "declared 100",
+        ),
+        (
+            "oversize message",
+            vec![spec_msg(score.clone()), tokens_msg(vec![300; 600_000])],
+            "size limit",
+        ),
+        (
+            "longer than the cluster's K/V capacity",
+            vec![spec_msg(score.clone()), tokens_msg(vec![7; 300])],
+            "256",
+        ),
+    ];
+    let rt = rt()?;
+    // The worker must have registered for the capacity check.
+    rt.block_on(wait_for_workers(&c.addr, 1))?;
+    for (what, msgs, needle) in cases {
+        let r = rt.block_on(raw_submit(&c.addr, msgs))?;
+        let e = match r {
+            Ok(id) => bail!("{what}: accepted as job {id}"),
+            Err(e) => e,
+        };
+        ensure!(
+            e.code() == Code::InvalidArgument,
+            "{what}: {:?} {}",
+            e.code(),
+            e.message()
+        );
+        ensure!(
+            e.message().contains(needle),
+            "{what}: message {:?} does not say {needle:?}",
+            e.message()
+        );
+    }
+    let ids = random_ids(100, 384, 9);
+    let model = Model::load(&fx, &LoadOptions::default())?;
+    let (want, _) = reference(&model, &ids, 1)?;
+    let (_, got) = rt.block_on(run_job(&c.addr, score, Input::Tokens(ids)))?;
+    let d = max_abs_diff(&scores(got)?, &want)?;
+    ensure!(d <= 1e-4, "good job after bad ones: max |Δ| {d:e}");
+    Ok(())
+}
+
+async fn wait_for_workers(addr: &str, n: u32) -> Result<()> {
+    let mut c = client::connect(addr, 1 << 20).await?;
+    let t = Instant::now();
+    while c
+        .list_jobs(proto::ListJobsRequest {})
+        .await?
+        .into_inner()
+        .workers
+        < n
+    {
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "workers never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn write_input_ids(path: &Path, ids: &[u32]) -> Result<()> {
+    let bytes: Vec<u8> = ids.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, ids.len()], &bytes)?;
+    safetensors::serialize_to_file([("input_ids", view)], None, path)?;
+    Ok(())
+}
+
+#[test]
+fn serve_and_submit_as_the_readme_shows() -> Result<()> {
+    let fx = fixture("mixtral-tiny");
+    let tmp = tempfile::tempdir()?;
+    let store = tmp.path().join("jobs");
+    let (_serve, addr) = start(
+        "serve",
+        &[
+            "serve",
+            "--model",
+            fx.to_str().context("path")?,
+            "--workers",
+            "2",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            store.to_str().context("path")?,
+        ],
+        tmp.path(),
+    )?;
+    let ids = random_ids(120, 384, 4);
+    let inp = tmp.path().join("ids.safetensors");
+    write_input_ids(&inp, &ids)?;
+    let model = Model::load(&fx, &LoadOptions::default())?;
+    let (want_nll, want_tokens) = reference(&model, &ids, 5)?;
+    let submit = |extra: &[&str]| -> Result<std::process::Output> {
+        let mut args = vec!["submit", "--addr", &addr, "--json"];
+        args.extend_from_slice(extra);
+        Ok(Command::new(env!("CARGO_BIN_EXE_ringmoe"))
+            .args(&args)
+            .output()?)
+    };
+    let inp_s = inp.to_str().context("path")?;
+    let out = submit(&["--token-ids", inp_s, "--mode", "score"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(v["state"] == "done", "{v}");
+    let got: Vec<f32> = serde_json::from_value(v["nll"].clone())?;
+    let d = max_abs_diff(&got, &want_nll)?;
+    ensure!(d <= 1e-4, "submit --mode score: max |Δ| {d:e}");
+    let out = submit(&["--token-ids", inp_s, "--max-new-tokens", "5"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let got: Vec<u32> = serde_json::from_value(v["tokens"].clone())?;
+    ensure!(
+        got == want_tokens,
+        "submit generate: {got:?} vs {want_tokens:?}"
+    );
+    // Text input goes through the model's tokenizer.
+    let txt = tmp.path().join("in.txt");
+    std::fs::write(&txt, "The quick brown fox jumps over the lazy dog.")?;
+    let out = submit(&["--file", txt.to_str().context("path")?, "--mode", "score"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A failure exits non-zero with the server's message.
+    let out = submit(&["--token-ids", inp_s, "--model", "nope"])?;
+    ensure!(!out.status.success(), "an unknown model was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("unknown model 'nope'"), "stderr: {err}");
+    Ok(())
+}
