@@ -315,8 +315,12 @@ impl WorkerService for Worker {
                         let _ = tx.blocking_send(Err(status));
                     }
                 }
+                // A re-run of the same job (after a coordinator restart) may have replaced
+                // this entry; remove only our own.
                 if let Ok(mut m) = inner.running.lock() {
-                    m.remove(&id);
+                    if m.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cancel)) {
+                        m.remove(&id);
+                    }
                 }
             })
             .map_err(internal)?;

@@ -121,8 +121,10 @@ pub fn prefill_shard_observed(
         .zip(cache.layers.iter_mut())
         .enumerate()
     {
+        let _layer = tracing::debug_span!("layer", job = job.id, layer = l).entered();
         let params = layer.attn.params;
         let attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
+            let _s = tracing::trace_span!("ring_attention").entered();
             kv.append(&qkv.k, &qkv.v, &positions);
             let tag = Tag::new(job.id, l as u32, 0, Kind::Ring);
             let (out, stats) = ring_attention_mode(
@@ -141,6 +143,7 @@ pub fn prefill_shard_observed(
         let r = match experts {
             None => layer.forward_with(&mut x, &rope, attend)?,
             Some(ep) => layer.forward_parts(&mut x, &rope, attend, |m, xs, routing| {
+                let _s = tracing::trace_span!("expert_all_to_all").entered();
                 let tag = Tag::new(job.id, l as u32, 0, Kind::Dispatch);
                 let hidden = m.router.in_features;
                 let (y, s) = moe_parallel(comm, ep, l, &m.experts, xs, hidden, routing, tag)?;

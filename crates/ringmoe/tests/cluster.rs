@@ -246,14 +246,23 @@ fn a_32k_token_job_on_four_worker_processes_matches_the_single_process_engine() 
     let c = cluster(&dir, 4, &[], &[])?;
     let ids = random_ids(32 * 1024, 512, 7);
     let model = Model::load(&dir, &LoadOptions::default())?;
+    let t = Instant::now();
     let (want_nll, want_tokens) = reference(&model, &ids, 4)?;
+    let single = t.elapsed().as_secs_f64();
     drop(model);
     let rt = rt()?;
+    let t = Instant::now();
     let (_, got) = rt.block_on(run_job(
         &c.addr,
         spec(proto::JobMode::Score, 0),
         Input::Tokens(ids.clone()),
     ))?;
+    // Not asserted (timings are noisy); `--no-capture` shows them.
+    eprintln!(
+        "32K tokens: single-process score + 4 greedy tokens {single:.1}s; cluster score job \
+         {:.1}s (upload, 4 workers, results)",
+        t.elapsed().as_secs_f64()
+    );
     let got = scores(got)?;
     let d = max_abs_diff(&got, &want_nll)?;
     ensure!(d <= 1e-4, "32K tokens over 4 workers: NLL max |Δ| {d:e}");
@@ -561,5 +570,97 @@ fn serve_and_submit_as_the_readme_shows() -> Result<()> {
     ensure!(!out.status.success(), "an unknown model was accepted");
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(err.contains("unknown model 'nope'"), "stderr: {err}");
+    Ok(())
+}
+
+#[test]
+fn cancelling_a_queued_job_finishes_it_as_cancelled() -> Result<()> {
+    let fx = fixture("mixtral-tiny");
+    // Two workers but jobs wait for three: the job stays queued until cancelled.
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let (_coord, addr) = start_coordinator(&fx, &store, "127.0.0.1:0", 3, &[], dir.path())?;
+    let _w: Vec<Proc> = (0..2)
+        .map(|i| start_worker(&addr, i, &[], dir.path()))
+        .collect::<Result<_>>()?;
+    rt()?.block_on(async {
+        let mut c = client::connect(&addr, 1 << 20).await?;
+        let id = client::submit(
+            &mut c,
+            spec(proto::JobMode::Score, 0),
+            Input::Tokens(random_ids(50, 384, 5)),
+            client::UPLOAD_CHUNK,
+            |_| {},
+        )
+        .await?
+        .job_id;
+        let r = c
+            .cancel_job(proto::CancelJobRequest { job_id: id })
+            .await?
+            .into_inner();
+        ensure!(
+            r.phase() == JobPhase::Cancelled,
+            "after cancel: {:?}",
+            r.phase()
+        );
+        let last = client::watch(&mut c, id, |_| {}).await?;
+        ensure!(last.phase() == JobPhase::Cancelled, "watch: {last:?}");
+        let e = client::result(&mut c, id).await.err().context("a result")?;
+        ensure!(e.code() == Code::Cancelled, "GetResult: {e:?}");
+        let e = c
+            .cancel_job(proto::CancelJobRequest { job_id: id + 100 })
+            .await
+            .err()
+            .context("cancelled an unknown job")?;
+        ensure!(e.code() == Code::NotFound, "{e:?}");
+        let jobs = c.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+        ensure!(jobs.jobs.len() == 1 && jobs.workers == 2, "{jobs:?}");
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn cancelling_a_running_job_stops_it_and_the_workers_take_the_next() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = long_model(tmp.path())?;
+    let c = cluster(&dir, 2, &[], &[])?;
+    let rt = rt()?;
+    rt.block_on(async {
+        let mut cl = client::connect(&c.addr, 64 << 20).await?;
+        let id = client::submit(
+            &mut cl,
+            spec(proto::JobMode::Score, 0),
+            Input::Tokens(random_ids(16 * 1024, 512, 8)),
+            client::UPLOAD_CHUNK,
+            |_| {},
+        )
+        .await?
+        .job_id;
+        let mut s = cl
+            .watch_job(proto::WatchJobRequest { job_id: id })
+            .await?
+            .into_inner();
+        while let Some(p) = s.message().await? {
+            if p.phase() != JobPhase::Queued && p.phase() != JobPhase::Loading {
+                ensure!(p.phase() == JobPhase::Prefill, "job ran ahead: {p:?}");
+                break;
+            }
+        }
+        cl.cancel_job(proto::CancelJobRequest { job_id: id })
+            .await?;
+        let last = client::watch(&mut cl, id, |_| {}).await?;
+        ensure!(last.phase() == JobPhase::Cancelled, "{last:?}");
+        anyhow::Ok(())
+    })?;
+    let ids = random_ids(500, 512, 9);
+    let model = Model::load(&dir, &LoadOptions::default())?;
+    let (want, _) = reference(&model, &ids, 1)?;
+    let (_, got) = rt.block_on(run_job(
+        &c.addr,
+        spec(proto::JobMode::Score, 0),
+        Input::Tokens(ids),
+    ))?;
+    let d = max_abs_diff(&scores(got)?, &want)?;
+    ensure!(d <= 1e-4, "job after a cancelled one: max |Δ| {d:e}");
     Ok(())
 }
