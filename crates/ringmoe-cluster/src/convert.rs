@@ -84,6 +84,7 @@ pub fn phase_of(s: &JobState) -> proto::JobPhase {
         JobState::Loading => proto::JobPhase::Loading,
         JobState::Prefill { .. } => proto::JobPhase::Prefill,
         JobState::Decode { .. } => proto::JobPhase::Decode,
+        JobState::Retrying { .. } => proto::JobPhase::Retrying,
         JobState::Done => proto::JobPhase::Done,
         JobState::Failed { .. } => proto::JobPhase::Failed,
         JobState::Cancelled => proto::JobPhase::Cancelled,

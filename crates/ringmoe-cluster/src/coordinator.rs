@@ -29,6 +29,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::convert::{attention_proto, mode_proto, phase_finished, phase_of, spec_from_proto};
+use crate::membership::{MemberEvent, Membership, MemoryMembership, WorkerRecord};
 use crate::proto::cluster_service_server::{ClusterService, ClusterServiceServer};
 use crate::proto::job_service_server::{JobService, JobServiceServer};
 use crate::proto::worker_service_client::WorkerServiceClient;
@@ -56,6 +57,11 @@ pub struct CoordinatorConfig {
     /// How often workers beat, and how long without a beat makes a worker dead.
     pub heartbeat_interval: Duration,
     pub worker_timeout: Duration,
+    /// Where workers register (etcd, or an in-process membership shared with `serve`'s
+    /// workers). `None`: the coordinator's own registry, fed by `ClusterService.Heartbeat`.
+    pub membership: Option<Arc<dyn Membership>>,
+    /// Times a job re-runs after losing a worker before it fails.
+    pub max_retries: u32,
 }
 
 impl CoordinatorConfig {
@@ -67,6 +73,8 @@ impl CoordinatorConfig {
             min_workers: 1,
             heartbeat_interval: Duration::from_millis(500),
             worker_timeout: Duration::from_secs(3),
+            membership: None,
+            max_retries: 3,
         }
     }
 }
@@ -87,11 +95,6 @@ impl ServedModel {
     }
 }
 
-struct WorkerInfo {
-    kv_budget: u64,
-    last_seen: Instant,
-}
-
 /// A job as the running coordinator tracks it.
 struct JobEntry {
     spec: JobSpec,
@@ -103,11 +106,28 @@ struct JobEntry {
 struct Shared {
     store: JobStore,
     models: HashMap<String, ServedModel>,
-    workers: Mutex<HashMap<String, WorkerInfo>>,
+    membership: Arc<dyn Membership>,
+    /// The registry heartbeats feed, when workers heartbeat here instead of registering in etcd.
+    heartbeats: Option<MemoryMembership>,
+    /// Workers found dead after a failed job, left out until membership next says anything of
+    /// them (re-registered, or removed), or for a minute.
+    excluded: Mutex<HashMap<String, Instant>>,
     jobs: Mutex<HashMap<JobId, JobEntry>>,
     /// Wakes the scheduler: a job arrived, a worker joined, a job was cancelled.
     wake: Notify,
     cfg: CoordinatorConfig,
+}
+
+/// Tokens `workers` can hold the K/V of for `model`: zigzag shards are equal to within a token, so
+/// the smallest budget bounds every shard.
+fn capacity_of(model: &ServedModel, workers: &[WorkerRecord]) -> (u64, usize) {
+    let per = model.kv_bytes_per_token().max(1);
+    let min = workers
+        .iter()
+        .map(|w| w.kv_budget_bytes / per)
+        .min()
+        .unwrap_or(0);
+    (min * workers.len() as u64, workers.len())
 }
 
 fn progress_of(id: JobId, state: &JobState) -> proto::JobProgress {
@@ -128,25 +148,28 @@ fn progress_of(id: JobId, state: &JobState) -> proto::JobProgress {
 }
 
 impl Shared {
-    /// Live workers' addresses, sorted (the rank order of the next job).
-    fn live_workers(&self) -> Result<Vec<(String, u64)>, Status> {
-        let now = Instant::now();
-        let mut w: Vec<(String, u64)> = lock(&self.workers)?
-            .iter()
-            .filter(|(_, i)| now.duration_since(i.last_seen) <= self.cfg.worker_timeout)
-            .map(|(a, i)| (a.clone(), i.kv_budget))
-            .collect();
-        w.sort();
-        Ok(w)
+    /// Live workers, sorted by id (the rank order of the next job).
+    async fn live_workers(&self) -> Result<Vec<WorkerRecord>, Status> {
+        let all = self
+            .membership
+            .list()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let excluded = lock(&self.excluded)?;
+        Ok(all
+            .into_iter()
+            .filter(|w| {
+                excluded
+                    .get(&w.id)
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+            })
+            .collect())
     }
 
     /// Tokens the live workers can hold the K/V of for `model`, and how many workers that is.
-    fn kv_capacity(&self, model: &ServedModel) -> Result<(u64, usize), Status> {
-        let w = self.live_workers()?;
-        let per = model.kv_bytes_per_token().max(1);
-        // Zigzag shards are equal to within a token: the smallest budget bounds every shard.
-        let min = w.iter().map(|(_, b)| b / per).min().unwrap_or(0);
-        Ok((min * w.len() as u64, w.len()))
+    async fn kv_capacity(&self, model: &ServedModel) -> Result<(u64, usize), Status> {
+        let w = self.live_workers().await?;
+        Ok(capacity_of(model, &w))
     }
 
     /// Persists `state` for `id`, then publishes it with `progress` filled in.
@@ -278,7 +301,7 @@ impl JobService for Coordinator {
             JobMode::Generate { max_new_tokens, .. } => u64::from(max_new_tokens),
             JobMode::Score => 0,
         };
-        let (capacity, workers) = sh.kv_capacity(model)?;
+        let (capacity, workers) = sh.kv_capacity(model).await?;
         // With no worker yet the job queues; its length is checked when it runs.
         let limit = if workers == 0 {
             u64::MAX
@@ -508,7 +531,7 @@ impl JobService for Coordinator {
         Ok(Response::new(proto::ListJobsResponse {
             jobs,
             models,
-            workers: sh.live_workers()?.len() as u32,
+            workers: sh.live_workers().await?.len() as u32,
         }))
     }
 }
@@ -570,17 +593,18 @@ impl ClusterService for Coordinator {
         if r.worker_addr.is_empty() {
             return Err(invalid("a heartbeat must say where the worker listens"));
         }
-        let new = lock(&self.shared.workers)?
-            .insert(
-                r.worker_addr.clone(),
-                WorkerInfo {
-                    kv_budget: r.kv_budget_bytes,
-                    last_seen: Instant::now(),
-                },
-            )
-            .is_none();
-        if new {
-            info!(worker = %r.worker_addr, kv_budget = r.kv_budget_bytes, "worker joined");
+        let Some(reg) = &self.shared.heartbeats else {
+            return Err(Status::failed_precondition(
+                "this coordinator's workers register in etcd; start the worker with --etcd",
+            ));
+        };
+        let rec = WorkerRecord {
+            id: r.worker_addr.clone(),
+            addr: r.worker_addr.clone(),
+            device: "cpu".into(),
+            kv_budget_bytes: r.kv_budget_bytes,
+        };
+        if reg.refresh(rec, self.shared.cfg.worker_timeout) {
             self.shared.wake.notify_one();
         }
         Ok(Response::new(proto::HeartbeatResponse {
@@ -645,10 +669,19 @@ pub async fn run_coordinator(
         );
     }
     let max = cfg.server.max_message_bytes;
+    let (membership, heartbeats): (Arc<dyn Membership>, _) = match &cfg.membership {
+        Some(m) => (m.clone(), None),
+        None => {
+            let m = MemoryMembership::new(Duration::from_millis(100));
+            (Arc::new(m.clone()), Some(m))
+        }
+    };
     let shared = Arc::new(Shared {
         store,
         models,
-        workers: Mutex::new(HashMap::new()),
+        membership,
+        heartbeats,
+        excluded: Mutex::new(HashMap::new()),
         jobs: Mutex::new(jobs),
         wake: Notify::new(),
         cfg,
@@ -666,11 +699,45 @@ pub async fn run_coordinator(
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     );
+    let watcher = tokio::spawn(follow_membership(shared.clone()));
     let scheduler = tokio::spawn(schedule(shared));
     let names = ["ringmoe.v1.JobService", "ringmoe.v1.ClusterService"];
     let res = server::serve(listener, routes, &names, shutdown).await;
     scheduler.abort();
+    watcher.abort();
     res
+}
+
+/// Logs membership changes and wakes the scheduler on them; re-watches when the watch ends
+/// (etcd restarted, say).
+async fn follow_membership(sh: Arc<Shared>) {
+    loop {
+        match sh.membership.watch().await {
+            Ok((now, mut rx)) => {
+                info!(workers = now.len(), "membership");
+                sh.wake.notify_one();
+                while let Some(ev) = rx.recv().await {
+                    let id = match &ev {
+                        MemberEvent::Put(w) => {
+                            info!(worker = %w.id, addr = %w.addr, "worker joined or updated");
+                            w.id.clone()
+                        }
+                        MemberEvent::Removed(id) => {
+                            info!(worker = %id, "worker left");
+                            id.clone()
+                        }
+                    };
+                    if let Ok(mut ex) = sh.excluded.lock() {
+                        ex.remove(&id);
+                    }
+                    sh.wake.notify_one();
+                }
+                warn!("membership watch ended; watching again");
+            }
+            Err(e) => warn!(error = %e, "membership unavailable"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Runs queued jobs one at a time, whenever enough workers are live.
@@ -678,6 +745,7 @@ async fn schedule(sh: Arc<Shared>) {
     loop {
         let ready = sh
             .live_workers()
+            .await
             .map(|w| w.len() >= sh.cfg.min_workers.max(1))
             .unwrap_or(false);
         if ready {
@@ -714,7 +782,62 @@ async fn run_job(sh: &Arc<Shared>, id: JobId) -> Result<(), ClusterError> {
     }
     sh.transition(id, JobState::Loading, |_| {})?;
     let started = Instant::now();
-    let outcome = drive(sh, id, &spec, &cancel).await;
+    let mut attempt = 0;
+    let outcome = loop {
+        let workers = match sh.live_workers().await {
+            Ok(w) if !w.is_empty() => w,
+            Ok(_) => {
+                // Every worker was lost: wait for one (a replacement pod, say).
+                tokio::select! {
+                    _ = sh.wake.notified() => {}
+                    _ = tokio::time::sleep(sh.cfg.heartbeat_interval) => {}
+                }
+                if cancel.load(Ordering::Relaxed) {
+                    break Err(format!("job {id} was cancelled"));
+                }
+                continue;
+            }
+            Err(e) => break Err(e.message().to_string()),
+        };
+        let failure = match drive(sh, id, &spec, &cancel, &workers).await {
+            Ok(v) => break Ok(v),
+            Err(f) => f,
+        };
+        if cancel.load(Ordering::Relaxed) || !failure.retry {
+            break Err(failure.message);
+        }
+        // Which workers are gone? Probe them; a failure with every worker alive is the job's
+        // own, and re-running it would fail again.
+        let dead = dead_workers(sh, &workers).await;
+        if dead.is_empty() || attempt >= sh.cfg.max_retries {
+            break Err(if dead.is_empty() {
+                failure.message
+            } else {
+                format!("{} (gave up after {attempt} retries)", failure.message)
+            });
+        }
+        attempt += 1;
+        if let Ok(mut ex) = sh.excluded.lock() {
+            for d in &dead {
+                ex.insert(d.clone(), Instant::now());
+            }
+        }
+        if let Some(hb) = &sh.heartbeats {
+            for d in &dead {
+                hb.remove(d);
+            }
+        }
+        let reason = format!("lost worker(s) {}: {}", dead.join(", "), failure.message);
+        warn!(attempt, %reason, "retrying the job");
+        sh.transition(
+            id,
+            JobState::Retrying {
+                attempt,
+                reason: reason.clone(),
+            },
+            |p| p.message = reason,
+        )?;
+    };
     let state = match outcome {
         Ok(result) => {
             sh.store.put_result(id, &result)?;
@@ -731,6 +854,56 @@ async fn run_job(sh: &Arc<Shared>, id: JobId) -> Result<(), ClusterError> {
         }
     };
     sh.transition(id, state, |_| {})
+}
+
+/// Workers of `workers` that do not answer within two seconds.
+async fn dead_workers(sh: &Shared, workers: &[WorkerRecord]) -> Vec<String> {
+    let max = sh.cfg.server.max_message_bytes;
+    let mut set = JoinSet::new();
+    for w in workers {
+        let (id, addr) = (w.id.clone(), w.addr.clone());
+        set.spawn(async move {
+            let alive = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut c = connect(&addr, max).await.ok()?;
+                c.report_load(proto::ReportLoadRequest {}).await.ok()
+            })
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+            (id, alive)
+        });
+    }
+    let mut dead = Vec::new();
+    while let Some(Ok((id, alive))) = set.join_next().await {
+        if !alive {
+            dead.push(id);
+        }
+    }
+    dead.sort();
+    dead
+}
+
+/// Why a run of a job failed, and whether losing a worker may explain it.
+struct Failure {
+    message: String,
+    retry: bool,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            retry: true,
+        }
+    }
+}
+
+fn fatal(message: String) -> Failure {
+    Failure {
+        message,
+        retry: false,
+    }
 }
 
 type WorkerClient = WorkerServiceClient<Channel>;
@@ -774,42 +947,44 @@ async fn drive(
     id: JobId,
     spec: &JobSpec,
     cancel: &AtomicBool,
-) -> Result<serde_json::Value, String> {
-    let model = sh
-        .models
-        .get(&spec.model)
-        .ok_or_else(|| format!("the coordinator no longer serves model '{}'", spec.model))?;
+    workers: &[WorkerRecord],
+) -> Result<serde_json::Value, Failure> {
+    let model = sh.models.get(&spec.model).ok_or_else(|| {
+        fatal(format!(
+            "the coordinator no longer serves model '{}'",
+            spec.model
+        ))
+    })?;
     let cfg = &model.config;
     let tokens = {
         let sh = sh.clone();
         tokio::task::spawn_blocking(move || sh.store.input(id))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+            .map_err(|e| fatal(e.to_string()))?
+            .map_err(|e| fatal(e.to_string()))?
     };
     let len = tokens.len();
-    let workers = sh.live_workers().map_err(|e| e.message().to_string())?;
     let extra = match spec.mode {
         JobMode::Generate { max_new_tokens, .. } => max_new_tokens as u64,
         JobMode::Score => 0,
     };
-    let (capacity, p) = sh.kv_capacity(model).map_err(|e| e.message().to_string())?;
+    let (capacity, p) = capacity_of(model, workers);
     if len as u64 + extra > capacity {
-        return Err(format!(
+        return Err(fatal(format!(
             "the job needs K/V for {} tokens but the {p} live workers hold {capacity}",
             len as u64 + extra
-        ));
+        )));
     }
     let max = sh.cfg.server.max_message_bytes;
     let mut clients = Vec::with_capacity(p);
-    for (addr, _) in &workers {
-        clients.push(connect(addr, max).await?);
+    for w in workers {
+        clients.push(connect(&w.addr, max).await?);
     }
     let placement = Placement::contiguous(cfg.num_layers, cfg.moe.num_experts, p).map_err(|e| {
-        format!(
+        fatal(format!(
             "placing {} experts on {p} workers: {e}",
             cfg.moe.num_experts
-        )
+        ))
     })?;
     let placement_json = placement.to_json();
     info!(workers = p, tokens = len, "loading");
@@ -1040,20 +1215,17 @@ async fn drive(
     if let Some(f) = failure {
         streams.abort_all();
         cancel_all(clients).await;
-        return Err(f);
+        return Err(f.into());
     }
     if score {
         if filled != len - 1 {
-            return Err(format!(
-                "the workers returned {filled} of {} scores",
-                len - 1
-            ));
+            return Err(format!("the workers returned {filled} of {} scores", len - 1).into());
         }
         let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len() as f64;
         Ok(serde_json::json!({ "nll": nll, "mean_nll": mean }))
     } else {
         if generated.is_empty() {
-            return Err("rank 0 returned no generated tokens".into());
+            return Err(String::from("rank 0 returned no generated tokens").into());
         }
         Ok(serde_json::json!({ "tokens": generated }))
     }

@@ -10,15 +10,18 @@
 pub mod client;
 pub mod convert;
 pub mod coordinator;
+pub mod membership;
 pub mod proto;
 pub mod server;
 pub mod store;
+pub mod testkit;
 pub mod worker;
 
 pub use coordinator::{CoordinatorConfig, ModelEntry, run_coordinator};
+pub use membership::{Membership, MemoryMembership, WorkerRecord};
 pub use server::ServerOptions;
 pub use store::{JobId, JobMode, JobSpec, JobState, JobStore, Recovered, StoreError, StoredJob};
-pub use worker::{WorkerConfig, run_worker};
+pub use worker::{Registry, WorkerConfig, run_worker};
 
 /// Errors of the cluster's processes (gRPC handlers answer with a `tonic::Status` instead).
 #[derive(Debug, thiserror::Error)]

@@ -86,10 +86,23 @@ pub struct JobSpec {
 pub enum JobState {
     Queued,
     Loading,
-    Prefill { layer: u32, layers: u32 },
-    Decode { token: u32, tokens: u32 },
+    Prefill {
+        layer: u32,
+        layers: u32,
+    },
+    Decode {
+        token: u32,
+        tokens: u32,
+    },
+    /// A worker was lost; the job runs again (attempt `attempt`) on the workers left.
+    Retrying {
+        attempt: u32,
+        reason: String,
+    },
     Done,
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
     Cancelled,
 }
 
@@ -101,14 +114,14 @@ impl JobState {
     pub fn is_running(&self) -> bool {
         matches!(
             self,
-            Self::Loading | Self::Prefill { .. } | Self::Decode { .. }
+            Self::Loading | Self::Prefill { .. } | Self::Decode { .. } | Self::Retrying { .. }
         )
     }
 
     fn rank(&self) -> u8 {
         match self {
             Self::Queued => 0,
-            Self::Loading => 1,
+            Self::Loading | Self::Retrying { .. } => 1,
             Self::Prefill { .. } => 2,
             Self::Decode { .. } => 3,
             Self::Done | Self::Failed { .. } | Self::Cancelled => 4,
@@ -119,6 +132,7 @@ impl JobState {
         match self {
             Self::Prefill { layer, layers } => format!("prefill (layer {layer} of {layers})"),
             Self::Decode { token, tokens } => format!("decode (token {token} of {tokens})"),
+            Self::Retrying { attempt, .. } => format!("retrying (attempt {attempt})"),
             other => format!("{other:?}").to_lowercase(),
         }
     }
@@ -129,7 +143,8 @@ impl JobState {
         if self.is_finished() {
             return false;
         }
-        to.is_finished() || to.rank() >= self.rank()
+        let retry = matches!(to, JobState::Retrying { .. }) && self.is_running();
+        retry || to.is_finished() || to.rank() >= self.rank()
     }
 }
 

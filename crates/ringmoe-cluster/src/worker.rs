@@ -27,17 +27,30 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::convert::attention_mode;
+use crate::membership::{Membership, WorkerRecord};
 use crate::proto::cluster_service_client::ClusterServiceClient;
 use crate::proto::worker_service_server::{WorkerService, WorkerServiceServer};
 use crate::proto::{self, shard_chunk, worker_event};
 use crate::server::{self, ServerOptions};
 use crate::{ClusterError, lock};
 
+/// Where a worker makes itself known.
+#[derive(Debug, Clone)]
+pub enum Registry {
+    /// Heartbeats to this coordinator (`host:port` or a URL): no etcd.
+    Coordinator(String),
+    /// A lease in a membership store (etcd, or in-process for `serve`).
+    Membership(Arc<dyn Membership>),
+}
+
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The coordinator's address (`http://host:port` or `host:port`).
-    pub coordinator: String,
+    pub registry: Registry,
+    /// Lease TTL in a membership store: how long a dead worker stays listed.
+    pub lease_ttl: Duration,
+    /// `cpu` or `cuda:N`, as published.
+    pub device: String,
     /// The address this worker's gRPC server is reachable at, as told to the coordinator (the
     /// bound address when `None`).
     pub advertise: Option<String>,
@@ -82,6 +95,8 @@ struct Inner {
     load: Arc<LoadTracker>,
     data_host: Option<std::net::IpAddr>,
     data_timeout: Duration,
+    /// False while the worker's lease is lost: it takes no new jobs until it re-registers.
+    accepting: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -95,6 +110,7 @@ impl Worker {
             inner: Arc::new(Inner {
                 data_host: Some(cfg.data_host),
                 data_timeout: cfg.data_timeout,
+                accepting: AtomicBool::new(true),
                 ..Inner::default()
             }),
         }
@@ -169,6 +185,11 @@ impl WorkerService for Worker {
         req: Request<proto::PrepareJobRequest>,
     ) -> Result<Response<proto::PrepareJobResponse>, Status> {
         let id = req.into_inner().job_id;
+        if !self.inner.accepting.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(
+                "this worker lost its membership lease and takes no jobs until it re-registers",
+            ));
+        }
         let host = self
             .inner
             .data_host
@@ -542,23 +563,59 @@ pub async fn run_worker(
         .map_err(ClusterError::io("local_addr"))?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     let worker = Worker::new(&cfg);
+    let inner = worker.inner.clone();
     let svc = WorkerServiceServer::new(worker)
         .max_decoding_message_size(cfg.server.max_message_bytes)
         .max_encoding_message_size(cfg.server.max_message_bytes);
     let routes = tonic::service::Routes::new(svc);
-    let beat = tokio::spawn(
-        heartbeat(
-            cfg.coordinator.clone(),
-            advertise.clone(),
-            cfg.kv_budget_bytes,
-        )
-        .instrument(info_span!("heartbeat", worker = %advertise)),
-    );
+    let beat = match &cfg.registry {
+        Registry::Coordinator(coord) => tokio::spawn(
+            heartbeat(coord.clone(), advertise.clone(), cfg.kv_budget_bytes)
+                .instrument(info_span!("heartbeat", worker = %advertise)),
+        ),
+        Registry::Membership(m) => {
+            let rec = WorkerRecord {
+                id: advertise.clone(),
+                addr: advertise.clone(),
+                device: cfg.device.clone(),
+                kv_budget_bytes: cfg.kv_budget_bytes,
+            };
+            tokio::spawn(
+                stay_registered(m.clone(), rec, cfg.lease_ttl, inner)
+                    .instrument(info_span!("membership", worker = %advertise)),
+            )
+        }
+    };
     info!(addr = %bound, "worker serving");
     let names = ["ringmoe.v1.WorkerService"];
     let res = server::serve(listener, routes, &names, shutdown).await;
     beat.abort();
     res
+}
+
+/// Registers, and re-registers whenever the lease is lost (refusing new jobs meanwhile).
+async fn stay_registered(
+    m: Arc<dyn Membership>,
+    rec: WorkerRecord,
+    ttl: Duration,
+    inner: Arc<Inner>,
+) {
+    loop {
+        match m.register(rec.clone(), ttl).await {
+            Ok(mut reg) => {
+                info!("registered");
+                inner.accepting.store(true, Ordering::Relaxed);
+                reg.lost().await;
+                inner.accepting.store(false, Ordering::Relaxed);
+                warn!("membership lease lost; registering again");
+            }
+            Err(e) => {
+                inner.accepting.store(false, Ordering::Relaxed);
+                warn!(error = %e, "cannot register");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Beats forever; a coordinator that is down or restarting is retried at the same interval.

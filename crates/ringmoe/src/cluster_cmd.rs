@@ -1,14 +1,19 @@
 //! The cluster commands: `coordinator`, `worker`, `serve` (both on this machine) and `submit`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use ringmoe_cluster::client::{self, Input, JobResult};
+use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions};
 use ringmoe_cluster::proto::{self, JobPhase};
-use ringmoe_cluster::{CoordinatorConfig, ModelEntry, ServerOptions, WorkerConfig};
+use ringmoe_cluster::{
+    CoordinatorConfig, Membership, MemoryMembership, ModelEntry, Registry, ServerOptions,
+    WorkerConfig,
+};
 use tokio::net::TcpListener;
 
 use crate::forward::read_input_ids;
@@ -28,13 +33,49 @@ impl LimitOpts {
     }
 }
 
+/// etcd membership (optional: without it workers heartbeat to the coordinator).
+#[derive(Args, Clone, Debug)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (`host:port` or `http://host:port`).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Keys live under `/<cluster>/`, so several clusters can share one etcd.
+    #[arg(long, default_value = "ringmoe")]
+    cluster: String,
+    /// etcd user, when etcd authentication is on (the password comes from --etcd-password or
+    /// the RINGMOE_ETCD_PASSWORD environment variable).
+    #[arg(long, requires = "etcd")]
+    etcd_user: Option<String>,
+    #[arg(long, env = "RINGMOE_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    /// The membership store, when `--etcd` is given.
+    async fn membership(&self) -> Result<Option<Arc<dyn Membership>>> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        let opts = EtcdOptions {
+            endpoints: self.etcd.clone(),
+            cluster: self.cluster.clone(),
+            user: self
+                .etcd_user
+                .clone()
+                .map(|u| (u, self.etcd_password.clone().unwrap_or_default())),
+        };
+        let m = EtcdMembership::connect(opts).await?;
+        Ok(Some(Arc::new(m)))
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct CoordinatorArgs {
     /// Where to listen (port 0: any free port; the bound address is stdout's first line).
     #[arg(long, default_value = "127.0.0.1:7070")]
     addr: String,
     /// The job store directory (created if missing; reloaded on restart).
-    #[arg(long)]
+    #[arg(long, alias = "job-store")]
     store: PathBuf,
     /// A model to serve: `DIR` (named after the directory) or `NAME=DIR`. Repeatable. DIR must
     /// be the same path on every worker.
@@ -43,15 +84,25 @@ pub struct CoordinatorArgs {
     /// Jobs wait until this many workers are live.
     #[arg(long, default_value_t = 1)]
     min_workers: usize,
+    /// Times a job re-runs after losing a worker before it fails.
+    #[arg(long, default_value_t = 3)]
+    max_retries: u32,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     #[command(flatten)]
     limits: LimitOpts,
 }
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
-    /// The coordinator's address.
-    #[arg(long)]
-    coordinator: String,
+    /// The coordinator's address (workers heartbeat to it), unless --etcd is given.
+    #[arg(long, required_unless_present = "etcd")]
+    coordinator: Option<String>,
+    /// Lease TTL in etcd, seconds: how long a dead worker stays listed.
+    #[arg(long, default_value_t = 5)]
+    lease_ttl_secs: u64,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Where this worker's gRPC server listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     addr: String,
@@ -235,8 +286,10 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let mut cfg = CoordinatorConfig::new(a.store, model_entries(&a.models)?);
     cfg.server = a.limits.server();
     cfg.min_workers = a.min_workers;
+    cfg.max_retries = a.max_retries;
     runtime()?.block_on(async move {
         let l = bind(&a.addr).await?;
+        cfg.membership = a.etcd.membership().await?;
         ringmoe_cluster::run_coordinator(l, cfg, shutdown_signal()).await?;
         Ok(())
     })
@@ -246,8 +299,15 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     init_tracing("info");
     runtime()?.block_on(async move {
         let l = bind(&a.addr).await?;
+        let registry = match (a.etcd.membership().await?, a.coordinator) {
+            (Some(m), _) => Registry::Membership(m),
+            (None, Some(c)) => Registry::Coordinator(c),
+            (None, None) => bail!("give --coordinator or --etcd"),
+        };
         let cfg = WorkerConfig {
-            coordinator: a.coordinator,
+            registry,
+            lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),
+            device: "cpu".into(),
             advertise: a.advertise,
             kv_budget_bytes: a.kv.bytes()?,
             data_host: a.data_host.unwrap_or(l.local_addr()?.ip()),
@@ -271,6 +331,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     runtime()?.block_on(async move {
         let l = bind(&a.addr).await?;
         let coord = l.local_addr()?.to_string();
+        // Coordinator and workers share one in-process membership: no etcd, no heartbeats.
+        let members = MemoryMembership::new(Duration::from_millis(100));
+        cfg.membership = Some(Arc::new(members.clone()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -279,7 +342,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         for _ in 0..a.workers {
             let wl = TcpListener::bind("127.0.0.1:0").await?;
             let wcfg = WorkerConfig {
-                coordinator: coord.clone(),
+                registry: Registry::Membership(Arc::new(members.clone())),
+                lease_ttl: Duration::from_secs(3),
+                device: "cpu".into(),
                 advertise: None,
                 kv_budget_bytes: kv,
                 data_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
@@ -325,6 +390,7 @@ fn phase_name(p: JobPhase) -> &'static str {
         JobPhase::Done => "done",
         JobPhase::Failed => "failed",
         JobPhase::Cancelled => "cancelled",
+        JobPhase::Retrying => "retrying",
         JobPhase::Unspecified => "unknown",
     }
 }
@@ -422,6 +488,13 @@ async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
                 "layer {}/{} · {:.0} tok/s · ETA {:.0}s · {} workers",
                 p.layer, p.layers, p.tokens_per_sec, p.eta_secs, p.workers
             ));
+        }
+        JobPhase::Retrying => {
+            let _ = mp.println(format!("retrying: {}", p.message));
+            // The re-run starts its phases over.
+            for b in [prefill.take(), decode.take()].into_iter().flatten() {
+                b.abandon();
+            }
         }
         JobPhase::Decode => {
             if let Some(b) = &prefill {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use ringmoe_cluster::client::{self, Input, JobResult};
 use ringmoe_cluster::proto::{self, JobPhase, submit_job_request};
+use ringmoe_cluster::testkit::Etcd;
 use ringmoe_model::{LoadOptions, LogitsFor, Model, write_random_checkpoint};
 use serde_json::json;
 use tonic::Code;
@@ -210,12 +211,16 @@ fn random_ids(n: usize, vocab: u32, seed: u32) -> Vec<u32> {
 
 /// One Mixtral layer with long-context RoPE and 4 experts (one per worker), narrow elsewhere.
 fn long_model(dir: &Path) -> Result<PathBuf> {
+    long_model_with(dir, 1, 256)
+}
+
+fn long_model_with(dir: &Path, layers: usize, hidden: usize) -> Result<PathBuf> {
     let m = dir.join("long-model");
     write_random_checkpoint(
         &m,
         &json!({
-            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 256,
-            "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": hidden,
+            "intermediate_size": 256, "num_hidden_layers": layers, "num_attention_heads": 4,
             "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
             "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
             "eos_token_id": 9999
@@ -662,5 +667,183 @@ fn cancelling_a_running_job_stops_it_and_the_workers_take_the_next() -> Result<(
     ))?;
     let d = max_abs_diff(&scores(got)?, &want)?;
     ensure!(d <= 1e-4, "job after a cancelled one: max |Δ| {d:e}");
+    Ok(())
+}
+
+/// Coordinator and workers registered in `etcd` (lease TTL `ttl` seconds).
+fn etcd_cluster(etcd: &Etcd, model: &Path, n: usize, ttl: &str) -> Result<Cluster> {
+    let ep = etcd.endpoint();
+    cluster(
+        model,
+        n,
+        &["--etcd", &ep, "--cluster", "t"],
+        &["--etcd", &ep, "--cluster", "t", "--lease-ttl-secs", ttl],
+    )
+}
+
+fn etcd_worker(etcd: &Etcd, c: &Cluster, i: usize, ttl: &str) -> Result<Proc> {
+    let ep = etcd.endpoint();
+    start_worker(
+        &c.addr,
+        i,
+        &["--etcd", &ep, "--cluster", "t", "--lease-ttl-secs", ttl],
+        c.dir.path(),
+    )
+}
+
+async fn live_workers(addr: &str) -> Result<u32> {
+    let mut c = client::connect(addr, 1 << 20).await?;
+    Ok(c.list_jobs(proto::ListJobsRequest {})
+        .await?
+        .into_inner()
+        .workers)
+}
+
+#[test]
+fn with_etcd_a_killed_worker_leaves_the_membership_within_its_lease_ttl() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let mut c = etcd_cluster(&etcd, &fixture("mixtral-tiny"), 2, "1")?;
+    let rt = rt()?;
+    rt.block_on(wait_for_workers(&c.addr, 2))?;
+    let mut dead = c.workers.remove(0);
+    dead.child.kill()?; // SIGKILL: no lease revoke
+    let t = Instant::now();
+    rt.block_on(async {
+        while live_workers(&c.addr).await? != 1 {
+            ensure!(
+                t.elapsed() < Duration::from_secs(5),
+                "the dead worker is still listed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    })?;
+    // etcd checks lease expiry about every 500 ms, on top of the 1 s TTL.
+    let took = t.elapsed();
+    ensure!(
+        took < Duration::from_millis(2500),
+        "removed after {took:?} (TTL 1 s)"
+    );
+    eprintln!("dead worker removed after {took:?} with a 1 s lease");
+    Ok(())
+}
+
+#[test]
+fn after_etcd_restarts_the_workers_register_again_and_the_next_job_runs() -> Result<()> {
+    let mut etcd = Etcd::start()?;
+    let fx = fixture("mixtral-tiny");
+    let c = etcd_cluster(&etcd, &fx, 2, "1")?;
+    let rt = rt()?;
+    rt.block_on(wait_for_workers(&c.addr, 2))?;
+    etcd.restart()?;
+    // The keep-alives notice the restart and register again; the coordinator watches again.
+    std::thread::sleep(Duration::from_millis(1500));
+    rt.block_on(wait_for_workers(&c.addr, 2))?;
+    let ids = random_ids(150, 384, 11);
+    let model = Model::load(&fx, &LoadOptions::default())?;
+    let (want, _) = reference(&model, &ids, 1)?;
+    let (_, got) = rt.block_on(run_job(
+        &c.addr,
+        spec(proto::JobMode::Score, 0),
+        Input::Tokens(ids),
+    ))?;
+    let d = max_abs_diff(&scores(got)?, &want)?;
+    ensure!(d <= 1e-4, "job after an etcd restart: max |Δ| {d:e}");
+    Ok(())
+}
+
+/// Where in a job a worker is killed.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// As prefill starts (layer 0 running).
+    FirstLayer,
+    /// After every layer but the last finished.
+    LastLayer,
+    /// Once the first token is decoded.
+    Decode,
+}
+
+#[test]
+fn losing_a_worker_mid_job_reruns_it_on_the_rest_with_the_same_result() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = long_model_with(tmp.path(), 2, 128)?;
+    let etcd = Etcd::start()?;
+    let mut c = etcd_cluster(&etcd, &dir, 4, "1")?;
+    let ids = random_ids(32 * 1024, 512, 21);
+    let new_tokens = 100;
+    let model = Model::load(&dir, &LoadOptions::default())?;
+    let (want_nll, want_tokens) = reference(&model, &ids, new_tokens)?;
+    drop(model);
+    let rt = rt()?;
+    let plan = [
+        KillAt::FirstLayer,
+        KillAt::LastLayer,
+        KillAt::Decode,
+        KillAt::FirstLayer,
+        KillAt::LastLayer,
+    ];
+    for (run, at) in plan.into_iter().enumerate() {
+        rt.block_on(wait_for_workers(&c.addr, 4))?;
+        let generate = matches!(at, KillAt::Decode);
+        let job_spec = if generate {
+            spec(proto::JobMode::Generate, new_tokens as u32)
+        } else {
+            spec(proto::JobMode::Score, 0)
+        };
+        let victim = run % c.workers.len();
+        let (phases, result) = rt.block_on(async {
+            let mut cl = client::connect(&c.addr, 64 << 20).await?;
+            let id = client::submit(
+                &mut cl,
+                job_spec,
+                Input::Tokens(ids.clone()),
+                client::UPLOAD_CHUNK,
+                |_| {},
+            )
+            .await?
+            .job_id;
+            let mut s = cl
+                .watch_job(proto::WatchJobRequest { job_id: id })
+                .await?
+                .into_inner();
+            let mut killed = false;
+            let mut phases = Vec::new();
+            while let Some(p) = s.message().await? {
+                phases.push((p.phase(), p.layer));
+                let hit = match at {
+                    KillAt::FirstLayer => p.phase() == JobPhase::Prefill && p.layer == 0,
+                    KillAt::LastLayer => {
+                        p.phase() == JobPhase::Prefill && p.layers > 0 && p.layer == p.layers - 1
+                    }
+                    KillAt::Decode => p.phase() == JobPhase::Decode,
+                };
+                if hit && !killed {
+                    c.workers[victim].child.kill()?;
+                    killed = true;
+                }
+            }
+            ensure!(killed, "run {run}: never reached {at:?}: {phases:?}");
+            anyhow::Ok((phases, client::result(&mut cl, id).await?))
+        })?;
+        ensure!(
+            phases.iter().any(|(p, _)| *p == JobPhase::Retrying),
+            "run {run} ({at:?}): no retry seen: {phases:?}"
+        );
+        ensure!(
+            phases.last().map(|p| p.0) == Some(JobPhase::Done),
+            "run {run} ({at:?}): {phases:?}"
+        );
+        if generate {
+            ensure!(
+                tokens(result)? == want_tokens,
+                "run {run} ({at:?}): tokens differ"
+            );
+        } else {
+            let d = max_abs_diff(&scores(result)?, &want_nll)?;
+            ensure!(d <= 1e-4, "run {run} ({at:?}): NLL max |Δ| {d:e}");
+        }
+        // A replacement joins; it is used from the next job on.
+        c.workers[victim] = etcd_worker(&etcd, &c, 4 + run, "1")?;
+    }
     Ok(())
 }

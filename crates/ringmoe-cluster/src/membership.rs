@@ -1,0 +1,304 @@
+//! Who is in the cluster: workers register under a lease and disappear when it ends.
+//!
+//! [`Membership`] has two implementations: [`MemoryMembership`] (one process: `ringmoe serve`, and
+//! the coordinator's own registry fed by worker heartbeats when there is no etcd) and
+//! [`etcd::EtcdMembership`] (a real etcd; the only module that knows etcd exists).
+
+pub mod etcd;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, watch};
+
+/// What a worker publishes about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// Unique per worker process; the key it registers under.
+    pub id: String,
+    /// Where its `WorkerService` listens.
+    pub addr: String,
+    /// `cpu`, or `cuda:N`.
+    pub device: String,
+    /// Bytes it may spend on K/V cache.
+    pub kv_budget_bytes: u64,
+}
+
+/// A change to the membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEvent {
+    /// Added or updated.
+    Put(WorkerRecord),
+    /// Gone (lease expired, revoked or deleted), by id.
+    Removed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("etcd at {endpoints}: {msg}")]
+    Etcd { endpoints: String, msg: String },
+
+    #[error("membership record {key}: {msg}")]
+    BadRecord { key: String, msg: String },
+
+    #[error("membership: {0}")]
+    Closed(String),
+}
+
+pub type Result<T> = std::result::Result<T, MembershipError>;
+
+/// A registration kept alive in the background. [`Registration::lost`] resolves when the lease
+/// ended anyway (the store unreachable for longer than the TTL); dropping the registration
+/// revokes it where the store allows.
+#[derive(Debug)]
+pub struct Registration {
+    lost: watch::Receiver<bool>,
+    _stop: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Registration {
+    /// Resolves once the lease is lost.
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|l| *l).await;
+    }
+
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+}
+
+/// Membership of workers.
+#[tonic::async_trait]
+pub trait Membership: Send + Sync + std::fmt::Debug + 'static {
+    /// Publishes `rec` under a lease of `ttl`, kept alive until the registration is dropped.
+    async fn register(&self, rec: WorkerRecord, ttl: Duration) -> Result<Registration>;
+
+    /// The workers registered now.
+    async fn list(&self) -> Result<Vec<WorkerRecord>>;
+
+    /// The workers now, and every change after that snapshot.
+    async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)>;
+}
+
+struct Entry {
+    rec: WorkerRecord,
+    deadline: Instant,
+    /// Bumped on every registration, so an old keep-alive cannot revive a newer entry.
+    generation: u64,
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    entries: HashMap<String, Entry>,
+    generation: u64,
+}
+
+/// Membership inside one process. Leases are deadlines; a sweeper removes expired entries.
+#[derive(Clone)]
+pub struct MemoryMembership {
+    inner: Arc<Mutex<MemoryInner>>,
+    events: broadcast::Sender<MemberEvent>,
+}
+
+impl std::fmt::Debug for MemoryMembership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryMembership").finish_non_exhaustive()
+    }
+}
+
+impl MemoryMembership {
+    /// A new, empty membership; its sweeper runs on the current tokio runtime every `sweep`.
+    pub fn new(sweep: Duration) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        let m = Self {
+            inner: Arc::new(Mutex::new(MemoryInner::default())),
+            events,
+        };
+        let weak = Arc::downgrade(&m.inner);
+        let events = m.events.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(sweep).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let now = Instant::now();
+                let gone: Vec<String> = match inner.lock() {
+                    Ok(mut g) => {
+                        let gone: Vec<String> = g
+                            .entries
+                            .iter()
+                            .filter(|(_, e)| e.deadline <= now)
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        for k in &gone {
+                            g.entries.remove(k);
+                        }
+                        gone
+                    }
+                    Err(_) => return,
+                };
+                for k in gone {
+                    let _ = events.send(MemberEvent::Removed(k));
+                }
+            }
+        });
+        m
+    }
+
+    /// Puts `rec` with a lease ending `ttl` from now (a worker heartbeat); returns whether it
+    /// is new.
+    pub fn refresh(&self, rec: WorkerRecord, ttl: Duration) -> bool {
+        self.put(rec, ttl, None).0
+    }
+
+    /// Puts or refreshes; with `generation`, only refreshes the entry of that generation.
+    fn put(&self, rec: WorkerRecord, ttl: Duration, generation: Option<u64>) -> (bool, u64) {
+        let Ok(mut g) = self.inner.lock() else {
+            return (false, 0);
+        };
+        let deadline = Instant::now() + ttl;
+        if let Some(gen_) = generation {
+            return match g.entries.get_mut(&rec.id) {
+                Some(e) if e.generation == gen_ => {
+                    e.deadline = deadline;
+                    (false, gen_)
+                }
+                _ => (false, 0),
+            };
+        }
+        g.generation += 1;
+        let generation = g.generation;
+        let old = g.entries.insert(
+            rec.id.clone(),
+            Entry {
+                rec: rec.clone(),
+                deadline,
+                generation,
+            },
+        );
+        let changed = old.as_ref().map(|e| e.rec != rec).unwrap_or(true);
+        drop(g);
+        if changed {
+            let _ = self.events.send(MemberEvent::Put(rec));
+        }
+        (old.is_none(), generation)
+    }
+
+    /// Removes `id` now (a worker found dead).
+    pub fn remove(&self, id: &str) {
+        let removed = self
+            .inner
+            .lock()
+            .map(|mut g| g.entries.remove(id).is_some())
+            .unwrap_or(false);
+        if removed {
+            let _ = self.events.send(MemberEvent::Removed(id.to_string()));
+        }
+    }
+
+    fn snapshot(&self) -> Vec<WorkerRecord> {
+        let now = Instant::now();
+        let mut v: Vec<WorkerRecord> = self
+            .inner
+            .lock()
+            .map(|g| {
+                g.entries
+                    .values()
+                    .filter(|e| e.deadline > now)
+                    .map(|e| e.rec.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+}
+
+#[tonic::async_trait]
+impl Membership for MemoryMembership {
+    async fn register(&self, rec: WorkerRecord, ttl: Duration) -> Result<Registration> {
+        let (_, generation) = self.put(rec.clone(), ttl, None);
+        let (lost_tx, lost) = watch::channel(false);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match stopped.try_recv() {
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                    _ => {
+                        me.remove(&rec.id);
+                        return;
+                    }
+                }
+                if me.put(rec.clone(), ttl, Some(generation)).1 == 0 {
+                    let _ = lost_tx.send(true);
+                    return;
+                }
+            }
+        });
+        Ok(Registration {
+            lost,
+            _stop: Some(stop),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<WorkerRecord>> {
+        Ok(self.snapshot())
+    }
+
+    async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)> {
+        let mut rx = self.events.subscribe();
+        let now = self.snapshot();
+        let (tx, out) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => {
+                        if tx.send(e).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok((now, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str) -> WorkerRecord {
+        WorkerRecord {
+            id: id.into(),
+            addr: format!("{id}:1"),
+            device: "cpu".into(),
+            kv_budget_bytes: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_leases_expire_unless_kept_alive() {
+        let m = MemoryMembership::new(Duration::from_millis(10));
+        let (_, mut events) = m.watch().await.unwrap();
+        let kept = m
+            .register(rec("a"), Duration::from_millis(150))
+            .await
+            .unwrap();
+        m.refresh(rec("b"), Duration::from_millis(150));
+        assert_eq!(events.recv().await, Some(MemberEvent::Put(rec("a"))));
+        assert_eq!(events.recv().await, Some(MemberEvent::Put(rec("b"))));
+        // b is never refreshed: it goes; a's keep-alive holds it.
+        assert_eq!(events.recv().await, Some(MemberEvent::Removed("b".into())));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(m.list().await.unwrap(), vec![rec("a")]);
+        assert!(!kept.is_lost());
+        drop(kept);
+        assert_eq!(events.recv().await, Some(MemberEvent::Removed("a".into())));
+    }
+}

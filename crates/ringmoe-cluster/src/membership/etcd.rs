@@ -1,0 +1,259 @@
+//! Membership in etcd: `/<cluster>/workers/<id>` → the worker's JSON record, attached to one
+//! lease per registration. The lease is kept alive from a thread with its own runtime, so a
+//! worker whose cores are busy with compute (or whose main runtime is) still renews it.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use super::{MemberEvent, Membership, MembershipError, Registration, Result, WorkerRecord};
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// `host:port` or `http(s)://host:port`, one or more.
+    pub endpoints: Vec<String>,
+    /// Keys live under `/<cluster>/`, so several clusters can share one etcd.
+    pub cluster: String,
+    /// etcd authentication (user, password), when enabled on the server.
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdOptions {
+    fn connect_options(&self) -> ConnectOptions {
+        let mut o = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        if let Some((u, p)) = &self.user {
+            o = o.with_user(u.clone(), p.clone());
+        }
+        o
+    }
+
+    /// Connects a client.
+    pub async fn connect(&self) -> Result<Client> {
+        Client::connect(&self.endpoints, Some(self.connect_options()))
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> MembershipError {
+        MembershipError::Etcd {
+            endpoints: self.endpoints.join(","),
+            msg: e.to_string(),
+        }
+    }
+
+    /// `/<cluster>/` + `rest`.
+    pub fn key(&self, rest: &str) -> String {
+        format!("/{}/{rest}", self.cluster)
+    }
+}
+
+#[derive(Clone)]
+pub struct EtcdMembership {
+    opts: EtcdOptions,
+    client: Client,
+}
+
+impl std::fmt::Debug for EtcdMembership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdMembership")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdMembership {
+    pub async fn connect(opts: EtcdOptions) -> Result<Self> {
+        let client = opts.connect().await?;
+        Ok(Self { opts, client })
+    }
+
+    fn prefix(&self) -> String {
+        self.opts.key("workers/")
+    }
+
+    fn decode(&self, key: &[u8], value: &[u8]) -> Result<WorkerRecord> {
+        serde_json::from_slice(value).map_err(|e| MembershipError::BadRecord {
+            key: String::from_utf8_lossy(key).into_owned(),
+            msg: e.to_string(),
+        })
+    }
+}
+
+/// Grants a lease, puts the record on it and keeps it alive until `stop` fires or the lease is
+/// lost. Runs on its own thread and runtime.
+fn keep_alive_thread(
+    opts: EtcdOptions,
+    key: String,
+    value: String,
+    ttl: Duration,
+    lease: i64,
+    lost: watch::Sender<bool>,
+    stop: std::sync::mpsc::Receiver<()>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(error = %e, "no runtime for the lease keep-alive");
+            let _ = lost.send(true);
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let period = (ttl / 3).max(Duration::from_millis(100));
+        let mut client = match opts.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "lease keep-alive cannot reach etcd");
+                let _ = lost.send(true);
+                return;
+            }
+        };
+        let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %e, "lease keep-alive refused");
+                let _ = lost.send(true);
+                return;
+            }
+        };
+        loop {
+            match stop.try_recv() {
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                _ => {
+                    // Dropped: give the slot back at once rather than at expiry.
+                    let _ = client.lease_revoke(lease).await;
+                    let _ = client.delete(key.as_str(), None).await;
+                    return;
+                }
+            }
+            let alive = async {
+                keeper.keep_alive().await.ok()?;
+                let r = stream.message().await.ok()??;
+                (r.ttl() > 0).then_some(())
+            };
+            match tokio::time::timeout(ttl, alive).await {
+                Ok(Some(())) => {}
+                other => {
+                    warn!(key, ?other, "lease lost");
+                    let _ = lost.send(true);
+                    return;
+                }
+            }
+            debug!(key, value_len = value.len(), "lease renewed");
+            tokio::time::sleep(period).await;
+        }
+    });
+}
+
+#[tonic::async_trait]
+impl Membership for EtcdMembership {
+    async fn register(&self, rec: WorkerRecord, ttl: Duration) -> Result<Registration> {
+        let mut c = self.client.clone();
+        let secs = ttl.as_secs().max(1) as i64;
+        let lease = c
+            .lease_grant(secs, None)
+            .await
+            .map_err(|e| self.opts.err(e))?
+            .id();
+        let key = format!("{}{}", self.prefix(), rec.id);
+        let value = serde_json::to_string(&rec)
+            .map_err(|e| MembershipError::Closed(format!("encoding the record: {e}")))?;
+        c.put(
+            key.as_str(),
+            value.as_str(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(|e| self.opts.err(e))?;
+        let (lost_tx, lost) = watch::channel(false);
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let opts = self.opts.clone();
+        std::thread::Builder::new()
+            .name("etcd-lease".into())
+            .spawn(move || keep_alive_thread(opts, key, value, ttl, lease, lost_tx, stopped))
+            .map_err(|e| MembershipError::Closed(format!("keep-alive thread: {e}")))?;
+        Ok(Registration {
+            lost,
+            _stop: Some(stop),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<WorkerRecord>> {
+        let mut c = self.client.clone();
+        let r = c
+            .get(self.prefix(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        let mut v = r
+            .kvs()
+            .iter()
+            .map(|kv| self.decode(kv.key(), kv.value()))
+            .collect::<Result<Vec<_>>>()?;
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(v)
+    }
+
+    async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)> {
+        let mut c = self.client.clone();
+        let prefix = self.prefix();
+        let r = c
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        let mut now = r
+            .kvs()
+            .iter()
+            .map(|kv| self.decode(kv.key(), kv.value()))
+            .collect::<Result<Vec<_>>>()?;
+        now.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut stream = c
+            .watch(
+                prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(rev + 1),
+                ),
+            )
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        let (tx, out) = mpsc::channel(256);
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(resp)) = stream.message().await {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let e = match ev.event_type() {
+                        EventType::Put => match me.decode(kv.key(), kv.value()) {
+                            Ok(rec) => MemberEvent::Put(rec),
+                            Err(e) => {
+                                warn!(error = %e, "ignoring a bad membership record");
+                                continue;
+                            }
+                        },
+                        EventType::Delete => {
+                            let key = String::from_utf8_lossy(kv.key());
+                            MemberEvent::Removed(
+                                key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
+                            )
+                        }
+                    };
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // The watch ended (etcd went away): the receiver sees the channel close.
+        });
+        Ok((now, out))
+    }
+}
