@@ -29,7 +29,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::convert::{attention_proto, mode_proto, phase_finished, phase_of, spec_from_proto};
-use crate::membership::{MemberEvent, Membership, MemoryMembership, WorkerRecord};
+use crate::membership::{Election, MemberEvent, Membership, MemoryMembership, WorkerRecord};
 use crate::proto::cluster_service_server::{ClusterService, ClusterServiceServer};
 use crate::proto::job_service_server::{JobService, JobServiceServer};
 use crate::proto::worker_service_client::WorkerServiceClient;
@@ -62,6 +62,11 @@ pub struct CoordinatorConfig {
     pub membership: Option<Arc<dyn Membership>>,
     /// Times a job re-runs after losing a worker before it fails.
     pub max_retries: u32,
+    /// Coordinator replicas: when set, this one serves and schedules only while it leads; a
+    /// standby holds its port but answers nothing until elected, then reloads the job store.
+    pub election: Option<Arc<dyn Election>>,
+    /// Leadership lease TTL: how long after a leader dies a standby takes over.
+    pub leader_ttl: Duration,
 }
 
 impl CoordinatorConfig {
@@ -75,6 +80,8 @@ impl CoordinatorConfig {
             worker_timeout: Duration::from_secs(3),
             membership: None,
             max_retries: 3,
+            election: None,
+            leader_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -619,6 +626,22 @@ pub async fn run_coordinator(
     cfg: CoordinatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ClusterError> {
+    let leadership = match &cfg.election {
+        Some(e) => {
+            let me = listener
+                .local_addr()
+                .map_err(ClusterError::io("local_addr"))?
+                .to_string();
+            info!("standby: campaigning for leadership");
+            let l = e
+                .campaign(me, cfg.leader_ttl)
+                .await
+                .map_err(|e| ClusterError::Server(format!("leader election: {e}")))?;
+            info!("elected leader");
+            Some(l)
+        }
+        None => None,
+    };
     let mut models = HashMap::new();
     for m in &cfg.models {
         let bad = |msg: String| ClusterError::Model {
@@ -702,7 +725,18 @@ pub async fn run_coordinator(
     let watcher = tokio::spawn(follow_membership(shared.clone()));
     let scheduler = tokio::spawn(schedule(shared));
     let names = ["ringmoe.v1.JobService", "ringmoe.v1.ClusterService"];
-    let res = server::serve(listener, routes, &names, shutdown).await;
+    let lost = async move {
+        match leadership {
+            Some(mut l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    let res = tokio::select! {
+        r = server::serve(listener, routes, &names, shutdown) => r,
+        _ = lost => Err(ClusterError::Server(
+            "lost coordinator leadership; exiting so that no job runs twice".into(),
+        )),
+    };
     scheduler.abort();
     watcher.abort();
     res

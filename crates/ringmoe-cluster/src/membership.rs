@@ -82,6 +82,14 @@ pub trait Membership: Send + Sync + std::fmt::Debug + 'static {
     async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)>;
 }
 
+/// Leader election among coordinator replicas.
+#[tonic::async_trait]
+pub trait Election: Send + Sync + std::fmt::Debug + 'static {
+    /// Waits until this replica leads (announcing `value`, its address); the returned lease's
+    /// [`Registration::lost`] resolves if leadership ends. Dropping it resigns.
+    async fn campaign(&self, value: String, ttl: Duration) -> Result<Registration>;
+}
+
 struct Entry {
     rec: WorkerRecord,
     deadline: Instant,

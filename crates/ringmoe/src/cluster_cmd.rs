@@ -53,6 +53,13 @@ pub struct EtcdArgs {
 impl EtcdArgs {
     /// The membership store, when `--etcd` is given.
     async fn membership(&self) -> Result<Option<Arc<dyn Membership>>> {
+        Ok(self
+            .etcd()
+            .await?
+            .map(|m| Arc::new(m) as Arc<dyn Membership>))
+    }
+
+    async fn etcd(&self) -> Result<Option<EtcdMembership>> {
         if self.etcd.is_empty() {
             return Ok(None);
         }
@@ -64,8 +71,7 @@ impl EtcdArgs {
                 .clone()
                 .map(|u| (u, self.etcd_password.clone().unwrap_or_default())),
         };
-        let m = EtcdMembership::connect(opts).await?;
-        Ok(Some(Arc::new(m)))
+        Ok(Some(EtcdMembership::connect(opts).await?))
     }
 }
 
@@ -87,6 +93,9 @@ pub struct CoordinatorArgs {
     /// Times a job re-runs after losing a worker before it fails.
     #[arg(long, default_value_t = 3)]
     max_retries: u32,
+    /// With --etcd: leadership lease TTL in seconds (how soon a standby takes over).
+    #[arg(long, default_value_t = 2)]
+    leader_ttl_secs: u64,
     #[command(flatten)]
     etcd: EtcdArgs,
     #[command(flatten)]
@@ -289,7 +298,12 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     cfg.max_retries = a.max_retries;
     runtime()?.block_on(async move {
         let l = bind(&a.addr).await?;
-        cfg.membership = a.etcd.membership().await?;
+        if let Some(m) = a.etcd.etcd().await? {
+            // Replicas share the job store (a shared volume) and elect a leader through etcd.
+            cfg.membership = Some(Arc::new(m.clone()));
+            cfg.election = Some(Arc::new(m));
+            cfg.leader_ttl = Duration::from_secs(a.leader_ttl_secs.max(1));
+        }
         ringmoe_cluster::run_coordinator(l, cfg, shutdown_signal()).await?;
         Ok(())
     })

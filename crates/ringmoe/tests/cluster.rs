@@ -847,3 +847,78 @@ fn losing_a_worker_mid_job_reruns_it_on_the_rest_with_the_same_result() -> Resul
     }
     Ok(())
 }
+
+#[test]
+fn a_standby_coordinator_takes_over_and_finishes_the_leaders_jobs() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = long_model(tmp.path())?;
+    let etcd = Etcd::start()?;
+    let ep = etcd.endpoint();
+    let c = etcd_cluster(&etcd, &dir, 2, "1")?;
+    let rt = rt()?;
+    // The first coordinator serves only once it leads.
+    rt.block_on(wait_for_workers(&c.addr, 2))?;
+    let store = c.dir.path().join("store");
+    let (_standby, standby_addr) = start_coordinator(
+        &dir,
+        &store,
+        "127.0.0.1:0",
+        2,
+        &["--etcd", &ep, "--cluster", "t"],
+        tmp.path(),
+    )?;
+    let long = random_ids(16 * 1024, 512, 31);
+    let short = random_ids(300, 512, 32);
+    let (a, b) = rt.block_on(async {
+        let mut cl = client::connect(&c.addr, 64 << 20).await?;
+        let mut submit = async |ids: &Vec<u32>| {
+            let r = client::submit(
+                &mut cl,
+                spec(proto::JobMode::Score, 0),
+                Input::Tokens(ids.clone()),
+                client::UPLOAD_CHUNK,
+                |_| {},
+            )
+            .await?;
+            anyhow::Ok(r.job_id)
+        };
+        let a = submit(&long).await?;
+        let b = submit(&short).await?;
+        let mut s = cl
+            .watch_job(proto::WatchJobRequest { job_id: a })
+            .await?
+            .into_inner();
+        while let Some(p) = s.message().await? {
+            if p.phase() == JobPhase::Prefill {
+                break;
+            }
+        }
+        anyhow::Ok((a, b))
+    })?;
+    let Cluster {
+        coordinator: leader,
+        workers: _workers,
+        ..
+    } = c;
+    drop(leader); // SIGKILL with job `a` running and job `b` queued
+    let model = Model::load(&dir, &LoadOptions::default())?;
+    let (want_a, _) = reference(&model, &long, 1)?;
+    let (want_b, _) = reference(&model, &short, 1)?;
+    let (got_a, got_b) = rt.block_on(async {
+        // Connecting waits until the standby, now leader, serves.
+        let mut cl = client::connect(&standby_addr, 64 << 20).await?;
+        let mut done = async |id: u64| {
+            let last = client::watch(&mut cl, id, |_| {}).await?;
+            ensure!(last.phase() == JobPhase::Done, "job {id}: {last:?}");
+            anyhow::Ok(client::result(&mut cl, id).await?)
+        };
+        let ra = done(a).await?;
+        let rb = done(b).await?;
+        anyhow::Ok((ra, rb))
+    })?;
+    let d = max_abs_diff(&scores(got_a)?, &want_a)?;
+    ensure!(d <= 1e-4, "running job after failover: max |Δ| {d:e}");
+    let d = max_abs_diff(&scores(got_b)?, &want_b)?;
+    ensure!(d <= 1e-4, "queued job after failover: max |Δ| {d:e}");
+    Ok(())
+}

@@ -8,7 +8,9 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, Wat
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use super::{MemberEvent, Membership, MembershipError, Registration, Result, WorkerRecord};
+use super::{
+    Election, MemberEvent, Membership, MembershipError, Registration, Result, WorkerRecord,
+};
 
 /// How to reach etcd.
 #[derive(Debug, Clone, Default)]
@@ -23,9 +25,14 @@ pub struct EtcdOptions {
 
 impl EtcdOptions {
     fn connect_options(&self) -> ConnectOptions {
-        let mut o = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5));
+        self.options_with(Some(Duration::from_secs(5)))
+    }
+
+    fn options_with(&self, timeout: Option<Duration>) -> ConnectOptions {
+        let mut o = ConnectOptions::new().with_connect_timeout(Duration::from_secs(3));
+        if let Some(t) = timeout {
+            o = o.with_timeout(t);
+        }
         if let Some((u, p)) = &self.user {
             o = o.with_user(u.clone(), p.clone());
         }
@@ -88,8 +95,7 @@ impl EtcdMembership {
 /// lost. Runs on its own thread and runtime.
 fn keep_alive_thread(
     opts: EtcdOptions,
-    key: String,
-    value: String,
+    key: Option<String>,
     ttl: Duration,
     lease: i64,
     lost: watch::Sender<bool>,
@@ -130,7 +136,9 @@ fn keep_alive_thread(
                 _ => {
                     // Dropped: give the slot back at once rather than at expiry.
                     let _ = client.lease_revoke(lease).await;
-                    let _ = client.delete(key.as_str(), None).await;
+                    if let Some(k) = &key {
+                        let _ = client.delete(k.as_str(), None).await;
+                    }
                     return;
                 }
             }
@@ -142,12 +150,12 @@ fn keep_alive_thread(
             match tokio::time::timeout(ttl, alive).await {
                 Ok(Some(())) => {}
                 other => {
-                    warn!(key, ?other, "lease lost");
+                    warn!(?key, ?other, "lease lost");
                     let _ = lost.send(true);
                     return;
                 }
             }
-            debug!(key, value_len = value.len(), "lease renewed");
+            debug!(?key, lease, "lease renewed");
             tokio::time::sleep(period).await;
         }
     });
@@ -178,7 +186,7 @@ impl Membership for EtcdMembership {
         let opts = self.opts.clone();
         std::thread::Builder::new()
             .name("etcd-lease".into())
-            .spawn(move || keep_alive_thread(opts, key, value, ttl, lease, lost_tx, stopped))
+            .spawn(move || keep_alive_thread(opts, Some(key), ttl, lease, lost_tx, stopped))
             .map_err(|e| MembershipError::Closed(format!("keep-alive thread: {e}")))?;
         Ok(Registration {
             lost,
@@ -255,5 +263,46 @@ impl Membership for EtcdMembership {
             // The watch ended (etcd went away): the receiver sees the channel close.
         });
         Ok((now, out))
+    }
+}
+
+#[tonic::async_trait]
+impl Election for EtcdMembership {
+    async fn campaign(&self, value: String, ttl: Duration) -> Result<Registration> {
+        let mut c = self.client.clone();
+        let secs = ttl.as_secs().max(1) as i64;
+        let lease = c
+            .lease_grant(secs, None)
+            .await
+            .map_err(|e| self.opts.err(e))?
+            .id();
+        // Keep the lease alive while waiting too: a campaign may wait for hours.
+        let (lost_tx, lost) = watch::channel(false);
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let opts = self.opts.clone();
+        std::thread::Builder::new()
+            .name("etcd-election-lease".into())
+            .spawn(move || keep_alive_thread(opts, None, ttl, lease, lost_tx, stopped))
+            .map_err(|e| MembershipError::Closed(format!("keep-alive thread: {e}")))?;
+        // No request timeout on this client: campaign returns only once elected.
+        let mut ec = Client::connect(&self.opts.endpoints, Some(self.opts.options_with(None)))
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        let name = self.opts.key("coordinator");
+        tokio::select! {
+            r = ec.campaign(name.as_str(), value.as_str(), lease) => {
+                r.map_err(|e| self.opts.err(e))?;
+            }
+            _ = async {
+                let mut l = lost.clone();
+                let _ = l.wait_for(|x| *x).await;
+            } => {
+                return Err(MembershipError::Closed("the election lease was lost while campaigning".into()));
+            }
+        }
+        Ok(Registration {
+            lost,
+            _stop: Some(stop),
+        })
     }
 }
