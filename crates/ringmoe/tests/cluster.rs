@@ -140,6 +140,29 @@ fn spec(mode: proto::JobMode, max_new_tokens: u32) -> proto::JobSpec {
     }
 }
 
+/// Submits `ids` and opens the job's progress stream.
+async fn submit_watching(
+    addr: &str,
+    spec: proto::JobSpec,
+    ids: &[u32],
+) -> Result<(client::Client, u64, tonic::Streaming<proto::JobProgress>)> {
+    let mut cl = client::connect(addr, 64 << 20).await?;
+    let id = client::submit(
+        &mut cl,
+        spec,
+        Input::Tokens(ids.to_vec()),
+        client::UPLOAD_CHUNK,
+        |_| {},
+    )
+    .await?
+    .job_id;
+    let s = cl
+        .watch_job(proto::WatchJobRequest { job_id: id })
+        .await?
+        .into_inner();
+    Ok((cl, id, s))
+}
+
 /// Submits, follows to the end, and fetches the result.
 async fn run_job(addr: &str, spec: proto::JobSpec, input: Input) -> Result<(u64, JobResult)> {
     let mut c = client::connect(addr, 64 << 20).await?;
@@ -312,21 +335,8 @@ fn a_job_acknowledged_before_the_coordinator_is_killed_completes_after_a_restart
     let ids = random_ids(16 * 1024, 512, 3);
     let rt = rt()?;
     let (id, seen) = rt.block_on(async {
-        let mut cl = client::connect(&c.addr, 64 << 20).await?;
-        let id = client::submit(
-            &mut cl,
-            spec(proto::JobMode::Score, 0),
-            Input::Tokens(ids.clone()),
-            client::UPLOAD_CHUNK,
-            |_| {},
-        )
-        .await?
-        .job_id;
         // Follow until the job is running, then pull the plug.
-        let mut s = cl
-            .watch_job(proto::WatchJobRequest { job_id: id })
-            .await?
-            .into_inner();
+        let (_, id, mut s) = submit_watching(&c.addr, spec(proto::JobMode::Score, 0), &ids).await?;
         let mut seen = JobPhase::Queued;
         while let Some(p) = s.message().await? {
             seen = p.phase();
@@ -631,20 +641,9 @@ fn cancelling_a_running_job_stops_it_and_the_workers_take_the_next() -> Result<(
     let c = cluster(&dir, 2, &[], &[])?;
     let rt = rt()?;
     rt.block_on(async {
-        let mut cl = client::connect(&c.addr, 64 << 20).await?;
-        let id = client::submit(
-            &mut cl,
-            spec(proto::JobMode::Score, 0),
-            Input::Tokens(random_ids(16 * 1024, 512, 8)),
-            client::UPLOAD_CHUNK,
-            |_| {},
-        )
-        .await?
-        .job_id;
-        let mut s = cl
-            .watch_job(proto::WatchJobRequest { job_id: id })
-            .await?
-            .into_inner();
+        let ids = random_ids(16 * 1024, 512, 8);
+        let (mut cl, id, mut s) =
+            submit_watching(&c.addr, spec(proto::JobMode::Score, 0), &ids).await?;
         while let Some(p) = s.message().await? {
             if p.phase() != JobPhase::Queued && p.phase() != JobPhase::Loading {
                 ensure!(p.phase() == JobPhase::Prefill, "job ran ahead: {p:?}");
@@ -792,20 +791,7 @@ fn losing_a_worker_mid_job_reruns_it_on_the_rest_with_the_same_result() -> Resul
         };
         let victim = run % c.workers.len();
         let (phases, result) = rt.block_on(async {
-            let mut cl = client::connect(&c.addr, 64 << 20).await?;
-            let id = client::submit(
-                &mut cl,
-                job_spec,
-                Input::Tokens(ids.clone()),
-                client::UPLOAD_CHUNK,
-                |_| {},
-            )
-            .await?
-            .job_id;
-            let mut s = cl
-                .watch_job(proto::WatchJobRequest { job_id: id })
-                .await?
-                .into_inner();
+            let (mut cl, id, mut s) = submit_watching(&c.addr, job_spec, &ids).await?;
             let mut killed = false;
             let mut phases = Vec::new();
             while let Some(p) = s.message().await? {

@@ -79,6 +79,33 @@ impl EtcdMembership {
         Ok(Self { opts, client })
     }
 
+    /// Grants a lease of `ttl` and keeps it alive from its own thread until the registration
+    /// drops (then revokes it, deleting `key` too).
+    async fn lease(&self, ttl: Duration, key: Option<String>) -> Result<(i64, Registration)> {
+        let secs = ttl.as_secs().max(1) as i64;
+        let lease = self
+            .client
+            .clone()
+            .lease_grant(secs, None)
+            .await
+            .map_err(|e| self.opts.err(e))?
+            .id();
+        let (lost_tx, lost) = watch::channel(false);
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let opts = self.opts.clone();
+        std::thread::Builder::new()
+            .name("etcd-lease".into())
+            .spawn(move || keep_alive_thread(opts, key, ttl, lease, lost_tx, stopped))
+            .map_err(|e| MembershipError::Closed(format!("keep-alive thread: {e}")))?;
+        Ok((
+            lease,
+            Registration {
+                lost,
+                _stop: Some(stop),
+            },
+        ))
+    }
+
     fn prefix(&self) -> String {
         self.opts.key("workers/")
     }
@@ -114,49 +141,58 @@ fn keep_alive_thread(
     };
     rt.block_on(async move {
         let period = (ttl / 3).max(Duration::from_millis(100));
-        let mut client = match opts.connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "lease keep-alive cannot reach etcd");
-                let _ = lost.send(true);
-                return;
-            }
-        };
-        let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
-            Ok(k) => k,
-            Err(e) => {
-                warn!(error = %e, "lease keep-alive refused");
-                let _ = lost.send(true);
-                return;
-            }
-        };
+        // The lease lives as long as etcd heard from us within its TTL, so a broken
+        // connection (etcd restarting, a network blip) is retried until then.
+        let mut last_ok = std::time::Instant::now();
+        let mut conn = None;
         loop {
             match stop.try_recv() {
                 Err(std::sync::mpsc::TryRecvError::Empty) => {}
                 _ => {
                     // Dropped: give the slot back at once rather than at expiry.
-                    let _ = client.lease_revoke(lease).await;
-                    if let Some(k) = &key {
-                        let _ = client.delete(k.as_str(), None).await;
+                    if let Ok(mut c) = opts.connect().await {
+                        let _ = c.lease_revoke(lease).await;
+                        if let Some(k) = &key {
+                            let _ = c.delete(k.as_str(), None).await;
+                        }
                     }
                     return;
                 }
             }
-            let alive = async {
-                keeper.keep_alive().await.ok()?;
-                let r = stream.message().await.ok()??;
-                (r.ttl() > 0).then_some(())
-            };
-            match tokio::time::timeout(ttl, alive).await {
-                Ok(Some(())) => {}
-                other => {
-                    warn!(?key, ?other, "lease lost");
-                    let _ = lost.send(true);
-                    return;
+            if conn.is_none() {
+                if let Ok(mut c) = opts.connect().await {
+                    conn = c.lease_keep_alive(lease).await.ok();
                 }
             }
-            debug!(?key, lease, "lease renewed");
-            tokio::time::sleep(period).await;
+            let mut wait = Duration::from_millis(100);
+            if let Some((keeper, stream)) = conn.as_mut() {
+                let renew = async {
+                    keeper.keep_alive().await.ok()?;
+                    stream.message().await.ok()?
+                };
+                match tokio::time::timeout(period, renew).await {
+                    Ok(Some(r)) if r.ttl() > 0 => {
+                        last_ok = std::time::Instant::now();
+                        wait = period;
+                        debug!(?key, lease, "lease renewed");
+                    }
+                    Ok(Some(_)) => {
+                        warn!(?key, lease, "lease expired in etcd");
+                        let _ = lost.send(true);
+                        return;
+                    }
+                    _ => conn = None,
+                }
+            }
+            if last_ok.elapsed() >= ttl {
+                warn!(
+                    ?key,
+                    lease, "lease lost: etcd unreachable for its whole TTL"
+                );
+                let _ = lost.send(true);
+                return;
+            }
+            tokio::time::sleep(wait).await;
         }
     });
 }
@@ -164,34 +200,20 @@ fn keep_alive_thread(
 #[tonic::async_trait]
 impl Membership for EtcdMembership {
     async fn register(&self, rec: WorkerRecord, ttl: Duration) -> Result<Registration> {
-        let mut c = self.client.clone();
-        let secs = ttl.as_secs().max(1) as i64;
-        let lease = c
-            .lease_grant(secs, None)
-            .await
-            .map_err(|e| self.opts.err(e))?
-            .id();
         let key = format!("{}{}", self.prefix(), rec.id);
         let value = serde_json::to_string(&rec)
             .map_err(|e| MembershipError::Closed(format!("encoding the record: {e}")))?;
-        c.put(
-            key.as_str(),
-            value.as_str(),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(|e| self.opts.err(e))?;
-        let (lost_tx, lost) = watch::channel(false);
-        let (stop, stopped) = std::sync::mpsc::channel();
-        let opts = self.opts.clone();
-        std::thread::Builder::new()
-            .name("etcd-lease".into())
-            .spawn(move || keep_alive_thread(opts, Some(key), ttl, lease, lost_tx, stopped))
-            .map_err(|e| MembershipError::Closed(format!("keep-alive thread: {e}")))?;
-        Ok(Registration {
-            lost,
-            _stop: Some(stop),
-        })
+        let (lease, reg) = self.lease(ttl, Some(key.clone())).await?;
+        self.client
+            .clone()
+            .put(
+                key.as_str(),
+                value.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        Ok(reg)
     }
 
     async fn list(&self) -> Result<Vec<WorkerRecord>> {
@@ -269,21 +291,8 @@ impl Membership for EtcdMembership {
 #[tonic::async_trait]
 impl Election for EtcdMembership {
     async fn campaign(&self, value: String, ttl: Duration) -> Result<Registration> {
-        let mut c = self.client.clone();
-        let secs = ttl.as_secs().max(1) as i64;
-        let lease = c
-            .lease_grant(secs, None)
-            .await
-            .map_err(|e| self.opts.err(e))?
-            .id();
-        // Keep the lease alive while waiting too: a campaign may wait for hours.
-        let (lost_tx, lost) = watch::channel(false);
-        let (stop, stopped) = std::sync::mpsc::channel();
-        let opts = self.opts.clone();
-        std::thread::Builder::new()
-            .name("etcd-election-lease".into())
-            .spawn(move || keep_alive_thread(opts, None, ttl, lease, lost_tx, stopped))
-            .map_err(|e| MembershipError::Closed(format!("keep-alive thread: {e}")))?;
+        // The lease is kept alive while waiting too: a campaign may wait for hours.
+        let (lease, reg) = self.lease(ttl, None).await?;
         // No request timeout on this client: campaign returns only once elected.
         let mut ec = Client::connect(&self.opts.endpoints, Some(self.opts.options_with(None)))
             .await
@@ -294,15 +303,12 @@ impl Election for EtcdMembership {
                 r.map_err(|e| self.opts.err(e))?;
             }
             _ = async {
-                let mut l = lost.clone();
+                let mut l = reg.lost.clone();
                 let _ = l.wait_for(|x| *x).await;
             } => {
                 return Err(MembershipError::Closed("the election lease was lost while campaigning".into()));
             }
         }
-        Ok(Registration {
-            lost,
-            _stop: Some(stop),
-        })
+        Ok(reg)
     }
 }
