@@ -237,13 +237,6 @@ impl Upload<'_> {
             )));
         }
         self.tokens.extend(ids);
-        if self.tokens.len() as u64 > self.limit {
-            return Err(invalid(format!(
-                "the input passed {} tokens, more than the cluster's K/V capacity of {} tokens",
-                self.tokens.len(),
-                self.limit
-            )));
-        }
         Ok(())
     }
 
@@ -336,14 +329,11 @@ impl JobService for Coordinator {
                 Some(submit_job_request::Part::Text(b)) => up.add_text(b),
                 Some(submit_job_request::Part::Spec(_)) => Err(invalid("a second job spec")),
                 None => Err(invalid("an empty upload message")),
+            }?;
+            // Refuse as soon as the upload outgrows the cluster, not after buffering all of it.
+            if up.tokens.len() as u64 > limit {
+                return Err(capacity_error(up.tokens.len()));
             }
-            .map_err(|e| {
-                if up.tokens.len() as u64 > limit {
-                    capacity_error(up.tokens.len())
-                } else {
-                    e
-                }
-            })?;
         }
         let declared = pspec.input_length;
         let got = if up.text.is_empty() {

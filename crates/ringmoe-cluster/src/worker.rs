@@ -87,13 +87,12 @@ struct Shard {
     targets: Vec<u32>,
 }
 
-#[derive(Default)]
 struct Inner {
     loaded: Mutex<Option<Arc<Loaded>>>,
     pending: Mutex<HashMap<u64, PendingJob>>,
     running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
     load: Arc<LoadTracker>,
-    data_host: Option<std::net::IpAddr>,
+    data_host: std::net::IpAddr,
     data_timeout: Duration,
     /// False while the worker's lease is lost: it takes no new jobs until it re-registers.
     accepting: AtomicBool,
@@ -108,10 +107,13 @@ impl Worker {
     fn new(cfg: &WorkerConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
-                data_host: Some(cfg.data_host),
+                loaded: Mutex::default(),
+                pending: Mutex::default(),
+                running: Mutex::default(),
+                load: Arc::default(),
+                data_host: cfg.data_host,
                 data_timeout: cfg.data_timeout,
                 accepting: AtomicBool::new(true),
-                ..Inner::default()
             }),
         }
     }
@@ -190,10 +192,7 @@ impl WorkerService for Worker {
                 "this worker lost its membership lease and takes no jobs until it re-registers",
             ));
         }
-        let host = self
-            .inner
-            .data_host
-            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let host = self.inner.data_host;
         let listener = TcpListener::bind(SocketAddr::new(host, 0))
             .map_err(|e| internal(format!("binding a data-plane port on {host}: {e}")))?;
         let addr = listener.local_addr().map_err(internal)?;

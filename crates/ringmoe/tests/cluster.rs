@@ -179,6 +179,26 @@ async fn run_job(addr: &str, spec: proto::JobSpec, input: Input) -> Result<(u64,
     Ok((id, client::result(&mut c, id).await?))
 }
 
+/// Runs a score job on `ids` and checks it against the single-process engine on `model_dir`.
+fn score_matches_engine(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    model_dir: &Path,
+    ids: Vec<u32>,
+    what: &str,
+) -> Result<()> {
+    let model = Model::load(model_dir, &LoadOptions::default())?;
+    let (want, _) = reference(&model, &ids, 1)?;
+    let (_, got) = rt.block_on(run_job(
+        addr,
+        spec(proto::JobMode::Score, 0),
+        Input::Tokens(ids),
+    ))?;
+    let d = max_abs_diff(&scores(got)?, &want)?;
+    ensure!(d <= 1e-4, "{what}: max |Δ| {d:e}");
+    Ok(())
+}
+
 /// Single-process reference: per-token NLL and `n` greedy tokens.
 fn reference(model: &Model, ids: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {
     let mut cache = model.new_cache();
@@ -480,12 +500,7 @@ fn bad_inputs_get_invalid_argument_and_the_coordinator_keeps_serving() -> Result
         );
     }
     let ids = random_ids(100, 384, 9);
-    let model = Model::load(&fx, &LoadOptions::default())?;
-    let (want, _) = reference(&model, &ids, 1)?;
-    let (_, got) = rt.block_on(run_job(&c.addr, score, Input::Tokens(ids)))?;
-    let d = max_abs_diff(&scores(got)?, &want)?;
-    ensure!(d <= 1e-4, "good job after bad ones: max |Δ| {d:e}");
-    Ok(())
+    score_matches_engine(&rt, &c.addr, &fx, ids, "good job after bad ones")
 }
 
 async fn wait_for_workers(addr: &str, n: u32) -> Result<()> {
@@ -657,16 +672,7 @@ fn cancelling_a_running_job_stops_it_and_the_workers_take_the_next() -> Result<(
         anyhow::Ok(())
     })?;
     let ids = random_ids(500, 512, 9);
-    let model = Model::load(&dir, &LoadOptions::default())?;
-    let (want, _) = reference(&model, &ids, 1)?;
-    let (_, got) = rt.block_on(run_job(
-        &c.addr,
-        spec(proto::JobMode::Score, 0),
-        Input::Tokens(ids),
-    ))?;
-    let d = max_abs_diff(&scores(got)?, &want)?;
-    ensure!(d <= 1e-4, "job after a cancelled one: max |Δ| {d:e}");
-    Ok(())
+    score_matches_engine(&rt, &c.addr, &dir, ids, "job after a cancelled one")
 }
 
 /// Coordinator and workers registered in `etcd` (lease TTL `ttl` seconds).
@@ -739,16 +745,7 @@ fn after_etcd_restarts_the_workers_register_again_and_the_next_job_runs() -> Res
     std::thread::sleep(Duration::from_millis(1500));
     rt.block_on(wait_for_workers(&c.addr, 2))?;
     let ids = random_ids(150, 384, 11);
-    let model = Model::load(&fx, &LoadOptions::default())?;
-    let (want, _) = reference(&model, &ids, 1)?;
-    let (_, got) = rt.block_on(run_job(
-        &c.addr,
-        spec(proto::JobMode::Score, 0),
-        Input::Tokens(ids),
-    ))?;
-    let d = max_abs_diff(&scores(got)?, &want)?;
-    ensure!(d <= 1e-4, "job after an etcd restart: max |Δ| {d:e}");
-    Ok(())
+    score_matches_engine(&rt, &c.addr, &fx, ids, "job after an etcd restart")
 }
 
 /// Where in a job a worker is killed.

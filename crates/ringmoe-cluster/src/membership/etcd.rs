@@ -110,6 +110,17 @@ impl EtcdMembership {
         self.opts.key("workers/")
     }
 
+    /// The worker records of a prefix read, sorted by id.
+    fn records(&self, r: &etcd_client::GetResponse) -> Result<Vec<WorkerRecord>> {
+        let mut v = r
+            .kvs()
+            .iter()
+            .map(|kv| self.decode(kv.key(), kv.value()))
+            .collect::<Result<Vec<_>>>()?;
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(v)
+    }
+
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<WorkerRecord> {
         serde_json::from_slice(value).map_err(|e| MembershipError::BadRecord {
             key: String::from_utf8_lossy(key).into_owned(),
@@ -222,13 +233,7 @@ impl Membership for EtcdMembership {
             .get(self.prefix(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| self.opts.err(e))?;
-        let mut v = r
-            .kvs()
-            .iter()
-            .map(|kv| self.decode(kv.key(), kv.value()))
-            .collect::<Result<Vec<_>>>()?;
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(v)
+        self.records(&r)
     }
 
     async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)> {
@@ -239,12 +244,7 @@ impl Membership for EtcdMembership {
             .await
             .map_err(|e| self.opts.err(e))?;
         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-        let mut now = r
-            .kvs()
-            .iter()
-            .map(|kv| self.decode(kv.key(), kv.value()))
-            .collect::<Result<Vec<_>>>()?;
-        now.sort_by(|a, b| a.id.cmp(&b.id));
+        let now = self.records(&r)?;
         let mut stream = c
             .watch(
                 prefix.as_str(),
