@@ -5,7 +5,10 @@
 //! * [`coordinator`] — accepts, persists, schedules and drives jobs over the workers;
 //! * [`worker`] — holds a shard of a sequence and some experts and runs its part of jobs;
 //! * [`client`] — what `ringmoe submit` uses: upload, watch, fetch results;
-//! * [`server`] — health, reflection and size limits every server shares.
+//! * [`membership`] — who is in the cluster (etcd or in-process) and coordinator leader election;
+//! * [`server`] — health, reflection and size limits every server shares;
+//! * [`convert`] — wire ↔ store ↔ engine types;
+//! * [`testkit`] — a real etcd on free loopback ports, for tests.
 
 pub mod client;
 pub mod convert;
