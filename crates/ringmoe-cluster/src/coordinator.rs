@@ -5,8 +5,10 @@
 //! priority first, then in submission order. A long job wants all the cluster's K/V memory and
 //! compute, and running jobs side by side would halve both for each.
 //!
-//! A job's run: load the model with a contiguous expert placement over the P live workers (a
-//! worker that already holds it keeps it), bind each worker's data-plane port, stream each its
+//! A job's run: place the model's experts over the P live workers (the placement the workers
+//! hold already when it covers exactly them, else a new contiguous one with the next version),
+//! have every worker load and acknowledge it (published in the membership store and acknowledged
+//! in the workers' records; or by `LoadModel` when workers heartbeat here), bind each worker's data-plane port, stream each its
 //! zigzag shard, tell them their peers and start them; then follow rank 0's progress, collect the
 //! results, persist them, and mark the job done. Every state transition is persisted before it is
 //! published. On restart, the store's running jobs come back queued and run again.
@@ -29,7 +31,9 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::convert::{attention_proto, mode_proto, phase_finished, phase_of, spec_from_proto};
-use crate::membership::{Election, MemberEvent, Membership, MemoryMembership, WorkerRecord};
+use crate::membership::{
+    Election, MemberEvent, Membership, MemoryMembership, PlacementRecord, WorkerRecord,
+};
 use crate::proto::cluster_service_server::{ClusterService, ClusterServiceServer};
 use crate::proto::job_service_server::{JobService, JobServiceServer};
 use crate::proto::worker_service_client::WorkerServiceClient;
@@ -67,6 +71,8 @@ pub struct CoordinatorConfig {
     pub election: Option<Arc<dyn Election>>,
     /// Leadership lease TTL: how long after a leader dies a standby takes over.
     pub leader_ttl: Duration,
+    /// How long workers may take to load and acknowledge a placement.
+    pub load_timeout: Duration,
 }
 
 impl CoordinatorConfig {
@@ -82,6 +88,7 @@ impl CoordinatorConfig {
             max_retries: 3,
             election: None,
             leader_ttl: Duration::from_secs(2),
+            load_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -120,6 +127,8 @@ struct Shared {
     /// them (re-registered, or removed), or for a minute.
     excluded: Mutex<HashMap<String, Instant>>,
     jobs: Mutex<HashMap<JobId, JobEntry>>,
+    /// The placement published last per model.
+    placements: Mutex<HashMap<String, PlacementRecord>>,
     /// Wakes the scheduler: a job arrived, a worker joined, a job was cancelled.
     wake: Notify,
     cfg: CoordinatorConfig,
@@ -600,6 +609,8 @@ impl ClusterService for Coordinator {
             addr: r.worker_addr.clone(),
             device: "cpu".into(),
             kv_budget_bytes: r.kv_budget_bytes,
+            models: Vec::new(),
+            placement: None,
         };
         if reg.refresh(rec, self.shared.cfg.worker_timeout) {
             self.shared.wake.notify_one();
@@ -696,6 +707,7 @@ pub async fn run_coordinator(
         heartbeats,
         excluded: Mutex::new(HashMap::new()),
         jobs: Mutex::new(jobs),
+        placements: Mutex::new(HashMap::new()),
         wake: Notify::new(),
         cfg,
     });
@@ -962,6 +974,149 @@ where
         .collect()
 }
 
+/// Places `name`'s experts over `workers` (in rank order) and returns the placement once every
+/// worker holds it. The last published placement is reused when it covers exactly these
+/// workers; otherwise a contiguous one gets the next version. With a membership store the
+/// placement is published there and each worker acknowledges it in its record; with
+/// heartbeating workers, `LoadModel` carries it and its answer is the acknowledgement.
+async fn place(
+    sh: &Arc<Shared>,
+    name: &str,
+    model: &ServedModel,
+    workers: &[WorkerRecord],
+    clients: &[WorkerClient],
+    cancel: &AtomicBool,
+) -> Result<Placement, Failure> {
+    let cfg = &model.config;
+    let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+    let cached = lock(&sh.placements)
+        .map_err(|e| fatal(e.message().to_string()))?
+        .get(name)
+        .cloned();
+    let last = match cached {
+        Some(r) => Some(r),
+        // A new leader continues the versions the store holds (and reuses what workers loaded).
+        None if sh.heartbeats.is_none() => sh
+            .membership
+            .placement(name)
+            .await
+            .map_err(|e| Failure::from(e.to_string()))?,
+        None => None,
+    };
+    let reuse = last
+        .as_ref()
+        .filter(|r| r.workers == ids && r.path == model.path.display().to_string())
+        .and_then(|r| Placement::from_json(&r.placement).ok())
+        .filter(|p| p.check_model(cfg, ids.len()).is_ok());
+    let (placement, fresh) = match reuse {
+        Some(p) => (p, false),
+        None => {
+            let mut p = Placement::contiguous(cfg.num_layers, cfg.moe.num_experts, ids.len())
+                .map_err(|e| {
+                    fatal(format!(
+                        "placing {} experts on {} workers: {e}",
+                        cfg.moe.num_experts,
+                        ids.len()
+                    ))
+                })?;
+            p.version = last.as_ref().map_or(0, |r| r.version) + 1;
+            (p, true)
+        }
+    };
+    let rec = PlacementRecord {
+        model: name.to_string(),
+        version: placement.version,
+        path: model.path.display().to_string(),
+        workers: ids,
+        placement: placement.to_json(),
+    };
+    if sh.heartbeats.is_some() {
+        on_every(clients, |r, mut c| {
+            let req = proto::LoadModelRequest {
+                model: rec.model.clone(),
+                path: rec.path.clone(),
+                placement_json: rec.placement.clone(),
+                worker_index: r as u32,
+            };
+            async move {
+                c.load_model(req)
+                    .await
+                    .map_err(|e| format!("worker {r} loading the model: {}", e.message()))
+            }
+        })
+        .await?;
+    } else {
+        if fresh {
+            info!(
+                model = name,
+                version = rec.version,
+                "publishing a placement"
+            );
+            sh.membership
+                .publish_placement(&rec)
+                .await
+                .map_err(|e| Failure::from(e.to_string()))?;
+        }
+        await_acks(sh, &rec, cancel).await?;
+    }
+    if let Ok(mut m) = sh.placements.lock() {
+        m.insert(name.to_string(), rec);
+    }
+    Ok(placement)
+}
+
+/// Waits until every worker of `rec` acknowledged its version in its membership record.
+async fn await_acks(
+    sh: &Shared,
+    rec: &PlacementRecord,
+    cancel: &AtomicBool,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + sh.cfg.load_timeout;
+    loop {
+        let live = sh
+            .membership
+            .list()
+            .await
+            .map_err(|e| Failure::from(e.to_string()))?;
+        let mut pending = Vec::new();
+        for (rank, id) in rec.workers.iter().enumerate() {
+            let Some(w) = live.iter().find(|w| &w.id == id) else {
+                return Err(Failure::from(format!(
+                    "worker {id} left while loading placement version {} of '{}'",
+                    rec.version, rec.model
+                )));
+            };
+            match &w.placement {
+                Some(a) if a.model == rec.model && a.version == rec.version && a.rank == rank => {
+                    if let Some(e) = &a.error {
+                        return Err(fatal(format!(
+                            "worker {id} cannot load placement version {} of '{}': {e}",
+                            rec.version, rec.model
+                        )));
+                    }
+                }
+                _ => pending.push(id.as_str()),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Err(fatal("cancelled while loading".into()));
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure::from(format!(
+                "worker(s) {} did not acknowledge placement version {} of '{}' within {:?}",
+                pending.join(", "),
+                rec.version,
+                rec.model,
+                sh.cfg.load_timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Tokens per shard chunk on the wire.
 const SHARD_CHUNK: usize = 64 * 1024;
 
@@ -1004,34 +1159,21 @@ async fn drive(
     for w in workers {
         clients.push(connect(&w.addr, max).await?);
     }
-    let placement = Placement::contiguous(cfg.num_layers, cfg.moe.num_experts, p).map_err(|e| {
-        fatal(format!(
-            "placing {} experts on {p} workers: {e}",
-            cfg.moe.num_experts
-        ))
-    })?;
-    let placement_json = placement.to_json();
     info!(workers = p, tokens = len, "loading");
-    let (name, path) = (spec.model.clone(), model.path.display().to_string());
-    on_every(&clients, |r, mut c| {
-        let req = proto::LoadModelRequest {
-            model: name.clone(),
-            path: path.clone(),
-            placement_json: placement_json.clone(),
-            worker_index: r as u32,
-        };
+    let placement = place(sh, &spec.model, model, workers, &clients, cancel).await?;
+    let (name, version) = (spec.model.clone(), placement.version);
+    let peers = on_every(&clients, |r, mut c| {
+        let model = name.clone();
         async move {
-            c.load_model(req)
-                .await
-                .map_err(|e| format!("worker {r} loading the model: {}", e.message()))
-        }
-    })
-    .await?;
-    let peers = on_every(&clients, |r, mut c| async move {
-        c.prepare_job(proto::PrepareJobRequest { job_id: id })
+            c.prepare_job(proto::PrepareJobRequest {
+                job_id: id,
+                model,
+                placement_version: version,
+            })
             .await
             .map(|r| r.into_inner().data_addr)
             .map_err(|e| format!("worker {r} preparing: {}", e.message()))
+        }
     })
     .await?;
     let plan = ShardPlan::new(len, p, Sharding::Zigzag).map_err(|e| e.to_string())?;

@@ -3,6 +3,12 @@
 //! [`Membership`] has two implementations: [`MemoryMembership`] (one process: `ringmoe serve`, and
 //! the coordinator's own registry fed by worker heartbeats when there is no etcd) and
 //! [`etcd::EtcdMembership`] (a real etcd; the only module that knows etcd exists).
+//!
+//! The same store carries the **expert placement**: the leading coordinator publishes a
+//! [`PlacementRecord`] per model with a version; each worker named in it loads its experts and
+//! acknowledges the version in its own record ([`WorkerRecord::placement`], which lives on the
+//! worker's lease, so the acknowledgement goes when the worker goes). The coordinator starts a
+//! job only once every worker of the placement acknowledged it.
 
 pub mod etcd;
 
@@ -24,6 +30,41 @@ pub struct WorkerRecord {
     pub device: String,
     /// Bytes it may spend on K/V cache.
     pub kv_budget_bytes: u64,
+    /// Models this worker has on local disk (`ringmoe worker --model`); others it loads from
+    /// the coordinator's path (a shared volume).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// The placement it loaded last, and the experts it hosts in it.
+    #[serde(default)]
+    pub placement: Option<PlacementAck>,
+}
+
+/// A model's expert placement over named workers, as the leading coordinator publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRecord {
+    /// The cluster's name for the model.
+    pub model: String,
+    /// Increases with every publication for `model`; equal to the placement's own version.
+    pub version: u64,
+    /// The model directory on the coordinator (used by workers without a local copy).
+    pub path: String,
+    /// Worker ids in rank order: worker `workers[i]` hosts placement worker `i`'s experts.
+    pub workers: Vec<String>,
+    /// The placement (ringmoe-parallel's `Placement` as JSON).
+    pub placement: String,
+}
+
+/// A worker's acknowledgement of a placement version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementAck {
+    pub model: String,
+    pub version: u64,
+    /// Its index in the placement.
+    pub rank: usize,
+    /// `experts[layer]` = the experts it hosts there, ascending.
+    pub experts: Vec<Vec<usize>>,
+    /// Set when loading failed: the version is acknowledged but not served.
+    pub error: Option<String>,
 }
 
 /// A change to the membership.
@@ -54,6 +95,8 @@ pub type Result<T> = std::result::Result<T, MembershipError>;
 /// revokes it where the store allows.
 #[derive(Debug)]
 pub struct Registration {
+    /// The store's handle of the lease (an etcd lease id; a generation in memory).
+    lease: i64,
     lost: watch::Receiver<bool>,
     _stop: Option<std::sync::mpsc::Sender<()>>,
 }
@@ -80,6 +123,20 @@ pub trait Membership: Send + Sync + std::fmt::Debug + 'static {
 
     /// The workers now, and every change after that snapshot.
     async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)>;
+
+    /// Replaces the record of a live registration (same id, same lease).
+    async fn update(&self, reg: &Registration, rec: WorkerRecord) -> Result<()>;
+
+    /// Publishes a model's placement (replacing the previous version).
+    async fn publish_placement(&self, rec: &PlacementRecord) -> Result<()>;
+
+    /// The placement published for `model`, if any.
+    async fn placement(&self, model: &str) -> Result<Option<PlacementRecord>>;
+
+    /// Every published placement now, and each one published after that snapshot.
+    async fn watch_placements(
+        &self,
+    ) -> Result<(Vec<PlacementRecord>, mpsc::Receiver<PlacementRecord>)>;
 }
 
 /// Leader election among coordinator replicas.
@@ -101,6 +158,7 @@ struct Entry {
 struct MemoryInner {
     entries: HashMap<String, Entry>,
     generation: u64,
+    placements: HashMap<String, PlacementRecord>,
 }
 
 /// Membership inside one process. Leases are deadlines; a sweeper removes expired entries.
@@ -108,6 +166,7 @@ struct MemoryInner {
 pub struct MemoryMembership {
     inner: Arc<Mutex<MemoryInner>>,
     events: broadcast::Sender<MemberEvent>,
+    placements: broadcast::Sender<PlacementRecord>,
 }
 
 impl std::fmt::Debug for MemoryMembership {
@@ -120,9 +179,11 @@ impl MemoryMembership {
     /// A new, empty membership; its sweeper runs on the current tokio runtime every `sweep`.
     pub fn new(sweep: Duration) -> Self {
         let (events, _) = broadcast::channel(1024);
+        let (placements, _) = broadcast::channel(64);
         let m = Self {
             inner: Arc::new(Mutex::new(MemoryInner::default())),
             events,
+            placements,
         };
         let weak = Arc::downgrade(&m.inner);
         let events = m.events.clone();
@@ -160,7 +221,8 @@ impl MemoryMembership {
         self.put(rec, ttl, None).0
     }
 
-    /// Puts or refreshes; with `generation`, only refreshes the entry of that generation.
+    /// Puts or refreshes; with `generation`, only refreshes the entry of that generation (a
+    /// keep-alive, which keeps the record it finds).
     fn put(&self, rec: WorkerRecord, ttl: Duration, generation: Option<u64>) -> (bool, u64) {
         let Ok(mut g) = self.inner.lock() else {
             return (false, 0);
@@ -247,6 +309,7 @@ impl Membership for MemoryMembership {
             }
         });
         Ok(Registration {
+            lease: generation as i64,
             lost,
             _stop: Some(stop),
         })
@@ -256,25 +319,91 @@ impl Membership for MemoryMembership {
         Ok(self.snapshot())
     }
 
-    async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)> {
-        let mut rx = self.events.subscribe();
-        let now = self.snapshot();
-        let (tx, out) = mpsc::channel(256);
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(e) => {
-                        if tx.send(e).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
+    async fn update(&self, reg: &Registration, rec: WorkerRecord) -> Result<()> {
+        let changed = {
+            let mut g = self
+                .inner
+                .lock()
+                .map_err(|_| MembershipError::Closed("membership poisoned".into()))?;
+            match g.entries.get_mut(&rec.id) {
+                Some(e) if e.generation as i64 == reg.lease => {
+                    let changed = e.rec != rec;
+                    e.rec = rec.clone();
+                    changed
+                }
+                _ => {
+                    return Err(MembershipError::Closed(format!(
+                        "worker {} is no longer registered",
+                        rec.id
+                    )));
                 }
             }
-        });
-        Ok((now, out))
+        };
+        if changed {
+            let _ = self.events.send(MemberEvent::Put(rec));
+        }
+        Ok(())
     }
+
+    async fn publish_placement(&self, rec: &PlacementRecord) -> Result<()> {
+        self.inner
+            .lock()
+            .map_err(|_| MembershipError::Closed("membership poisoned".into()))?
+            .placements
+            .insert(rec.model.clone(), rec.clone());
+        let _ = self.placements.send(rec.clone());
+        Ok(())
+    }
+
+    async fn placement(&self, model: &str) -> Result<Option<PlacementRecord>> {
+        Ok(self
+            .inner
+            .lock()
+            .map_err(|_| MembershipError::Closed("membership poisoned".into()))?
+            .placements
+            .get(model)
+            .cloned())
+    }
+
+    async fn watch_placements(
+        &self,
+    ) -> Result<(Vec<PlacementRecord>, mpsc::Receiver<PlacementRecord>)> {
+        let rx = self.placements.subscribe();
+        let now = self
+            .inner
+            .lock()
+            .map_err(|_| MembershipError::Closed("membership poisoned".into()))?
+            .placements
+            .values()
+            .cloned()
+            .collect();
+        Ok((now, forward(rx)))
+    }
+
+    async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)> {
+        let rx = self.events.subscribe();
+        let now = self.snapshot();
+        Ok((now, forward(rx)))
+    }
+}
+
+/// A broadcast subscription as an mpsc receiver, as the trait hands out.
+fn forward<T: Clone + Send + 'static>(mut rx: broadcast::Receiver<T>) -> mpsc::Receiver<T> {
+    let (tx, out) = mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    out
 }
 
 #[cfg(test)]
@@ -287,6 +416,8 @@ mod tests {
             addr: format!("{id}:1"),
             device: "cpu".into(),
             kv_budget_bytes: 1,
+            models: vec![],
+            placement: None,
         }
     }
 

@@ -1,6 +1,9 @@
 //! A real etcd for tests: `etcd` (Debian's etcd-server, which `scripts/test.sh` installs) on two
 //! free loopback ports with a temporary data directory and fast election settings, stopped when
 //! dropped. A missing `etcd` binary is an error, never a skipped test.
+//!
+//! [`Etcd::start_tls`] serves clients over TLS with client-certificate authentication, with a
+//! CA and certificates made by the `openssl` command (also installed by `scripts/test.sh`).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -14,6 +17,98 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     dir: PathBuf,
+    tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS etcd: the CA, etcd's certificate (for 127.0.0.1) and a client's.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("running openssl (install Debian's openssl; scripts/test.sh does): {e}"),
+            )
+        })?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// A CA, and a certificate for `name` signed by it valid for 127.0.0.1 (server and client use).
+fn make_certs(dir: &std::path::Path) -> std::io::Result<TlsFiles> {
+    std::fs::create_dir_all(dir)?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=ringmoe-test-ca"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(dir, &ca)?;
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )?;
+    for name in ["server", "client"] {
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        let subj = format!("/CN={name}");
+        let mut req = vec!["req", "-new", "-subj", &subj];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr]);
+        openssl(dir, &req)?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                &pem,
+            ],
+        )?;
+    }
+    Ok(TlsFiles {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    })
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -23,32 +118,64 @@ fn free_port() -> std::io::Result<u16> {
 impl Etcd {
     /// Starts etcd and waits until it answers `/health`.
     pub fn start() -> std::io::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts etcd serving clients over TLS only, requiring a client certificate signed by its
+    /// CA ([`Etcd::tls`] has the files).
+    pub fn start_tls() -> std::io::Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> std::io::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "ringmoe-etcd-{}-{}",
             std::process::id(),
             free_port()?
         ));
+        let tls = if tls {
+            Some(make_certs(&dir.join("certs"))?)
+        } else {
+            None
+        };
         let mut e = Self {
             child: None,
             client_port: free_port()?,
             peer_port: free_port()?,
             dir,
+            tls,
         };
         e.spawn()?;
         Ok(e)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The certificates, for an etcd started with [`Etcd::start_tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "test", "--data-dir"])
-            .arg(&self.dir)
+            .arg(&self.dir.join("data"))
             .args([
                 "--listen-client-urls",
                 &client,
@@ -101,6 +228,10 @@ impl Etcd {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
+        if self.tls.is_some() {
+            // Listening is as far as plain HTTP can tell; clients retry until it leads.
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         let req = "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
         if s.write_all(req.as_bytes()).is_err() {

@@ -1,7 +1,8 @@
 //! `ringmoe worker`: serves [`WorkerService`] to the coordinator and runs its part of jobs.
 //!
-//! A worker registers by heartbeat with the coordinator, loads the dense weights and the experts
-//! the placement gives it, and per job: binds a data-plane listener ([`WorkerService::prepare_job`]),
+//! A worker registers (a lease in the membership store, or heartbeats to the coordinator), loads
+//! the dense weights and the experts the placement gives it (published in the membership store
+//! and acknowledged in its record, or sent by `LoadModel`), and per job: binds a data-plane listener ([`WorkerService::prepare_job`]),
 //! receives its zigzag shard of the sequence, connects a TCP communicator to the job's peers and
 //! runs prefill (and decode) with ring attention and expert-parallel MoE. The compute runs on a
 //! thread of its own; the gRPC side only moves messages.
@@ -21,13 +22,14 @@ use ringmoe_parallel::{
     ExpertParallel, JobOptions, LoadTracker, ParallelError, Placement, ShardPlan, ShardedSequence,
     Sharding, prefill_shard_observed,
 };
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::convert::attention_mode;
-use crate::membership::{Membership, WorkerRecord};
+use crate::membership::{Membership, PlacementAck, PlacementRecord, WorkerRecord};
 use crate::proto::cluster_service_client::ClusterServiceClient;
 use crate::proto::worker_service_server::{WorkerService, WorkerServiceServer};
 use crate::proto::{self, shard_chunk, worker_event};
@@ -61,6 +63,9 @@ pub struct WorkerConfig {
     /// How long a data-plane receive may wait for a peer before the job fails.
     pub data_timeout: Duration,
     pub server: ServerOptions,
+    /// Models on this worker's disk, by cluster name; a placement or `LoadModel` for another
+    /// model loads from the coordinator's path.
+    pub models: Vec<crate::ModelEntry>,
 }
 
 /// A loaded model and the placement it was loaded for.
@@ -96,6 +101,8 @@ struct Inner {
     data_timeout: Duration,
     /// False while the worker's lease is lost: it takes no new jobs until it re-registers.
     accepting: AtomicBool,
+    /// Local model directories by name.
+    models: HashMap<String, std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -114,8 +121,85 @@ impl Worker {
                 data_host: cfg.data_host,
                 data_timeout: cfg.data_timeout,
                 accepting: AtomicBool::new(true),
+                models: cfg
+                    .models
+                    .iter()
+                    .map(|m| (m.name.clone(), m.path.clone()))
+                    .collect(),
             }),
         }
+    }
+
+    /// Loads `model` with the experts of `index` in `placement` (from the local copy when this
+    /// worker has one, else from `path`), unless that is what it holds already. Returns the
+    /// seconds it took and whether it was cached.
+    async fn load(
+        &self,
+        model: String,
+        path: String,
+        placement: Placement,
+        index: usize,
+    ) -> Result<(f64, bool), Status> {
+        if index >= placement.workers {
+            return Err(Status::invalid_argument(format!(
+                "worker index {index} outside a placement of {} workers",
+                placement.workers
+            )));
+        }
+        let path = match self.inner.models.get(&model) {
+            Some(local) => local.display().to_string(),
+            None => path,
+        };
+        {
+            let mut loaded = lock(&self.inner.loaded)?;
+            if let Some(l) = loaded.as_ref() {
+                let same = l.name == model
+                    && l.path == path
+                    && l.index == index
+                    && l.placement.workers == placement.workers
+                    && l.placement.layers == placement.layers;
+                if same {
+                    // Only the version moved (a republication): nothing to load.
+                    if l.placement.version != placement.version {
+                        *loaded = Some(Arc::new(Loaded {
+                            name: l.name.clone(),
+                            path: l.path.clone(),
+                            placement,
+                            index,
+                            model: l.model.clone(),
+                        }));
+                    }
+                    return Ok((0.0, true));
+                }
+            }
+            // Drop the old model first: two copies may not fit.
+            *loaded = None;
+        }
+        let (p, sel) = (path.clone(), placement.selection(index));
+        let t = Instant::now();
+        let loaded_model = tokio::task::spawn_blocking(move || {
+            let opts = LoadOptions {
+                experts: sel,
+                ..LoadOptions::default()
+            };
+            Model::load(std::path::Path::new(&p), &opts)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::failed_precondition(format!("loading {path}: {e}")))?;
+        placement
+            .check_model(&loaded_model.config, placement.workers)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let secs = t.elapsed().as_secs_f64();
+        info!(%model, index, version = placement.version, secs, "model loaded");
+        *lock(&self.inner.loaded)? = Some(Arc::new(Loaded {
+            name: model,
+            path,
+            placement,
+            index,
+            model: Arc::new(loaded_model),
+        }));
+        Ok((secs, false))
     }
 }
 
@@ -134,51 +218,12 @@ impl WorkerService for Worker {
         let r = req.into_inner();
         let placement = Placement::from_json(&r.placement_json)
             .map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
-        let index = r.worker_index as usize;
-        if index >= placement.workers {
-            return Err(Status::invalid_argument(format!(
-                "worker index {index} outside a placement of {} workers",
-                placement.workers
-            )));
-        }
-        if let Some(l) = lock(&self.inner.loaded)?.as_ref() {
-            if l.name == r.model && l.path == r.path && l.placement == placement && l.index == index
-            {
-                return Ok(Response::new(proto::LoadModelResponse {
-                    load_secs: 0.0,
-                    cached: true,
-                }));
-            }
-        }
-        // Drop the old model first: two copies may not fit.
-        *lock(&self.inner.loaded)? = None;
-        let (path, sel) = (r.path.clone(), placement.selection(index));
-        let t = Instant::now();
-        let model = tokio::task::spawn_blocking(move || {
-            let opts = LoadOptions {
-                experts: sel,
-                ..LoadOptions::default()
-            };
-            Model::load(std::path::Path::new(&path), &opts)
-        })
-        .await
-        .map_err(internal)?
-        .map_err(|e| Status::failed_precondition(format!("loading {}: {e}", r.path)))?;
-        placement
-            .check_model(&model.config, placement.workers)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let load_secs = t.elapsed().as_secs_f64();
-        info!(model = %r.model, index, load_secs, "model loaded");
-        *lock(&self.inner.loaded)? = Some(Arc::new(Loaded {
-            name: r.model,
-            path: r.path,
-            placement,
-            index,
-            model: Arc::new(model),
-        }));
+        let (load_secs, cached) = self
+            .load(r.model, r.path, placement, r.worker_index as usize)
+            .await?;
         Ok(Response::new(proto::LoadModelResponse {
             load_secs,
-            cached: false,
+            cached,
         }))
     }
 
@@ -186,11 +231,29 @@ impl WorkerService for Worker {
         &self,
         req: Request<proto::PrepareJobRequest>,
     ) -> Result<Response<proto::PrepareJobResponse>, Status> {
-        let id = req.into_inner().job_id;
+        let r = req.into_inner();
+        let id = r.job_id;
         if !self.inner.accepting.load(Ordering::Relaxed) {
             return Err(Status::unavailable(
                 "this worker lost its membership lease and takes no jobs until it re-registers",
             ));
+        }
+        // The coordinator uses only a placement every worker acknowledged; this one's must be it.
+        match lock(&self.inner.loaded)?.as_ref() {
+            Some(l) if l.name == r.model && l.placement.version == r.placement_version => {}
+            Some(l) => {
+                return Err(Status::failed_precondition(format!(
+                    "job {id} wants model '{}' at placement version {}; this worker holds '{}' \
+                     at version {}",
+                    r.model, r.placement_version, l.name, l.placement.version
+                )));
+            }
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "job {id} wants model '{}'; this worker has loaded none",
+                    r.model
+                )));
+            }
         }
         let host = self.inner.data_host;
         let listener = TcpListener::bind(SocketAddr::new(host, 0))
@@ -562,51 +625,79 @@ pub async fn run_worker(
         .map_err(ClusterError::io("local_addr"))?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     let worker = Worker::new(&cfg);
-    let inner = worker.inner.clone();
-    let svc = WorkerServiceServer::new(worker)
+    let svc = WorkerServiceServer::new(worker.clone())
         .max_decoding_message_size(cfg.server.max_message_bytes)
         .max_encoding_message_size(cfg.server.max_message_bytes);
     let routes = tonic::service::Routes::new(svc);
-    let beat = match &cfg.registry {
-        Registry::Coordinator(coord) => tokio::spawn(
-            heartbeat(coord.clone(), advertise.clone(), cfg.kv_budget_bytes)
-                .instrument(info_span!("heartbeat", worker = %advertise)),
-        ),
+    let mut background = tokio::task::JoinSet::new();
+    match &cfg.registry {
+        Registry::Coordinator(coord) => {
+            background.spawn(
+                heartbeat(coord.clone(), advertise.clone(), cfg.kv_budget_bytes)
+                    .instrument(info_span!("heartbeat", worker = %advertise)),
+            );
+        }
         Registry::Membership(m) => {
             let rec = WorkerRecord {
                 id: advertise.clone(),
                 addr: advertise.clone(),
                 device: cfg.device.clone(),
                 kv_budget_bytes: cfg.kv_budget_bytes,
+                models: cfg.models.iter().map(|m| m.name.clone()).collect(),
+                placement: None,
             };
-            tokio::spawn(
-                stay_registered(m.clone(), rec, cfg.lease_ttl, inner)
+            let (rec_tx, rec_rx) = watch::channel(rec);
+            background.spawn(
+                stay_registered(m.clone(), rec_rx, cfg.lease_ttl, worker.inner.clone())
                     .instrument(info_span!("membership", worker = %advertise)),
-            )
+            );
+            background.spawn(
+                follow_placements(m.clone(), worker, advertise.clone(), rec_tx)
+                    .instrument(info_span!("placement", worker = %advertise)),
+            );
         }
-    };
+    }
     info!(addr = %bound, "worker serving");
     let names = ["ringmoe.v1.WorkerService"];
     let res = server::serve(listener, routes, &names, shutdown).await;
-    beat.abort();
+    background.abort_all();
     res
 }
 
-/// Registers, and re-registers whenever the lease is lost (refusing new jobs meanwhile).
+/// Keeps this worker registered with `rec`'s latest value: re-registers when the lease is
+/// lost (taking no jobs meanwhile) and rewrites the record when it changes.
 async fn stay_registered(
     m: Arc<dyn Membership>,
-    rec: WorkerRecord,
+    mut rec: watch::Receiver<WorkerRecord>,
     ttl: Duration,
     inner: Arc<Inner>,
 ) {
     loop {
-        match m.register(rec.clone(), ttl).await {
+        let current = rec.borrow_and_update().clone();
+        match m.register(current, ttl).await {
             Ok(mut reg) => {
                 info!("registered");
                 inner.accepting.store(true, Ordering::Relaxed);
-                reg.lost().await;
+                loop {
+                    tokio::select! {
+                        _ = reg.lost() => {
+                            warn!("membership lease lost; registering again");
+                            break;
+                        }
+                        changed = rec.changed() => {
+                            if changed.is_err() {
+                                return; // the worker is stopping
+                            }
+                            let r = rec.borrow_and_update().clone();
+                            if let Err(e) = m.update(&reg, r).await {
+                                // Registering again writes the latest record.
+                                warn!(error = %e, "updating the record; registering again");
+                                break;
+                            }
+                        }
+                    }
+                }
                 inner.accepting.store(false, Ordering::Relaxed);
-                warn!("membership lease lost; registering again");
             }
             Err(e) => {
                 inner.accepting.store(false, Ordering::Relaxed);
@@ -617,7 +708,82 @@ async fn stay_registered(
     }
 }
 
-/// Beats forever; a coordinator that is down or restarting is retried at the same interval.
+/// Watches the published placements; loads each one that names this worker and acknowledges
+/// it in the worker's record. Re-watches when the watch ends (etcd restarted, say).
+async fn follow_placements(
+    m: Arc<dyn Membership>,
+    worker: Worker,
+    me: String,
+    rec: watch::Sender<WorkerRecord>,
+) {
+    // The newest version applied per model: a re-watch replays the current records.
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    loop {
+        match m.watch_placements().await {
+            Ok((now, mut rx)) => {
+                for p in now {
+                    worker.apply_placement(&me, p, &rec, &mut seen).await;
+                }
+                while let Some(p) = rx.recv().await {
+                    worker.apply_placement(&me, p, &rec, &mut seen).await;
+                }
+                warn!("placement watch ended; watching again");
+            }
+            Err(e) => warn!(error = %e, "placements unavailable"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+impl Worker {
+    async fn apply_placement(
+        &self,
+        me: &str,
+        p: PlacementRecord,
+        rec: &watch::Sender<WorkerRecord>,
+        seen: &mut HashMap<String, u64>,
+    ) {
+        let Some(rank) = p.workers.iter().position(|w| w == me) else {
+            return;
+        };
+        if seen.get(&p.model).is_some_and(|&v| v >= p.version) {
+            return;
+        }
+        seen.insert(p.model.clone(), p.version);
+        let placement = match Placement::from_json(&p.placement) {
+            Ok(pl) if pl.version == p.version => Ok(pl),
+            Ok(pl) => Err(format!(
+                "the record says version {} but its placement is version {}",
+                p.version, pl.version
+            )),
+            Err(e) => Err(format!("placement: {e}")),
+        };
+        let (experts, error) = match placement {
+            Ok(pl) => {
+                let experts = (0..pl.layers.len()).map(|l| pl.hosted(l, rank)).collect();
+                let r = self.load(p.model.clone(), p.path.clone(), pl, rank).await;
+                (experts, r.err().map(|e| e.message().to_string()))
+            }
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        match &error {
+            None => info!(model = %p.model, version = p.version, rank, "placement acknowledged"),
+            Some(e) => {
+                warn!(model = %p.model, version = p.version, error = %e, "placement not loaded")
+            }
+        }
+        rec.send_modify(|r| {
+            r.placement = Some(PlacementAck {
+                model: p.model,
+                version: p.version,
+                rank,
+                experts,
+                error,
+            })
+        });
+    }
+}
+
 async fn heartbeat(coordinator: String, me: String, kv_budget_bytes: u64) {
     let url = server::http_url(&coordinator);
     let mut client: Option<ClusterServiceClient<tonic::transport::Channel>> = None;

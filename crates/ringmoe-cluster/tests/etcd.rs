@@ -3,8 +3,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions};
-use ringmoe_cluster::membership::{MemberEvent, Membership, WorkerRecord};
+use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions, EtcdTls};
+use ringmoe_cluster::membership::{
+    MemberEvent, Membership, PlacementAck, PlacementRecord, WorkerRecord,
+};
 use ringmoe_cluster::testkit::Etcd;
 
 fn rec(id: &str) -> WorkerRecord {
@@ -13,6 +15,24 @@ fn rec(id: &str) -> WorkerRecord {
         addr: format!("127.0.0.1:{}", 1000 + id.len()),
         device: "cpu".into(),
         kv_budget_bytes: 1 << 30,
+        models: vec![],
+        placement: None,
+    }
+}
+
+fn rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn plain(etcd: &Etcd) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        cluster: "t".into(),
+        user: None,
+        tls: None,
     }
 }
 
@@ -29,16 +49,8 @@ async fn next(
 #[test]
 fn etcd_membership_registers_watches_and_expires_leases() -> Result<()> {
     let etcd = Etcd::start()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let opts = EtcdOptions {
-            endpoints: vec![etcd.endpoint()],
-            cluster: "t".into(),
-            user: None,
-        };
+    rt()?.block_on(async {
+        let opts = plain(&etcd);
         let m = EtcdMembership::connect(opts.clone()).await?;
         let (now, mut rx) = m.watch().await?;
         ensure!(now.is_empty(), "{now:?}");
@@ -71,6 +83,161 @@ fn etcd_membership_registers_watches_and_expires_leases() -> Result<()> {
             took < Duration::from_millis(2500),
             "removed after {took:?} for a 1 s lease"
         );
+        anyhow::Ok(())
+    })
+}
+
+fn placement(version: u64, workers: &[&str]) -> PlacementRecord {
+    PlacementRecord {
+        model: "m".into(),
+        version,
+        path: "/models/m".into(),
+        workers: workers.iter().map(|w| w.to_string()).collect(),
+        placement: format!("{{\"version\":{version}}}"),
+    }
+}
+
+#[test]
+fn etcd_holds_versioned_placements_and_the_workers_acknowledgements() -> Result<()> {
+    let etcd = Etcd::start()?;
+    rt()?.block_on(async {
+        let m = EtcdMembership::connect(plain(&etcd)).await?;
+        ensure!(m.placement("m").await?.is_none());
+        let (now, mut placements) = m.watch_placements().await?;
+        ensure!(now.is_empty());
+        let (_, mut members) = m.watch().await?;
+        let reg = m.register(rec("a"), Duration::from_secs(2)).await?;
+        ensure!(next(&mut members, Duration::from_secs(2)).await? == MemberEvent::Put(rec("a")));
+
+        let v1 = placement(1, &["a"]);
+        m.publish_placement(&v1).await?;
+        let got = tokio::time::timeout(Duration::from_secs(2), placements.recv()).await?;
+        ensure!(got.as_ref() == Some(&v1), "{got:?}");
+        ensure!(m.placement("m").await? == Some(v1.clone()));
+
+        // The acknowledgement rides on the worker's record, on its lease.
+        let mut acked = rec("a");
+        acked.placement = Some(PlacementAck {
+            model: "m".into(),
+            version: 1,
+            rank: 0,
+            experts: vec![vec![0, 1], vec![0, 1]],
+            error: None,
+        });
+        m.update(&reg, acked.clone()).await?;
+        ensure!(
+            next(&mut members, Duration::from_secs(2)).await? == MemberEvent::Put(acked.clone())
+        );
+        ensure!(m.list().await? == vec![acked]);
+
+        // A new version replaces the old; a fresh watch starts from it.
+        let v2 = placement(2, &["a", "b"]);
+        m.publish_placement(&v2).await?;
+        let got = tokio::time::timeout(Duration::from_secs(2), placements.recv()).await?;
+        ensure!(got.as_ref() == Some(&v2), "{got:?}");
+        let (now, _) = m.watch_placements().await?;
+        ensure!(now == vec![v2], "{now:?}");
+        // The placement outlives the lease; the acknowledgement does not.
+        drop(reg);
+        ensure!(
+            next(&mut members, Duration::from_secs(2)).await? == MemberEvent::Removed("a".into())
+        );
+        ensure!(m.placement("m").await?.is_some_and(|p| p.version == 2));
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn etcd_over_tls_with_client_certificates() -> Result<()> {
+    let etcd = Etcd::start_tls()?;
+    let files = etcd.tls().context("tls files")?.clone();
+    rt()?.block_on(async {
+        let mut opts = plain(&etcd);
+        opts.tls = Some(EtcdTls {
+            ca: files.ca.clone(),
+            cert: Some(files.client_cert.clone()),
+            key: Some(files.client_key.clone()),
+            domain: None,
+        });
+        // etcd may still be electing itself when its port opens.
+        let t = Instant::now();
+        let m = loop {
+            match EtcdMembership::connect(opts.clone()).await {
+                Ok(m) if m.list().await.is_ok() => break m,
+                r => {
+                    ensure!(t.elapsed() < Duration::from_secs(10), "{:?}", r.err());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let reg = m.register(rec("a"), Duration::from_secs(1)).await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        ensure!(m.list().await? == vec![rec("a")], "kept alive over TLS");
+        ensure!(!reg.is_lost());
+
+        // Without a client certificate etcd refuses the connection.
+        let mut no_cert = opts.clone();
+        if let Some(t) = no_cert.tls.as_mut() {
+            t.cert = None;
+            t.key = None;
+        }
+        let refused = match EtcdMembership::connect(no_cert).await {
+            Err(e) => e.to_string(),
+            Ok(m) => m
+                .list()
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+        };
+        ensure!(refused.contains("etcd at https://"), "{refused:?}");
+        // A certificate without its key is a configuration error, said before connecting.
+        let mut half = opts.clone();
+        if let Some(t) = half.tls.as_mut() {
+            t.key = None;
+        }
+        let e = EtcdMembership::connect(half)
+            .await
+            .err()
+            .context("half a client identity")?;
+        ensure!(e.to_string().contains("needs its key"), "{e}");
+        anyhow::Ok(())
+    })
+}
+
+#[test]
+fn etcd_with_authentication_needs_the_right_password() -> Result<()> {
+    let etcd = Etcd::start()?;
+    rt()?.block_on(async {
+        let opts = plain(&etcd);
+        let mut c = opts.connect().await?;
+        c.user_add("root", "s3cret", None).await?;
+        c.user_grant_role("root", "root").await?;
+        c.auth_enable().await?;
+
+        let anon = EtcdMembership::connect(opts.clone()).await?;
+        let e = anon
+            .list()
+            .await
+            .err()
+            .context("anonymous read with auth on")?;
+        ensure!(e.to_string().contains("etcd at"), "{e}");
+
+        let mut wrong = opts.clone();
+        wrong.user = Some(("root".into(), "nope".into()));
+        let e = EtcdMembership::connect(wrong)
+            .await
+            .err()
+            .context("wrong password")?;
+        ensure!(e.to_string().contains("etcd at"), "{e}");
+
+        let mut right = opts.clone();
+        right.user = Some(("root".into(), "s3cret".into()));
+        let m = EtcdMembership::connect(right).await?;
+        let reg = m.register(rec("a"), Duration::from_secs(1)).await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        ensure!(m.list().await? == vec![rec("a")], "kept alive with auth");
+        ensure!(!reg.is_lost());
         anyhow::Ok(())
     })
 }

@@ -96,6 +96,9 @@ pub struct CoordinatorArgs {
     /// With --etcd: leadership lease TTL in seconds (how soon a standby takes over).
     #[arg(long, default_value_t = 2)]
     leader_ttl_secs: u64,
+    /// How long workers may take to load a placement's weights before the job fails.
+    #[arg(long, default_value_t = 600)]
+    load_timeout_secs: u64,
     #[command(flatten)]
     etcd: EtcdArgs,
     #[command(flatten)]
@@ -110,6 +113,11 @@ pub struct WorkerArgs {
     /// Lease TTL in etcd, seconds: how long a dead worker stays listed.
     #[arg(long, default_value_t = 5)]
     lease_ttl_secs: u64,
+    /// A model on this worker's disk: `DIR` (named after the directory) or `NAME=DIR`;
+    /// repeatable. Checked at start. Models the coordinator serves that are not given here load
+    /// from the coordinator's path (a shared volume).
+    #[arg(long = "model")]
+    models: Vec<String>,
     #[command(flatten)]
     etcd: EtcdArgs,
     /// Where this worker's gRPC server listens.
@@ -296,6 +304,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     cfg.server = a.limits.server();
     cfg.min_workers = a.min_workers;
     cfg.max_retries = a.max_retries;
+    cfg.load_timeout = Duration::from_secs(a.load_timeout_secs.max(1));
     runtime()?.block_on(async move {
         let l = bind(&a.addr).await?;
         if let Some(m) = a.etcd.etcd().await? {
@@ -309,8 +318,20 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     })
 }
 
+/// Model entries whose `config.json` parses: a worker given a wrong directory says so at start,
+/// not at its first job.
+fn checked_models(specs: &[String]) -> Result<Vec<ModelEntry>> {
+    let models = model_entries(specs)?;
+    for m in &models {
+        ringmoe_model::ModelConfig::from_dir(&m.path)
+            .with_context(|| format!("--model {}={}", m.name, m.path.display()))?;
+    }
+    Ok(models)
+}
+
 pub fn worker(a: WorkerArgs) -> Result<()> {
     init_tracing("info");
+    let models = checked_models(&a.models)?;
     runtime()?.block_on(async move {
         let l = bind(&a.addr).await?;
         let registry = match (a.etcd.membership().await?, a.coordinator) {
@@ -327,6 +348,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             data_host: a.data_host.unwrap_or(l.local_addr()?.ip()),
             data_timeout: Duration::from_secs(300),
             server: a.limits.server(),
+            models,
         };
         ringmoe_cluster::run_worker(l, cfg, shutdown_signal()).await?;
         Ok(())
@@ -338,7 +360,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let mut cfg = CoordinatorConfig::new(a.store.clone(), model_entries(&a.models)?);
+    let models = checked_models(&a.models)?;
+    let mut cfg = CoordinatorConfig::new(a.store.clone(), models.clone());
     cfg.server = a.limits.server();
     cfg.min_workers = a.workers;
     let kv = a.kv.bytes()?;
@@ -364,6 +387,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 data_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
                 data_timeout: Duration::from_secs(300),
                 server: a.limits.server(),
+                models: models.clone(),
             };
             tasks.spawn(ringmoe_cluster::run_worker(
                 wl,

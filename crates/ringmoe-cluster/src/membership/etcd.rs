@@ -1,15 +1,21 @@
 //! Membership in etcd: `/<cluster>/workers/<id>` → the worker's JSON record, attached to one
-//! lease per registration. The lease is kept alive from a thread with its own runtime, so a
+//! lease per registration; `/<cluster>/placement/<model>` → the model's published placement
+//! (no lease: it outlives coordinators, so a new leader finds what the workers loaded). The lease is kept alive from a thread with its own runtime, so a
 //! worker whose cores are busy with compute (or whose main runtime is) still renews it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    WatchOptions,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::{
-    Election, MemberEvent, Membership, MembershipError, Registration, Result, WorkerRecord,
+    Election, MemberEvent, Membership, MembershipError, PlacementRecord, Registration, Result,
+    WorkerRecord,
 };
 
 /// How to reach etcd.
@@ -21,27 +27,74 @@ pub struct EtcdOptions {
     pub cluster: String,
     /// etcd authentication (user, password), when enabled on the server.
     pub user: Option<(String, String)>,
+    /// TLS to etcd (`https://` endpoints, or any endpoint when set).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS settings for etcd, as PEM files.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's server certificate (no system roots are built in).
+    pub ca: PathBuf,
+    /// A client certificate and its key, when etcd runs with `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name to verify etcd's certificate against (default: the endpoint's host).
+    pub domain: Option<String>,
+}
+
+impl EtcdTls {
+    fn tonic(&self) -> Result<TlsOptions> {
+        let read = |what: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| {
+                MembershipError::Closed(format!("etcd TLS {what} {}: {e}", p.display()))
+            })
+        };
+        let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA", &self.ca)?));
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                t = t.identity(Identity::from_pem(read("certificate", c)?, read("key", k)?));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(MembershipError::Closed(
+                    "etcd TLS: a client certificate needs its key, and a key its certificate"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(d) = &self.domain {
+            t = t.domain_name(d.clone());
+        }
+        Ok(t)
+    }
 }
 
 impl EtcdOptions {
-    fn connect_options(&self) -> ConnectOptions {
+    fn connect_options(&self) -> Result<ConnectOptions> {
         self.options_with(Some(Duration::from_secs(5)))
     }
 
-    fn options_with(&self, timeout: Option<Duration>) -> ConnectOptions {
+    fn options_with(&self, timeout: Option<Duration>) -> Result<ConnectOptions> {
         let mut o = ConnectOptions::new().with_connect_timeout(Duration::from_secs(3));
         if let Some(t) = timeout {
             o = o.with_timeout(t);
         }
         if let Some((u, p)) = &self.user {
-            o = o.with_user(u.clone(), p.clone());
+            // Tokens expire (five minutes by default); a worker lives for weeks.
+            o = o
+                .with_user(u.clone(), p.clone())
+                .with_auto_token_refresh(true);
         }
-        o
+        if let Some(t) = &self.tls {
+            o = o.with_tls(t.tonic()?);
+        }
+        Ok(o)
     }
 
     /// Connects a client.
     pub async fn connect(&self) -> Result<Client> {
-        Client::connect(&self.endpoints, Some(self.connect_options()))
+        Client::connect(&self.endpoints, Some(self.connect_options()?))
             .await
             .map_err(|e| self.err(e))
     }
@@ -100,6 +153,7 @@ impl EtcdMembership {
         Ok((
             lease,
             Registration {
+                lease,
                 lost,
                 _stop: Some(stop),
             },
@@ -110,23 +164,99 @@ impl EtcdMembership {
         self.opts.key("workers/")
     }
 
+    fn placement_prefix(&self) -> String {
+        self.opts.key("placement/")
+    }
+
     /// The worker records of a prefix read, sorted by id.
     fn records(&self, r: &etcd_client::GetResponse) -> Result<Vec<WorkerRecord>> {
         let mut v = r
             .kvs()
             .iter()
-            .map(|kv| self.decode(kv.key(), kv.value()))
+            .map(|kv| decode::<WorkerRecord>(kv.key(), kv.value()))
             .collect::<Result<Vec<_>>>()?;
         v.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(v)
     }
 
-    fn decode(&self, key: &[u8], value: &[u8]) -> Result<WorkerRecord> {
-        serde_json::from_slice(value).map_err(|e| MembershipError::BadRecord {
-            key: String::from_utf8_lossy(key).into_owned(),
-            msg: e.to_string(),
-        })
+    async fn put_record(&self, rec: &WorkerRecord, lease: i64) -> Result<()> {
+        let key = format!("{}{}", self.prefix(), rec.id);
+        let value = serde_json::to_string(rec)
+            .map_err(|e| MembershipError::Closed(format!("encoding the record: {e}")))?;
+        self.client
+            .clone()
+            .put(
+                key.as_str(),
+                value.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        Ok(())
     }
+
+    /// A prefix read, then a watch from just after it; `f` turns each put (`Some(value)`) or
+    /// delete (`None`) of a key into an event, or nothing.
+    async fn get_and_watch<T, E>(
+        &self,
+        prefix: String,
+        f: impl Fn(&str, Option<&[u8]>) -> Option<E> + Send + 'static,
+    ) -> Result<(Vec<T>, mpsc::Receiver<E>)>
+    where
+        T: serde::de::DeserializeOwned,
+        E: Send + 'static,
+    {
+        let mut c = self.client.clone();
+        let r = c
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        let now = r
+            .kvs()
+            .iter()
+            .map(|kv| decode::<T>(kv.key(), kv.value()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut stream = c
+            .watch(
+                prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(rev + 1),
+                ),
+            )
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        let (tx, out) = mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Ok(Some(resp)) = stream.message().await {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key());
+                    let rest = key.strip_prefix(&prefix).unwrap_or(&key);
+                    let value = match ev.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    if let Some(e) = f(rest, value) {
+                        if tx.send(e).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            // The watch ended (etcd went away): the receiver sees the channel close.
+        });
+        Ok((now, out))
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| MembershipError::BadRecord {
+        key: String::from_utf8_lossy(key).into_owned(),
+        msg: e.to_string(),
+    })
 }
 
 /// Grants a lease, puts the record on it and keeps it alive until `stop` fires or the lease is
@@ -212,19 +342,60 @@ fn keep_alive_thread(
 impl Membership for EtcdMembership {
     async fn register(&self, rec: WorkerRecord, ttl: Duration) -> Result<Registration> {
         let key = format!("{}{}", self.prefix(), rec.id);
-        let value = serde_json::to_string(&rec)
-            .map_err(|e| MembershipError::Closed(format!("encoding the record: {e}")))?;
-        let (lease, reg) = self.lease(ttl, Some(key.clone())).await?;
+        let (lease, reg) = self.lease(ttl, Some(key)).await?;
+        self.put_record(&rec, lease).await?;
+        Ok(reg)
+    }
+
+    async fn update(&self, reg: &Registration, rec: WorkerRecord) -> Result<()> {
+        if reg.is_lost() {
+            return Err(MembershipError::Closed(format!(
+                "worker {}'s lease is lost",
+                rec.id
+            )));
+        }
+        self.put_record(&rec, reg.lease).await
+    }
+
+    async fn publish_placement(&self, rec: &PlacementRecord) -> Result<()> {
+        let key = format!("{}{}", self.placement_prefix(), rec.model);
+        let value = serde_json::to_string(rec)
+            .map_err(|e| MembershipError::Closed(format!("encoding the placement: {e}")))?;
         self.client
             .clone()
-            .put(
-                key.as_str(),
-                value.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
+            .put(key.as_str(), value.as_str(), None)
             .await
             .map_err(|e| self.opts.err(e))?;
-        Ok(reg)
+        Ok(())
+    }
+
+    async fn placement(&self, model: &str) -> Result<Option<PlacementRecord>> {
+        let key = format!("{}{model}", self.placement_prefix());
+        let r = self
+            .client
+            .clone()
+            .get(key.as_str(), None)
+            .await
+            .map_err(|e| self.opts.err(e))?;
+        r.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    async fn watch_placements(
+        &self,
+    ) -> Result<(Vec<PlacementRecord>, mpsc::Receiver<PlacementRecord>)> {
+        self.get_and_watch(self.placement_prefix(), |key, value| {
+            match decode::<PlacementRecord>(key.as_bytes(), value?) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(error = %e, "ignoring a bad placement record");
+                    None
+                }
+            }
+        })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<WorkerRecord>> {
@@ -237,54 +408,20 @@ impl Membership for EtcdMembership {
     }
 
     async fn watch(&self) -> Result<(Vec<WorkerRecord>, mpsc::Receiver<MemberEvent>)> {
-        let mut c = self.client.clone();
-        let prefix = self.prefix();
-        let r = c
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.opts.err(e))?;
-        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-        let now = self.records(&r)?;
-        let mut stream = c
-            .watch(
-                prefix.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(rev + 1),
-                ),
-            )
-            .await
-            .map_err(|e| self.opts.err(e))?;
-        let (tx, out) = mpsc::channel(256);
-        let me = self.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(resp)) = stream.message().await {
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let e = match ev.event_type() {
-                        EventType::Put => match me.decode(kv.key(), kv.value()) {
-                            Ok(rec) => MemberEvent::Put(rec),
-                            Err(e) => {
-                                warn!(error = %e, "ignoring a bad membership record");
-                                continue;
-                            }
-                        },
-                        EventType::Delete => {
-                            let key = String::from_utf8_lossy(kv.key());
-                            MemberEvent::Removed(
-                                key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
-                            )
-                        }
-                    };
-                    if tx.send(e).await.is_err() {
-                        return;
+        let (mut now, rx) = self
+            .get_and_watch(self.prefix(), |id, value| match value {
+                None => Some(MemberEvent::Removed(id.to_string())),
+                Some(v) => match decode(id.as_bytes(), v) {
+                    Ok(rec) => Some(MemberEvent::Put(rec)),
+                    Err(e) => {
+                        warn!(error = %e, "ignoring a bad membership record");
+                        None
                     }
-                }
-            }
-            // The watch ended (etcd went away): the receiver sees the channel close.
-        });
-        Ok((now, out))
+                },
+            })
+            .await?;
+        now.sort_by(|a: &WorkerRecord, b| a.id.cmp(&b.id));
+        Ok((now, rx))
     }
 }
 
@@ -294,7 +431,7 @@ impl Election for EtcdMembership {
         // The lease is kept alive while waiting too: a campaign may wait for hours.
         let (lease, reg) = self.lease(ttl, None).await?;
         // No request timeout on this client: campaign returns only once elected.
-        let mut ec = Client::connect(&self.opts.endpoints, Some(self.opts.options_with(None)))
+        let mut ec = Client::connect(&self.opts.endpoints, Some(self.opts.options_with(None)?))
             .await
             .map_err(|e| self.opts.err(e))?;
         let name = self.opts.key("coordinator");
