@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # Debian packages the build or the tests need: procps for `kill -STOP` in the communicator's
 # fault tests, protobuf-compiler (protoc) for the gRPC code generated from proto/ (ours and
 # etcd-client's), etcd-server for the membership tests, which start their own etcd.
-APT_PACKAGES=(procps protobuf-compiler etcd-server)
+APT_PACKAGES=(procps protobuf-compiler etcd-server openssl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

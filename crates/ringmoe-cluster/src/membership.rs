@@ -440,4 +440,39 @@ mod tests {
         drop(kept);
         assert_eq!(events.recv().await, Some(MemberEvent::Removed("a".into())));
     }
+
+    #[tokio::test]
+    async fn memory_updates_records_and_publishes_placements() {
+        let m = MemoryMembership::new(Duration::from_millis(10));
+        let reg = m.register(rec("a"), Duration::from_secs(5)).await.unwrap();
+        let (_, mut events) = m.watch().await.unwrap();
+        let (now, mut placements) = m.watch_placements().await.unwrap();
+        assert!(now.is_empty());
+        let p = PlacementRecord {
+            model: "m".into(),
+            version: 3,
+            path: "/m".into(),
+            workers: vec!["a".into()],
+            placement: "{}".into(),
+        };
+        m.publish_placement(&p).await.unwrap();
+        assert_eq!(placements.recv().await, Some(p.clone()));
+        assert_eq!(m.placement("m").await.unwrap(), Some(p));
+        let mut acked = rec("a");
+        acked.placement = Some(PlacementAck {
+            model: "m".into(),
+            version: 3,
+            rank: 0,
+            experts: vec![vec![0]],
+            error: None,
+        });
+        m.update(&reg, acked.clone()).await.unwrap();
+        assert_eq!(events.recv().await, Some(MemberEvent::Put(acked.clone())));
+        assert_eq!(m.list().await.unwrap(), vec![acked.clone()]);
+        // A registration that was replaced cannot write over its successor.
+        let newer = m.register(rec("a"), Duration::from_secs(5)).await.unwrap();
+        assert!(m.update(&reg, acked).await.is_err());
+        assert_eq!(m.list().await.unwrap(), vec![rec("a")]);
+        drop(newer);
+    }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use ringmoe_cluster::client::{self, Input, JobResult};
-use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions};
+use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions, EtcdTls};
 use ringmoe_cluster::proto::{self, JobPhase};
 use ringmoe_cluster::{
     CoordinatorConfig, Membership, MemoryMembership, ModelEntry, Registry, ServerOptions,
@@ -48,6 +48,17 @@ pub struct EtcdArgs {
     etcd_user: Option<String>,
     #[arg(long, env = "RINGMOE_ETCD_PASSWORD", hide_env_values = true)]
     etcd_password: Option<String>,
+    /// TLS to etcd: the CA (PEM) that signed etcd's certificate. Turns TLS on.
+    #[arg(long, requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// TLS client certificate and key (PEM), when etcd runs with --client-cert-auth.
+    #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, requires_all = ["etcd_ca", "etcd_cert"])]
+    etcd_key: Option<PathBuf>,
+    /// The name etcd's certificate is checked against (default: the endpoint's host).
+    #[arg(long, requires = "etcd_ca")]
+    etcd_domain: Option<String>,
 }
 
 impl EtcdArgs {
@@ -70,6 +81,12 @@ impl EtcdArgs {
                 .etcd_user
                 .clone()
                 .map(|u| (u, self.etcd_password.clone().unwrap_or_default())),
+            tls: self.etcd_ca.clone().map(|ca| EtcdTls {
+                ca,
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+                domain: self.etcd_domain.clone(),
+            }),
         };
         Ok(Some(EtcdMembership::connect(opts).await?))
     }

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use ringmoe_cluster::client::{self, Input, JobResult};
+use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions};
+use ringmoe_cluster::membership::{Membership, PlacementRecord, WorkerRecord};
 use ringmoe_cluster::proto::{self, JobPhase, submit_job_request};
 use ringmoe_cluster::testkit::Etcd;
-use ringmoe_model::{LoadOptions, LogitsFor, Model, write_random_checkpoint};
+use ringmoe_model::{LoadOptions, LogitsFor, Model, ModelConfig, write_random_checkpoint};
 use serde_json::json;
 use tonic::Code;
 
@@ -746,6 +748,141 @@ fn after_etcd_restarts_the_workers_register_again_and_the_next_job_runs() -> Res
     rt.block_on(wait_for_workers(&c.addr, 2))?;
     let ids = random_ids(150, 384, 11);
     score_matches_engine(&rt, &c.addr, &fx, ids, "job after an etcd restart")
+}
+
+/// Copies a checkpoint directory (flat) to `to`.
+fn copy_model(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        std::fs::copy(e.path(), to.join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+/// The published placement of model `m` and the workers' records, read straight from etcd.
+async fn placement_in_etcd(etcd: &Etcd) -> Result<(PlacementRecord, Vec<WorkerRecord>)> {
+    let m = EtcdMembership::connect(EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        cluster: "t".into(),
+        user: None,
+        tls: None,
+    })
+    .await?;
+    let p = m.placement("m").await?.context("no placement in etcd")?;
+    Ok((p, m.list().await?))
+}
+
+/// Every worker of the placement acknowledged its version, and together they host every
+/// expert of every layer.
+fn check_acks(p: &PlacementRecord, workers: &[WorkerRecord], experts: usize) -> Result<()> {
+    let mut hosted: Vec<Vec<usize>> = Vec::new();
+    for (rank, id) in p.workers.iter().enumerate() {
+        let w = workers
+            .iter()
+            .find(|w| &w.id == id)
+            .with_context(|| format!("{id} is not registered"))?;
+        let a = w
+            .placement
+            .as_ref()
+            .with_context(|| format!("{id} acknowledged nothing"))?;
+        ensure!(
+            a.model == "m" && a.version == p.version && a.rank == rank && a.error.is_none(),
+            "{id}: {a:?} for version {}",
+            p.version
+        );
+        hosted.resize(a.experts.len(), Vec::new());
+        for (l, es) in a.experts.iter().enumerate() {
+            hosted[l].extend(es);
+        }
+    }
+    for (l, mut es) in hosted.into_iter().enumerate() {
+        es.sort_unstable();
+        ensure!(
+            es == (0..experts).collect::<Vec<_>>(),
+            "layer {l} hosts {es:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn placements_live_in_etcd_and_a_joining_worker_is_used_from_the_next_job() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let tmp = tempfile::tempdir()?;
+    // The coordinator's copy loses its weights once it started (it reads only the config and
+    // the tokenizer); workers load their own copy, given with `worker --model`.
+    let (theirs, mine) = (
+        tmp.path().join("coordinator-copy"),
+        tmp.path().join("worker-copy"),
+    );
+    copy_model(&fixture("mixtral-tiny"), &theirs)?;
+    copy_model(&fixture("mixtral-tiny"), &mine)?;
+    let ep = etcd.endpoint();
+    let local = format!("m={}", mine.display());
+    let worker_args = [
+        "--etcd",
+        &ep,
+        "--cluster",
+        "t",
+        "--lease-ttl-secs",
+        "2",
+        "--model",
+        &local,
+    ];
+    let mut c = cluster(&theirs, 2, &["--etcd", &ep, "--cluster", "t"], &worker_args)?;
+    let rt = rt()?;
+    rt.block_on(wait_for_workers(&c.addr, 2))?;
+    for e in std::fs::read_dir(&theirs)? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let experts = ModelConfig::from_dir(&mine)?.moe.num_experts;
+    score_matches_engine(&rt, &c.addr, &mine, random_ids(200, 384, 31), "first job")?;
+    let (p1, workers) = rt.block_on(placement_in_etcd(&etcd))?;
+    ensure!(p1.workers.len() == 2 && p1.version >= 1, "{p1:?}");
+    check_acks(&p1, &workers, experts)?;
+
+    // Same workers: the same placement, nothing reloaded.
+    score_matches_engine(&rt, &c.addr, &mine, random_ids(120, 384, 32), "second job")?;
+    ensure!(rt.block_on(placement_in_etcd(&etcd))?.0 == p1);
+
+    // A third worker joins between jobs: the next job places experts over all three.
+    c.workers
+        .push(start_worker(&c.addr, 2, &worker_args, c.dir.path())?);
+    rt.block_on(wait_for_workers(&c.addr, 3))?;
+    score_matches_engine(
+        &rt,
+        &c.addr,
+        &mine,
+        random_ids(250, 384, 33),
+        "after a join",
+    )?;
+    let (p2, workers) = rt.block_on(placement_in_etcd(&etcd))?;
+    ensure!(
+        p2.version == p1.version + 1 && p2.workers.len() == 3,
+        "{p2:?}"
+    );
+    check_acks(&p2, &workers, experts)?;
+    Ok(())
+}
+
+#[test]
+fn a_worker_given_a_model_directory_that_is_not_one_refuses_to_start() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_ringmoe"))
+        .args(["worker", "--coordinator", "127.0.0.1:1", "--model"])
+        .arg(tmp.path())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "started: {err}");
+    ensure!(
+        err.contains("--model") && err.contains("config.json"),
+        "{err}"
+    );
+    Ok(())
 }
 
 /// Where in a job a worker is killed.
