@@ -175,7 +175,7 @@ impl Etcd {
         }
         let child = cmd
             .args(["--name", "test", "--data-dir"])
-            .arg(&self.dir.join("data"))
+            .arg(self.dir.join("data"))
             .args([
                 "--listen-client-urls",
                 &client,

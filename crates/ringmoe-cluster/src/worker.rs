@@ -78,10 +78,12 @@ struct Loaded {
 }
 
 /// A job between `PrepareJob` and `RunJob`.
-#[derive(Default)]
 struct PendingJob {
     listener: Option<TcpListener>,
     shard: Option<Shard>,
+    /// When it was prepared: a job whose coordinator died before `RunJob` is dropped after
+    /// the data timeout, giving back its port and shard.
+    since: Instant,
 }
 
 struct Shard {
@@ -259,11 +261,21 @@ impl WorkerService for Worker {
         let listener = TcpListener::bind(SocketAddr::new(host, 0))
             .map_err(|e| internal(format!("binding a data-plane port on {host}: {e}")))?;
         let addr = listener.local_addr().map_err(internal)?;
-        lock(&self.inner.pending)?.insert(
+        let mut pending = lock(&self.inner.pending)?;
+        let stale = self.inner.data_timeout;
+        pending.retain(|job, p| {
+            let keep = p.since.elapsed() < stale;
+            if !keep {
+                warn!(job, "dropping a job prepared {stale:?} ago that never ran");
+            }
+            keep
+        });
+        pending.insert(
             id,
             PendingJob {
                 listener: Some(listener),
                 shard: None,
+                since: Instant::now(),
             },
         );
         Ok(Response::new(proto::PrepareJobResponse {
