@@ -3,6 +3,7 @@
 mod cluster_cmd;
 mod comm_bench;
 mod forward;
+mod gpu_check;
 mod moe_bench;
 mod ring_bench;
 
@@ -51,6 +52,9 @@ enum Cmd {
     Coordinator(cluster_cmd::CoordinatorArgs),
     /// A cluster worker: registers with the coordinator and runs its part of jobs.
     Worker(cluster_cmd::WorkerArgs),
+    /// Checks the CUDA kernels against the CPU ones and times attention (needs `--features cuda`
+    /// and an NVIDIA GPU; see scripts/gpu-check.sh).
+    GpuCheck(gpu_check::GpuCheckArgs),
 }
 
 #[derive(Args)]
@@ -157,6 +161,7 @@ fn main() -> Result<()> {
         Cmd::Submit(a) => cluster_cmd::submit(a),
         Cmd::Coordinator(a) => cluster_cmd::coordinator(a),
         Cmd::Worker(a) => cluster_cmd::worker(a),
+        Cmd::GpuCheck(a) => gpu_check::run(a),
     }
 }
 

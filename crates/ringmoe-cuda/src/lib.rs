@@ -1,0 +1,68 @@
+//! `ringmoe-cuda`: the CUDA backend (feature `cuda`).
+//!
+//! [`CudaBackend`] owns a device context, a stream, a cuBLAS handle and the kernels of
+//! `kernels.cu`, compiled at start by NVRTC for the device's compute capability (the choice over
+//! `nvcc`-built PTX: nothing but the driver, NVRTC and cuBLAS libraries is needed at run time, and
+//! CI needs no CUDA at all). Everything goes through cudarc with dynamic loading: the binary links
+//! no CUDA library, and [`available`] checks the driver, NVRTC and cuBLAS before anything touches
+//! them (cudarc's `CudaContext::new` panics without a driver).
+//!
+//! What it provides, each checked against ringmoe-core's CPU kernel by `ringmoe gpu-check`:
+//!
+//! * [`DeviceTensor`] (f32 on the device) and [`DeviceWeight`] (bf16 on the device, uploaded once).
+//! * GEMMs `x · wᵀ` through cuBLAS: f32, and bf16 inputs with f32 accumulation and f32 output;
+//!   [`CudaBackend::grouped_matmul_nt_bf16`] runs every local expert's GEMM in one
+//!   `cublasGemmGroupedBatchedEx` launch (cuBLAS 12.5 or later).
+//! * RMSNorm, rotate-half RoPE by absolute position, fused SwiGLU, router softmax + top-k, and a
+//!   blockwise attention with an online softmax returning `(out, lse)` under the causal mask by
+//!   absolute position — the two pieces ring attention is built from.
+//!
+//! Without the feature the same types exist and every constructor returns
+//! [`CudaError::NotCompiled`], so no other crate needs `cfg`.
+//!
+//! Status: compile-checked in CI; not yet run on a GPU (see docs/performance.md for the GPU
+//! checks still owed). The model's forward pass does not use this backend yet.
+
+#[cfg(feature = "cuda")]
+pub mod check;
+#[cfg(not(feature = "cuda"))]
+pub use stub::check;
+#[cfg(feature = "cuda")]
+mod device;
+pub mod report;
+#[cfg(not(feature = "cuda"))]
+mod stub;
+
+#[cfg(feature = "cuda")]
+pub use device::{CudaBackend, DeviceTensor, DeviceWeight, available};
+#[cfg(not(feature = "cuda"))]
+pub use stub::{CudaBackend, DeviceTensor, DeviceWeight, available};
+
+/// The CUDA C source of every kernel, compiled by NVRTC at start.
+pub const KERNELS: &str = include_str!("kernels.cu");
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("ringmoe was not compiled with CUDA support (build with --features cuda)")]
+    NotCompiled,
+
+    #[error("CUDA is not usable here: {0}")]
+    Unavailable(String),
+
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+
+    #[error("compiling the CUDA kernels with NVRTC: {0}")]
+    Compile(String),
+
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+
+    #[error(transparent)]
+    Core(#[from] ringmoe_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;

@@ -1,0 +1,71 @@
+//! The CUDA backend's types in a build without the `cuda` feature: nothing can be constructed,
+//! every entry point says why.
+
+use ringmoe_core::Tensor;
+
+use crate::{CudaError, Result};
+
+pub fn available() -> Result<()> {
+    Err(CudaError::NotCompiled)
+}
+
+/// Cannot be constructed without the `cuda` feature.
+#[derive(Debug)]
+pub struct CudaBackend(());
+
+#[derive(Debug)]
+pub struct DeviceTensor(());
+
+#[derive(Debug)]
+pub struct DeviceWeight(());
+
+impl CudaBackend {
+    pub fn new(_ordinal: usize) -> Result<Self> {
+        Err(CudaError::NotCompiled)
+    }
+
+    pub fn describe(&self) -> String {
+        String::new()
+    }
+
+    pub fn upload(&self, _t: &Tensor) -> Result<DeviceTensor> {
+        Err(CudaError::NotCompiled)
+    }
+
+    pub fn download(&self, _t: &DeviceTensor) -> Result<Tensor> {
+        Err(CudaError::NotCompiled)
+    }
+}
+
+/// `gpu-check` without CUDA support: says so.
+pub mod check {
+    pub use crate::report::{AttentionTiming, Check};
+    use crate::{CudaBackend, CudaError, Result};
+
+    pub fn kernels(_b: &CudaBackend) -> Result<Vec<Check>> {
+        Err(CudaError::NotCompiled)
+    }
+
+    pub fn attention_timing(
+        _b: &CudaBackend,
+        _tokens: usize,
+        _heads: usize,
+        _kv_heads: usize,
+        _head_dim: usize,
+        _iters: usize,
+    ) -> Result<AttentionTiming> {
+        Err(CudaError::NotCompiled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_the_feature_every_entry_point_says_so() {
+        let e = CudaBackend::new(0).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("not compiled with CUDA support")));
+        assert!(matches!(available(), Err(CudaError::NotCompiled)));
+    }
+}
