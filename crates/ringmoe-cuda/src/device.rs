@@ -7,12 +7,37 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
     PushKernelArg,
 };
-use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 use half::bf16;
 use ringmoe_core::rope::RopeTable;
 use ringmoe_core::{AttentionParams, Tensor};
 
 use crate::{CudaError, KERNELS, Result};
+
+fn compile(major: i32, minor: i32) -> Result<Ptx> {
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        ..Default::default()
+    };
+    compile_ptx_with_opts(KERNELS, opts).map_err(|e| CudaError::Compile(e.to_string()))
+}
+
+/// Compiles the kernels with NVRTC for compute capability `major.minor` without a GPU or a
+/// driver (only libnvrtc is needed) and returns the kernel entry points in the PTX.
+pub fn compile_kernels(major: i32, minor: i32) -> Result<Vec<String>> {
+    // SAFETY: `is_culib_present` only tries to dlopen the library by its candidate names.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::Unavailable(
+            "libnvrtc.so could not be loaded".into(),
+        ));
+    }
+    let ptx = compile(major, minor)?.to_src();
+    Ok(ptx
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
+        .map(|l| l.split('(').next().unwrap_or(l).trim().to_string())
+        .collect())
+}
 
 /// Checks that the driver, NVRTC and cuBLAS libraries can be loaded.
 pub fn available() -> Result<()> {
@@ -140,12 +165,7 @@ impl CudaBackend {
         let (major, minor) = ctx.compute_capability().map_err(driver)?;
         let name = ctx.name().map_err(driver)?;
         let stream = ctx.default_stream();
-        let opts = CompileOptions {
-            options: vec![format!("--gpu-arch=compute_{major}{minor}")],
-            ..Default::default()
-        };
-        let ptx =
-            compile_ptx_with_opts(KERNELS, opts).map_err(|e| CudaError::Compile(e.to_string()))?;
+        let ptx = compile(major, minor)?;
         let module = ctx.load_module(ptx).map_err(driver)?;
         let f = |name: &str| module.load_function(name).map_err(driver);
         let k = Kernels {

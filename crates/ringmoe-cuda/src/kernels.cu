@@ -2,6 +2,9 @@
 // as raw 16-bit values). Layouts are row-major and match ringmoe-core's CPU kernels, which are
 // the reference `ringmoe gpu-check` compares against.
 
+// NVRTC has no standard headers: our own 64-bit index type.
+typedef unsigned long long u64;
+
 #define INF_F __int_as_float(0x7f800000)
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -31,13 +34,13 @@ __device__ __forceinline__ float bf16_to_f32(unsigned short b) {
     return __uint_as_float(((unsigned int)b) << 16);
 }
 
-extern "C" __global__ void to_bf16(const float* x, unsigned short* y, unsigned long long n) {
-    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+extern "C" __global__ void to_bf16(const float* x, unsigned short* y, u64 n) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
     if (i < n) y[i] = f32_to_bf16(x[i]);
 }
 
-extern "C" __global__ void from_bf16(const unsigned short* x, float* y, unsigned long long n) {
-    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+extern "C" __global__ void from_bf16(const unsigned short* x, float* y, u64 n) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
     if (i < n) y[i] = bf16_to_f32(x[i]);
 }
 
@@ -47,8 +50,8 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, in
     extern __shared__ float red[];
     int row = blockIdx.x;
     if (row >= rows) return;
-    const float* xr = x + (size_t)row * dim;
-    float* yr = y + (size_t)row * dim;
+    const float* xr = x + (u64)row * dim;
+    float* yr = y + (u64)row * dim;
     float ss = 0.f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
     red[threadIdx.x] = ss;
@@ -65,14 +68,14 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, in
 // first 2*half dimensions of a head rotate.
 extern "C" __global__ void rope(float* x, const float* cs, const float* sn, int tokens, int heads,
                                 int head_dim, int half) {
-    unsigned long long idx = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    unsigned long long total = (unsigned long long)tokens * heads * half;
+    u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    u64 total = (u64)tokens * heads * half;
     if (idx >= total) return;
     int i = (int)(idx % half);
-    unsigned long long th = idx / half;
+    u64 th = idx / half;
     int t = (int)(th / heads);
     float* h = x + th * head_dim;
-    float c = cs[(size_t)t * half + i], s = sn[(size_t)t * half + i];
+    float c = cs[(u64)t * half + i], s = sn[(u64)t * half + i];
     float a = h[i], b = h[i + half];
     h[i] = a * c - b * s;
     h[i + half] = b * c + a * s;
@@ -80,10 +83,10 @@ extern "C" __global__ void rope(float* x, const float* cs, const float* sn, int 
 
 // silu(gate) * up on gate_up [rows, 2*inter] laid out [gate | up] per row -> y [rows, inter].
 extern "C" __global__ void swiglu(const float* gu, float* y, int rows, int inter) {
-    unsigned long long idx = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    if (idx >= (unsigned long long)rows * inter) return;
+    u64 idx = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (idx >= (u64)rows * inter) return;
     int r = (int)(idx / inter), c = (int)(idx % inter);
-    float g = gu[(size_t)r * 2 * inter + c], u = gu[(size_t)r * 2 * inter + inter + c];
+    float g = gu[(u64)r * 2 * inter + c], u = gu[(u64)r * 2 * inter + inter + c];
     y[idx] = g / (1.0f + expf(-g)) * u;
 }
 
@@ -93,7 +96,7 @@ extern "C" __global__ void router_topk(const float* logits, int rows, int expert
                                        int renorm, float* weights, int* ids) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
-    const float* l = logits + (size_t)r * experts;
+    const float* l = logits + (u64)r * experts;
     float mx = -INF_F;
     for (int e = 0; e < experts; e++) mx = fmaxf(mx, l[e]);
     float sum = 0.f;
@@ -104,19 +107,19 @@ extern "C" __global__ void router_topk(const float* logits, int rows, int expert
         float bv = -INF_F;
         for (int e = 0; e < experts; e++) {
             bool taken = false;
-            for (int i = 0; i < j; i++) taken |= ids[(size_t)r * k + i] == e;
+            for (int i = 0; i < j; i++) taken |= ids[(u64)r * k + i] == e;
             if (!taken && (best < 0 || l[e] > bv)) {
                 best = e;
                 bv = l[e];
             }
         }
         float p = expf(bv - mx) / sum;
-        ids[(size_t)r * k + j] = best;
-        weights[(size_t)r * k + j] = p;
+        ids[(u64)r * k + j] = best;
+        weights[(u64)r * k + j] = p;
         total += p;
     }
     if (renorm && total > 0.f)
-        for (int j = 0; j < k; j++) weights[(size_t)r * k + j] /= total;
+        for (int j = 0; j < k; j++) weights[(u64)r * k + j] /= total;
 }
 
 // Blockwise attention with an online softmax, returning (out, lse) like ringmoe-core's
@@ -155,7 +158,7 @@ attention(const float* q, const int* q_pos, const float* k, const float* v, cons
 #pragma unroll
         for (int c = 0; c < ATT_C; c++) {
             int dd = lane + 32 * c;
-            qr[r][c] = (valid[r] && dd < d) ? q[((size_t)i * heads + h) * d + dd] * scale : 0.f;
+            qr[r][c] = (valid[r] && dd < d) ? q[((u64)i * heads + h) * d + dd] * scale : 0.f;
             acc[r][c] = 0.f;
         }
         m[r] = -INF_F;
@@ -168,7 +171,7 @@ attention(const float* q, const int* q_pos, const float* k, const float* v, cons
             int j = idx / d, dd = idx % d, kj = t0 + j;
             float kv = 0.f, vv = 0.f;
             if (kj < lk) {
-                size_t off = ((size_t)kj * kv_heads + kvh) * d + dd;
+                u64 off = ((u64)kj * kv_heads + kvh) * d + dd;
                 kv = k[off];
                 vv = v[off];
             }
@@ -226,8 +229,8 @@ attention(const float* q, const int* q_pos, const float* k, const float* v, cons
 #pragma unroll
         for (int c = 0; c < ATT_C; c++) {
             int dd = lane + 32 * c;
-            if (dd < d) out[((size_t)i * heads + h) * d + dd] = acc[r][c] * inv;
+            if (dd < d) out[((u64)i * heads + h) * d + dd] = acc[r][c] * inv;
         }
-        if (lane == 0) lse[(size_t)i * heads + h] = l[r] > 0.f ? m[r] + logf(l[r]) : -INF_F;
+        if (lane == 0) lse[(u64)i * heads + h] = l[r] > 0.f ? m[r] + logf(l[r]) : -INF_F;
     }
 }

@@ -34,9 +34,9 @@ pub mod report;
 mod stub;
 
 #[cfg(feature = "cuda")]
-pub use device::{CudaBackend, DeviceTensor, DeviceWeight, available};
+pub use device::{CudaBackend, DeviceTensor, DeviceWeight, available, compile_kernels};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{CudaBackend, DeviceTensor, DeviceWeight, available};
+pub use stub::{CudaBackend, DeviceTensor, DeviceWeight, available, compile_kernels};
 
 /// The CUDA C source of every kernel, compiled by NVRTC at start.
 pub const KERNELS: &str = include_str!("kernels.cu");

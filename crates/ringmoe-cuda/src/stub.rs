@@ -9,6 +9,10 @@ pub fn available() -> Result<()> {
     Err(CudaError::NotCompiled)
 }
 
+pub fn compile_kernels(_major: i32, _minor: i32) -> Result<Vec<String>> {
+    Err(CudaError::NotCompiled)
+}
+
 /// Cannot be constructed without the `cuda` feature.
 #[derive(Debug)]
 pub struct CudaBackend(());

@@ -24,6 +24,10 @@ pub struct GpuCheckArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// Only compile the kernels with NVRTC for this compute capability (e.g. `9.0`) and list
+    /// them: needs libnvrtc, not a GPU or a driver.
+    #[arg(long, value_name = "MAJOR.MINOR")]
+    compile_only: Option<String>,
 }
 
 fn shape(s: &str) -> Result<[usize; 4]> {
@@ -39,6 +43,18 @@ fn shape(s: &str) -> Result<[usize; 4]> {
 }
 
 pub fn run(a: GpuCheckArgs) -> Result<()> {
+    if let Some(cc) = &a.compile_only {
+        let (major, minor) = cc
+            .split_once('.')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .with_context(|| format!("--compile-only {cc}: want MAJOR.MINOR, e.g. 9.0"))?;
+        let kernels = ringmoe_cuda::compile_kernels(major, minor)?;
+        println!(
+            "compiled for compute_{major}{minor}: {}",
+            kernels.join(", ")
+        );
+        return Ok(());
+    }
     let shapes: Vec<[usize; 4]> = a
         .attention
         .iter()
