@@ -8,8 +8,8 @@
 //! A job's run: place the model's experts over the P live workers (the placement the workers
 //! hold already when it covers exactly them, else a new contiguous one with the next version),
 //! have every worker load and acknowledge it (published in the membership store and acknowledged
-//! in the workers' records; or by `LoadModel` when workers heartbeat here), bind each worker's data-plane port, stream each its
-//! zigzag shard, tell them their peers and start them; then follow rank 0's progress, collect the
+//! in the workers' records; or by `LoadModel` when workers heartbeat here), bind each worker's
+//! data-plane port, stream each its zigzag shard, tell them their peers and start them; then follow rank 0's progress, collect the
 //! results, persist them, and mark the job done. Every state transition is persisted before it is
 //! published. On restart, the store's running jobs come back queued and run again.
 

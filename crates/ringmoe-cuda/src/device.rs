@@ -291,16 +291,12 @@ impl CudaBackend {
     fn gemm_nt<X, W>(
         &self,
         (m, n, k): (usize, usize, usize),
-        x: &X,
+        x: &CudaSlice<X>,
         x_type: blas_sys::cudaDataType,
-        w: &W,
+        w: &CudaSlice<W>,
         w_type: blas_sys::cudaDataType,
         y: &mut CudaSlice<f32>,
-    ) -> Result<()>
-    where
-        X: DevicePtr<X::Elem> + HasElem,
-        W: DevicePtr<W::Elem> + HasElem,
-    {
+    ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -659,7 +655,7 @@ impl CudaBackend {
         let qp = self.stream.clone_htod(&to_i32(q_pos)?).map_err(driver)?;
         let kp = self
             .stream
-            .clone_htod(&to_i32(k_pos)?.max_len(1))
+            .clone_htod(&to_i32(if k_pos.is_empty() { &[0] } else { k_pos })?)
             .map_err(driver)?;
         let cfg = LaunchConfig {
             grid_dim: (
@@ -702,28 +698,5 @@ impl CudaBackend {
     /// The context, for code that shares it (NCCL on the same device).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
-    }
-}
-
-/// The element type behind a device buffer.
-pub trait HasElem {
-    type Elem;
-}
-
-impl<T> HasElem for CudaSlice<T> {
-    type Elem = T;
-}
-
-/// Pads an empty list to `n` zeros: the driver refuses zero-byte allocations.
-trait MaxLen {
-    fn max_len(self, n: usize) -> Self;
-}
-
-impl MaxLen for Vec<i32> {
-    fn max_len(mut self, n: usize) -> Self {
-        if self.len() < n {
-            self.resize(n, 0);
-        }
-        self
     }
 }
