@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the build or the tests need: procps for `kill -STOP` in the communicator's
 # fault tests, protobuf-compiler (protoc) for the gRPC code generated from proto/ (ours and
-# etcd-client's), etcd-server for the membership tests, which start their own etcd.
+# etcd-client's), etcd-server for the membership tests, which start their own etcd, and openssl
+# for the certificates of the TLS etcd test.
 APT_PACKAGES=(procps protobuf-compiler etcd-server openssl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
