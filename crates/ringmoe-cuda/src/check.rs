@@ -74,7 +74,7 @@ pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
     let wb = b.upload_bf16(&w)?;
     push(
         "matmul bf16→f32",
-        b.download(&b.matmul_nt_bf16(&dx, &wb)?)?.as_slice(),
+        b.download(&b.linear(&dx, &wb)?)?.as_slice(),
         &want,
         1e-2,
     );
@@ -102,7 +102,7 @@ pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
     }
     let dws: Vec<_> = ws.iter().map(|w| b.upload_bf16(w)).collect::<Result<_>>()?;
     let refs: Vec<_> = dws.iter().collect();
-    let got = b.grouped_matmul_nt_bf16(&b.upload(&xs)?, &rows, &refs)?;
+    let got = b.grouped_linear(&b.upload(&xs)?, &rows, &refs)?;
     push(
         "grouped expert GEMM bf16",
         b.download(&got)?.as_slice(),

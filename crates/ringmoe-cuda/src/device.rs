@@ -4,15 +4,15 @@ use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 use half::bf16;
 use ringmoe_core::rope::RopeTable;
 use ringmoe_core::{AttentionParams, Tensor};
 
-use crate::{CudaError, KERNELS, Result};
+use crate::{CudaError, KERNELS, Precision, Result};
 
 fn compile(major: i32, minor: i32) -> Result<Ptx> {
     let opts = CompileOptions {
@@ -90,6 +90,29 @@ impl DeviceTensor {
         &self.shape
     }
 
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The same data with another shape of the same element count.
+    pub fn reshape(self, shape: Vec<usize>) -> Result<Self> {
+        if shape.iter().product::<usize>() != self.len() {
+            return Err(invalid(
+                "reshape",
+                format!("{:?} cannot become {shape:?}", self.shape),
+            ));
+        }
+        Ok(Self {
+            data: self.data,
+            shape,
+        })
+    }
+
     fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
         match self.shape[..] {
             [a, b] => Ok((a, b)),
@@ -101,10 +124,17 @@ impl DeviceTensor {
     }
 }
 
-/// A bf16 weight matrix `[rows, cols]` in device memory, uploaded once.
+#[derive(Debug)]
+enum WeightData {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+/// A weight matrix `[rows, cols]` (HF's `[out, in]`) in device memory, uploaded once, in bf16
+/// (the serving precision) or f32 (the parity path).
 #[derive(Debug)]
 pub struct DeviceWeight {
-    data: CudaSlice<bf16>,
+    data: WeightData,
     rows: usize,
     cols: usize,
 }
@@ -113,6 +143,59 @@ impl DeviceWeight {
     pub fn shape(&self) -> [usize; 2] {
         [self.rows, self.cols]
     }
+
+    pub fn precision(&self) -> Precision {
+        match self.data {
+            WeightData::F32(_) => Precision::F32,
+            WeightData::Bf16(_) => Precision::Bf16,
+        }
+    }
+
+    /// Bytes of device memory it holds.
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * self.precision().bytes()
+    }
+}
+
+/// One layer's K/V cache in device memory, `[len, kv_heads · head_dim]` each, with the tokens'
+/// absolute positions (on the device for the kernel, on the host for the caller). Grows by
+/// doubling, so decoding appends in amortised O(1) copies.
+#[derive(Debug)]
+pub struct DeviceKv {
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    pos: CudaSlice<i32>,
+    positions: Vec<usize>,
+    width: usize,
+    cap: usize,
+}
+
+impl DeviceKv {
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    pub fn positions(&self) -> &[usize] {
+        &self.positions
+    }
+
+    /// Bytes of device memory it holds (capacity, not length).
+    pub fn bytes(&self) -> usize {
+        self.cap * (2 * self.width * 4 + 4)
+    }
+}
+
+/// A RoPE table in device memory, for one forward's positions (shared by q, k and every layer).
+#[derive(Debug)]
+pub struct DeviceRope {
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    half: usize,
+    positions: usize,
 }
 
 struct Kernels {
@@ -121,6 +204,15 @@ struct Kernels {
     rms_norm: CudaFunction,
     rope: CudaFunction,
     swiglu: CudaFunction,
+    gather_rows: CudaFunction,
+    gather_rows_bf16: CudaFunction,
+    add_inplace: CudaFunction,
+    add_bias: CudaFunction,
+    copy_cols: CudaFunction,
+    combine: CudaFunction,
+    add_gated: CudaFunction,
+    merge_attention: CudaFunction,
+    merge_lse: CudaFunction,
     router_topk: CudaFunction,
     attention: CudaFunction,
 }
@@ -153,6 +245,24 @@ fn grid(n: usize, block: u32) -> Result<LaunchConfig> {
     })
 }
 
+/// cudarc cannot allocate zero elements: an empty host slice uploads as one zero.
+fn nonempty(v: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+    if v.is_empty() {
+        std::borrow::Cow::Owned(vec![0.0])
+    } else {
+        std::borrow::Cow::Borrowed(v)
+    }
+}
+
+fn positions_i32(v: &[usize]) -> Result<Vec<i32>> {
+    v.iter().map(|&x| i32_of("attention position", x)).collect()
+}
+
+enum GatherSrc<'a> {
+    F32(&'a CudaSlice<f32>),
+    Bf16(&'a CudaSlice<bf16>),
+}
+
 fn i32_of(op: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| invalid(op, format!("{v} does not fit the kernel's 32-bit index")))
 }
@@ -174,6 +284,15 @@ impl CudaBackend {
             rms_norm: f("rms_norm")?,
             rope: f("rope")?,
             swiglu: f("swiglu")?,
+            gather_rows: f("gather_rows")?,
+            gather_rows_bf16: f("gather_rows_bf16")?,
+            add_inplace: f("add_inplace")?,
+            add_bias: f("add_bias")?,
+            copy_cols: f("copy_cols")?,
+            combine: f("combine")?,
+            add_gated: f("add_gated")?,
+            merge_attention: f("merge_attention")?,
+            merge_lse: f("merge_lse")?,
             router_topk: f("router_topk")?,
             attention: f("attention")?,
         };
@@ -220,11 +339,42 @@ impl CudaBackend {
     /// A `[rows, cols]` weight, converted to bf16 on the host (round to nearest even) and uploaded.
     pub fn upload_bf16(&self, t: &Tensor) -> Result<DeviceWeight> {
         let (rows, cols) = t.dims2("upload_bf16")?;
-        let h: Vec<bf16> = t.as_slice().iter().map(|&x| bf16::from_f32(x)).collect();
-        Ok(DeviceWeight {
-            data: self.stream.clone_htod(&h).map_err(driver)?,
-            rows,
-            cols,
+        self.upload_weight(t.as_slice(), rows, cols, Precision::Bf16)
+    }
+
+    /// A row-major `[rows, cols]` weight uploaded in `precision` (bf16: rounded to nearest even on
+    /// the host).
+    pub fn upload_weight(
+        &self,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        precision: Precision,
+    ) -> Result<DeviceWeight> {
+        if data.len() != rows * cols || data.is_empty() {
+            return Err(invalid(
+                "upload_weight",
+                format!("{} values for a [{rows}, {cols}] weight", data.len()),
+            ));
+        }
+        let data = match precision {
+            Precision::F32 => WeightData::F32(self.stream.clone_htod(data).map_err(driver)?),
+            Precision::Bf16 => {
+                let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                WeightData::Bf16(self.stream.clone_htod(&h).map_err(driver)?)
+            }
+        };
+        Ok(DeviceWeight { data, rows, cols })
+    }
+
+    /// A vector (norm weights, biases) uploaded in f32.
+    pub fn upload_vec(&self, v: &[f32]) -> Result<DeviceTensor> {
+        Ok(DeviceTensor {
+            data: self
+                .stream
+                .clone_htod(nonempty(v).as_ref())
+                .map_err(driver)?,
+            shape: vec![v.len()],
         })
     }
 
@@ -263,26 +413,40 @@ impl CudaBackend {
         Ok(y)
     }
 
-    /// `x · wᵀ` with bf16 inputs, f32 accumulation and f32 output (x is rounded to bf16 on the
-    /// device first).
-    pub fn matmul_nt_bf16(&self, x: &DeviceTensor, w: &DeviceWeight) -> Result<DeviceTensor> {
-        let (m, k) = x.dims2("matmul_nt_bf16")?;
+    /// `x · wᵀ` for a `[rows, k]` x (any leading shape whose last dimension is k) and a
+    /// `[n, k]` weight, f32 out. A bf16 weight takes bf16 inputs (x is rounded on the device
+    /// first) with f32 accumulation; an f32 weight is a plain f32 GEMM.
+    pub fn linear(&self, x: &DeviceTensor, w: &DeviceWeight) -> Result<DeviceTensor> {
+        let k = *x.shape.last().unwrap_or(&0);
+        let m = x.len().checked_div(k).unwrap_or(0);
         if k != w.cols {
             return Err(invalid(
-                "matmul_nt_bf16",
-                format!("x is [{m}, {k}] but w is [{}, {}]", w.rows, w.cols),
+                "linear",
+                format!("x is {:?} but w is [{}, {}]", x.shape, w.rows, w.cols),
             ));
         }
-        let xb = self.to_bf16(x)?;
         let mut y = self.zeros(vec![m, w.rows])?;
-        self.gemm_nt(
-            (m, w.rows, k),
-            &xb,
-            blas_sys::cudaDataType::CUDA_R_16BF,
-            &w.data,
-            blas_sys::cudaDataType::CUDA_R_16BF,
-            &mut y.data,
-        )?;
+        match &w.data {
+            WeightData::F32(wd) => self.gemm_nt(
+                (m, w.rows, k),
+                &x.data,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                wd,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                &mut y.data,
+            )?,
+            WeightData::Bf16(wd) => {
+                let xb = self.to_bf16(x)?;
+                self.gemm_nt(
+                    (m, w.rows, k),
+                    &xb,
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                    wd,
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                    &mut y.data,
+                )?
+            }
+        }
         Ok(y)
     }
 
@@ -337,19 +501,20 @@ impl CudaBackend {
 
     /// Every local expert's `x_e · w_eᵀ` in one grouped cuBLAS launch: `x` holds the rows routed
     /// to the experts back to back (`rows[e]` of them for expert `e`, the dispatch permutation's
-    /// layout), `w[e]` is expert `e`'s `[n, k]` weight. Returns `[Σ rows, n]` in the same order.
-    /// bf16 inputs and outputs with f32 accumulation (grouped GEMM takes one data type), the
-    /// output widened to f32 by a kernel.
-    pub fn grouped_matmul_nt_bf16(
+    /// layout), `w[e]` is expert `e`'s `[n, k]` weight. Returns `[Σ rows, n]` in the same order,
+    /// f32. Grouped GEMM takes one data type for inputs and output: bf16 weights run bf16 in and
+    /// out with f32 accumulation (the output widened to f32 by a kernel); f32 weights run in f32.
+    /// Needs cuBLAS 12.5 or later.
+    pub fn grouped_linear(
         &self,
         x: &DeviceTensor,
         rows: &[usize],
         w: &[&DeviceWeight],
     ) -> Result<DeviceTensor> {
-        let (total, k) = x.dims2("grouped_matmul_nt_bf16")?;
+        let (total, k) = x.dims2("grouped_linear")?;
         if rows.len() != w.len() || rows.iter().sum::<usize>() != total {
             return Err(invalid(
-                "grouped_matmul_nt_bf16",
+                "grouped_linear",
                 format!(
                     "{} row counts summing to {} for {} experts and {total} rows",
                     rows.len(),
@@ -359,109 +524,169 @@ impl CudaBackend {
             ));
         }
         let n = w.first().map_or(0, |w| w.rows);
-        if let Some(bad) = w.iter().find(|w| w.rows != n || w.cols != k) {
+        let precision = w.first().map_or(Precision::F32, |w| w.precision());
+        if let Some(bad) = w
+            .iter()
+            .find(|w| w.rows != n || w.cols != k || w.precision() != precision)
+        {
             return Err(invalid(
-                "grouped_matmul_nt_bf16",
+                "grouped_linear",
                 format!(
-                    "expert weights must all be [{n}, {k}]; one is {:?}",
-                    bad.shape()
+                    "expert weights must all be [{n}, {k}] {precision:?}; one is {:?} {:?}",
+                    bad.shape(),
+                    bad.precision()
                 ),
             ));
         }
-        let xb = self.to_bf16(x)?;
-        // SAFETY: written in full by the GEMMs below (every row belongs to one expert) before
-        // it is read.
-        let mut yb = unsafe { self.stream.alloc::<bf16>((total * n).max(1)) }.map_err(driver)?;
-        let live: Vec<usize> = (0..rows.len()).filter(|&e| rows[e] > 0).collect();
-        if !live.is_empty() && n > 0 {
-            let (xp, _gx) = xb.device_ptr(&self.stream);
-            let (yp, _gy) = yb.device_ptr_mut(&self.stream);
-            let elem = std::mem::size_of::<bf16>() as u64;
-            let mut a_ptrs = Vec::with_capacity(live.len());
-            let mut b_ptrs = Vec::with_capacity(live.len());
-            let mut c_ptrs = Vec::with_capacity(live.len());
-            let mut guards = Vec::with_capacity(live.len());
-            let mut offset = 0u64;
-            for (e, &r) in rows.iter().enumerate() {
-                if r > 0 {
-                    let (wp, g) = w[e].data.device_ptr(&self.stream);
-                    guards.push(g);
-                    a_ptrs.push(wp);
-                    b_ptrs.push(xp + offset * k as u64 * elem);
-                    c_ptrs.push(yp + offset * n as u64 * elem);
-                }
-                offset += r as u64;
-            }
-            // The pointer arrays live in device memory, as cuBLAS requires.
-            let a_dev = self.stream.clone_htod(&a_ptrs).map_err(driver)?;
-            let b_dev = self.stream.clone_htod(&b_ptrs).map_err(driver)?;
-            let c_dev = self.stream.clone_htod(&c_ptrs).map_err(driver)?;
-            let g = live.len();
-            let ni = i32_of("grouped gemm", n)?;
-            let ki = i32_of("grouped gemm", k)?;
-            let ms: Vec<i32> = vec![ni; g];
-            let ns: Vec<i32> = live
-                .iter()
-                .map(|&e| i32_of("grouped gemm", rows[e]))
-                .collect::<Result<_>>()?;
-            let ks = vec![ki; g];
-            let ta = vec![blas_sys::cublasOperation_t::CUBLAS_OP_T; g];
-            let tb = vec![blas_sys::cublasOperation_t::CUBLAS_OP_N; g];
-            let (alpha, beta) = (vec![1.0f32; g], vec![0.0f32; g]);
-            let sizes = vec![1i32; g];
-            let (ap, _ga) = a_dev.device_ptr(&self.stream);
-            let (bp, _gb) = b_dev.device_ptr(&self.stream);
-            let (cp, _gc) = c_dev.device_ptr(&self.stream);
-            let handle = *self.blas.handle();
-            // The dynamically loaded symbol is looked up on first use, and cudarc panics when
-            // it is missing (cuBLAS older than 12.5): turn that into an error.
-            let call = std::panic::catch_unwind(|| {
-                // SAFETY: g groups of one problem each; the host arrays have g entries; the
-                // device pointer arrays hold g pointers into live buffers sized for [n, k]
-                // weights, [rows[e], k] inputs and [rows[e], n] outputs; alpha/beta are f32 for
-                // CUBLAS_COMPUTE_32F; the guards keep every buffer alive and ordered.
-                unsafe {
-                    blas_sys::cublasGemmGroupedBatchedEx(
-                        handle,
-                        ta.as_ptr(),
-                        tb.as_ptr(),
-                        ms.as_ptr(),
-                        ns.as_ptr(),
-                        ks.as_ptr(),
-                        alpha.as_ptr() as *const _,
-                        ap as *const *const _,
-                        blas_sys::cudaDataType::CUDA_R_16BF,
-                        ks.as_ptr(),
-                        bp as *const *const _,
-                        blas_sys::cudaDataType::CUDA_R_16BF,
-                        ks.as_ptr(),
-                        beta.as_ptr() as *const _,
-                        cp as *const *mut _,
-                        blas_sys::cudaDataType::CUDA_R_16BF,
-                        ms.as_ptr(),
-                        g as i32,
-                        sizes.as_ptr(),
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    )
-                }
-            })
-            .map_err(|_| {
-                CudaError::Blas(
-                    "cublasGemmGroupedBatchedEx is missing: grouped GEMM needs cuBLAS 12.5+".into(),
-                )
-            })?;
-            call.result().map_err(blas)?;
-            drop(guards);
-        }
         let mut out = self.zeros(vec![total, n])?;
-        let count = (total * n) as u64;
-        if count > 0 {
-            let mut b = self.stream.launch_builder(&self.k.from_bf16);
-            b.arg(&yb).arg(&mut out.data).arg(&count);
-            // SAFETY: both buffers hold at least total·n elements.
-            unsafe { b.launch(grid(total * n, 256)?) }.map_err(driver)?;
+        if total == 0 || n == 0 {
+            return Ok(out);
+        }
+        match precision {
+            Precision::F32 => {
+                let ws: Vec<&CudaSlice<f32>> = w
+                    .iter()
+                    .filter_map(|w| match &w.data {
+                        WeightData::F32(d) => Some(d),
+                        WeightData::Bf16(_) => None,
+                    })
+                    .collect();
+                self.grouped_gemm_nt(
+                    &x.data,
+                    rows,
+                    (n, k),
+                    &ws,
+                    &mut out.data,
+                    blas_sys::cudaDataType::CUDA_R_32F,
+                )?;
+            }
+            Precision::Bf16 => {
+                let ws: Vec<&CudaSlice<bf16>> = w
+                    .iter()
+                    .filter_map(|w| match &w.data {
+                        WeightData::Bf16(d) => Some(d),
+                        WeightData::F32(_) => None,
+                    })
+                    .collect();
+                let xb = self.to_bf16(x)?;
+                // SAFETY: written in full by the GEMMs (every row belongs to one expert) before
+                // it is read.
+                let mut yb = unsafe { self.stream.alloc::<bf16>(total * n) }.map_err(driver)?;
+                self.grouped_gemm_nt(
+                    &xb,
+                    rows,
+                    (n, k),
+                    &ws,
+                    &mut yb,
+                    blas_sys::cudaDataType::CUDA_R_16BF,
+                )?;
+                let count = (total * n) as u64;
+                let mut b = self.stream.launch_builder(&self.k.from_bf16);
+                b.arg(&yb).arg(&mut out.data).arg(&count);
+                // SAFETY: both buffers hold total·n elements.
+                unsafe { b.launch(grid(total * n, 256)?) }.map_err(driver)?;
+            }
         }
         Ok(out)
+    }
+
+    /// The grouped launch behind [`Self::grouped_linear`]: one problem per expert with rows,
+    /// inputs, weights and outputs of one data type `ty`.
+    fn grouped_gemm_nt<T>(
+        &self,
+        x: &CudaSlice<T>,
+        rows: &[usize],
+        (n, k): (usize, usize),
+        w: &[&CudaSlice<T>],
+        y: &mut CudaSlice<T>,
+        ty: blas_sys::cudaDataType,
+    ) -> Result<()> {
+        if w.len() != rows.len() {
+            return Err(invalid("grouped gemm", "weights of mixed precision".into()));
+        }
+        let live: Vec<usize> = (0..rows.len()).filter(|&e| rows[e] > 0).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let (xp, _gx) = x.device_ptr(&self.stream);
+        let (yp, _gy) = y.device_ptr_mut(&self.stream);
+        let elem = std::mem::size_of::<T>() as u64;
+        let mut a_ptrs = Vec::with_capacity(live.len());
+        let mut b_ptrs = Vec::with_capacity(live.len());
+        let mut c_ptrs = Vec::with_capacity(live.len());
+        let mut guards = Vec::with_capacity(live.len());
+        let mut offset = 0u64;
+        for (e, &r) in rows.iter().enumerate() {
+            if r > 0 {
+                let (wp, g) = w[e].device_ptr(&self.stream);
+                guards.push(g);
+                a_ptrs.push(wp);
+                b_ptrs.push(xp + offset * k as u64 * elem);
+                c_ptrs.push(yp + offset * n as u64 * elem);
+            }
+            offset += r as u64;
+        }
+        // The pointer arrays live in device memory, as cuBLAS requires.
+        let a_dev = self.stream.clone_htod(&a_ptrs).map_err(driver)?;
+        let b_dev = self.stream.clone_htod(&b_ptrs).map_err(driver)?;
+        let c_dev = self.stream.clone_htod(&c_ptrs).map_err(driver)?;
+        let g = live.len();
+        let ni = i32_of("grouped gemm", n)?;
+        let ki = i32_of("grouped gemm", k)?;
+        let ms: Vec<i32> = vec![ni; g];
+        let ns: Vec<i32> = live
+            .iter()
+            .map(|&e| i32_of("grouped gemm", rows[e]))
+            .collect::<Result<_>>()?;
+        let ks = vec![ki; g];
+        let ta = vec![blas_sys::cublasOperation_t::CUBLAS_OP_T; g];
+        let tb = vec![blas_sys::cublasOperation_t::CUBLAS_OP_N; g];
+        let (alpha, beta) = (vec![1.0f32; g], vec![0.0f32; g]);
+        let sizes = vec![1i32; g];
+        let (ap, _ga) = a_dev.device_ptr(&self.stream);
+        let (bp, _gb) = b_dev.device_ptr(&self.stream);
+        let (cp, _gc) = c_dev.device_ptr(&self.stream);
+        let handle = *self.blas.handle();
+        // The dynamically loaded symbol is looked up on first use, and cudarc panics when it is
+        // missing (cuBLAS older than 12.5): turn that into an error.
+        let call = std::panic::catch_unwind(|| {
+            // SAFETY: g groups of one problem each; the host arrays have g entries; the device
+            // pointer arrays hold g pointers into live buffers of type `ty` sized for [n, k]
+            // weights, [rows[e], k] inputs and [rows[e], n] outputs; alpha/beta are f32 for
+            // CUBLAS_COMPUTE_32F; the guards keep every buffer alive and ordered.
+            unsafe {
+                blas_sys::cublasGemmGroupedBatchedEx(
+                    handle,
+                    ta.as_ptr(),
+                    tb.as_ptr(),
+                    ms.as_ptr(),
+                    ns.as_ptr(),
+                    ks.as_ptr(),
+                    alpha.as_ptr() as *const _,
+                    ap as *const *const _,
+                    ty,
+                    ks.as_ptr(),
+                    bp as *const *const _,
+                    ty,
+                    ks.as_ptr(),
+                    beta.as_ptr() as *const _,
+                    cp as *const *mut _,
+                    ty,
+                    ms.as_ptr(),
+                    g as i32,
+                    sizes.as_ptr(),
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                )
+            }
+        })
+        .map_err(|_| {
+            CudaError::Blas(
+                "cublasGemmGroupedBatchedEx is missing: grouped GEMM needs cuBLAS 12.5+".into(),
+            )
+        })?;
+        call.result().map_err(blas)?;
+        drop(guards);
+        Ok(())
     }
 
     /// `w ⊙ x / sqrt(mean(x²) + eps)` over the last dimension.
@@ -502,6 +727,22 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// Uploads a RoPE table (one forward's positions).
+    pub fn rope_table(&self, table: &RopeTable) -> Result<DeviceRope> {
+        Ok(DeviceRope {
+            cos: self
+                .stream
+                .clone_htod(nonempty(&table.cos).as_ref())
+                .map_err(driver)?,
+            sin: self
+                .stream
+                .clone_htod(nonempty(&table.sin).as_ref())
+                .map_err(driver)?,
+            half: table.half,
+            positions: table.positions,
+        })
+    }
+
     /// Rotate-half RoPE in place on `x` `[tokens, heads, head_dim]` with the CPU's table.
     pub fn rope(
         &self,
@@ -510,14 +751,26 @@ impl CudaBackend {
         head_dim: usize,
         table: &RopeTable,
     ) -> Result<()> {
+        let t = self.rope_table(table)?;
+        self.rope_with(x, heads, head_dim, &t)
+    }
+
+    /// Rotate-half RoPE in place on `x` `[tokens, heads, head_dim]` with an uploaded table.
+    pub fn rope_with(
+        &self,
+        x: &mut DeviceTensor,
+        heads: usize,
+        head_dim: usize,
+        table: &DeviceRope,
+    ) -> Result<()> {
         let half = table.half;
         let tokens = table.positions;
-        if 2 * half > head_dim || x.data.len() != tokens * heads * head_dim {
+        if 2 * half > head_dim || x.len() != tokens * heads * head_dim {
             return Err(invalid(
                 "rope",
                 format!(
                     "x has {} elements for {tokens} tokens × {heads} heads × {head_dim}, rotary dim {}",
-                    x.data.len(),
+                    x.len(),
                     2 * half
                 ),
             ));
@@ -525,8 +778,6 @@ impl CudaBackend {
         if tokens * heads * half == 0 {
             return Ok(());
         }
-        let cs = self.stream.clone_htod(&table.cos).map_err(driver)?;
-        let sn = self.stream.clone_htod(&table.sin).map_err(driver)?;
         let (t, h, d, hf) = (
             i32_of("rope", tokens)?,
             i32_of("rope", heads)?,
@@ -535,8 +786,8 @@ impl CudaBackend {
         );
         let mut b = self.stream.launch_builder(&self.k.rope);
         b.arg(&mut x.data)
-            .arg(&cs)
-            .arg(&sn)
+            .arg(&table.cos)
+            .arg(&table.sin)
             .arg(&t)
             .arg(&h)
             .arg(&d)
@@ -544,6 +795,354 @@ impl CudaBackend {
         // SAFETY: one thread per (token, head, pair) < tokens·heads·half; x holds
         // tokens·heads·head_dim elements and cos/sin tokens·half (checked above).
         unsafe { b.launch(grid(tokens * heads * half, 256)?) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// Rows `table[idx[r]]` of a `[n, cols]` f32 tensor → `[idx.len(), cols]` (the MoE
+    /// dispatch permutation). Indices are checked on the host.
+    pub fn gather_rows(&self, table: &DeviceTensor, idx: &[usize]) -> Result<DeviceTensor> {
+        let (n, cols) = table.dims2("gather_rows")?;
+        self.gather(&GatherSrc::F32(&table.data), n, cols, idx)
+    }
+
+    /// [`Self::gather_rows`] from a weight matrix in either precision, widened to f32
+    /// (embedding lookups).
+    pub fn gather_weight_rows(&self, w: &DeviceWeight, idx: &[usize]) -> Result<DeviceTensor> {
+        let src = match &w.data {
+            WeightData::F32(d) => GatherSrc::F32(d),
+            WeightData::Bf16(d) => GatherSrc::Bf16(d),
+        };
+        self.gather(&src, w.rows, w.cols, idx)
+    }
+
+    fn gather(
+        &self,
+        src: &GatherSrc<'_>,
+        n: usize,
+        cols: usize,
+        idx: &[usize],
+    ) -> Result<DeviceTensor> {
+        if let Some(&bad) = idx.iter().find(|&&i| i >= n) {
+            return Err(invalid(
+                "gather_rows",
+                format!("row {bad} of a table with {n} rows"),
+            ));
+        }
+        let rows = idx.len();
+        let mut y = self.zeros(vec![rows, cols])?;
+        if rows * cols == 0 {
+            return Ok(y);
+        }
+        let ids: Vec<i32> = idx
+            .iter()
+            .map(|&i| i32_of("gather_rows", i))
+            .collect::<Result<_>>()?;
+        let ids = self.stream.clone_htod(&ids).map_err(driver)?;
+        let (r, c) = (i32_of("gather_rows", rows)?, i32_of("gather_rows", cols)?);
+        let cfg = grid(rows * cols, 256)?;
+        match src {
+            GatherSrc::F32(t) => {
+                let mut b = self.stream.launch_builder(&self.k.gather_rows);
+                b.arg(*t).arg(&ids).arg(&mut y.data).arg(&r).arg(&c);
+                // SAFETY: one thread per output element; every index is < n (checked), the table
+                // holds n·cols elements and y rows·cols.
+                unsafe { b.launch(cfg) }.map_err(driver)?;
+            }
+            GatherSrc::Bf16(t) => {
+                let mut b = self.stream.launch_builder(&self.k.gather_rows_bf16);
+                b.arg(*t).arg(&ids).arg(&mut y.data).arg(&r).arg(&c);
+                // SAFETY: as above, for a bf16 table.
+                unsafe { b.launch(cfg) }.map_err(driver)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// `x += y` (same element count).
+    pub fn add_inplace(&self, x: &mut DeviceTensor, y: &DeviceTensor) -> Result<()> {
+        let n = x.len();
+        if y.len() != n {
+            return Err(invalid(
+                "add_inplace",
+                format!("{:?} += {:?}", x.shape, y.shape),
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let mut b = self.stream.launch_builder(&self.k.add_inplace);
+        b.arg(&mut x.data).arg(&y.data).arg(&n64);
+        // SAFETY: one thread per element of two buffers of n elements.
+        unsafe { b.launch(grid(n, 256)?) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `y[r, :] += bias` for a `[rows, cols]` y.
+    pub fn add_bias(&self, y: &mut DeviceTensor, bias: &DeviceTensor) -> Result<()> {
+        let (rows, cols) = y.dims2("add_bias")?;
+        if bias.len() != cols {
+            return Err(invalid(
+                "add_bias",
+                format!("bias of {} for rows of {cols}", bias.len()),
+            ));
+        }
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let (r, c) = (i32_of("add_bias", rows)?, i32_of("add_bias", cols)?);
+        let mut b = self.stream.launch_builder(&self.k.add_bias);
+        b.arg(&mut y.data).arg(&bias.data).arg(&r).arg(&c);
+        // SAFETY: one thread per element of y (rows·cols); bias holds cols.
+        unsafe { b.launch(grid(rows * cols, 256)?) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// Columns `off..off + width` of every row of a `[rows, cols]` x → `[rows, width]`.
+    pub fn columns(&self, x: &DeviceTensor, off: usize, width: usize) -> Result<DeviceTensor> {
+        let (rows, cols) = x.dims2("columns")?;
+        if off + width > cols {
+            return Err(invalid(
+                "columns",
+                format!("columns {off}..{} of {cols}", off + width),
+            ));
+        }
+        let mut y = self.zeros(vec![rows, width])?;
+        if rows * width == 0 {
+            return Ok(y);
+        }
+        let (r, c, o, w) = (
+            i32_of("columns", rows)?,
+            i32_of("columns", cols)?,
+            i32_of("columns", off)?,
+            i32_of("columns", width)?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.copy_cols);
+        b.arg(&x.data)
+            .arg(&r)
+            .arg(&c)
+            .arg(&o)
+            .arg(&w)
+            .arg(&mut y.data);
+        // SAFETY: one thread per output element; reads stay within rows·cols (off + width ≤ cols).
+        unsafe { b.launch(grid(rows * width, 256)?) }.map_err(driver)?;
+        Ok(y)
+    }
+
+    /// Rows `start..end` of a `[rows, cols]` x, copied.
+    pub fn rows(&self, x: &DeviceTensor, start: usize, end: usize) -> Result<DeviceTensor> {
+        let (rows, cols) = x.dims2("rows")?;
+        if start > end || end > rows {
+            return Err(invalid("rows", format!("rows {start}..{end} of {rows}")));
+        }
+        let mut y = self.zeros(vec![end - start, cols])?;
+        if end > start && cols > 0 {
+            self.stream
+                .memcpy_dtod(
+                    &x.data.slice(start * cols..end * cols),
+                    &mut y.data.slice_mut(..(end - start) * cols),
+                )
+                .map_err(driver)?;
+        }
+        Ok(y)
+    }
+
+    /// MoE combine: `out[t] = Σ_j weight[t, j] · y[row[t, j]]` over `[tokens, k]` slots, added in
+    /// the order given (`None` = a dropped slot), for expert outputs `y` `[rows, hidden]`.
+    pub fn combine(
+        &self,
+        y: &DeviceTensor,
+        row: &[Option<usize>],
+        weight: &[f32],
+        k: usize,
+    ) -> Result<DeviceTensor> {
+        let (rows, hidden) = y.dims2("combine")?;
+        if k == 0 || row.len() != weight.len() || row.len() % k != 0 {
+            return Err(invalid(
+                "combine",
+                format!(
+                    "{} rows and {} weights for top-{k}",
+                    row.len(),
+                    weight.len()
+                ),
+            ));
+        }
+        let tokens = row.len() / k;
+        let ids: Vec<i32> = row
+            .iter()
+            .map(|r| match r {
+                Some(r) if *r < rows => i32_of("combine", *r),
+                Some(r) => Err(invalid(
+                    "combine",
+                    format!("slot row {r} of {rows} expert output rows"),
+                )),
+                None => Ok(-1),
+            })
+            .collect::<Result<_>>()?;
+        let mut out = self.zeros(vec![tokens, hidden])?;
+        if tokens * hidden == 0 {
+            return Ok(out);
+        }
+        let ids = self.stream.clone_htod(&ids).map_err(driver)?;
+        let ws = self.stream.clone_htod(weight).map_err(driver)?;
+        let (t, kk, h) = (
+            i32_of("combine", tokens)?,
+            i32_of("combine", k)?,
+            i32_of("combine", hidden)?,
+        );
+        let mut b = self.stream.launch_builder(&self.k.combine);
+        b.arg(&y.data)
+            .arg(&ids)
+            .arg(&ws)
+            .arg(&mut out.data)
+            .arg(&t)
+            .arg(&kk)
+            .arg(&h);
+        // SAFETY: one thread per output element (tokens·hidden); every row index is < rows or
+        // -1 (checked), y holds rows·hidden, ids and ws tokens·k.
+        unsafe { b.launch(grid(tokens * hidden, 256)?) }.map_err(driver)?;
+        Ok(out)
+    }
+
+    /// `y[r] += sigmoid(gate[r]) · s[r]` for `[rows, cols]` y and s and a `[rows, 1]` gate.
+    pub fn add_gated(
+        &self,
+        y: &mut DeviceTensor,
+        s: &DeviceTensor,
+        gate: &DeviceTensor,
+    ) -> Result<()> {
+        let (rows, cols) = y.dims2("add_gated")?;
+        if s.len() != rows * cols || gate.len() != rows {
+            return Err(invalid(
+                "add_gated",
+                format!("y {:?}, s {:?}, gate {:?}", y.shape, s.shape, gate.shape),
+            ));
+        }
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let (r, c) = (i32_of("add_gated", rows)?, i32_of("add_gated", cols)?);
+        let mut b = self.stream.launch_builder(&self.k.add_gated);
+        b.arg(&mut y.data)
+            .arg(&s.data)
+            .arg(&gate.data)
+            .arg(&r)
+            .arg(&c);
+        // SAFETY: one thread per element of y; s holds as many, gate one per row.
+        unsafe { b.launch(grid(rows * cols, 256)?) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// Exact merge of a partial attention `(o2, l2)` into `(out, lse)` (the same queries over
+    /// disjoint keys), as `ringmoe_core::merge_into`: the ring attention step.
+    pub fn merge_attention(
+        &self,
+        out: &mut DeviceTensor,
+        lse: &mut DeviceTensor,
+        o2: &DeviceTensor,
+        l2: &DeviceTensor,
+    ) -> Result<()> {
+        let rows = lse.len();
+        if l2.len() != rows || o2.len() != out.len() || (rows > 0 && out.len() % rows != 0) {
+            return Err(invalid(
+                "merge_attention",
+                format!(
+                    "out {:?} lse {:?} with o2 {:?} l2 {:?}",
+                    out.shape, lse.shape, o2.shape, l2.shape
+                ),
+            ));
+        }
+        if rows == 0 || out.is_empty() {
+            return Ok(());
+        }
+        let d = out.len() / rows;
+        let (r, di) = (i32_of("merge", rows)?, i32_of("merge", d)?);
+        let mut b = self.stream.launch_builder(&self.k.merge_attention);
+        b.arg(&mut out.data)
+            .arg(&lse.data)
+            .arg(&o2.data)
+            .arg(&l2.data)
+            .arg(&r)
+            .arg(&di);
+        // SAFETY: one thread per element of out (rows·d); lse and l2 hold rows values.
+        unsafe { b.launch(grid(rows * d, 256)?) }.map_err(driver)?;
+        let mut b = self.stream.launch_builder(&self.k.merge_lse);
+        b.arg(&mut lse.data).arg(&l2.data).arg(&r);
+        // SAFETY: one thread per row; ordered on the stream after the output merge, which read
+        // the old lse.
+        unsafe { b.launch(grid(rows, 256)?) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// An empty K/V cache for rows of `width` (= kv_heads · head_dim).
+    pub fn new_kv(&self, width: usize) -> Result<DeviceKv> {
+        Ok(DeviceKv {
+            k: self.stream.alloc_zeros::<f32>(1).map_err(driver)?,
+            v: self.stream.alloc_zeros::<f32>(1).map_err(driver)?,
+            pos: self.stream.alloc_zeros::<i32>(1).map_err(driver)?,
+            positions: Vec::new(),
+            width,
+            cap: 0,
+        })
+    }
+
+    /// Appends new tokens' K/V (`positions.len()` rows of the cache's width, any leading shape).
+    pub fn kv_append(
+        &self,
+        kv: &mut DeviceKv,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        positions: &[usize],
+    ) -> Result<()> {
+        let n = positions.len();
+        if k.len() != n * kv.width || v.len() != n * kv.width {
+            return Err(invalid(
+                "kv_append",
+                format!(
+                    "k {:?} and v {:?} for {n} positions of width {}",
+                    k.shape, v.shape, kv.width
+                ),
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let pos = positions_i32(positions)?;
+        let (len, w) = (kv.len(), kv.width);
+        if len + n > kv.cap {
+            let cap = (len + n).max(2 * kv.cap).max(256);
+            let mut k2 = self.stream.alloc_zeros::<f32>(cap * w).map_err(driver)?;
+            let mut v2 = self.stream.alloc_zeros::<f32>(cap * w).map_err(driver)?;
+            let mut p2 = self.stream.alloc_zeros::<i32>(cap).map_err(driver)?;
+            if len > 0 {
+                self.stream
+                    .memcpy_dtod(&kv.k.slice(..len * w), &mut k2.slice_mut(..len * w))
+                    .map_err(driver)?;
+                self.stream
+                    .memcpy_dtod(&kv.v.slice(..len * w), &mut v2.slice_mut(..len * w))
+                    .map_err(driver)?;
+                self.stream
+                    .memcpy_dtod(&kv.pos.slice(..len), &mut p2.slice_mut(..len))
+                    .map_err(driver)?;
+            }
+            (kv.k, kv.v, kv.pos, kv.cap) = (k2, v2, p2, cap);
+        }
+        self.stream
+            .memcpy_dtod(
+                &k.data.slice(..n * w),
+                &mut kv.k.slice_mut(len * w..(len + n) * w),
+            )
+            .map_err(driver)?;
+        self.stream
+            .memcpy_dtod(
+                &v.data.slice(..n * w),
+                &mut kv.v.slice_mut(len * w..(len + n) * w),
+            )
+            .map_err(driver)?;
+        self.stream
+            .memcpy_htod(&pos, &mut kv.pos.slice_mut(len..len + n))
+            .map_err(driver)?;
+        kv.positions.extend_from_slice(positions);
         Ok(())
     }
 
@@ -619,29 +1218,81 @@ impl CudaBackend {
         v: &DeviceTensor,
         k_pos: &[usize],
     ) -> Result<(DeviceTensor, DeviceTensor)> {
-        let (lq, lk, h, hkv, d) = (
-            q_pos.len(),
+        let width = p.n_kv_heads * p.head_dim;
+        if k.len() != k_pos.len() * width || v.len() != k.len() {
+            return Err(invalid(
+                "attention",
+                format!(
+                    "k {:?} and v {:?} for {} positions",
+                    k.shape,
+                    v.shape,
+                    k_pos.len()
+                ),
+            ));
+        }
+        let kp = self
+            .stream
+            .clone_htod(&positions_i32(if k_pos.is_empty() { &[0] } else { k_pos })?)
+            .map_err(driver)?;
+        self.attention_views(
+            p,
+            q,
+            q_pos,
+            (&k.data.slice(..), &v.data.slice(..), &kp.slice(..)),
             k_pos.len(),
-            p.n_heads,
-            p.n_kv_heads,
-            p.head_dim,
-        );
+        )
+    }
+
+    /// [`Self::attention`] of `q` over everything in a K/V cache.
+    pub fn attention_cached(
+        &self,
+        p: &AttentionParams,
+        q: &DeviceTensor,
+        q_pos: &[usize],
+        kv: &DeviceKv,
+    ) -> Result<(DeviceTensor, DeviceTensor)> {
+        if kv.width != p.n_kv_heads * p.head_dim {
+            return Err(invalid(
+                "attention",
+                format!(
+                    "cache rows of {} for {} kv heads of dim {}",
+                    kv.width, p.n_kv_heads, p.head_dim
+                ),
+            ));
+        }
+        self.attention_views(
+            p,
+            q,
+            q_pos,
+            (&kv.k.slice(..), &kv.v.slice(..), &kv.pos.slice(..)),
+            kv.len(),
+        )
+    }
+
+    /// The launch behind both: `lk` keys at the start of the views (which may be longer).
+    fn attention_views(
+        &self,
+        p: &AttentionParams,
+        q: &DeviceTensor,
+        q_pos: &[usize],
+        (k, v, kp): (&CudaView<'_, f32>, &CudaView<'_, f32>, &CudaView<'_, i32>),
+        lk: usize,
+    ) -> Result<(DeviceTensor, DeviceTensor)> {
+        let (lq, h, hkv, d) = (q_pos.len(), p.n_heads, p.n_kv_heads, p.head_dim);
         if d == 0 || d > 128 || hkv == 0 || h % hkv != 0 {
             return Err(invalid(
                 "attention",
                 format!("{h} heads over {hkv} kv heads of dim {d} (the kernel takes dim ≤ 128)"),
             ));
         }
-        if q.data.len() != lq * h * d
-            || k.data.len() != lk * hkv * d
-            || v.data.len() != k.data.len()
+        if q.len() != lq * h * d
+            || k.len() < lk * hkv * d
+            || v.len() < lk * hkv * d
+            || kp.len() < lk
         {
             return Err(invalid(
                 "attention",
-                format!(
-                    "q {:?} for {lq} positions, k {:?} and v {:?} for {lk}",
-                    q.shape, k.shape, v.shape
-                ),
+                format!("q {:?} for {lq} positions over {lk} keys", q.shape),
             ));
         }
         let mut out = self.zeros(vec![lq, h, d])?;
@@ -649,13 +1300,9 @@ impl CudaBackend {
         if lq == 0 {
             return Ok((out, lse));
         }
-        let to_i32 = |v: &[usize]| -> Result<Vec<i32>> {
-            v.iter().map(|&x| i32_of("attention position", x)).collect()
-        };
-        let qp = self.stream.clone_htod(&to_i32(q_pos)?).map_err(driver)?;
-        let kp = self
+        let qp = self
             .stream
-            .clone_htod(&to_i32(if k_pos.is_empty() { &[0] } else { k_pos })?)
+            .clone_htod(&positions_i32(q_pos)?)
             .map_err(driver)?;
         let cfg = LaunchConfig {
             grid_dim: (
@@ -677,9 +1324,9 @@ impl CudaBackend {
         let mut b = self.stream.launch_builder(&self.k.attention);
         b.arg(&q.data)
             .arg(&qp)
-            .arg(&k.data)
-            .arg(&v.data)
-            .arg(&kp)
+            .arg(k)
+            .arg(v)
+            .arg(kp)
             .arg(&mut out.data)
             .arg(&mut lse.data)
             .arg(&lqi)
@@ -690,7 +1337,8 @@ impl CudaBackend {
             .arg(&p.scale)
             .arg(&causal);
         // SAFETY: grid (ceil(Lq/16), heads) × 128 threads, the layout the kernel assumes; every
-        // buffer holds the element counts checked above; head_dim ≤ 128 fits its shared tiles.
+        // buffer holds at least the element counts checked above (the kernel reads lk keys);
+        // head_dim ≤ 128 fits its shared tiles.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok((out, lse))
     }

@@ -90,6 +90,96 @@ extern "C" __global__ void swiglu(const float* gu, float* y, int rows, int inter
     y[idx] = g / (1.0f + expf(-g)) * u;
 }
 
+// y[r, :] = table[idx[r], :] for an f32 table: embedding lookups and the MoE dispatch
+// permutation (grouped row r takes its token's hidden state).
+extern "C" __global__ void gather_rows(const float* table, const int* idx, float* y, int rows,
+                                       int cols) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * cols) return;
+    int r = (int)(i / cols), c = (int)(i % cols);
+    y[i] = table[(u64)idx[r] * cols + c];
+}
+
+// gather_rows from a bf16 table, widened to f32.
+extern "C" __global__ void gather_rows_bf16(const unsigned short* table, const int* idx, float* y,
+                                            int rows, int cols) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * cols) return;
+    int r = (int)(i / cols), c = (int)(i % cols);
+    y[i] = bf16_to_f32(table[(u64)idx[r] * cols + c]);
+}
+
+// x += y elementwise (residual connections).
+extern "C" __global__ void add_inplace(float* x, const float* y, u64 n) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// y[r, c] += b[c].
+extern "C" __global__ void add_bias(float* y, const float* b, int rows, int cols) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (i < (u64)rows * cols) y[i] += b[i % cols];
+}
+
+// dst[r, 0..w] = src[r, off..off + w] with src rows of `width`: splitting fused projections.
+extern "C" __global__ void copy_cols(const float* src, int rows, int width, int off, int w,
+                                     float* dst) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * w) return;
+    int r = (int)(i / w), c = (int)(i % w);
+    dst[i] = src[(u64)r * width + off + c];
+}
+
+// MoE combine: out[t, c] = sum over j of weight[t, j] * y[row[t, j], c], the j in the order
+// given (the host sorts each token's slots by expert id, transformers' order); row < 0 is a
+// dropped slot.
+extern "C" __global__ void combine(const float* y, const int* row, const float* weight,
+                                   float* out, int tokens, int k, int cols) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (i >= (u64)tokens * cols) return;
+    int t = (int)(i / cols), c = (int)(i % cols);
+    float acc = 0.f;
+    for (int j = 0; j < k; j++) {
+        int r = row[(u64)t * k + j];
+        if (r >= 0) acc += y[(u64)r * cols + c] * weight[(u64)t * k + j];
+    }
+    out[i] = acc;
+}
+
+// Qwen2-MoE's shared expert: y[r, c] += sigmoid(g[r]) * s[r, c].
+extern "C" __global__ void add_gated(float* y, const float* s, const float* g, int rows,
+                                     int cols) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * cols) return;
+    float gv = 1.0f / (1.0f + expf(-g[i / cols]));
+    y[i] += gv * s[i];
+}
+
+// Exact merge of two partial attentions over disjoint key sets, in place in (out, lse):
+// rows = tokens x heads, each of d values. As ringmoe-core's merge_into.
+extern "C" __global__ void merge_attention(float* out, float* lse, const float* o2,
+                                           const float* l2, int rows, int d) {
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * d) return;
+    u64 r = i / d;
+    float la = lse[r], lb = l2[r];
+    float m = fmaxf(la, lb);
+    if (m == -INF_F) return;
+    float wa = expf(la - m), wb = expf(lb - m);
+    float inv = 1.0f / (wa + wb);
+    out[i] = wa * inv * out[i] + wb * inv * o2[i];
+}
+
+// The lse half of merge_attention, run after it (one thread per row).
+extern "C" __global__ void merge_lse(float* lse, const float* l2, int rows) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float la = lse[r], lb = l2[r];
+    float m = fmaxf(la, lb);
+    if (m == -INF_F) return;
+    lse[r] = m + log1pf(expf(-fabsf(la - lb)));
+}
+
 // Router: softmax over experts, then the k largest (ties to the lower id), optionally
 // renormalised to sum to one. One thread per row (experts <= a few hundred).
 extern "C" __global__ void router_topk(const float* logits, int rows, int experts, int k,

@@ -29,14 +29,58 @@ pub mod check;
 pub use stub::check;
 #[cfg(feature = "cuda")]
 mod device;
+#[cfg(feature = "cuda")]
+mod model;
 pub mod report;
 #[cfg(not(feature = "cuda"))]
 mod stub;
 
 #[cfg(feature = "cuda")]
-pub use device::{CudaBackend, DeviceTensor, DeviceWeight, available, compile_kernels};
+pub use device::{
+    CudaBackend, DeviceKv, DeviceRope, DeviceTensor, DeviceWeight, available, compile_kernels,
+};
+#[cfg(feature = "cuda")]
+pub use model::{CudaKvCache, CudaModel};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{CudaBackend, DeviceTensor, DeviceWeight, available, compile_kernels};
+pub use stub::{
+    CudaBackend, CudaKvCache, CudaModel, DeviceTensor, DeviceWeight, available, compile_kernels,
+};
+
+/// The precision of the large weight matrices on the device (projections, experts, embedding,
+/// lm_head). Norms, biases and the router stay f32 either way, and every GEMM accumulates in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Serving: half the memory and tensor-core GEMMs; logits within ~1e-2 of the f32 reference.
+    #[default]
+    Bf16,
+    /// The parity path: f32 weights and f32 cuBLAS GEMMs (no TF32), logits within 1e-3.
+    F32,
+}
+
+impl Precision {
+    /// Bytes per weight element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::Bf16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = CudaError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bf16" => Ok(Self::Bf16),
+            "f32" => Ok(Self::F32),
+            other => Err(CudaError::Invalid {
+                op: "precision",
+                msg: format!("{other:?} is not bf16 or f32"),
+            }),
+        }
+    }
+}
 
 /// The CUDA C source of every kernel, compiled by NVRTC at start.
 pub const KERNELS: &str = include_str!("kernels.cu");
@@ -63,6 +107,9 @@ pub enum CudaError {
 
     #[error(transparent)]
     Core(#[from] ringmoe_core::Error),
+
+    #[error(transparent)]
+    Model(#[from] ringmoe_model::Error),
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;

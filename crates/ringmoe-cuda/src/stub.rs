@@ -23,6 +23,24 @@ pub struct DeviceTensor(());
 #[derive(Debug)]
 pub struct DeviceWeight(());
 
+#[derive(Debug)]
+pub struct CudaKvCache(());
+
+/// Cannot be constructed without the `cuda` feature.
+#[derive(Debug)]
+pub struct CudaModel(());
+
+impl CudaModel {
+    pub fn load(
+        _b: std::sync::Arc<CudaBackend>,
+        _dir: &std::path::Path,
+        _experts: &ringmoe_model::ExpertSelection,
+        _precision: crate::Precision,
+    ) -> Result<Self> {
+        Err(CudaError::NotCompiled)
+    }
+}
+
 impl CudaBackend {
     pub fn new(_ordinal: usize) -> Result<Self> {
         Err(CudaError::NotCompiled)

@@ -89,24 +89,17 @@ impl Model {
         opts: &LoadOptions,
     ) -> Result<Self> {
         opts.device.ensure_available()?;
-        let w = WeightLoader { ckpt, cfg: &cfg };
-        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = w.matrix("model.embed_tokens.weight", v, h)?;
-        let lm_head = if ckpt.contains("lm_head.weight") || !cfg.tie_word_embeddings {
-            w.matrix("lm_head.weight", v, h)?
-        } else {
-            embed.clone()
-        };
-        let layers = (0..cfg.num_layers)
-            .map(|l| arch::load_layer(&w, l, &opts.experts))
-            .collect::<Result<_>>()?;
-        let norm = w.vector("model.norm.weight", h)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        let g = load_parts(&cfg, ckpt, &opts.experts, |_, layer| {
+            layers.push(layer);
+            Ok(())
+        })?;
         Ok(Self {
             config: cfg,
-            embed,
+            embed: g.embed,
             layers,
-            norm,
-            lm_head,
+            norm: g.norm,
+            lm_head: g.lm_head,
         })
     }
 
@@ -248,6 +241,44 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// The weights outside the decoder layers, `[vocab, hidden]` tables and the final norm.
+#[derive(Debug, Clone)]
+pub struct ModelGlobals {
+    pub embed: Vec<f32>,
+    pub norm: Vec<f32>,
+    /// A copy of `embed` when the checkpoint ties them.
+    pub lm_head: Vec<f32>,
+}
+
+/// Reads a checkpoint's weights one decoder layer at a time: `layer(l, weights)` is called for
+/// every layer in order (holding only the experts `experts` selects), then the embedding, final
+/// norm and lm_head are returned. Another backend's loader (the CUDA model uploads each layer and
+/// drops it) never holds more than one layer on the host.
+pub fn load_parts(
+    cfg: &ModelConfig,
+    ckpt: &dyn TensorSource,
+    experts: &ExpertSelection,
+    mut layer: impl FnMut(usize, DecoderLayer) -> Result<()>,
+) -> Result<ModelGlobals> {
+    let w = WeightLoader { ckpt, cfg };
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    // The embedding first: a checkpoint whose config does not match is named by its first tensor.
+    let embed = w.matrix("model.embed_tokens.weight", v, h)?;
+    let lm_head = if ckpt.contains("lm_head.weight") || !cfg.tie_word_embeddings {
+        w.matrix("lm_head.weight", v, h)?
+    } else {
+        embed.clone()
+    };
+    for l in 0..cfg.num_layers {
+        layer(l, arch::load_layer(&w, l, experts)?)?;
+    }
+    Ok(ModelGlobals {
+        embed,
+        norm: w.vector("model.norm.weight", h)?,
+        lm_head,
+    })
 }
 
 /// `−log softmax(row)[target]`, computed in f64.

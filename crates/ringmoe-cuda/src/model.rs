@@ -1,0 +1,548 @@
+//! The model's forward pass on one GPU: the layers of a Hugging Face checkpoint uploaded once
+//! (large matrices in the chosen [`Precision`], norms, biases and the router in f32), hidden
+//! states and the K/V cache in device memory, every operation a cuBLAS GEMM or a kernel of
+//! `kernels.cu`. The host only routes: router top-k comes back (the grouped GEMM needs each
+//! expert's row count on the host anyway), `ringmoe_model::moe::plan` groups the slots, and the
+//! permutation goes back up for the gather and the combine.
+//!
+//! It mirrors `ringmoe_model::Model` step by step, which is the reference `gpu-check` compares it
+//! with; the weights come from the same loader ([`ringmoe_model::load_parts`]), one layer at a
+//! time, holding only the experts an [`ExpertSelection`] names (a worker's placement).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ringmoe_core::attention::AttentionParams;
+use ringmoe_core::rope::RopeFreqs;
+use ringmoe_model::layers::{DecoderLayer, Linear, Mlp};
+use ringmoe_model::moe::{self, ExpertWeights, Routing, TopKNorm};
+use ringmoe_model::{
+    Checkpoint, ExpertSelection, ForwardOutput, LogitsFor, ModelConfig, TensorSource, load_parts,
+    nll_of,
+};
+
+use crate::device::{CudaBackend, DeviceKv, DeviceRope, DeviceTensor, DeviceWeight};
+use crate::{CudaError, Precision, Result};
+
+fn invalid(op: &'static str, msg: String) -> CudaError {
+    CudaError::Invalid { op, msg }
+}
+
+struct DevLinear {
+    w: DeviceWeight,
+    bias: Option<DeviceTensor>,
+}
+
+/// A SwiGLU MLP: fused `[gate; up]` `[2·inter, hidden]` and `down` `[hidden, inter]`.
+struct DevMlp {
+    gate_up: DeviceWeight,
+    down: DeviceWeight,
+}
+
+struct DevMoe {
+    router: DevLinear,
+    experts: Vec<Option<DevMlp>>,
+    top_k: usize,
+    norm: TopKNorm,
+    shared: Option<(DevMlp, DevLinear)>,
+}
+
+enum DevFfn {
+    Dense(DevMlp),
+    Sparse(Box<DevMoe>),
+}
+
+struct DevAttention {
+    qkv: DevLinear,
+    o: DevLinear,
+    qk_norm: Option<(DeviceTensor, DeviceTensor)>,
+    params: AttentionParams,
+}
+
+struct DevLayer {
+    input_norm: DeviceTensor,
+    attn: DevAttention,
+    post_norm: DeviceTensor,
+    ffn: DevFfn,
+    eps: f32,
+}
+
+/// The K/V cache of a [`CudaModel`]: one [`DeviceKv`] per layer.
+#[derive(Debug)]
+pub struct CudaKvCache {
+    layers: Vec<DeviceKv>,
+}
+
+impl CudaKvCache {
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, DeviceKv::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Device bytes held (capacity).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(DeviceKv::bytes).sum()
+    }
+}
+
+/// A checkpoint's decoder on one GPU.
+pub struct CudaModel {
+    b: Arc<CudaBackend>,
+    pub config: ModelConfig,
+    precision: Precision,
+    embed: DeviceWeight,
+    layers: Vec<DevLayer>,
+    norm: DeviceTensor,
+    lm_head: DeviceWeight,
+    rope: RopeFreqs,
+    weight_bytes: usize,
+}
+
+impl std::fmt::Debug for CudaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaModel")
+            .field("device", &self.b.describe())
+            .field("precision", &self.precision)
+            .field("weight_bytes", &self.weight_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Uploads host layers as they are read, counting device bytes.
+struct Uploader<'a> {
+    b: &'a CudaBackend,
+    precision: Precision,
+    bytes: usize,
+}
+
+impl Uploader<'_> {
+    fn vec(&mut self, v: &[f32]) -> Result<DeviceTensor> {
+        self.bytes += 4 * v.len();
+        self.b.upload_vec(v)
+    }
+
+    fn matrix(
+        &mut self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        p: Precision,
+    ) -> Result<DeviceWeight> {
+        let d = self.b.upload_weight(w, rows, cols, p)?;
+        self.bytes += d.bytes();
+        Ok(d)
+    }
+
+    fn linear(&mut self, l: &Linear, p: Precision) -> Result<DevLinear> {
+        Ok(DevLinear {
+            w: self.matrix(&l.weight, l.out_features, l.in_features, p)?,
+            bias: l.bias.as_deref().map(|b| self.vec(b)).transpose()?,
+        })
+    }
+
+    fn mlp(&mut self, e: &ExpertWeights) -> Result<DevMlp> {
+        let p = self.precision;
+        Ok(DevMlp {
+            gate_up: self.matrix(&e.gate_up, 2 * e.intermediate, e.hidden, p)?,
+            down: self.matrix(&e.down, e.hidden, e.intermediate, p)?,
+        })
+    }
+
+    fn layer(&mut self, l: &DecoderLayer) -> Result<DevLayer> {
+        let p = self.precision;
+        let a = &l.attn;
+        let attn = DevAttention {
+            qkv: self.linear(&a.qkv, p)?,
+            o: self.linear(&a.o, p)?,
+            qk_norm: match &a.qk_norm {
+                Some((q, k)) => Some((self.vec(q)?, self.vec(k)?)),
+                None => None,
+            },
+            params: a.params,
+        };
+        let ffn = match &l.mlp {
+            Mlp::Dense(m) => DevFfn::Dense(self.mlp(&m.0)?),
+            Mlp::Sparse(m) => DevFfn::Sparse(Box::new(DevMoe {
+                // The router stays f32 in every precision: a bf16 router flips near-tied
+                // top-k choices, which no logits tolerance absorbs.
+                router: self.linear(&m.router, Precision::F32)?,
+                experts: m
+                    .experts
+                    .experts
+                    .iter()
+                    .map(|e| e.as_ref().map(|e| self.mlp(e)).transpose())
+                    .collect::<Result<_>>()?,
+                top_k: m.top_k,
+                norm: m.norm,
+                shared: match &m.shared {
+                    Some((mlp, gate)) => {
+                        Some((self.mlp(&mlp.0)?, self.linear(gate, Precision::F32)?))
+                    }
+                    None => None,
+                },
+            })),
+        };
+        Ok(DevLayer {
+            input_norm: self.vec(&l.input_norm)?,
+            attn,
+            post_norm: self.vec(&l.post_attn_norm)?,
+            ffn,
+            eps: l.eps,
+        })
+    }
+}
+
+impl CudaModel {
+    /// Loads `DIR/config.json` and the weights `experts` selects from `DIR`'s safetensors onto
+    /// the backend's GPU.
+    pub fn load(
+        b: Arc<CudaBackend>,
+        dir: &Path,
+        experts: &ExpertSelection,
+        precision: Precision,
+    ) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_source(b, cfg, &ckpt, experts, precision)
+    }
+
+    /// Builds the model from any tensor source (a checkpoint, or random weights for benches),
+    /// one layer on the host at a time.
+    pub fn from_source(
+        b: Arc<CudaBackend>,
+        cfg: ModelConfig,
+        src: &dyn TensorSource,
+        experts: &ExpertSelection,
+        precision: Precision,
+    ) -> Result<Self> {
+        let mut up = Uploader {
+            b: &b,
+            precision,
+            bytes: 0,
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        let mut rope = None;
+        let mut failed = None;
+        let g = load_parts(&cfg, src, experts, |_, layer| {
+            if rope.is_none() {
+                rope = Some(layer.attn.rope.clone());
+            }
+            match up.layer(&layer) {
+                Ok(l) => layers.push(l),
+                // Keep the CUDA error; the loader only carries model errors.
+                Err(e) => {
+                    failed = Some(e);
+                    return Err(ringmoe_model::Error::InvalidInput(
+                        "uploading a layer failed".into(),
+                    ));
+                }
+            }
+            Ok(())
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let g = g?;
+        let rope = rope.ok_or_else(|| invalid("load", "the model has no layers".into()))?;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = up.matrix(&g.embed, v, h, precision)?;
+        let lm_head = up.matrix(&g.lm_head, v, h, precision)?;
+        let norm = up.vec(&g.norm)?;
+        let weight_bytes = up.bytes;
+        b.synchronize()?;
+        Ok(Self {
+            b,
+            config: cfg,
+            precision,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            weight_bytes,
+        })
+    }
+
+    pub fn backend(&self) -> &Arc<CudaBackend> {
+        &self.b
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Device bytes of the uploaded weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Experts held per sparse layer.
+    pub fn loaded_experts(&self) -> Vec<(usize, Vec<usize>)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, layer)| match &layer.ffn {
+                DevFfn::Sparse(m) => Some((
+                    l,
+                    (0..m.experts.len())
+                        .filter(|&e| m.experts[e].is_some())
+                        .collect(),
+                )),
+                DevFfn::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    pub fn new_cache(&self) -> Result<CudaKvCache> {
+        let w = self.config.num_kv_heads * self.config.head_dim;
+        Ok(CudaKvCache {
+            layers: (0..self.layers.len())
+                .map(|_| self.b.new_kv(w))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            Some(position) => Err(ringmoe_model::Error::TokenOutOfRange {
+                id: tokens[position],
+                position,
+                vocab,
+            }
+            .into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the decoder stack on `tokens`, which follow the cached ones; returns the final
+    /// hidden states `[tokens, hidden]` on the device (before the final norm) and the routing
+    /// of each sparse layer.
+    pub fn forward_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut CudaKvCache,
+    ) -> Result<(DeviceTensor, Vec<(usize, Routing)>)> {
+        if tokens.is_empty() {
+            return Err(invalid("forward", "no tokens".into()));
+        }
+        self.check_tokens(tokens)?;
+        if cache.layers.len() != self.layers.len() {
+            return Err(invalid(
+                "forward",
+                format!(
+                    "KV cache has {} layers, model {}",
+                    cache.layers.len(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        let start = cache.len();
+        let end = start + tokens.len();
+        if let Some(w) = self.config.sliding_window
+            && end > w
+        {
+            return Err(invalid(
+                "forward",
+                format!(
+                    "sequence of {end} tokens exceeds the model's sliding_window of {w}; sliding-window attention is not implemented"
+                ),
+            ));
+        }
+        let positions: Vec<usize> = (start..end).collect();
+        let rope = self.b.rope_table(&self.rope.table(&positions))?;
+        let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+        let mut x = self.b.gather_weight_rows(&self.embed, &ids)?;
+        let mut routing = Vec::new();
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            if let Some(r) = self.layer_forward(layer, &mut x, &positions, &rope, kv)? {
+                routing.push((l, r));
+            }
+        }
+        Ok((x, routing))
+    }
+
+    /// Final norm and lm_head on `[rows, hidden]` hidden states → `[rows, vocab]` on the host.
+    pub fn logits(&self, hidden: &DeviceTensor) -> Result<ringmoe_core::Tensor> {
+        let normed = self
+            .b
+            .rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        self.b.download(&self.b.linear(&normed, &self.lm_head)?)
+    }
+
+    /// Forward pass returning logits for the requested positions.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut CudaKvCache,
+        which: LogitsFor,
+    ) -> Result<ForwardOutput> {
+        let (hidden, routing) = self.forward_hidden(tokens, cache)?;
+        let rows = match which {
+            LogitsFor::All => hidden,
+            LogitsFor::Last => self.b.rows(&hidden, tokens.len() - 1, tokens.len())?,
+        };
+        Ok(ForwardOutput {
+            logits: self.logits(&rows)?,
+            routing,
+        })
+    }
+
+    /// Negative log-likelihood of each token given its prefix, lm_head in chunks of 512 rows.
+    pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() < 2 {
+            return Err(invalid(
+                "score",
+                format!("scoring needs at least 2 tokens, got {}", tokens.len()),
+            ));
+        }
+        let mut cache = self.new_cache()?;
+        let (hidden, _) = self.forward_hidden(tokens, &mut cache)?;
+        let n = tokens.len() - 1;
+        let vocab = self.config.vocab_size;
+        let mut nll = Vec::with_capacity(n);
+        const CHUNK: usize = 512;
+        for s in (0..n).step_by(CHUNK) {
+            let e = (s + CHUNK).min(n);
+            let logits = self.logits(&self.b.rows(&hidden, s, e)?)?;
+            for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
+                nll.push(nll_of(row, tokens[s + i + 1] as usize));
+            }
+        }
+        Ok(nll)
+    }
+
+    fn linear(&self, x: &DeviceTensor, l: &DevLinear) -> Result<DeviceTensor> {
+        let mut y = self.b.linear(x, &l.w)?;
+        if let Some(bias) = &l.bias {
+            self.b.add_bias(&mut y, bias)?;
+        }
+        Ok(y)
+    }
+
+    fn mlp(&self, x: &DeviceTensor, m: &DevMlp) -> Result<DeviceTensor> {
+        let gu = self.b.linear(x, &m.gate_up)?;
+        self.b.linear(&self.b.swiglu(&gu)?, &m.down)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &DevLayer,
+        x: &mut DeviceTensor,
+        positions: &[usize],
+        rope: &DeviceRope,
+        kv: &mut DeviceKv,
+    ) -> Result<Option<Routing>> {
+        let b = &*self.b;
+        let t = positions.len();
+        let a = &layer.attn;
+        let p = a.params;
+        let (hq, hkv, d) = (p.n_heads, p.n_kv_heads, p.head_dim);
+        let normed = b.rms_norm(x, &layer.input_norm, layer.eps)?;
+        let fused = self.linear(&normed, &a.qkv)?;
+        let mut q = b.columns(&fused, 0, hq * d)?;
+        let mut k = b.columns(&fused, hq * d, hkv * d)?;
+        let v = b.columns(&fused, (hq + hkv) * d, hkv * d)?;
+        drop(fused);
+        if let Some((qn, kn)) = &a.qk_norm {
+            q = b.rms_norm(&q.reshape(vec![t * hq, d])?, qn, layer.eps)?;
+            k = b.rms_norm(&k.reshape(vec![t * hkv, d])?, kn, layer.eps)?;
+        }
+        b.rope_with(&mut q, hq, d, rope)?;
+        b.rope_with(&mut k, hkv, d, rope)?;
+        b.kv_append(kv, &k, &v, positions)?;
+        let (out, _lse) = b.attention_cached(&p, &q, positions, kv)?;
+        let o = self.linear(&out.reshape(vec![t, hq * d])?, &a.o)?;
+        b.add_inplace(x, &o)?;
+        let normed = b.rms_norm(x, &layer.post_norm, layer.eps)?;
+        let (y, routing) = match &layer.ffn {
+            DevFfn::Dense(m) => (self.mlp(&normed, m)?, None),
+            DevFfn::Sparse(m) => {
+                let (y, r) = self.moe(&normed, m)?;
+                (y, Some(r))
+            }
+        };
+        b.add_inplace(x, &y)?;
+        Ok(routing)
+    }
+
+    /// The sparse block of layer `layer` on its normalised input `x` `[rows, hidden]`: router,
+    /// routed experts (all must be loaded here), shared expert. For benchmarks of the MoE layer.
+    pub fn moe_layer(&self, layer: usize, x: &DeviceTensor) -> Result<(DeviceTensor, Routing)> {
+        match self.layers.get(layer).map(|l| &l.ffn) {
+            Some(DevFfn::Sparse(m)) => self.moe(x, m),
+            _ => Err(invalid(
+                "moe_layer",
+                format!("layer {layer} is not a sparse layer of this model"),
+            )),
+        }
+    }
+
+    /// Uploads `[rows, hidden]` host rows (benchmark inputs).
+    pub fn upload(&self, x: &ringmoe_core::Tensor) -> Result<DeviceTensor> {
+        self.b.upload(x)
+    }
+
+    fn moe(&self, x: &DeviceTensor, m: &DevMoe) -> Result<(DeviceTensor, Routing)> {
+        let b = &*self.b;
+        let logits = self.linear(x, &m.router)?;
+        let (weights, expert_ids) =
+            b.router_topk(&logits, m.top_k, m.norm == TopKNorm::Renormalize)?;
+        let routing = Routing {
+            top_k: m.top_k,
+            expert_ids,
+            weights,
+        };
+        let mut y = self.experts(x, &routing, m)?;
+        if let Some((mlp, gate)) = &m.shared {
+            let s = self.mlp(x, mlp)?;
+            let g = self.linear(x, gate)?;
+            b.add_gated(&mut y, &s, &g)?;
+        }
+        Ok((y, routing))
+    }
+
+    /// plan → gather → grouped gate/up GEMM → SwiGLU → grouped down GEMM → combine, every
+    /// routed expert on this GPU.
+    fn experts(&self, x: &DeviceTensor, routing: &Routing, m: &DevMoe) -> Result<DeviceTensor> {
+        let b = &*self.b;
+        let plan = moe::plan(routing, m.experts.len())?;
+        let groups = plan.groups();
+        let mut gate_up = Vec::with_capacity(groups.len());
+        let mut down = Vec::with_capacity(groups.len());
+        for &(e, _) in &groups {
+            let w = m.experts[e].as_ref().ok_or_else(|| {
+                invalid(
+                    "moe",
+                    format!("expert {e} is routed to but not loaded on this GPU"),
+                )
+            })?;
+            gate_up.push(&w.gate_up);
+            down.push(&w.down);
+        }
+        let counts: Vec<usize> = groups.iter().map(|g| g.1).collect();
+        let token_of_row: Vec<usize> = (0..plan.slot_of_row.len())
+            .map(|r| plan.token_of_row(r))
+            .collect();
+        let xg = b.gather_rows(x, &token_of_row)?;
+        let gu = b.grouped_linear(&xg, &counts, &gate_up)?;
+        let yg = b.grouped_linear(&b.swiglu(&gu)?, &counts, &down)?;
+        // Each token's contributions in increasing expert id, the CPU's (and transformers') order.
+        let k = routing.top_k;
+        let mut rows = Vec::with_capacity(routing.expert_ids.len());
+        let mut ws = Vec::with_capacity(routing.expert_ids.len());
+        for t in 0..routing.tokens() {
+            let mut slots: Vec<usize> = (t * k..(t + 1) * k).collect();
+            slots.sort_by_key(|&s| routing.expert_ids[s]);
+            for s in slots {
+                rows.push(Some(plan.row_of_slot[s] as usize));
+                ws.push(routing.weights[s]);
+            }
+        }
+        b.combine(&yg, &rows, &ws, k)
+    }
+}
