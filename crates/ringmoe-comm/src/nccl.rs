@@ -30,7 +30,7 @@ use crate::{CommError, Result};
 pub struct NcclId(pub Vec<u8>);
 
 #[cfg(feature = "cuda")]
-pub use imp::{NcclCommunicator, available, bench_threads, unique_id};
+pub use imp::{NcclCommunicator, Pending, available, bench_threads, unique_id};
 
 /// Forms an NCCL group over the ranks of an existing communicator (TCP or in-process): rank 0
 /// creates the unique id and every rank receives it through `comm`, then initialises NCCL on
@@ -113,7 +113,7 @@ mod imp {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+    use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream};
     use cudarc::nccl::{Comm, Id, NcclType, result};
 
     use super::NcclId;
@@ -145,6 +145,14 @@ mod imp {
         Ok(NcclId(id.internal().iter().map(|&c| c as u8).collect()))
     }
 
+    /// Work enqueued on the NCCL stream, to be waited for with [`NcclCommunicator::finish`].
+    #[derive(Debug)]
+    #[must_use = "enqueued NCCL work must be finished"]
+    pub struct Pending {
+        what: &'static str,
+        event: CudaEvent,
+    }
+
     fn group<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         result::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
         let r = f();
@@ -152,7 +160,9 @@ mod imp {
         r
     }
 
-    /// One rank of an NCCL group, bound to one GPU and its default stream.
+    /// One rank of an NCCL group, bound to one GPU and a stream of its own (not the compute
+    /// stream), so transfers overlap with kernels; cudarc's per-buffer events order each buffer's
+    /// uses across the two streams.
     pub struct NcclCommunicator {
         /// `None` once aborted after a failure.
         comm: Mutex<Option<Comm>>,
@@ -181,6 +191,20 @@ mod imp {
             timeout: Duration,
         ) -> Result<Self> {
             available()?;
+            let ctx = CudaContext::new(device).map_err(|e| nccl_err("cuda context", e))?;
+            Self::on_context(rank, world, id, &ctx, timeout)
+        }
+
+        /// A rank on an existing context (the compute backend's, so that buffers are shared and
+        /// cross-stream ordering is tracked), with a new non-blocking stream for NCCL.
+        pub fn on_context(
+            rank: usize,
+            world: usize,
+            id: &NcclId,
+            ctx: &Arc<CudaContext>,
+            timeout: Duration,
+        ) -> Result<Self> {
+            available()?;
             if id.0.len() != 128 {
                 return Err(CommError::NcclUnavailable(format!(
                     "NCCL unique id has {} bytes, expected 128",
@@ -191,8 +215,7 @@ mod imp {
             for (d, s) in internal.iter_mut().zip(&id.0) {
                 *d = *s as std::ffi::c_char;
             }
-            let ctx = CudaContext::new(device).map_err(|e| nccl_err("cuda context", e))?;
-            let stream = ctx.default_stream();
+            let stream = ctx.new_stream().map_err(|e| nccl_err("cuda stream", e))?;
             let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal))
                 .map_err(|e| nccl_err("ncclCommInitRank", e))?;
             Ok(Self {
@@ -219,6 +242,17 @@ mod imp {
 
         /// Enqueues `f` on the live communicator, then waits for the stream up to the timeout.
         fn run(&self, what: &'static str, f: impl FnOnce(&Comm) -> Result<()>) -> Result<()> {
+            let pending = self.enqueue(what, f)?;
+            self.finish(pending)
+        }
+
+        /// Enqueues `f` on the live communicator and returns at once with an event recorded
+        /// after it.
+        fn enqueue(
+            &self,
+            what: &'static str,
+            f: impl FnOnce(&Comm) -> Result<()>,
+        ) -> Result<Pending> {
             if let Some(cause) = self
                 .poisoned
                 .lock()
@@ -241,7 +275,11 @@ mod imp {
                 }
             };
             enqueued.map_err(|e| self.poison(e))?;
-            self.wait(what)
+            let event = self
+                .stream
+                .record_event(None)
+                .map_err(|e| self.poison(nccl_err("record event", e)))?;
+            Ok(Pending { what, event })
         }
 
         fn poison(&self, e: CommError) -> CommError {
@@ -255,12 +293,9 @@ mod imp {
             e
         }
 
-        /// Polls an event recorded after the enqueued work until it completes or the timeout passes.
-        fn wait(&self, what: &'static str) -> Result<()> {
-            let event = self
-                .stream
-                .record_event(None)
-                .map_err(|e| self.poison(nccl_err("record event", e)))?;
+        /// Waits for enqueued work by polling its event until it completes or the timeout passes.
+        pub fn finish(&self, pending: Pending) -> Result<()> {
+            let Pending { what, event } = pending;
             let deadline = Instant::now() + self.timeout;
             loop {
                 match event.try_is_complete() {
@@ -287,7 +322,22 @@ mod imp {
             from: usize,
             recv: &mut CudaSlice<T>,
         ) -> Result<()> {
-            self.run("sendrecv", |c| {
+            let pending = self.start_sendrecv(to, send, from, recv)?;
+            self.finish(pending)
+        }
+
+        /// [`Self::sendrecv`] enqueued on the NCCL stream without waiting: the caller launches
+        /// compute on its own stream, then [`Self::finish`]es. Kernels that later read `recv` on
+        /// another stream of the same context wait for the transfer through cudarc's buffer
+        /// events; `send` and `recv` must live until `finish` returns.
+        pub fn start_sendrecv<T: NcclType>(
+            &self,
+            to: usize,
+            send: &CudaSlice<T>,
+            from: usize,
+            recv: &mut CudaSlice<T>,
+        ) -> Result<Pending> {
+            self.enqueue("sendrecv", |c| {
                 group(|| {
                     c.send(send, to as i32)
                         .map_err(|e| nccl_err("ncclSend", e))?;

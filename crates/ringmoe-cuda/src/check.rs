@@ -1,15 +1,19 @@
 //! `ringmoe gpu-check`: every CUDA kernel against ringmoe-core's CPU kernel on random inputs,
 //! with explicit tolerances, and the attention kernel's throughput on given shapes.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
+use ringmoe_core::attention::merge_into;
 use ringmoe_core::ops::{rms_norm, softmax_inplace, swiglu_fused, top_k};
 use ringmoe_core::rope::{RopeFreqs, apply_rope};
 use ringmoe_core::testing::rand_vec;
 use ringmoe_core::{AttentionParams, Tensor, attention_block};
+use ringmoe_model::{Checkpoint, ExpertSelection, LogitsFor, ModelConfig, TensorSource, moe};
 
-pub use crate::report::{AttentionTiming, Check};
-use crate::{CudaBackend, Result};
+pub use crate::report::{AttentionTiming, Check, ModelTiming};
+use crate::{CudaBackend, CudaModel, Precision, Result};
 
 /// `max |a − b| / max |b|`.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
@@ -100,15 +104,49 @@ pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
         )?);
         at += r;
     }
-    let dws: Vec<_> = ws.iter().map(|w| b.upload_bf16(w)).collect::<Result<_>>()?;
-    let refs: Vec<_> = dws.iter().collect();
-    let got = b.grouped_linear(&b.upload(&xs)?, &rows, &refs)?;
+    let dxs = b.upload(&xs)?;
+    for (name, precision, tol) in [
+        ("grouped expert GEMM bf16", Precision::Bf16, 1.5e-2),
+        ("grouped expert GEMM f32", Precision::F32, 1e-4),
+    ] {
+        let dws: Vec<_> = ws
+            .iter()
+            .map(|w| b.upload_weight(w.as_slice(), n, k, precision))
+            .collect::<Result<_>>()?;
+        let refs: Vec<_> = dws.iter().collect();
+        let got = b.grouped_linear(&dxs, &rows, &refs)?;
+        push(name, b.download(&got)?.as_slice(), &want, tol);
+    }
+
+    // The dispatch permutation and the combine of a random top-4 routing over 16 experts.
+    let (tokens, hidden, experts, top) = (300, 256, 16, 4);
+    let logits = rand_vec(tokens * experts, 40, 3.0);
+    let routing = moe::route(&logits, experts, top, moe::TopKNorm::Renormalize)?;
+    let plan = moe::plan(&routing, experts)?;
+    let x = tensor(&[tokens, hidden], 41, 1.0)?;
+    let token_of_row: Vec<usize> = (0..plan.slot_of_row.len())
+        .map(|r| plan.token_of_row(r))
+        .collect();
+    let gathered = b.gather_rows(&b.upload(&x)?, &token_of_row)?;
     push(
-        "grouped expert GEMM bf16",
-        b.download(&got)?.as_slice(),
-        &want,
-        1.5e-2,
+        "gather rows (dispatch permutation)",
+        b.download(&gathered)?.as_slice(),
+        &moe::gather_rows(x.as_slice(), hidden, &plan),
+        0.0,
     );
+    let y = tensor(&[tokens * top, hidden], 42, 1.0)?;
+    let want = moe::combine(y.as_slice(), hidden, &plan, &routing)?;
+    let (mut rows_of, mut ws_of) = (Vec::new(), Vec::new());
+    for t in 0..tokens {
+        let mut slots: Vec<usize> = (t * top..(t + 1) * top).collect();
+        slots.sort_by_key(|&s| routing.expert_ids[s]);
+        for s in slots {
+            rows_of.push(Some(plan.row_of_slot[s] as usize));
+            ws_of.push(routing.weights[s]);
+        }
+    }
+    let got = b.combine(&b.upload(&y)?, &rows_of, &ws_of, top)?;
+    push("MoE combine", b.download(&got)?.as_slice(), &want, 1e-5);
 
     // RMSNorm.
     let x = tensor(&[257, 1000], 4, 3.0)?;
@@ -212,6 +250,310 @@ pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
             &want.lse,
             1e-5,
         );
+    }
+
+    // The ring-attention step: two key blocks attended separately and merged, against the
+    // CPU's merge of the same two partials.
+    let p = AttentionParams {
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        causal: true,
+    };
+    let (lq, lk) = (120, 150);
+    let qpos: Vec<usize> = (0..lq).map(|i| i * 2 + 30).collect();
+    let kpos: Vec<usize> = (0..2 * lk).collect();
+    let q = tensor(&[lq, 8, 64], 50, 1.0)?;
+    let kt = tensor(&[2 * lk, 2, 64], 51, 1.0)?;
+    let vt = tensor(&[2 * lk, 2, 64], 52, 1.0)?;
+    let half = lk * 2 * 64;
+    let (k0, k1) = kt.as_slice().split_at(half);
+    let (v0, v1) = vt.as_slice().split_at(half);
+    let mut want = attention_block(&p, q.as_slice(), &qpos, k0, v0, &kpos[..lk])?;
+    merge_into(
+        &mut want,
+        &attention_block(&p, q.as_slice(), &qpos, k1, v1, &kpos[lk..])?,
+    )?;
+    let dq = b.upload(&q)?;
+    let up = |v: &[f32]| b.upload(&Tensor::from_vec(v.to_vec(), vec![lk, 2, 64])?);
+    let (mut o, mut l) = b.attention(&p, &dq, &qpos, &up(k0)?, &up(v0)?, &kpos[..lk])?;
+    let (o1, l1) = b.attention(&p, &dq, &qpos, &up(k1)?, &up(v1)?, &kpos[lk..])?;
+    b.merge_attention(&mut o, &mut l, &o1, &l1)?;
+    push(
+        "attention merge (ring step) out",
+        b.download(&o)?.as_slice(),
+        &want.out,
+        1e-4,
+    );
+    push(
+        "attention merge (ring step) lse",
+        b.download(&l)?.as_slice(),
+        &want.lse,
+        1e-5,
+    );
+    Ok(out)
+}
+
+/// Ring attention over NCCL with `shards.len()` ranks as threads, rank `r` on GPU `r` (a single
+/// GPU runs P = 1; NCCL cannot put two ranks on one GPU): rank `r` holds the queries and K/V at
+/// positions `shards[r]` of a random causal sequence. Each rank's `(out, lse)` is checked against
+/// the CPU's attention of its queries over the whole sequence; also returns each rank's time
+/// for one ring pass (after a warm-up).
+pub fn ring_nccl(
+    shards: &[Vec<usize>],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<(Vec<Check>, Vec<f64>)> {
+    let world = shards.len();
+    let len: usize = shards.iter().map(Vec::len).sum();
+    let p = AttentionParams {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        causal: true,
+    };
+    let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+    let q = rand_vec(len * qw, 70, 1.0);
+    let k = rand_vec(len * kw, 71, 1.0);
+    let v = rand_vec(len * kw, 72, 1.0);
+    let all: Vec<usize> = (0..len).collect();
+    let rows = |x: &[f32], w: usize, pos: &[usize], shape: Vec<usize>| -> Result<Tensor> {
+        let mut out = Vec::with_capacity(pos.len() * w);
+        for &i in pos {
+            out.extend_from_slice(&x[i * w..(i + 1) * w]);
+        }
+        Ok(Tensor::from_vec(out, shape)?)
+    };
+    let id = ringmoe_comm::nccl::unique_id()?;
+    let results: Vec<Result<(Tensor, Tensor, f64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let (id, p, rows, shards) = (&id, &p, &rows, shards);
+                let (q, k, v) = (&q, &k, &v);
+                s.spawn(move || -> Result<(Tensor, Tensor, f64)> {
+                    let b = CudaBackend::new(r)?;
+                    let comm = ringmoe_comm::nccl::NcclCommunicator::on_context(
+                        r,
+                        world,
+                        id,
+                        b.context(),
+                        std::time::Duration::from_secs(120),
+                    )?;
+                    let pos = &shards[r];
+                    let n = pos.len();
+                    let dq = b.upload(&rows(q, qw, pos, vec![n, heads, head_dim])?)?;
+                    let dk = b.upload(&rows(k, kw, pos, vec![n, kv_heads, head_dim])?)?;
+                    let dv = b.upload(&rows(v, kw, pos, vec![n, kv_heads, head_dim])?)?;
+                    crate::ring::ring_attention(&b, &comm, p, &dq, pos, &dk, &dv, shards)?;
+                    b.synchronize()?;
+                    let t = Instant::now();
+                    let (o, l) =
+                        crate::ring::ring_attention(&b, &comm, p, &dq, pos, &dk, &dv, shards)?;
+                    b.synchronize()?;
+                    let secs = t.elapsed().as_secs_f64();
+                    Ok((b.download(&o)?, b.download(&l)?, secs))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::CudaError::Invalid {
+                        op: "ring_nccl",
+                        msg: "a rank's thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut checks = Vec::new();
+    let mut times = Vec::new();
+    for (r, res) in results.into_iter().enumerate() {
+        let (o, l, secs) = res?;
+        let pos = &shards[r];
+        let qr = rows(&q, qw, pos, vec![pos.len(), heads, head_dim])?;
+        let want = attention_block(&p, qr.as_slice(), pos, &k, &v, &all)?;
+        let tag = format!(
+            "ring attention NCCL P={world} rank {r} ({} queries of {len})",
+            pos.len()
+        );
+        checks.push(Check {
+            name: format!("{tag} out"),
+            rel_err: rel_err(o.as_slice(), &want.out),
+            tolerance: 1e-4,
+        });
+        checks.push(Check {
+            name: format!("{tag} lse"),
+            rel_err: rel_err(l.as_slice(), &want.lse),
+            tolerance: 1e-5,
+        });
+        times.push(secs);
+    }
+    Ok((checks, times))
+}
+
+/// Fixture models of `scripts/make_fixtures.py` that `fixtures` runs.
+pub const FIXTURES: [&str; 4] = [
+    "mixtral-tiny",
+    "qwen3-moe-tiny",
+    "qwen2-moe-tiny",
+    "mixtral-tiny-bf16",
+];
+
+/// Tolerances of the model checks: logits relative to the reference's largest magnitude.
+pub fn logits_tolerance(p: Precision) -> f64 {
+    match p {
+        Precision::F32 => 1e-3,
+        Precision::Bf16 => 1e-2,
+    }
+}
+
+/// The CUDA model on the committed fixtures (`DIR/<name>/`, with transformers' logits in
+/// `reference.safetensors`) in both precisions: logits of a whole forward at each reference
+/// length, the same logits decoded token by token through the device K/V cache, and the
+/// fraction of router choices that differ from transformers'.
+pub fn fixtures(b: &Arc<CudaBackend>, dir: &Path) -> Result<Vec<Check>> {
+    let mut out = Vec::new();
+    for name in FIXTURES {
+        let mdir = dir.join(name);
+        let reference = Checkpoint::open_files(&mdir, &[mdir.join("reference.safetensors")])?;
+        let ids = |len: usize| -> Result<Vec<u32>> {
+            Ok(reference
+                .load_i64(&format!("input_ids_L{len}"))?
+                .0
+                .into_iter()
+                .map(|x| x as u32)
+                .collect())
+        };
+        let f32s = |key: &str| -> Result<Vec<f32>> {
+            let shape = reference.meta(key)?.shape.clone();
+            Ok(reference.load(key, &shape)?.into_vec())
+        };
+        for precision in [Precision::F32, Precision::Bf16] {
+            let tol = logits_tolerance(precision);
+            let model = CudaModel::load(b.clone(), &mdir, &ExpertSelection::All, precision)?;
+            let vocab = model.config.vocab_size;
+            let (mut routes, mut differ) = (0usize, 0usize);
+            for len in [1, 7, 64, 300] {
+                let tokens = ids(len)?;
+                let want = f32s(&format!("logits_L{len}"))?;
+                let mut cache = model.new_cache()?;
+                let got = model.forward(&tokens, &mut cache, LogitsFor::All)?;
+                out.push(Check {
+                    name: format!("{name} {precision:?} logits L={len}"),
+                    rel_err: rel_err(got.logits.as_slice(), &want),
+                    tolerance: tol,
+                });
+                let want_routes = reference.load_i64(&format!("router_ids_L{len}"))?.0;
+                let got_routes: Vec<i64> = got
+                    .routing
+                    .iter()
+                    .flat_map(|(_, r)| r.expert_ids.iter().map(|&e| i64::from(e)))
+                    .collect();
+                routes += want_routes.len();
+                differ += if got_routes.len() == want_routes.len() {
+                    got_routes
+                        .iter()
+                        .zip(&want_routes)
+                        .filter(|(a, b)| a != b)
+                        .count()
+                } else {
+                    want_routes.len()
+                };
+                if len == 64 {
+                    // Prefill 48, then decode 16 tokens one at a time through the cache.
+                    let mut cache = model.new_cache()?;
+                    let mut got = model
+                        .forward(&tokens[..48], &mut cache, LogitsFor::Last)?
+                        .logits
+                        .into_vec();
+                    for t in 48..63 {
+                        got.extend(
+                            model
+                                .forward(&tokens[t..t + 1], &mut cache, LogitsFor::Last)?
+                                .logits
+                                .into_vec(),
+                        );
+                    }
+                    out.push(Check {
+                        name: format!("{name} {precision:?} decode 48+15 via K/V cache"),
+                        rel_err: rel_err(&got, &want[47 * vocab..63 * vocab]),
+                        tolerance: tol,
+                    });
+                }
+            }
+            out.push(Check {
+                name: format!("{name} {precision:?} router ids differing (fraction)"),
+                rel_err: differ as f64 / routes.max(1) as f64,
+                tolerance: if precision == Precision::F32 {
+                    0.01
+                } else {
+                    0.05
+                },
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Prefill and MoE-layer throughput of a model built from `src` (e.g. random weights of the
+/// bench configuration) at each length in `tokens`: median of `iters` timed runs after one
+/// warm-up, synchronised.
+pub fn model_timing(
+    b: &Arc<CudaBackend>,
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    precision: Precision,
+    tokens: &[usize],
+    iters: usize,
+) -> Result<Vec<ModelTiming>> {
+    let model = CudaModel::from_source(
+        b.clone(),
+        cfg.clone(),
+        src,
+        &ExpertSelection::All,
+        precision,
+    )?;
+    let sparse = cfg.sparse_layers.iter().position(|&s| s).unwrap_or(0);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut out = Vec::new();
+    for &n in tokens {
+        let ids: Vec<u32> = (0..n as u64)
+            .map(|i| (i.wrapping_mul(2_654_435_761) % cfg.vocab_size as u64) as u32)
+            .collect();
+        let x = model.upload(&tensor(&[n, cfg.hidden_size], 60, 1.0)?)?;
+        let mut prefill = Vec::new();
+        let mut moe = Vec::new();
+        for i in 0..=iters.max(1) {
+            let t = Instant::now();
+            model.forward(&ids, &mut model.new_cache()?, LogitsFor::Last)?;
+            b.synchronize()?;
+            let p = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            model.moe_layer(sparse, &x)?;
+            b.synchronize()?;
+            let m = t.elapsed().as_secs_f64();
+            if i > 0 {
+                prefill.push(p);
+                moe.push(m);
+            }
+        }
+        let (p, m) = (median(prefill), median(moe));
+        out.push(ModelTiming {
+            precision,
+            tokens: n,
+            prefill_secs: p,
+            prefill_tokens_per_sec: n as f64 / p,
+            moe_secs: m,
+            moe_tokens_per_sec: n as f64 / m,
+        });
     }
     Ok(out)
 }

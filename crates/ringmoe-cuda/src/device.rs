@@ -99,6 +99,15 @@ impl DeviceTensor {
         self.len() == 0
     }
 
+    /// The device buffer (for NCCL transfers of the tensor).
+    pub(crate) fn buffer(&self) -> &CudaSlice<f32> {
+        &self.data
+    }
+
+    pub(crate) fn buffer_mut(&mut self) -> &mut CudaSlice<f32> {
+        &mut self.data
+    }
+
     /// The same data with another shape of the same element count.
     pub fn reshape(self, shape: Vec<usize>) -> Result<Self> {
         if shape.iter().product::<usize>() != self.len() {
@@ -274,7 +283,9 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal).map_err(driver)?;
         let (major, minor) = ctx.compute_capability().map_err(driver)?;
         let name = ctx.name().map_err(driver)?;
-        let stream = ctx.default_stream();
+        // A stream of its own rather than the legacy default stream, which would serialise with
+        // NCCL's; creating it also turns on cudarc's cross-stream buffer events for this context.
+        let stream = ctx.new_stream().map_err(driver)?;
         let ptx = compile(major, minor)?;
         let module = ctx.load_module(ptx).map_err(driver)?;
         let f = |name: &str| module.load_function(name).map_err(driver);
@@ -1241,6 +1252,66 @@ impl CudaBackend {
             (&k.data.slice(..), &v.data.slice(..), &kp.slice(..)),
             k_pos.len(),
         )
+    }
+
+    /// K and V `[n, width]` back to back in one buffer `[2, n, width]`: one transfer per ring step.
+    pub fn pack_kv(&self, k: &DeviceTensor, v: &DeviceTensor) -> Result<DeviceTensor> {
+        let n = k.len();
+        if v.len() != n {
+            return Err(invalid(
+                "pack_kv",
+                format!("k {:?} and v {:?}", k.shape, v.shape),
+            ));
+        }
+        let mut kv = self.zeros(vec![2, n])?;
+        if n > 0 {
+            self.stream
+                .memcpy_dtod(&k.data.slice(..n), &mut kv.data.slice_mut(..n))
+                .map_err(driver)?;
+            self.stream
+                .memcpy_dtod(&v.data.slice(..n), &mut kv.data.slice_mut(n..2 * n))
+                .map_err(driver)?;
+        }
+        Ok(kv)
+    }
+
+    /// A zeroed f32 buffer of `n` elements (a receive buffer).
+    pub fn zeros_flat(&self, n: usize) -> Result<DeviceTensor> {
+        self.zeros(vec![n])
+    }
+
+    /// [`Self::attention`] over a block packed by [`Self::pack_kv`] (`[2, k_pos.len(), width]`).
+    pub fn attention_packed(
+        &self,
+        p: &AttentionParams,
+        q: &DeviceTensor,
+        q_pos: &[usize],
+        kv: &DeviceTensor,
+        k_pos: &[usize],
+    ) -> Result<(DeviceTensor, DeviceTensor)> {
+        let n = k_pos.len() * p.n_kv_heads * p.head_dim;
+        if kv.len() != 2 * n {
+            return Err(invalid(
+                "attention",
+                format!(
+                    "packed K/V {:?} for {} positions of {} kv heads × {}",
+                    kv.shape,
+                    k_pos.len(),
+                    p.n_kv_heads,
+                    p.head_dim
+                ),
+            ));
+        }
+        let kp = self
+            .stream
+            .clone_htod(&positions_i32(if k_pos.is_empty() { &[0] } else { k_pos })?)
+            .map_err(driver)?;
+        let (k, v) = if n == 0 {
+            (kv.data.slice(..), kv.data.slice(..))
+        } else {
+            (kv.data.slice(..n), kv.data.slice(n..2 * n))
+        };
+        self.attention_views(p, q, q_pos, (&k, &v, &kp.slice(..)), k_pos.len())
     }
 
     /// [`Self::attention`] of `q` over everything in a K/V cache.

@@ -32,6 +32,8 @@ mod device;
 #[cfg(feature = "cuda")]
 mod model;
 pub mod report;
+#[cfg(feature = "cuda")]
+pub mod ring;
 #[cfg(not(feature = "cuda"))]
 mod stub;
 
@@ -110,6 +112,9 @@ pub enum CudaError {
 
     #[error(transparent)]
     Model(#[from] ringmoe_model::Error),
+
+    #[error(transparent)]
+    Comm(#[from] ringmoe_comm::CommError),
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;

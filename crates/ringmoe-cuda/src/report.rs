@@ -25,3 +25,16 @@ pub struct AttentionTiming {
     /// Causal FLOPs (4·L²·H·D / 2) per second, in units of 10¹².
     pub tflops: f64,
 }
+
+/// Throughput of a whole model on one GPU at one length.
+#[derive(Debug, Clone)]
+pub struct ModelTiming {
+    pub precision: crate::Precision,
+    pub tokens: usize,
+    /// Prefill (logits for the last position), seconds and tokens/s.
+    pub prefill_secs: f64,
+    pub prefill_tokens_per_sec: f64,
+    /// One sparse layer's MoE block (router, routed experts, combine) on `tokens` rows.
+    pub moe_secs: f64,
+    pub moe_tokens_per_sec: f64,
+}

@@ -61,8 +61,37 @@ impl CudaBackend {
 
 /// `gpu-check` without CUDA support: says so.
 pub mod check {
-    pub use crate::report::{AttentionTiming, Check};
-    use crate::{CudaBackend, CudaError, Result};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use ringmoe_model::{ModelConfig, TensorSource};
+
+    pub use crate::report::{AttentionTiming, Check, ModelTiming};
+    use crate::{CudaBackend, CudaError, Precision, Result};
+
+    pub fn ring_nccl(
+        _shards: &[Vec<usize>],
+        _heads: usize,
+        _kv_heads: usize,
+        _head_dim: usize,
+    ) -> Result<(Vec<Check>, Vec<f64>)> {
+        Err(CudaError::NotCompiled)
+    }
+
+    pub fn fixtures(_b: &Arc<CudaBackend>, _dir: &Path) -> Result<Vec<Check>> {
+        Err(CudaError::NotCompiled)
+    }
+
+    pub fn model_timing(
+        _b: &Arc<CudaBackend>,
+        _cfg: &ModelConfig,
+        _src: &dyn TensorSource,
+        _precision: Precision,
+        _tokens: &[usize],
+        _iters: usize,
+    ) -> Result<Vec<ModelTiming>> {
+        Err(CudaError::NotCompiled)
+    }
 
     pub fn kernels(_b: &CudaBackend) -> Result<Vec<Check>> {
         Err(CudaError::NotCompiled)

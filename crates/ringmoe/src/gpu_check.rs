@@ -1,9 +1,16 @@
-//! `ringmoe gpu-check`: the CUDA kernels against the CPU kernels, and attention throughput.
+//! `ringmoe gpu-check`: the CUDA kernels against the CPU kernels, the CUDA model against
+//! transformers' logits on the fixtures, attention throughput, and prefill / MoE-layer
+//! throughput of the bench-size model.
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ringmoe_cuda::CudaBackend;
 use ringmoe_cuda::check;
+use ringmoe_cuda::{CudaBackend, Precision};
+use ringmoe_model::{ModelConfig, RandomWeights};
+use ringmoe_parallel::{ShardPlan, Sharding};
 
 #[derive(Args, Debug)]
 pub struct GpuCheckArgs {
@@ -21,6 +28,21 @@ pub struct GpuCheckArgs {
     /// Timed calls per attention shape (the median is reported).
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// The fixture models (`scripts/make_fixtures.py`'s output, with transformers' reference
+    /// logits) the CUDA model is checked on.
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: PathBuf,
+    /// Prefill / MoE-layer lengths for the bench-size model (random Mixtral, hidden 1024,
+    /// 4 layers, 8 experts top-2), comma-separated; empty to skip.
+    #[arg(long, value_delimiter = ',', default_value = "2048,16384")]
+    model_tokens: Vec<usize>,
+    /// Ranks of the NCCL ring-attention check, rank r on GPU r (one GPU: 1; NCCL cannot put two
+    /// ranks on one GPU). The sequence is zigzag-sharded as in the cluster.
+    #[arg(long, default_value_t = 1)]
+    ring_ranks: usize,
+    /// Tokens of the ring-attention check (16 heads, 4 KV heads, head_dim 128).
+    #[arg(long, default_value_t = 4096)]
+    ring_tokens: usize,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -60,11 +82,35 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         .iter()
         .map(|s| shape(s))
         .collect::<Result<_>>()?;
-    let b = CudaBackend::new(a.device)?;
-    let checks = check::kernels(&b)?;
+    let b = Arc::new(CudaBackend::new(a.device)?);
+    let mut checks = check::kernels(&b)?;
+    checks.extend(
+        check::fixtures(&b, &a.fixtures)
+            .with_context(|| format!("fixture models in {}", a.fixtures.display()))?,
+    );
+    let plan = ShardPlan::new(a.ring_tokens, a.ring_ranks, Sharding::Zigzag)?;
+    let shards: Vec<Vec<usize>> = (0..a.ring_ranks)
+        .map(|r| plan.positions(r).to_vec())
+        .collect();
+    let (ring_checks, ring_secs) = check::ring_nccl(&shards, 16, 4, 128)?;
+    checks.extend(ring_checks);
     let mut timings = Vec::new();
     for [t, h, kv, d] in shapes {
         timings.push(check::attention_timing(&b, t, h, kv, d, a.iters)?);
+    }
+    let mut models = Vec::new();
+    if !a.model_tokens.is_empty() {
+        let cfg = bench_config()?;
+        for p in [Precision::Bf16, Precision::F32] {
+            models.extend(check::model_timing(
+                &b,
+                &cfg,
+                &RandomWeights { seed: 1 },
+                p,
+                &a.model_tokens,
+                a.iters.clamp(1, 5),
+            )?);
+        }
     }
     let failed = checks.iter().filter(|c| !c.passed()).count();
     if a.json {
@@ -76,6 +122,12 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
             "attention": timings.iter().map(|t| serde_json::json!({
                 "tokens": t.tokens, "heads": t.heads, "kv_heads": t.kv_heads,
                 "head_dim": t.head_dim, "secs": t.secs, "tflops": t.tflops,
+            })).collect::<Vec<_>>(),
+            "ring": {"ranks": a.ring_ranks, "tokens": a.ring_tokens, "secs_per_rank": ring_secs},
+            "model": models.iter().map(|m| serde_json::json!({
+                "precision": format!("{:?}", m.precision), "tokens": m.tokens,
+                "prefill_secs": m.prefill_secs, "prefill_tokens_per_sec": m.prefill_tokens_per_sec,
+                "moe_secs": m.moe_secs, "moe_tokens_per_sec": m.moe_tokens_per_sec,
             })).collect::<Vec<_>>(),
         });
         println!("{v}");
@@ -111,9 +163,50 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
                 t.tflops
             );
         }
+        println!();
+        println!(
+            "ring attention over NCCL: {} rank(s), {} tokens (zigzag), 16 heads / 4 KV heads, d 128: {} ms per rank",
+            a.ring_ranks,
+            a.ring_tokens,
+            ring_secs
+                .iter()
+                .map(|s| format!("{:.3}", s * 1e3))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+        if !models.is_empty() {
+            println!();
+            println!("bench-size model (random Mixtral, hidden 1024, 4 layers, 8 experts top-2)");
+            println!(
+                "{:>9} {:>8} {:>12} {:>14} {:>12} {:>14}",
+                "precision", "tokens", "prefill ms", "prefill tok/s", "MoE ms", "MoE tok/s"
+            );
+            for m in &models {
+                println!(
+                    "{:>9} {:>8} {:>12.2} {:>14.0} {:>12.3} {:>14.0}",
+                    format!("{:?}", m.precision),
+                    m.tokens,
+                    m.prefill_secs * 1e3,
+                    m.prefill_tokens_per_sec,
+                    m.moe_secs * 1e3,
+                    m.moe_tokens_per_sec
+                );
+            }
+        }
     }
     if failed > 0 {
         bail!("{failed} of {} GPU checks failed", checks.len());
     }
     Ok(())
+}
+
+/// The bench model of docs/performance.md and `benches/engine.rs`.
+fn bench_config() -> Result<ModelConfig> {
+    let v = serde_json::json!({
+        "architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 1024,
+        "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+    });
+    Ok(ModelConfig::from_json(&v)?)
 }
