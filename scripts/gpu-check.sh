@@ -2,12 +2,22 @@
 # The GPU checks of the CUDA backend, on a machine with an NVIDIA GPU, its driver, and Python with
 # PyTorch and NVIDIA's CUDA wheels (nvidia-cuda-nvrtc, nvidia-cublas, nvidia-nccl):
 #
-#   1. `ringmoe gpu-check`: every CUDA kernel (GEMM f32 and bf16, grouped expert GEMM, RMSNorm,
-#      RoPE, SwiGLU, router top-k, attention out/lse) against the CPU kernels, with tolerances,
-#      then the attention kernel's TFLOP/s;
+#   1. `ringmoe gpu-check`:
+#      - every CUDA kernel (GEMM f32 and bf16, grouped expert GEMM bf16 and f32, RMSNorm, RoPE,
+#        SwiGLU, router top-k, gather, MoE combine, attention out/lse, the (out, lse) merge)
+#        against the CPU kernels, with tolerances;
+#      - the fixture parity tests on the CUDA model (tests/fixtures: Mixtral, Qwen3-MoE,
+#        Qwen2-MoE, a bf16 Mixtral): logits against transformers' at L = 1, 7, 64, 300, and
+#        token-by-token decode through the device K/V cache; f32 weights within 1e-3, bf16 within
+#        1e-2 (relative to the largest reference logit); router ids;
+#      - ring attention over NCCL with P = --ring-ranks (default 1) against the CPU;
+#      - the attention kernel's TFLOP/s, and prefill / MoE-layer tokens/s of the bench model;
 #   2. PyTorch's scaled_dot_product_attention on the same shapes (scripts/sdpa_bench.py);
 #   3. NCCL with one rank: ring sendrecv and all_to_all_v on device buffers (`bench comm`).
-#      Several ranks need several GPUs: `ringmoe bench comm --transport nccl --ranks N`.
+#
+# On a machine with N GPUs, the multi-rank NCCL checks are
+#   RING_RANKS=N scripts/gpu-check.sh            (ring attention, rank r on GPU r, zigzag shards)
+#   ringmoe bench comm --transport nccl --ranks N
 #
 # Usage: scripts/gpu-check.sh [RINGMOE_BINARY]   (default target/release/ringmoe, which must be
 # built with `cargo build --release -p ringmoe --features cuda`; the GPU machine needs no Rust).
@@ -15,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/ringmoe}
 SHAPES=${SHAPES:-4096:32:8:128,16384:32:8:128,32768:32:8:128}
+RING_RANKS=${RING_RANKS:-1}
 
 # cudarc loads libnvrtc.so.12 and libcublas.so.12 by name; NCCL's wheel ships libnccl.so.2,
 # which cudarc does not look for, hence the symlink.
@@ -26,8 +37,8 @@ NV_LIBS=$(find "$SITE/nvidia" -maxdepth 2 -name lib -type d 2>/dev/null | tr '\n
 export LD_LIBRARY_PATH="$LIBDIR:$NV_LIBS${LD_LIBRARY_PATH:-}"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-echo "== kernels vs CPU, attention timing"
-"$BIN" gpu-check --attention "$SHAPES"
+echo "== kernels vs CPU, CUDA model vs transformers (fixtures), NCCL ring attention, timings"
+"$BIN" gpu-check --attention "$SHAPES" --ring-ranks "$RING_RANKS"
 echo "== PyTorch SDPA on the same shapes"
 python3 scripts/sdpa_bench.py --attention "$SHAPES"
 echo "== NCCL, one rank"

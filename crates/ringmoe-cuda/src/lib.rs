@@ -11,7 +11,7 @@
 //!
 //! * [`DeviceTensor`] (f32 on the device) and [`DeviceWeight`] (bf16 on the device, uploaded once).
 //! * GEMMs `x · wᵀ` through cuBLAS: f32, and bf16 inputs with f32 accumulation and f32 output;
-//!   [`CudaBackend::grouped_matmul_nt_bf16`] runs every local expert's GEMM in one
+//!   [`CudaBackend::grouped_linear`] runs every local expert's GEMM in one
 //!   `cublasGemmGroupedBatchedEx` launch (cuBLAS 12.5 or later).
 //! * RMSNorm, rotate-half RoPE by absolute position, fused SwiGLU, router softmax + top-k, and a
 //!   blockwise attention with an online softmax returning `(out, lse)` under the causal mask by
@@ -20,8 +20,12 @@
 //! Without the feature the same types exist and every constructor returns
 //! [`CudaError::NotCompiled`], so no other crate needs `cfg`.
 //!
+//! On top of the kernels: [`CudaModel`] (a checkpoint's forward pass on one GPU, uploading only the
+//! experts a placement selects) and [`ring::ring_attention`] (ring attention over NCCL on device
+//! buffers, transfers overlapping the attention kernel).
+//!
 //! Status: compile-checked in CI; not yet run on a GPU (see docs/performance.md for the GPU
-//! checks still owed). The model's forward pass does not use this backend yet.
+//! checks still owed). The cluster's workers still run the CPU engine.
 
 #[cfg(feature = "cuda")]
 pub mod check;
