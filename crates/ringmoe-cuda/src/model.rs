@@ -392,6 +392,12 @@ impl CudaModel {
         })
     }
 
+    /// A fresh prefill of `tokens`: the logits of the last position, `[1, vocab]`.
+    pub fn prefill(&self, tokens: &[u32]) -> Result<ringmoe_core::Tensor> {
+        let mut cache = self.new_cache()?;
+        Ok(self.forward(tokens, &mut cache, LogitsFor::Last)?.logits)
+    }
+
     /// Negative log-likelihood of each token given its prefix, lm_head in chunks of 512 rows.
     pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         if tokens.len() < 2 {

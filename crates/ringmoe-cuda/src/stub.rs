@@ -39,6 +39,14 @@ impl CudaModel {
     ) -> Result<Self> {
         Err(CudaError::NotCompiled)
     }
+
+    pub fn prefill(&self, _tokens: &[u32]) -> Result<Tensor> {
+        Err(CudaError::NotCompiled)
+    }
+
+    pub fn score(&self, _tokens: &[u32]) -> Result<Vec<f32>> {
+        Err(CudaError::NotCompiled)
+    }
 }
 
 impl CudaBackend {

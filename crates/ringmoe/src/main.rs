@@ -15,8 +15,8 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
 use ringmoe_core::testing::{XorShift, rand_vec};
 use ringmoe_model::{
-    GenerationConfig, LoadOptions, LogitsFor, Model, Sampler, SamplingParams, TextStream,
-    Tokenizer, generate,
+    ExpertSelection, GenerationConfig, LoadOptions, LogitsFor, Model, ModelConfig, Sampler,
+    SamplingParams, TextStream, Tokenizer, generate,
 };
 
 #[derive(Parser)]
@@ -81,10 +81,75 @@ struct GenerateArgs {
     seed: u64,
 }
 
+/// Where the single-process engine runs: `cpu`, or `cuda:N` (a build with `--features cuda`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    match s {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceArg::Cuda)
+            .ok_or_else(|| format!("{s:?}: want cpu, cuda or cuda:N")),
+    }
+}
+
+/// The engine on the chosen device.
+enum Engine {
+    Cpu(Box<Model>),
+    Cuda(Box<ringmoe_cuda::CudaModel>),
+}
+
+impl Engine {
+    fn load(dir: &Path, device: DeviceArg, precision: ringmoe_cuda::Precision) -> Result<Self> {
+        Ok(match device {
+            DeviceArg::Cpu => Self::Cpu(Box::new(load_model(dir)?.0)),
+            DeviceArg::Cuda(i) => {
+                let b = std::sync::Arc::new(ringmoe_cuda::CudaBackend::new(i)?);
+                Self::Cuda(Box::new(
+                    ringmoe_cuda::CudaModel::load(b, dir, &ExpertSelection::All, precision)
+                        .with_context(|| format!("loading model from {}", dir.display()))?,
+                ))
+            }
+        })
+    }
+
+    fn score(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(match self {
+            Self::Cpu(m) => m.score(ids)?,
+            Self::Cuda(m) => m.score(ids)?,
+        })
+    }
+
+    fn prefill(&self, ids: &[u32]) -> Result<()> {
+        match self {
+            Self::Cpu(m) => {
+                m.forward(ids, &mut m.new_cache(), LogitsFor::Last)?;
+            }
+            Self::Cuda(m) => {
+                m.prefill(ids)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Args)]
 struct ScoreArgs {
     #[arg(long)]
     model: PathBuf,
+    /// `cpu`, or `cuda:N` (needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceArg,
+    /// Weight precision on a GPU: bf16 (serving) or f32 (parity).
+    #[arg(long, default_value = "bf16")]
+    precision: ringmoe_cuda::Precision,
     /// UTF-8 text to score.
     #[arg(long)]
     file: PathBuf,
@@ -128,6 +193,12 @@ struct BenchExpertsArgs {
 struct BenchPrefillArgs {
     #[arg(long)]
     model: PathBuf,
+    /// `cpu`, or `cuda:N` (needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceArg,
+    /// Weight precision on a GPU: bf16 (serving) or f32 (parity).
+    #[arg(long, default_value = "bf16")]
+    precision: ringmoe_cuda::Precision,
     #[arg(long, default_value_t = 2048)]
     tokens: usize,
     #[arg(long, default_value_t = 3)]
@@ -223,7 +294,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_score(a: ScoreArgs) -> Result<()> {
-    let (model, _) = load_model(&a.model)?;
+    let model = Engine::load(&a.model, a.device, a.precision)?;
     let tok = Tokenizer::from_dir(&a.model)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
@@ -248,19 +319,21 @@ fn cmd_bench_prefill(a: BenchPrefillArgs) -> Result<()> {
         a.tokens > 0 && a.repeat > 0,
         "--tokens and --repeat must be positive"
     );
-    let (model, load_secs) = load_model(&a.model)?;
-    let vocab = model.config.vocab_size as u64;
+    let t = Instant::now();
+    let model = Engine::load(&a.model, a.device, a.precision)?;
+    let load_secs = t.elapsed().as_secs_f64();
+    let vocab = ModelConfig::from_dir(&a.model)?.vocab_size as u64;
     let ids: Vec<u32> = XorShift::new(a.seed)
         .take(a.tokens)
         .map(|s| (s % vocab) as u32)
         .collect();
     for _ in 0..a.warmup {
-        model.forward(&ids, &mut model.new_cache(), LogitsFor::Last)?;
+        model.prefill(&ids)?;
     }
     let mut rates = Vec::new();
     for _ in 0..a.repeat {
         let t = Instant::now();
-        model.forward(&ids, &mut model.new_cache(), LogitsFor::Last)?;
+        model.prefill(&ids)?;
         rates.push(a.tokens as f64 / t.elapsed().as_secs_f64());
     }
     let best = rates.iter().copied().fold(0.0, f64::max);

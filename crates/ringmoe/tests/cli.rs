@@ -274,6 +274,31 @@ fn bad_inputs_exit_nonzero_with_a_message() -> Result<()> {
         "hi",
     ])?;
     ensure!(!out.status.success() && String::from_utf8(out.stderr)?.contains("/nonexistent/model"));
+
+    // A GPU the build or the machine cannot use is a clear error, never a panic; a device name
+    // that is not one is refused by the parser.
+    let model_s = model.to_str().context("utf-8 path")?;
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+    let readme_s = readme.to_str().context("utf-8 path")?;
+    let out = ringmoe(&[
+        "score", "--model", model_s, "--file", readme_s, "--device", "cuda:0",
+    ])?;
+    let err = String::from_utf8(out.stderr)?;
+    ensure!(
+        !out.status.success()
+            && (err.contains("not compiled with CUDA support")
+                || err.contains("CUDA is not usable here"))
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    let out = ringmoe(&[
+        "score", "--model", model_s, "--file", readme_s, "--device", "gpu",
+    ])?;
+    let err = String::from_utf8(out.stderr)?;
+    ensure!(
+        !out.status.success() && err.contains("want cpu, cuda or cuda:N"),
+        "{err}"
+    );
     Ok(())
 }
 
