@@ -357,6 +357,19 @@ mod imp {
             recv: &mut CudaSlice<T>,
             recv_counts: &[usize],
         ) -> Result<()> {
+            let pending = self.start_all_to_all_v(send, send_counts, recv, recv_counts)?;
+            self.finish(pending)
+        }
+
+        /// [`Self::all_to_all_v`] enqueued on the NCCL stream without waiting (the expert
+        /// dispatch of one micro-batch in flight while another computes); [`Self::finish`] it.
+        pub fn start_all_to_all_v<T: NcclType>(
+            &self,
+            send: &CudaSlice<T>,
+            send_counts: &[usize],
+            recv: &mut CudaSlice<T>,
+            recv_counts: &[usize],
+        ) -> Result<Pending> {
             let n = self.world;
             if send_counts.len() != n || recv_counts.len() != n {
                 return Err(CommError::InvalidArgument {
@@ -377,7 +390,7 @@ mod imp {
                     ),
                 });
             }
-            self.run("all_to_all_v", |comm| {
+            self.enqueue("all_to_all_v", |comm| {
                 group(|| {
                     let mut off = 0;
                     for (j, &c) in send_counts.iter().enumerate() {

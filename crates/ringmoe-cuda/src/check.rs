@@ -45,6 +45,17 @@ fn tensor(n: &[usize], seed: u64, amp: f32) -> Result<Tensor> {
     )?)
 }
 
+/// Causal attention with the usual 1/√d scale.
+fn causal(heads: usize, kv_heads: usize, head_dim: usize) -> AttentionParams {
+    AttentionParams {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        causal: true,
+    }
+}
+
 /// Runs every kernel check on `b`.
 pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
     let mut out = Vec::new();
@@ -308,13 +319,7 @@ pub fn ring_nccl(
 ) -> Result<(Vec<Check>, Vec<f64>)> {
     let world = shards.len();
     let len: usize = shards.iter().map(Vec::len).sum();
-    let p = AttentionParams {
-        n_heads: heads,
-        n_kv_heads: kv_heads,
-        head_dim,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-        causal: true,
-    };
+    let p = causal(heads, kv_heads, head_dim);
     let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
     let q = rand_vec(len * qw, 70, 1.0);
     let k = rand_vec(len * kw, 71, 1.0);
@@ -567,13 +572,7 @@ pub fn attention_timing(
     head_dim: usize,
     iters: usize,
 ) -> Result<AttentionTiming> {
-    let p = AttentionParams {
-        n_heads: heads,
-        n_kv_heads: kv_heads,
-        head_dim,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-        causal: true,
-    };
+    let p = causal(heads, kv_heads, head_dim);
     let pos: Vec<usize> = (0..tokens).collect();
     let q = b.upload(&tensor(&[tokens, heads, head_dim], 30, 1.0)?)?;
     let k = b.upload(&tensor(&[tokens, kv_heads, head_dim], 31, 1.0)?)?;

@@ -92,7 +92,9 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     let shards: Vec<Vec<usize>> = (0..a.ring_ranks)
         .map(|r| plan.positions(r).to_vec())
         .collect();
-    let (ring_checks, ring_secs) = check::ring_nccl(&shards, 16, 4, 128)?;
+    let (ring_checks, ring_secs) = check::ring_nccl(&shards, 16, 4, 128).context(
+        "ring attention over NCCL (needs libnccl.so on LD_LIBRARY_PATH; scripts/gpu-check.sh links it)",
+    )?;
     checks.extend(ring_checks);
     let mut timings = Vec::new();
     for [t, h, kv, d] in shapes {
