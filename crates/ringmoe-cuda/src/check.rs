@@ -79,20 +79,19 @@ pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
         n,
         ringmoe_core::gemm::Par::Rayon,
     )?;
-    let (dx, dw) = (b.upload(&x)?, b.upload(&w)?);
-    push(
-        "matmul f32",
-        b.download(&b.matmul_nt(&dx, &dw)?)?.as_slice(),
-        &want,
-        1e-4,
-    );
-    let wb = b.upload_bf16(&w)?;
-    push(
-        "matmul bf16→f32",
-        b.download(&b.linear(&dx, &wb)?)?.as_slice(),
-        &want,
-        1e-2,
-    );
+    let dx = b.upload(&x)?;
+    for (name, precision, tol) in [
+        ("matmul f32", Precision::F32, 1e-4),
+        ("matmul bf16→f32", Precision::Bf16, 1e-2),
+    ] {
+        let dw = b.upload_weight(w.as_slice(), n, k, precision)?;
+        push(
+            name,
+            b.download(&b.linear(&dx, &dw)?)?.as_slice(),
+            &want,
+            tol,
+        );
+    }
 
     // Grouped GEMM over 8 experts with uneven (and one empty) row counts.
     let rows = [40usize, 0, 7, 100, 1, 33, 64, 55];
@@ -152,7 +151,7 @@ pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
         let mut slots: Vec<usize> = (t * top..(t + 1) * top).collect();
         slots.sort_by_key(|&s| routing.expert_ids[s]);
         for s in slots {
-            rows_of.push(Some(plan.row_of_slot[s] as usize));
+            rows_of.push(plan.row_of_slot[s] as usize);
             ws_of.push(routing.weights[s]);
         }
     }

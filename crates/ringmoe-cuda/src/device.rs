@@ -339,18 +339,13 @@ impl CudaBackend {
         Ok(Tensor::from_vec(v, t.shape.clone())?)
     }
 
-    fn zeros(&self, shape: Vec<usize>) -> Result<DeviceTensor> {
+    /// A zeroed tensor (also a receive buffer).
+    pub(crate) fn zeros(&self, shape: Vec<usize>) -> Result<DeviceTensor> {
         let n = shape.iter().product::<usize>();
         Ok(DeviceTensor {
             data: self.stream.alloc_zeros::<f32>(n.max(1)).map_err(driver)?,
             shape,
         })
-    }
-
-    /// A `[rows, cols]` weight, converted to bf16 on the host (round to nearest even) and uploaded.
-    pub fn upload_bf16(&self, t: &Tensor) -> Result<DeviceWeight> {
-        let (rows, cols) = t.dims2("upload_bf16")?;
-        self.upload_weight(t.as_slice(), rows, cols, Precision::Bf16)
     }
 
     /// A row-major `[rows, cols]` weight uploaded in `precision` (bf16: rounded to nearest even on
@@ -400,28 +395,6 @@ impl CudaBackend {
         // buffers that hold at least `n`.
         unsafe { b.launch(grid(n, 256)?) }.map_err(driver)?;
         Ok(out)
-    }
-
-    /// `x · wᵀ` in f32: x `[m, k]`, w `[n, k]` → `[m, n]`.
-    pub fn matmul_nt(&self, x: &DeviceTensor, w: &DeviceTensor) -> Result<DeviceTensor> {
-        let (m, k) = x.dims2("matmul_nt")?;
-        let (n, k2) = w.dims2("matmul_nt")?;
-        if k != k2 {
-            return Err(invalid(
-                "matmul_nt",
-                format!("x is [{m}, {k}] but w is [{n}, {k2}]"),
-            ));
-        }
-        let mut y = self.zeros(vec![m, n])?;
-        self.gemm_nt(
-            (m, n, k),
-            &x.data,
-            blas_sys::cudaDataType::CUDA_R_32F,
-            &w.data,
-            blas_sys::cudaDataType::CUDA_R_32F,
-            &mut y.data,
-        )?;
-        Ok(y)
     }
 
     /// `x · wᵀ` for a `[rows, k]` x (any leading shape whose last dimension is k) and a
@@ -959,11 +932,11 @@ impl CudaBackend {
     }
 
     /// MoE combine: `out[t] = Σ_j weight[t, j] · y[row[t, j]]` over `[tokens, k]` slots, added in
-    /// the order given (`None` = a dropped slot), for expert outputs `y` `[rows, hidden]`.
+    /// the order given, for expert outputs `y` `[rows, hidden]`.
     pub fn combine(
         &self,
         y: &DeviceTensor,
-        row: &[Option<usize>],
+        row: &[usize],
         weight: &[f32],
         k: usize,
     ) -> Result<DeviceTensor> {
@@ -979,16 +952,15 @@ impl CudaBackend {
             ));
         }
         let tokens = row.len() / k;
+        if let Some(bad) = row.iter().find(|&&r| r >= rows) {
+            return Err(invalid(
+                "combine",
+                format!("slot row {bad} of {rows} expert output rows"),
+            ));
+        }
         let ids: Vec<i32> = row
             .iter()
-            .map(|r| match r {
-                Some(r) if *r < rows => i32_of("combine", *r),
-                Some(r) => Err(invalid(
-                    "combine",
-                    format!("slot row {r} of {rows} expert output rows"),
-                )),
-                None => Ok(-1),
-            })
+            .map(|&r| i32_of("combine", r))
             .collect::<Result<_>>()?;
         let mut out = self.zeros(vec![tokens, hidden])?;
         if tokens * hidden == 0 {
@@ -1009,8 +981,8 @@ impl CudaBackend {
             .arg(&t)
             .arg(&kk)
             .arg(&h);
-        // SAFETY: one thread per output element (tokens·hidden); every row index is < rows or
-        // -1 (checked), y holds rows·hidden, ids and ws tokens·k.
+        // SAFETY: one thread per output element (tokens·hidden); every row index is < rows
+        // (checked), y holds rows·hidden, ids and ws tokens·k.
         unsafe { b.launch(grid(tokens * hidden, 256)?) }.map_err(driver)?;
         Ok(out)
     }
@@ -1273,11 +1245,6 @@ impl CudaBackend {
                 .map_err(driver)?;
         }
         Ok(kv)
-    }
-
-    /// A zeroed f32 buffer of `n` elements (a receive buffer).
-    pub fn zeros_flat(&self, n: usize) -> Result<DeviceTensor> {
-        self.zeros(vec![n])
     }
 
     /// [`Self::attention`] over a block packed by [`Self::pack_kv`] (`[2, k_pos.len(), width]`).

@@ -131,8 +131,7 @@ extern "C" __global__ void copy_cols(const float* src, int rows, int width, int 
 }
 
 // MoE combine: out[t, c] = sum over j of weight[t, j] * y[row[t, j], c], the j in the order
-// given (the host sorts each token's slots by expert id, transformers' order); row < 0 is a
-// dropped slot.
+// given (the host sorts each token's slots by expert id, transformers' order).
 extern "C" __global__ void combine(const float* y, const int* row, const float* weight,
                                    float* out, int tokens, int k, int cols) {
     u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
@@ -140,8 +139,7 @@ extern "C" __global__ void combine(const float* y, const int* row, const float* 
     int t = (int)(i / cols), c = (int)(i % cols);
     float acc = 0.f;
     for (int j = 0; j < k; j++) {
-        int r = row[(u64)t * k + j];
-        if (r >= 0) acc += y[(u64)r * cols + c] * weight[(u64)t * k + j];
+        acc += y[(u64)row[(u64)t * k + j] * cols + c] * weight[(u64)t * k + j];
     }
     out[i] = acc;
 }

@@ -226,27 +226,11 @@ impl CudaModel {
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         let mut rope = None;
-        let mut failed = None;
-        let g = load_parts(&cfg, src, experts, |_, layer| {
-            if rope.is_none() {
-                rope = Some(layer.attn.rope.clone());
-            }
-            match up.layer(&layer) {
-                Ok(l) => layers.push(l),
-                // Keep the CUDA error; the loader only carries model errors.
-                Err(e) => {
-                    failed = Some(e);
-                    return Err(ringmoe_model::Error::InvalidInput(
-                        "uploading a layer failed".into(),
-                    ));
-                }
-            }
+        let g = load_parts(&cfg, src, experts, |_, layer| -> Result<()> {
+            rope.get_or_insert_with(|| layer.attn.rope.clone());
+            layers.push(up.layer(&layer)?);
             Ok(())
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let g = g?;
+        })?;
         let rope = rope.ok_or_else(|| invalid("load", "the model has no layers".into()))?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = up.matrix(&g.embed, v, h, precision)?;
@@ -545,7 +529,7 @@ impl CudaModel {
             let mut slots: Vec<usize> = (t * k..(t + 1) * k).collect();
             slots.sort_by_key(|&s| routing.expert_ids[s]);
             for s in slots {
-                rows.push(Some(plan.row_of_slot[s] as usize));
+                rows.push(plan.row_of_slot[s] as usize);
                 ws.push(routing.weights[s]);
             }
         }

@@ -46,9 +46,9 @@ pub fn ring_attention(
         let owner = (rank + world - step) % world;
         let incoming = if step + 1 < world {
             let from = (rank + world - step - 1) % world;
-            let mut buf = b.zeros_flat(2 * blocks[from].len() * width)?;
+            let mut buf = b.zeros(vec![2, blocks[from].len() * width])?;
             let pending = comm.start_sendrecv(next, cur.buffer(), prev, buf.buffer_mut())?;
-            Some((buf.reshape(vec![2, blocks[from].len() * width])?, pending))
+            Some((buf, pending))
         } else {
             None
         };

@@ -90,7 +90,7 @@ impl Model {
     ) -> Result<Self> {
         opts.device.ensure_available()?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        let g = load_parts(&cfg, ckpt, &opts.experts, |_, layer| {
+        let g = load_parts(&cfg, ckpt, &opts.experts, |_, layer| -> Result<()> {
             layers.push(layer);
             Ok(())
         })?;
@@ -256,12 +256,12 @@ pub struct ModelGlobals {
 /// every layer in order (holding only the experts `experts` selects), then the embedding, final
 /// norm and lm_head are returned. Another backend's loader (the CUDA model uploads each layer and
 /// drops it) never holds more than one layer on the host.
-pub fn load_parts(
+pub fn load_parts<E: From<Error>>(
     cfg: &ModelConfig,
     ckpt: &dyn TensorSource,
     experts: &ExpertSelection,
-    mut layer: impl FnMut(usize, DecoderLayer) -> Result<()>,
-) -> Result<ModelGlobals> {
+    mut layer: impl FnMut(usize, DecoderLayer) -> std::result::Result<(), E>,
+) -> std::result::Result<ModelGlobals, E> {
     let w = WeightLoader { ckpt, cfg };
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     // The embedding first: a checkpoint whose config does not match is named by its first tensor.
