@@ -9,7 +9,8 @@
 //!
 //! What it provides, each checked against ringmoe-core's CPU kernel by `ringmoe gpu-check`:
 //!
-//! * [`DeviceTensor`] (f32 on the device) and [`DeviceWeight`] (bf16 on the device, uploaded once).
+//! * [`DeviceTensor`] (f32 on the device) and [`DeviceWeight`] (bf16 or f32 by [`Precision`],
+//!   uploaded once).
 //! * GEMMs `x · wᵀ` through cuBLAS: f32, and bf16 inputs with f32 accumulation and f32 output;
 //!   [`CudaBackend::grouped_linear`] runs every local expert's GEMM in one
 //!   `cublasGemmGroupedBatchedEx` launch (cuBLAS 12.5 or later).
