@@ -24,7 +24,7 @@ pub use coordinator::{CoordinatorConfig, ModelEntry, run_coordinator};
 pub use membership::{Membership, MemoryMembership, WorkerRecord};
 pub use server::ServerOptions;
 pub use store::{JobId, JobMode, JobSpec, JobState, JobStore, Recovered, StoreError, StoredJob};
-pub use worker::{Registry, WorkerConfig, run_worker};
+pub use worker::{Registry, WorkerConfig, WorkerDevice, run_worker};
 
 /// Errors of the cluster's processes (gRPC handlers answer with a `tonic::Status` instead).
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,9 @@ pub enum ClusterError {
 
     #[error("model {name}: {msg}")]
     Model { name: String, msg: String },
+
+    #[error("worker device {0}")]
+    Device(String),
 }
 
 impl ClusterError {

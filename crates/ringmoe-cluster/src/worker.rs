@@ -6,6 +6,12 @@
 //! receives its zigzag shard of the sequence, connects a TCP communicator to the job's peers and
 //! runs prefill (and decode) with ring attention and expert-parallel MoE. The compute runs on a
 //! thread of its own; the gRPC side only moves messages.
+//!
+//! A worker runs on the CPU or on one GPU ([`WorkerDevice`]). A GPU worker holds its weights in
+//! device memory (`ringmoe_cuda::CudaModel`, only the experts its placement gives it) and, per
+//! job, forms an NCCL group over the job's TCP communicator (the unique id travels through it):
+//! ring attention, the expert all-to-all and the decode all-gathers then move device buffers
+//! over NCCL. Every worker of a job must be on the same kind of device.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -15,9 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringmoe_comm::TcpOptions;
+use ringmoe_cuda::{CudaBackend, CudaError, CudaModel, CudaShardedSequence, Precision};
 use ringmoe_model::generate::SamplingParams;
 use ringmoe_model::model::nll_of;
-use ringmoe_model::{LoadOptions, Model, Sampler};
+use ringmoe_model::{LoadOptions, Model, ModelConfig, Sampler};
 use ringmoe_parallel::{
     ExpertParallel, JobOptions, LoadTracker, ParallelError, Placement, ShardPlan, ShardedSequence,
     Sharding, prefill_shard_observed,
@@ -45,14 +52,35 @@ pub enum Registry {
     Membership(Arc<dyn Membership>),
 }
 
+/// Where a worker computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerDevice {
+    #[default]
+    Cpu,
+    /// GPU `ordinal`, weights in `precision` (needs a build with `--features cuda`).
+    Cuda {
+        ordinal: usize,
+        precision: Precision,
+    },
+}
+
+impl std::fmt::Display for WorkerDevice {
+    /// `cpu` or `cuda:N`, as published in the worker's record.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda { ordinal, .. } => write!(f, "cuda:{ordinal}"),
+        }
+    }
+}
+
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub registry: Registry,
     /// Lease TTL in a membership store: how long a dead worker stays listed.
     pub lease_ttl: Duration,
-    /// `cpu` or `cuda:N`, as published.
-    pub device: String,
+    pub device: WorkerDevice,
     /// The address this worker's gRPC server is reachable at, as told to the coordinator (the
     /// bound address when `None`).
     pub advertise: Option<String>,
@@ -68,13 +96,29 @@ pub struct WorkerConfig {
     pub models: Vec<crate::ModelEntry>,
 }
 
+/// A model in host memory or on this worker's GPU.
+#[derive(Clone)]
+enum Engine {
+    Cpu(Arc<Model>),
+    Cuda(Arc<CudaModel>),
+}
+
+impl Engine {
+    fn config(&self) -> &ModelConfig {
+        match self {
+            Self::Cpu(m) => &m.config,
+            Self::Cuda(m) => &m.config,
+        }
+    }
+}
+
 /// A loaded model and the placement it was loaded for.
 struct Loaded {
     name: String,
     path: String,
     placement: Placement,
     index: usize,
-    model: Arc<Model>,
+    model: Engine,
 }
 
 /// A job between `PrepareJob` and `RunJob`.
@@ -95,6 +139,8 @@ struct Shard {
 }
 
 struct Inner {
+    /// This worker's GPU (opened once at start), or `None` on the CPU.
+    gpu: Option<(Arc<CudaBackend>, Precision)>,
     loaded: Mutex<Option<Arc<Loaded>>>,
     pending: Mutex<HashMap<u64, PendingJob>>,
     running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
@@ -113,9 +159,22 @@ pub struct Worker {
 }
 
 impl Worker {
-    fn new(cfg: &WorkerConfig) -> Self {
-        Self {
+    /// Opens the GPU first when the worker runs on one: a worker that cannot use its device
+    /// fails at start, not at its first job.
+    fn new(cfg: &WorkerConfig) -> Result<Self, ClusterError> {
+        let gpu = match cfg.device {
+            WorkerDevice::Cpu => None,
+            WorkerDevice::Cuda { ordinal, precision } => Some((
+                Arc::new(
+                    CudaBackend::new(ordinal)
+                        .map_err(|e| ClusterError::Device(format!("cuda:{ordinal}: {e}")))?,
+                ),
+                precision,
+            )),
+        };
+        Ok(Self {
             inner: Arc::new(Inner {
+                gpu,
                 loaded: Mutex::default(),
                 pending: Mutex::default(),
                 running: Mutex::default(),
@@ -129,7 +188,7 @@ impl Worker {
                     .map(|m| (m.name.clone(), m.path.clone()))
                     .collect(),
             }),
-        }
+        })
     }
 
     /// Loads `model` with the experts of `index` in `placement` (from the local copy when this
@@ -179,18 +238,29 @@ impl Worker {
         }
         let (p, sel) = (path.clone(), placement.selection(index));
         let t = Instant::now();
+        let gpu = self.inner.gpu.clone();
         let loaded_model = tokio::task::spawn_blocking(move || {
-            let opts = LoadOptions {
-                experts: sel,
-                ..LoadOptions::default()
-            };
-            Model::load(std::path::Path::new(&p), &opts)
+            let dir = std::path::Path::new(&p);
+            match gpu {
+                None => {
+                    let opts = LoadOptions {
+                        experts: sel,
+                        ..LoadOptions::default()
+                    };
+                    Model::load(dir, &opts)
+                        .map(|m| Engine::Cpu(Arc::new(m)))
+                        .map_err(|e| e.to_string())
+                }
+                Some((b, precision)) => CudaModel::load(b, dir, &sel, precision)
+                    .map(|m| Engine::Cuda(Arc::new(m)))
+                    .map_err(|e| e.to_string()),
+            }
         })
         .await
         .map_err(internal)?
         .map_err(|e| Status::failed_precondition(format!("loading {path}: {e}")))?;
         placement
-            .check_model(&loaded_model.config, placement.workers)
+            .check_model(loaded_model.config(), placement.workers)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let secs = t.elapsed().as_secs_f64();
         info!(%model, index, version = placement.version, secs, "model loaded");
@@ -199,7 +269,7 @@ impl Worker {
             path,
             placement,
             index,
-            model: Arc::new(loaded_model),
+            model: loaded_model,
         }));
         Ok((secs, false))
     }
@@ -391,6 +461,7 @@ impl WorkerService for Worker {
                 let _g = span.enter();
                 let run = JobRun {
                     id,
+                    gpu: inner.gpu.as_ref().map(|g| &g.0),
                     loaded: &loaded,
                     shard: &shard,
                     cancel: &cancel,
@@ -443,7 +514,10 @@ impl WorkerService for Worker {
         _req: Request<proto::ReportLoadRequest>,
     ) -> Result<Response<proto::ReportLoadResponse>, Status> {
         let (layers, experts) = match lock(&self.inner.loaded)?.as_ref() {
-            Some(l) => (l.model.config.num_layers, l.model.config.moe.num_experts),
+            Some(l) => {
+                let c = l.model.config();
+                (c.num_layers, c.moe.num_experts)
+            }
             None => (0, 0),
         };
         let snap = self.inner.load.snapshot();
@@ -461,9 +535,22 @@ impl WorkerService for Worker {
     }
 }
 
+/// A GPU backend's error as the distributed forward's: cancellations, collective failures and
+/// model errors keep their kind; the rest is a device error.
+fn from_cuda(e: CudaError) -> ParallelError {
+    match e {
+        CudaError::Parallel(p) => p,
+        CudaError::Comm(c) => ParallelError::Comm(c),
+        CudaError::Model(m) => ParallelError::Model(m),
+        CudaError::Core(c) => ParallelError::Core(c),
+        other => ParallelError::Device(other.to_string()),
+    }
+}
+
 /// One worker's part of one job, on its own thread.
 struct JobRun<'a> {
     id: u64,
+    gpu: Option<&'a Arc<CudaBackend>>,
     loaded: &'a Loaded,
     shard: &'a Shard,
     cancel: &'a AtomicBool,
@@ -497,7 +584,7 @@ impl JobRun<'_> {
         attention: ringmoe_parallel::AttentionMode,
         timeout: Duration,
     ) -> Result<(), ParallelError> {
-        let (s, model) = (self.shard, &*self.loaded.model);
+        let s = self.shard;
         let opts = TcpOptions {
             session: self.id,
             ..TcpOptions::default()
@@ -523,70 +610,123 @@ impl JobRun<'_> {
             }
             Ok(())
         };
-        match proto::JobMode::try_from(r.mode) {
-            Ok(proto::JobMode::Score) => {
-                let out = prefill_shard_observed(
-                    model,
-                    &comm,
-                    &plan,
-                    &s.tokens,
-                    job,
-                    Some(&ep),
-                    &mut on_layer,
-                )?;
-                self.scores(model, &out.positions, &out.hidden)
-            }
-            Ok(proto::JobMode::Generate) => {
-                let (mut seq, mut logits) = ShardedSequence::prefill_shard(
-                    model,
-                    &comm,
-                    &plan,
-                    &s.tokens,
-                    job,
-                    Some(&ep),
-                    &mut on_layer,
-                )?;
-                let sp = r.sampling.unwrap_or_default();
-                let mut sampler = Sampler::new(SamplingParams {
-                    temperature: sp.temperature,
-                    top_p: if sp.top_p == 0.0 { 1.0 } else { sp.top_p },
-                    seed: sp.seed,
-                })?;
-                let mut out = Vec::new();
-                loop {
-                    let next = sampler.sample(&logits);
-                    out.push(next);
-                    if lead {
-                        self.emit(worker_event::Event::Decoded(out.len() as u32))?;
-                    }
-                    if r.eos_token_ids.contains(&next) || out.len() >= r.max_new_tokens as usize {
-                        break;
-                    }
-                    self.check()?;
-                    logits = seq.decode(next)?;
+        let mode = proto::JobMode::try_from(r.mode)
+            .ok()
+            .filter(|m| matches!(m, proto::JobMode::Score | proto::JobMode::Generate))
+            .ok_or_else(|| ParallelError::Plan(format!("unknown job mode {}", r.mode)))?;
+        match &self.loaded.model {
+            Engine::Cpu(model) => match mode {
+                proto::JobMode::Score => {
+                    let out = prefill_shard_observed(
+                        model,
+                        &comm,
+                        &plan,
+                        &s.tokens,
+                        job,
+                        Some(&ep),
+                        &mut on_layer,
+                    )?;
+                    self.scores(model.config.vocab_size, &out.positions, |a, b| {
+                        Ok(model.logits(&out.hidden.rows(a, b)?)?)
+                    })
                 }
-                if lead {
-                    for c in out.chunks(CHUNK) {
-                        self.emit(worker_event::Event::Generated(proto::TokenIds {
-                            ids: c.to_vec(),
-                        }))?;
+                _ => {
+                    let (mut seq, logits) = ShardedSequence::prefill_shard(
+                        model,
+                        &comm,
+                        &plan,
+                        &s.tokens,
+                        job,
+                        Some(&ep),
+                        &mut on_layer,
+                    )?;
+                    self.generate(r, logits, |t| seq.decode(t))
+                }
+            },
+            Engine::Cuda(model) => {
+                if attention != ringmoe_parallel::AttentionMode::Dense {
+                    return Err(ParallelError::Plan(format!(
+                        "GPU workers run dense attention only; this job asks for {attention:?}"
+                    )));
+                }
+                let b = self
+                    .gpu
+                    .ok_or_else(|| ParallelError::Device("no GPU opened".into()))?;
+                let nccl = b.join_nccl(&comm, timeout).map_err(from_cuda)?;
+                let mut on_layer =
+                    |done: usize, layers: usize| on_layer(done, layers).map_err(CudaError::from);
+                match mode {
+                    proto::JobMode::Score => {
+                        let out = model
+                            .prefill_shard(&nccl, &plan, &s.tokens, Some(&ep), &mut on_layer)
+                            .map_err(from_cuda)?;
+                        self.scores(model.config.vocab_size, &out.positions, |a, b| {
+                            model.logits_of_rows(&out.hidden, a, b).map_err(from_cuda)
+                        })
+                    }
+                    _ => {
+                        let (mut seq, logits) = CudaShardedSequence::prefill_shard(
+                            model,
+                            &nccl,
+                            &plan,
+                            &s.tokens,
+                            Some(&ep),
+                            &mut on_layer,
+                        )
+                        .map_err(from_cuda)?;
+                        self.generate(r, logits, |t| seq.decode(t).map_err(from_cuda))
                     }
                 }
-                Ok(())
             }
-            _ => Err(ParallelError::Plan(format!("unknown job mode {}", r.mode))),
         }
     }
 
+    /// Samples from `logits`, feeds each token to `decode` for the next logits, until an EOS
+    /// token or `max_new_tokens`; the lead rank reports progress and streams the tokens.
+    fn generate(
+        &self,
+        r: &proto::RunJobRequest,
+        mut logits: Vec<f32>,
+        mut decode: impl FnMut(u32) -> Result<Vec<f32>, ParallelError>,
+    ) -> Result<(), ParallelError> {
+        let lead = self.shard.rank == 0;
+        let sp = r.sampling.unwrap_or_default();
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: sp.temperature,
+            top_p: if sp.top_p == 0.0 { 1.0 } else { sp.top_p },
+            seed: sp.seed,
+        })?;
+        let mut out = Vec::new();
+        loop {
+            let next = sampler.sample(&logits);
+            out.push(next);
+            if lead {
+                self.emit(worker_event::Event::Decoded(out.len() as u32))?;
+            }
+            if r.eos_token_ids.contains(&next) || out.len() >= r.max_new_tokens as usize {
+                break;
+            }
+            self.check()?;
+            logits = decode(next)?;
+        }
+        if lead {
+            for c in out.chunks(CHUNK) {
+                self.emit(worker_event::Event::Generated(proto::TokenIds {
+                    ids: c.to_vec(),
+                }))?;
+            }
+        }
+        Ok(())
+    }
+
     /// NLL of the next token at each of this rank's positions that has one, streamed in chunks;
-    /// lm_head runs on a few hundred rows at a time.
+    /// `logits(start, end)` (lm_head) runs on a few hundred rows at a time.
     fn scores(
         &self,
-        model: &Model,
+        vocab: usize,
         positions: &[usize],
-        hidden: &ringmoe_core::Tensor,
+        logits: impl Fn(usize, usize) -> Result<ringmoe_core::Tensor, ParallelError>,
     ) -> Result<(), ParallelError> {
-        let vocab = model.config.vocab_size;
         let targets = &self.shard.targets;
         if targets.len() != positions.len() {
             return Err(ParallelError::Plan(format!(
@@ -600,7 +740,7 @@ impl JobRun<'_> {
         for s in (0..positions.len()).step_by(ROWS) {
             self.check()?;
             let e = (s + ROWS).min(positions.len());
-            let logits = model.logits(&hidden.rows(s, e)?)?;
+            let logits = logits(s, e)?;
             for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
                 let t = targets[s + i];
                 if t == u32::MAX {
@@ -636,7 +776,7 @@ pub async fn run_worker(
         .local_addr()
         .map_err(ClusterError::io("local_addr"))?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let worker = Worker::new(&cfg);
+    let worker = Worker::new(&cfg)?;
     let svc = WorkerServiceServer::new(worker.clone())
         .max_decoding_message_size(cfg.server.max_message_bytes)
         .max_encoding_message_size(cfg.server.max_message_bytes);
@@ -653,7 +793,7 @@ pub async fn run_worker(
             let rec = WorkerRecord {
                 id: advertise.clone(),
                 addr: advertise.clone(),
-                device: cfg.device.clone(),
+                device: cfg.device.to_string(),
                 kv_budget_bytes: cfg.kv_budget_bytes,
                 models: cfg.models.iter().map(|m| m.name.clone()).collect(),
                 placement: None,

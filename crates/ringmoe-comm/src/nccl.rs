@@ -40,6 +40,13 @@ pub fn join(
     device: usize,
     timeout: std::time::Duration,
 ) -> crate::Result<NcclCommunicator> {
+    let id = exchange_id(comm)?;
+    NcclCommunicator::new(comm.rank(), comm.world_size(), &id, device, timeout)
+}
+
+/// The rendezvous half of [`join`]: rank 0's fresh unique id, received by every rank of `comm`
+/// (for callers that initialise NCCL on a context of their own with `on_context`).
+pub fn exchange_id(comm: &crate::Communicator) -> crate::Result<NcclId> {
     use crate::{Data, Kind, Payload, Tag};
     let tag = Tag::new(0, 0, 0, Kind::AllGather);
     let mine = match comm.rank() {
@@ -53,15 +60,12 @@ pub fn join(
             data: Data::U8(mine),
         },
     )?;
-    let id = match all.into_iter().next().map(|p| p.data) {
-        Some(Data::U8(bytes)) if bytes.len() == 128 => NcclId(bytes),
-        _ => {
-            return Err(crate::CommError::NcclUnavailable(
-                "rank 0 could not create an NCCL unique id (no CUDA/NCCL there)".into(),
-            ));
-        }
-    };
-    NcclCommunicator::new(comm.rank(), comm.world_size(), &id, device, timeout)
+    match all.into_iter().next().map(|p| p.data) {
+        Some(Data::U8(bytes)) if bytes.len() == 128 => Ok(NcclId(bytes)),
+        _ => Err(crate::CommError::NcclUnavailable(
+            "rank 0 could not create an NCCL unique id (no CUDA/NCCL there)".into(),
+        )),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -122,7 +122,7 @@ impl DeviceTensor {
         })
     }
 
-    fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
+    pub(crate) fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
         match self.shape[..] {
             [a, b] => Ok((a, b)),
             _ => Err(invalid(
@@ -929,6 +929,75 @@ impl CudaBackend {
                 .map_err(driver)?;
         }
         Ok(y)
+    }
+
+    /// The `[rows_i, cols]` tensors stacked in order → `[Σ rows_i, cols]` (device copies).
+    pub fn concat_rows(&self, parts: &[DeviceTensor]) -> Result<DeviceTensor> {
+        let cols = match parts.first() {
+            Some(p) => p.dims2("concat_rows")?.1,
+            None => return Err(invalid("concat_rows", "nothing to concatenate".into())),
+        };
+        let mut total = 0;
+        for p in parts {
+            let (r, c) = p.dims2("concat_rows")?;
+            if c != cols {
+                return Err(invalid(
+                    "concat_rows",
+                    format!("a part of {c} columns among parts of {cols}"),
+                ));
+            }
+            total += r;
+        }
+        let mut y = self.zeros(vec![total, cols])?;
+        let mut at = 0;
+        for p in parts {
+            let n = p.len();
+            if n > 0 {
+                self.stream
+                    .memcpy_dtod(&p.data.slice(..n), &mut y.data.slice_mut(at..at + n))
+                    .map_err(driver)?;
+            }
+            at += n;
+        }
+        Ok(y)
+    }
+
+    /// Host words to the device (headers of the expert dispatch). Never empty: an empty input
+    /// gives one zero word, since a zero-length device allocation is not allowed.
+    pub(crate) fn upload_words(&self, v: &[u32]) -> Result<CudaSlice<u32>> {
+        if v.is_empty() {
+            return self.stream.alloc_zeros::<u32>(1).map_err(driver);
+        }
+        self.stream.clone_htod(v).map_err(driver)
+    }
+
+    /// A zeroed word buffer of `n` (at least one) elements.
+    pub(crate) fn zero_words(&self, n: usize) -> Result<CudaSlice<u32>> {
+        self.stream.alloc_zeros::<u32>(n.max(1)).map_err(driver)
+    }
+
+    /// Device words back to the host (waits for the stream, and through the buffer's events for
+    /// any transfer writing it on another stream).
+    pub(crate) fn download_words(&self, v: &CudaSlice<u32>) -> Result<Vec<u32>> {
+        self.stream.clone_dtoh(v).map_err(driver)
+    }
+
+    /// Forms an NCCL group over the ranks of `comm` (the unique id travels through it) on this
+    /// backend's context, so NCCL's stream and the compute stream share buffers with their uses
+    /// ordered by cudarc's events.
+    pub fn join_nccl(
+        &self,
+        comm: &ringmoe_comm::Communicator,
+        timeout: std::time::Duration,
+    ) -> Result<ringmoe_comm::nccl::NcclCommunicator> {
+        let id = ringmoe_comm::nccl::exchange_id(comm)?;
+        Ok(ringmoe_comm::nccl::NcclCommunicator::on_context(
+            comm.rank(),
+            comm.world_size(),
+            &id,
+            &self.ctx,
+            timeout,
+        )?)
     }
 
     /// MoE combine: `out[t] = Σ_j weight[t, j] · y[row[t, j]]` over `[tokens, k]` slots, added in

@@ -35,10 +35,14 @@ pub use stub::check;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+mod expert;
+#[cfg(feature = "cuda")]
 mod model;
 pub mod report;
 #[cfg(feature = "cuda")]
 pub mod ring;
+#[cfg(feature = "cuda")]
+mod shard;
 #[cfg(not(feature = "cuda"))]
 mod stub;
 
@@ -48,9 +52,12 @@ pub use device::{
 };
 #[cfg(feature = "cuda")]
 pub use model::{CudaKvCache, CudaModel};
+#[cfg(feature = "cuda")]
+pub use shard::{CudaRankPrefill, CudaShardedSequence};
 #[cfg(not(feature = "cuda"))]
 pub use stub::{
-    CudaBackend, CudaKvCache, CudaModel, DeviceTensor, DeviceWeight, available, compile_kernels,
+    CudaBackend, CudaKvCache, CudaModel, CudaRankPrefill, CudaShardedSequence, DeviceTensor,
+    DeviceWeight, available, compile_kernels,
 };
 
 /// The precision of the large weight matrices on the device (projections, experts, embedding,
@@ -120,6 +127,9 @@ pub enum CudaError {
 
     #[error(transparent)]
     Comm(#[from] ringmoe_comm::CommError),
+
+    #[error(transparent)]
+    Parallel(#[from] ringmoe_parallel::ParallelError),
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;

@@ -21,8 +21,34 @@ use ringmoe_model::{
     nll_of,
 };
 
+use ringmoe_comm::nccl::NcclCommunicator;
+use ringmoe_parallel::{ExpertParallel, MoeStats};
+
 use crate::device::{CudaBackend, DeviceKv, DeviceRope, DeviceTensor, DeviceWeight};
+use crate::expert::{ExpertRef, moe_parallel};
 use crate::{CudaError, Precision, Result};
+
+/// Final hidden states, each sparse layer's routing, the expert-parallel figures.
+pub(crate) type LayersOut = (DeviceTensor, Vec<(usize, Routing)>, MoeStats);
+
+/// How one layer's attention core runs.
+pub(crate) enum Attend<'a> {
+    /// One GPU: append the new K/V to the cache and attend to everything cached.
+    Cached,
+    /// Context-parallel prefill: append this rank's K/V, then ring attention over the group,
+    /// `blocks[r]` being the positions rank `r` holds.
+    Ring(&'a [Vec<usize>]),
+    /// A decode step over a sharded cache: the new K/V is appended here when `own`; each rank's
+    /// partial `(out, lse)` over its own cache is all-gathered and merged in rank order.
+    Sharded { own: bool },
+}
+
+/// The NCCL group a distributed forward runs over, and whether its routed experts are
+/// expert-parallel (else every rank holds every expert).
+pub(crate) struct Group<'a> {
+    pub comm: &'a NcclCommunicator,
+    pub ep: Option<&'a ExpertParallel>,
+}
 
 fn invalid(op: &'static str, msg: String) -> CudaError {
     CudaError::Invalid { op, msg }
@@ -314,7 +340,6 @@ impl CudaModel {
         if tokens.is_empty() {
             return Err(invalid("forward", "no tokens".into()));
         }
-        self.check_tokens(tokens)?;
         if cache.layers.len() != self.layers.len() {
             return Err(invalid(
                 "forward",
@@ -338,24 +363,90 @@ impl CudaModel {
             ));
         }
         let positions: Vec<usize> = (start..end).collect();
-        let rope = self.b.rope_table(&self.rope.table(&positions))?;
+        let (x, routing, _) = self.run_layers(
+            tokens,
+            &positions,
+            cache,
+            &Attend::Cached,
+            None,
+            &mut |_, _| Ok(()),
+        )?;
+        Ok((x, routing))
+    }
+
+    /// Embeds `tokens` (at `positions`) and runs every layer, attention as `attend` says and
+    /// the routed experts over `group` when expert-parallel; `on_layer(done, layers)` after each
+    /// layer (an error stops the pass). Returns the final hidden states (before the final norm),
+    /// each sparse layer's routing and the expert-parallel figures.
+    pub(crate) fn run_layers(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        cache: &mut CudaKvCache,
+        attend: &Attend<'_>,
+        group: Option<&Group<'_>>,
+        on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<LayersOut> {
+        self.check_tokens(tokens)?;
+        if cache.layers.len() != self.layers.len() || tokens.len() != positions.len() {
+            return Err(invalid(
+                "forward",
+                format!(
+                    "{} tokens at {} positions, a KV cache of {} layers for {}",
+                    tokens.len(),
+                    positions.len(),
+                    cache.layers.len(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        let rope = self.b.rope_table(&self.rope.table(positions))?;
         let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
         let mut x = self.b.gather_weight_rows(&self.embed, &ids)?;
         let mut routing = Vec::new();
+        let mut stats = MoeStats::default();
+        let n = self.layers.len();
         for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            if let Some(r) = self.layer_forward(layer, &mut x, &positions, &rope, kv)? {
+            let r = self.layer_forward(
+                l,
+                layer,
+                &mut x,
+                (positions, &rope),
+                kv,
+                attend,
+                group,
+                &mut stats,
+            )?;
+            if let Some(r) = r {
                 routing.push((l, r));
             }
+            on_layer(l + 1, n)?;
         }
-        Ok((x, routing))
+        Ok((x, routing, stats))
     }
 
     /// Final norm and lm_head on `[rows, hidden]` hidden states → `[rows, vocab]` on the host.
     pub fn logits(&self, hidden: &DeviceTensor) -> Result<ringmoe_core::Tensor> {
+        self.b.download(&self.last_logits(hidden)?)
+    }
+
+    /// [`Self::logits`] left on the device.
+    pub fn last_logits(&self, hidden: &DeviceTensor) -> Result<DeviceTensor> {
         let normed = self
             .b
             .rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
-        self.b.download(&self.b.linear(&normed, &self.lm_head)?)
+        self.b.linear(&normed, &self.lm_head)
+    }
+
+    /// Logits of rows `start..end` of `[rows, hidden]` hidden states, on the host (scoring a
+    /// long shard a few hundred rows at a time).
+    pub fn logits_of_rows(
+        &self,
+        hidden: &DeviceTensor,
+        start: usize,
+        end: usize,
+    ) -> Result<ringmoe_core::Tensor> {
+        self.logits(&self.b.rows(hidden, start, end)?)
     }
 
     /// Forward pass returning logits for the requested positions.
@@ -398,7 +489,7 @@ impl CudaModel {
         const CHUNK: usize = 512;
         for s in (0..n).step_by(CHUNK) {
             let e = (s + CHUNK).min(n);
-            let logits = self.logits(&self.b.rows(&hidden, s, e)?)?;
+            let logits = self.logits_of_rows(&hidden, s, e)?;
             for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
                 nll.push(nll_of(row, tokens[s + i + 1] as usize));
             }
@@ -419,13 +510,19 @@ impl CudaModel {
         self.b.linear(&self.b.swiglu(&gu)?, &m.down)
     }
 
+    /// One decoder layer on `x` (the tokens at `positions`, with their RoPE table), its
+    /// attention core as `attend` says, its routed experts over `group` when expert-parallel.
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
+        l: usize,
         layer: &DevLayer,
         x: &mut DeviceTensor,
-        positions: &[usize],
-        rope: &DeviceRope,
+        (positions, rope): (&[usize], &DeviceRope),
         kv: &mut DeviceKv,
+        attend: &Attend<'_>,
+        group: Option<&Group<'_>>,
+        stats: &mut MoeStats,
     ) -> Result<Option<Routing>> {
         let b = &*self.b;
         let t = positions.len();
@@ -444,15 +541,36 @@ impl CudaModel {
         }
         b.rope_with(&mut q, hq, d, rope)?;
         b.rope_with(&mut k, hkv, d, rope)?;
-        b.kv_append(kv, &k, &v, positions)?;
-        let (out, _lse) = b.attention_cached(&p, &q, positions, kv)?;
+        let out = match (attend, group) {
+            (Attend::Cached, _) => {
+                b.kv_append(kv, &k, &v, positions)?;
+                b.attention_cached(&p, &q, positions, kv)?.0
+            }
+            (Attend::Ring(blocks), Some(g)) => {
+                b.kv_append(kv, &k, &v, positions)?;
+                crate::ring::ring_attention(b, g.comm, &p, &q, positions, &k, &v, blocks)?.0
+            }
+            (Attend::Sharded { own }, Some(g)) => {
+                if *own {
+                    b.kv_append(kv, &k, &v, positions)?;
+                }
+                crate::shard::sharded_attention(b, g.comm, &p, &q, positions, kv)?
+            }
+            (_, None) => {
+                return Err(invalid(
+                    "forward",
+                    "distributed attention without an NCCL group".into(),
+                ));
+            }
+        };
         let o = self.linear(&out.reshape(vec![t, hq * d])?, &a.o)?;
         b.add_inplace(x, &o)?;
         let normed = b.rms_norm(x, &layer.post_norm, layer.eps)?;
+        let ep = group.and_then(|g| g.ep.map(|ep| (g.comm, ep)));
         let (y, routing) = match &layer.ffn {
             DevFfn::Dense(m) => (self.mlp(&normed, m)?, None),
             DevFfn::Sparse(m) => {
-                let (y, r) = self.moe(&normed, m)?;
+                let (y, r) = self.moe(l, &normed, m, ep, stats)?;
                 (y, Some(r))
             }
         };
@@ -464,7 +582,7 @@ impl CudaModel {
     /// routed experts (all must be loaded here), shared expert. For benchmarks of the MoE layer.
     pub fn moe_layer(&self, layer: usize, x: &DeviceTensor) -> Result<(DeviceTensor, Routing)> {
         match self.layers.get(layer).map(|l| &l.ffn) {
-            Some(DevFfn::Sparse(m)) => self.moe(x, m),
+            Some(DevFfn::Sparse(m)) => self.moe(layer, x, m, None, &mut MoeStats::default()),
             _ => Err(invalid(
                 "moe_layer",
                 format!("layer {layer} is not a sparse layer of this model"),
@@ -477,7 +595,15 @@ impl CudaModel {
         self.b.upload(x)
     }
 
-    fn moe(&self, x: &DeviceTensor, m: &DevMoe) -> Result<(DeviceTensor, Routing)> {
+    /// Router, routed experts (on this GPU, or expert-parallel over `ep`'s group), shared expert.
+    fn moe(
+        &self,
+        l: usize,
+        x: &DeviceTensor,
+        m: &DevMoe,
+        ep: Option<(&NcclCommunicator, &ExpertParallel)>,
+        stats: &mut MoeStats,
+    ) -> Result<(DeviceTensor, Routing)> {
         let b = &*self.b;
         let logits = self.linear(x, &m.router)?;
         let (weights, expert_ids) =
@@ -487,7 +613,24 @@ impl CudaModel {
             expert_ids,
             weights,
         };
-        let mut y = self.experts(x, &routing, m)?;
+        let mut y = match ep {
+            None => self.experts(x, &routing, m)?,
+            Some((comm, ep)) => {
+                let refs: Vec<Option<ExpertRef<'_>>> = m
+                    .experts
+                    .iter()
+                    .map(|e| {
+                        e.as_ref().map(|e| ExpertRef {
+                            gate_up: &e.gate_up,
+                            down: &e.down,
+                        })
+                    })
+                    .collect();
+                let (y, s) = moe_parallel(&self.b, comm, ep, l, &refs, x, &routing)?;
+                stats.add(&s);
+                y
+            }
+        };
         if let Some((mlp, gate)) = &m.shared {
             let s = self.mlp(x, mlp)?;
             let g = self.linear(x, gate)?;

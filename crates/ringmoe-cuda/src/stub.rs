@@ -28,9 +28,63 @@ pub struct CudaKvCache(());
 
 /// Cannot be constructed without the `cuda` feature.
 #[derive(Debug)]
-pub struct CudaModel(());
+pub struct CudaModel {
+    pub config: ringmoe_model::ModelConfig,
+    _none: std::convert::Infallible,
+}
+
+/// What a rank holds after a GPU prefill (never, without the `cuda` feature).
+#[derive(Debug)]
+pub struct CudaRankPrefill {
+    pub positions: Vec<usize>,
+    pub hidden: DeviceTensor,
+    pub cache: CudaKvCache,
+    pub routing: Vec<(usize, ringmoe_model::moe::Routing)>,
+    pub moe: ringmoe_parallel::MoeStats,
+}
+
+/// Cannot be constructed without the `cuda` feature.
+#[derive(Debug)]
+pub struct CudaShardedSequence<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'a> CudaShardedSequence<'a> {
+    pub fn prefill_shard(
+        _model: &'a CudaModel,
+        _comm: &'a ringmoe_comm::nccl::NcclCommunicator,
+        _plan: &ringmoe_parallel::ShardPlan,
+        _mine: &[u32],
+        _ep: Option<&'a ringmoe_parallel::ExpertParallel>,
+        _on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<(Self, Vec<f32>)> {
+        Err(CudaError::NotCompiled)
+    }
+
+    pub fn decode(&mut self, _token: u32) -> Result<Vec<f32>> {
+        Err(CudaError::NotCompiled)
+    }
+}
 
 impl CudaModel {
+    pub fn prefill_shard(
+        &self,
+        _comm: &ringmoe_comm::nccl::NcclCommunicator,
+        _plan: &ringmoe_parallel::ShardPlan,
+        _tokens: &[u32],
+        _ep: Option<&ringmoe_parallel::ExpertParallel>,
+        _on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<CudaRankPrefill> {
+        Err(CudaError::NotCompiled)
+    }
+
+    pub fn logits_of_rows(
+        &self,
+        _hidden: &DeviceTensor,
+        _start: usize,
+        _end: usize,
+    ) -> Result<Tensor> {
+        Err(CudaError::NotCompiled)
+    }
+
     pub fn load(
         _b: std::sync::Arc<CudaBackend>,
         _dir: &std::path::Path,
@@ -56,6 +110,14 @@ impl CudaBackend {
 
     pub fn describe(&self) -> String {
         String::new()
+    }
+
+    pub fn join_nccl(
+        &self,
+        _comm: &ringmoe_comm::Communicator,
+        _timeout: std::time::Duration,
+    ) -> Result<ringmoe_comm::nccl::NcclCommunicator> {
+        Err(CudaError::NotCompiled)
     }
 
     pub fn upload(&self, _t: &Tensor) -> Result<DeviceTensor> {

@@ -23,6 +23,11 @@ pub enum ParallelError {
     #[error("expert dispatch: {0}")]
     Dispatch(String),
 
+    /// The GPU backend failed (its own error type lives in `ringmoe-cuda`, which builds on this
+    /// crate).
+    #[error("GPU: {0}")]
+    Device(String),
+
     #[error(
         "worker {worker} has placement version {mine} but rank {peer} dispatched with version {theirs}: \
          every worker must switch placements together"

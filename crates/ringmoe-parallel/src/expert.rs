@@ -119,8 +119,8 @@ impl MoeStats {
     }
 }
 
-/// Marks a dropped slot in the destination list.
-const DROPPED: u32 = u32::MAX;
+/// Marks a dropped slot in the destination list of [`assign_slots`].
+pub const DROPPED: u32 = u32::MAX;
 /// Header words before the per-expert counts.
 const HEADER: usize = 3;
 
@@ -207,6 +207,43 @@ pub fn moe_parallel(
     Ok((out, stats))
 }
 
+/// The worker that computes each routing slot of rank `me`'s tokens in `layer` (of `n` experts),
+/// or [`DROPPED`] past the capacity limit: the j-th slot (in token order) routed to expert `e`
+/// goes to [`Placement::choose`]`(layer, e, j, me)`. Shared by the host and the device
+/// expert-parallel paths, so both dispatch the same rows to the same replicas.
+pub fn assign_slots(
+    ep: &ExpertParallel,
+    layer: usize,
+    n: usize,
+    routing: &Routing,
+    me: usize,
+) -> Result<Vec<u32>> {
+    let cap = ep.capacity_factor.map(|f| {
+        let per = f as f64 * routing.expert_ids.len() as f64 / n.max(1) as f64;
+        per.ceil() as usize
+    });
+    let mut seen = vec![0usize; n];
+    routing
+        .expert_ids
+        .iter()
+        .enumerate()
+        .map(|(slot, &e)| {
+            let e = e as usize;
+            let j = seen.get_mut(e).ok_or_else(|| {
+                ParallelError::Dispatch(format!(
+                    "layer {layer}: slot {slot} routes to expert {e}, the layer has {n}"
+                ))
+            })?;
+            if cap.is_some_and(|c| *j >= c) {
+                return Ok(DROPPED);
+            }
+            let w = ep.placement.choose(layer, e, *j, me)?;
+            *j += 1;
+            Ok(w as u32)
+        })
+        .collect()
+}
+
 /// What the steps of one layer share.
 struct Layer<'a> {
     comm: &'a Communicator,
@@ -223,32 +260,13 @@ impl Layer<'_> {
 
     /// The worker of every routing slot (or [`DROPPED`]).
     fn assign(&self, routing: &Routing) -> Result<Vec<u32>> {
-        let (n, me) = (self.num_experts(), self.comm.rank());
-        let cap = self.ep.capacity_factor.map(|f| {
-            let per = f as f64 * routing.expert_ids.len() as f64 / n.max(1) as f64;
-            per.ceil() as usize
-        });
-        let mut seen = vec![0usize; n];
-        routing
-            .expert_ids
-            .iter()
-            .enumerate()
-            .map(|(slot, &e)| {
-                let e = e as usize;
-                let j = seen.get_mut(e).ok_or_else(|| {
-                    ParallelError::Dispatch(format!(
-                        "layer {}: slot {slot} routes to expert {e}, the layer has {n}",
-                        self.layer
-                    ))
-                })?;
-                if cap.is_some_and(|c| *j >= c) {
-                    return Ok(DROPPED);
-                }
-                let w = self.ep.placement.choose(self.layer, e, *j, me)?;
-                *j += 1;
-                Ok(w as u32)
-            })
-            .collect()
+        assign_slots(
+            self.ep,
+            self.layer,
+            self.num_experts(),
+            routing,
+            self.comm.rank(),
+        )
     }
 
     /// The frames of tokens `s..e` for every worker, and the slots each frame's rows belong to.

@@ -16,7 +16,7 @@ pub mod sparse;
 
 pub use decode::{ShardedSequence, StopRule, generate_sharded};
 pub use error::{ParallelError, Result};
-pub use expert::{ExpertParallel, MoeStats, moe_parallel};
+pub use expert::{DROPPED, ExpertParallel, MoeStats, assign_slots, moe_parallel};
 pub use load::{LoadSnapshot, LoadTracker};
 pub use placement::{Placement, Replica};
 pub use prefill::{

@@ -12,7 +12,7 @@ use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions, EtcdTls};
 use ringmoe_cluster::proto::{self, JobPhase};
 use ringmoe_cluster::{
     CoordinatorConfig, Membership, MemoryMembership, ModelEntry, Registry, ServerOptions,
-    WorkerConfig,
+    WorkerConfig, WorkerDevice,
 };
 use tokio::net::TcpListener;
 
@@ -150,6 +150,13 @@ pub struct WorkerArgs {
     kv: KvOpts,
     #[command(flatten)]
     limits: LimitOpts,
+    /// `cpu`, or `cuda:N`: this worker's weights, K/V and compute on GPU N, its jobs'
+    /// transfers over NCCL (needs a `--features cuda` build; every worker of a job on a GPU).
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    device: crate::DeviceArg,
+    /// Weight precision on a GPU: bf16 (serving) or f32 (parity).
+    #[arg(long, default_value = "bf16")]
+    precision: ringmoe_cuda::Precision,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -359,7 +366,13 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         let cfg = WorkerConfig {
             registry,
             lease_ttl: Duration::from_secs(a.lease_ttl_secs.max(1)),
-            device: "cpu".into(),
+            device: match a.device {
+                crate::DeviceArg::Cpu => WorkerDevice::Cpu,
+                crate::DeviceArg::Cuda(ordinal) => WorkerDevice::Cuda {
+                    ordinal,
+                    precision: a.precision,
+                },
+            },
             advertise: a.advertise,
             kv_budget_bytes: a.kv.bytes()?,
             data_host: a.data_host.unwrap_or(l.local_addr()?.ip()),
@@ -398,7 +411,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             let wcfg = WorkerConfig {
                 registry: Registry::Membership(Arc::new(members.clone())),
                 lease_ttl: Duration::from_secs(3),
-                device: "cpu".into(),
+                device: WorkerDevice::Cpu,
                 advertise: None,
                 kv_budget_bytes: kv,
                 data_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),

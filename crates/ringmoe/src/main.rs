@@ -83,12 +83,12 @@ struct GenerateArgs {
 
 /// Where the single-process engine runs: `cpu`, or `cuda:N` (a build with `--features cuda`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DeviceArg {
+pub(crate) enum DeviceArg {
     Cpu,
     Cuda(usize),
 }
 
-fn parse_device(s: &str) -> Result<DeviceArg, String> {
+pub(crate) fn parse_device(s: &str) -> Result<DeviceArg, String> {
     match s {
         "cpu" => Ok(DeviceArg::Cpu),
         "cuda" => Ok(DeviceArg::Cuda(0)),

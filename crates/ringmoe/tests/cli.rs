@@ -291,6 +291,23 @@ fn bad_inputs_exit_nonzero_with_a_message() -> Result<()> {
             && !err.contains("panicked"),
         "{err}"
     );
+    // A worker on a GPU it cannot open fails at start (before registering), with the reason.
+    let out = ringmoe(&[
+        "worker",
+        "--coordinator",
+        "127.0.0.1:1",
+        "--device",
+        "cuda:0",
+    ])?;
+    let err = String::from_utf8(out.stderr)?;
+    ensure!(
+        !out.status.success()
+            && err.contains("worker device cuda:0")
+            && (err.contains("not compiled with CUDA support")
+                || err.contains("CUDA is not usable here"))
+            && !err.contains("panicked"),
+        "{err}"
+    );
     let out = ringmoe(&[
         "score", "--model", model_s, "--file", readme_s, "--device", "gpu",
     ])?;
