@@ -13,7 +13,10 @@
 #      - ring attention over NCCL with P = --ring-ranks (default 1) against the CPU;
 #      - the attention kernel's TFLOP/s, and prefill / MoE-layer tokens/s of the bench model;
 #   2. PyTorch's scaled_dot_product_attention on the same shapes (scripts/sdpa_bench.py);
-#   3. NCCL with one rank: ring sendrecv and all_to_all_v on device buffers (`bench comm`).
+#   3. NCCL with one rank: ring sendrecv and all_to_all_v on device buffers (`bench comm`);
+#   4. the cluster on GPU workers: a coordinator and RING_RANKS `worker --device cuda:r --precision
+#      f32` processes run a score job and a greedy generate job on the Mixtral fixture; the same
+#      jobs on CPU workers are the reference (NLLs within 1e-3, the same tokens).
 #
 # On a machine with N GPUs, the multi-rank NCCL checks are
 #   RING_RANKS=N scripts/gpu-check.sh            (ring attention, rank r on GPU r, zigzag shards)
@@ -43,3 +46,46 @@ echo "== PyTorch SDPA on the same shapes"
 python3 scripts/sdpa_bench.py --attention "$SHAPES"
 echo "== NCCL, one rank"
 "$BIN" bench comm --transport nccl --ranks 1 --bytes 1M,16M,64M --iters 20
+
+echo "== the cluster on $RING_RANKS GPU worker(s) vs CPU workers (Mixtral fixture)"
+WORK=$(mktemp -d)
+trap 'rm -rf "$LIBDIR" "$WORK"; kill $(jobs -p) 2>/dev/null || true' EXIT
+head -c 3000 README.md > "$WORK/text.txt"
+cluster() { # DEVICE_PREFIX OUT_PREFIX: coordinator + RING_RANKS workers, a score and a generate job
+  local dev=$1 out=$2 pids=()
+  "$BIN" coordinator --addr 127.0.0.1:0 --store "$WORK/store-$dev" --model tests/fixtures/mixtral-tiny \
+    --min-workers "$RING_RANKS" > "$WORK/coord-$dev.out" 2> "$WORK/coord-$dev.err" &
+  pids+=($!)
+  for _ in $(seq 50); do [ -s "$WORK/coord-$dev.out" ] && break; sleep 0.2; done
+  local addr
+  addr=$(head -1 "$WORK/coord-$dev.out" | awk '{print $NF}')   # "listening on HOST:PORT"
+  for r in $(seq 0 $((RING_RANKS - 1))); do
+    local d=cpu
+    [ "$dev" = cuda ] && d=cuda:$r
+    "$BIN" worker --coordinator "$addr" --device "$d" --precision f32 2> "$WORK/worker-$dev-$r.err" > /dev/null &
+    pids+=($!)
+  done
+  sleep 2
+  for p in "${pids[@]}"; do
+    kill -0 "$p" 2>/dev/null || { tail -n 5 "$WORK"/*-"$dev"*.err; echo "a $dev process exited"; return 1; }
+  done
+  # A job waits for --min-workers: bound the wait if a worker dies later.
+  timeout 900 "$BIN" submit --addr "$addr" --json --file "$WORK/text.txt" --mode score > "$out-score.json"
+  timeout 900 "$BIN" submit --addr "$addr" --json --file "$WORK/text.txt" --max-new-tokens 32 > "$out-gen.json"
+  kill "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+}
+cluster cpu "$WORK/cpu"
+cluster cuda "$WORK/cuda"
+python3 - "$WORK" <<'PY'
+import json, sys
+w = sys.argv[1]
+load = lambda n: json.load(open(f"{w}/{n}.json"))
+cs, gs, cg, gg = load("cpu-score"), load("cuda-score"), load("cpu-gen"), load("cuda-gen")
+assert cs["state"] == gs["state"] == cg["state"] == gg["state"] == "done", (cs["state"], gs["state"])
+d = max(abs(a - b) for a, b in zip(cs["nll"], gs["nll"]))
+same = cg["tokens"] == gg["tokens"]
+print(f"score: {len(gs['nll'])} NLLs, max |GPU - CPU| = {d:.3e} (tolerance 1e-3); "
+      f"generate: {len(gg['tokens'])} greedy tokens, {'identical' if same else 'DIFFERENT'}")
+sys.exit(0 if d <= 1e-3 and same and len(cs["nll"]) == len(gs["nll"]) else 1)
+PY

@@ -597,3 +597,126 @@ pub fn attention_timing(
         tflops: flops / secs / 1e12,
     })
 }
+
+/// The distributed forward on `world` GPUs of this machine (rank `r` on GPU `r`, one thread
+/// each, one NCCL group): for every fixture, the 300-token prefill zigzag-sharded with ring
+/// attention and the experts expert-parallel (round-robin placement, each GPU loading only its
+/// experts), without and with two-batch overlap, against the transformers logits; then a 48-token
+/// sharded prefill and 15 decode steps over the sharded cache. F32 weights, so the tolerance is the
+/// f32 path's. `world = 1` runs every collective as a self-exchange through NCCL.
+pub fn distributed(dir: &Path, world: usize) -> Result<Vec<Check>> {
+    use ringmoe_parallel::{ExpertParallel, Placement, ShardPlan, Sharding};
+
+    let mut out = Vec::new();
+    let tol = logits_tolerance(Precision::F32);
+    for name in FIXTURES {
+        let mdir = dir.join(name);
+        let cfg = ModelConfig::from_dir(&mdir)?;
+        let reference = Checkpoint::open_files(&mdir, &[mdir.join("reference.safetensors")])?;
+        let tokens: Vec<u32> = reference
+            .load_i64("input_ids_L300")?
+            .0
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        let want = reference
+            .load("logits_L300", &reference.meta("logits_L300")?.shape.clone())?
+            .into_vec();
+        let vocab = cfg.vocab_size;
+        let placement = Placement::round_robin(cfg.num_layers, cfg.moe.num_experts, world)?;
+        let id = ringmoe_comm::nccl::unique_id()?;
+        // Per rank: (positions, prefill logits) for each overlap setting, and decode logits.
+        type RankOut = (Vec<(Vec<usize>, Vec<f32>)>, Vec<f32>);
+        let results: Vec<Result<RankOut>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|r| {
+                    let (id, placement, mdir, tokens) = (&id, &placement, &mdir, &tokens);
+                    s.spawn(move || -> Result<RankOut> {
+                        let b = Arc::new(CudaBackend::new(r)?);
+                        let model = CudaModel::load(
+                            b.clone(),
+                            mdir,
+                            &placement.selection(r),
+                            Precision::F32,
+                        )?;
+                        let comm = ringmoe_comm::nccl::NcclCommunicator::on_context(
+                            r,
+                            world,
+                            id,
+                            b.context(),
+                            std::time::Duration::from_secs(120),
+                        )?;
+                        let plan = ShardPlan::new(tokens.len(), world, Sharding::Zigzag)?;
+                        let mine = plan.tokens_for(r, tokens)?;
+                        let mut prefills = Vec::new();
+                        for overlap in [false, true] {
+                            let ep = ExpertParallel {
+                                overlap,
+                                ..ExpertParallel::new(placement.clone())
+                            };
+                            let o = model.prefill_shard(
+                                &comm,
+                                &plan,
+                                &mine,
+                                Some(&ep),
+                                &mut |_, _| Ok(()),
+                            )?;
+                            let n = o.positions.len();
+                            let logits = model.logits_of_rows(&o.hidden, 0, n)?.into_vec();
+                            prefills.push((o.positions, logits));
+                        }
+                        let ep = ExpertParallel::new(placement.clone());
+                        let plan = ShardPlan::new(48, world, Sharding::Zigzag)?;
+                        let mine = plan.tokens_for(r, &tokens[..48])?;
+                        let (mut seq, mut decoded) = crate::CudaShardedSequence::prefill_shard(
+                            &model,
+                            &comm,
+                            &plan,
+                            &mine,
+                            Some(&ep),
+                            &mut |_, _| Ok(()),
+                        )?;
+                        for &t in &tokens[48..63] {
+                            decoded.extend(seq.decode(t)?);
+                        }
+                        Ok((prefills, decoded))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(crate::CudaError::Invalid {
+                            op: "distributed",
+                            msg: "a rank's thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        for (r, res) in results.into_iter().enumerate() {
+            let (prefills, decoded) = res?;
+            for ((positions, logits), overlap) in prefills.iter().zip([false, true]) {
+                let mut expect = Vec::with_capacity(logits.len());
+                for &p in positions {
+                    expect.extend_from_slice(&want[p * vocab..(p + 1) * vocab]);
+                }
+                out.push(Check {
+                    name: format!(
+                        "{name} P={world} rank {r} ring + expert-parallel prefill L=300{}",
+                        if overlap { " (two-batch overlap)" } else { "" }
+                    ),
+                    rel_err: rel_err(logits, &expect),
+                    tolerance: tol,
+                });
+            }
+            out.push(Check {
+                name: format!("{name} P={world} rank {r} sharded decode 48+15"),
+                rel_err: rel_err(&decoded, &want[47 * vocab..63 * vocab]),
+                tolerance: tol,
+            });
+        }
+    }
+    Ok(out)
+}

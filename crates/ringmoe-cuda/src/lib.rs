@@ -25,8 +25,12 @@
 //! experts a placement selects) and [`ring::ring_attention`] (ring attention over NCCL on device
 //! buffers, transfers overlapping the attention kernel).
 //!
+//! For a group of GPUs: [`CudaModel::prefill_shard`] (ring attention and, optionally, expert
+//! parallelism over NCCL) and [`CudaShardedSequence`] (decode over the sharded cache), which the
+//! cluster's GPU workers run.
+//!
 //! Status: compile-checked in CI; not yet run on a GPU (see docs/performance.md for the GPU
-//! checks still owed). The cluster's workers still run the CPU engine.
+//! checks still owed).
 
 #[cfg(feature = "cuda")]
 pub mod check;

@@ -152,6 +152,10 @@ pub mod check {
         Err(CudaError::NotCompiled)
     }
 
+    pub fn distributed(_dir: &Path, _world: usize) -> Result<Vec<Check>> {
+        Err(CudaError::NotCompiled)
+    }
+
     pub fn model_timing(
         _b: &Arc<CudaBackend>,
         _cfg: &ModelConfig,

@@ -36,8 +36,9 @@ pub struct GpuCheckArgs {
     /// 4 layers, 8 experts top-2), comma-separated; empty to skip.
     #[arg(long, value_delimiter = ',', default_value = "2048,16384")]
     model_tokens: Vec<usize>,
-    /// Ranks of the NCCL ring-attention check, rank r on GPU r (one GPU: 1; NCCL cannot put two
-    /// ranks on one GPU). The sequence is zigzag-sharded as in the cluster.
+    /// Ranks of the NCCL checks (ring attention alone, and the fixtures' distributed prefill and
+    /// decode with expert parallelism), rank r on GPU r (one GPU: 1; NCCL cannot put two ranks
+    /// on one GPU). The sequence is zigzag-sharded as in the cluster.
     #[arg(long, default_value_t = 1)]
     ring_ranks: usize,
     /// Tokens of the ring-attention check (16 heads, 4 KV heads, head_dim 128).
@@ -96,6 +97,10 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         "ring attention over NCCL (needs libnccl.so on LD_LIBRARY_PATH; scripts/gpu-check.sh links it)",
     )?;
     checks.extend(ring_checks);
+    checks
+        .extend(check::distributed(&a.fixtures, a.ring_ranks).context(
+            "the fixtures' ring + expert-parallel prefill and sharded decode over NCCL",
+        )?);
     let mut timings = Vec::new();
     for [t, h, kv, d] in shapes {
         timings.push(check::attention_timing(&b, t, h, kv, d, a.iters)?);
@@ -136,12 +141,12 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     } else {
         println!("device: {}", b.describe());
         println!(
-            "{:<44} {:>12} {:>10}  result",
+            "{:<72} {:>12} {:>10}  result",
             "check", "rel. error", "tolerance"
         );
         for c in &checks {
             println!(
-                "{:<44} {:>12.3e} {:>10.1e}  {}",
+                "{:<72} {:>12.3e} {:>10.1e}  {}",
                 c.name,
                 c.rel_err,
                 c.tolerance,
