@@ -38,6 +38,8 @@ pub mod check;
 pub use stub::check;
 #[cfg(feature = "cuda")]
 mod device;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod dispatch;
 #[cfg(feature = "cuda")]
 mod expert;
 #[cfg(feature = "cuda")]
