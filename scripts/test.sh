@@ -27,5 +27,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The NCCL transport and the CUDA backend must keep compiling without CUDA (cudarc loads the
 # libraries at run time).
-cargo clippy -p ringmoe-comm -p ringmoe-cuda -p ringmoe --features cuda --all-targets --locked -- -D warnings
+cargo clippy -p ringmoe-comm -p ringmoe-cuda -p ringmoe-cluster -p ringmoe --features cuda --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast

@@ -141,6 +141,10 @@ struct Shard {
 struct Inner {
     /// This worker's GPU (opened once at start), or `None` on the CPU.
     gpu: Option<(Arc<CudaBackend>, Precision)>,
+    /// Held by the job computing on the GPU: the backend's stream and cuBLAS handle serve one
+    /// job at a time (the coordinator runs one job at a time anyway; this covers a stale run
+    /// still finishing when its re-run arrives).
+    gpu_busy: Mutex<()>,
     loaded: Mutex<Option<Arc<Loaded>>>,
     pending: Mutex<HashMap<u64, PendingJob>>,
     running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
@@ -175,6 +179,7 @@ impl Worker {
         Ok(Self {
             inner: Arc::new(Inner {
                 gpu,
+                gpu_busy: Mutex::default(),
                 loaded: Mutex::default(),
                 pending: Mutex::default(),
                 running: Mutex::default(),
@@ -469,6 +474,10 @@ impl WorkerService for Worker {
                     load: &inner.load,
                 };
                 let t = Instant::now();
+                let _gpu = inner
+                    .gpu
+                    .is_some()
+                    .then(|| inner.gpu_busy.lock().unwrap_or_else(|p| p.into_inner()));
                 let res = run.execute(listener, &peers, &r, attention, inner.data_timeout);
                 match res {
                     Ok(()) => info!(secs = t.elapsed().as_secs_f64(), "job part done"),

@@ -17,9 +17,11 @@
 //! 4. **Combine.** The owner sums each token's expert outputs times their gate weights in
 //!    increasing expert id; a dropped slot reads a zero row kept past the returned ones.
 //!
-//! Nothing but the header waits on the host: transfers run on NCCL's stream and kernels on the
-//! compute stream, ordered per buffer by cudarc's events, so with `overlap` the second
-//! micro-batch's dispatch is in flight while the first computes (two-batch overlap).
+//! Transfers run on NCCL's stream and kernels on the compute stream, ordered per buffer by
+//! cudarc's events. The host waits (bounded by the communicator's timeout) for the header, and
+//! for each dispatch before enqueuing its compute; with `overlap` the second micro-batch's
+//! dispatch is in flight while the first computes, and the first's return while the second
+//! computes (two-batch overlap).
 
 use std::time::Instant;
 
