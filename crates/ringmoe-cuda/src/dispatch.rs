@@ -4,7 +4,7 @@
 //! tests below run a whole expert-parallel layer over simulated ranks with it.
 
 use ringmoe_model::moe::Routing;
-use ringmoe_parallel::{DROPPED, ParallelError, Placement};
+use ringmoe_parallel::{DROPPED, ParallelError, Placement, check_version};
 
 /// Words before the per-batch counts in a header: placement version (low, high), experts.
 pub(crate) const HEADER: usize = 3;
@@ -136,15 +136,7 @@ pub(crate) fn parse_headers(
     };
     let mut recv = vec![vec![vec![0usize; experts]; world]; batches];
     for (from, h) in got.chunks_exact(width).enumerate() {
-        let theirs = h[0] as u64 | ((h[1] as u64) << 32);
-        if theirs != placement.version {
-            return Err(ParallelError::StalePlacement {
-                worker: me,
-                peer: from,
-                mine: placement.version,
-                theirs,
-            });
-        }
+        check_version(placement, me, from, h[0] as u64 | ((h[1] as u64) << 32))?;
         if h[2] as usize != experts {
             return Err(bad(
                 from,

@@ -249,10 +249,9 @@ impl<'a> CudaShardedSequence<'a> {
         ))
     }
 
-    /// The rank that stores the next token's K/V.
+    /// The rank that stores the next token's K/V (the host path's rule).
     pub fn owner_of_next(&self) -> usize {
-        let min = self.shard_sizes.iter().copied().min().unwrap_or(0);
-        self.shard_sizes.iter().position(|&s| s == min).unwrap_or(0)
+        ringmoe_parallel::owner_of_next(&self.shard_sizes)
     }
 
     /// Feeds one token (the same on every rank) and returns the next logits, on every rank.

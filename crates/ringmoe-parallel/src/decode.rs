@@ -45,6 +45,14 @@ impl std::fmt::Debug for ShardedSequence<'_> {
     }
 }
 
+/// The rank that stores a new token's K/V given every rank's cached tokens: the fewest, lowest
+/// rank on ties. Every rank (host or device path) evaluates this on the same sizes, so they agree
+/// without messages.
+pub fn owner_of_next(shard_sizes: &[usize]) -> usize {
+    let min = shard_sizes.iter().copied().min().unwrap_or(0);
+    shard_sizes.iter().position(|&s| s == min).unwrap_or(0)
+}
+
 /// Whichever rank holds position `pos` contributes `row`; every rank gets it.
 fn share_row(comm: &Communicator, tag: Tag, row: Option<Vec<f32>>) -> Result<Vec<f32>> {
     let gathered = comm.all_gather(tag, Payload::f32(row.unwrap_or_default()))?;
@@ -122,8 +130,7 @@ impl<'a> ShardedSequence<'a> {
 
     /// The rank that stores the next token's K/V.
     pub fn owner_of_next(&self) -> usize {
-        let min = self.shard_sizes.iter().copied().min().unwrap_or(0);
-        self.shard_sizes.iter().position(|&s| s == min).unwrap_or(0)
+        owner_of_next(&self.shard_sizes)
     }
 
     /// Feeds one token (the same on every rank) and returns the next logits, on every rank.

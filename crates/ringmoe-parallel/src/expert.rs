@@ -244,6 +244,19 @@ pub fn assign_slots(
         .collect()
 }
 
+/// Refuses a dispatch from `peer` made under another placement version than `me`'s.
+pub fn check_version(placement: &Placement, me: usize, peer: usize, theirs: u64) -> Result<()> {
+    if theirs != placement.version {
+        return Err(ParallelError::StalePlacement {
+            worker: me,
+            peer,
+            mine: placement.version,
+            theirs,
+        });
+    }
+    Ok(())
+}
+
 /// What the steps of one layer share.
 struct Layer<'a> {
     comm: &'a Communicator,
@@ -354,14 +367,7 @@ impl Layer<'_> {
                 ));
             }
             let theirs = v[0].to_bits() as u64 | ((v[1].to_bits() as u64) << 32);
-            if theirs != placement.version {
-                return Err(ParallelError::StalePlacement {
-                    worker: me,
-                    peer: from,
-                    mine: placement.version,
-                    theirs,
-                });
-            }
+            check_version(placement, me, from, theirs)?;
             let experts = v[2].to_bits() as usize;
             if experts != n || v.len() < HEADER + n {
                 return Err(bad_frame(

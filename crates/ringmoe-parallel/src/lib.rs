@@ -14,9 +14,9 @@ pub mod ring;
 pub mod shard;
 pub mod sparse;
 
-pub use decode::{ShardedSequence, StopRule, generate_sharded};
+pub use decode::{ShardedSequence, StopRule, generate_sharded, owner_of_next};
 pub use error::{ParallelError, Result};
-pub use expert::{DROPPED, ExpertParallel, MoeStats, assign_slots, moe_parallel};
+pub use expert::{DROPPED, ExpertParallel, MoeStats, assign_slots, check_version, moe_parallel};
 pub use load::{LoadSnapshot, LoadTracker};
 pub use placement::{Placement, Replica};
 pub use prefill::{
