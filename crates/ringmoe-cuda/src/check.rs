@@ -14,6 +14,7 @@ use ringmoe_model::{Checkpoint, ExpertSelection, LogitsFor, ModelConfig, TensorS
 
 pub use crate::report::{AttentionTiming, Check, ModelTiming};
 use crate::{CudaBackend, CudaModel, Precision, Result};
+use ringmoe_comm::nccl::NcclCommunicator;
 
 /// `max |a − b| / max |b|`.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
@@ -331,53 +332,23 @@ pub fn ring_nccl(
         }
         Ok(Tensor::from_vec(out, shape)?)
     };
-    let id = ringmoe_comm::nccl::unique_id()?;
-    let results: Vec<Result<(Tensor, Tensor, f64)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..world)
-            .map(|r| {
-                let (id, p, rows, shards) = (&id, &p, &rows, shards);
-                let (q, k, v) = (&q, &k, &v);
-                s.spawn(move || -> Result<(Tensor, Tensor, f64)> {
-                    let b = CudaBackend::new(r)?;
-                    let comm = ringmoe_comm::nccl::NcclCommunicator::on_context(
-                        r,
-                        world,
-                        id,
-                        b.context(),
-                        std::time::Duration::from_secs(120),
-                    )?;
-                    let pos = &shards[r];
-                    let n = pos.len();
-                    let dq = b.upload(&rows(q, qw, pos, vec![n, heads, head_dim])?)?;
-                    let dk = b.upload(&rows(k, kw, pos, vec![n, kv_heads, head_dim])?)?;
-                    let dv = b.upload(&rows(v, kw, pos, vec![n, kv_heads, head_dim])?)?;
-                    crate::ring::ring_attention(&b, &comm, p, &dq, pos, &dk, &dv, shards)?;
-                    b.synchronize()?;
-                    let t = Instant::now();
-                    let (o, l) =
-                        crate::ring::ring_attention(&b, &comm, p, &dq, pos, &dk, &dv, shards)?;
-                    b.synchronize()?;
-                    let secs = t.elapsed().as_secs_f64();
-                    Ok((b.download(&o)?, b.download(&l)?, secs))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(crate::CudaError::Invalid {
-                        op: "ring_nccl",
-                        msg: "a rank's thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
-    });
+    let results = on_gpu_ranks(world, |r, b, comm| {
+        let pos = &shards[r];
+        let n = pos.len();
+        let dq = b.upload(&rows(&q, qw, pos, vec![n, heads, head_dim])?)?;
+        let dk = b.upload(&rows(&k, kw, pos, vec![n, kv_heads, head_dim])?)?;
+        let dv = b.upload(&rows(&v, kw, pos, vec![n, kv_heads, head_dim])?)?;
+        crate::ring::ring_attention(b, comm, &p, &dq, pos, &dk, &dv, shards)?;
+        b.synchronize()?;
+        let t = Instant::now();
+        let (o, l) = crate::ring::ring_attention(b, comm, &p, &dq, pos, &dk, &dv, shards)?;
+        b.synchronize()?;
+        let secs = t.elapsed().as_secs_f64();
+        Ok((b.download(&o)?, b.download(&l)?, secs))
+    })?;
     let mut checks = Vec::new();
     let mut times = Vec::new();
-    for (r, res) in results.into_iter().enumerate() {
-        let (o, l, secs) = res?;
+    for (r, (o, l, secs)) in results.into_iter().enumerate() {
         let pos = &shards[r];
         let qr = rows(&q, qw, pos, vec![pos.len(), heads, head_dim])?;
         let want = attention_block(&p, qr.as_slice(), pos, &k, &v, &all)?;
@@ -598,6 +569,44 @@ pub fn attention_timing(
     })
 }
 
+/// Runs `f(rank, backend, communicator)` for `world` ranks, each on a thread of its own with
+/// GPU `rank` and one NCCL group between them; their results in rank order, or the first error.
+fn on_gpu_ranks<T: Send>(
+    world: usize,
+    f: impl Fn(usize, &Arc<CudaBackend>, &NcclCommunicator) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let id = ringmoe_comm::nccl::unique_id()?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let (id, f) = (&id, &f);
+                s.spawn(move || -> Result<T> {
+                    let b = Arc::new(CudaBackend::new(r)?);
+                    let comm = NcclCommunicator::on_context(
+                        r,
+                        world,
+                        id,
+                        b.context(),
+                        std::time::Duration::from_secs(120),
+                    )?;
+                    f(r, &b, &comm)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::CudaError::Invalid {
+                        op: "gpu-check",
+                        msg: "a rank's thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
 /// The distributed forward on `world` GPUs of this machine (rank `r` on GPU `r`, one thread
 /// each, one NCCL group): for every fixture, the 300-token prefill zigzag-sharded with ring
 /// attention and the experts expert-parallel (round-robin placement, each GPU loading only its
@@ -624,79 +633,39 @@ pub fn distributed(dir: &Path, world: usize) -> Result<Vec<Check>> {
             .into_vec();
         let vocab = cfg.vocab_size;
         let placement = Placement::round_robin(cfg.num_layers, cfg.moe.num_experts, world)?;
-        let id = ringmoe_comm::nccl::unique_id()?;
         // Per rank: (positions, prefill logits) for each overlap setting, and decode logits.
-        type RankOut = (Vec<(Vec<usize>, Vec<f32>)>, Vec<f32>);
-        let results: Vec<Result<RankOut>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..world)
-                .map(|r| {
-                    let (id, placement, mdir, tokens) = (&id, &placement, &mdir, &tokens);
-                    s.spawn(move || -> Result<RankOut> {
-                        let b = Arc::new(CudaBackend::new(r)?);
-                        let model = CudaModel::load(
-                            b.clone(),
-                            mdir,
-                            &placement.selection(r),
-                            Precision::F32,
-                        )?;
-                        let comm = ringmoe_comm::nccl::NcclCommunicator::on_context(
-                            r,
-                            world,
-                            id,
-                            b.context(),
-                            std::time::Duration::from_secs(120),
-                        )?;
-                        let plan = ShardPlan::new(tokens.len(), world, Sharding::Zigzag)?;
-                        let mine = plan.tokens_for(r, tokens)?;
-                        let mut prefills = Vec::new();
-                        for overlap in [false, true] {
-                            let ep = ExpertParallel {
-                                overlap,
-                                ..ExpertParallel::new(placement.clone())
-                            };
-                            let o = model.prefill_shard(
-                                &comm,
-                                &plan,
-                                &mine,
-                                Some(&ep),
-                                &mut |_, _| Ok(()),
-                            )?;
-                            let n = o.positions.len();
-                            let logits = model.logits_of_rows(&o.hidden, 0, n)?.into_vec();
-                            prefills.push((o.positions, logits));
-                        }
-                        let ep = ExpertParallel::new(placement.clone());
-                        let plan = ShardPlan::new(48, world, Sharding::Zigzag)?;
-                        let mine = plan.tokens_for(r, &tokens[..48])?;
-                        let (mut seq, mut decoded) = crate::CudaShardedSequence::prefill_shard(
-                            &model,
-                            &comm,
-                            &plan,
-                            &mine,
-                            Some(&ep),
-                            &mut |_, _| Ok(()),
-                        )?;
-                        for &t in &tokens[48..63] {
-                            decoded.extend(seq.decode(t)?);
-                        }
-                        Ok((prefills, decoded))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(crate::CudaError::Invalid {
-                            op: "distributed",
-                            msg: "a rank's thread panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
-        for (r, res) in results.into_iter().enumerate() {
-            let (prefills, decoded) = res?;
+        let results = on_gpu_ranks(world, |r, b, comm| {
+            let model = CudaModel::load(b.clone(), &mdir, &placement.selection(r), Precision::F32)?;
+            let plan = ShardPlan::new(tokens.len(), world, Sharding::Zigzag)?;
+            let mine = plan.tokens_for(r, &tokens)?;
+            let mut prefills = Vec::new();
+            for overlap in [false, true] {
+                let ep = ExpertParallel {
+                    overlap,
+                    ..ExpertParallel::new(placement.clone())
+                };
+                let o = model.prefill_shard(comm, &plan, &mine, Some(&ep), &mut |_, _| Ok(()))?;
+                let n = o.positions.len();
+                let logits = model.logits_of_rows(&o.hidden, 0, n)?.into_vec();
+                prefills.push((o.positions, logits));
+            }
+            let ep = ExpertParallel::new(placement.clone());
+            let plan = ShardPlan::new(48, world, Sharding::Zigzag)?;
+            let mine = plan.tokens_for(r, &tokens[..48])?;
+            let (mut seq, mut decoded) = crate::CudaShardedSequence::prefill_shard(
+                &model,
+                comm,
+                &plan,
+                &mine,
+                Some(&ep),
+                &mut |_, _| Ok(()),
+            )?;
+            for &t in &tokens[48..63] {
+                decoded.extend(seq.decode(t)?);
+            }
+            Ok((prefills, decoded))
+        })?;
+        for (r, (prefills, decoded)) in results.into_iter().enumerate() {
             for ((positions, logits), overlap) in prefills.iter().zip([false, true]) {
                 let mut expect = Vec::with_capacity(logits.len());
                 for &p in positions {

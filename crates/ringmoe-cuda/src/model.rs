@@ -337,32 +337,8 @@ impl CudaModel {
         tokens: &[u32],
         cache: &mut CudaKvCache,
     ) -> Result<(DeviceTensor, Vec<(usize, Routing)>)> {
-        if tokens.is_empty() {
-            return Err(invalid("forward", "no tokens".into()));
-        }
-        if cache.layers.len() != self.layers.len() {
-            return Err(invalid(
-                "forward",
-                format!(
-                    "KV cache has {} layers, model {}",
-                    cache.layers.len(),
-                    self.layers.len()
-                ),
-            ));
-        }
         let start = cache.len();
-        let end = start + tokens.len();
-        if let Some(w) = self.config.sliding_window
-            && end > w
-        {
-            return Err(invalid(
-                "forward",
-                format!(
-                    "sequence of {end} tokens exceeds the model's sliding_window of {w}; sliding-window attention is not implemented"
-                ),
-            ));
-        }
-        let positions: Vec<usize> = (start..end).collect();
+        let positions: Vec<usize> = (start..start + tokens.len()).collect();
         let (x, routing, _) = self.run_layers(
             tokens,
             &positions,
@@ -387,7 +363,22 @@ impl CudaModel {
         group: Option<&Group<'_>>,
         on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<LayersOut> {
+        if tokens.is_empty() {
+            return Err(invalid("forward", "no tokens".into()));
+        }
         self.check_tokens(tokens)?;
+        if let Some(w) = self.config.sliding_window
+            && let Some(end) = positions.iter().max().map(|p| p + 1)
+            && end > w
+        {
+            return Err(invalid(
+                "forward",
+                format!(
+                    "sequence of {end} tokens exceeds the model's sliding_window of {w}; \
+                     sliding-window attention is not implemented"
+                ),
+            ));
+        }
         if cache.layers.len() != self.layers.len() || tokens.len() != positions.len() {
             return Err(invalid(
                 "forward",

@@ -152,6 +152,8 @@ impl CudaModel {
                 positions.len()
             )));
         }
+        // Checked on the whole plan, not only this rank's positions, so every rank refuses
+        // together instead of leaving the others waiting in NCCL.
         if let Some(w) = self.config.sliding_window
             && plan.len > w
         {
