@@ -24,8 +24,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 cargo fmt --all -- --check
+# The control plane never links the engine: the coordinator builds without the model's weight
+# code, the parallel forward, the CUDA crate or their kernels.
+coordinator_deps=$(cargo tree -p ringmoe-coordinator -e normal,build --prefix none --locked)
+engine='^(ringmoe-(model|parallel|cuda|core|comm|worker)|gemm|cudarc) '
+if grep -Eq "$engine" <<<"$coordinator_deps"; then
+  echo "ringmoe-coordinator links engine crates:" >&2
+  grep -E "$engine" <<<"$coordinator_deps" | sort -u >&2
+  exit 1
+fi
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The NCCL transport and the CUDA backend must keep compiling without CUDA (cudarc loads the
 # libraries at run time).
-cargo clippy -p ringmoe-comm -p ringmoe-cuda -p ringmoe-cluster -p ringmoe --features cuda --all-targets --locked -- -D warnings
+cargo clippy -p ringmoe-comm -p ringmoe-cuda -p ringmoe-worker -p ringmoe --features cuda --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast

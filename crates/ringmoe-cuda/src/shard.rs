@@ -86,7 +86,11 @@ pub(crate) fn check_placement(
     comm: &NcclCommunicator,
 ) -> Result<()> {
     let p = &ep.placement;
-    p.check_model(&model.config, comm.world_size())?;
+    p.check_shape(
+        model.config.num_layers,
+        model.config.moe.num_experts,
+        comm.world_size(),
+    )?;
     let me = comm.rank();
     for (l, loaded) in model.loaded_experts() {
         if let Some(e) = p.hosted(l, me).into_iter().find(|e| !loaded.contains(e)) {

@@ -65,3 +65,16 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The metadata crate's errors keep their variant here, so callers match one enum.
+impl From<ringmoe_hf::Error> for Error {
+    fn from(e: ringmoe_hf::Error) -> Self {
+        match e {
+            ringmoe_hf::Error::Io { path, source } => Self::Io { path, source },
+            ringmoe_hf::Error::Json { path, source } => Self::Json { path, source },
+            ringmoe_hf::Error::Config { field, msg } => Self::Config { field, msg },
+            ringmoe_hf::Error::UnknownArchitecture { name } => Self::UnknownArchitecture { name },
+            ringmoe_hf::Error::Tokenizer { path, msg } => Self::Tokenizer { path, msg },
+        }
+    }
+}

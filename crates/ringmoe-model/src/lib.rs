@@ -5,8 +5,8 @@
 //! reads environment variables or globals, so the cluster can build partial models per worker.
 
 pub mod arch;
+pub use ringmoe_hf::{config, tokenizer};
 pub mod checkpoint;
-pub mod config;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;
@@ -14,7 +14,6 @@ pub mod layers;
 pub mod model;
 pub mod moe;
 pub mod rope;
-pub mod tokenizer;
 
 pub use checkpoint::{Checkpoint, RandomWeights, TensorSource, write_random_checkpoint};
 pub use config::{Architecture, GenerationConfig, ModelConfig};

@@ -60,7 +60,7 @@ fn share_row(comm: &Communicator, tag: Tag, row: Option<Vec<f32>>) -> Result<Vec
         .into_iter()
         .filter_map(|p| p.into_f32())
         .find(|v| !v.is_empty())
-        .ok_or_else(|| ParallelError::Plan("no rank holds the requested row".into()))
+        .ok_or_else(|| ParallelError::Invalid("no rank holds the requested row".into()))
 }
 
 impl<'a> ShardedSequence<'a> {
@@ -102,7 +102,7 @@ impl<'a> ShardedSequence<'a> {
         on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<(Self, Vec<f32>)> {
         if plan.len == 0 {
-            return Err(ParallelError::Plan("the prompt has no tokens".into()));
+            return Err(ParallelError::Invalid("the prompt has no tokens".into()));
         }
         let out = prefill_shard_observed(model, comm, plan, mine, job, experts, on_layer)?;
         let last = plan.len - 1;
@@ -143,7 +143,7 @@ impl<'a> ShardedSequence<'a> {
         let first = model
             .layers()
             .first()
-            .ok_or_else(|| ParallelError::Plan("model has no layers".into()))?;
+            .ok_or_else(|| ParallelError::Invalid("model has no layers".into()))?;
         let rope = first.attn.rope.table(&[pos]);
         let mut x = model.embed(&[token])?;
         for (l, (layer, kv)) in model
@@ -183,7 +183,7 @@ impl<'a> ShardedSequence<'a> {
                         .into_f32()
                         .filter(|v| v.len() == hq * d + hq)
                         .ok_or_else(|| {
-                            ParallelError::Plan(format!(
+                            ParallelError::Invalid(format!(
                                 "partial attention from rank {r} is {desc}, expected F32[{}]",
                                 hq * d + hq
                             ))

@@ -11,11 +11,14 @@ pub enum ParallelError {
     #[error(transparent)]
     Core(#[from] ringmoe_core::Error),
 
-    #[error("invalid shard plan: {0}")]
-    Plan(String),
+    /// A shard plan or placement that does not fit (see [`ringmoe_plan::PlanError`]).
+    #[error(transparent)]
+    Plan(#[from] ringmoe_plan::PlanError),
 
-    #[error("expert placement: {0}")]
-    Placement(String),
+    /// A request the distributed forward cannot run as given (empty prompt, shapes that do not
+    /// match the plan, an unsupported mode); the message names what.
+    #[error("invalid shard plan: {0}")]
+    Invalid(String),
 
     #[error("job {0} was cancelled")]
     Cancelled(u64),
@@ -26,7 +29,7 @@ pub enum ParallelError {
     /// The GPU backend failed (its own error type lives in `ringmoe-cuda`, which builds on this
     /// crate).
     #[error("GPU: {0}")]
-    Device(String),
+    Device(Box<dyn std::error::Error + Send + Sync>),
 
     #[error(
         "worker {worker} has placement version {mine} but rank {peer} dispatched with version {theirs}: \

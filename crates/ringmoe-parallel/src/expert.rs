@@ -60,18 +60,24 @@ impl ExpertParallel {
     /// every expert the placement puts on it.
     pub fn check(&self, model: &Model, comm: &Communicator) -> Result<()> {
         let p = &self.placement;
-        p.check_model(&model.config, comm.world_size())?;
+        p.check_shape(
+            model.config.num_layers,
+            model.config.moe.num_experts,
+            comm.world_size(),
+        )?;
         let me = comm.rank();
         for (l, layer) in model.layers().iter().enumerate() {
             if let Mlp::Sparse(m) = &layer.mlp {
                 for e in p.hosted(l, me) {
                     if m.experts.get(e).is_err() {
-                        return Err(ParallelError::Placement(format!(
-                            "placement version {} puts expert {e} of layer {l} on worker {me}, \
+                        return Err(ParallelError::Plan(ringmoe_plan::PlanError::Placement(
+                            format!(
+                                "placement version {} puts expert {e} of layer {l} on worker {me}, \
                              but this worker did not load it (loaded: {:?}); load the worker with \
                              the placement's selection",
-                            p.version,
-                            m.experts.loaded()
+                                p.version,
+                                m.experts.loaded()
+                            ),
                         )));
                     }
                 }
@@ -79,8 +85,8 @@ impl ExpertParallel {
         }
         if let Some(f) = self.capacity_factor {
             if !(f.is_finite() && f > 0.0) {
-                return Err(ParallelError::Placement(format!(
-                    "capacity factor must be a positive number, got {f}"
+                return Err(ParallelError::Plan(ringmoe_plan::PlanError::Placement(
+                    format!("capacity factor must be a positive number, got {f}"),
                 )));
             }
         }

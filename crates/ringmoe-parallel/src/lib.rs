@@ -5,23 +5,23 @@
 //! move to them and back by all-to-all ([`moe_parallel`]).
 
 pub mod decode;
+pub use ringmoe_plan::{
+    LoadSnapshot, LoadTracker, Placement, PlanError, Replica, ShardPlan, Sharding,
+};
+/// The plan types live in `ringmoe-plan` (plain data the control plane shares); these paths
+/// stay for the engine's callers.
+pub use ringmoe_plan::{load, placement, shard};
 pub mod error;
 pub mod expert;
-pub mod load;
-pub mod placement;
 pub mod prefill;
 pub mod ring;
-pub mod shard;
 pub mod sparse;
 
 pub use decode::{ShardedSequence, StopRule, generate_sharded, owner_of_next};
 pub use error::{ParallelError, Result};
 pub use expert::{DROPPED, ExpertParallel, MoeStats, assign_slots, check_version, moe_parallel};
-pub use load::{LoadSnapshot, LoadTracker};
-pub use placement::{Placement, Replica};
 pub use prefill::{
     JobOptions, RankPrefill, prefill_shard, prefill_shard_observed, prefill_shard_with,
 };
 pub use ring::{RingStats, ring_attention, ring_attention_mode};
-pub use shard::{ShardPlan, Sharding};
 pub use sparse::AttentionMode;

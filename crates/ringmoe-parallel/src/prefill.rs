@@ -90,7 +90,7 @@ pub fn prefill_shard_observed(
         ep.check(model, comm)?;
     }
     if plan.world() != comm.world_size() {
-        return Err(ParallelError::Plan(format!(
+        return Err(ParallelError::Invalid(format!(
             "the plan has {} ranks, the group {}",
             plan.world(),
             comm.world_size()
@@ -98,7 +98,7 @@ pub fn prefill_shard_observed(
     }
     let positions = plan.positions(comm.rank()).to_vec();
     if tokens.len() != positions.len() {
-        return Err(ParallelError::Plan(format!(
+        return Err(ParallelError::Invalid(format!(
             "rank {} got {} tokens for {} positions",
             comm.rank(),
             tokens.len(),
@@ -108,7 +108,7 @@ pub fn prefill_shard_observed(
     let first = model
         .layers()
         .first()
-        .ok_or_else(|| ParallelError::Plan("model has no layers".into()))?;
+        .ok_or_else(|| ParallelError::Invalid("model has no layers".into()))?;
     let rope = first.attn.rope.table(&positions);
     let mut x = model.embed(tokens)?;
     let mut cache = model.new_cache();

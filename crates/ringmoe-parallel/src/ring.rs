@@ -116,7 +116,7 @@ pub fn ring_attention_mode(
     let mut stats = RingStats::default();
     let (me, world) = (comm.rank(), comm.world_size());
     if plan.world() != world {
-        return Err(ParallelError::Plan(format!(
+        return Err(ParallelError::Invalid(format!(
             "plan for {} ranks on a communicator of {world}",
             plan.world()
         )));
@@ -190,7 +190,7 @@ pub fn ring_attention_mode(
             held += kv_bytes(&block);
             stats.peak_block_bytes = stats.peak_block_bytes.max(held);
             if block.shape != want || block.dtype() != ringmoe_core::DType::F32 {
-                return Err(ParallelError::Plan(format!(
+                return Err(ParallelError::Invalid(format!(
                     "rank {me}: K/V block from rank {from} is {}, expected F32{want:?}",
                     block.describe()
                 )));

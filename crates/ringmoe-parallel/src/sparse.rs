@@ -44,7 +44,7 @@ fn gather_i64(comm: &Communicator, tag: Tag, v: Vec<i64>) -> Result<Vec<Vec<i64>
         .enumerate()
         .map(|(r, p)| match p.data {
             Data::I64(v) => Ok(v),
-            _ => Err(ParallelError::Plan(format!(
+            _ => Err(ParallelError::Invalid(format!(
                 "pattern estimate: rank {r} sent {}, expected I64",
                 p.describe()
             ))),
@@ -108,13 +108,13 @@ pub fn estimate_vs(
             .map(|(x, _)| x)
             .collect();
         let Data::F32(data) = &p.data else {
-            return Err(ParallelError::Plan(format!(
+            return Err(ParallelError::Invalid(format!(
                 "pattern estimate: rank {r} sent {} queries",
                 p.describe()
             )));
         };
         if data.len() != theirs.len() * row {
-            return Err(ParallelError::Plan(format!(
+            return Err(ParallelError::Invalid(format!(
                 "pattern estimate: rank {r} sent {} query values for {} positions",
                 data.len(),
                 theirs.len()
@@ -168,7 +168,7 @@ pub fn estimate_vs(
     let mut slash = vec![0f64; hq * seq_len];
     for (r, m) in gathered.iter().enumerate() {
         let bad =
-            || ParallelError::Plan(format!("pattern estimate: malformed scores from rank {r}"));
+            || ParallelError::Invalid(format!("pattern estimate: malformed scores from rank {r}"));
         let n = cfg.vertical.min(plan.positions(r).len());
         let (cand, rest) = m.split_at_checked(2 * n * hq).ok_or_else(bad)?;
         for (h, c) in cand.chunks(2 * n.max(1)).enumerate().take(hq) {

@@ -7,13 +7,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use ringmoe_cluster::client::{self, Input, JobResult};
-use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions, EtcdTls};
-use ringmoe_cluster::proto::{self, JobPhase};
-use ringmoe_cluster::{
-    CoordinatorConfig, Membership, MemoryMembership, ModelEntry, Registry, ServerOptions,
-    WorkerConfig, WorkerDevice,
-};
+use ringmoe_coordinator::{CoordinatorConfig, ModelEntry};
+use ringmoe_membership::etcd::{EtcdMembership, EtcdOptions, EtcdTls};
+use ringmoe_membership::{Membership, MemoryMembership};
+use ringmoe_proto::ServerOptions;
+use ringmoe_proto::client::{self, Input, JobResult};
+use ringmoe_proto::proto::{self, JobPhase};
+use ringmoe_worker::{Registry, WorkerConfig, WorkerDevice};
 use tokio::net::TcpListener;
 
 use crate::forward::read_input_ids;
@@ -337,7 +337,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             cfg.election = Some(Arc::new(m));
             cfg.leader_ttl = Duration::from_secs(a.leader_ttl_secs.max(1));
         }
-        ringmoe_cluster::run_coordinator(l, cfg, shutdown_signal()).await?;
+        ringmoe_coordinator::run_coordinator(l, cfg, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -380,7 +380,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             server: a.limits.server(),
             models,
         };
-        ringmoe_cluster::run_worker(l, cfg, shutdown_signal()).await?;
+        ringmoe_worker::run_worker(l, cfg, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -419,17 +419,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 server: a.limits.server(),
                 models: models.clone(),
             };
-            tasks.spawn(ringmoe_cluster::run_worker(
-                wl,
-                wcfg,
-                stopped(stop_rx.clone()),
-            ));
+            let run = ringmoe_worker::run_worker(wl, wcfg, stopped(stop_rx.clone()));
+            tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
         }
-        tasks.spawn(ringmoe_cluster::run_coordinator(
-            l,
-            cfg,
-            stopped(stop_rx.clone()),
-        ));
+        let run = ringmoe_coordinator::run_coordinator(l, cfg, stopped(stop_rx.clone()));
+        tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
         eprintln!(
             "ringmoe serve: coordinator on {coord} with {} workers, job store {}",
             a.workers,
@@ -439,7 +433,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             _ = shutdown_signal() => {}
             r = tasks.join_next() => {
                 if let Some(Ok(Err(e))) = r {
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }

@@ -176,7 +176,7 @@ impl ExpertOpts {
             "round-robin" => Placement::round_robin(layers, n, world)?,
             file => Placement::load(Path::new(file))?,
         };
-        p.check_model(cfg, world)?;
+        p.check_shape(cfg.num_layers, cfg.moe.num_experts, world)?;
         Ok(p)
     }
 

@@ -9,12 +9,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ringmoe_cluster::client::{self, Input, JobResult};
-use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions};
-use ringmoe_cluster::membership::{Membership, PlacementRecord, WorkerRecord};
-use ringmoe_cluster::proto::{self, JobPhase, submit_job_request};
-use ringmoe_cluster::testkit::Etcd;
+use ringmoe_membership::etcd::{EtcdMembership, EtcdOptions};
+use ringmoe_membership::{Membership, PlacementRecord, WorkerRecord};
 use ringmoe_model::{LoadOptions, LogitsFor, Model, ModelConfig, write_random_checkpoint};
+use ringmoe_proto::client::{self, Input, JobResult};
+use ringmoe_proto::proto::{self, JobPhase, submit_job_request};
+use ringmoe_testkit::Etcd;
 use serde_json::json;
 use tonic::Code;
 

@@ -26,8 +26,8 @@ use ringmoe_model::generate::SamplingParams;
 use ringmoe_model::model::nll_of;
 use ringmoe_model::{LoadOptions, Model, ModelConfig, Sampler};
 use ringmoe_parallel::{
-    ExpertParallel, JobOptions, LoadTracker, ParallelError, Placement, ShardPlan, ShardedSequence,
-    Sharding, prefill_shard_observed,
+    ExpertParallel, JobOptions, LoadTracker, ParallelError, Placement, ShardedSequence,
+    prefill_shard_observed,
 };
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -35,13 +35,52 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::convert::attention_mode;
-use crate::membership::{Membership, PlacementAck, PlacementRecord, WorkerRecord};
-use crate::proto::cluster_service_client::ClusterServiceClient;
-use crate::proto::worker_service_server::{WorkerService, WorkerServiceServer};
-use crate::proto::{self, shard_chunk, worker_event};
-use crate::server::{self, ServerOptions};
-use crate::{ClusterError, lock};
+use ringmoe_hf::ModelEntry;
+use ringmoe_membership::{Membership, PlacementAck, PlacementRecord, WorkerRecord};
+use ringmoe_proto::proto::cluster_service_client::ClusterServiceClient;
+use ringmoe_proto::proto::worker_service_server::{WorkerService, WorkerServiceServer};
+use ringmoe_proto::proto::{self, worker_event};
+use ringmoe_proto::server::{self, ServerOptions};
+
+mod shard;
+
+use shard::{Shard, receive_shard};
+
+/// Errors that stop a worker process (a failing job is reported on its event stream instead).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+
+    #[error(transparent)]
+    Serve(#[from] ringmoe_proto::ServeError),
+
+    #[error("worker device {device}: {message}")]
+    Device { device: String, message: String },
+}
+
+/// Locks a mutex; a poisoned one (a panic elsewhere) becomes an internal error, not a panic here.
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Status> {
+    m.lock()
+        .map_err(|_| Status::internal("internal state poisoned by an earlier panic"))
+}
+
+/// The engine's attention for a wire mode, with the patterns' default settings.
+fn attention_mode(m: i32) -> Result<ringmoe_parallel::AttentionMode, String> {
+    use ringmoe_core::sparse::{AShape, VsConfig};
+    use ringmoe_parallel::AttentionMode;
+    Ok(match proto::AttentionMode::try_from(m) {
+        Ok(proto::AttentionMode::Unspecified | proto::AttentionMode::Dense) => AttentionMode::Dense,
+        Ok(proto::AttentionMode::AShape) => AttentionMode::AShape(AShape::default()),
+        Ok(proto::AttentionMode::VerticalSlash) => {
+            AttentionMode::VerticalSlash(VsConfig::default())
+        }
+        Err(_) => return Err(format!("unknown attention mode {m}")),
+    })
+}
 
 /// Where a worker makes itself known.
 #[derive(Debug, Clone)]
@@ -93,7 +132,7 @@ pub struct WorkerConfig {
     pub server: ServerOptions,
     /// Models on this worker's disk, by cluster name; a placement or `LoadModel` for another
     /// model loads from the coordinator's path.
-    pub models: Vec<crate::ModelEntry>,
+    pub models: Vec<ModelEntry>,
 }
 
 /// A model in host memory or on this worker's GPU.
@@ -130,14 +169,6 @@ struct PendingJob {
     since: Instant,
 }
 
-struct Shard {
-    rank: usize,
-    world: usize,
-    len: usize,
-    tokens: Vec<u32>,
-    targets: Vec<u32>,
-}
-
 struct Inner {
     /// This worker's GPU (opened once at start), or `None` on the CPU.
     gpu: Option<(Arc<CudaBackend>, Precision)>,
@@ -151,6 +182,8 @@ struct Inner {
     load: Arc<LoadTracker>,
     data_host: std::net::IpAddr,
     data_timeout: Duration,
+    /// Bytes of K/V cache this worker may hold (bounds the shards it accepts).
+    kv_budget_bytes: u64,
     /// False while the worker's lease is lost: it takes no new jobs until it re-registers.
     accepting: AtomicBool,
     /// Local model directories by name.
@@ -165,14 +198,14 @@ pub struct Worker {
 impl Worker {
     /// Opens the GPU first when the worker runs on one: a worker that cannot use its device
     /// fails at start, not at its first job.
-    fn new(cfg: &WorkerConfig) -> Result<Self, ClusterError> {
+    fn new(cfg: &WorkerConfig) -> Result<Self, WorkerError> {
         let gpu = match cfg.device {
             WorkerDevice::Cpu => None,
             WorkerDevice::Cuda { ordinal, precision } => Some((
-                Arc::new(
-                    CudaBackend::new(ordinal)
-                        .map_err(|e| ClusterError::Device(format!("cuda:{ordinal}: {e}")))?,
-                ),
+                Arc::new(CudaBackend::new(ordinal).map_err(|e| WorkerError::Device {
+                    device: format!("cuda:{ordinal}"),
+                    message: e.to_string(),
+                })?),
                 precision,
             )),
         };
@@ -186,6 +219,7 @@ impl Worker {
                 load: Arc::default(),
                 data_host: cfg.data_host,
                 data_timeout: cfg.data_timeout,
+                kv_budget_bytes: cfg.kv_budget_bytes,
                 accepting: AtomicBool::new(true),
                 models: cfg
                     .models
@@ -264,8 +298,9 @@ impl Worker {
         .await
         .map_err(internal)?
         .map_err(|e| Status::failed_precondition(format!("loading {path}: {e}")))?;
+        let c = loaded_model.config();
         placement
-            .check_model(loaded_model.config(), placement.workers)
+            .check_shape(c.num_layers, c.moe.num_experts, placement.workers)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let secs = t.elapsed().as_secs_f64();
         info!(%model, index, version = placement.version, secs, "model loaded");
@@ -363,61 +398,22 @@ impl WorkerService for Worker {
         req: Request<Streaming<proto::ShardChunk>>,
     ) -> Result<Response<proto::SendShardResponse>, Status> {
         let mut stream = req.into_inner();
-        let header = match stream.message().await? {
-            Some(proto::ShardChunk {
-                part: Some(shard_chunk::Part::Header(h)),
-            }) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "a shard stream starts with its header",
-                ));
-            }
+        let max_tokens = {
+            let loaded = lock(&self.inner.loaded)?;
+            let l = loaded
+                .as_ref()
+                .ok_or_else(|| Status::failed_precondition("no model is loaded"))?;
+            let c = l.model.config();
+            let per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4).max(1) as u64;
+            self.inner.kv_budget_bytes / per_token
         };
-        let (rank, world, len) = (
-            header.rank as usize,
-            header.world as usize,
-            header.sequence_len as usize,
-        );
-        let plan = ShardPlan::new(len, world, Sharding::Zigzag)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if rank >= world {
-            return Err(Status::invalid_argument(format!(
-                "rank {rank} outside a world of {world}"
-            )));
-        }
-        let want = plan.positions(rank).len();
-        let (mut tokens, mut targets) = (Vec::with_capacity(want), Vec::new());
-        while let Some(chunk) = stream.message().await? {
-            match chunk.part {
-                Some(shard_chunk::Part::Tokens(t)) => tokens.extend(t.ids),
-                Some(shard_chunk::Part::Targets(t)) => targets.extend(t.ids),
-                _ => return Err(Status::invalid_argument("a second shard header")),
-            }
-            if tokens.len() > want || targets.len() > want {
-                return Err(Status::invalid_argument(format!(
-                    "more than the {want} tokens of rank {rank}'s shard"
-                )));
-            }
-        }
-        if tokens.len() != want || !(targets.is_empty() || targets.len() == want) {
-            return Err(Status::invalid_argument(format!(
-                "rank {rank}'s shard has {want} positions; got {} tokens and {} targets",
-                tokens.len(),
-                targets.len()
-            )));
-        }
-        let n = tokens.len() as u64;
+        let shard = receive_shard(&mut stream, max_tokens).await?;
+        let n = shard.tokens.len() as u64;
         let mut pending = lock(&self.inner.pending)?;
-        let job = pending.get_mut(&header.job_id).ok_or_else(|| {
-            Status::failed_precondition(format!("job {} was not prepared", header.job_id))
+        let job = pending.get_mut(&shard.job_id).ok_or_else(|| {
+            Status::failed_precondition(format!("job {} was not prepared", shard.job_id))
         })?;
-        job.shard = Some(Shard {
-            rank,
-            world,
-            len,
-            tokens,
-            targets,
-        });
+        job.shard = Some(shard);
         Ok(Response::new(proto::SendShardResponse { tokens: n }))
     }
 
@@ -446,12 +442,12 @@ impl WorkerService for Worker {
             .map(|p| p.parse())
             .collect::<Result<_, _>>()
             .map_err(|e| Status::invalid_argument(format!("peer address: {e}")))?;
-        if peers.len() != shard.world || loaded.placement.workers != shard.world {
+        if peers.len() != shard.world() || loaded.placement.workers != shard.world() {
             return Err(Status::invalid_argument(format!(
                 "{} peers and a placement of {} workers for a shard of a {}-rank job",
                 peers.len(),
                 loaded.placement.workers,
-                shard.world
+                shard.world()
             )));
         }
         let attention = attention_mode(r.attention).map_err(Status::invalid_argument)?;
@@ -552,7 +548,7 @@ fn from_cuda(e: CudaError) -> ParallelError {
         CudaError::Comm(c) => ParallelError::Comm(c),
         CudaError::Model(m) => ParallelError::Model(m),
         CudaError::Core(c) => ParallelError::Core(c),
-        other => ParallelError::Device(other.to_string()),
+        other => ParallelError::Device(Box::new(other)),
     }
 }
 
@@ -599,7 +595,7 @@ impl JobRun<'_> {
             ..TcpOptions::default()
         };
         let comm = ringmoe_comm::tcp(s.rank, listener, peers, &opts, timeout)?;
-        let plan = ShardPlan::new(s.len, s.world, Sharding::Zigzag)?;
+        let plan = &s.plan;
         let ep = ExpertParallel {
             load: self.load.clone(),
             ..ExpertParallel::new(self.loaded.placement.clone())
@@ -622,14 +618,14 @@ impl JobRun<'_> {
         let mode = proto::JobMode::try_from(r.mode)
             .ok()
             .filter(|m| matches!(m, proto::JobMode::Score | proto::JobMode::Generate))
-            .ok_or_else(|| ParallelError::Plan(format!("unknown job mode {}", r.mode)))?;
+            .ok_or_else(|| ParallelError::Invalid(format!("unknown job mode {}", r.mode)))?;
         match &self.loaded.model {
             Engine::Cpu(model) => match mode {
                 proto::JobMode::Score => {
                     let out = prefill_shard_observed(
                         model,
                         &comm,
-                        &plan,
+                        plan,
                         &s.tokens,
                         job,
                         Some(&ep),
@@ -643,7 +639,7 @@ impl JobRun<'_> {
                     let (mut seq, logits) = ShardedSequence::prefill_shard(
                         model,
                         &comm,
-                        &plan,
+                        plan,
                         &s.tokens,
                         job,
                         Some(&ep),
@@ -654,20 +650,20 @@ impl JobRun<'_> {
             },
             Engine::Cuda(model) => {
                 if attention != ringmoe_parallel::AttentionMode::Dense {
-                    return Err(ParallelError::Plan(format!(
+                    return Err(ParallelError::Invalid(format!(
                         "GPU workers run dense attention only; this job asks for {attention:?}"
                     )));
                 }
-                let b = self
-                    .gpu
-                    .ok_or_else(|| ParallelError::Device("no GPU opened".into()))?;
+                let b = self.gpu.ok_or_else(|| {
+                    ParallelError::Invalid("a GPU model on a worker with no GPU opened".into())
+                })?;
                 let nccl = b.join_nccl(&comm, timeout).map_err(from_cuda)?;
                 let mut on_layer =
                     |done: usize, layers: usize| on_layer(done, layers).map_err(CudaError::from);
                 match mode {
                     proto::JobMode::Score => {
                         let out = model
-                            .prefill_shard(&nccl, &plan, &s.tokens, Some(&ep), &mut on_layer)
+                            .prefill_shard(&nccl, plan, &s.tokens, Some(&ep), &mut on_layer)
                             .map_err(from_cuda)?;
                         self.scores(model.config.vocab_size, &out.positions, |a, b| {
                             model.logits_of_rows(&out.hidden, a, b).map_err(from_cuda)
@@ -677,7 +673,7 @@ impl JobRun<'_> {
                         let (mut seq, logits) = CudaShardedSequence::prefill_shard(
                             model,
                             &nccl,
-                            &plan,
+                            plan,
                             &s.tokens,
                             Some(&ep),
                             &mut on_layer,
@@ -738,7 +734,7 @@ impl JobRun<'_> {
     ) -> Result<(), ParallelError> {
         let targets = &self.shard.targets;
         if targets.len() != positions.len() {
-            return Err(ParallelError::Plan(format!(
+            return Err(ParallelError::Invalid(format!(
                 "score mode needs a target per position: {} targets for {} positions",
                 targets.len(),
                 positions.len()
@@ -756,7 +752,7 @@ impl JobRun<'_> {
                     continue;
                 }
                 if t as usize >= vocab {
-                    return Err(ParallelError::Plan(format!(
+                    return Err(ParallelError::Invalid(format!(
                         "target token {t} outside the vocabulary of {vocab}"
                     )));
                 }
@@ -780,10 +776,11 @@ pub async fn run_worker(
     listener: tokio::net::TcpListener,
     cfg: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), ClusterError> {
-    let bound = listener
-        .local_addr()
-        .map_err(ClusterError::io("local_addr"))?;
+) -> Result<(), WorkerError> {
+    let bound = listener.local_addr().map_err(|source| WorkerError::Io {
+        what: "local_addr",
+        source,
+    })?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     let worker = Worker::new(&cfg)?;
     let svc = WorkerServiceServer::new(worker.clone())
@@ -822,7 +819,7 @@ pub async fn run_worker(
     let names = ["ringmoe.v1.WorkerService"];
     let res = server::serve(listener, routes, &names, shutdown).await;
     background.abort_all();
-    res
+    Ok(res?)
 }
 
 /// Keeps this worker registered with `rec`'s latest value: re-registers when the lease is
@@ -977,6 +974,6 @@ pub fn spawn_worker(
     listener: tokio::net::TcpListener,
     cfg: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<Result<(), ClusterError>> {
+) -> tokio::task::JoinHandle<Result<(), WorkerError>> {
     tokio::spawn(run_worker(listener, cfg, shutdown))
 }

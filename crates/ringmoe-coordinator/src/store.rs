@@ -2,8 +2,10 @@
 //!
 //! * `input.bin` — the token ids, u32 little-endian;
 //! * `spec.json` — what to do with them ([`JobSpec`]);
-//! * `state.json` — where the job is ([`JobState`]), rewritten on every transition;
-//! * `result.json` — the result, once there is one.
+//! * `state.json` — where the job is ([`JobState`]), rewritten on every coarse transition
+//!   (queued, running with attempt n, retrying, done, failed, cancelled) — never for per-layer
+//!   or per-token progress, which only travels on the coordinator's watch channels;
+//! * `result.json` — the result, once there is one (the coordinator's `JobOutput`).
 //!
 //! Every file is written to a temporary name, fsynced, renamed over the final name, and the
 //! directory is fsynced, so a crash leaves either the old or the new file, never a torn one.
@@ -20,7 +22,9 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub type JobId = u64;
@@ -79,12 +83,18 @@ pub struct JobSpec {
     pub priority: i32,
 }
 
-/// Where a job is. Transitions: queued → loading → prefill → decode → done, with failed or
-/// cancelled possible from any unfinished state, and (on restart only) running → queued.
+/// Where a job is. Transitions: queued → running (attempt n) → done, with retrying → running
+/// again after a lost worker, failed or cancelled possible from any unfinished state, and (on
+/// restart only) running → queued. `Loading`, `Prefill` and `Decode` are the finer phases a
+/// watcher sees; the coordinator publishes them without storing them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum JobState {
     Queued,
+    /// A run of the job (attempt 0 first, then one per retry) was started on the workers.
+    Running {
+        attempt: u32,
+    },
     Loading,
     Prefill {
         layer: u32,
@@ -114,14 +124,18 @@ impl JobState {
     pub fn is_running(&self) -> bool {
         matches!(
             self,
-            Self::Loading | Self::Prefill { .. } | Self::Decode { .. } | Self::Retrying { .. }
+            Self::Running { .. }
+                | Self::Loading
+                | Self::Prefill { .. }
+                | Self::Decode { .. }
+                | Self::Retrying { .. }
         )
     }
 
     fn rank(&self) -> u8 {
         match self {
             Self::Queued => 0,
-            Self::Loading | Self::Retrying { .. } => 1,
+            Self::Loading | Self::Retrying { .. } | Self::Running { .. } => 1,
             Self::Prefill { .. } => 2,
             Self::Decode { .. } => 3,
             Self::Done | Self::Failed { .. } | Self::Cancelled => 4,
@@ -133,6 +147,7 @@ impl JobState {
             Self::Prefill { layer, layers } => format!("prefill (layer {layer} of {layers})"),
             Self::Decode { token, tokens } => format!("decode (token {token} of {tokens})"),
             Self::Retrying { attempt, .. } => format!("retrying (attempt {attempt})"),
+            Self::Running { attempt } => format!("running (attempt {attempt})"),
             other => format!("{other:?}").to_lowercase(),
         }
     }
@@ -169,29 +184,35 @@ pub struct Recovered {
     pub discarded: Vec<PathBuf>,
 }
 
+/// The job store. Its methods do blocking file I/O: call them off the async threads
+/// (`spawn_blocking`), as the coordinator does.
 #[derive(Debug)]
 pub struct JobStore {
     jobs_dir: PathBuf,
     next: Mutex<JobId>,
+    /// fsync calls made so far (files and directories), for the per-job cost in logs and tests.
+    fsyncs: AtomicU64,
 }
 
 /// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
-fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_durable(path: &Path, bytes: &[u8], fsyncs: &AtomicU64) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
+    fsyncs.fetch_add(1, Ordering::Relaxed);
     drop(f);
     fs::rename(&tmp, path).map_err(io(path))?;
-    sync_dir(dir)
+    sync_dir(dir, fsyncs)
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+fn sync_dir(dir: &Path, fsyncs: &AtomicU64) -> Result<()> {
+    fsyncs.fetch_add(1, Ordering::Relaxed);
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = fs::read_to_string(path).map_err(io(path))?;
     serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
@@ -215,6 +236,7 @@ impl JobStore {
             discarded: Vec::new(),
         };
         let mut max_id = 0;
+        let fsyncs = AtomicU64::new(0);
         for entry in fs::read_dir(&jobs_dir).map_err(io(&jobs_dir))? {
             let path = entry.map_err(io(&jobs_dir))?.path();
             let Some(id) = path
@@ -242,7 +264,7 @@ impl JobStore {
             }
             if state.is_running() {
                 state = JobState::Queued;
-                write_durable(&path.join("state.json"), &to_json(&state))?;
+                write_durable(&path.join("state.json"), &to_json(&state), &fsyncs)?;
                 recovered.requeued.push(id);
             }
             recovered.jobs.push(StoredJob {
@@ -252,13 +274,14 @@ impl JobStore {
                 input_len: (len / 4) as usize,
             });
         }
-        sync_dir(&jobs_dir)?;
+        sync_dir(&jobs_dir, &fsyncs)?;
         recovered.jobs.sort_by_key(|j| j.id);
         recovered.requeued.sort_unstable();
         Ok((
             Self {
                 jobs_dir,
                 next: Mutex::new(max_id + 1),
+                fsyncs,
             },
             recovered,
         ))
@@ -279,11 +302,12 @@ impl JobStore {
         let dir = self.job_dir(id);
         fs::create_dir(&dir).map_err(io(&dir))?;
         let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-        write_durable(&dir.join("input.bin"), &bytes)?;
-        write_durable(&dir.join("spec.json"), &to_json(spec))?;
+        let f = &self.fsyncs;
+        write_durable(&dir.join("input.bin"), &bytes, f)?;
+        write_durable(&dir.join("spec.json"), &to_json(spec), f)?;
         // The state file last: its presence marks a complete, acknowledged job.
-        write_durable(&dir.join("state.json"), &to_json(&JobState::Queued))?;
-        sync_dir(&self.jobs_dir)?;
+        write_durable(&dir.join("state.json"), &to_json(&JobState::Queued), f)?;
+        sync_dir(&self.jobs_dir, f)?;
         Ok(id)
     }
 
@@ -305,7 +329,16 @@ impl JobStore {
                 to: to.name(),
             });
         }
-        write_durable(&self.job_dir(id).join("state.json"), &to_json(&to))
+        write_durable(
+            &self.job_dir(id).join("state.json"),
+            &to_json(&to),
+            &self.fsyncs,
+        )
+    }
+
+    /// fsync calls this store has made since it was opened.
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
     }
 
     /// The job's input tokens.
@@ -330,16 +363,17 @@ impl JobStore {
             .collect())
     }
 
-    /// Stores the job's result (any JSON value: generated ids, per-token NLL, …).
-    pub fn put_result(&self, id: JobId, result: &serde_json::Value) -> Result<()> {
+    /// Stores the job's result (the coordinator's `JobOutput`; any serialisable value).
+    pub fn put_result<T: Serialize>(&self, id: JobId, result: &T) -> Result<()> {
         let dir = self.job_dir(id);
         if !dir.join("state.json").exists() {
             return Err(StoreError::UnknownJob(id));
         }
-        write_durable(&dir.join("result.json"), &to_json(result))
+        write_durable(&dir.join("result.json"), &to_json(result), &self.fsyncs)
     }
 
-    pub fn result(&self, id: JobId) -> Result<Option<serde_json::Value>> {
+    /// The job's stored result, read as `T`; `None` before there is one.
+    pub fn result<T: DeserializeOwned>(&self, id: JobId) -> Result<Option<T>> {
         let path = self.job_dir(id).join("result.json");
         if !path.exists() {
             return Ok(None);

@@ -17,10 +17,9 @@
 
 use std::path::Path;
 
-use ringmoe_model::{ExpertSelection, ModelConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::{ParallelError, Result};
+use crate::{ExpertSelection, PlanError, Result};
 
 /// One copy of an expert: the worker that hosts it and its slot there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,8 +39,8 @@ pub struct Placement {
     pub layers: Vec<Vec<Vec<Replica>>>,
 }
 
-fn invalid(msg: String) -> ParallelError {
-    ParallelError::Placement(msg)
+fn invalid(msg: String) -> PlanError {
+    PlanError::Placement(msg)
 }
 
 impl Placement {
@@ -163,23 +162,23 @@ impl Placement {
         Ok(())
     }
 
-    /// Checks that the placement fits `cfg` (one entry per layer, one per expert) and a group of
-    /// `world` workers.
-    pub fn check_model(&self, cfg: &ModelConfig, world: usize) -> Result<()> {
+    /// Checks that the placement fits a model of `num_layers` layers with `num_experts` experts
+    /// each (one entry per layer, one per expert) and a group of `world` workers.
+    pub fn check_shape(&self, num_layers: usize, num_experts: usize, world: usize) -> Result<()> {
         if self.workers != world {
             return Err(invalid(format!(
                 "placement version {} is for {} workers, the group has {world}",
                 self.version, self.workers
             )));
         }
-        if self.layers.len() != cfg.num_layers {
+        if self.layers.len() != num_layers {
             return Err(invalid(format!(
                 "placement has {} layers, the model {}",
                 self.layers.len(),
-                cfg.num_layers
+                num_layers
             )));
         }
-        let n = cfg.moe.num_experts;
+        let n = num_experts;
         match self.layers.iter().position(|l| l.len() != n) {
             Some(l) => Err(invalid(format!(
                 "placement lists {} experts in layer {l}, the model has {n}",

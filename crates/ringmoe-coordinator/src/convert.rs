@@ -1,10 +1,9 @@
-//! Between the wire types (`proto`) and the store's and the engine's types.
+//! Between the wire types (`proto`) and the store's and the coordinator core's types.
 
-use ringmoe_core::sparse::{AShape, VsConfig};
-use ringmoe_parallel::AttentionMode;
+use ringmoe_proto::proto;
 
-use crate::proto;
-use crate::store::{JobMode, JobSpec, JobState};
+use crate::machine::Report;
+use crate::store::{JobId, JobMode, JobSpec, JobState};
 
 /// The store's name of an attention mode, checked.
 pub fn attention_name(m: i32) -> Result<&'static str, String> {
@@ -22,15 +21,6 @@ pub fn attention_proto(name: &str) -> proto::AttentionMode {
         "vertical-slash" => proto::AttentionMode::VerticalSlash,
         _ => proto::AttentionMode::Dense,
     }
-}
-
-/// The engine's attention for a wire mode, with the patterns' default settings.
-pub fn attention_mode(m: i32) -> Result<AttentionMode, String> {
-    Ok(match attention_name(m)? {
-        "a-shape" => AttentionMode::AShape(AShape::default()),
-        "vertical-slash" => AttentionMode::VerticalSlash(VsConfig::default()),
-        _ => AttentionMode::Dense,
-    })
 }
 
 /// A client's spec as the store keeps it; the error says what is wrong with it.
@@ -81,7 +71,8 @@ pub fn mode_proto(m: &JobMode) -> proto::JobMode {
 pub fn phase_of(s: &JobState) -> proto::JobPhase {
     match s {
         JobState::Queued => proto::JobPhase::Queued,
-        JobState::Loading => proto::JobPhase::Loading,
+        // A run starts by loading: placement, shards.
+        JobState::Running { .. } | JobState::Loading => proto::JobPhase::Loading,
         JobState::Prefill { .. } => proto::JobPhase::Prefill,
         JobState::Decode { .. } => proto::JobPhase::Decode,
         JobState::Retrying { .. } => proto::JobPhase::Retrying,
@@ -97,4 +88,29 @@ pub fn phase_finished(p: proto::JobPhase) -> bool {
         p,
         proto::JobPhase::Done | proto::JobPhase::Failed | proto::JobPhase::Cancelled
     )
+}
+
+/// What a watcher sees of job `id` in `state`, with the run's figures.
+pub fn progress(id: JobId, state: &JobState, r: &Report) -> proto::JobProgress {
+    let mut p = proto::JobProgress {
+        job_id: id,
+        phase: phase_of(state) as i32,
+        workers: r.workers,
+        tokens_done: r.tokens_done,
+        tokens_total: r.tokens_total,
+        tokens_per_sec: r.tokens_per_sec,
+        eta_secs: r.eta_secs,
+        message: r.message.clone(),
+        ..Default::default()
+    };
+    match state {
+        JobState::Prefill { layer, layers } => {
+            p.layer = *layer;
+            p.layers = *layers;
+        }
+        JobState::Failed { message } => p.message = message.clone(),
+        JobState::Retrying { reason, .. } if p.message.is_empty() => p.message = reason.clone(),
+        _ => {}
+    }
+    p
 }

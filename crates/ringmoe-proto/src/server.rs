@@ -5,7 +5,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::{ClusterError, proto};
+use crate::{ServeError, proto};
 
 /// Settings shared by the coordinator's and the workers' servers and their clients.
 #[derive(Debug, Clone)]
@@ -38,7 +38,7 @@ pub async fn serve(
     routes: Routes,
     services: &[&str],
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), ClusterError> {
+) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for s in services {
         reporter
@@ -49,7 +49,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ClusterError::Server(format!("reflection: {e}")))?;
+        .map_err(|e| ServeError(format!("reflection: {e}")))?;
     let routes = routes.add_service(health).add_service(reflection);
     Server::builder()
         .add_routes(routes)
@@ -58,5 +58,5 @@ pub async fn serve(
             shutdown,
         )
         .await
-        .map_err(|e| ClusterError::Server(e.to_string()))
+        .map_err(|e| ServeError(e.to_string()))
 }

@@ -6,9 +6,10 @@
 //! Contiguous: P chunks, rank r holds chunk r (for comparison: the last rank does most work).
 //! Any length works, including fewer tokens than chunks (some ranks then hold none).
 
-use crate::{ParallelError, Result};
+use crate::{PlanError, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Sharding {
     Zigzag,
     Contiguous,
@@ -39,7 +40,7 @@ fn chunk_bounds(len: usize, chunks: usize) -> Vec<(usize, usize)> {
 impl ShardPlan {
     pub fn new(len: usize, world: usize, kind: Sharding) -> Result<Self> {
         if world == 0 {
-            return Err(ParallelError::Plan("a plan needs at least one rank".into()));
+            return Err(PlanError::NoRanks);
         }
         let ranks = match kind {
             Sharding::Contiguous => chunk_bounds(len, world)
@@ -65,9 +66,7 @@ impl ShardPlan {
     /// that only host experts.
     pub fn with_active(len: usize, world: usize, active: usize, kind: Sharding) -> Result<Self> {
         if active == 0 || active > world {
-            return Err(ParallelError::Plan(format!(
-                "{active} ranks holding tokens out of {world}: need 1..={world}"
-            )));
+            return Err(PlanError::ActiveRanks { active, world });
         }
         let mut p = Self::new(len, active, kind)?;
         p.ranks.resize(world, Vec::new());
@@ -86,11 +85,10 @@ impl ShardPlan {
     /// The tokens `rank` holds, in its position order.
     pub fn tokens_for(&self, rank: usize, tokens: &[u32]) -> Result<Vec<u32>> {
         if tokens.len() != self.len {
-            return Err(ParallelError::Plan(format!(
-                "{} tokens for a plan of {}",
-                tokens.len(),
-                self.len
-            )));
+            return Err(PlanError::TokenCount {
+                got: tokens.len(),
+                len: self.len,
+            });
         }
         Ok(self.positions(rank).iter().map(|&p| tokens[p]).collect())
     }
@@ -103,21 +101,21 @@ impl ShardPlan {
     /// Puts per-rank rows (`row` values each, in each rank's position order) back in sequence order.
     pub fn unshard_rows(&self, per_rank: &[Vec<f32>], row: usize) -> Result<Vec<f32>> {
         if per_rank.len() != self.world() {
-            return Err(ParallelError::Plan(format!(
-                "{} rank outputs for {} ranks",
-                per_rank.len(),
-                self.world()
-            )));
+            return Err(PlanError::RankOutputs {
+                got: per_rank.len(),
+                world: self.world(),
+            });
         }
         let mut out = vec![0f32; self.len * row];
         for (r, rows) in per_rank.iter().enumerate() {
             let pos = self.positions(r);
             if rows.len() != pos.len() * row {
-                return Err(ParallelError::Plan(format!(
-                    "rank {r} returned {} values for {} rows of {row}",
-                    rows.len(),
-                    pos.len()
-                )));
+                return Err(PlanError::RankRows {
+                    rank: r,
+                    got: rows.len(),
+                    rows: pos.len(),
+                    row,
+                });
             }
             for (i, &p) in pos.iter().enumerate() {
                 out[p * row..(p + 1) * row].copy_from_slice(&rows[i * row..(i + 1) * row]);

@@ -3,11 +3,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ringmoe_cluster::membership::etcd::{EtcdMembership, EtcdOptions, EtcdTls};
-use ringmoe_cluster::membership::{
-    MemberEvent, Membership, PlacementAck, PlacementRecord, WorkerRecord,
-};
-use ringmoe_cluster::testkit::Etcd;
+use ringmoe_membership::etcd::{EtcdMembership, EtcdOptions, EtcdTls};
+use ringmoe_membership::{MemberEvent, Membership, PlacementAck, PlacementRecord, WorkerRecord};
+use ringmoe_testkit::Etcd;
 
 fn rec(id: &str) -> WorkerRecord {
     WorkerRecord {

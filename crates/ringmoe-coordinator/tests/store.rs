@@ -2,7 +2,7 @@
 //! finished ones stay finished, half-created ones disappear, corrupt files are named.
 
 use anyhow::{Result, ensure};
-use ringmoe_cluster::{JobMode, JobSpec, JobState, JobStore, StoreError};
+use ringmoe_coordinator::{JobMode, JobSpec, JobState, JobStore, StoreError};
 
 fn spec(priority: i32) -> JobSpec {
     JobSpec {
@@ -57,8 +57,10 @@ fn acknowledged_jobs_survive_a_restart() -> Result<()> {
     ensure!(rec.jobs[0].input_len == tokens.len() && rec.jobs[0].spec == spec(1));
     ensure!(store.state(running)? == JobState::Queued);
     ensure!(store.state(done)? == JobState::Done);
-    ensure!(store.result(done)? == Some(serde_json::json!({"nll": [1.5, 2.25]})));
-    ensure!(store.result(queued)?.is_none());
+    ensure!(
+        store.result::<serde_json::Value>(done)? == Some(serde_json::json!({"nll": [1.5, 2.25]}))
+    );
+    ensure!(store.result::<serde_json::Value>(queued)?.is_none());
     // New ids never reuse old ones (99 was seen, even though discarded).
     let next = store.create(&spec(0), &[1])?;
     ensure!(next == 100, "{next}");

@@ -116,7 +116,7 @@ pub struct GenerationConfig {
     pub do_sample: Option<bool>,
 }
 
-pub(crate) fn read_json(path: &Path) -> Result<Value> {
+pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,

@@ -1,0 +1,194 @@
+//! Admission of a job upload: the spec first, a known model, ids inside the vocabulary, UTF-8
+//! text, the declared length, the message size limit, and the K/V capacity of the live workers
+//! — all checked as the upload arrives, so an oversized job is refused before it is buffered.
+//! Every refusal is `INVALID_ARGUMENT` naming what was wrong.
+
+use ringmoe_proto::proto::{self, submit_job_request};
+use tonic::{Code, Status, Streaming};
+
+use crate::convert::spec_from_proto;
+use crate::machine::capacity;
+use crate::models::ServedModel;
+use crate::store::{JobMode, JobSpec};
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+/// The upload of one job, checked as it arrives.
+struct Upload<'a> {
+    model: &'a ServedModel,
+    tokens: Vec<u32>,
+    text: Vec<u8>,
+    /// Most tokens (or text bytes) accepted before the job is known to be too long.
+    limit: u64,
+}
+
+impl Upload<'_> {
+    fn add_tokens(&mut self, ids: Vec<u32>) -> Result<(), Status> {
+        if !self.text.is_empty() {
+            return Err(invalid("a job's input is token ids or text, not both"));
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+            return Err(invalid(format!(
+                "token id {t} at position {} is outside the model's vocabulary of {vocab} ids",
+                self.tokens.len() + i
+            )));
+        }
+        self.tokens.extend(ids);
+        Ok(())
+    }
+
+    fn add_text(&mut self, bytes: Vec<u8>) -> Result<(), Status> {
+        if !self.tokens.is_empty() {
+            return Err(invalid("a job's input is token ids or text, not both"));
+        }
+        self.text.extend(bytes);
+        // A token is at least one byte: many more bytes than tokens fit is hopeless, but a few
+        // bytes per token is normal, so only refuse far past the limit.
+        if self.text.len() as u64 > self.limit.saturating_mul(16) {
+            return Err(invalid(format!(
+                "the input text passed {} bytes, far more than the cluster's K/V capacity of {} tokens",
+                self.text.len(),
+                self.limit
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An admitted job: its spec and its input tokens.
+pub(crate) struct Admitted {
+    pub spec: JobSpec,
+    pub tokens: Vec<u32>,
+}
+
+/// Reads and checks a `SubmitJob` stream. `models` are the served models; `workers` the live
+/// workers whose K/V budgets bound the job (none yet: the job queues, and its length is
+/// checked when it runs).
+pub(crate) async fn admit(
+    stream: &mut Streaming<proto::SubmitJobRequest>,
+    models: &std::collections::HashMap<String, ServedModel>,
+    workers: &[ringmoe_membership::WorkerRecord],
+    max_message_bytes: usize,
+) -> Result<Admitted, Status> {
+    let limit_msg = |e: Status| -> Status {
+        if e.code() == Code::OutOfRange || e.message().contains("too large") {
+            invalid(format!(
+                "a message exceeded the size limit of {max_message_bytes} bytes \
+                 (--max-message-bytes): {}; send the input in smaller chunks",
+                e.message()
+            ))
+        } else {
+            invalid(format!("the upload stream broke: {}", e.message()))
+        }
+    };
+    let first = stream.message().await.map_err(limit_msg)?;
+    let Some(proto::SubmitJobRequest {
+        part: Some(submit_job_request::Part::Spec(pspec)),
+    }) = first
+    else {
+        return Err(invalid(
+            "a job upload starts with the job spec (the spec is missing)",
+        ));
+    };
+    let spec = spec_from_proto(&pspec).map_err(invalid)?;
+    let model = models.get(&spec.model).ok_or_else(|| {
+        let mut known: Vec<&str> = models.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        invalid(format!(
+            "unknown model '{}'; this coordinator serves: {}",
+            spec.model,
+            known.join(", ")
+        ))
+    })?;
+    let extra = match spec.mode {
+        JobMode::Generate { max_new_tokens, .. } => u64::from(max_new_tokens),
+        JobMode::Score => 0,
+    };
+    let capacity = capacity(model.kv_bytes_per_token(), workers);
+    let n_workers = workers.len();
+    let limit = if n_workers == 0 {
+        u64::MAX
+    } else {
+        capacity.saturating_sub(extra)
+    };
+    let mut up = Upload {
+        model,
+        tokens: Vec::new(),
+        text: Vec::new(),
+        limit,
+    };
+    let capacity_error = |n: usize| {
+        invalid(format!(
+            "the job needs K/V for {} tokens ({n} input + {extra} to generate) but the cluster \
+             holds {capacity} ({n_workers} workers; {} bytes per token for {})",
+            n as u64 + extra,
+            model.kv_bytes_per_token(),
+            spec.model
+        ))
+    };
+    while let Some(m) = stream.message().await.map_err(limit_msg)? {
+        match m.part {
+            Some(submit_job_request::Part::Tokens(t)) => up.add_tokens(t.ids),
+            Some(submit_job_request::Part::Text(b)) => up.add_text(b),
+            Some(submit_job_request::Part::Spec(_)) => Err(invalid("a second job spec")),
+            None => Err(invalid("an empty upload message")),
+        }?;
+        // Refuse as soon as the upload outgrows the cluster, not after buffering all of it.
+        if up.tokens.len() as u64 > limit {
+            return Err(capacity_error(up.tokens.len()));
+        }
+    }
+    let declared = pspec.input_length;
+    let got = if up.text.is_empty() {
+        up.tokens.len()
+    } else {
+        up.text.len()
+    } as u64;
+    if declared != 0 && declared != got {
+        let unit = if up.text.is_empty() {
+            "tokens"
+        } else {
+            "bytes"
+        };
+        return Err(invalid(format!(
+            "the spec declared {declared} {unit} of input but the stream ended after {got}"
+        )));
+    }
+    let tokens = if up.text.is_empty() {
+        up.tokens
+    } else {
+        let text = std::str::from_utf8(&up.text).map_err(|e| {
+            invalid(format!(
+                "the input text is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            ))
+        })?;
+        let tok = model.tokenizer.as_ref().ok_or_else(|| {
+            invalid(format!(
+                "model '{}' has no tokenizer.json; send token ids instead of text",
+                spec.model
+            ))
+        })?;
+        tok.encode(text, true)
+            .map_err(|e| invalid(format!("tokenizing the input: {e}")))?
+    };
+    let need = if matches!(spec.mode, JobMode::Score) {
+        2
+    } else {
+        1
+    };
+    if tokens.len() < need {
+        return Err(invalid(format!(
+            "the job has {} input tokens; {} needs at least {need}",
+            tokens.len(),
+            if need == 2 { "scoring" } else { "generation" }
+        )));
+    }
+    if n_workers > 0 && tokens.len() as u64 > limit {
+        return Err(capacity_error(tokens.len()));
+    }
+    Ok(Admitted { spec, tokens })
+}

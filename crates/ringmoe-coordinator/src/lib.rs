@@ -1,0 +1,192 @@
+//! `ringmoe-coordinator`: accepts jobs over gRPC, keeps them in the durable [`JobStore`], and
+//! drives them over the live workers. It never links the engine: it knows models from their
+//! metadata (`ringmoe-hf`), plans with `ringmoe-plan`, and talks to workers through
+//! `ringmoe-proto`.
+//!
+//! Where things are:
+//! * [`machine`] — the sans-IO core: events in, commands out (queue, admission to a run,
+//!   retries, cancellation, results);
+//! * [`queue`] — the priority queue; [`retry`] — the retry policy and exclusions;
+//!   [`placement`] — the placement publisher; [`run`] — one run of a job over its workers;
+//! * `runtime.rs` — performs the core's commands; `service.rs` — the gRPC handlers;
+//!   `admission.rs` — upload checks; [`store`] — the job store; [`output`] — job results.
+//!
+//! Scheduling: **one job at a time over every live worker**; the rest wait in the queue,
+//! highest priority first, then in submission order. A long job wants all the cluster's K/V
+//! memory and compute, and running jobs side by side would halve both for each.
+
+mod admission;
+pub mod convert;
+pub mod error;
+pub mod machine;
+mod models;
+pub mod output;
+pub mod placement;
+pub mod queue;
+pub mod retry;
+pub mod run;
+mod runtime;
+mod service;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringmoe_membership::{Election, Membership, MemoryMembership};
+use ringmoe_proto::proto::cluster_service_server::ClusterServiceServer;
+use ringmoe_proto::proto::job_service_server::JobServiceServer;
+use ringmoe_proto::server::{self, ServerOptions};
+use tokio::sync::watch;
+use tracing::info;
+
+pub use error::{CoordinatorError, JobError};
+pub use output::{JobOutput, Outcome, Timings};
+pub use ringmoe_hf::ModelEntry;
+pub use store::{JobId, JobMode, JobSpec, JobState, JobStore, Recovered, StoreError, StoredJob};
+
+use crate::convert::progress;
+use crate::machine::{Event, Machine, MachineConfig, Report};
+use crate::retry::RetryPolicy;
+use crate::runtime::{Runtime, Watched};
+use crate::service::Coordinator;
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// The job store directory.
+    pub store_dir: PathBuf,
+    pub models: Vec<ModelEntry>,
+    pub server: ServerOptions,
+    /// Jobs wait until at least this many workers are live.
+    pub min_workers: usize,
+    /// How often workers beat, and how long without a beat makes a worker dead.
+    pub heartbeat_interval: Duration,
+    pub worker_timeout: Duration,
+    /// Where workers register (etcd, or an in-process membership shared with `serve`'s
+    /// workers). `None`: the coordinator's own registry, fed by `ClusterService.Heartbeat`.
+    pub membership: Option<Arc<dyn Membership>>,
+    /// Times a job re-runs after losing a worker before it fails.
+    pub max_retries: u32,
+    /// Coordinator replicas: when set, this one serves and schedules only while it leads; a
+    /// standby holds its port but answers nothing until elected, then reloads the job store.
+    pub election: Option<Arc<dyn Election>>,
+    /// Leadership lease TTL: how long after a leader dies a standby takes over.
+    pub leader_ttl: Duration,
+    /// How long workers may take to load and acknowledge a placement.
+    pub load_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn new(store_dir: PathBuf, models: Vec<ModelEntry>) -> Self {
+        Self {
+            store_dir,
+            models,
+            server: ServerOptions::default(),
+            min_workers: 1,
+            heartbeat_interval: Duration::from_millis(500),
+            worker_timeout: Duration::from_secs(3),
+            membership: None,
+            max_retries: 3,
+            election: None,
+            leader_ttl: Duration::from_secs(2),
+            load_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Starts the coordinator on `listener` and serves until `shutdown` resolves.
+pub async fn run_coordinator(
+    listener: tokio::net::TcpListener,
+    cfg: CoordinatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    let leadership = match &cfg.election {
+        Some(e) => {
+            let me = listener
+                .local_addr()
+                .map_err(|source| CoordinatorError::Io {
+                    what: "local_addr",
+                    source,
+                })?
+                .to_string();
+            info!("standby: campaigning for leadership");
+            let l = e
+                .campaign(me, cfg.leader_ttl)
+                .await
+                .map_err(|e| CoordinatorError::Election(e.to_string()))?;
+            info!("elected leader");
+            Some(l)
+        }
+        None => None,
+    };
+    let models = models::open_all(&cfg.models)?;
+    let dir = cfg.store_dir.clone();
+    let (store, recovered) = tokio::task::spawn_blocking(move || JobStore::open(&dir))
+        .await
+        .map_err(|e| CoordinatorError::Internal(e.to_string()))??;
+    info!(
+        jobs = recovered.jobs.len(),
+        requeued = ?recovered.requeued,
+        "job store opened"
+    );
+    let mut jobs = HashMap::new();
+    for j in &recovered.jobs {
+        let (tx, _) = watch::channel(progress(j.id, &j.state, &Report::default()));
+        jobs.insert(
+            j.id,
+            Watched {
+                spec: j.spec.clone(),
+                input_len: j.input_len,
+                progress: tx,
+            },
+        );
+    }
+    let (membership, heartbeats): (Arc<dyn Membership>, _) = match &cfg.membership {
+        Some(m) => (m.clone(), None),
+        None => {
+            let m = MemoryMembership::new(Duration::from_millis(100));
+            (Arc::new(m.clone()), Some(m))
+        }
+    };
+    let machine = Machine::new(
+        MachineConfig {
+            min_workers: cfg.min_workers,
+            retry: RetryPolicy {
+                max_retries: cfg.max_retries,
+            },
+        },
+        models.iter().map(|(n, m)| (n.clone(), m.info())).collect(),
+    );
+    let max = cfg.server.max_message_bytes;
+    let rt = Arc::new(Runtime::new(
+        machine, store, jobs, models, membership, heartbeats, cfg,
+    ));
+    rt.apply(Event::Recovered(recovered.jobs)).await;
+    let c = Coordinator { rt: rt.clone() };
+    let routes = tonic::service::Routes::new(
+        JobServiceServer::new(c.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    )
+    .add_service(
+        ClusterServiceServer::new(c)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
+    let follower = tokio::spawn(runtime::follow_membership(rt.clone()));
+    let names = ["ringmoe.v1.JobService", "ringmoe.v1.ClusterService"];
+    let lost = async move {
+        match leadership {
+            Some(mut l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    let res = tokio::select! {
+        r = server::serve(listener, routes, &names, shutdown) => r.map_err(CoordinatorError::from),
+        _ = lost => Err(CoordinatorError::LostLeadership),
+    };
+    follower.abort();
+    rt.stop().await;
+    res
+}

@@ -1,0 +1,357 @@
+//! The async runtime around the coordinator core: it feeds [`Event`]s to the [`Machine`] and
+//! performs the [`Command`]s it returns — job-store writes (on blocking threads), watch-channel
+//! publications, runs and probes (tasks whose results come back as events), heartbeat-registry
+//! removals. Events are applied one at a time and their commands performed in order, so a
+//! state is always persisted before it is published and never overtaken by a later one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ringmoe_membership::{MemberEvent, Membership, MemoryMembership, WorkerRecord};
+use ringmoe_proto::proto;
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::CoordinatorConfig;
+use crate::convert::progress;
+use crate::machine::{Command, Event, Machine, Report, RunId, RunOrder};
+use crate::models::ServedModel;
+use crate::output::JobOutput;
+use crate::run::{self, RunContext};
+use crate::store::{JobId, JobSpec, JobState, JobStore};
+
+/// A job as watchers and `ListJobs` see it.
+pub(crate) struct Watched {
+    pub spec: JobSpec,
+    pub input_len: usize,
+    pub progress: watch::Sender<proto::JobProgress>,
+}
+
+pub(crate) struct Runtime {
+    machine: Mutex<Machine>,
+    /// Serialises [`Runtime::apply`]: one event and its commands at a time.
+    applying: tokio::sync::Mutex<()>,
+    pub store: Arc<JobStore>,
+    pub jobs: Mutex<HashMap<JobId, Watched>>,
+    /// Abort switches of the runs in flight.
+    runs: Mutex<HashMap<RunId, watch::Sender<bool>>>,
+    pub models: HashMap<String, ServedModel>,
+    pub membership: Arc<dyn Membership>,
+    /// The registry heartbeats feed, when workers heartbeat here instead of registering in etcd.
+    pub heartbeats: Option<MemoryMembership>,
+    pub cfg: CoordinatorConfig,
+    /// Set when the coordinator stops (shutdown, or lost leadership): nothing more is applied,
+    /// so nothing more is written to a store another leader may now own.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// Locks a mutex; a poisoned one (a panic elsewhere) becomes an internal error, not a panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Status> {
+    m.lock()
+        .map_err(|_| Status::internal("internal state poisoned by an earlier panic"))
+}
+
+impl Runtime {
+    pub fn new(
+        machine: Machine,
+        store: JobStore,
+        jobs: HashMap<JobId, Watched>,
+        models: HashMap<String, ServedModel>,
+        membership: Arc<dyn Membership>,
+        heartbeats: Option<MemoryMembership>,
+        cfg: CoordinatorConfig,
+    ) -> Self {
+        Self {
+            machine: Mutex::new(machine),
+            applying: tokio::sync::Mutex::new(()),
+            store: Arc::new(store),
+            jobs: Mutex::new(jobs),
+            runs: Mutex::new(HashMap::new()),
+            models,
+            membership,
+            heartbeats,
+            cfg,
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Stops applying events and aborts the runs in flight (their workers are told to cancel).
+    pub async fn stop(&self) {
+        let _one_at_a_time = self.applying.lock().await;
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(runs) = self.runs.lock() {
+            for a in runs.values() {
+                a.send_replace(true);
+            }
+        }
+    }
+
+    /// Applies `ev` to the core and performs what it says, in order. (A boxed future with an
+    /// explicit `Send`: runs and probes it starts apply their own events.)
+    pub fn apply(
+        self: &Arc<Self>,
+        ev: Event,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.apply_now(ev))
+    }
+
+    async fn apply_now(self: &Arc<Self>, ev: Event) {
+        let _one_at_a_time = self.applying.lock().await;
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let cmds = match self.machine.lock() {
+            Ok(mut m) => m.on(Instant::now(), ev),
+            Err(_) => {
+                error!("coordinator core poisoned by an earlier panic; event dropped");
+                return;
+            }
+        };
+        // A result that could not be stored turns the `Done` after it into a failure.
+        let mut unstored: Option<(JobId, String)> = None;
+        for c in cmds {
+            match c {
+                Command::Transition { id, state, report } => {
+                    let state = match (&unstored, state) {
+                        (Some((u, why)), JobState::Done) if *u == id => JobState::Failed {
+                            message: format!("storing the result: {why}"),
+                        },
+                        (_, s) => s,
+                    };
+                    self.transition(id, state, &report).await;
+                }
+                Command::Publish { id, state, report } => self.publish(id, &state, &report),
+                Command::StoreResult { id, output } => {
+                    if let Err(e) = self.store_result(id, output).await {
+                        error!(job = id, error = %e, "storing a result");
+                        unstored = Some((id, e));
+                    }
+                }
+                Command::StartRun(order) => self.start_run(order),
+                Command::AbortRun { run } => {
+                    if let Ok(runs) = self.runs.lock() {
+                        if let Some(a) = runs.get(&run) {
+                            a.send_replace(true);
+                        }
+                    }
+                }
+                Command::Probe { run, workers } => {
+                    let rt = self.clone();
+                    let addrs = workers.into_iter().map(|w| (w.id, w.addr)).collect();
+                    let max = self.cfg.server.max_message_bytes;
+                    tokio::spawn(async move {
+                        let dead = run::dead_workers(addrs, max).await;
+                        rt.apply(Event::Probed { run, dead }).await;
+                    });
+                }
+                Command::ForgetWorkers(ids) => {
+                    if let Some(hb) = &self.heartbeats {
+                        for id in &ids {
+                            hb.remove(id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Persists `state` (off the async threads), then publishes it.
+    async fn transition(&self, id: JobId, state: JobState, report: &Report) {
+        let store = self.store.clone();
+        let s = state.clone();
+        let before = store.fsyncs();
+        let res = tokio::task::spawn_blocking(move || store.set_state(id, s)).await;
+        match res {
+            Ok(Ok(())) => {
+                if state.is_finished() {
+                    info!(job = id, state = ?state, fsyncs = self.store.fsyncs() - before, "job finished");
+                }
+                self.publish(id, &state, report);
+            }
+            Ok(Err(e)) => error!(job = id, error = %e, "job store write failed; not published"),
+            Err(e) => error!(job = id, error = %e, "job store task failed"),
+        }
+    }
+
+    fn publish(&self, id: JobId, state: &JobState, report: &Report) {
+        if let Ok(jobs) = self.jobs.lock() {
+            if let Some(j) = jobs.get(&id) {
+                j.progress.send_replace(progress(id, state, report));
+            }
+        }
+    }
+
+    async fn store_result(&self, id: JobId, output: JobOutput) -> Result<(), String> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.put_result(id, &output))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs `order` on a task; its reports and its result come back as events, in order.
+    fn start_run(self: &Arc<Self>, order: RunOrder) {
+        let (abort, abort_rx) = watch::channel(false);
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.insert(order.run, abort);
+        }
+        let rt = self.clone();
+        let span = info_span!("job", id = order.id, attempt = order.attempt);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        // The forwarder applies the run's events in the order the run sent them.
+        let forward = {
+            let rt = self.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    rt.apply(ev).await;
+                }
+            })
+        };
+        tokio::spawn(
+            async move {
+                let result = rt.execute(&order, abort_rx, &tx).await;
+                if let Ok(mut runs) = rt.runs.lock() {
+                    runs.remove(&order.run);
+                }
+                match &result {
+                    Ok(_) => info!("run done"),
+                    Err(e) => warn!(error = %e, "run failed"),
+                }
+                let _ = tx.send(Event::RunFinished {
+                    run: order.run,
+                    result,
+                });
+                drop(tx);
+                let _ = forward.await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn execute(
+        &self,
+        order: &RunOrder,
+        abort: watch::Receiver<bool>,
+        tx: &mpsc::UnboundedSender<Event>,
+    ) -> Result<JobOutput, crate::error::JobError> {
+        use crate::error::JobError;
+        let model = self
+            .models
+            .get(&order.spec.model)
+            .ok_or_else(|| JobError::UnknownModel(order.spec.model.clone()))?;
+        let store = self.store.clone();
+        let id = order.id;
+        let tokens = tokio::task::spawn_blocking(move || store.input(id))
+            .await
+            .map_err(|e| JobError::Input {
+                id,
+                message: e.to_string(),
+            })?
+            .map_err(|e| JobError::Input {
+                id,
+                message: e.to_string(),
+            })?;
+        let ctx = RunContext {
+            max_message_bytes: self.cfg.server.max_message_bytes,
+            membership: self.heartbeats.is_none().then(|| self.membership.clone()),
+            load_timeout: self.cfg.load_timeout,
+            eos: model.eos.clone(),
+            layers: model.config.num_layers as u32,
+        };
+        run::run(&ctx, order, tokens, abort, |ev| {
+            let _ = tx.send(ev);
+        })
+        .await
+    }
+
+    /// Live workers, sorted by id, without those found dead after a failed run.
+    pub async fn live_workers(&self) -> Result<Vec<WorkerRecord>, Status> {
+        let mut all = self
+            .membership
+            .list()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let now = Instant::now();
+        let m = lock(&self.machine)?;
+        all.retain(|w| !m.is_excluded(&w.id, now));
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+}
+
+/// Feeds membership to the core: the placements published before this coordinator led (so a
+/// new leader continues their versions), then the live workers on every change and every
+/// heartbeat interval (leases expire without an event in some stores). Re-watches when the
+/// watch ends (etcd restarted, say).
+pub(crate) async fn follow_membership(rt: Arc<Runtime>) {
+    if rt.heartbeats.is_none() {
+        let mut names: Vec<&String> = rt.models.keys().collect();
+        names.sort();
+        for name in names {
+            loop {
+                match rt.membership.placement(name).await {
+                    Ok(found) => {
+                        if let Some(r) = found {
+                            rt.apply(Event::PlacementKnown(r)).await;
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(model = %name, error = %e, "reading the published placement");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    }
+    let relist = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            loop {
+                relist_workers(&rt).await;
+                tokio::time::sleep(rt.cfg.heartbeat_interval).await;
+            }
+        })
+    };
+    loop {
+        match rt.membership.watch().await {
+            Ok((now, mut rx)) => {
+                info!(workers = now.len(), "membership");
+                rt.apply(Event::Workers(now)).await;
+                while let Some(ev) = rx.recv().await {
+                    let id = match &ev {
+                        MemberEvent::Put(w) => {
+                            info!(worker = %w.id, addr = %w.addr, "worker joined or updated");
+                            w.id.clone()
+                        }
+                        MemberEvent::Removed(id) => {
+                            info!(worker = %id, "worker left");
+                            id.clone()
+                        }
+                    };
+                    rt.apply(Event::WorkerMentioned(id)).await;
+                    relist_workers(&rt).await;
+                }
+                warn!("membership watch ended; watching again");
+            }
+            Err(e) => warn!(error = %e, "membership unavailable"),
+        }
+        if relist.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn relist_workers(rt: &Arc<Runtime>) {
+    match rt.membership.list().await {
+        Ok(list) => rt.apply(Event::Workers(list)).await,
+        Err(e) => {
+            tracing::debug!(error = %e, "listing workers");
+            rt.apply(Event::Tick).await;
+        }
+    }
+}

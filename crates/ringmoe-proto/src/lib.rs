@@ -1,0 +1,18 @@
+//! `ringmoe-proto`: the cluster's wire protocol and what every end of it shares.
+//!
+//! * [`proto`] — the generated `ringmoe.v1` gRPC messages and services;
+//! * [`server`] — message size limits, `grpc.health.v1` and reflection every server has;
+//! * [`client`] — what `ringmoe submit` and the tests use: upload, watch, fetch results.
+//!
+//! No engine code: the coordinator, the workers and clients all build on this.
+
+pub mod client;
+pub mod proto;
+pub mod server;
+
+pub use server::ServerOptions;
+
+/// A gRPC server that could not be set up or stopped serving.
+#[derive(Debug, thiserror::Error)]
+#[error("gRPC server: {0}")]
+pub struct ServeError(pub String);

@@ -1,0 +1,50 @@
+//! `ringmoe-testkit`: helpers the tests of several crates share (dev-dependency only; nothing
+//! here ships in a binary).
+//!
+//! * [`fixture`] — the path of a tiny model under `tests/fixtures`;
+//! * [`max_abs_diff`] — the largest element-wise difference of two vectors;
+//! * [`etcd`] — a real etcd on free loopback ports, plain or TLS.
+
+pub mod etcd;
+
+pub use etcd::Etcd;
+
+use std::path::{Path, PathBuf};
+
+/// A fixture model directory under the workspace's `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+/// The largest `|a[i] - b[i]|`; panics (failing the test) when the lengths differ.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "compared vectors differ in length: {} and {}",
+        a.len(),
+        b.len()
+    );
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_fixtures_are_where_the_helper_says() {
+        assert!(super::fixture("mixtral-tiny").join("config.json").exists());
+    }
+
+    #[test]
+    fn max_abs_diff_takes_the_largest_gap() {
+        assert_eq!(
+            super::max_abs_diff(&[1.0, -2.0, 3.0], &[1.5, 2.0, 3.0]),
+            4.0
+        );
+    }
+}
