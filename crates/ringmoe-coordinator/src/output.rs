@@ -35,6 +35,31 @@ pub struct JobOutput {
     pub timings: Timings,
 }
 
+/// A `result.json` as stores hold it: today's [`JobOutput`], or the plain `{"tokens": [...]}` /
+/// `{"nll": [...], "mean_nll": x}` objects coordinators wrote before it (so an upgraded
+/// coordinator still serves old results).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StoredOutput {
+    Current(JobOutput),
+    LegacyTokens { tokens: Vec<u32> },
+    LegacyScores { nll: Vec<f32> },
+}
+
+impl From<StoredOutput> for JobOutput {
+    fn from(s: StoredOutput) -> Self {
+        let outcome = match s {
+            StoredOutput::Current(o) => return o,
+            StoredOutput::LegacyTokens { tokens } => Outcome::Generated { tokens },
+            StoredOutput::LegacyScores { nll } => Outcome::Scored { first: 1, nll },
+        };
+        Self {
+            outcome,
+            timings: Timings::default(),
+        }
+    }
+}
+
 /// Values per `GetResult` chunk (far below any message size limit).
 pub const RESULT_CHUNK: usize = 64 * 1024;
 
@@ -92,5 +117,23 @@ mod tests {
             got.extend(s.nll);
         }
         assert_eq!(got, nll);
+    }
+
+    #[test]
+    fn results_stored_before_job_output_still_read() {
+        let old: StoredOutput =
+            serde_json::from_str(r#"{"nll": [1.5, 2.25], "mean_nll": 1.875}"#).unwrap();
+        assert_eq!(
+            JobOutput::from(old).outcome,
+            Outcome::Scored {
+                first: 1,
+                nll: vec![1.5, 2.25]
+            }
+        );
+        let old: StoredOutput = serde_json::from_str(r#"{"tokens": [5, 6]}"#).unwrap();
+        assert_eq!(
+            JobOutput::from(old).outcome,
+            Outcome::Generated { tokens: vec![5, 6] }
+        );
     }
 }

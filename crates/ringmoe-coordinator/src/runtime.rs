@@ -162,12 +162,12 @@ impl Runtime {
     async fn transition(&self, id: JobId, state: JobState, report: &Report) {
         let store = self.store.clone();
         let s = state.clone();
-        let before = store.fsyncs();
         let res = tokio::task::spawn_blocking(move || store.set_state(id, s)).await;
         match res {
             Ok(Ok(())) => {
                 if state.is_finished() {
-                    info!(job = id, state = ?state, fsyncs = self.store.fsyncs() - before, "job finished");
+                    let store_fsyncs = self.store.fsyncs();
+                    info!(job = id, state = ?state, store_fsyncs, "job finished");
                 }
                 self.publish(id, &state, report);
             }

@@ -18,7 +18,7 @@ use tracing::info;
 use crate::admission::{Admitted, admit};
 use crate::convert::{mode_proto, phase_finished, progress};
 use crate::machine::{Event, Report};
-use crate::output::JobOutput;
+use crate::output::{JobOutput, StoredOutput};
 use crate::runtime::{Runtime, Watched, lock};
 use crate::store::{JobId, JobState};
 
@@ -130,11 +130,13 @@ impl JobService for Coordinator {
             }
         }
         let store = self.rt.store.clone();
-        let output: JobOutput = tokio::task::spawn_blocking(move || store.result(id))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("job {id}'s stored result: {e}")))?
-            .ok_or_else(|| Status::internal(format!("job {id} is done but has no result")))?;
+        let output: JobOutput =
+            tokio::task::spawn_blocking(move || store.result::<StoredOutput>(id))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(format!("job {id}'s stored result: {e}")))?
+                .ok_or_else(|| Status::internal(format!("job {id} is done but has no result")))?
+                .into();
         Ok(Response::new(Box::pin(tokio_stream::iter(
             output.chunks().into_iter().map(Ok),
         ))))

@@ -139,3 +139,17 @@ pub enum CudaError {
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;
+
+/// A plan that does not fit is the distributed forward's error, as on the host path.
+impl From<ringmoe_parallel::PlanError> for CudaError {
+    fn from(e: ringmoe_parallel::PlanError) -> Self {
+        Self::Parallel(e.into())
+    }
+}
+
+/// A checkpoint's metadata error is the model's, as on the host path.
+impl From<ringmoe_model::HfError> for CudaError {
+    fn from(e: ringmoe_model::HfError) -> Self {
+        Self::Model(e.into())
+    }
+}

@@ -119,8 +119,9 @@ fn convert_dtype(d: Dtype) -> Option<DType> {
 }
 
 impl Checkpoint {
-    /// Opens `DIR/model.safetensors.index.json` if present, else every `DIR/*.safetensors` file
-    /// (normally the single `model.safetensors`).
+    /// Opens `DIR/model.safetensors.index.json` if present, else `DIR/model.safetensors` (the
+    /// hub's single-file name), else every `DIR/*.safetensors` file. Other safetensors files
+    /// beside an index or a `model.safetensors` (reference outputs, say) are not weights.
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let names: Vec<String> = if index.exists() {
@@ -150,6 +151,8 @@ impl Checkpoint {
             }
             files.sort();
             files
+        } else if dir.join("model.safetensors").is_file() {
+            vec!["model.safetensors".to_string()]
         } else {
             let rd = std::fs::read_dir(dir).map_err(|source| Error::Io {
                 path: dir.to_path_buf(),
@@ -158,7 +161,7 @@ impl Checkpoint {
             let mut files: Vec<String> = rd
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".safetensors") && n != "reference.safetensors")
+                .filter(|n| n.ends_with(".safetensors"))
                 .collect();
             files.sort();
             if files.is_empty() {

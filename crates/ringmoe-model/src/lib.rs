@@ -5,7 +5,7 @@
 //! reads environment variables or globals, so the cluster can build partial models per worker.
 
 pub mod arch;
-pub use ringmoe_hf::{config, tokenizer};
+pub use ringmoe_hf::{Error as HfError, config, tokenizer};
 pub mod checkpoint;
 pub mod error;
 pub mod generate;

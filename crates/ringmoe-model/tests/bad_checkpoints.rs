@@ -1,16 +1,11 @@
 //! Malformed checkpoints and configs give errors that name what is wrong, never a panic.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Result, ensure};
 use ringmoe_model::{Checkpoint, LoadOptions, Model};
+use ringmoe_testkit::fixture;
 use safetensors::tensor::TensorView;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 /// A copy of the Mixtral fixture whose tensors pass through `edit` (name, shape, bytes) → keep?
 fn edited_copy(

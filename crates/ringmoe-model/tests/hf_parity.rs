@@ -1,22 +1,15 @@
 //! The single-process engine against Hugging Face transformers on the committed fixture models
 //! (built by `scripts/make_fixtures.py`; versions in `tests/fixtures/versions.json`).
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, Result, ensure};
 use ringmoe_model::{
     Checkpoint, ExpertSelection, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler,
     SamplingParams, Tokenizer, generate,
 };
+use ringmoe_testkit::{fixture, max_abs_diff};
 
 const LOGIT_TOL: f32 = 1e-4;
 const MODELS: [&str; 3] = ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 struct Reference(Checkpoint);
 
@@ -43,14 +36,6 @@ impl Reference {
         let shape = self.0.meta(name)?.shape.clone();
         Ok(self.0.load(name, &shape)?.into_vec())
     }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn check_logits_and_routing(model_name: &str) -> Result<()> {

@@ -5,13 +5,8 @@ use std::process::{Command, Output};
 
 use anyhow::{Context, Result, ensure};
 use ringmoe_model::{Checkpoint, LoadOptions, Model, Tokenizer};
+use ringmoe_testkit::fixture;
 use safetensors::tensor::TensorView;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 fn ringmoe(args: &[&str]) -> Result<Output> {
     Ok(Command::new(env!("CARGO_BIN_EXE_ringmoe"))

@@ -15,14 +15,9 @@ use ringmoe_model::{LoadOptions, LogitsFor, Model, ModelConfig, write_random_che
 use ringmoe_proto::client::{self, Input, JobResult};
 use ringmoe_proto::proto::{self, JobPhase, submit_job_request};
 use ringmoe_testkit::Etcd;
+use ringmoe_testkit::{fixture, max_abs_diff};
 use serde_json::json;
 use tonic::Code;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 /// A child process killed when dropped.
 struct Proc {
@@ -196,7 +191,7 @@ fn score_matches_engine(
         spec(proto::JobMode::Score, 0),
         Input::Tokens(ids),
     ))?;
-    let d = max_abs_diff(&scores(got)?, &want)?;
+    let d = max_abs_diff(&scores(got)?, &want);
     ensure!(d <= 1e-4, "{what}: max |Δ| {d:e}");
     Ok(())
 }
@@ -238,14 +233,6 @@ fn argmax(v: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> Result<f32> {
-    ensure!(a.len() == b.len(), "lengths {} and {}", a.len(), b.len());
-    Ok(a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max))
 }
 
 fn random_ids(n: usize, vocab: u32, seed: u32) -> Vec<u32> {
@@ -314,7 +301,7 @@ fn a_32k_token_job_on_four_worker_processes_matches_the_single_process_engine() 
         t.elapsed().as_secs_f64()
     );
     let got = scores(got)?;
-    let d = max_abs_diff(&got, &want_nll)?;
+    let d = max_abs_diff(&got, &want_nll);
     ensure!(d <= 1e-4, "32K tokens over 4 workers: NLL max |Δ| {d:e}");
     let (_, got) = rt.block_on(run_job(
         &c.addr,
@@ -343,7 +330,7 @@ fn two_jobs_submitted_together_both_complete_correctly() -> Result<()> {
             run_job(&c.addr, spec(proto::JobMode::Generate, 6), Input::Tokens(b)),
         )
     });
-    let d = max_abs_diff(&scores(ra?.1)?, &want_a)?;
+    let d = max_abs_diff(&scores(ra?.1)?, &want_a);
     ensure!(d <= 1e-4, "score job: max |Δ| {d:e}");
     ensure!(tokens(rb?.1)? == want_b, "generate job's tokens differ");
     Ok(())
@@ -391,7 +378,7 @@ fn a_job_acknowledged_before_the_coordinator_is_killed_completes_after_a_restart
         ensure!(last.phase() == JobPhase::Done, "after restart: {last:?}");
         anyhow::Ok(client::result(&mut cl, id).await?)
     })?;
-    let d = max_abs_diff(&scores(got)?, &want)?;
+    let d = max_abs_diff(&scores(got)?, &want);
     ensure!(d <= 1e-4, "re-run after restart: max |Δ| {d:e}");
     drop(workers);
     drop(coordinator);
@@ -574,7 +561,7 @@ fn serve_and_submit_as_the_readme_shows() -> Result<()> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     ensure!(v["state"] == "done", "{v}");
     let got: Vec<f32> = serde_json::from_value(v["nll"].clone())?;
-    let d = max_abs_diff(&got, &want_nll)?;
+    let d = max_abs_diff(&got, &want_nll);
     ensure!(d <= 1e-4, "submit --mode score: max |Δ| {d:e}");
     let out = submit(&["--token-ids", inp_s, "--max-new-tokens", "5"])?;
     ensure!(
@@ -959,7 +946,7 @@ fn losing_a_worker_mid_job_reruns_it_on_the_rest_with_the_same_result() -> Resul
                 "run {run} ({at:?}): tokens differ"
             );
         } else {
-            let d = max_abs_diff(&scores(result)?, &want_nll)?;
+            let d = max_abs_diff(&scores(result)?, &want_nll);
             ensure!(d <= 1e-4, "run {run} ({at:?}): NLL max |Δ| {d:e}");
         }
         // A replacement joins; it is used from the next job on.
@@ -1036,9 +1023,9 @@ fn a_standby_coordinator_takes_over_and_finishes_the_leaders_jobs() -> Result<()
         let rb = done(b).await?;
         anyhow::Ok((ra, rb))
     })?;
-    let d = max_abs_diff(&scores(got_a)?, &want_a)?;
+    let d = max_abs_diff(&scores(got_a)?, &want_a);
     ensure!(d <= 1e-4, "running job after failover: max |Δ| {d:e}");
-    let d = max_abs_diff(&scores(got_b)?, &want_b)?;
+    let d = max_abs_diff(&scores(got_b)?, &want_b);
     ensure!(d <= 1e-4, "queued job after failover: max |Δ| {d:e}");
     Ok(())
 }

@@ -1,0 +1,238 @@
+//! One worker's part of one job, on a thread of its own: the TCP communicator to the job's
+//! peers, then prefill (and decode) with ring attention and expert-parallel MoE on the CPU or the
+//! GPU, reporting progress and results on the job's event stream.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::*;
+
+/// A GPU backend's error as the distributed forward's: cancellations, collective failures and
+/// model errors keep their kind; the rest is a device error.
+pub(crate) fn from_cuda(e: CudaError) -> ParallelError {
+    match e {
+        CudaError::Parallel(p) => p,
+        CudaError::Comm(c) => ParallelError::Comm(c),
+        CudaError::Model(m) => ParallelError::Model(m),
+        CudaError::Core(c) => ParallelError::Core(c),
+        other => ParallelError::Device(Box::new(other)),
+    }
+}
+
+/// One worker's part of one job, on its own thread.
+pub(crate) struct JobRun<'a> {
+    pub id: u64,
+    pub gpu: Option<&'a Arc<CudaBackend>>,
+    pub loaded: &'a Loaded,
+    pub shard: &'a Shard,
+    pub cancel: &'a AtomicBool,
+    pub tx: &'a tokio::sync::mpsc::Sender<Result<proto::WorkerEvent, Status>>,
+    pub load: &'a Arc<LoadTracker>,
+}
+
+/// Values per streamed chunk of scores or tokens (well under any sane message limit).
+pub(crate) const CHUNK: usize = 16 * 1024;
+
+impl JobRun<'_> {
+    fn emit(&self, ev: worker_event::Event) -> Result<(), ParallelError> {
+        self.tx
+            .blocking_send(Ok(proto::WorkerEvent { event: Some(ev) }))
+            .map_err(|_| ParallelError::Cancelled(self.id))
+    }
+
+    /// Stops the job when it was cancelled or the coordinator stopped listening.
+    fn check(&self) -> Result<(), ParallelError> {
+        if self.cancel.load(Ordering::Relaxed) || self.tx.is_closed() {
+            return Err(ParallelError::Cancelled(self.id));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn execute(
+        &self,
+        listener: TcpListener,
+        peers: &[SocketAddr],
+        r: &proto::RunJobRequest,
+        attention: ringmoe_parallel::AttentionMode,
+        timeout: Duration,
+    ) -> Result<(), ParallelError> {
+        let s = self.shard;
+        let opts = TcpOptions {
+            session: self.id,
+            ..TcpOptions::default()
+        };
+        let comm = ringmoe_comm::tcp(s.rank, listener, peers, &opts, timeout)?;
+        let plan = &s.plan;
+        let ep = ExpertParallel {
+            load: self.load.clone(),
+            ..ExpertParallel::new(self.loaded.placement.clone())
+        };
+        let job = JobOptions {
+            id: self.id,
+            attention,
+        };
+        let lead = s.rank == 0;
+        let mut on_layer = |layer: usize, layers: usize| {
+            self.check()?;
+            if lead {
+                self.emit(worker_event::Event::LayerDone(proto::LayerDone {
+                    layer: layer as u32,
+                    layers: layers as u32,
+                }))?;
+            }
+            Ok(())
+        };
+        let mode = proto::JobMode::try_from(r.mode)
+            .ok()
+            .filter(|m| matches!(m, proto::JobMode::Score | proto::JobMode::Generate))
+            .ok_or_else(|| ParallelError::Invalid(format!("unknown job mode {}", r.mode)))?;
+        match &self.loaded.model {
+            Engine::Cpu(model) => match mode {
+                proto::JobMode::Score => {
+                    let out = prefill_shard_observed(
+                        model,
+                        &comm,
+                        plan,
+                        &s.tokens,
+                        job,
+                        Some(&ep),
+                        &mut on_layer,
+                    )?;
+                    self.scores(model.config.vocab_size, &out.positions, |a, b| {
+                        Ok(model.logits(&out.hidden.rows(a, b)?)?)
+                    })
+                }
+                _ => {
+                    let (mut seq, logits) = ShardedSequence::prefill_shard(
+                        model,
+                        &comm,
+                        plan,
+                        &s.tokens,
+                        job,
+                        Some(&ep),
+                        &mut on_layer,
+                    )?;
+                    self.generate(r, logits, |t| seq.decode(t))
+                }
+            },
+            Engine::Cuda(model) => {
+                if attention != ringmoe_parallel::AttentionMode::Dense {
+                    return Err(ParallelError::Invalid(format!(
+                        "GPU workers run dense attention only; this job asks for {attention:?}"
+                    )));
+                }
+                let b = self.gpu.ok_or_else(|| {
+                    ParallelError::Invalid("a GPU model on a worker with no GPU opened".into())
+                })?;
+                let nccl = b.join_nccl(&comm, timeout).map_err(from_cuda)?;
+                let mut on_layer =
+                    |done: usize, layers: usize| on_layer(done, layers).map_err(CudaError::from);
+                match mode {
+                    proto::JobMode::Score => {
+                        let out = model
+                            .prefill_shard(&nccl, plan, &s.tokens, Some(&ep), &mut on_layer)
+                            .map_err(from_cuda)?;
+                        self.scores(model.config.vocab_size, &out.positions, |a, b| {
+                            model.logits_of_rows(&out.hidden, a, b).map_err(from_cuda)
+                        })
+                    }
+                    _ => {
+                        let (mut seq, logits) = CudaShardedSequence::prefill_shard(
+                            model,
+                            &nccl,
+                            plan,
+                            &s.tokens,
+                            Some(&ep),
+                            &mut on_layer,
+                        )
+                        .map_err(from_cuda)?;
+                        self.generate(r, logits, |t| seq.decode(t).map_err(from_cuda))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Samples from `logits`, feeds each token to `decode` for the next logits, until an EOS
+    /// token or `max_new_tokens`; the lead rank reports progress and streams the tokens.
+    fn generate(
+        &self,
+        r: &proto::RunJobRequest,
+        mut logits: Vec<f32>,
+        mut decode: impl FnMut(u32) -> Result<Vec<f32>, ParallelError>,
+    ) -> Result<(), ParallelError> {
+        let lead = self.shard.rank == 0;
+        let sp = r.sampling.unwrap_or_default();
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: sp.temperature,
+            top_p: if sp.top_p == 0.0 { 1.0 } else { sp.top_p },
+            seed: sp.seed,
+        })?;
+        let mut out = Vec::new();
+        loop {
+            let next = sampler.sample(&logits);
+            out.push(next);
+            if lead {
+                self.emit(worker_event::Event::Decoded(out.len() as u32))?;
+            }
+            if r.eos_token_ids.contains(&next) || out.len() >= r.max_new_tokens as usize {
+                break;
+            }
+            self.check()?;
+            logits = decode(next)?;
+        }
+        if lead {
+            for c in out.chunks(CHUNK) {
+                self.emit(worker_event::Event::Generated(proto::TokenIds {
+                    ids: c.to_vec(),
+                }))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// NLL of the next token at each of this rank's positions that has one, streamed in chunks;
+    /// `logits(start, end)` (lm_head) runs on a few hundred rows at a time.
+    fn scores(
+        &self,
+        vocab: usize,
+        positions: &[usize],
+        logits: impl Fn(usize, usize) -> Result<ringmoe_core::Tensor, ParallelError>,
+    ) -> Result<(), ParallelError> {
+        let targets = &self.shard.targets;
+        if targets.len() != positions.len() {
+            return Err(ParallelError::Invalid(format!(
+                "score mode needs a target per position: {} targets for {} positions",
+                targets.len(),
+                positions.len()
+            )));
+        }
+        let (mut pos, mut nll) = (Vec::new(), Vec::new());
+        const ROWS: usize = 256;
+        for s in (0..positions.len()).step_by(ROWS) {
+            self.check()?;
+            let e = (s + ROWS).min(positions.len());
+            let logits = logits(s, e)?;
+            for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
+                let t = targets[s + i];
+                if t == u32::MAX {
+                    continue;
+                }
+                if t as usize >= vocab {
+                    return Err(ParallelError::Invalid(format!(
+                        "target token {t} outside the vocabulary of {vocab}"
+                    )));
+                }
+                pos.push(positions[s + i] as u64);
+                nll.push(nll_of(row, t as usize));
+            }
+            if pos.len() >= CHUNK || e == positions.len() {
+                self.emit(worker_event::Event::Scores(proto::PositionScores {
+                    positions: std::mem::take(&mut pos),
+                    nll: std::mem::take(&mut nll),
+                }))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! How a worker stays known: a lease in the membership store (re-registered when lost, the
+//! record rewritten as it changes), the published placements it follows and acknowledges, or
+//! heartbeats to a coordinator without etcd.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::*;
+
+/// Keeps this worker registered with `rec`'s latest value: re-registers when the lease is
+/// lost (taking no jobs meanwhile) and rewrites the record when it changes.
+pub(crate) async fn stay_registered(
+    m: Arc<dyn Membership>,
+    mut rec: watch::Receiver<WorkerRecord>,
+    ttl: Duration,
+    inner: Arc<Inner>,
+) {
+    loop {
+        let current = rec.borrow_and_update().clone();
+        match m.register(current, ttl).await {
+            Ok(mut reg) => {
+                info!("registered");
+                inner.accepting.store(true, Ordering::Relaxed);
+                loop {
+                    tokio::select! {
+                        _ = reg.lost() => {
+                            warn!("membership lease lost; registering again");
+                            break;
+                        }
+                        changed = rec.changed() => {
+                            if changed.is_err() {
+                                return; // the worker is stopping
+                            }
+                            let r = rec.borrow_and_update().clone();
+                            if let Err(e) = m.update(&reg, r).await {
+                                // Registering again writes the latest record.
+                                warn!(error = %e, "updating the record; registering again");
+                                break;
+                            }
+                        }
+                    }
+                }
+                inner.accepting.store(false, Ordering::Relaxed);
+            }
+            Err(e) => {
+                inner.accepting.store(false, Ordering::Relaxed);
+                warn!(error = %e, "cannot register");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Watches the published placements; loads each one that names this worker and acknowledges
+/// it in the worker's record. Re-watches when the watch ends (etcd restarted, say).
+pub(crate) async fn follow_placements(
+    m: Arc<dyn Membership>,
+    worker: Worker,
+    me: String,
+    rec: watch::Sender<WorkerRecord>,
+) {
+    // The newest version applied per model: a re-watch replays the current records.
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    loop {
+        match m.watch_placements().await {
+            Ok((now, mut rx)) => {
+                for p in now {
+                    worker.apply_placement(&me, p, &rec, &mut seen).await;
+                }
+                while let Some(p) = rx.recv().await {
+                    worker.apply_placement(&me, p, &rec, &mut seen).await;
+                }
+                warn!("placement watch ended; watching again");
+            }
+            Err(e) => warn!(error = %e, "placements unavailable"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+impl Worker {
+    async fn apply_placement(
+        &self,
+        me: &str,
+        p: PlacementRecord,
+        rec: &watch::Sender<WorkerRecord>,
+        seen: &mut HashMap<String, u64>,
+    ) {
+        let Some(rank) = p.workers.iter().position(|w| w == me) else {
+            return;
+        };
+        if seen.get(&p.model).is_some_and(|&v| v >= p.version) {
+            return;
+        }
+        seen.insert(p.model.clone(), p.version);
+        let placement = match Placement::from_json(&p.placement) {
+            Ok(pl) if pl.version == p.version => Ok(pl),
+            Ok(pl) => Err(format!(
+                "the record says version {} but its placement is version {}",
+                p.version, pl.version
+            )),
+            Err(e) => Err(format!("placement: {e}")),
+        };
+        let (experts, error) = match placement {
+            Ok(pl) => {
+                let experts = (0..pl.layers.len()).map(|l| pl.hosted(l, rank)).collect();
+                let r = self.load(p.model.clone(), p.path.clone(), pl, rank).await;
+                (experts, r.err().map(|e| e.message().to_string()))
+            }
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        match &error {
+            None => info!(model = %p.model, version = p.version, rank, "placement acknowledged"),
+            Some(e) => {
+                warn!(model = %p.model, version = p.version, error = %e, "placement not loaded")
+            }
+        }
+        rec.send_modify(|r| {
+            r.placement = Some(PlacementAck {
+                model: p.model,
+                version: p.version,
+                rank,
+                experts,
+                error,
+            })
+        });
+    }
+}
+
+pub(crate) async fn heartbeat(coordinator: String, me: String, kv_budget_bytes: u64) {
+    let url = server::http_url(&coordinator);
+    let mut client: Option<ClusterServiceClient<tonic::transport::Channel>> = None;
+    let mut interval = Duration::from_millis(500);
+    loop {
+        if client.is_none() {
+            client = ClusterServiceClient::connect(url.clone()).await.ok();
+        }
+        if let Some(c) = client.as_mut() {
+            let req = proto::HeartbeatRequest {
+                worker_addr: me.clone(),
+                kv_budget_bytes,
+            };
+            match c.heartbeat(req).await {
+                Ok(r) => {
+                    interval = Duration::from_millis(r.into_inner().interval_ms.clamp(50, 10_000));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat failed");
+                    client = None;
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

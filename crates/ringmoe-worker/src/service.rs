@@ -1,0 +1,233 @@
+//! `WorkerService`: what the coordinator asks of a worker — load a placement, prepare a job
+//! (bind its data-plane port), receive its shard, run it (streaming progress and results),
+//! cancel it, report expert load.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::*;
+
+pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WorkerEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for Worker {
+    async fn load_model(
+        &self,
+        req: Request<proto::LoadModelRequest>,
+    ) -> Result<Response<proto::LoadModelResponse>, Status> {
+        let r = req.into_inner();
+        let placement = Placement::from_json(&r.placement_json)
+            .map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
+        let (load_secs, cached) = self
+            .load(r.model, r.path, placement, r.worker_index as usize)
+            .await?;
+        Ok(Response::new(proto::LoadModelResponse {
+            load_secs,
+            cached,
+        }))
+    }
+
+    async fn prepare_job(
+        &self,
+        req: Request<proto::PrepareJobRequest>,
+    ) -> Result<Response<proto::PrepareJobResponse>, Status> {
+        let r = req.into_inner();
+        let id = r.job_id;
+        if !self.inner.accepting.load(Ordering::Relaxed) {
+            return Err(Status::unavailable(
+                "this worker lost its membership lease and takes no jobs until it re-registers",
+            ));
+        }
+        // The coordinator uses only a placement every worker acknowledged; this one's must be it.
+        match lock(&self.inner.loaded)?.as_ref() {
+            Some(l) if l.name == r.model && l.placement.version == r.placement_version => {}
+            Some(l) => {
+                return Err(Status::failed_precondition(format!(
+                    "job {id} wants model '{}' at placement version {}; this worker holds '{}' \
+                     at version {}",
+                    r.model, r.placement_version, l.name, l.placement.version
+                )));
+            }
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "job {id} wants model '{}'; this worker has loaded none",
+                    r.model
+                )));
+            }
+        }
+        let host = self.inner.data_host;
+        let listener = TcpListener::bind(SocketAddr::new(host, 0))
+            .map_err(|e| internal(format!("binding a data-plane port on {host}: {e}")))?;
+        let addr = listener.local_addr().map_err(internal)?;
+        let mut pending = lock(&self.inner.pending)?;
+        let stale = self.inner.data_timeout;
+        pending.retain(|job, p| {
+            let keep = p.since.elapsed() < stale;
+            if !keep {
+                warn!(job, "dropping a job prepared {stale:?} ago that never ran");
+            }
+            keep
+        });
+        pending.insert(
+            id,
+            PendingJob {
+                listener: Some(listener),
+                shard: None,
+                since: Instant::now(),
+            },
+        );
+        Ok(Response::new(proto::PrepareJobResponse {
+            data_addr: addr.to_string(),
+        }))
+    }
+
+    async fn send_shard(
+        &self,
+        req: Request<Streaming<proto::ShardChunk>>,
+    ) -> Result<Response<proto::SendShardResponse>, Status> {
+        let mut stream = req.into_inner();
+        let max_tokens = {
+            let loaded = lock(&self.inner.loaded)?;
+            let l = loaded
+                .as_ref()
+                .ok_or_else(|| Status::failed_precondition("no model is loaded"))?;
+            let c = l.model.config();
+            let per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4).max(1) as u64;
+            self.inner.kv_budget_bytes / per_token
+        };
+        let shard = receive_shard(&mut stream, max_tokens).await?;
+        let n = shard.tokens.len() as u64;
+        let mut pending = lock(&self.inner.pending)?;
+        let job = pending.get_mut(&shard.job_id).ok_or_else(|| {
+            Status::failed_precondition(format!("job {} was not prepared", shard.job_id))
+        })?;
+        job.shard = Some(shard);
+        Ok(Response::new(proto::SendShardResponse { tokens: n }))
+    }
+
+    type RunJobStream = EventStream;
+
+    async fn run_job(
+        &self,
+        req: Request<proto::RunJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = req.into_inner();
+        let id = r.job_id;
+        let job = lock(&self.inner.pending)?
+            .remove(&id)
+            .ok_or_else(|| Status::failed_precondition(format!("job {id} was not prepared")))?;
+        let (Some(listener), Some(shard)) = (job.listener, job.shard) else {
+            return Err(Status::failed_precondition(format!(
+                "job {id} has no shard yet"
+            )));
+        };
+        let loaded = lock(&self.inner.loaded)?
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("no model is loaded"))?;
+        let peers: Vec<SocketAddr> = r
+            .peers
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| Status::invalid_argument(format!("peer address: {e}")))?;
+        if peers.len() != shard.world() || loaded.placement.workers != shard.world() {
+            return Err(Status::invalid_argument(format!(
+                "{} peers and a placement of {} workers for a shard of a {}-rank job",
+                peers.len(),
+                loaded.placement.workers,
+                shard.world()
+            )));
+        }
+        let attention = attention_mode(r.attention).map_err(Status::invalid_argument)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        lock(&self.inner.running)?.insert(id, cancel.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let inner = self.inner.clone();
+        let span = info_span!("job", id, rank = shard.rank);
+        std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || {
+                let _g = span.enter();
+                let run = JobRun {
+                    id,
+                    gpu: inner.gpu.as_ref().map(|g| &g.0),
+                    loaded: &loaded,
+                    shard: &shard,
+                    cancel: &cancel,
+                    tx: &tx,
+                    load: &inner.load,
+                };
+                let t = Instant::now();
+                let _gpu = inner
+                    .gpu
+                    .is_some()
+                    .then(|| inner.gpu_busy.lock().unwrap_or_else(|p| p.into_inner()));
+                let res = run.execute(listener, &peers, &r, attention, inner.data_timeout);
+                match res {
+                    Ok(()) => info!(secs = t.elapsed().as_secs_f64(), "job part done"),
+                    Err(e) => {
+                        warn!(error = %e, "job part failed");
+                        let status = match e {
+                            ParallelError::Cancelled(_) => Status::cancelled(e.to_string()),
+                            e => Status::internal(format!("worker rank {}: {e}", shard.rank)),
+                        };
+                        let _ = tx.blocking_send(Err(status));
+                    }
+                }
+                // A re-run of the same job (after a coordinator restart) may have replaced
+                // this entry; remove only our own.
+                if let Ok(mut m) = inner.running.lock() {
+                    if m.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cancel)) {
+                        m.remove(&id);
+                    }
+                }
+            })
+            .map_err(internal)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<proto::WorkerCancelRequest>,
+    ) -> Result<Response<proto::WorkerCancelResponse>, Status> {
+        let id = req.into_inner().job_id;
+        lock(&self.inner.pending)?.remove(&id);
+        let was_running = match lock(&self.inner.running)?.get(&id) {
+            Some(c) => {
+                c.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        };
+        Ok(Response::new(proto::WorkerCancelResponse { was_running }))
+    }
+
+    async fn report_load(
+        &self,
+        _req: Request<proto::ReportLoadRequest>,
+    ) -> Result<Response<proto::ReportLoadResponse>, Status> {
+        let (layers, experts) = match lock(&self.inner.loaded)?.as_ref() {
+            Some(l) => {
+                let c = l.model.config();
+                (c.num_layers, c.moe.num_experts)
+            }
+            None => (0, 0),
+        };
+        let snap = self.inner.load.snapshot();
+        let rows = snap
+            .per_expert(layers, experts)
+            .into_iter()
+            .flatten()
+            .collect();
+        Ok(Response::new(proto::ReportLoadResponse {
+            layers: layers as u32,
+            experts: experts as u32,
+            rows,
+            window_secs: self.inner.load.window().as_secs_f64(),
+        }))
+    }
+}
