@@ -10,19 +10,8 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-
     #[error("config.json: {field}: {msg}")]
     Config { field: String, msg: String },
-
-    #[error(
-        "unsupported architecture {name:?} (supported: MixtralForCausalLM, Qwen3MoeForCausalLM, Qwen2MoeForCausalLM)"
-    )]
-    UnknownArchitecture { name: String },
 
     #[error("{path}: not a valid safetensors file: {msg}")]
     Safetensors { path: PathBuf, msg: String },
@@ -39,9 +28,6 @@ pub enum Error {
 
     #[error("tensor {name:?} has dtype {dtype}, expected F32, BF16 or F16")]
     TensorDType { name: String, dtype: String },
-
-    #[error("tokenizer {path}: {msg}")]
-    Tokenizer { path: PathBuf, msg: String },
 
     #[error("token id {id} at position {position} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange {
@@ -62,19 +48,10 @@ pub enum Error {
 
     #[error(transparent)]
     Core(#[from] ringmoe_core::Error),
+
+    /// `config.json`, `generation_config.json` or `tokenizer.json` (see `ringmoe-hf`).
+    #[error(transparent)]
+    Metadata(#[from] ringmoe_hf::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// The metadata crate's errors keep their variant here, so callers match one enum.
-impl From<ringmoe_hf::Error> for Error {
-    fn from(e: ringmoe_hf::Error) -> Self {
-        match e {
-            ringmoe_hf::Error::Io { path, source } => Self::Io { path, source },
-            ringmoe_hf::Error::Json { path, source } => Self::Json { path, source },
-            ringmoe_hf::Error::Config { field, msg } => Self::Config { field, msg },
-            ringmoe_hf::Error::UnknownArchitecture { name } => Self::UnknownArchitecture { name },
-            ringmoe_hf::Error::Tokenizer { path, msg } => Self::Tokenizer { path, msg },
-        }
-    }
-}
