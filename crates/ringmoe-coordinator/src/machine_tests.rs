@@ -504,3 +504,43 @@ fn events_of_an_old_run_change_nothing() {
         vec![JobState::Done]
     );
 }
+
+#[test]
+fn a_placement_published_by_a_failed_run_is_not_reused_stale() {
+    let t = Instant::now();
+    let mut m = machine(1, 3);
+    m.on(t, Event::Workers(workers(&["a", "b"])));
+    let first = started(&submit(&mut m, t, 1, 0)).unwrap();
+    m.on(t, Event::PlacementKnown(first.placement.clone()));
+    finish(&mut m, t, first.run);
+    // A third worker joins; the next run publishes version 2 for three workers, then loses c
+    // before every worker acknowledged it.
+    m.on(t, Event::Workers(workers(&["a", "b", "c"])));
+    let second = started(&submit(&mut m, t, 2, 0)).unwrap();
+    assert_eq!(second.placement.version, 2);
+    m.on(t, Event::PlacementKnown(second.placement.clone()));
+    m.on(
+        t,
+        Event::RunFinished {
+            run: second.run,
+            result: Err(JobError::LeftWhileLoading {
+                worker: "c".into(),
+                model: "m".into(),
+                version: 2,
+            }),
+        },
+    );
+    let retry = started(&m.on(
+        t,
+        Event::Probed {
+            run: second.run,
+            dead: vec!["c".into()],
+        },
+    ))
+    .unwrap();
+    // Version 1 covered exactly a and b, but the workers now hold version 2: reusing 1 would
+    // wait for acknowledgements that never come. The retry publishes version 3.
+    assert!(retry.fresh);
+    assert_eq!(retry.placement.version, 3);
+    assert_eq!(retry.placement.workers, ["a", "b"]);
+}
