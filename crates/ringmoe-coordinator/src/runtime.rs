@@ -307,7 +307,8 @@ pub(crate) async fn follow_membership(rt: Arc<Runtime>) {
             }
         }
     }
-    let relist = {
+    // Aborted with this task (the guard drops when the coordinator aborts the follower).
+    let _relist = AbortOnDrop({
         let rt = rt.clone();
         tokio::spawn(async move {
             loop {
@@ -315,7 +316,7 @@ pub(crate) async fn follow_membership(rt: Arc<Runtime>) {
                 tokio::time::sleep(rt.cfg.heartbeat_interval).await;
             }
         })
-    };
+    });
     loop {
         match rt.membership.watch().await {
             Ok((now, mut rx)) => {
@@ -339,10 +340,16 @@ pub(crate) async fn follow_membership(rt: Arc<Runtime>) {
             }
             Err(e) => warn!(error = %e, "membership unavailable"),
         }
-        if relist.is_finished() {
-            break;
-        }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
