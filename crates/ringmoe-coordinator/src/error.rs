@@ -104,6 +104,10 @@ pub enum JobError {
     #[error("job {id} was cancelled")]
     Cancelled { id: JobId },
 
+    /// The coordinator's own bookkeeping failed (a task panicked, a table lost an entry).
+    #[error("internal: {0}")]
+    Internal(String),
+
     /// A retryable failure that the probe then explained by lost workers, with attempts left
     /// no more.
     #[error("{source} (gave up after {retries} retries)")]
@@ -131,6 +135,7 @@ impl JobError {
             | Self::Shard(_)
             | Self::Input { .. }
             | Self::Cancelled { .. }
+            | Self::Internal(_)
             | Self::GaveUp { .. } => false,
         }
     }

@@ -428,10 +428,9 @@ impl Machine {
 
     /// Admits the active job `id` to a run over `live`: its model, its K/V size, its placement.
     fn start(&mut self, id: JobId, live: Vec<WorkerRecord>) -> Result<RunOrder, JobError> {
-        let job = self
-            .jobs
-            .get(&id)
-            .ok_or_else(|| JobError::UnknownModel(String::new()))?;
+        let job = self.jobs.get(&id).ok_or(JobError::Internal(format!(
+            "job {id} was scheduled but is not in the job table"
+        )))?;
         let model = self
             .models
             .get(&job.spec.model)
@@ -458,10 +457,9 @@ impl Machine {
         )?;
         let run = self.next_run;
         self.next_run += 1;
-        let a = self
-            .active
-            .as_mut()
-            .ok_or_else(|| JobError::UnknownModel(job.spec.model.clone()))?;
+        let a = self.active.as_mut().ok_or(JobError::Internal(format!(
+            "job {id} was started with no active entry"
+        )))?;
         a.stage = Stage::Running {
             run,
             workers: live.clone(),

@@ -68,11 +68,7 @@ where
     }
     let mut out: Vec<Option<T>> = (0..clients.len()).map(|_| None).collect();
     while let Some(j) = set.join_next().await {
-        let (r, v) = j.map_err(|e| JobError::Worker {
-            rank: usize::MAX,
-            step: WorkerStep::Run,
-            message: format!("a worker task failed: {e}"),
-        })?;
+        let (r, v) = j.map_err(|e| JobError::Internal(format!("a worker request task: {e}")))?;
         out[r] = Some(v?);
     }
     Ok(out.into_iter().flatten().collect())
