@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use ringmoe_membership::{MemberEvent, Membership, MemoryMembership, WorkerRecord};
 use ringmoe_proto::proto;
+pub(crate) use ringmoe_proto::server::lock;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -45,12 +46,6 @@ pub(crate) struct Runtime {
     /// Set when the coordinator stops (shutdown, or lost leadership): nothing more is applied,
     /// so nothing more is written to a store another leader may now own.
     stopped: std::sync::atomic::AtomicBool,
-}
-
-/// Locks a mutex; a poisoned one (a panic elsewhere) becomes an internal error, not a panic.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Status> {
-    m.lock()
-        .map_err(|_| Status::internal("internal state poisoned by an earlier panic"))
 }
 
 impl Runtime {

@@ -22,6 +22,13 @@ impl Default for ServerOptions {
     }
 }
 
+/// Locks a mutex in a gRPC handler; a poisoned one (a panic elsewhere) becomes an internal
+/// error for this request, not a panic that takes the server down.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, tonic::Status> {
+    m.lock()
+        .map_err(|_| tonic::Status::internal("internal state poisoned by an earlier panic"))
+}
+
 /// `host:port` → `http://host:port`; a URL stays as it is.
 pub fn http_url(addr: &str) -> String {
     if addr.contains("://") {

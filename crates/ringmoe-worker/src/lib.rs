@@ -40,7 +40,7 @@ use ringmoe_membership::{Membership, PlacementAck, PlacementRecord, WorkerRecord
 use ringmoe_proto::proto::cluster_service_client::ClusterServiceClient;
 use ringmoe_proto::proto::worker_service_server::{WorkerService, WorkerServiceServer};
 use ringmoe_proto::proto::{self, worker_event};
-use ringmoe_proto::server::{self, ServerOptions};
+use ringmoe_proto::server::{self, ServerOptions, lock};
 
 mod job;
 mod registration;
@@ -66,12 +66,6 @@ pub enum WorkerError {
 
     #[error("worker device {device}: {message}")]
     Device { device: String, message: String },
-}
-
-/// Locks a mutex; a poisoned one (a panic elsewhere) becomes an internal error, not a panic here.
-fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Status> {
-    m.lock()
-        .map_err(|_| Status::internal("internal state poisoned by an earlier panic"))
 }
 
 /// The engine's attention for a wire mode, with the patterns' default settings.
