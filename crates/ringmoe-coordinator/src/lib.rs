@@ -39,7 +39,7 @@ use ringmoe_proto::proto::cluster_service_server::ClusterServiceServer;
 use ringmoe_proto::proto::job_service_server::JobServiceServer;
 use ringmoe_proto::server::{self, ServerOptions};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use error::{CoordinatorError, JobError};
 pub use output::{JobOutput, Outcome, Timings};
@@ -101,6 +101,15 @@ pub async fn run_coordinator(
     cfg: CoordinatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
+    // `shutdown` ends the wait for leadership as well as the serving.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let leadership = match &cfg.election {
         Some(e) => {
             let me = listener
@@ -111,10 +120,26 @@ pub async fn run_coordinator(
                 })?
                 .to_string();
             info!("standby: campaigning for leadership");
-            let l = e
-                .campaign(me, cfg.leader_ttl)
-                .await
-                .map_err(|e| CoordinatorError::Election(e.to_string()))?;
+            // A standby waits for etcd as long as it takes: pods start in any order, and etcd
+            // may start after the coordinator or be briefly unreachable.
+            let mut backoff = Duration::from_millis(200);
+            let l = loop {
+                tokio::select! {
+                    r = e.campaign(me.clone(), cfg.leader_ttl) => match r {
+                        Ok(l) => break l,
+                        Err(err) => warn!(
+                            error = %err, retry_in = ?backoff,
+                            "campaigning for leadership failed; retrying"
+                        ),
+                    },
+                    _ = stopped(stop_rx.clone()) => return Ok(()),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(stop_rx.clone()) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            };
             info!("elected leader");
             Some(l)
         }
@@ -183,7 +208,7 @@ pub async fn run_coordinator(
         }
     };
     let res = tokio::select! {
-        r = server::serve(listener, routes, &names, shutdown) => r.map_err(CoordinatorError::from),
+        r = server::serve(listener, routes, &names, stopped(stop_rx)) => r.map_err(CoordinatorError::from),
         _ = lost => Err(CoordinatorError::LostLeadership),
     };
     follower.abort();

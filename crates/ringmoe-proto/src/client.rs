@@ -144,3 +144,23 @@ pub async fn result(client: &mut Client, job_id: u64) -> Result<JobResult, Statu
         JobResult::Tokens(tokens)
     })
 }
+
+/// Asks a server's `grpc.health.v1` whether `service` (`""`: the server as a whole) is serving;
+/// what `ringmoe health` (the images' health check) runs.
+pub async fn health(addr: &str, service: &str) -> Result<bool, Status> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = Channel::from_shared(http_url(addr))
+        .map_err(|e| Status::invalid_argument(format!("{addr}: not an address: {e}")))?
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("connecting to {addr}: {e}")))?;
+    let mut c = HealthClient::new(channel);
+    let r = c
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(r.status == ServingStatus::Serving as i32)
+}

@@ -125,8 +125,11 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Bytes this worker may spend on K/V cache.
     pub kv_budget_bytes: u64,
-    /// Where job data-plane listeners bind (their port is always picked by the OS).
+    /// Where job data-plane listeners bind.
     pub data_host: std::net::IpAddr,
+    /// The ports job data-plane listeners may take, the first free one in order (a firewall or
+    /// a Kubernetes NetworkPolicy can then name them); `None`: any port the OS picks.
+    pub data_ports: Option<std::ops::RangeInclusive<u16>>,
     /// How long a data-plane receive may wait for a peer before the job fails.
     pub data_timeout: Duration,
     pub server: ServerOptions,
@@ -181,6 +184,7 @@ struct Inner {
     running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
     load: Arc<LoadTracker>,
     data_host: std::net::IpAddr,
+    data_ports: Option<std::ops::RangeInclusive<u16>>,
     data_timeout: Duration,
     /// Bytes of K/V cache this worker may hold (bounds the shards it accepts).
     kv_budget_bytes: u64,
@@ -193,6 +197,30 @@ struct Inner {
 #[derive(Clone)]
 pub struct Worker {
     inner: Arc<Inner>,
+}
+
+impl Inner {
+    /// A listener for one job's data plane: any port, or the first free one of `data_ports`.
+    fn bind_data_port(&self) -> Result<TcpListener, Status> {
+        let host = self.data_host;
+        let Some(ports) = self.data_ports.clone() else {
+            return TcpListener::bind(SocketAddr::new(host, 0)).map_err(|e| {
+                service::internal(format!("binding a data-plane port on {host}: {e}"))
+            });
+        };
+        let (lo, hi) = (*ports.start(), *ports.end());
+        let mut last = None;
+        for port in ports {
+            match TcpListener::bind(SocketAddr::new(host, port)) {
+                Ok(l) => return Ok(l),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(Status::resource_exhausted(format!(
+            "no free data-plane port on {host} in {lo}-{hi} (--data-ports){}",
+            last.map(|e| format!(": {e}")).unwrap_or_default()
+        )))
+    }
 }
 
 impl Worker {
@@ -218,6 +246,7 @@ impl Worker {
                 running: Mutex::default(),
                 load: Arc::default(),
                 data_host: cfg.data_host,
+                data_ports: cfg.data_ports.clone(),
                 data_timeout: cfg.data_timeout,
                 kv_budget_bytes: cfg.kv_budget_bytes,
                 accepting: AtomicBool::new(true),

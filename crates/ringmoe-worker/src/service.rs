@@ -59,9 +59,7 @@ impl WorkerService for Worker {
                 )));
             }
         }
-        let host = self.inner.data_host;
-        let listener = TcpListener::bind(SocketAddr::new(host, 0))
-            .map_err(|e| internal(format!("binding a data-plane port on {host}: {e}")))?;
+        let listener = self.inner.bind_data_port()?;
         let addr = listener.local_addr().map_err(internal)?;
         let mut pending = lock(&self.inner.pending)?;
         let stale = self.inner.data_timeout;

@@ -146,6 +146,10 @@ pub struct WorkerArgs {
     /// The IP job data-plane connections bind to and peers reach (default: the listen IP).
     #[arg(long)]
     data_host: Option<std::net::IpAddr>,
+    /// Ports job data-plane listeners take, `LO-HI`, the first free one (default: any), so a
+    /// firewall or NetworkPolicy can name them. One per job prepared at once: a few suffice.
+    #[arg(long, value_parser = parse_port_range)]
+    data_ports: Option<std::ops::RangeInclusive<u16>>,
     #[command(flatten)]
     kv: KvOpts,
     #[command(flatten)]
@@ -157,6 +161,21 @@ pub struct WorkerArgs {
     /// Weight precision on a GPU: bf16 (serving) or f32 (parity).
     #[arg(long, default_value = "bf16")]
     precision: ringmoe_cuda::Precision,
+}
+
+/// `LO-HI` (inclusive), `0 < LO <= HI`.
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|e| format!("{s:?}: want LO-HI, two ports: {e}"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: want LO-HI with 0 < LO <= HI"));
+    }
+    Ok(lo..=hi)
 }
 
 #[derive(Args, Clone, Debug)]
@@ -253,6 +272,35 @@ pub struct SubmitArgs {
     chunk: usize,
     #[command(flatten)]
     limits: LimitOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// The server's address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// The service to ask about (`ringmoe.v1.JobService`, `ringmoe.v1.WorkerService`, ...);
+    /// empty: the server as a whole.
+    #[arg(long, default_value = "")]
+    service: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 5)]
+    timeout_secs: u64,
+}
+
+pub fn health(a: HealthArgs) -> Result<()> {
+    let ask = client::health(&a.addr, &a.service);
+    let serving = runtime()?.block_on(async {
+        tokio::time::timeout(Duration::from_secs(a.timeout_secs.max(1)), ask)
+            .await
+            .with_context(|| format!("{}: no health answer in {}s", a.addr, a.timeout_secs))?
+            .map_err(|s| anyhow::anyhow!("{}: {}", a.addr, s.message()))
+    })?;
+    if !serving {
+        bail!("{}: not serving {:?}", a.addr, a.service);
+    }
+    println!("serving");
+    Ok(())
 }
 
 /// Logs to stderr, `RUST_LOG` or `default` deciding what.
@@ -376,6 +424,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             advertise: a.advertise,
             kv_budget_bytes: a.kv.bytes()?,
             data_host: a.data_host.unwrap_or(l.local_addr()?.ip()),
+            data_ports: a.data_ports,
             data_timeout: Duration::from_secs(300),
             server: a.limits.server(),
             models,
@@ -415,6 +464,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 advertise: None,
                 kv_budget_bytes: kv,
                 data_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                data_ports: None,
                 data_timeout: Duration::from_secs(300),
                 server: a.limits.server(),
                 models: models.clone(),

@@ -48,6 +48,8 @@ enum Cmd {
     Serve(cluster_cmd::ServeArgs),
     /// Submit a job to a coordinator, follow its progress and print the result.
     Submit(cluster_cmd::SubmitArgs),
+    /// Exits 0 when a server's `grpc.health.v1` reports it serving (a container health check).
+    Health(cluster_cmd::HealthArgs),
     /// The cluster's coordinator: accepts jobs over gRPC and drives them over the workers.
     Coordinator(cluster_cmd::CoordinatorArgs),
     /// A cluster worker: registers with the coordinator and runs its part of jobs.
@@ -230,6 +232,7 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::CommRank(a)) => comm_bench::run_rank(a),
         Cmd::Serve(a) => cluster_cmd::serve(a),
         Cmd::Submit(a) => cluster_cmd::submit(a),
+        Cmd::Health(a) => cluster_cmd::health(a),
         Cmd::Coordinator(a) => cluster_cmd::coordinator(a),
         Cmd::Worker(a) => cluster_cmd::worker(a),
         Cmd::GpuCheck(a) => gpu_check::run(a),
