@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""The chart's commands really run: renders helm/ringmoe, takes the exact command, args and env
+of the bundled etcd members, the coordinator, the workers and the `helm test` pod from the
+manifests, and starts them as processes on 127.0.0.1, then the test pod's `ringmoe submit` must
+complete a job. A flag the chart names and the binary lacks, a wrong address or a missing
+argument fails here.
+
+What stands in for Kubernetes, and nothing else:
+  * `$(VAR)` in args is expanded from the container's env as the kubelet does, with the
+    downward-API fields metadata.name / metadata.namespace / status.podIP set to the pod's name,
+    the namespace and 127.0.0.1;
+  * every pod runs on 127.0.0.1, so each (pod, container port) gets a free port of its own: an
+    address naming a pod (`<pod>.<headless service>.<ns>.svc.<domain>:PORT`), a Service
+    (`<service>.<ns>.svc.<domain>:PORT`, its first pod) or the pod itself (`0.0.0.0:PORT`) is
+    rewritten to 127.0.0.1 and that pod's port;
+  * volume paths: the model mount is tests/fixtures, the job store and etcd data are temporary
+    directories, the test prompt ConfigMap is a file.
+
+Usage: chart_cluster_test.py PATH/TO/ringmoe
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import helm_python as helm
+import yaml
+from helm_python import _native
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "ringmoe"
+NAMESPACE = "ml"
+DOMAIN = "cluster.local"
+BOOT_TIMEOUT = 60.0
+JOB_TIMEOUT = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_block(n: int) -> int:
+    """The first of n consecutive free ports."""
+    for _ in range(200):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+class Ports:
+    """A free 127.0.0.1 port for each (pod, container port)."""
+
+    def __init__(self) -> None:
+        self.map: dict[tuple[str, int], int] = {}
+
+    def get(self, pod: str, port: int) -> int:
+        if (pod, port) not in self.map:
+            taken = set(self.map.values())
+            p = free_port()
+            while p in taken:
+                p = free_port()
+            self.map[(pod, port)] = p
+        return self.map[(pod, port)]
+
+
+class Pod:
+    def __init__(self, name: str, container: dict, kind: str):
+        self.name, self.container, self.kind = name, container, kind
+
+
+def render(values: dict) -> list[dict]:
+    chart = helm.Chart.load(CHART)
+    opts = {"name": "ringmoe", "namespace": NAMESPACE, "is_install": True}
+    out = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
+    docs = []
+    for path, text in out.items():
+        if path.endswith(".txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def pods_of(docs: list[dict]) -> tuple[list[Pod], dict[str, list[str]], dict[str, str]]:
+    """The pods the manifests make (StatefulSet replicas by ordinal, and bare Pods), which pods
+    each Service selects, and the ConfigMaps' files."""
+    pods, selected, files = [], {}, {}
+    for d in docs:
+        kind, name = d["kind"], d["metadata"]["name"]
+        if kind == "StatefulSet":
+            tmpl = d["spec"]["template"]
+            for i in range(d["spec"].get("replicas", 1)):
+                pods.append(Pod(f"{name}-{i}", tmpl["spec"]["containers"][0], name))
+                pods[-1].labels = tmpl["metadata"]["labels"]
+        elif kind == "Pod":
+            pods.append(Pod(name, d["spec"]["containers"][0], "Pod"))
+            pods[-1].labels = d["metadata"].get("labels", {})
+        elif kind == "ConfigMap":
+            files.update(d.get("data", {}))
+    for d in docs:
+        if d["kind"] == "Service" and d["spec"].get("selector"):
+            sel = d["spec"]["selector"]
+            selected[d["metadata"]["name"]] = [
+                p.name for p in pods if all(p.labels.get(k) == v for k, v in sel.items())
+            ]
+    return pods, selected, files
+
+
+def localize(pod: Pod, pods: list[Pod], services: dict[str, list[str]], ports: Ports,
+             paths: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The pod's command line and environment as they run on 127.0.0.1."""
+    c = pod.container
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            field = e["valueFrom"]["fieldRef"]["fieldPath"]
+            env[e["name"]] = {"metadata.name": pod.name, "metadata.namespace": NAMESPACE,
+                              "status.podIP": "127.0.0.1"}[field]
+    argv = list(c["command"]) + list(c.get("args", []))
+    # The kubelet's $(VAR) expansion.
+    argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a)
+            for a in argv]
+    pod_names = {p.name for p in pods}
+    suffix = f".{NAMESPACE}.svc.{DOMAIN}"
+
+    def addr(m: re.Match) -> str:
+        host, port = m.group("host"), int(m.group("port"))
+        if host == "0.0.0.0":
+            target = pod.name
+        elif host.endswith(suffix):
+            first = host.removesuffix(suffix).split(".")[0]
+            if first in pod_names:
+                target = first
+            elif first in services and services[first]:
+                target = services[first][0]
+            else:
+                raise SystemExit(f"{pod.name}: {host} names no pod or Service of the chart")
+        else:
+            return m.group(0)
+        return f"127.0.0.1:{ports.get(target, port)}"
+
+    out = []
+    for a in argv:
+        a = re.sub(r"(?P<host>[A-Za-z0-9.-]+):(?P<port>\d{2,5})\b", addr, a)
+        for src, dst in paths.items():
+            a = a.replace(src, dst.format(pod=pod.name))
+        out.append(a)
+    return out, env
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    binary = Path(sys.argv[1]).resolve()
+    if not os.access(binary, os.X_OK):
+        raise SystemExit(f"{binary}: not an executable ringmoe binary")
+    if shutil.which("etcd") is None:
+        raise SystemExit("etcd not found: install Debian's etcd-server (scripts/test.sh does)")
+    tmp = Path(tempfile.mkdtemp(prefix="ringmoe-chart-"))
+    data_first = free_block(8)
+    values = {
+        "model": {"name": "mixtral-tiny", "path": "mixtral-tiny", "mountPath": "/models"},
+        "workers": {"replicas": 2, "dataPorts": {"first": data_first, "count": 8}, "kvBudgetGiB": 1},
+        "coordinator": {"minWorkers": 2},
+        "tests": {"maxNewTokens": 8},
+    }
+    docs = render(values)
+    pods, services, files = pods_of(docs)
+    prompt = tmp / "prompt"
+    prompt.mkdir()
+    for name, text in files.items():
+        (prompt / name).write_text(text)
+    paths = {
+        "/models/": f"{ROOT}/tests/fixtures/",
+        "/var/lib/ringmoe": str(tmp / "store"),
+        # Each etcd member has a data volume of its own.
+        "/var/lib/etcd": str(tmp / "{pod}"),
+        "/etc/ringmoe/test": str(prompt),
+    }
+    ports = Ports()
+    procs: list[tuple[str, subprocess.Popen]] = []
+    order = {"etcd": 0, "coordinator": 1, "worker": 2}
+
+    def component(p: Pod) -> str:
+        return p.labels.get("app.kubernetes.io/component", "")
+
+    servers = sorted((p for p in pods if component(p) in order), key=lambda p: order[component(p)])
+    tests = [p for p in pods if component(p) == "test"]
+    if [component(p) for p in servers].count("worker") != 2 or len(tests) != 1:
+        raise SystemExit(f"expected 2 workers and a test pod, got {[p.name for p in pods]}")
+    try:
+        # All at once, in no particular order, as Kubernetes starts pods.
+        for p in servers:
+            argv, env = localize(p, pods, services, ports, paths)
+            exe = {"ringmoe": str(binary), "/usr/local/bin/etcd": shutil.which("etcd")}.get(argv[0])
+            if exe is None:
+                raise SystemExit(f"{p.name}: unexpected command {argv[0]}")
+            argv[0] = exe
+            log = tmp / f"{p.name}.log"
+            print(f"start {p.name}: {' '.join(argv)}")
+            proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log.open("w"),
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append((p.name, proc))
+        # The coordinator's readiness probe, through the image's own health command.
+        (coord,) = [p for p in servers if component(p) == "coordinator"]
+        probe = coord.container["readinessProbe"]["grpc"]
+        health = [str(binary), "health", f"--addr=127.0.0.1:{ports.get(coord.name, probe['port'])}",
+                  f"--service={probe.get('service', '')}"]
+        t = time.monotonic()
+        while subprocess.run(health, capture_output=True).returncode != 0:
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    raise SystemExit(f"{name} exited with {proc.returncode}:\n"
+                                     f"{(tmp / (name + '.log')).read_text()[-4000:]}")
+            if time.monotonic() - t > BOOT_TIMEOUT:
+                raise SystemExit(f"the coordinator was not ready in {BOOT_TIMEOUT}s")
+            time.sleep(0.3)
+        print(f"ready {coord.name} after {time.monotonic() - t:.1f}s ({' '.join(health[1:])})")
+        (test,) = tests
+        argv, env = localize(test, pods, services, ports, paths)
+        argv[0] = str(binary)
+        print(f"run   {test.name}: {' '.join(argv)}")
+        r = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
+                           timeout=JOB_TIMEOUT)
+        for name, proc in procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with {proc.returncode} during the job:\n"
+                                 f"{(tmp / (name + '.log')).read_text()[-4000:]}")
+        if r.returncode != 0:
+            raise SystemExit(f"the test pod's submit failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        out = json.loads(r.stdout)
+        tokens = out.get("result", {}).get("tokens") if isinstance(out.get("result"), dict) else out.get("tokens")
+        print(f"submit: {r.stdout.strip()[:300]}")
+        if out.get("state") != "done" or not tokens or len(tokens) != 8:
+            raise SystemExit(f"the job did not finish with 8 tokens: {out}")
+        print("chart cluster test: 1 passed, 0 failed")
+        return 0
+    finally:
+        for _, proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if os.environ.get("RINGMOE_KEEP_TMP"):
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
