@@ -260,7 +260,7 @@ def main() -> int:
         print(f"submit: {r.stdout.strip()[:300]}")
         if out.get("state") != "done" or not tokens or len(tokens) != 8:
             raise SystemExit(f"the job did not finish with 8 tokens: {out}")
-        print("chart cluster test: 1 passed, 0 failed")
+        print(f"chart cluster test: the job completed on the rendered commands ({len(tokens)} tokens)")
         return 0
     finally:
         for _, proc in reversed(procs):

@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the build or the tests need: procps for `kill -STOP` in the communicator's
-# fault tests, protobuf-compiler (protoc) for the gRPC code generated from proto/ (ours and
-# etcd-client's), etcd-server for the membership tests, which start their own etcd, and openssl
-# for the certificates of the TLS etcd test.
-APT_PACKAGES=(procps protobuf-compiler etcd-server openssl)
+# Debian packages the tests need: procps for `kill -STOP` in the communicator's fault tests,
+# etcd-server for the membership and chart tests, which start their own etcd, and openssl for
+# the certificates of the TLS etcd test. (protoc needs no package: the protoc-bin-vendored crate
+# ships it, see .cargo/config.toml.) python3-venv only where `python3 -m venv` does not work.
+APT_PACKAGES=(procps etcd-server openssl)
+python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -23,7 +24,21 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+# The chart and image checks' tools, in a venv of their own.
+VENV=.venv-chart
+if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate, jsonschema, yaml' 2>/dev/null \
+  || ! cmp -s scripts/chart-requirements.txt "$VENV/requirements.txt"; then
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r scripts/chart-requirements.txt
+  cp scripts/chart-requirements.txt "$VENV/requirements.txt"
+fi
+
 cargo fmt --all -- --check
+# The images: both Dockerfiles lint clean.
+"$VENV/bin/hadolint" deploy/Dockerfile deploy/Dockerfile.cuda
+# The Helm chart: lint, render, validate (helm/ringmoe/README.md, "Checks").
+"$VENV/bin/python" scripts/chart_check.py
 # The control plane never links the engine: the coordinator builds without the model's weight
 # code, the parallel forward, the CUDA crate or their kernels.
 coordinator_deps=$(cargo tree -p ringmoe-coordinator -e normal,build --prefix none --locked)
@@ -38,3 +53,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # libraries at run time).
 cargo clippy -p ringmoe-comm -p ringmoe-cuda -p ringmoe-worker -p ringmoe --features cuda --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast
+# The chart's rendered commands run as processes and complete a job, with the binary the tests
+# just built (the test profile's, in target/debug).
+"$VENV/bin/python" scripts/chart_cluster_test.py target/debug/ringmoe

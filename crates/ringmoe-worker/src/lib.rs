@@ -200,26 +200,66 @@ pub struct Worker {
 }
 
 impl Inner {
-    /// A listener for one job's data plane: any port, or the first free one of `data_ports`.
     fn bind_data_port(&self) -> Result<TcpListener, Status> {
-        let host = self.data_host;
-        let Some(ports) = self.data_ports.clone() else {
-            return TcpListener::bind(SocketAddr::new(host, 0)).map_err(|e| {
-                service::internal(format!("binding a data-plane port on {host}: {e}"))
-            });
-        };
-        let (lo, hi) = (*ports.start(), *ports.end());
-        let mut last = None;
-        for port in ports {
-            match TcpListener::bind(SocketAddr::new(host, port)) {
-                Ok(l) => return Ok(l),
-                Err(e) => last = Some(e),
-            }
+        bind_data_port(self.data_host, self.data_ports.clone())
+    }
+}
+
+/// A listener for one job's data plane on `host`: any port, or the first free one of `ports`.
+fn bind_data_port(
+    host: std::net::IpAddr,
+    ports: Option<std::ops::RangeInclusive<u16>>,
+) -> Result<TcpListener, Status> {
+    let Some(ports) = ports else {
+        return TcpListener::bind(SocketAddr::new(host, 0))
+            .map_err(|e| service::internal(format!("binding a data-plane port on {host}: {e}")));
+    };
+    let (lo, hi) = (*ports.start(), *ports.end());
+    let mut last = None;
+    for port in ports {
+        match TcpListener::bind(SocketAddr::new(host, port)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
         }
-        Err(Status::resource_exhausted(format!(
-            "no free data-plane port on {host} in {lo}-{hi} (--data-ports){}",
-            last.map(|e| format!(": {e}")).unwrap_or_default()
-        )))
+    }
+    Err(Status::resource_exhausted(format!(
+        "no free data-plane port on {host} in {lo}-{hi} (--data-ports){}",
+        last.map(|e| format!(": {e}")).unwrap_or_default()
+    )))
+}
+
+#[cfg(test)]
+mod data_port_tests {
+    use super::*;
+
+    #[test]
+    fn data_listeners_take_the_free_ports_of_the_range_in_order_then_refuse() -> anyhow::Result<()>
+    {
+        let host = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        // A free pair of ports: bind two at once, then let them go.
+        let (lo, blocker) = loop {
+            let a = TcpListener::bind((host, 0))?;
+            let p = a.local_addr()?.port();
+            if p < u16::MAX - 2 {
+                if let Ok(b) = TcpListener::bind((host, p + 1)) {
+                    drop(a);
+                    break (p, b);
+                }
+            }
+        };
+        // lo is free, lo+1 taken by someone else, lo+2 unknown: a 2-port range gives lo, then
+        // refuses (lo+1 is busy), naming the flag.
+        let first = bind_data_port(host, Some(lo..=lo + 1))?;
+        anyhow::ensure!(first.local_addr()?.port() == lo);
+        let err = bind_data_port(host, Some(lo..=lo + 1)).err();
+        let msg = err.map(|s| s.message().to_string()).unwrap_or_default();
+        anyhow::ensure!(msg.contains("--data-ports"), "{msg}");
+        drop(blocker);
+        let second = bind_data_port(host, Some(lo..=lo + 1))?;
+        anyhow::ensure!(second.local_addr()?.port() == lo + 1);
+        // Without a range, the OS picks.
+        anyhow::ensure!(bind_data_port(host, None)?.local_addr()?.port() != 0);
+        Ok(())
     }
 }
 

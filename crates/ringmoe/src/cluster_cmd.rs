@@ -678,3 +678,17 @@ fn input_len(i: &Input) -> u64 {
 fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_port_range;
+
+    #[test]
+    fn port_ranges_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_port_range("7100-7107"), Ok(7100..=7107));
+        assert_eq!(parse_port_range("7100"), Ok(7100..=7100));
+        for bad in ["0-3", "9-3", "a-b", "7100-70000", "-", ""] {
+            assert!(parse_port_range(bad).is_err(), "{bad} was accepted");
+        }
+    }
+}

@@ -1029,3 +1029,51 @@ fn a_standby_coordinator_takes_over_and_finishes_the_leaders_jobs() -> Result<()
     ensure!(d <= 1e-4, "queued job after failover: max |Δ| {d:e}");
     Ok(())
 }
+
+#[test]
+fn workers_sharing_a_data_port_range_run_a_job_and_health_answers() -> Result<()> {
+    let fx = fixture("mixtral-tiny");
+    // Both workers on this host take their data-plane ports from one range of 4 (as the Helm
+    // chart gives every worker pod the same range): each takes the first free one.
+    let lo = loop {
+        let p = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+            .min(u16::MAX - 8);
+        let all: Result<Vec<_>, _> = (p..p + 4)
+            .map(|q| std::net::TcpListener::bind(("127.0.0.1", q)))
+            .collect();
+        if all.is_ok() {
+            break p;
+        }
+    };
+    let range = format!("{lo}-{}", lo + 3);
+    let c = cluster(&fx, 2, &[], &["--data-ports", &range])?;
+    let ids = random_ids(150, 384, 9);
+    let model = Model::load(&fx, &LoadOptions::default())?;
+    let (want, _) = reference(&model, &ids, 1)?;
+    let (_, got) = rt()?.block_on(run_job(
+        &c.addr,
+        spec(proto::JobMode::Score, 0),
+        Input::Tokens(ids),
+    ))?;
+    let d = max_abs_diff(&scores(got)?, &want);
+    ensure!(
+        d <= 1e-4,
+        "score over workers sharing --data-ports: max |Δ| {d:e}"
+    );
+    // `ringmoe health`: the images' health check.
+    let health = |service: &str| -> Result<std::process::Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_ringmoe"))
+            .args(["health", "--addr", &c.addr, "--service", service])
+            .output()?)
+    };
+    let ok = health("ringmoe.v1.JobService")?;
+    ensure!(
+        ok.status.success() && String::from_utf8_lossy(&ok.stdout).trim() == "serving",
+        "health: {ok:?}"
+    );
+    let bad = health("ringmoe.v1.NoSuchService")?;
+    ensure!(!bad.status.success(), "an unknown service reported serving");
+    Ok(())
+}
