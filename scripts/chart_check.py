@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks the Helm chart in helm/ringmoe with real Helm (v4's Go SDK, through helm-python-sdk).
+"""Checks the Helm chart in helm/ringmoe (and deploy/compose.yaml) with real Helm (v4's Go SDK, through helm-python-sdk).
 
 For every value set in helm/ringmoe/ci/*-values.yaml: `helm lint --strict`, a render for each
 Kubernetes version in KUBE_VERSIONS, every rendered manifest validated against that version's
@@ -294,6 +294,20 @@ def check_readme(write: bool) -> None:
         fail(f"{path}: the values table differs from values.yaml (run scripts/chart_check.py --write-readme)")
 
 
+def check_compose() -> None:
+    """deploy/compose.yaml against the Compose Specification's schema (deploy/ci/, from the
+    compose-spec repository at commit 170098ba07d9), plus what it is for."""
+    schema = json.loads((ROOT / "deploy" / "ci" / "compose-spec.json").read_text())
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    for e in sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=str):
+        fail(f"deploy/compose.yaml {list(e.absolute_path)}: {e.message}")
+    services = compose.get("services", {})
+    expect({"etcd", "coordinator", "worker-0", "worker-1"} <= set(services), "deploy/compose.yaml",
+           "etcd, a coordinator and 2 workers")
+    print("ok   deploy/compose.yaml: valid against the Compose Specification")
+
+
 def main() -> int:
     print(f"helm SDK {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__ if hasattr(kubernetes_validate, '__version__') else '?'}")
     chart = helm.Chart.load(CHART)
@@ -323,6 +337,7 @@ def main() -> int:
             expect(not find(bare, "ServiceMonitor"), where, "no ServiceMonitor without its CRD")
             print(f"ok   {where}: {len(docs)} manifests valid")
     check_bad_values(chart)
+    check_compose()
     check_readme("--write-readme" in sys.argv)
     if failures:
         print(f"chart check: {len(failures)} failure(s)", file=sys.stderr)
