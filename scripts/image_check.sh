@@ -46,16 +46,18 @@ fi
 
 start=$(date +%s)
 # Host networking for the build: the build stage fetches crates from crates.io.
-"${PODMAN[@]}" build --network=host "${LIMITS[@]}" -f deploy/Dockerfile \
+# Docker's image format: OCI's has no HEALTHCHECK.
+"${PODMAN[@]}" build --format docker --network=host "${LIMITS[@]}" -f deploy/Dockerfile \
   --build-arg RUST_IMAGE=localhost/rust:1.95-slim-bookworm \
   --build-arg RUNTIME_IMAGE=localhost/debian:bookworm-slim \
   -t localhost/ringmoe:check .
 echo "image built in $(($(date +%s) - start))s"
 "${PODMAN[@]}" image inspect localhost/ringmoe:check \
-  --format 'user={{.Config.User}} entrypoint={{.Config.Entrypoint}} size={{.Size}}'
+  --format 'user={{.Config.User}} entrypoint={{.Config.Entrypoint}} healthcheck={{.Config.Healthcheck.Test}} size={{.Size}}'
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "${PODMAN[@]}" run -d --name ringmoe-image-check --network=host "${LIMITS[@]}" \
+  -e RINGMOE_HEALTH_ADDR="127.0.0.1:$port" \
   -v "$PWD/tests/fixtures:/models:ro" localhost/ringmoe:check \
   serve --model /models/mixtral-tiny --workers 2 --addr "127.0.0.1:$port" --store /var/lib/ringmoe/jobs
 for _ in $(seq 100); do
@@ -63,6 +65,8 @@ for _ in $(seq 100); do
   sleep 0.3
 done
 echo "health inside the container: $("${PODMAN[@]}" exec ringmoe-image-check ringmoe health --addr "127.0.0.1:$port")"
+# The image's own HEALTHCHECK command.
+"${PODMAN[@]}" healthcheck run ringmoe-image-check && echo "the image's HEALTHCHECK: healthy"
 echo "processes: $("${PODMAN[@]}" top ringmoe-image-check user args | tail -n +2)"
 
 echo "The quick brown fox jumps over the lazy dog." >"$work/prompt.txt"
