@@ -228,41 +228,6 @@ fn bind_data_port(
     )))
 }
 
-#[cfg(test)]
-mod data_port_tests {
-    use super::*;
-
-    #[test]
-    fn data_listeners_take_the_free_ports_of_the_range_in_order_then_refuse() -> anyhow::Result<()>
-    {
-        let host = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-        // A free pair of ports: bind two at once, then let them go.
-        let (lo, blocker) = loop {
-            let a = TcpListener::bind((host, 0))?;
-            let p = a.local_addr()?.port();
-            if p < u16::MAX - 2 {
-                if let Ok(b) = TcpListener::bind((host, p + 1)) {
-                    drop(a);
-                    break (p, b);
-                }
-            }
-        };
-        // lo is free, lo+1 taken by someone else, lo+2 unknown: a 2-port range gives lo, then
-        // refuses (lo+1 is busy), naming the flag.
-        let first = bind_data_port(host, Some(lo..=lo + 1))?;
-        anyhow::ensure!(first.local_addr()?.port() == lo);
-        let err = bind_data_port(host, Some(lo..=lo + 1)).err();
-        let msg = err.map(|s| s.message().to_string()).unwrap_or_default();
-        anyhow::ensure!(msg.contains("--data-ports"), "{msg}");
-        drop(blocker);
-        let second = bind_data_port(host, Some(lo..=lo + 1))?;
-        anyhow::ensure!(second.local_addr()?.port() == lo + 1);
-        // Without a range, the OS picks.
-        anyhow::ensure!(bind_data_port(host, None)?.local_addr()?.port() != 0);
-        Ok(())
-    }
-}
-
 impl Worker {
     /// Opens the GPU first when the worker runs on one: a worker that cannot use its device
     /// fails at start, not at its first job.
@@ -443,4 +408,39 @@ pub fn spawn_worker(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<Result<(), WorkerError>> {
     tokio::spawn(run_worker(listener, cfg, shutdown))
+}
+
+#[cfg(test)]
+mod data_port_tests {
+    use super::*;
+
+    #[test]
+    fn data_listeners_take_the_free_ports_of_the_range_in_order_then_refuse() -> anyhow::Result<()>
+    {
+        let host = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        // A free pair of ports: bind two at once, then let them go.
+        let (lo, blocker) = loop {
+            let a = TcpListener::bind((host, 0))?;
+            let p = a.local_addr()?.port();
+            if p < u16::MAX - 2 {
+                if let Ok(b) = TcpListener::bind((host, p + 1)) {
+                    drop(a);
+                    break (p, b);
+                }
+            }
+        };
+        // lo is free, lo+1 taken by someone else, lo+2 unknown: a 2-port range gives lo, then
+        // refuses (lo+1 is busy), naming the flag.
+        let first = bind_data_port(host, Some(lo..=lo + 1))?;
+        anyhow::ensure!(first.local_addr()?.port() == lo);
+        let err = bind_data_port(host, Some(lo..=lo + 1)).err();
+        let msg = err.map(|s| s.message().to_string()).unwrap_or_default();
+        anyhow::ensure!(msg.contains("--data-ports"), "{msg}");
+        drop(blocker);
+        let second = bind_data_port(host, Some(lo..=lo + 1))?;
+        anyhow::ensure!(second.local_addr()?.port() == lo + 1);
+        // Without a range, the OS picks.
+        anyhow::ensure!(bind_data_port(host, None)?.local_addr()?.port() != 0);
+        Ok(())
+    }
 }
