@@ -18,7 +18,7 @@ use tracing::info;
 use crate::admission::{Admitted, admit};
 use crate::convert::{mode_proto, phase_finished, progress};
 use crate::machine::{Event, Report};
-use crate::output::{JobOutput, StoredOutput};
+use crate::output::{JobOutput, Outcome, StoredOutput};
 use crate::runtime::{Runtime, Watched, lock};
 use crate::store::{JobId, JobState};
 
@@ -33,6 +33,27 @@ impl Coordinator {
             .get(&id)
             .map(|j| j.progress.subscribe())
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    /// A generate job's tokens as text, special tokens skipped; `None` for a model without a
+    /// tokenizer (ids only).
+    fn decode(&self, id: JobId, tokens: &[u32]) -> Result<Option<String>, Status> {
+        let model = lock(&self.rt.jobs)?
+            .get(&id)
+            .map(|j| j.spec.model.clone())
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let Some(tokenizer) = self
+            .rt
+            .models
+            .get(&model)
+            .and_then(|m| m.tokenizer.as_ref())
+        else {
+            return Ok(None);
+        };
+        tokenizer
+            .decode(tokens, true)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decoding job {id}'s tokens: {e}")))
     }
 }
 
@@ -137,8 +158,16 @@ impl JobService for Coordinator {
                 .map_err(|e| Status::internal(format!("job {id}'s stored result: {e}")))?
                 .ok_or_else(|| Status::internal(format!("job {id} is done but has no result")))?
                 .into();
+        let mut chunks = output.chunks();
+        if let Outcome::Generated { tokens } = &output.outcome {
+            if let Some(text) = self.decode(id, tokens)? {
+                chunks.push(proto::ResultChunk {
+                    part: Some(proto::result_chunk::Part::Text(text)),
+                });
+            }
+        }
         Ok(Response::new(Box::pin(tokio_stream::iter(
-            output.chunks().into_iter().map(Ok),
+            chunks.into_iter().map(Ok),
         ))))
     }
 

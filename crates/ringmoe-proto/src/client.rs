@@ -115,15 +115,25 @@ pub async fn watch(
 
 /// The result of a job (waits for it to finish).
 pub async fn result(client: &mut Client, job_id: u64) -> Result<JobResult, Status> {
+    Ok(result_with_text(client, job_id).await?.0)
+}
+
+/// The result of a job and, for a generate job on a model with a tokenizer, the generated text
+/// the coordinator decoded (waits for the job to finish).
+pub async fn result_with_text(
+    client: &mut Client,
+    job_id: u64,
+) -> Result<(JobResult, Option<String>), Status> {
     let mut s = client
         .get_result(proto::GetResultRequest { job_id })
         .await?
         .into_inner();
     let (mut tokens, mut nll) = (Vec::new(), Vec::new());
-    let mut scores = false;
+    let (mut scores, mut text) = (false, None);
     while let Some(c) = s.message().await? {
         match c.part {
             Some(result_chunk::Part::Tokens(t)) => tokens.extend(t.ids),
+            Some(result_chunk::Part::Text(t)) => text = Some(t),
             Some(result_chunk::Part::Scores(sc)) => {
                 scores = true;
                 if sc.offset as usize != nll.len() {
@@ -138,11 +148,12 @@ pub async fn result(client: &mut Client, job_id: u64) -> Result<JobResult, Statu
             None => {}
         }
     }
-    Ok(if scores {
+    let result = if scores {
         JobResult::Scores(nll)
     } else {
         JobResult::Tokens(tokens)
-    })
+    };
+    Ok((result, text))
 }
 
 /// Asks a server's `grpc.health.v1` whether `service` (`""`: the server as a whole) is serving;

@@ -264,9 +264,13 @@ pub struct SubmitArgs {
     /// Higher runs first.
     #[arg(long, default_value_t = 0)]
     priority: i32,
-    /// Print one JSON object (job id, final state, result) instead of text.
+    /// Print one JSON object (job id, final state, result: `tokens` and `text`, or `nll`)
+    /// instead of text.
     #[arg(long)]
     json: bool,
+    /// Print a generate job's token ids instead of its text.
+    #[arg(long, conflicts_with = "json")]
+    ids: bool,
     /// Tokens (or text bytes) per upload message.
     #[arg(long, default_value_t = client::UPLOAD_CHUNK)]
     chunk: usize,
@@ -633,11 +637,16 @@ async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
         }
         bail!("job {id} {}: {}", phase_name(phase), last.message);
     }
-    let result = client::result(&mut c, id).await.map_err(status_error)?;
+    let (result, text) = client::result_with_text(&mut c, id)
+        .await
+        .map_err(status_error)?;
     if a.json {
         let mut o = serde_json::json!({"job_id": id, "state": "done"});
         match result {
-            JobResult::Tokens(t) => o["tokens"] = serde_json::json!(t),
+            JobResult::Tokens(t) => {
+                o["tokens"] = serde_json::json!(t);
+                o["text"] = serde_json::json!(text);
+            }
             JobResult::Scores(n) => {
                 let mean = n.iter().map(|&x| x as f64).sum::<f64>() / n.len().max(1) as f64;
                 o["nll"] = serde_json::json!(n);
@@ -648,11 +657,20 @@ async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
     } else {
         match result {
             JobResult::Tokens(t) => {
-                println!("job {id} done: {} tokens generated", t.len());
-                println!(
-                    "{}",
-                    t.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
-                );
+                // The status line on stderr: stdout is the answer alone.
+                eprintln!("job {id} done: {} tokens generated", t.len());
+                match text {
+                    Some(text) if !a.ids => println!("{text}"),
+                    _ => {
+                        if !a.ids {
+                            eprintln!("(the model has no tokenizer: token ids)");
+                        }
+                        println!(
+                            "{}",
+                            t.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+                        );
+                    }
+                }
             }
             JobResult::Scores(n) => {
                 let mean = n.iter().map(|&x| x as f64).sum::<f64>() / n.len().max(1) as f64;

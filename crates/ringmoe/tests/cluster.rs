@@ -551,6 +551,13 @@ fn serve_and_submit_as_the_readme_shows() -> Result<()> {
             .args(&args)
             .output()?)
     };
+    let submit_plain = |extra: &[&str]| -> Result<std::process::Output> {
+        let mut args = vec!["submit", "--addr", &addr];
+        args.extend_from_slice(extra);
+        Ok(Command::new(env!("CARGO_BIN_EXE_ringmoe"))
+            .args(&args)
+            .output()?)
+    };
     let inp_s = inp.to_str().context("path")?;
     let out = submit(&["--token-ids", inp_s, "--mode", "score"])?;
     ensure!(
@@ -574,6 +581,29 @@ fn serve_and_submit_as_the_readme_shows() -> Result<()> {
     ensure!(
         got == want_tokens,
         "submit generate: {got:?} vs {want_tokens:?}"
+    );
+    // The coordinator decodes a generate job's tokens with the model's tokenizer.
+    let tok = ringmoe_model::tokenizer::Tokenizer::from_file(&fx.join("tokenizer.json"))?;
+    let want_text = tok.decode(&want_tokens, true)?;
+    ensure!(v["text"] == want_text.as_str(), "submit --json text: {v}");
+    // Without --json, stdout is the text alone; --ids prints the ids instead.
+    let out = submit_plain(&["--token-ids", inp_s, "--max-new-tokens", "5"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == format!("{want_text}\n"),
+        "submit stdout: {:?} vs {want_text:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = submit_plain(&["--token-ids", inp_s, "--max-new-tokens", "5", "--ids"])?;
+    let ids: Vec<String> = want_tokens.iter().map(u32::to_string).collect();
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == ids.join(" "),
+        "submit --ids stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
     );
     // Text input goes through the model's tokenizer.
     let txt = tmp.path().join("in.txt");
