@@ -156,9 +156,6 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Serve(#[from] ringmoe_proto::ServeError),
 
-    #[error("leader election: {0}")]
-    Election(String),
-
     #[error("lost coordinator leadership; exiting so that no job runs twice")]
     LostLeadership,
 

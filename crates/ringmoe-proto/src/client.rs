@@ -37,11 +37,18 @@ pub type Client = JobServiceClient<Channel>;
 
 /// Connects to a coordinator (`host:port` or a URL) with `max_message_bytes` limits.
 pub async fn connect(addr: &str, max_message_bytes: usize) -> Result<Client, Status> {
-    let c = JobServiceClient::connect(http_url(addr))
-        .await
-        .map_err(|e| Status::unavailable(format!("connecting to {addr}: {e}")))?;
+    let c = JobServiceClient::new(channel(addr).await?);
     Ok(c.max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
+}
+
+/// A connection to a server at `host:port` or a URL.
+async fn channel(addr: &str) -> Result<Channel, Status> {
+    Channel::from_shared(http_url(addr))
+        .map_err(|e| Status::invalid_argument(format!("{addr}: not an address: {e}")))?
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("connecting to {addr}: {e}")))
 }
 
 /// Tokens (or bytes of text) per upload message.
@@ -161,12 +168,7 @@ pub async fn result_with_text(
 pub async fn health(addr: &str, service: &str) -> Result<bool, Status> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = Channel::from_shared(http_url(addr))
-        .map_err(|e| Status::invalid_argument(format!("{addr}: not an address: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("connecting to {addr}: {e}")))?;
-    let mut c = HealthClient::new(channel);
+    let mut c = HealthClient::new(channel(addr).await?);
     let r = c
         .check(HealthCheckRequest {
             service: service.to_string(),

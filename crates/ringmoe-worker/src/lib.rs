@@ -199,14 +199,8 @@ pub struct Worker {
     inner: Arc<Inner>,
 }
 
-impl Inner {
-    fn bind_data_port(&self) -> Result<TcpListener, Status> {
-        bind_data_port(self.data_host, self.data_ports.clone())
-    }
-}
-
 /// A listener for one job's data plane on `host`: any port, or the first free one of `ports`.
-fn bind_data_port(
+pub(crate) fn bind_data_port(
     host: std::net::IpAddr,
     ports: Option<std::ops::RangeInclusive<u16>>,
 ) -> Result<TcpListener, Status> {

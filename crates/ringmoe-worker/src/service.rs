@@ -59,7 +59,7 @@ impl WorkerService for Worker {
                 )));
             }
         }
-        let listener = self.inner.bind_data_port()?;
+        let listener = bind_data_port(self.inner.data_host, self.inner.data_ports.clone())?;
         let addr = listener.local_addr().map_err(internal)?;
         let mut pending = lock(&self.inner.pending)?;
         let stale = self.inner.data_timeout;
