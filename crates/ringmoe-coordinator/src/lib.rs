@@ -49,7 +49,7 @@ pub use store::{JobId, JobMode, JobSpec, JobState, JobStore, Recovered, StoreErr
 use crate::convert::progress;
 use crate::machine::{Event, Machine, MachineConfig, Report};
 use crate::retry::RetryPolicy;
-use crate::runtime::{Runtime, Watched};
+use crate::runtime::{Runtime, Snapshot, Watched};
 use crate::service::Coordinator;
 
 #[derive(Debug, Clone)]
@@ -157,7 +157,7 @@ pub async fn run_coordinator(
     );
     let mut jobs = HashMap::new();
     for j in &recovered.jobs {
-        let (tx, _) = watch::channel(progress(j.id, &j.state, &Report::default()));
+        let (tx, _) = watch::channel(Snapshot::new(progress(j.id, &j.state, &Report::default())));
         jobs.insert(
             j.id,
             Watched {

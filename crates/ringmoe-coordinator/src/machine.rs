@@ -59,6 +59,9 @@ pub struct Report {
     pub tokens_per_sec: f64,
     pub eta_secs: f64,
     pub message: String,
+    /// Decode: the token this step produced (the runtime appends it to the job's token log,
+    /// which `WatchJob` streams).
+    pub token: Option<u32>,
 }
 
 #[derive(Debug, Clone)]

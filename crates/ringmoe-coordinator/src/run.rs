@@ -266,11 +266,12 @@ pub async fn run(
                             tokens_total: len as u64,
                             tokens_per_sec: rate,
                             eta_secs: if rate > 0.0 { left / rate } else { 0.0 },
-                            message: String::new(),
+                            ..Report::default()
                         },
                     );
                 }
-                worker_event::Event::Decoded(n) => {
+                worker_event::Event::Step(step) => {
+                    let n = step.decoded;
                     let start = *decode_start.get_or_insert_with(Instant::now);
                     let secs = start.elapsed().as_secs_f64().max(1e-9);
                     let rate = f64::from(n) / secs;
@@ -286,6 +287,7 @@ pub async fn run(
                             tokens_per_sec: rate,
                             eta_secs: (max_new_tokens.saturating_sub(n)) as f64 / rate,
                             message: String::new(),
+                            token: Some(step.token),
                         },
                     );
                 }

@@ -27,7 +27,26 @@ use crate::store::{JobId, JobSpec, JobState, JobStore};
 pub(crate) struct Watched {
     pub spec: JobSpec,
     pub input_len: usize,
-    pub progress: watch::Sender<proto::JobProgress>,
+    pub progress: watch::Sender<Snapshot>,
+}
+
+/// What a job's watchers see: its progress, and the tokens its current run has generated so
+/// far (a log, so a slow watcher misses none although the channel keeps only the newest value).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Snapshot {
+    pub progress: proto::JobProgress,
+    pub generated: Arc<Vec<u32>>,
+    /// Counts the runs that started: a new run's log starts empty.
+    pub run: u64,
+}
+
+impl Snapshot {
+    pub fn new(progress: proto::JobProgress) -> Self {
+        Self {
+            progress,
+            ..Self::default()
+        }
+    }
 }
 
 pub(crate) struct Runtime {
@@ -164,6 +183,9 @@ impl Runtime {
                     let store_fsyncs = self.store.fsyncs();
                     info!(job = id, state = ?state, store_fsyncs, "job finished");
                 }
+                if matches!(state, JobState::Running { .. }) {
+                    self.new_run(id);
+                }
                 self.publish(id, &state, report);
             }
             Ok(Err(e)) => error!(job = id, error = %e, "job store write failed; not published"),
@@ -174,7 +196,24 @@ impl Runtime {
     fn publish(&self, id: JobId, state: &JobState, report: &Report) {
         if let Ok(jobs) = self.jobs.lock() {
             if let Some(j) = jobs.get(&id) {
-                j.progress.send_replace(progress(id, state, report));
+                j.progress.send_modify(|s| {
+                    s.progress = progress(id, state, report);
+                    if let Some(t) = report.token {
+                        Arc::make_mut(&mut s.generated).push(t);
+                    }
+                });
+            }
+        }
+    }
+
+    /// A run starts: its tokens are a new log.
+    fn new_run(&self, id: JobId) {
+        if let Ok(jobs) = self.jobs.lock() {
+            if let Some(j) = jobs.get(&id) {
+                j.progress.send_modify(|s| {
+                    s.generated = Arc::default();
+                    s.run += 1;
+                });
             }
         }
     }

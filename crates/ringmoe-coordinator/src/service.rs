@@ -19,8 +19,9 @@ use crate::admission::{Admitted, admit};
 use crate::convert::{mode_proto, phase_finished, progress};
 use crate::machine::{Event, Report};
 use crate::output::{JobOutput, Outcome, StoredOutput};
-use crate::runtime::{Runtime, Watched, lock};
-use crate::store::{JobId, JobState};
+use crate::runtime::{Runtime, Snapshot, Watched, lock};
+use crate::store::{JobId, JobSpec, JobState};
+use ringmoe_hf::TextStream;
 
 #[derive(Clone)]
 pub(crate) struct Coordinator {
@@ -28,11 +29,138 @@ pub(crate) struct Coordinator {
 }
 
 impl Coordinator {
-    fn subscribe(&self, id: JobId) -> Result<watch::Receiver<proto::JobProgress>, Status> {
+    fn subscribe(&self, id: JobId) -> Result<watch::Receiver<Snapshot>, Status> {
         lock(&self.rt.jobs)?
             .get(&id)
             .map(|j| j.progress.subscribe())
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    /// Stores a checked job, then queues it: the job exists for clients once this returns.
+    pub(crate) async fn create_job(
+        &self,
+        spec: JobSpec,
+        tokens: Vec<u32>,
+    ) -> Result<JobId, Status> {
+        let rt = &self.rt;
+        let len = tokens.len();
+        let store_spec = spec.clone();
+        let store = rt.store.clone();
+        let id = tokio::task::spawn_blocking(move || store.create(&store_spec, &tokens))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("storing the job: {e}")))?;
+        info!(job = id, model = %spec.model, tokens = len, "job accepted");
+        let (tx, _) = watch::channel(Snapshot::new(progress(
+            id,
+            &JobState::Queued,
+            &Report::default(),
+        )));
+        lock(&rt.jobs)?.insert(
+            id,
+            Watched {
+                spec: spec.clone(),
+                input_len: len,
+                progress: tx,
+            },
+        );
+        rt.apply(Event::Submitted {
+            id,
+            spec,
+            input_len: len,
+        })
+        .await;
+        Ok(id)
+    }
+
+    /// Job `id`'s progress until it finishes (the last message has the final phase), each
+    /// message with the tokens decoded since the previous one and their text.
+    pub(crate) fn follow(
+        &self,
+        id: JobId,
+    ) -> Result<mpsc::Receiver<Result<proto::JobProgress, Status>>, Status> {
+        let mut rx = self.subscribe(id)?;
+        let rt = self.rt.clone();
+        let model = lock(&rt.jobs)?
+            .get(&id)
+            .map(|j| j.spec.model.clone())
+            .unwrap_or_default();
+        let (tx, out) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let tokenizer = rt.models.get(&model).and_then(|m| m.tokenizer.as_ref());
+            let mut run = None;
+            let mut sent = 0;
+            let mut text = TextStream::default();
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                if run != Some(snap.run) {
+                    run = Some(snap.run);
+                    sent = 0;
+                    text = TextStream::default();
+                }
+                let mut p = snap.progress;
+                let done = phase_finished(p.phase());
+                let new = snap.generated.get(sent..).unwrap_or_default();
+                sent = snap.generated.len();
+                p.new_tokens = new.to_vec();
+                if let Some(tok) = tokenizer {
+                    let finished = p.phase() == proto::JobPhase::Done;
+                    match decode_more(&mut text, tok, new, finished) {
+                        Ok(piece) => p.new_text = piece,
+                        Err(e) => {
+                            let e = Status::internal(format!("decoding job {id}'s tokens: {e}"));
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
+                if tx.send(Ok(p)).await.is_err() || done || rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(out)
+    }
+
+    /// Job `id`'s output once it is done; its failure or cancellation as an error.
+    pub(crate) async fn result(&self, id: JobId) -> Result<JobOutput, Status> {
+        let mut rx = self.subscribe(id)?;
+        let last = rx
+            .wait_for(|s| phase_finished(s.progress.phase()))
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
+            .progress
+            .clone();
+        match last.phase() {
+            proto::JobPhase::Done => {}
+            proto::JobPhase::Cancelled => {
+                return Err(Status::cancelled(format!("job {id} was cancelled")));
+            }
+            _ => {
+                return Err(Status::aborted(format!(
+                    "job {id} failed: {}",
+                    last.message
+                )));
+            }
+        }
+        let store = self.rt.store.clone();
+        Ok(
+            tokio::task::spawn_blocking(move || store.result::<StoredOutput>(id))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(format!("job {id}'s stored result: {e}")))?
+                .ok_or_else(|| Status::internal(format!("job {id} is done but has no result")))?
+                .into(),
+        )
+    }
+
+    /// Cancels job `id` unless it already finished; its phase afterwards.
+    pub(crate) async fn cancel(&self, id: JobId) -> Result<proto::JobPhase, Status> {
+        let phase = self.subscribe(id)?.borrow().progress.phase();
+        if !phase_finished(phase) {
+            self.rt.apply(Event::Cancel(id)).await;
+        }
+        Ok(self.subscribe(id)?.borrow().progress.phase())
     }
 
     /// A generate job's tokens as text, special tokens skipped; `None` for a model without a
@@ -57,6 +185,23 @@ impl Coordinator {
     }
 }
 
+/// The text `new` adds to `text`'s stream, and with `finished` whatever it still held back.
+fn decode_more(
+    text: &mut TextStream,
+    tok: &ringmoe_hf::Tokenizer,
+    new: &[u32],
+    finished: bool,
+) -> Result<String, ringmoe_hf::Error> {
+    let mut out = String::new();
+    for t in new {
+        out.extend(text.push(tok, *t)?);
+    }
+    if finished {
+        out.extend(text.finish(tok)?);
+    }
+    Ok(out)
+}
+
 #[tonic::async_trait]
 impl JobService for Coordinator {
     async fn submit_job(
@@ -74,28 +219,7 @@ impl JobService for Coordinator {
         )
         .await?;
         let len = tokens.len();
-        let store_spec = spec.clone();
-        let store = rt.store.clone();
-        let id = tokio::task::spawn_blocking(move || store.create(&store_spec, &tokens))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("storing the job: {e}")))?;
-        info!(job = id, model = %spec.model, tokens = len, "job accepted");
-        let (tx, _) = watch::channel(progress(id, &JobState::Queued, &Report::default()));
-        lock(&rt.jobs)?.insert(
-            id,
-            Watched {
-                spec: spec.clone(),
-                input_len: len,
-                progress: tx,
-            },
-        );
-        rt.apply(Event::Submitted {
-            id,
-            spec,
-            input_len: len,
-        })
-        .await;
+        let id = self.create_job(spec, tokens).await?;
         Ok(Response::new(proto::SubmitJobResponse {
             job_id: id,
             input_tokens: len as u64,
@@ -109,18 +233,7 @@ impl JobService for Coordinator {
         &self,
         req: Request<proto::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let id = req.into_inner().job_id;
-        let mut rx = self.subscribe(id)?;
-        let (tx, out) = mpsc::channel(16);
-        tokio::spawn(async move {
-            loop {
-                let p = rx.borrow_and_update().clone();
-                let done = phase_finished(p.phase());
-                if tx.send(Ok(p)).await.is_err() || done || rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
+        let out = self.follow(req.into_inner().job_id)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
@@ -132,32 +245,7 @@ impl JobService for Coordinator {
         req: Request<proto::GetResultRequest>,
     ) -> Result<Response<Self::GetResultStream>, Status> {
         let id = req.into_inner().job_id;
-        let mut rx = self.subscribe(id)?;
-        let last = rx
-            .wait_for(|p| phase_finished(p.phase()))
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
-            .clone();
-        match last.phase() {
-            proto::JobPhase::Done => {}
-            proto::JobPhase::Cancelled => {
-                return Err(Status::cancelled(format!("job {id} was cancelled")));
-            }
-            _ => {
-                return Err(Status::aborted(format!(
-                    "job {id} failed: {}",
-                    last.message
-                )));
-            }
-        }
-        let store = self.rt.store.clone();
-        let output: JobOutput =
-            tokio::task::spawn_blocking(move || store.result::<StoredOutput>(id))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::internal(format!("job {id}'s stored result: {e}")))?
-                .ok_or_else(|| Status::internal(format!("job {id} is done but has no result")))?
-                .into();
+        let output = self.result(id).await?;
         let mut chunks = output.chunks();
         if let Outcome::Generated { tokens } = &output.outcome {
             if let Some(text) = self.decode(id, tokens)? {
@@ -175,12 +263,7 @@ impl JobService for Coordinator {
         &self,
         req: Request<proto::CancelJobRequest>,
     ) -> Result<Response<proto::CancelJobResponse>, Status> {
-        let id = req.into_inner().job_id;
-        let phase = self.subscribe(id)?.borrow().phase();
-        if !phase_finished(phase) {
-            self.rt.apply(Event::Cancel(id)).await;
-        }
-        let phase = self.subscribe(id)?.borrow().phase();
+        let phase = self.cancel(req.into_inner().job_id).await?;
         Ok(Response::new(proto::CancelJobResponse {
             phase: phase as i32,
         }))
@@ -194,7 +277,7 @@ impl JobService for Coordinator {
         let mut jobs: Vec<proto::JobSummary> = lock(&rt.jobs)?
             .iter()
             .map(|(id, j)| {
-                let p = j.progress.borrow();
+                let p = &j.progress.borrow().progress;
                 proto::JobSummary {
                     job_id: *id,
                     model: j.spec.model.clone(),

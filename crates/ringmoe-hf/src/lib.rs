@@ -1,13 +1,15 @@
 //! `ringmoe-hf`: what a Hugging Face checkpoint directory says about the model without loading a
 //! weight — `config.json` and `generation_config.json` ([`ModelConfig`], [`GenerationConfig`])
-//! and `tokenizer.json` ([`Tokenizer`]).
+//! `tokenizer.json` ([`Tokenizer`]) and the chat template ([`ChatTemplate`]).
 //!
 //! The control plane (the coordinator tokenizes text jobs and sizes K/V from the config) uses this
 //! crate alone, so it never links the compute engine; `ringmoe-model` re-exports it.
 
+pub mod chat;
 pub mod config;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, GenerationConfig, ModelConfig};
 pub use tokenizer::{TextStream, Tokenizer};
 
@@ -45,6 +47,9 @@ pub enum Error {
 
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+
+    #[error("chat template ({path}): {msg}")]
+    ChatTemplate { path: PathBuf, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -173,7 +173,10 @@ impl JobRun<'_> {
             let next = sampler.sample(&logits);
             out.push(next);
             if lead {
-                self.emit(worker_event::Event::Decoded(out.len() as u32))?;
+                self.emit(worker_event::Event::Step(proto::DecodeStep {
+                    decoded: out.len() as u32,
+                    token: next,
+                }))?;
             }
             if r.eos_token_ids.contains(&next) || out.len() >= r.max_new_tokens as usize {
                 break;

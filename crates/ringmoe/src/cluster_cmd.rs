@@ -595,32 +595,50 @@ async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
     up.finish_with_message(format!("{unit}: job {} accepted", ack.job_id));
     let id = ack.job_id;
     let (mut prefill, mut decode): (Option<ProgressBar>, Option<ProgressBar>) = (None, None);
-    let last = client::watch(&mut c, id, |p| match p.phase() {
-        JobPhase::Prefill => {
-            let b = prefill.get_or_insert_with(|| bar(&mp, p.tokens_total, "prefill", quiet));
-            b.set_length(p.tokens_total.max(1));
-            b.set_position(p.tokens_done);
-            b.set_message(format!(
-                "layer {}/{} · {:.0} tok/s · ETA {:.0}s · {} workers",
-                p.layer, p.layers, p.tokens_per_sec, p.eta_secs, p.workers
-            ));
+    // Plain output shows the answer as it is decoded (WatchJob's text pieces), on stdout.
+    let live_text = !a.json && !a.ids;
+    let mut streamed = String::new();
+    let last = client::watch(&mut c, id, |p| {
+        if live_text && !p.new_text.is_empty() {
+            mp.suspend(|| {
+                use std::io::Write;
+                print!("{}", p.new_text);
+                let _ = std::io::stdout().flush();
+            });
+            streamed.push_str(&p.new_text);
         }
-        JobPhase::Retrying => {
-            let _ = mp.println(format!("retrying: {}", p.message));
-            // The re-run starts its phases over.
-            for b in [prefill.take(), decode.take()].into_iter().flatten() {
-                b.abandon();
+        match p.phase() {
+            JobPhase::Prefill => {
+                let b = prefill.get_or_insert_with(|| bar(&mp, p.tokens_total, "prefill", quiet));
+                b.set_length(p.tokens_total.max(1));
+                b.set_position(p.tokens_done);
+                b.set_message(format!(
+                    "layer {}/{} · {:.0} tok/s · ETA {:.0}s · {} workers",
+                    p.layer, p.layers, p.tokens_per_sec, p.eta_secs, p.workers
+                ));
             }
-        }
-        JobPhase::Decode => {
-            if let Some(b) = &prefill {
-                b.finish();
+            JobPhase::Retrying => {
+                if !streamed.is_empty() {
+                    // The re-run decodes from the first token again.
+                    mp.suspend(|| println!());
+                    streamed.clear();
+                }
+                let _ = mp.println(format!("retrying: {}", p.message));
+                // The re-run starts its phases over.
+                for b in [prefill.take(), decode.take()].into_iter().flatten() {
+                    b.abandon();
+                }
             }
-            let b = decode.get_or_insert_with(|| bar(&mp, p.tokens_total, "decode", quiet));
-            b.set_position(p.tokens_done);
-            b.set_message(format!("{:.1} tok/s", p.tokens_per_sec));
+            JobPhase::Decode => {
+                if let Some(b) = &prefill {
+                    b.finish();
+                }
+                let b = decode.get_or_insert_with(|| bar(&mp, p.tokens_total, "decode", quiet));
+                b.set_position(p.tokens_done);
+                b.set_message(format!("{:.1} tok/s", p.tokens_per_sec));
+            }
+            _ => {}
         }
-        _ => {}
     })
     .await
     .map_err(status_error)?;
@@ -660,7 +678,14 @@ async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
                 // The status line on stderr: stdout is the answer alone.
                 eprintln!("job {id} done: {} tokens generated", t.len());
                 match text {
-                    Some(text) if !a.ids => println!("{text}"),
+                    // Already on stdout, as it was decoded.
+                    Some(text) if live_text && streamed == text => println!(),
+                    Some(text) if !a.ids => {
+                        if !streamed.is_empty() {
+                            eprintln!("\n(the streamed text differs from the result; the result:)");
+                        }
+                        println!("{text}")
+                    }
                     _ => {
                         if !a.ids {
                             eprintln!("(the model has no tokenizer: token ids)");
