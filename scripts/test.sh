@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests need: procps for `kill -STOP` in the communicator's fault tests,
-# etcd-server for the membership and chart tests, which start their own etcd, and openssl for
-# the certificates of the TLS etcd test. (protoc needs no package: the protoc-bin-vendored crate
-# ships it, see .cargo/config.toml.) python3-venv only where `python3 -m venv` does not work.
-APT_PACKAGES=(procps etcd-server openssl)
+# etcd-server for the membership and chart tests, which start their own etcd, openssl for the
+# certificates of the TLS etcd test, and curl for the HTTP API's SSE test. (protoc needs no
+# package: the protoc-bin-vendored crate ships it, see .cargo/config.toml.) python3-venv only
+# where `python3 -m venv` does not work.
+APT_PACKAGES=(procps etcd-server openssl curl)
 python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -24,15 +25,19 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
-# The chart and image checks' tools, in a venv of their own.
+# Python tools in venvs of their own, rebuilt when their requirements file changes: the chart
+# and image checks' (.venv-chart) and the HTTP API test's openai client (.venv-api).
+venv() { # DIR REQUIREMENTS IMPORTS
+  if ! "$1/bin/python" -c "import $3" 2>/dev/null || ! cmp -s "$2" "$1/requirements.txt"; then
+    rm -rf "$1"
+    python3 -m venv "$1"
+    "$1/bin/pip" install --quiet --disable-pip-version-check -r "$2"
+    cp "$2" "$1/requirements.txt"
+  fi
+}
 VENV=.venv-chart
-if ! "$VENV/bin/python" -c 'import helm_python, kubernetes_validate, jsonschema, yaml' 2>/dev/null \
-  || ! cmp -s scripts/chart-requirements.txt "$VENV/requirements.txt"; then
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r scripts/chart-requirements.txt
-  cp scripts/chart-requirements.txt "$VENV/requirements.txt"
-fi
+venv "$VENV" scripts/chart-requirements.txt 'helm_python, kubernetes_validate, jsonschema, yaml'
+venv .venv-api scripts/api-requirements.txt 'openai'
 
 cargo fmt --all -- --check
 # The images: both Dockerfiles lint clean.
@@ -56,3 +61,6 @@ cargo nextest run --workspace --locked --no-fail-fast
 # The chart's rendered commands run as processes and complete a job, with the binary the tests
 # just built (the test profile's, in target/debug).
 "$VENV/bin/python" scripts/chart_cluster_test.py target/debug/ringmoe
+# The OpenAI-compatible HTTP API with the real openai client, and SSE as curl sees it.
+.venv-api/bin/python scripts/openai_api_test.py target/debug/ringmoe
+scripts/http_sse_test.sh target/debug/ringmoe

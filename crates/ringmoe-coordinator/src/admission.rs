@@ -64,6 +64,38 @@ pub(crate) struct Admitted {
     pub tokens: Vec<u32>,
 }
 
+/// The checks on a job's input however it arrived (gRPC upload or HTTP): at least the tokens
+/// its mode needs, and room for its K/V on the live workers (none yet: checked when it runs).
+pub(crate) fn check_length(
+    spec: &JobSpec,
+    n: usize,
+    model: &ServedModel,
+    workers: &[ringmoe_membership::WorkerRecord],
+) -> Result<(), Status> {
+    let (need, extra) = match spec.mode {
+        JobMode::Score => (2, 0),
+        JobMode::Generate { max_new_tokens, .. } => (1, u64::from(max_new_tokens)),
+    };
+    if n < need {
+        return Err(invalid(format!(
+            "the job has {n} input tokens; {} needs at least {need}",
+            if need == 2 { "scoring" } else { "generation" }
+        )));
+    }
+    let capacity = capacity(model.kv_bytes_per_token(), workers);
+    if !workers.is_empty() && n as u64 + extra > capacity {
+        return Err(invalid(format!(
+            "the job needs K/V for {} tokens ({n} input + {extra} to generate) but the cluster \
+             holds {capacity} ({} workers; {} bytes per token for {})",
+            n as u64 + extra,
+            workers.len(),
+            model.kv_bytes_per_token(),
+            spec.model
+        )));
+    }
+    Ok(())
+}
+
 /// Reads and checks a `SubmitJob` stream. `models` are the served models; `workers` the live
 /// workers whose K/V budgets bound the job (none yet: the job queues, and its length is
 /// checked when it runs).
@@ -175,20 +207,6 @@ pub(crate) async fn admit(
         tok.encode(text, true)
             .map_err(|e| invalid(format!("tokenizing the input: {e}")))?
     };
-    let need = if matches!(spec.mode, JobMode::Score) {
-        2
-    } else {
-        1
-    };
-    if tokens.len() < need {
-        return Err(invalid(format!(
-            "the job has {} input tokens; {} needs at least {need}",
-            tokens.len(),
-            if need == 2 { "scoring" } else { "generation" }
-        )));
-    }
-    if n_workers > 0 && tokens.len() as u64 > limit {
-        return Err(capacity_error(tokens.len()));
-    }
+    check_length(&spec, tokens.len(), model, workers)?;
     Ok(Admitted { spec, tokens })
 }

@@ -18,8 +18,10 @@
 mod admission;
 pub mod convert;
 pub mod error;
+mod http;
 pub mod machine;
 mod models;
+mod openai;
 pub mod output;
 pub mod placement;
 pub mod queue;
@@ -42,6 +44,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use error::{CoordinatorError, JobError};
+pub use http::{CHAT_DEFAULT_MAX_TOKENS, HttpConfig};
 pub use output::{JobOutput, Outcome, Timings};
 pub use ringmoe_hf::ModelEntry;
 pub use store::{JobId, JobMode, JobSpec, JobState, JobStore, Recovered, StoreError, StoredJob};
@@ -75,6 +78,8 @@ pub struct CoordinatorConfig {
     pub leader_ttl: Duration,
     /// How long workers may take to load and acknowledge a placement.
     pub load_timeout: Duration,
+    /// The OpenAI-compatible HTTP API, when wanted.
+    pub http: Option<HttpConfig>,
 }
 
 impl CoordinatorConfig {
@@ -91,6 +96,7 @@ impl CoordinatorConfig {
             election: None,
             leader_ttl: Duration::from_secs(2),
             load_timeout: Duration::from_secs(600),
+            http: None,
         }
     }
 }
@@ -189,6 +195,7 @@ pub async fn run_coordinator(
     ));
     rt.apply(Event::Recovered(recovered.jobs)).await;
     let c = Coordinator { rt: rt.clone() };
+    let c_http = c.clone();
     let routes = tonic::service::Routes::new(
         JobServiceServer::new(c.clone())
             .max_decoding_message_size(max)
@@ -207,8 +214,17 @@ pub async fn run_coordinator(
             None => std::future::pending().await,
         }
     };
+    let http = rt.cfg.http.clone();
+    let http_stop = stopped(stop_rx.clone());
+    let http = async move {
+        match http {
+            Some(h) => http::serve(c_http, h, http_stop).await,
+            None => std::future::pending().await,
+        }
+    };
     let res = tokio::select! {
         r = server::serve(listener, routes, &names, stopped(stop_rx)) => r.map_err(CoordinatorError::from),
+        r = http => r.map_err(|source| CoordinatorError::Io { what: "the HTTP API", source }),
         _ = lost => Err(CoordinatorError::LostLeadership),
     };
     follower.abort();

@@ -1,10 +1,10 @@
 //! The models a coordinator serves, known from their metadata alone: `config.json` (the shape,
-//! the K/V cost of a token), `tokenizer.json` (text jobs), `generation_config.json` (EOS ids).
+//! the K/V cost of a token), `tokenizer.json` (text jobs), `generation_config.json` (EOS ids), `tokenizer_config.json` (the chat template).
 //! The coordinator never loads a weight.
 
 use std::collections::HashMap;
 
-use ringmoe_hf::{GenerationConfig, ModelConfig, ModelEntry, Tokenizer};
+use ringmoe_hf::{ChatTemplate, GenerationConfig, ModelConfig, ModelEntry, Tokenizer};
 
 use crate::error::CoordinatorError;
 use crate::machine::ModelInfo;
@@ -14,6 +14,8 @@ pub(crate) struct ServedModel {
     pub path: std::path::PathBuf,
     pub config: ModelConfig,
     pub tokenizer: Option<Tokenizer>,
+    /// `tokenizer_config.json`'s `chat_template` (chat requests need one).
+    pub chat: Option<ChatTemplate>,
     pub eos: Vec<u32>,
 }
 
@@ -34,10 +36,12 @@ impl ServedModel {
         if let Ok(Some(g)) = GenerationConfig::from_dir(&m.path) {
             eos.extend(g.eos_token_ids);
         }
+        let chat = ChatTemplate::from_dir(&m.path).map_err(bad)?;
         Ok(Self {
             path: m.path.clone(),
             config,
             tokenizer,
+            chat,
             eos,
         })
     }

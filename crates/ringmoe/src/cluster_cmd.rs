@@ -120,6 +120,38 @@ pub struct CoordinatorArgs {
     etcd: EtcdArgs,
     #[command(flatten)]
     limits: LimitOpts,
+    /// Where the OpenAI-compatible HTTP API listens (off unless given; port 0: any free port,
+    /// printed on stdout as `http api on http://ADDR`).
+    #[arg(long)]
+    http_addr: Option<String>,
+    #[command(flatten)]
+    http: HttpOpts,
+}
+
+/// The HTTP API's limits (`coordinator` and `serve`).
+#[derive(Args, Clone, Debug)]
+pub struct HttpOpts {
+    /// Largest HTTP request body; longer inputs (million-token jobs) belong on gRPC, which
+    /// uploads in chunks (`ringmoe submit --file`).
+    #[arg(long, default_value_t = 16 << 20)]
+    http_max_body_bytes: usize,
+    /// Unfinished jobs (from any API) past which HTTP requests get 429 Too Many Requests.
+    #[arg(long, default_value_t = 256)]
+    http_max_jobs: usize,
+}
+
+impl HttpOpts {
+    /// Binds `addr` and prints where the API is.
+    fn bind(&self, addr: &str) -> Result<ringmoe_coordinator::HttpConfig> {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding --http-addr {addr}"))?;
+        println!("http api on http://{}", l.local_addr()?);
+        Ok(ringmoe_coordinator::HttpConfig {
+            listener: Arc::new(l),
+            max_body_bytes: self.http_max_body_bytes,
+            max_jobs: self.http_max_jobs.max(1),
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +247,15 @@ pub struct ServeArgs {
     kv: KvOpts,
     #[command(flatten)]
     limits: LimitOpts,
+    /// Where the OpenAI-compatible HTTP API listens (port 0: any free port; the address is
+    /// printed on stdout as `http api on http://ADDR`).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http_addr: String,
+    /// No HTTP API (gRPC only).
+    #[arg(long, conflicts_with = "http_addr")]
+    no_http: bool,
+    #[command(flatten)]
+    http: HttpOpts,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -383,6 +424,9 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     cfg.load_timeout = Duration::from_secs(a.load_timeout_secs.max(1));
     runtime()?.block_on(async move {
         let l = bind(&a.addr).await?;
+        if let Some(h) = &a.http_addr {
+            cfg.http = Some(a.http.bind(h)?);
+        }
         if let Some(m) = a.etcd.etcd().await? {
             // Replicas share the job store (a shared volume) and elect a leader through etcd.
             cfg.membership = Some(Arc::new(m.clone()));
@@ -451,6 +495,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     runtime()?.block_on(async move {
         let l = bind(&a.addr).await?;
         let coord = l.local_addr()?.to_string();
+        if !a.no_http {
+            cfg.http = Some(a.http.bind(&a.http_addr)?);
+        }
         // Coordinator and workers share one in-process membership: no etcd, no heartbeats.
         let members = MemoryMembership::new(Duration::from_millis(100));
         cfg.membership = Some(Arc::new(members.clone()));
@@ -476,10 +523,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             let run = ringmoe_worker::run_worker(wl, wcfg, stopped(stop_rx.clone()));
             tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
         }
+        let cfg_http = cfg.http.clone();
         let run = ringmoe_coordinator::run_coordinator(l, cfg, stopped(stop_rx.clone()));
         tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });
+        let http = match &cfg_http {
+            Some(h) => format!(", OpenAI API on http://{}/v1", h.listener.local_addr()?),
+            None => String::new(),
+        };
         eprintln!(
-            "ringmoe serve: coordinator on {coord} with {} workers, job store {}",
+            "ringmoe serve: coordinator on {coord}{http} with {} workers, job store {}",
             a.workers,
             a.store.display()
         );
