@@ -145,7 +145,7 @@ impl Drop for CancelOnDrop {
             let c = self.c.clone();
             h.spawn(async move {
                 match c.cancel(id).await {
-                    Ok(phase) => info!(job = id, phase = ?phase, "HTTP client gone: job cancelled"),
+                    Ok(phase) => info!(job = id, phase = ?phase, "HTTP client gone: job cancel requested"),
                     Err(e) => warn!(job = id, error = %e.message(), "cancelling an abandoned job"),
                 }
             });

@@ -154,7 +154,9 @@ impl Coordinator {
         )
     }
 
-    /// Cancels job `id` unless it already finished; its phase afterwards.
+    /// Cancels job `id` unless it already finished; its phase afterwards. A running job's
+    /// phase may still be the running one: its run stops asynchronously, and the phase turns
+    /// `Cancelled` when the workers have been told.
     pub(crate) async fn cancel(&self, id: JobId) -> Result<proto::JobPhase, Status> {
         let phase = self.subscribe(id)?.borrow().progress.phase();
         if !phase_finished(phase) {
