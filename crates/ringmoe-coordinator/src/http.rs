@@ -145,7 +145,9 @@ impl Drop for CancelOnDrop {
             let c = self.c.clone();
             h.spawn(async move {
                 match c.cancel(id).await {
-                    Ok(phase) => info!(job = id, phase = ?phase, "HTTP client gone: job cancel requested"),
+                    Ok(phase) => {
+                        info!(job = id, phase = ?phase, "HTTP client gone: job cancel requested")
+                    }
                     Err(e) => warn!(job = id, error = %e.message(), "cancelling an abandoned job"),
                 }
             });
@@ -507,14 +509,11 @@ where
         .into_response()
 }
 
-async fn completions(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
-    match completions_inner(api, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn completions_inner(api: Api, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn completions(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req = openai::completion(api.body(&headers, body).await?)?;
     let model = api.model(&req.model)?;
     let tok = tokenizer(&req.model, model)?;
@@ -651,14 +650,11 @@ async fn completions_inner(api: Api, headers: HeaderMap, body: Body) -> Result<R
     .into_response())
 }
 
-async fn chat_completions(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
-    match chat_inner(api, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_inner(api: Api, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn chat_completions(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req = openai::chat(api.body(&headers, body).await?)?;
     let model = api.model(&req.model)?;
     let tok = tokenizer(&req.model, model)?;
