@@ -10,7 +10,8 @@
 //! size — poisons the communicator and shuts its links, so peers fail fast instead of hanging.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use ringmoe_core::DType;
 
@@ -47,6 +48,62 @@ pub struct Communicator {
     transport: Box<dyn Transport>,
     timeout: Duration,
     poisoned: Mutex<Option<String>>,
+    counters: [KindCounters; Kind::ALL.len()],
+}
+
+#[derive(Debug, Default)]
+struct KindCounters {
+    sent: AtomicU64,
+    received: AtomicU64,
+    wait_nanos: AtomicU64,
+}
+
+/// What one kind of traffic has cost this rank so far: payload bytes posted and received, and
+/// the time receives spent blocked waiting for them (transfer not hidden behind compute).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OpTotals {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub wait_secs: f64,
+}
+
+/// [`OpTotals`] by [`Kind`], as [`Communicator::totals`] reads them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommTotals(pub Vec<(Kind, OpTotals)>);
+
+impl CommTotals {
+    /// `self − earlier`, kind by kind (what happened in between).
+    pub fn since(&self, earlier: &CommTotals) -> CommTotals {
+        CommTotals(
+            self.0
+                .iter()
+                .map(|(k, t)| {
+                    let e = earlier
+                        .0
+                        .iter()
+                        .find(|(ek, _)| ek == k)
+                        .map(|(_, e)| *e)
+                        .unwrap_or_default();
+                    (
+                        *k,
+                        OpTotals {
+                            bytes_sent: t.bytes_sent.saturating_sub(e.bytes_sent),
+                            bytes_received: t.bytes_received.saturating_sub(e.bytes_received),
+                            wait_secs: (t.wait_secs - e.wait_secs).max(0.0),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, kind: Kind) -> OpTotals {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, t)| *t)
+            .unwrap_or_default()
+    }
 }
 
 impl std::fmt::Debug for Communicator {
@@ -65,7 +122,33 @@ impl Communicator {
             transport,
             timeout,
             poisoned: Mutex::new(None),
+            counters: Default::default(),
         }
+    }
+
+    fn counters(&self, kind: Kind) -> &KindCounters {
+        // Kinds are numbered from 1 in `Kind::ALL`'s order.
+        &self.counters[(kind as usize).saturating_sub(1).min(Kind::ALL.len() - 1)]
+    }
+
+    /// Bytes and wait time so far, by kind of traffic.
+    pub fn totals(&self) -> CommTotals {
+        CommTotals(
+            Kind::ALL
+                .iter()
+                .map(|&k| {
+                    let c = self.counters(k);
+                    (
+                        k,
+                        OpTotals {
+                            bytes_sent: c.sent.load(Ordering::Relaxed),
+                            bytes_received: c.received.load(Ordering::Relaxed),
+                            wait_secs: c.wait_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+                        },
+                    )
+                })
+                .collect(),
+        )
     }
 
     pub fn rank(&self) -> usize {
@@ -137,29 +220,36 @@ impl Communicator {
                 msg: "a rank cannot send to itself".into(),
             });
         }
-        self.transport.post(peer, Message { tag, payload })
+        let bytes = payload.byte_len() as u64;
+        self.transport.post(peer, Message { tag, payload })?;
+        self.counters(tag.kind)
+            .sent
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     fn take(&self, peer: usize, tag: Tag) -> Result<Payload> {
         self.peer_ok(peer)?;
-        let msg = self
-            .transport
-            .next(peer, self.timeout)
-            .map_err(|e| match e {
-                // The transport does not know which tag the receiver waits for; say it here.
-                CommError::Timeout {
-                    rank,
-                    peer,
-                    timeout,
-                    ..
-                } => CommError::Timeout {
-                    rank,
-                    peer,
-                    tag,
-                    timeout,
-                },
-                e => e,
-            })?;
+        let waited = Instant::now();
+        let next = self.transport.next(peer, self.timeout);
+        let c = self.counters(tag.kind);
+        c.wait_nanos
+            .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let msg = next.map_err(|e| match e {
+            // The transport does not know which tag the receiver waits for; say it here.
+            CommError::Timeout {
+                rank,
+                peer,
+                timeout,
+                ..
+            } => CommError::Timeout {
+                rank,
+                peer,
+                tag,
+                timeout,
+            },
+            e => e,
+        })?;
         if msg.tag != tag {
             return Err(CommError::UnexpectedTag {
                 rank: self.rank(),
@@ -168,6 +258,8 @@ impl Communicator {
                 arrived: msg.tag,
             });
         }
+        c.received
+            .fetch_add(msg.payload.byte_len() as u64, Ordering::Relaxed);
         Ok(msg.payload)
     }
 

@@ -27,7 +27,9 @@ pub mod testkit;
 pub mod transport;
 pub mod wire;
 
-pub use communicator::{Communicator, DEFAULT_TIMEOUT, PendingAllToAll, PendingRecv, ReduceOp};
+pub use communicator::{
+    CommTotals, Communicator, DEFAULT_TIMEOUT, OpTotals, PendingAllToAll, PendingRecv, ReduceOp,
+};
 pub use error::{CommError, Result};
 pub use inproc::in_process;
 pub use payload::{Data, Payload};

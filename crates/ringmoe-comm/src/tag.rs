@@ -23,6 +23,31 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Self::Data,
+        Self::Ring,
+        Self::Dispatch,
+        Self::Combine,
+        Self::AllGather,
+        Self::AllReduce,
+        Self::Barrier,
+        Self::AllToAll,
+    ];
+
+    /// Its name in metrics and traces (`op` labels).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Data => "data",
+            Self::Ring => "ring",
+            Self::Dispatch => "dispatch",
+            Self::Combine => "combine",
+            Self::AllGather => "all_gather",
+            Self::AllReduce => "all_reduce",
+            Self::Barrier => "barrier",
+            Self::AllToAll => "all_to_all",
+        }
+    }
+
     pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             1 => Self::Data,

@@ -24,6 +24,8 @@ pub struct LoadTracker {
     window: Duration,
     bucket: Duration,
     buckets: Mutex<VecDeque<Bucket>>,
+    /// Rows per (layer, expert) since the tracker was made (for counters that never expire).
+    totals: Mutex<BTreeMap<(u32, u32), u64>>,
 }
 
 /// Totals over the window at one moment.
@@ -46,6 +48,7 @@ impl LoadTracker {
             window,
             bucket: (window / buckets).max(Duration::from_millis(1)),
             buckets: Mutex::new(VecDeque::new()),
+            totals: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -84,6 +87,17 @@ impl LoadTracker {
                 .entry((layer as u32, expert as u32, worker as u32))
                 .or_default() += rows;
         }
+        drop(q);
+        let mut t = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        *t.entry((layer as u32, expert as u32)).or_default() += rows;
+    }
+
+    /// Rows per (layer, expert) recorded since this tracker was made, whatever the window.
+    pub fn totals(&self) -> BTreeMap<(u32, u32), u64> {
+        self.totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn snapshot(&self) -> LoadSnapshot {
@@ -200,6 +214,12 @@ mod tests {
                 .counts
                 .is_empty()
         );
+        // The totals keep everything, by (layer, expert), whichever worker's replica.
+        t.record_at(t0 + Duration::from_secs(30), 0, 3, 0, 1);
+        let totals = t.totals();
+        assert_eq!(totals[&(0, 3)], 8);
+        assert_eq!(totals[&(1, 0)], 7);
+        assert_eq!(totals.len(), 2);
     }
 
     #[test]
