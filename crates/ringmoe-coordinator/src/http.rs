@@ -194,6 +194,26 @@ struct Prepared<'a> {
     model: &'a ServedModel,
     tokens: Vec<u32>,
     sampling: Sampling,
+    /// The caller's W3C trace context headers, if it sent them: the job's trace continues it.
+    trace: tonic::metadata::MetadataMap,
+}
+
+/// The trace context headers of an HTTP request.
+fn trace_headers(h: &HeaderMap) -> tonic::metadata::MetadataMap {
+    let mut keep = HeaderMap::new();
+    for k in ["traceparent", "tracestate"] {
+        if let Some(v) = h.get(k) {
+            keep.insert(k, v.clone());
+        }
+    }
+    tonic::metadata::MetadataMap::from_headers(keep)
+}
+
+/// A job's trace root for `p` (continuing the caller's trace).
+fn job_span(p: &Prepared<'_>) -> tracing::Span {
+    let span = crate::telemetry::job_span();
+    ringmoe_telemetry::propagate::set_parent(&span, &p.trace);
+    span
 }
 
 impl Api {
@@ -320,7 +340,7 @@ impl Api {
         let spec = self.spec(p, self.generate_mode(&p.sampling, n));
         let id = self
             .c
-            .create_job(spec, p.tokens.clone())
+            .create_job(spec, p.tokens.clone(), job_span(p))
             .await
             .map_err(from_status)?;
         Ok((
@@ -443,7 +463,7 @@ impl Api {
         }
         let id = self
             .c
-            .create_job(self.spec(p, JobMode::Score), tokens.to_vec())
+            .create_job(self.spec(p, JobMode::Score), tokens.to_vec(), job_span(p))
             .await
             .map_err(from_status)?;
         let mut guard = CancelOnDrop {
@@ -552,6 +572,7 @@ async fn completions(
         model,
         tokens,
         sampling: req.sampling.clone(),
+        trace: trace_headers(&headers),
     };
     api.admit(&p).await?;
     let n = p.sampling.max_tokens.unwrap_or(0);
@@ -580,6 +601,7 @@ async fn completions(
                 model: api.model(&name)?,
                 tokens: p.tokens,
                 sampling: p.sampling,
+                trace: p.trace,
             };
             if req.echo {
                 sink.text(&prompt_text).await?;
@@ -691,6 +713,7 @@ async fn chat_completions(
         model,
         tokens,
         sampling,
+        trace: trace_headers(&headers),
     };
     api.admit(&p).await?;
     let created = now_secs();
@@ -713,6 +736,7 @@ async fn chat_completions(
                 model: api.model(&name)?,
                 tokens: p.tokens,
                 sampling: p.sampling,
+                trace: p.trace,
             };
             sink.send(&json!({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})).await?;

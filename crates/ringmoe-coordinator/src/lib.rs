@@ -30,6 +30,7 @@ pub mod run;
 mod runtime;
 mod service;
 pub mod store;
+mod telemetry;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -170,6 +171,17 @@ pub async fn run_coordinator(
                 spec: j.spec.clone(),
                 input_len: j.input_len,
                 progress: tx,
+                // Unfinished jobs continue under a new trace root (the old one ended with the
+                // process that held it).
+                span: (!j.state.is_finished()).then(|| {
+                    let s = telemetry::job_span();
+                    s.record("job.id", j.id);
+                    s.record("model", j.spec.model.as_str());
+                    s.record("mode", telemetry::mode(&j.spec));
+                    s.record("tokens", j.input_len);
+                    s.record("recovered", true);
+                    s
+                }),
             },
         );
     }
@@ -193,6 +205,8 @@ pub async fn run_coordinator(
     let rt = Arc::new(Runtime::new(
         machine, store, jobs, models, membership, heartbeats, cfg,
     ));
+    // Queue, workers and the autoscaling signal, refreshed at each scrape of /metrics.
+    let _metrics = telemetry::collector(&rt);
     rt.apply(Event::Recovered(recovered.jobs)).await;
     let c = Coordinator { rt: rt.clone() };
     let c_http = c.clone();

@@ -509,6 +509,11 @@ impl Machine {
             .collect()
     }
 
+    /// Every worker the membership lists, excluded or not.
+    pub fn all_workers(&self) -> &[WorkerRecord] {
+        &self.workers
+    }
+
     pub fn is_excluded(&self, worker: &str, now: Instant) -> bool {
         self.exclusions.is_excluded(worker, now)
     }

@@ -82,13 +82,14 @@ pub async fn load_on_workers(
     clients: &[WorkerServiceClient<Channel>],
     rec: &PlacementRecord,
 ) -> Result<(), JobError> {
+    let trace = ringmoe_telemetry::propagate::TraceHeaders::current();
     crate::run::on_every(clients, |r, mut c| {
-        let req = proto::LoadModelRequest {
+        let req = trace.request(proto::LoadModelRequest {
             model: rec.model.clone(),
             path: rec.path.clone(),
             placement_json: rec.placement.clone(),
             worker_index: r as u32,
-        };
+        });
         async move {
             c.load_model(req)
                 .await

@@ -14,11 +14,12 @@ use ringmoe_plan::{ShardPlan, Sharding};
 use ringmoe_proto::proto::worker_service_client::WorkerServiceClient;
 use ringmoe_proto::proto::{self, shard_chunk, worker_event};
 use ringmoe_proto::server;
+use ringmoe_telemetry::propagate::TraceHeaders;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::Status;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::{JobError, WorkerStep};
 use crate::machine::{Event, Report, RunOrder};
@@ -120,32 +121,41 @@ pub async fn run(
     }
     info!(workers = p, tokens = len, "loading");
     let rec = &order.placement;
-    match &ctx.membership {
-        None => {
-            report(Event::PlacementKnown(rec.clone()));
-            placement::load_on_workers(&clients, rec).await?;
-        }
-        Some(m) => {
-            if order.fresh {
-                info!(model = %rec.model, version = rec.version, "publishing a placement");
-                placement::publish(m.as_ref(), rec).await?;
+    let placing = info_span!("placement", model = %rec.model, version = rec.version);
+    async {
+        match &ctx.membership {
+            None => {
                 report(Event::PlacementKnown(rec.clone()));
+                placement::load_on_workers(&clients, rec).await?;
             }
-            placement::await_acks(m.as_ref(), rec, ctx.load_timeout, &abort, id).await?;
+            Some(m) => {
+                if order.fresh {
+                    info!(model = %rec.model, version = rec.version, "publishing a placement");
+                    placement::publish(m.as_ref(), rec).await?;
+                    report(Event::PlacementKnown(rec.clone()));
+                }
+                placement::await_acks(m.as_ref(), rec, ctx.load_timeout, &abort, id).await?;
+            }
         }
+        Ok::<(), JobError>(())
     }
+    .instrument(placing)
+    .await?;
+    let upload = info_span!("upload", tokens = len, workers = p);
+    let trace = TraceHeaders::of(&upload);
     let (name, version) = (order.spec.model.clone(), rec.version);
     let peers = on_every(&clients, |r, mut c| {
         let model = name.clone();
+        let req = trace.request(proto::PrepareJobRequest {
+            job_id: id,
+            model,
+            placement_version: version,
+        });
         async move {
-            c.prepare_job(proto::PrepareJobRequest {
-                job_id: id,
-                model,
-                placement_version: version,
-            })
-            .await
-            .map(|r| r.into_inner().data_addr)
-            .map_err(|e| worker_error(r, WorkerStep::Prepare, &e))
+            c.prepare_job(req)
+                .await
+                .map(|r| r.into_inner().data_addr)
+                .map_err(|e| worker_error(r, WorkerStep::Prepare, &e))
         }
     })
     .await?;
@@ -153,15 +163,18 @@ pub async fn run(
     let score = matches!(order.spec.mode, JobMode::Score);
     let tokens = Arc::new(tokens);
     on_every(&clients, |r, mut c| {
-        let chunks = shard_chunks(id, r, &plan, &tokens, score);
+        let chunks = trace.request(tokio_stream::iter(shard_chunks(
+            id, r, &plan, &tokens, score,
+        )));
         async move {
-            c.send_shard(tokio_stream::iter(chunks))
+            c.send_shard(chunks)
                 .await
                 .map(|_| ())
                 .map_err(|e| worker_error(r, WorkerStep::SendShard, &e))
         }
     })
     .await?;
+    drop(upload);
     let load_secs = started.elapsed().as_secs_f64();
     let (mode, max_new_tokens, sampling) = match order.spec.mode {
         JobMode::Generate {
@@ -209,8 +222,10 @@ pub async fn run(
     // Every worker's event stream, merged; a stream's end is an event too.
     let (tx, mut rx) = mpsc::channel::<(usize, Option<Result<proto::WorkerEvent, Status>>)>(256);
     let mut streams = JoinSet::new();
+    let execute = info_span!("execute", workers = p);
+    let trace = TraceHeaders::of(&execute);
     for (r, c) in clients.iter().enumerate() {
-        let (mut c, req, tx) = (c.clone(), req.clone(), tx.clone());
+        let (mut c, req, tx) = (c.clone(), trace.request(req.clone()), tx.clone());
         streams.spawn(async move {
             match c.run_job(req).await {
                 Err(e) => {
@@ -301,11 +316,13 @@ pub async fn run(
             Some(Ok(_)) => {}
         }
     };
+    drop(execute);
     if let Some(f) = failure {
         streams.abort_all();
+        let trace = TraceHeaders::current();
         for (r, mut c) in clients.into_iter().enumerate() {
             if let Err(e) = c
-                .cancel_job(proto::WorkerCancelRequest { job_id: id })
+                .cancel_job(trace.request(proto::WorkerCancelRequest { job_id: id }))
                 .await
             {
                 warn!(worker = r, error = %e.message(), "cancelling on a worker");
@@ -324,10 +341,30 @@ pub async fn run(
         decode_secs,
         runs: order.attempt + 1,
     };
-    Ok(JobOutput {
-        outcome: results.outcome(score)?,
-        timings,
+    let outcome = results.outcome(score)?;
+    expert_load(&clients, &order.spec.model).await;
+    Ok(JobOutput { outcome, timings })
+}
+
+/// Reads every worker's expert-load window after a run, for the imbalance gauge (a worker
+/// that does not answer within a second is left out of this reading).
+async fn expert_load(clients: &[WorkerClient], model: &str) {
+    let trace = TraceHeaders::current();
+    let read = on_every(clients, |r, mut c| {
+        let req = trace.request(proto::ReportLoadRequest {});
+        async move {
+            tokio::time::timeout(Duration::from_secs(1), c.report_load(req))
+                .await
+                .map_err(|_| JobError::Internal(format!("worker {r}: no load report in 1 s")))?
+                .map(|r| r.into_inner())
+                .map_err(|e| worker_error(r, WorkerStep::Run, &e))
+        }
     })
+    .await;
+    match read {
+        Ok(reports) => crate::telemetry::expert_imbalance(model, &reports),
+        Err(e) => tracing::debug!(error = %e, "reading the workers' expert load"),
+    }
 }
 
 fn worker_error(rank: usize, step: WorkerStep, e: &Status) -> JobError {

@@ -28,6 +28,9 @@ pub(crate) struct Watched {
     pub spec: JobSpec,
     pub input_len: usize,
     pub progress: watch::Sender<Snapshot>,
+    /// The job's trace root (`job`), open from submission (or recovery) until the job
+    /// finishes; its runs are children.
+    pub span: Option<tracing::Span>,
 }
 
 /// What a job's watchers see: its progress, and the tokens its current run has generated so
@@ -117,6 +120,9 @@ impl Runtime {
         if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
+        if let Event::PlacementKnown(rec) = &ev {
+            crate::telemetry::placement(&rec.model, rec.version);
+        }
         let cmds = match self.machine.lock() {
             Ok(mut m) => m.on(Instant::now(), ev),
             Err(_) => {
@@ -139,6 +145,11 @@ impl Runtime {
                 }
                 Command::Publish { id, state, report } => self.publish(id, &state, &report),
                 Command::StoreResult { id, output } => {
+                    if let Ok(jobs) = self.jobs.lock() {
+                        if let Some(j) = jobs.get(&id) {
+                            crate::telemetry::run_done(&j.spec, j.input_len, &output);
+                        }
+                    }
                     if let Err(e) = self.store_result(id, output).await {
                         error!(job = id, error = %e, "storing a result");
                         unstored = Some((id, e));
@@ -182,6 +193,10 @@ impl Runtime {
                 if state.is_finished() {
                     let store_fsyncs = self.store.fsyncs();
                     info!(job = id, state = ?state, store_fsyncs, "job finished");
+                    self.finish_trace(id, &state);
+                }
+                if let JobState::Retrying { reason, .. } = &state {
+                    crate::telemetry::retried(reason);
                 }
                 if matches!(state, JobState::Running { .. }) {
                     self.new_run(id);
@@ -204,6 +219,26 @@ impl Runtime {
                 });
             }
         }
+    }
+
+    /// Counts the finished job and closes its trace root (the span is exported now).
+    fn finish_trace(&self, id: JobId, state: &JobState) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            if let Some(j) = jobs.get_mut(&id) {
+                crate::telemetry::job_finished(&j.spec, state);
+                if let Some(span) = j.span.take() {
+                    span.record("outcome", format!("{state:?}"));
+                }
+            }
+        }
+    }
+
+    /// The live workers and how many more are listed but excluded.
+    pub fn machine_view(&self, now: Instant) -> Option<(Vec<WorkerRecord>, usize)> {
+        let m = self.machine.lock().ok()?;
+        let live = m.live_workers(now);
+        let excluded = m.all_workers().len().saturating_sub(live.len());
+        Some((live, excluded))
     }
 
     /// A run starts: its tokens are a new log.
@@ -233,7 +268,23 @@ impl Runtime {
             runs.insert(order.run, abort);
         }
         let rt = self.clone();
-        let span = info_span!("job", id = order.id, attempt = order.attempt);
+        // A child of the job's trace root (a root of its own if the job has none).
+        let parent = self
+            .jobs
+            .lock()
+            .ok()
+            .and_then(|j| j.get(&order.id).and_then(|w| w.span.clone()));
+        let span = match parent {
+            Some(p) => {
+                info_span!(parent: &p, "run", "job.id" = order.id, attempt = order.attempt, id = order.id)
+            }
+            None => info_span!(
+                "run",
+                "job.id" = order.id,
+                attempt = order.attempt,
+                id = order.id
+            ),
+        };
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         // The forwarder applies the run's events in the order the run sent them.
         let forward = {

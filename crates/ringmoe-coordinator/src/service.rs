@@ -9,11 +9,12 @@ use ringmoe_membership::WorkerRecord;
 use ringmoe_proto::proto::cluster_service_server::ClusterService;
 use ringmoe_proto::proto::job_service_server::JobService;
 use ringmoe_proto::proto::{self};
+use ringmoe_telemetry::propagate::set_parent;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::info;
+use tracing::{Instrument, info};
 
 use crate::admission::{Admitted, admit};
 use crate::convert::{mode_proto, phase_finished, progress};
@@ -37,20 +38,27 @@ impl Coordinator {
     }
 
     /// Stores a checked job, then queues it: the job exists for clients once this returns.
+    /// `span` is the job's trace root ([`crate::telemetry::job_span`]).
     pub(crate) async fn create_job(
         &self,
         spec: JobSpec,
         tokens: Vec<u32>,
+        span: tracing::Span,
     ) -> Result<JobId, Status> {
         let rt = &self.rt;
         let len = tokens.len();
+        span.record("model", spec.model.as_str());
+        span.record("mode", crate::telemetry::mode(&spec));
+        span.record("tokens", len);
         let store_spec = spec.clone();
         let store = rt.store.clone();
         let id = tokio::task::spawn_blocking(move || store.create(&store_spec, &tokens))
+            .instrument(tracing::info_span!(parent: &span, "store", tokens = len))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(format!("storing the job: {e}")))?;
-        info!(job = id, model = %spec.model, tokens = len, "job accepted");
+        span.record("job.id", id);
+        span.in_scope(|| info!(job = id, model = %spec.model, tokens = len, "job accepted"));
         let (tx, _) = watch::channel(Snapshot::new(progress(
             id,
             &JobState::Queued,
@@ -62,6 +70,7 @@ impl Coordinator {
                 spec: spec.clone(),
                 input_len: len,
                 progress: tx,
+                span: Some(span),
             },
         );
         rt.apply(Event::Submitted {
@@ -211,6 +220,9 @@ impl JobService for Coordinator {
         req: Request<Streaming<proto::SubmitJobRequest>>,
     ) -> Result<Response<proto::SubmitJobResponse>, Status> {
         let rt = &self.rt;
+        // The job's trace continues the client's, when it sent one.
+        let span = crate::telemetry::job_span();
+        set_parent(&span, req.metadata());
         let mut stream = req.into_inner();
         let workers = rt.live_workers().await?;
         let Admitted { spec, tokens } = admit(
@@ -219,9 +231,10 @@ impl JobService for Coordinator {
             &workers,
             rt.cfg.server.max_message_bytes,
         )
+        .instrument(tracing::info_span!(parent: &span, "admission"))
         .await?;
         let len = tokens.len();
-        let id = self.create_job(spec, tokens).await?;
+        let id = self.create_job(spec, tokens, span).await?;
         Ok(Response::new(proto::SubmitJobResponse {
             job_id: id,
             input_tokens: len as u64,

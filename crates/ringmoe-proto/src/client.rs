@@ -58,10 +58,22 @@ pub const UPLOAD_CHUNK: usize = 64 * 1024;
 /// stream is consumed with the number of tokens or bytes sent so far. Returns the job id.
 pub async fn submit(
     client: &mut Client,
+    spec: proto::JobSpec,
+    input: Input,
+    chunk: usize,
+    sent: impl Fn(u64) + Send + Sync + 'static,
+) -> Result<proto::SubmitJobResponse, Status> {
+    submit_with(client, spec, input, chunk, sent, Default::default()).await
+}
+
+/// [`submit`] with request metadata (a trace context, say).
+pub async fn submit_with(
+    client: &mut Client,
     mut spec: proto::JobSpec,
     input: Input,
     chunk: usize,
     sent: impl Fn(u64) + Send + Sync + 'static,
+    metadata: tonic::metadata::MetadataMap,
 ) -> Result<proto::SubmitJobResponse, Status> {
     spec.input_length = input.len() as u64;
     let chunk = chunk.max(1);
@@ -99,7 +111,9 @@ pub async fn submit(
             m
         },
     );
-    Ok(client.submit_job(stream).await?.into_inner())
+    let mut req = tonic::Request::new(stream);
+    *req.metadata_mut() = metadata;
+    Ok(client.submit_job(req).await?.into_inner())
 }
 
 /// Follows a job's progress until it finishes; returns the last progress message.

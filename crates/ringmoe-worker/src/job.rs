@@ -28,6 +28,8 @@ pub(crate) struct JobRun<'a> {
     pub cancel: &'a AtomicBool,
     pub tx: &'a tokio::sync::mpsc::Sender<Result<proto::WorkerEvent, Status>>,
     pub load: &'a Arc<LoadTracker>,
+    /// Expert rows already counted in `ringmoe_expert_rows_total`, by (layer, expert).
+    pub rows_reported: &'a Mutex<BTreeMap<(u32, u32), u64>>,
 }
 
 /// Values per streamed chunk of scores or tokens (well under any sane message limit).
@@ -62,6 +64,19 @@ impl JobRun<'_> {
             ..TcpOptions::default()
         };
         let comm = ringmoe_comm::tcp(s.rank, listener, peers, &opts, timeout)?;
+        let res = self.execute_on(&comm, r, attention, timeout);
+        crate::telemetry::job_done(self, &comm.totals(), res.is_ok());
+        res
+    }
+
+    fn execute_on(
+        &self,
+        comm: &ringmoe_comm::Communicator,
+        r: &proto::RunJobRequest,
+        attention: ringmoe_parallel::AttentionMode,
+        timeout: Duration,
+    ) -> Result<(), ParallelError> {
+        let s = self.shard;
         let plan = &s.plan;
         let ep = ExpertParallel {
             load: self.load.clone(),
@@ -72,12 +87,19 @@ impl JobRun<'_> {
             attention,
         };
         let lead = s.rank == 0;
-        let mut on_layer = |layer: usize, layers: usize| {
+        // One span per layer of the prefill, with the layer's ring and all-to-all traffic.
+        let mut layers = crate::telemetry::LayerSpans::start(
+            comm,
+            s.tokens.len(),
+            self.loaded.model.config().num_layers,
+        );
+        let mut on_layer = |layer: usize, layers_n: usize| {
+            layers.layer_done(layer, layers_n, comm);
             self.check()?;
             if lead {
                 self.emit(worker_event::Event::LayerDone(proto::LayerDone {
                     layer: layer as u32,
-                    layers: layers as u32,
+                    layers: layers_n as u32,
                 }))?;
             }
             Ok(())
@@ -91,7 +113,7 @@ impl JobRun<'_> {
                 proto::JobMode::Score => {
                     let out = prefill_shard_observed(
                         model,
-                        &comm,
+                        comm,
                         plan,
                         &s.tokens,
                         job,
@@ -105,7 +127,7 @@ impl JobRun<'_> {
                 _ => {
                     let (mut seq, logits) = ShardedSequence::prefill_shard(
                         model,
-                        &comm,
+                        comm,
                         plan,
                         &s.tokens,
                         job,
@@ -124,7 +146,7 @@ impl JobRun<'_> {
                 let b = self.gpu.ok_or_else(|| {
                     ParallelError::Invalid("a GPU model on a worker with no GPU opened".into())
                 })?;
-                let nccl = b.join_nccl(&comm, timeout).map_err(from_cuda)?;
+                let nccl = b.join_nccl(comm, timeout).map_err(from_cuda)?;
                 let mut on_layer =
                     |done: usize, layers: usize| on_layer(done, layers).map_err(CudaError::from);
                 match mode {
@@ -169,6 +191,12 @@ impl JobRun<'_> {
             seed: sp.seed,
         })?;
         let mut out = Vec::new();
+        let span = info_span!(
+            "decode",
+            max_new_tokens = r.max_new_tokens,
+            tokens = tracing::field::Empty
+        );
+        let _in_decode = span.enter();
         loop {
             let next = sampler.sample(&logits);
             out.push(next);
@@ -184,6 +212,7 @@ impl JobRun<'_> {
             self.check()?;
             logits = decode(next)?;
         }
+        span.record("tokens", out.len());
         if lead {
             for c in out.chunks(CHUNK) {
                 self.emit(worker_event::Event::Generated(proto::TokenIds {

@@ -13,7 +13,7 @@
 //! ring attention, the expert all-to-all and the decode all-gathers then move device buffers
 //! over NCCL. Every worker of a job must be on the same kind of device.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
@@ -46,6 +46,7 @@ mod job;
 mod registration;
 mod service;
 mod shard;
+mod telemetry;
 
 use job::JobRun;
 use registration::{follow_placements, heartbeat, stay_registered};
@@ -183,6 +184,10 @@ struct Inner {
     pending: Mutex<HashMap<u64, PendingJob>>,
     running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
     load: Arc<LoadTracker>,
+    /// Expert rows already counted in the metrics, by (layer, expert).
+    rows_reported: Mutex<BTreeMap<(u32, u32), u64>>,
+    /// How this worker is known (its advertised address): the `worker` label and span field.
+    id: String,
     data_host: std::net::IpAddr,
     data_ports: Option<std::ops::RangeInclusive<u16>>,
     data_timeout: Duration,
@@ -225,7 +230,7 @@ pub(crate) fn bind_data_port(
 impl Worker {
     /// Opens the GPU first when the worker runs on one: a worker that cannot use its device
     /// fails at start, not at its first job.
-    fn new(cfg: &WorkerConfig) -> Result<Self, WorkerError> {
+    fn new(cfg: &WorkerConfig, id: &str) -> Result<Self, WorkerError> {
         let gpu = match cfg.device {
             WorkerDevice::Cpu => None,
             WorkerDevice::Cuda { ordinal, precision } => Some((
@@ -244,6 +249,8 @@ impl Worker {
                 pending: Mutex::default(),
                 running: Mutex::default(),
                 load: Arc::default(),
+                rows_reported: Mutex::default(),
+                id: id.to_string(),
                 data_host: cfg.data_host,
                 data_ports: cfg.data_ports.clone(),
                 data_timeout: cfg.data_timeout,
@@ -355,7 +362,7 @@ pub async fn run_worker(
         source,
     })?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let worker = Worker::new(&cfg)?;
+    let worker = Worker::new(&cfg, &advertise)?;
     let svc = WorkerServiceServer::new(worker.clone())
         .max_decoding_message_size(cfg.server.max_message_bytes)
         .max_encoding_message_size(cfg.server.max_message_bytes);

@@ -5,7 +5,16 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use ringmoe_telemetry::propagate::set_parent;
+
 use crate::*;
+
+/// The span of one call from the coordinator, a child of the caller's span when the request
+/// carries its trace context.
+fn call_span<T>(req: &Request<T>, span: tracing::Span) -> tracing::Span {
+    set_parent(&span, req.metadata());
+    span
+}
 
 pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
@@ -19,11 +28,17 @@ impl WorkerService for Worker {
         &self,
         req: Request<proto::LoadModelRequest>,
     ) -> Result<Response<proto::LoadModelResponse>, Status> {
+        let span = call_span(
+            &req,
+            info_span!("worker.load_model", worker = %self.inner.id, model = tracing::field::Empty),
+        );
         let r = req.into_inner();
+        span.record("model", r.model.as_str());
         let placement = Placement::from_json(&r.placement_json)
             .map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
         let (load_secs, cached) = self
             .load(r.model, r.path, placement, r.worker_index as usize)
+            .instrument(span)
             .await?;
         Ok(Response::new(proto::LoadModelResponse {
             load_secs,
@@ -35,6 +50,11 @@ impl WorkerService for Worker {
         &self,
         req: Request<proto::PrepareJobRequest>,
     ) -> Result<Response<proto::PrepareJobResponse>, Status> {
+        let span = call_span(
+            &req,
+            info_span!("worker.prepare_job", "job.id" = req.get_ref().job_id, worker = %self.inner.id),
+        );
+        let _in = span.enter();
         let r = req.into_inner();
         let id = r.job_id;
         if !self.inner.accepting.load(Ordering::Relaxed) {
@@ -87,6 +107,10 @@ impl WorkerService for Worker {
         &self,
         req: Request<Streaming<proto::ShardChunk>>,
     ) -> Result<Response<proto::SendShardResponse>, Status> {
+        let span = call_span(
+            &req,
+            info_span!("worker.send_shard", worker = %self.inner.id, tokens = tracing::field::Empty),
+        );
         let mut stream = req.into_inner();
         let max_tokens = {
             let loaded = lock(&self.inner.loaded)?;
@@ -97,8 +121,11 @@ impl WorkerService for Worker {
             let per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4).max(1) as u64;
             self.inner.kv_budget_bytes / per_token
         };
-        let shard = receive_shard(&mut stream, max_tokens).await?;
+        let shard = receive_shard(&mut stream, max_tokens)
+            .instrument(span.clone())
+            .await?;
         let n = shard.tokens.len() as u64;
+        span.record("tokens", n);
         let mut pending = lock(&self.inner.pending)?;
         let job = pending.get_mut(&shard.job_id).ok_or_else(|| {
             Status::failed_precondition(format!("job {} was not prepared", shard.job_id))
@@ -113,6 +140,17 @@ impl WorkerService for Worker {
         &self,
         req: Request<proto::RunJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let span = call_span(
+            &req,
+            info_span!(
+                "worker.run_job",
+                "job.id" = req.get_ref().job_id,
+                worker = %self.inner.id,
+                rank = tracing::field::Empty,
+                model = tracing::field::Empty,
+                tokens = tracing::field::Empty,
+            ),
+        );
         let r = req.into_inner();
         let id = r.job_id;
         let job = lock(&self.inner.pending)?
@@ -145,11 +183,19 @@ impl WorkerService for Worker {
         lock(&self.inner.running)?.insert(id, cancel.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let inner = self.inner.clone();
-        let span = info_span!("job", id, rank = shard.rank);
+        span.record("rank", shard.rank);
+        span.record("model", loaded.name.as_str());
+        span.record("tokens", shard.tokens.len());
+        let kv = {
+            let c = loaded.model.config();
+            (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64
+                * (shard.tokens.len() as u64 + u64::from(r.max_new_tokens))
+        };
         std::thread::Builder::new()
             .name(format!("job-{id}"))
             .spawn(move || {
                 let _g = span.enter();
+                crate::telemetry::kv_bytes(&inner.id, kv);
                 let run = JobRun {
                     id,
                     gpu: inner.gpu.as_ref().map(|g| &g.0),
@@ -158,6 +204,7 @@ impl WorkerService for Worker {
                     cancel: &cancel,
                     tx: &tx,
                     load: &inner.load,
+                    rows_reported: &inner.rows_reported,
                 };
                 let t = Instant::now();
                 let _gpu = inner
@@ -176,6 +223,7 @@ impl WorkerService for Worker {
                         let _ = tx.blocking_send(Err(status));
                     }
                 }
+                crate::telemetry::kv_bytes(&inner.id, 0);
                 // A re-run of the same job (after a coordinator restart) may have replaced
                 // this entry; remove only our own.
                 if let Ok(mut m) = inner.running.lock() {

@@ -33,6 +33,50 @@ impl LimitOpts {
     }
 }
 
+/// Logs and traces (every server command and `submit`).
+#[derive(Args, Clone, Debug)]
+pub struct TelemetryOpts {
+    /// Where traces go: an OTLP/gRPC endpoint (`http://HOST:4317`). Default: the standard
+    /// OTEL_EXPORTER_OTLP_ENDPOINT; neither: no traces (and no cost).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// Log lines on stderr: `text`, or `json` (one object per line, with the trace id).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+impl TelemetryOpts {
+    /// Sets up logs and traces; call inside the runtime (the exporter's channel lives on it).
+    /// The returned guard flushes queued spans when dropped.
+    fn init(
+        &self,
+        service: &'static str,
+        default_filter: &'static str,
+    ) -> Result<ringmoe_telemetry::Telemetry> {
+        Ok(ringmoe_telemetry::init(ringmoe_telemetry::Options {
+            service,
+            default_filter,
+            log_format: self.log_format.parse()?,
+            otlp_endpoint: self.otlp_endpoint.clone(),
+        })?)
+    }
+}
+
+/// Binds `--metrics-addr` and serves `GET /metrics` there on the current runtime, printing
+/// `metrics on http://ADDR/metrics`.
+fn serve_metrics(addr: Option<&str>) -> Result<()> {
+    let Some(addr) = addr else { return Ok(()) };
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding --metrics-addr {addr}"))?;
+    println!("metrics on http://{}/metrics", l.local_addr()?);
+    tokio::spawn(async move {
+        if let Err(e) = ringmoe_telemetry::metrics::serve(l, std::future::pending()).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
 /// etcd membership (optional: without it workers heartbeat to the coordinator).
 #[derive(Args, Clone, Debug)]
 pub struct EtcdArgs {
@@ -126,6 +170,12 @@ pub struct CoordinatorArgs {
     http_addr: Option<String>,
     #[command(flatten)]
     http: HttpOpts,
+    /// Where Prometheus scrapes `GET /metrics` (off unless given; port 0: any free port,
+    /// printed on stdout as `metrics on http://ADDR/metrics`).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    #[command(flatten)]
+    telemetry: TelemetryOpts,
 }
 
 /// The HTTP API's limits (`coordinator` and `serve`).
@@ -193,6 +243,11 @@ pub struct WorkerArgs {
     /// Weight precision on a GPU: bf16 (serving) or f32 (parity).
     #[arg(long, default_value = "bf16")]
     precision: ringmoe_cuda::Precision,
+    /// Where Prometheus scrapes `GET /metrics` (off unless given; printed on stdout).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    #[command(flatten)]
+    telemetry: TelemetryOpts,
 }
 
 /// `LO-HI` (inclusive), `0 < LO <= HI`.
@@ -256,6 +311,15 @@ pub struct ServeArgs {
     no_http: bool,
     #[command(flatten)]
     http: HttpOpts,
+    /// Where Prometheus scrapes `GET /metrics` for the coordinator and its workers (port 0:
+    /// any free port; printed on stdout as `metrics on http://ADDR/metrics`).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: String,
+    /// No metrics endpoint.
+    #[arg(long, conflicts_with = "metrics_addr")]
+    no_metrics: bool,
+    #[command(flatten)]
+    telemetry: TelemetryOpts,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -317,6 +381,8 @@ pub struct SubmitArgs {
     chunk: usize,
     #[command(flatten)]
     limits: LimitOpts,
+    #[command(flatten)]
+    telemetry: TelemetryOpts,
 }
 
 #[derive(Args, Debug)]
@@ -346,17 +412,6 @@ pub fn health(a: HealthArgs) -> Result<()> {
     }
     println!("serving");
     Ok(())
-}
-
-/// Logs to stderr, `RUST_LOG` or `default` deciding what.
-pub fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -416,17 +471,20 @@ async fn bind(addr: &str) -> Result<TcpListener> {
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    init_tracing("info");
+    let rt = runtime()?;
+    let _in_rt = rt.enter();
+    let _telemetry = a.telemetry.init("ringmoe-coordinator", "info")?;
     let mut cfg = CoordinatorConfig::new(a.store, model_entries(&a.models)?);
     cfg.server = a.limits.server();
     cfg.min_workers = a.min_workers;
     cfg.max_retries = a.max_retries;
     cfg.load_timeout = Duration::from_secs(a.load_timeout_secs.max(1));
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         let l = bind(&a.addr).await?;
         if let Some(h) = &a.http_addr {
             cfg.http = Some(a.http.bind(h)?);
         }
+        serve_metrics(a.metrics_addr.as_deref())?;
         if let Some(m) = a.etcd.etcd().await? {
             // Replicas share the job store (a shared volume) and elect a leader through etcd.
             cfg.membership = Some(Arc::new(m.clone()));
@@ -450,10 +508,13 @@ fn checked_models(specs: &[String]) -> Result<Vec<ModelEntry>> {
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
-    init_tracing("info");
+    let rt = runtime()?;
+    let _in_rt = rt.enter();
+    let _telemetry = a.telemetry.init("ringmoe-worker", "info")?;
     let models = checked_models(&a.models)?;
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         let l = bind(&a.addr).await?;
+        serve_metrics(a.metrics_addr.as_deref())?;
         let registry = match (a.etcd.membership().await?, a.coordinator) {
             (Some(m), _) => Registry::Membership(m),
             (None, Some(c)) => Registry::Coordinator(c),
@@ -483,7 +544,9 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    init_tracing("info");
+    let rt = runtime()?;
+    let _in_rt = rt.enter();
+    let _telemetry = a.telemetry.init("ringmoe-serve", "info")?;
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -492,11 +555,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     cfg.server = a.limits.server();
     cfg.min_workers = a.workers;
     let kv = a.kv.bytes()?;
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         let l = bind(&a.addr).await?;
         let coord = l.local_addr()?.to_string();
         if !a.no_http {
             cfg.http = Some(a.http.bind(&a.http_addr)?);
+        }
+        if !a.no_metrics {
+            serve_metrics(Some(&a.metrics_addr))?;
         }
         // Coordinator and workers share one in-process membership: no etcd, no heartbeats.
         let members = MemoryMembership::new(Duration::from_millis(100));
@@ -589,9 +655,16 @@ fn read_input(a: &SubmitArgs) -> Result<Input> {
 }
 
 pub fn submit(a: SubmitArgs) -> Result<()> {
-    init_tracing("warn");
+    let rt = runtime()?;
+    let _in_rt = rt.enter();
+    let _telemetry = a.telemetry.init("ringmoe-submit", "warn")?;
     let input = read_input(&a)?;
-    runtime()?.block_on(submit_async(a, input))
+    // With tracing on, the job's trace starts here: the coordinator continues it.
+    let span = tracing::info_span!("submit", file = ?a.file);
+    rt.block_on(tracing::Instrument::instrument(
+        submit_async(a, input),
+        span,
+    ))
 }
 
 async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
@@ -641,9 +714,18 @@ async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
     let up = bar(&mp, input_len(&input), "upload", quiet);
     up.set_message(unit);
     let up2 = up.clone();
-    let ack = client::submit(&mut c, spec, input, a.chunk, move |n| up2.set_position(n))
-        .await
-        .map_err(status_error)?;
+    let mut meta = tonic::metadata::MetadataMap::new();
+    ringmoe_telemetry::propagate::TraceHeaders::current().apply(&mut meta);
+    let ack = client::submit_with(
+        &mut c,
+        spec,
+        input,
+        a.chunk,
+        move |n| up2.set_position(n),
+        meta,
+    )
+    .await
+    .map_err(status_error)?;
     up.finish_with_message(format!("{unit}: job {} accepted", ack.job_id));
     let id = ack.job_id;
     let (mut prefill, mut decode): (Option<ProgressBar>, Option<ProgressBar>) = (None, None);

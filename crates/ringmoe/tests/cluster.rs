@@ -538,6 +538,8 @@ fn serve_and_submit_as_the_readme_shows() -> Result<()> {
             store.to_str().context("path")?,
             "--http-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ],
         tmp.path(),
     )?;

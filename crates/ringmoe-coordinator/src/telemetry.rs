@@ -1,0 +1,259 @@
+//! The coordinator's metrics: what happened (jobs by outcome, retries, phase durations,
+//! throughput, placement versions, expert imbalance), recorded as it happens, and what is
+//! (queue, running jobs, workers, the autoscaling signal), refreshed at each scrape.
+
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use ringmoe_membership::WorkerRecord;
+use ringmoe_proto::proto;
+use ringmoe_telemetry::metrics::{self, CollectorGuard};
+
+use crate::output::{JobOutput, Outcome};
+use crate::runtime::Runtime;
+use crate::store::{JobMode, JobSpec, JobState};
+
+/// A job's trace root: from submission (or recovery) to its end; its fields are filled in
+/// as they become known.
+pub(crate) fn job_span() -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::info_span!(
+        parent: None,
+        "job",
+        "job.id" = Empty,
+        model = Empty,
+        mode = Empty,
+        tokens = Empty,
+        recovered = Empty,
+        outcome = Empty,
+    )
+}
+
+pub(crate) fn mode(spec: &JobSpec) -> &'static str {
+    match spec.mode {
+        JobMode::Generate { .. } => "generate",
+        JobMode::Score => "score",
+    }
+}
+
+/// A job reached a final state.
+pub(crate) fn job_finished(spec: &JobSpec, state: &JobState) {
+    let outcome = match state {
+        JobState::Done => "done",
+        JobState::Cancelled => "cancelled",
+        _ => "failed",
+    };
+    metrics::counter(
+        "ringmoe_jobs_total",
+        "Jobs finished, by model, mode and outcome (done, failed, cancelled).",
+        &[
+            ("model", &spec.model),
+            ("mode", mode(spec)),
+            ("outcome", outcome),
+        ],
+        1.0,
+    );
+}
+
+/// A run failed and the job runs again; `reason` is the retry policy's text.
+pub(crate) fn retried(reason: &str) {
+    let kind = if reason.starts_with("lost worker") {
+        "worker_lost"
+    } else {
+        "other"
+    };
+    metrics::counter(
+        "ringmoe_retries_total",
+        "Job re-runs after a failed run, by reason.",
+        &[("reason", kind)],
+        1.0,
+    );
+}
+
+/// A run produced `out` for a job of `input_len` tokens.
+pub(crate) fn run_done(spec: &JobSpec, input_len: usize, out: &JobOutput) {
+    let t = &out.timings;
+    for (phase, secs) in [
+        ("load", t.load_secs),
+        ("prefill", t.prefill_secs),
+        ("decode", t.decode_secs),
+    ] {
+        if phase == "decode" && matches!(spec.mode, JobMode::Score) {
+            continue;
+        }
+        metrics::observe(
+            "ringmoe_job_duration_seconds",
+            "Seconds a job's successful run spent per phase (load: placement, data plane and upload).",
+            &[("phase", phase)],
+            secs,
+        );
+    }
+    let model = [("model", spec.model.as_str())];
+    if t.prefill_secs > 0.0 {
+        metrics::gauge(
+            "ringmoe_prefill_tokens_per_second",
+            "Prefill throughput of the model's last job (input tokens / prefill seconds).",
+            &model,
+            input_len as f64 / t.prefill_secs,
+        );
+    }
+    if let Outcome::Generated { tokens } = &out.outcome {
+        if t.decode_secs > 0.0 && tokens.len() > 1 {
+            // The first token comes from the prefill's logits.
+            metrics::gauge(
+                "ringmoe_decode_tokens_per_second",
+                "Decode throughput of the model's last generate job (tokens after the first / decode seconds).",
+                &model,
+                (tokens.len() - 1) as f64 / t.decode_secs,
+            );
+        }
+    }
+}
+
+/// A placement version became known (published by this coordinator, or found at start).
+pub(crate) fn placement(model: &str, version: u64) {
+    metrics::gauge(
+        "ringmoe_placement_version",
+        "The expert placement version in use, by model.",
+        &[("model", model)],
+        version as f64,
+    );
+}
+
+/// Max over mean of the rows each worker computed per layer, from the workers' load windows
+/// (`ReportLoad`, one per worker in rank order: `rows` is layer-major, `experts` per layer).
+pub(crate) fn expert_imbalance(model: &str, reports: &[proto::ReportLoadResponse]) {
+    let Some(first) = reports.first() else { return };
+    let (layers, experts) = (first.layers as usize, first.experts as usize);
+    if experts == 0 || reports.iter().any(|r| r.rows.len() != layers * experts) {
+        return;
+    }
+    for l in 0..layers {
+        let per_worker: Vec<u64> = reports
+            .iter()
+            .map(|r| r.rows[l * experts..(l + 1) * experts].iter().sum())
+            .collect();
+        let total: u64 = per_worker.iter().sum();
+        if total == 0 {
+            continue;
+        }
+        metrics::gauge(
+            "ringmoe_expert_imbalance",
+            "Max over mean of the expert rows each worker computed, per layer, over the workers' load window (1 = balanced).",
+            &[("model", model), ("layer", &l.to_string())],
+            ringmoe_plan::load::imbalance(&per_worker),
+        );
+    }
+}
+
+/// Workers wanted for the unfinished jobs: each job needs enough workers for its K/V
+/// (`tokens` of `kv_per_token` bytes, spread over workers of `worker_budget` bytes each), and
+/// never fewer than `min_workers`. With no worker to learn a budget from, one per job that
+/// waits.
+pub(crate) fn desired_workers(
+    min_workers: usize,
+    jobs: &[(u64, u64)],
+    worker_budget: Option<u64>,
+) -> u64 {
+    let need = jobs
+        .iter()
+        .map(|&(tokens, per_token)| match worker_budget {
+            Some(b) => {
+                let fit = (b / per_token.max(1)).max(1);
+                tokens.div_ceil(fit)
+            }
+            None => 1,
+        })
+        .max()
+        .unwrap_or(0);
+    need.max(min_workers as u64)
+}
+
+/// Registers the scrape-time gauges of `rt` (held weakly: a stopped coordinator reports
+/// nothing).
+pub(crate) fn collector(rt: &Arc<Runtime>) -> CollectorGuard {
+    let weak: Weak<Runtime> = Arc::downgrade(rt);
+    metrics::on_scrape(move || {
+        if let Some(rt) = weak.upgrade() {
+            scrape(&rt);
+        }
+    })
+}
+
+fn scrape(rt: &Runtime) {
+    let (mut queued, mut tokens_queued, mut running) = (0u64, 0u64, 0u64);
+    let mut demand = Vec::new();
+    if let Ok(jobs) = rt.jobs.lock() {
+        for j in jobs.values() {
+            let phase = j.progress.borrow().progress.phase();
+            let new = match j.spec.mode {
+                JobMode::Generate { max_new_tokens, .. } => u64::from(max_new_tokens),
+                JobMode::Score => 0,
+            };
+            let per_token = rt
+                .models
+                .get(&j.spec.model)
+                .map_or(1, |m| m.kv_bytes_per_token());
+            match phase {
+                proto::JobPhase::Queued => {
+                    queued += 1;
+                    tokens_queued += j.input_len as u64;
+                }
+                proto::JobPhase::Loading
+                | proto::JobPhase::Prefill
+                | proto::JobPhase::Decode
+                | proto::JobPhase::Retrying => running += 1,
+                _ => continue,
+            }
+            demand.push((j.input_len as u64 + new, per_token));
+        }
+    }
+    let (live, excluded): (Vec<WorkerRecord>, usize) =
+        rt.machine_view(Instant::now()).unwrap_or_default();
+    let budget = live.iter().map(|w| w.kv_budget_bytes).min();
+    let g = |name, help, v: u64| metrics::gauge(name, help, &[], v as f64);
+    g("ringmoe_jobs_queued", "Jobs waiting in the queue.", queued);
+    g(
+        "ringmoe_tokens_queued",
+        "Input tokens of the jobs waiting in the queue.",
+        tokens_queued,
+    );
+    g(
+        "ringmoe_jobs_running",
+        "Jobs being run (loading, prefill, decode or between retries).",
+        running,
+    );
+    for (state, n) in [("live", live.len()), ("excluded", excluded)] {
+        metrics::gauge(
+            "ringmoe_workers",
+            "Registered workers, by state (live: schedulable; excluded: found dead after a failed run).",
+            &[("state", state)],
+            n as f64,
+        );
+    }
+    g(
+        "ringmoe_desired_workers",
+        "Workers the unfinished jobs want (K/V capacity of the largest, at least --min-workers): the autoscaling signal.",
+        desired_workers(rt.cfg.min_workers, &demand, budget),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_workers_follow_the_largest_job_and_the_floor() {
+        // 1 KiB per token, workers of 1 MiB: 1024 tokens each.
+        let per = 1024;
+        let budget = Some(1 << 20);
+        assert_eq!(desired_workers(1, &[], budget), 1);
+        assert_eq!(desired_workers(2, &[(10, per)], budget), 2);
+        assert_eq!(desired_workers(1, &[(1024, per)], budget), 1);
+        assert_eq!(desired_workers(1, &[(1025, per)], budget), 2);
+        assert_eq!(desired_workers(1, &[(100, per), (5000, per)], budget), 5);
+        // No workers to learn the budget from: one, so the pool starts.
+        assert_eq!(desired_workers(0, &[(5000, per)], None), 1);
+        assert_eq!(desired_workers(0, &[], None), 0);
+    }
+}
