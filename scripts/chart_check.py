@@ -29,6 +29,7 @@ from helm_python import _native
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "ringmoe"
 CI = CHART / "ci"
+DASHBOARD = ROOT / "deploy" / "grafana" / "ringmoe.json"
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 # The API groups a cluster with the Prometheus operator and KEDA serves (beyond the built-ins).
 EXTRA_APIS = ["monitoring.coreos.com/v1", "monitoring.coreos.com/v1/ServiceMonitor",
@@ -190,6 +191,32 @@ def check_promises(name: str, docs: list[dict], values: dict, where: str) -> Non
     if values.get("etcd", {}).get("mode") == "none":
         expect(any(a.startswith("--coordinator=") for a in wargs), where, "workers heartbeat to the coordinator")
         expect(not any(a.startswith("--etcd") for a in wargs + cargs), where, "no --etcd without etcd")
+    metrics = values.get("metrics", {})
+    if metrics.get("enabled", True):
+        port = metrics.get("port", 9464)
+        for who, c, args in (("worker", wc, wargs), ("coordinator", cc, cargs)):
+            expect(f"--metrics-addr=0.0.0.0:{port}" in args, where, f"{who} serves /metrics on {port}")
+            expect(any(p.get("name") == "metrics" and p["containerPort"] == port for p in c["ports"]),
+                   where, f"{who} declares its metrics port")
+    expect(f"--log-format={values.get('logFormat', 'text')}" in wargs + cargs, where, "the log format is passed")
+    otlp = values.get("tracing", {}).get("otlpEndpoint")
+    for who, c in (("worker", wc), ("coordinator", cc)):
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        if otlp:
+            expect(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == otlp, where, f"{who} exports traces to {otlp}")
+            expect(env.get("OTEL_SERVICE_NAME") == f"ringmoe-{who}", where, f"{who}'s OTEL_SERVICE_NAME")
+        else:
+            expect("OTEL_EXPORTER_OTLP_ENDPOINT" not in env, where, f"{who}: no trace export unless asked")
+    dash = [d for d in find(docs, "ConfigMap", "-dashboard")]
+    if metrics.get("dashboard", {}).get("enabled"):
+        expect(len(dash) == 1, where, "a dashboard ConfigMap")
+        if dash:
+            expect(dash[0]["metadata"]["labels"].get("grafana_dashboard") == "1", where,
+                   "the dashboard ConfigMap has the Grafana sidecar's label")
+            expect(json.loads(dash[0]["data"]["ringmoe.json"]) == json.loads(DASHBOARD.read_text()), where,
+                   "the ConfigMap holds deploy/grafana/ringmoe.json")
+    else:
+        expect(not dash, where, "no dashboard ConfigMap unless asked")
     tests = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
     expect(any(d["kind"] == "Pod" for d in tests), where, "a `helm test` pod")
 
@@ -308,6 +335,22 @@ def check_compose() -> None:
     print("ok   deploy/compose.yaml: valid against the Compose Specification")
 
 
+def check_dashboard() -> None:
+    """The chart's copy is deploy/grafana/ringmoe.json, and every ringmoe metric it queries is
+    one the code records."""
+    chart_copy = CHART / "dashboards" / "ringmoe.json"
+    if chart_copy.read_text() != DASHBOARD.read_text():
+        fail(f"{chart_copy} differs from {DASHBOARD} (copy it: helm packages files inside the chart only)")
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    used = set(re.findall(r"\b(ringmoe_[a-z_]+?)(?:_bucket)?\b", exprs))
+    source = " ".join(p.read_text() for p in (ROOT / "crates").glob("*/src/**/*.rs"))
+    for m in sorted(used):
+        if f'"{m}"' not in source:
+            fail(f"the dashboard queries {m}, which no crate records")
+    print(f"ok   dashboard: {len(dash['panels'])} panels over {len(used)} ringmoe metrics")
+
+
 def main() -> int:
     print(f"helm SDK {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__ if hasattr(kubernetes_validate, '__version__') else '?'}")
     chart = helm.Chart.load(CHART)
@@ -337,6 +380,7 @@ def main() -> int:
             expect(not find(bare, "ServiceMonitor"), where, "no ServiceMonitor without its CRD")
             print(f"ok   {where}: {len(docs)} manifests valid")
     check_bad_values(chart)
+    check_dashboard()
     check_compose()
     check_readme("--write-readme" in sys.argv)
     if failures:

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${1:-target/debug/ringmoe}")
 tmp=$(mktemp -d)
-"$BIN" serve --model tests/fixtures/mixtral-tiny --workers 2 --addr 127.0.0.1:0 \
+"$BIN" serve --model tests/fixtures/mixtral-tiny --workers 2 --addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 \
   --http-addr 127.0.0.1:0 --store "$tmp/jobs" >"$tmp/out" 2>"$tmp/log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT

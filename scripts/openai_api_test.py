@@ -86,7 +86,7 @@ def main():
     mixtral = os.path.join(FIX, "mixtral-tiny")
     qwen3 = os.path.join(FIX, "qwen3-moe-tiny")
     serve = Proc(
-        ["serve", "--model", mixtral, "--model", qwen3, "--workers", "2", "--addr", "127.0.0.1:0",
+        ["serve", "--model", mixtral, "--model", qwen3, "--workers", "2", "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
          "--http-addr", "127.0.0.1:0", "--http-max-body-bytes", "65536", "--store", os.path.join(tmp, "jobs")],
         os.path.join(tmp, "serve.log"),
     )

@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests need: procps for `kill -STOP` in the communicator's fault tests,
 # etcd-server for the membership and chart tests, which start their own etcd, openssl for the
-# certificates of the TLS etcd test, and curl for the HTTP API's SSE test. (protoc needs no
-# package: the protoc-bin-vendored crate ships it, see .cargo/config.toml.) python3-venv only
-# where `python3 -m venv` does not work.
-APT_PACKAGES=(procps etcd-server openssl curl)
+# certificates of the TLS etcd test, curl for the HTTP API's SSE test, and prometheus for the
+# metrics test (a real Prometheus scrapes the processes; promtool checks their output).
+# (protoc needs no package: the protoc-bin-vendored crate ships it, see .cargo/config.toml.)
+# python3-venv only where `python3 -m venv` does not work.
+APT_PACKAGES=(procps etcd-server openssl curl prometheus)
 python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -18,7 +19,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -191,3 +191,38 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end }}
+
+{{/* Telemetry flags of every ringmoe server: metrics port and log format. */}}
+{{- define "ringmoe.telemetryArgs" -}}
+{{- if .Values.metrics.enabled }}
+- --metrics-addr=0.0.0.0:{{ .Values.metrics.port }}
+{{- end }}
+- --log-format={{ .Values.logFormat }}
+{{- end }}
+
+{{/* The OpenTelemetry environment (traces go out only when an endpoint is set). */}}
+{{- define "ringmoe.telemetryEnv" -}}
+{{- with .ctx.Values.tracing.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "ringmoe-%s" $.component | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $.ctx.Values.tracing.sampler | quote }}
+{{- with $.ctx.Values.tracing.samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "service.namespace=%s,k8s.namespace.name=%s" $.ctx.Release.Name $.ctx.Release.Namespace | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The metrics container port. */}}
+{{- define "ringmoe.metricsPort" -}}
+{{- if .Values.metrics.enabled }}
+- name: metrics
+  containerPort: {{ .Values.metrics.port }}
+  protocol: TCP
+{{- end }}
+{{- end }}
