@@ -163,6 +163,25 @@ impl TraceService for Receiver {
     }
 }
 
+/// `ringmoe coordinator` serving `model` as `m` for 2 workers, its store and logs in `dir`.
+fn coordinator(dir: &Path, model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+    let store = dir.join("store");
+    let model_arg = format!("m={}", model.display());
+    let mut args = vec![
+        "coordinator",
+        "--addr",
+        "127.0.0.1:0",
+        "--store",
+        store.to_str().context("path")?,
+        "--model",
+        &model_arg,
+        "--min-workers",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start("coordinator", &args, env, dir)
+}
+
 fn rt() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -213,24 +232,7 @@ fn one_job_is_one_trace_across_the_client_the_coordinator_and_every_worker() -> 
         ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ];
-    let store = dir.path().join("store");
-    let model_arg = format!("m={}", model.display());
-    let coord = Proc::start(
-        "coordinator",
-        &[
-            "coordinator",
-            "--addr",
-            "127.0.0.1:0",
-            "--store",
-            store.to_str().context("path")?,
-            "--model",
-            &model_arg,
-            "--min-workers",
-            "2",
-        ],
-        &env,
-        dir.path(),
-    )?;
+    let coord = coordinator(dir.path(), &model, &[], &env)?;
     let addr = coord.line("listening on ")?;
     // Heartbeat mode: the coordinator sends LoadModel, so loading is in the trace too.
     let workers: Vec<Proc> = (0..2)
@@ -455,26 +457,7 @@ fn free_port() -> Result<u16> {
 fn prometheus_scrapes_the_coordinator_and_a_worker_and_sees_the_job() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model = fixture("mixtral-tiny");
-    let store = dir.path().join("store");
-    let model_arg = format!("m={}", model.display());
-    let coord = Proc::start(
-        "coordinator",
-        &[
-            "coordinator",
-            "--addr",
-            "127.0.0.1:0",
-            "--store",
-            store.to_str().context("path")?,
-            "--model",
-            &model_arg,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--min-workers",
-            "2",
-        ],
-        &[],
-        dir.path(),
-    )?;
+    let coord = coordinator(dir.path(), &model, &["--metrics-addr", "127.0.0.1:0"], &[])?;
     let addr = coord.line("listening on ")?;
     let coord_metrics = coord.line("metrics on http://")?;
     // Two workers (a job of one has no peer traffic); Prometheus scrapes the first.
