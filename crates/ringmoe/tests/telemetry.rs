@@ -110,6 +110,14 @@ struct Span {
     attrs: HashMap<String, String>,
 }
 
+/// Every span's parent (but the root's) is among `trace`.
+fn parents_present(trace: &[Span]) -> bool {
+    let ids: BTreeSet<&str> = trace.iter().map(|s| s.id.as_str()).collect();
+    trace
+        .iter()
+        .all(|s| s.parent.is_empty() || ids.contains(s.parent.as_str()))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -182,6 +190,48 @@ fn coordinator(dir: &Path, model: &Path, extra: &[&str], env: &[(&str, &str)]) -
     Proc::start("coordinator", &args, env, dir)
 }
 
+/// The receiver served on a free port of `rt` until `stop` is sent (or dropped).
+struct Collector {
+    receiver: Receiver,
+    /// `http://127.0.0.1:PORT`, for OTEL_EXPORTER_OTLP_ENDPOINT.
+    otlp: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Collector {
+    fn start(rt: &tokio::runtime::Runtime) -> Result<Self> {
+        let receiver = Receiver::default();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let otlp = format!("http://{}", listener.local_addr()?);
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(receiver.clone()))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                ),
+        );
+        Ok(Self {
+            receiver,
+            otlp,
+            stop,
+            server,
+        })
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.receiver
+            .0
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+}
+
 fn rt() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -208,23 +258,12 @@ fn submit(addr: &str, prompt: &Path, extra: &[&str], env: &[(&str, &str)]) -> Re
 #[test]
 fn one_job_is_one_trace_across_the_client_the_coordinator_and_every_worker() -> Result<()> {
     let rt = rt()?;
-    let receiver = Receiver::default();
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let otlp = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let svc = TraceServiceServer::new(receiver.clone());
-        rt.spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = stop_rx.await;
-                    },
-                ),
-        )
-    };
+    let Collector {
+        receiver,
+        otlp,
+        stop: stop_tx,
+        server,
+    } = Collector::start(&rt)?;
     let dir = tempfile::tempdir()?;
     let model = fixture("mixtral-tiny");
     let layers = ModelConfig::from_dir(&model)?.num_layers;
@@ -273,7 +312,8 @@ fn one_job_is_one_trace_across_the_client_the_coordinator_and_every_worker() -> 
                 .collect();
             let layer_spans = trace.iter().filter(|s| s.name == "layer").count();
             let has_client = trace.iter().any(|s| s.service == "test-client");
-            if layer_spans >= 2 * layers && has_client {
+            // Spans arrive as they end, parents after children: wait for the whole tree.
+            if layer_spans >= 2 * layers && has_client && parents_present(&trace) {
                 break trace;
             }
         }
@@ -610,14 +650,8 @@ fn tracing_overhead_on_a_32k_token_job() -> Result<()> {
     use ringmoe_proto::client::{self, Input};
     use ringmoe_proto::proto;
     let rt = rt()?;
-    let receiver = Receiver::default();
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let otlp = format!("http://{}", listener.local_addr()?);
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let collector = Collector::start(&rt)?;
+    let otlp = collector.otlp.clone();
     let dir = tempfile::tempdir()?;
     let model = fixture("mixtral-tiny");
     let vocab = ModelConfig::from_dir(&model)?.vocab_size as u32;
@@ -694,7 +728,7 @@ fn tracing_overhead_on_a_32k_token_job() -> Result<()> {
         v[v.len() / 2]
     };
     let (m_on, m_off) = (median(&mut on), median(&mut off));
-    let spans = receiver.0.lock().map(|v| v.len()).unwrap_or(0);
+    let spans = collector.spans().len();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "32K-token score job, serve --workers 2: traced {on:?} s, untraced {off:?} s; medians \
@@ -702,5 +736,137 @@ fn tracing_overhead_on_a_32k_token_job() -> Result<()> {
         m_on / m_off,
         load.trim()
     );
+    Ok(())
+}
+
+#[test]
+fn serve_traces_each_in_process_worker_and_a_collector_lost_mid_job_costs_the_job_nothing()
+-> Result<()> {
+    use ringmoe_proto::client::{self, Input};
+    use ringmoe_proto::proto::{self, JobPhase};
+    let rt = rt()?;
+    let collector = Collector::start(&rt)?;
+    let dir = tempfile::tempdir()?;
+    let model = fixture("mixtral-tiny");
+    let config = ModelConfig::from_dir(&model)?;
+    let store = dir.path().join("store");
+    let serve = Proc::start(
+        "serve",
+        &[
+            "serve",
+            "--model",
+            &format!("m={}", model.display()),
+            "--workers",
+            "3",
+            "--addr",
+            "127.0.0.1:0",
+            "--store",
+            store.to_str().context("path")?,
+            "--no-http",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.otlp.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        dir.path(),
+    )?;
+    let addr = serve.line("listening on ")?;
+    let vocab = config.vocab_size as u32;
+    // Submits `n` tokens; `on` sees each progress message; the job must end Done.
+    let run = |n: u32, mode: proto::JobMode, on: &mut dyn FnMut(&proto::JobProgress)| {
+        let addr = addr.clone();
+        rt.block_on(async move {
+            let mut c = client::connect(&addr, 64 << 20).await?;
+            let spec = proto::JobSpec {
+                model: "m".into(),
+                mode: mode as i32,
+                max_new_tokens: 4,
+                sampling: Some(proto::Sampling::default()),
+                ..Default::default()
+            };
+            let ids: Vec<u32> = (0..n).map(|i| (i * 7 + 3) % vocab).collect();
+            let id = client::submit(
+                &mut c,
+                spec,
+                Input::Tokens(ids),
+                client::UPLOAD_CHUNK,
+                |_| {},
+            )
+            .await?
+            .job_id;
+            let last = client::watch(&mut c, id, |p| on(p)).await?;
+            ensure!(
+                last.phase() == JobPhase::Done,
+                "job {id}: {:?} {}",
+                last.phase(),
+                last.message
+            );
+            Ok::<u64, anyhow::Error>(id)
+        })
+    };
+    let id = run(64, proto::JobMode::Generate, &mut |_| {})?;
+    // One trace holds the job and, under its run, every worker's part: three workers of one
+    // process, told apart by their `worker` attribute.
+    let t = Instant::now();
+    let (trace, workers) = loop {
+        let spans = collector.spans();
+        let job = spans.iter().find(|s| {
+            s.name == "job" && s.attrs.get("job.id").map(String::as_str) == Some(&id.to_string())
+        });
+        if let Some(job) = job {
+            let trace: Vec<Span> = spans
+                .iter()
+                .filter(|s| s.trace == job.trace)
+                .cloned()
+                .collect();
+            let workers: BTreeSet<String> = trace
+                .iter()
+                .filter(|s| s.name == "worker.run_job")
+                .filter_map(|s| s.attrs.get("worker").cloned())
+                .collect();
+            let layers = trace.iter().filter(|s| s.name == "layer").count();
+            if workers.len() == 3 && layers == 3 * config.num_layers && parents_present(&trace) {
+                break (trace, workers);
+            }
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "no complete trace of job {id}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        trace.iter().all(|s| s.service == "ringmoe-serve"),
+        "{trace:?}"
+    );
+    let ids: BTreeSet<&str> = trace.iter().map(|s| s.id.as_str()).collect();
+    ensure!(
+        trace.iter().filter(|s| s.parent.is_empty()).count() == 1
+            && trace
+                .iter()
+                .all(|s| s.parent.is_empty() || ids.contains(s.parent.as_str())),
+        "one root, every parent inside the trace: {trace:?}"
+    );
+    ensure!(workers.len() == 3, "{workers:?}");
+
+    // The collector goes away while a longer job is in its prefill: the job completes.
+    let mut stop = Some(collector.stop);
+    let mut stopped_in = None;
+    run(8192, proto::JobMode::Score, &mut |p| {
+        if p.phase() == JobPhase::Prefill && p.layer >= 1 {
+            if let Some(s) = stop.take() {
+                let _ = s.send(());
+                stopped_in = Some(p.layer);
+            }
+        }
+    })?;
+    ensure!(
+        stopped_in.is_some(),
+        "the job never reported its prefill layers"
+    );
+    rt.block_on(collector.server)??;
+    drop(serve);
     Ok(())
 }
