@@ -228,21 +228,27 @@ def main() -> int:
             proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log.open("w"),
                                     stderr=subprocess.STDOUT, start_new_session=True)
             procs.append((p.name, proc))
-        # The coordinator's readiness probe, through the image's own health command.
+        # Readiness probes through the image's own health command.
         (coord,) = [p for p in servers if component(p) == "coordinator"]
-        probe = coord.container["readinessProbe"]["grpc"]
-        health = [str(binary), "health", f"--addr=127.0.0.1:{ports.get(coord.name, probe['port'])}",
-                  f"--service={probe.get('service', '')}"]
-        t = time.monotonic()
-        while subprocess.run(health, capture_output=True).returncode != 0:
-            for name, proc in procs:
-                if proc.poll() is not None:
-                    raise SystemExit(f"{name} exited with {proc.returncode}:\n"
-                                     f"{(tmp / (name + '.log')).read_text()[-4000:]}")
-            if time.monotonic() - t > BOOT_TIMEOUT:
-                raise SystemExit(f"the coordinator was not ready in {BOOT_TIMEOUT}s")
-            time.sleep(0.3)
-        print(f"ready {coord.name} after {time.monotonic() - t:.1f}s ({' '.join(health[1:])})")
+        # `helm install --wait` then `helm test`: every server pod's readiness probe passes
+        # (the workers' too) before the test pod runs.
+        probes = []
+        for p in [coord] + [p for p in servers if component(p) == "worker"]:
+            pr = p.container["readinessProbe"]["grpc"]
+            probes.append((p.name, [str(binary), "health",
+                                    f"--addr=127.0.0.1:{ports.get(p.name, pr['port'])}",
+                                    f"--service={pr.get('service', '')}"]))
+        for pod_name, health in probes:
+            t = time.monotonic()
+            while subprocess.run(health, capture_output=True).returncode != 0:
+                for name, proc in procs:
+                    if proc.poll() is not None:
+                        raise SystemExit(f"{name} exited with {proc.returncode}:\n"
+                                         f"{(tmp / (name + '.log')).read_text()[-4000:]}")
+                if time.monotonic() - t > BOOT_TIMEOUT:
+                    raise SystemExit(f"{pod_name} was not ready in {BOOT_TIMEOUT}s")
+                time.sleep(0.3)
+            print(f"ready {pod_name} after {time.monotonic() - t:.1f}s ({' '.join(health[1:])})")
         (test,) = tests
         argv, env = localize(test, pods, services, ports, paths)
         argv[0] = str(binary)
@@ -254,7 +260,10 @@ def main() -> int:
                 raise SystemExit(f"{name} exited with {proc.returncode} during the job:\n"
                                  f"{(tmp / (name + '.log')).read_text()[-4000:]}")
         if r.returncode != 0:
-            raise SystemExit(f"the test pod's submit failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+            logs = "".join(f"\n--- {name} (last lines) ---\n"
+                           + "\n".join((tmp / (name + '.log')).read_text().splitlines()[-25:])
+                           for name, _ in procs)
+            raise SystemExit(f"the test pod's submit failed ({r.returncode}):\n{r.stdout}\n{r.stderr}{logs}")
         out = json.loads(r.stdout)
         tokens = out.get("result", {}).get("tokens") if isinstance(out.get("result"), dict) else out.get("tokens")
         print(f"submit: {r.stdout.strip()[:300]}")
