@@ -273,18 +273,8 @@ impl Runtime {
             .jobs
             .lock()
             .ok()
-            .and_then(|j| j.get(&order.id).and_then(|w| w.span.clone()));
-        let span = match parent {
-            Some(p) => {
-                info_span!(parent: &p, "run", "job.id" = order.id, attempt = order.attempt, id = order.id)
-            }
-            None => info_span!(
-                "run",
-                "job.id" = order.id,
-                attempt = order.attempt,
-                id = order.id
-            ),
-        };
+            .and_then(|j| j.get(&order.id).and_then(|w| w.span.as_ref()?.id()));
+        let span = info_span!(parent: parent, "run", "job.id" = order.id, attempt = order.attempt);
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         // The forwarder applies the run's events in the order the run sent them.
         let forward = {
