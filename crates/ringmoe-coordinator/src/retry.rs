@@ -7,6 +7,12 @@
 //! the rest (attempt n + 1, persisted as `Retrying`), at most `max_retries` times; the dead
 //! workers stay excluded until membership next mentions them (they re-registered, or were
 //! removed) or for [`EXCLUSION`].
+//!
+//! Two failures are the membership store's, not the job's, and re-run even when every worker
+//! answers (within the same `max_retries`): a [membership](JobError::Membership) error (etcd
+//! unreachable for longer than its client retries) and a worker that
+//! [left while loading](JobError::LeftWhileLoading) yet answers (its lease lapsed and it
+//! registered again).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -37,7 +43,11 @@ impl RetryPolicy {
     /// `attempt` is the failed run's attempt number (0 for the first run); `dead` the workers
     /// that did not answer the probe.
     pub fn after_probe(&self, attempt: u32, failure: JobError, dead: &[String]) -> Verdict {
-        if dead.is_empty() {
+        let store = matches!(
+            failure,
+            JobError::Membership(_) | JobError::LeftWhileLoading { .. }
+        );
+        if dead.is_empty() && !store {
             return Verdict::Fail(failure);
         }
         if attempt >= self.max_retries {
@@ -46,9 +56,14 @@ impl RetryPolicy {
                 retries: attempt,
             });
         }
+        let reason = if dead.is_empty() {
+            failure.to_string()
+        } else {
+            format!("lost worker(s) {}: {failure}", dead.join(", "))
+        };
         Verdict::Retry {
             attempt: attempt + 1,
-            reason: format!("lost worker(s) {}: {failure}", dead.join(", ")),
+            reason,
         }
     }
 }
@@ -106,6 +121,32 @@ mod tests {
             panic!("a third retry with max_retries 2")
         };
         assert!(e.to_string().ends_with("(gave up after 2 retries)"), "{e}");
+    }
+
+    #[test]
+    fn a_membership_failure_retries_with_every_worker_alive() {
+        let p = RetryPolicy { max_retries: 1 };
+        let store = JobError::Membership("etcd at e:2379: unavailable".into());
+        assert_eq!(
+            p.after_probe(0, store.clone(), &[]),
+            Verdict::Retry {
+                attempt: 1,
+                reason: "membership: etcd at e:2379: unavailable".into()
+            }
+        );
+        assert!(matches!(
+            p.after_probe(1, store, &[]),
+            Verdict::Fail(JobError::GaveUp { retries: 1, .. })
+        ));
+        let flapped = JobError::LeftWhileLoading {
+            worker: "w0".into(),
+            model: "m".into(),
+            version: 1,
+        };
+        assert!(matches!(
+            p.after_probe(0, flapped, &[]),
+            Verdict::Retry { attempt: 1, .. }
+        ));
     }
 
     #[test]

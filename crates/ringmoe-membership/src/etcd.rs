@@ -3,8 +3,9 @@
 //! (no lease: it outlives coordinators, so a new leader finds what the workers loaded). The lease is kept alive from a thread with its own runtime, so a
 //! worker whose cores are busy with compute (or whose main runtime is) still renews it.
 
+use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
@@ -112,6 +113,24 @@ impl EtcdOptions {
     }
 }
 
+/// How long a request is retried while etcd answers "unavailable" before the error is the
+/// caller's. A member that is starting or restarting refuses connections, and the client's
+/// balanced channel reports a connection attempt that failed on the *next* request routed to
+/// that member, even once the member is up: one such error is not an outage, and failing a job
+/// for it (as a CI run of the chart test once did) is wrong. Longer outages are the callers' to
+/// handle (a worker's lease outlives them up to its TTL; a coordinator retries the job).
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(3);
+
+/// Whether an etcd error says the member could not be reached (rather than that the request
+/// was wrong or refused), so the same request may succeed on a retry.
+fn unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        _ => false,
+    }
+}
+
 #[derive(Clone)]
 pub struct EtcdMembership {
     opts: EtcdOptions,
@@ -132,16 +151,38 @@ impl EtcdMembership {
         Ok(Self { opts, client })
     }
 
+    /// Runs one request on a clone of the client, again while etcd is [unavailable] for up to
+    /// [`UNAVAILABLE_RETRY`], backing off from 50 ms. Only for requests that may be repeated:
+    /// reads and puts of a whole value (a lease grant repeated leaves a lease that expires).
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match f(self.client.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if unavailable(&e) && start.elapsed() + pause < UNAVAILABLE_RETRY => {
+                    debug!(error = %e, ?pause, what, "etcd unavailable; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(800));
+                }
+                Err(e) => return Err(self.opts.err(e)),
+            }
+        }
+    }
+
     /// Grants a lease of `ttl` and keeps it alive from its own thread until the registration
     /// drops (then revokes it, deleting `key` too).
     async fn lease(&self, ttl: Duration, key: Option<String>) -> Result<(i64, Registration)> {
         let secs = ttl.as_secs().max(1) as i64;
         let lease = self
-            .client
-            .clone()
-            .lease_grant(secs, None)
-            .await
-            .map_err(|e| self.opts.err(e))?
+            .call("granting a lease", |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
+            .await?
             .id();
         let (lost_tx, lost) = watch::channel(false);
         let (stop, stopped) = std::sync::mpsc::channel();
@@ -183,15 +224,14 @@ impl EtcdMembership {
         let key = format!("{}{}", self.prefix(), rec.id);
         let value = serde_json::to_string(rec)
             .map_err(|e| MembershipError::Closed(format!("encoding the record: {e}")))?;
-        self.client
-            .clone()
-            .put(
-                key.as_str(),
-                value.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .map_err(|e| self.opts.err(e))?;
+        self.call("putting a worker record", |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
         Ok(())
     }
 
@@ -206,28 +246,27 @@ impl EtcdMembership {
         T: serde::de::DeserializeOwned,
         E: Send + 'static,
     {
-        let mut c = self.client.clone();
-        let r = c
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.opts.err(e))?;
+        let r = self
+            .call("reading a prefix", |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
         let now = r
             .kvs()
             .iter()
             .map(|kv| decode::<T>(kv.key(), kv.value()))
             .collect::<Result<Vec<_>>>()?;
-        let mut stream = c
-            .watch(
-                prefix.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(rev + 1),
-                ),
-            )
-            .await
-            .map_err(|e| self.opts.err(e))?;
+        let mut stream = self
+            .call("watching a prefix", |mut c| {
+                let prefix = prefix.clone();
+                let from = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1);
+                async move { c.watch(prefix, Some(from)).await }
+            })
+            .await?;
         let (tx, out) = mpsc::channel(256);
         tokio::spawn(async move {
             while let Ok(Some(resp)) = stream.message().await {
@@ -361,22 +400,22 @@ impl Membership for EtcdMembership {
         let key = format!("{}{}", self.placement_prefix(), rec.model);
         let value = serde_json::to_string(rec)
             .map_err(|e| MembershipError::Closed(format!("encoding the placement: {e}")))?;
-        self.client
-            .clone()
-            .put(key.as_str(), value.as_str(), None)
-            .await
-            .map_err(|e| self.opts.err(e))?;
+        self.call("publishing a placement", |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, None).await }
+        })
+        .await?;
         Ok(())
     }
 
     async fn placement(&self, model: &str) -> Result<Option<PlacementRecord>> {
         let key = format!("{}{model}", self.placement_prefix());
         let r = self
-            .client
-            .clone()
-            .get(key.as_str(), None)
-            .await
-            .map_err(|e| self.opts.err(e))?;
+            .call("reading a placement", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         r.kvs()
             .first()
             .map(|kv| decode(kv.key(), kv.value()))
@@ -399,11 +438,13 @@ impl Membership for EtcdMembership {
     }
 
     async fn list(&self) -> Result<Vec<WorkerRecord>> {
-        let mut c = self.client.clone();
-        let r = c
-            .get(self.prefix(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.opts.err(e))?;
+        let prefix = self.prefix();
+        let r = self
+            .call("listing workers", |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         self.records(&r)
     }
 
