@@ -176,6 +176,13 @@ def check_promises(name: str, docs: list[dict], values: dict, where: str) -> Non
         mounts = {m["mountPath"] for m in cc["volumeMounts"]}
         expect({"/etc/ringmoe/tls", "/etc/ringmoe/auth", "/etc/ringmoe/etcd-tls"} <= mounts, where,
                "TLS, auth and etcd TLS Secrets mounted")
+        expect("--auth-tokens-file=/etc/ringmoe/clients/tokens" in cargs
+               and "/etc/ringmoe/clients" in mounts, where, "the client tokens file")
+        expect(not any(a.startswith("--auth-tokens-file") for a in wargs), where,
+               "workers take no client tokens")
+        (test_pod,) = [d for d in docs if d["kind"] == "Pod"]
+        expect("--token-file=/etc/ringmoe/test-token/token" in test_pod["spec"]["containers"][0]["args"],
+               where, "the helm test pod authenticates")
     if name == "default":
         (etcd,) = find(docs, "StatefulSet", "-etcd")
         expect(etcd["spec"]["replicas"] == 3, where, "a 3-member bundled etcd")
@@ -234,6 +241,7 @@ BAD_VALUES = [
     ({"etcd": {"bundled": {"tls": {"enabled": True}}}}, "secretName"),
     ({"model": {"volume": {"existingClaim": "a", "hostPath": "/b"}}}, "volume"),
     ({"workers": {"kvBudgetGib": 8}}, "kvBudgetGib"),
+    ({"security": {"clients": {"tokensConfigMap": "c"}}}, "tests.tokenSecret"),
 ]
 
 

@@ -10,7 +10,9 @@ concatenate to the non-streamed text; chat prompts render and tokenize as transf
 `apply_chat_template` does (the fixture's recorded ids); `logprobs` equal a score job's NLLs
 (<= 1e-4); bad inputs get the right status and an OpenAI error body, as the client's typed
 exceptions, and the server keeps serving; an overloaded or worker-less coordinator answers
-429/503 with Retry-After; a client that disconnects mid-stream cancels its job.
+429/503 with Retry-After; a client that disconnects mid-stream cancels its job; with
+`--auth-tokens-file`, the client's `api_key` is its token (a wrong one is the client's
+AuthenticationError) and a client's `max_input_tokens` is a BadRequestError.
 """
 
 import json
@@ -97,6 +99,7 @@ def main():
     finally:
         serve.stop()
     run_capacity_checks(tmp)
+    run_auth_checks(tmp)
     if failures:
         print(f"{len(failures)} check(s) failed: {failures}\nlogs in {tmp}", file=sys.stderr)
         sys.exit(1)
@@ -267,6 +270,41 @@ def run_capacity_checks(tmp):
         if held:
             held.kill()
         c.stop()
+
+
+def run_auth_checks(tmp):
+    # Tokens from `ringmoe token new`; the openai client's api_key is the bearer token.
+    def new_token(name):
+        out = subprocess.run([BIN, "token", "new", name], capture_output=True, text=True, check=True)
+        token, line = out.stdout.splitlines()
+        return token, line
+    alice, line_a = new_token("alice")
+    tokens = os.path.join(tmp, "tokens")
+    with open(tokens, "w") as f:
+        f.write(f"{line_a} max_input_tokens=32\n")
+    serve = Proc(["serve", "--model", os.path.join(FIX, "mixtral-tiny"), "--workers", "1", "--addr", "127.0.0.1:0",
+                  "--no-metrics", "--http-addr", "127.0.0.1:0", "--store", os.path.join(tmp, "jobs3"),
+                  "--auth-tokens-file", tokens], os.path.join(tmp, "serve-auth.log"))
+    try:
+        serve.line("listening on ")
+        base = serve.line("http api on ")
+        stranger = openai.OpenAI(base_url=base + "/v1", api_key="rmk_guessed", max_retries=0)
+        try:
+            stranger.models.list()
+            check(False, "a wrong api_key listed the models")
+        except openai.AuthenticationError as e:
+            check(e.status_code == 401 and e.code == "invalid_api_key", f"a wrong api_key: AuthenticationError ({e.status_code}, {e.code})")
+        client = openai.OpenAI(base_url=base + "/v1", api_key=alice, max_retries=0)
+        check([m.id for m in client.models.list().data] == ["mixtral-tiny"], "alice's token lists the models")
+        r = client.completions.create(model="mixtral-tiny", prompt=PROMPT, max_tokens=3, temperature=0)
+        check(r.usage.completion_tokens == 3, "alice's token runs a completion")
+        try:
+            client.completions.create(model="mixtral-tiny", prompt=PROMPT * 8, max_tokens=1)
+            check(False, "over max_input_tokens: no error")
+        except openai.BadRequestError as e:
+            check("max_input_tokens" in str(e), "over alice's max_input_tokens: BadRequestError")
+    finally:
+        serve.stop()
 
 
 if __name__ == "__main__":

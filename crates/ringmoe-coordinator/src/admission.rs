@@ -6,6 +6,7 @@
 use ringmoe_proto::proto::{self, submit_job_request};
 use tonic::{Code, Status, Streaming};
 
+use crate::auth::Tenant;
 use crate::convert::spec_from_proto;
 use crate::machine::capacity;
 use crate::models::ServedModel;
@@ -104,6 +105,7 @@ pub(crate) async fn admit(
     models: &std::collections::HashMap<String, ServedModel>,
     workers: &[ringmoe_membership::WorkerRecord],
     max_message_bytes: usize,
+    tenant: Option<&Tenant>,
 ) -> Result<Admitted, Status> {
     let limit_msg = |e: Status| -> Status {
         if e.code() == Code::OutOfRange || e.message().contains("too large") {
@@ -172,6 +174,9 @@ pub(crate) async fn admit(
         if up.tokens.len() as u64 > limit {
             return Err(capacity_error(up.tokens.len()));
         }
+        // Text, at a few bytes per token, may run 16 bytes a token before it is hopeless.
+        let sent = up.tokens.len().max(up.text.len() / 16);
+        check_tenant_input(tenant, sent)?;
     }
     let declared = pspec.input_length;
     let got = if up.text.is_empty() {
@@ -207,6 +212,20 @@ pub(crate) async fn admit(
         tok.encode(text, true)
             .map_err(|e| invalid(format!("tokenizing the input: {e}")))?
     };
+    check_tenant_input(tenant, tokens.len())?;
     check_length(&spec, tokens.len(), model, workers)?;
     Ok(Admitted { spec, tokens })
+}
+
+/// A client's own input limit (`max_input_tokens` in the tokens file), whatever the cluster
+/// could hold: `INVALID_ARGUMENT` naming it (the job can never run for this client).
+pub(crate) fn check_tenant_input(tenant: Option<&Tenant>, n: usize) -> Result<(), Status> {
+    match tenant.and_then(|t| t.max_input_tokens.map(|m| (t, m))) {
+        Some((t, most)) if n as u64 > most => Err(invalid(format!(
+            "client '{}' may send at most {most} input tokens a job (max_input_tokens); \
+             this job has {n} or more",
+            t.name
+        ))),
+        _ => Ok(()),
+    }
 }

@@ -58,6 +58,7 @@ pub fn spec_from_proto(p: &proto::JobSpec) -> Result<JobSpec, String> {
         mode,
         attention: attention_name(p.attention)?.to_string(),
         priority: p.priority,
+        owner: None,
     })
 }
 

@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -27,7 +28,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
-use crate::admission::check_length;
+use crate::admission::{check_length, check_tenant_input};
+use crate::auth::{Caller, authenticate};
 use crate::models::ServedModel;
 use crate::openai::{self, ApiError, Prompt, Sampling, StopScan};
 use crate::output::Outcome;
@@ -75,9 +77,12 @@ pub(crate) async fn serve(
             ApiError::status(405, "invalid_request_error", "method not allowed on this route")
         })
         .with_state(Api { c, cfg });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 impl IntoResponse for ApiError {
@@ -100,7 +105,17 @@ fn from_status(s: Status) -> ApiError {
         }
         Code::InvalidArgument => ApiError::bad(s.message()),
         Code::NotFound => ApiError::status(404, "invalid_request_error", s.message()),
-        Code::Unavailable | Code::ResourceExhausted => ApiError {
+        Code::Unauthenticated => ApiError {
+            code: Some("invalid_api_key"),
+            ..ApiError::status(401, "invalid_request_error", s.message())
+        },
+        // A client's own queue limit: retrying later helps.
+        Code::ResourceExhausted => ApiError {
+            retry_after: Some(5),
+            code: Some("rate_limit_exceeded"),
+            ..ApiError::status(429, "rate_limit_error", s.message())
+        },
+        Code::Unavailable => ApiError {
             retry_after: Some(5),
             ..ApiError::status(503, "server_error", s.message())
         },
@@ -144,7 +159,8 @@ impl Drop for CancelOnDrop {
         if let (Some(id), Ok(h)) = (self.id, tokio::runtime::Handle::try_current()) {
             let c = self.c.clone();
             h.spawn(async move {
-                match c.cancel(id).await {
+                // The server's own act for a client that left: no owner check.
+                match c.cancel(id, &Caller::Anyone).await {
                     Ok(phase) => {
                         info!(job = id, phase = ?phase, "HTTP client gone: job cancel requested")
                     }
@@ -196,6 +212,30 @@ struct Prepared<'a> {
     sampling: Sampling,
     /// The caller's W3C trace context headers, if it sent them: the job's trace continues it.
     trace: tonic::metadata::MetadataMap,
+    /// Who asked: the job's owner, and whose limits apply.
+    caller: Caller,
+}
+
+/// The authenticated caller of a request (the bearer token checked against the tokens file,
+/// as gRPC's interceptor does); a refusal is OpenAI's 401 `invalid_api_key`.
+struct Authed(Caller);
+
+impl FromRequestParts<Api> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
+        authenticate(api.c.rt.cfg.auth.as_deref(), header, &peer)
+            .map(Authed)
+            .map_err(from_status)
+    }
 }
 
 /// The trace context headers of an HTTP request.
@@ -274,6 +314,8 @@ impl Api {
 
     /// Room for one more job: live workers, and fewer unfinished jobs than `--http-max-jobs`.
     async fn admit(&self, p: &Prepared<'_>) -> Result<(), ApiError> {
+        self.c.admit_caller(&p.caller).map_err(from_status)?;
+        check_tenant_input(p.caller.tenant(), p.tokens.len()).map_err(from_status)?;
         let unfinished = lock(&self.c.rt.jobs)
             .map_err(from_status)?
             .values()
@@ -332,6 +374,7 @@ impl Api {
             mode,
             attention: p.sampling.attention.clone(),
             priority: p.sampling.priority,
+            owner: p.caller.owner(),
         }
     }
 
@@ -362,7 +405,7 @@ impl Api {
         p: &Prepared<'_>,
         sink: Option<&Sink>,
     ) -> Result<Generated, ApiError> {
-        let mut rx = self.c.follow(id).map_err(from_status)?;
+        let mut rx = self.c.follow(id, &p.caller).map_err(from_status)?;
         let stops = &p.sampling.stop;
         let (mut tokens, mut text, mut sent) = (Vec::new(), String::new(), 0);
         loop {
@@ -470,7 +513,7 @@ impl Api {
             c: self.c.clone(),
             id: Some(id),
         };
-        let out = self.c.result(id).await.map_err(from_status);
+        let out = self.c.result(id, &p.caller).await.map_err(from_status);
         guard.finished();
         let Outcome::Scored { first, nll } = out?.outcome else {
             return Err(ApiError::status(
@@ -531,6 +574,7 @@ where
 
 async fn completions(
     State(api): State<Api>,
+    Authed(caller): Authed,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -573,6 +617,7 @@ async fn completions(
         tokens,
         sampling: req.sampling.clone(),
         trace: trace_headers(&headers),
+        caller,
     };
     api.admit(&p).await?;
     let n = p.sampling.max_tokens.unwrap_or(0);
@@ -602,6 +647,7 @@ async fn completions(
                 tokens: p.tokens,
                 sampling: p.sampling,
                 trace: p.trace,
+                caller: p.caller,
             };
             if req.echo {
                 sink.text(&prompt_text).await?;
@@ -674,6 +720,7 @@ async fn completions(
 
 async fn chat_completions(
     State(api): State<Api>,
+    Authed(caller): Authed,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -714,6 +761,7 @@ async fn chat_completions(
         tokens,
         sampling,
         trace: trace_headers(&headers),
+        caller,
     };
     api.admit(&p).await?;
     let created = now_secs();
@@ -737,6 +785,7 @@ async fn chat_completions(
                 tokens: p.tokens,
                 sampling: p.sampling,
                 trace: p.trace,
+                caller: p.caller,
             };
             sink.send(&json!({"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})).await?;
@@ -759,7 +808,7 @@ async fn chat_completions(
     .into_response())
 }
 
-async fn models(State(api): State<Api>) -> Response {
+async fn models(State(api): State<Api>, _: Authed) -> Response {
     let mut names: Vec<&String> = api.c.rt.models.keys().collect();
     names.sort();
     let data: Vec<Value> = names

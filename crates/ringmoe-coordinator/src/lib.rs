@@ -16,6 +16,7 @@
 //! memory and compute, and running jobs side by side would halve both for each.
 
 mod admission;
+pub mod auth;
 pub mod convert;
 pub mod error;
 mod http;
@@ -42,8 +43,10 @@ use ringmoe_proto::proto::cluster_service_server::ClusterServiceServer;
 use ringmoe_proto::proto::job_service_server::JobServiceServer;
 use ringmoe_proto::server::{self, ServerOptions};
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
+pub use auth::{Auth, AuthError, Caller, Tenant};
 pub use error::{CoordinatorError, JobError};
 pub use http::{CHAT_DEFAULT_MAX_TOKENS, HttpConfig};
 pub use output::{JobOutput, Outcome, Timings};
@@ -81,6 +84,9 @@ pub struct CoordinatorConfig {
     pub load_timeout: Duration,
     /// The OpenAI-compatible HTTP API, when wanted.
     pub http: Option<HttpConfig>,
+    /// Client authentication on `JobService` and the HTTP API (`--auth-tokens-file`); `None`:
+    /// every client is admitted and sees every job.
+    pub auth: Option<Arc<Auth>>,
 }
 
 impl CoordinatorConfig {
@@ -98,6 +104,7 @@ impl CoordinatorConfig {
             leader_ttl: Duration::from_secs(2),
             load_timeout: Duration::from_secs(600),
             http: None,
+            auth: None,
         }
     }
 }
@@ -210,11 +217,14 @@ pub async fn run_coordinator(
     rt.apply(Event::Recovered(recovered.jobs)).await;
     let c = Coordinator { rt: rt.clone() };
     let c_http = c.clone();
-    let routes = tonic::service::Routes::new(
+    // Every JobService call is authenticated before its handler runs (the caller travels in
+    // the request's extensions); workers' heartbeats are not client calls.
+    let routes = tonic::service::Routes::new(InterceptedService::new(
         JobServiceServer::new(c.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-    )
+        auth::interceptor(rt.cfg.auth.clone()),
+    ))
     .add_service(
         ClusterServiceServer::new(c)
             .max_decoding_message_size(max)

@@ -48,6 +48,7 @@ fn spec(priority: i32) -> JobSpec {
         mode: JobMode::Score,
         attention: "dense".into(),
         priority,
+        owner: None,
     }
 }
 

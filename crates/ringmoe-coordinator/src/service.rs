@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info};
 
 use crate::admission::{Admitted, admit};
+use crate::auth::{Caller, caller_of};
 use crate::convert::{mode_proto, phase_finished, progress};
 use crate::machine::{Event, Report};
 use crate::output::{JobOutput, Outcome, StoredOutput};
@@ -30,11 +31,38 @@ pub(crate) struct Coordinator {
 }
 
 impl Coordinator {
-    fn subscribe(&self, id: JobId) -> Result<watch::Receiver<Snapshot>, Status> {
+    /// Job `id`'s progress channel, if `caller` may see the job (another tenant's job does not
+    /// exist for it: the same `NOT_FOUND` as an unknown id).
+    fn subscribe(&self, id: JobId, caller: &Caller) -> Result<watch::Receiver<Snapshot>, Status> {
         lock(&self.rt.jobs)?
             .get(&id)
+            .filter(|j| caller.sees(j.spec.owner.as_deref()))
             .map(|j| j.progress.subscribe())
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    /// Whether `caller` may queue one more job: its `max_queued_jobs`, counted over its
+    /// unfinished jobs (`RESOURCE_EXHAUSTED` naming the limit).
+    pub(crate) fn admit_caller(&self, caller: &Caller) -> Result<(), Status> {
+        let Some(t) = caller.tenant() else {
+            return Ok(());
+        };
+        let Some(most) = t.max_queued_jobs else {
+            return Ok(());
+        };
+        let unfinished = lock(&self.rt.jobs)?
+            .values()
+            .filter(|j| j.spec.owner.as_deref() == Some(t.name.as_str()))
+            .filter(|j| !phase_finished(j.progress.borrow().progress.phase()))
+            .count();
+        if unfinished >= most {
+            return Err(Status::resource_exhausted(format!(
+                "client '{}' has {unfinished} jobs queued or running, its limit \
+                 (max_queued_jobs={most}); wait for one to finish",
+                t.name
+            )));
+        }
+        Ok(())
     }
 
     /// Stores a checked job, then queues it: the job exists for clients once this returns.
@@ -87,8 +115,9 @@ impl Coordinator {
     pub(crate) fn follow(
         &self,
         id: JobId,
+        caller: &Caller,
     ) -> Result<mpsc::Receiver<Result<proto::JobProgress, Status>>, Status> {
-        let mut rx = self.subscribe(id)?;
+        let mut rx = self.subscribe(id, caller)?;
         let rt = self.rt.clone();
         let model = lock(&rt.jobs)?
             .get(&id)
@@ -132,8 +161,8 @@ impl Coordinator {
     }
 
     /// Job `id`'s output once it is done; its failure or cancellation as an error.
-    pub(crate) async fn result(&self, id: JobId) -> Result<JobOutput, Status> {
-        let mut rx = self.subscribe(id)?;
+    pub(crate) async fn result(&self, id: JobId, caller: &Caller) -> Result<JobOutput, Status> {
+        let mut rx = self.subscribe(id, caller)?;
         let last = rx
             .wait_for(|s| phase_finished(s.progress.phase()))
             .await
@@ -166,12 +195,16 @@ impl Coordinator {
     /// Cancels job `id` unless it already finished; its phase afterwards. A running job's
     /// phase may still be the running one: its run stops asynchronously, and the phase turns
     /// `Cancelled` when the workers have been told.
-    pub(crate) async fn cancel(&self, id: JobId) -> Result<proto::JobPhase, Status> {
-        let phase = self.subscribe(id)?.borrow().progress.phase();
+    pub(crate) async fn cancel(
+        &self,
+        id: JobId,
+        caller: &Caller,
+    ) -> Result<proto::JobPhase, Status> {
+        let phase = self.subscribe(id, caller)?.borrow().progress.phase();
         if !phase_finished(phase) {
             self.rt.apply(Event::Cancel(id)).await;
         }
-        Ok(self.subscribe(id)?.borrow().progress.phase())
+        Ok(self.subscribe(id, caller)?.borrow().progress.phase())
     }
 
     /// A generate job's tokens as text, special tokens skipped; `None` for a model without a
@@ -220,20 +253,24 @@ impl JobService for Coordinator {
         req: Request<Streaming<proto::SubmitJobRequest>>,
     ) -> Result<Response<proto::SubmitJobResponse>, Status> {
         let rt = &self.rt;
+        let caller = caller_of(&req)?;
+        self.admit_caller(&caller)?;
         // The job's trace continues the client's, when it sent one.
         let span = crate::telemetry::job_span();
         set_parent(&span, req.metadata());
         let mut stream = req.into_inner();
         let workers = rt.live_workers().await?;
-        let Admitted { spec, tokens } = admit(
+        let Admitted { mut spec, tokens } = admit(
             &mut stream,
             &rt.models,
             &workers,
             rt.cfg.server.max_message_bytes,
+            caller.tenant(),
         )
         .instrument(tracing::info_span!(parent: &span, "admission"))
         .await?;
         let len = tokens.len();
+        spec.owner = caller.owner();
         let id = self.create_job(spec, tokens, span).await?;
         Ok(Response::new(proto::SubmitJobResponse {
             job_id: id,
@@ -248,7 +285,8 @@ impl JobService for Coordinator {
         &self,
         req: Request<proto::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let out = self.follow(req.into_inner().job_id)?;
+        let caller = caller_of(&req)?;
+        let out = self.follow(req.into_inner().job_id, &caller)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
@@ -259,8 +297,9 @@ impl JobService for Coordinator {
         &self,
         req: Request<proto::GetResultRequest>,
     ) -> Result<Response<Self::GetResultStream>, Status> {
+        let caller = caller_of(&req)?;
         let id = req.into_inner().job_id;
-        let output = self.result(id).await?;
+        let output = self.result(id, &caller).await?;
         let mut chunks = output.chunks();
         if let Outcome::Generated { tokens } = &output.outcome {
             if let Some(text) = self.decode(id, tokens)? {
@@ -278,7 +317,8 @@ impl JobService for Coordinator {
         &self,
         req: Request<proto::CancelJobRequest>,
     ) -> Result<Response<proto::CancelJobResponse>, Status> {
-        let phase = self.cancel(req.into_inner().job_id).await?;
+        let caller = caller_of(&req)?;
+        let phase = self.cancel(req.into_inner().job_id, &caller).await?;
         Ok(Response::new(proto::CancelJobResponse {
             phase: phase as i32,
         }))
@@ -286,11 +326,13 @@ impl JobService for Coordinator {
 
     async fn list_jobs(
         &self,
-        _req: Request<proto::ListJobsRequest>,
+        req: Request<proto::ListJobsRequest>,
     ) -> Result<Response<proto::ListJobsResponse>, Status> {
         let rt = &self.rt;
+        let caller = caller_of(&req)?;
         let mut jobs: Vec<proto::JobSummary> = lock(&rt.jobs)?
             .iter()
+            .filter(|(_, j)| caller.sees(j.spec.owner.as_deref()))
             .map(|(id, j)| {
                 let p = &j.progress.borrow().progress;
                 proto::JobSummary {

@@ -81,6 +81,10 @@ pub struct JobSpec {
     pub attention: String,
     /// Higher runs first.
     pub priority: i32,
+    /// The client (tenant) that submitted it, when clients authenticate: only it (or an admin)
+    /// sees the job. Absent in jobs stored before authentication existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Where a job is. Transitions: queued → running (attempt n) → done, with retrying → running
@@ -397,6 +401,7 @@ mod tests {
             },
             attention: "dense".into(),
             priority: 0,
+            owner: None,
         }
     }
 

@@ -2,6 +2,9 @@
 //! `ringmoe submit` and the tests use.
 
 use tonic::Status;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::proto::job_service_client::JobServiceClient;
@@ -33,11 +36,39 @@ pub enum JobResult {
     Scores(Vec<f32>),
 }
 
-pub type Client = JobServiceClient<Channel>;
+/// Puts the client's bearer token, when it has one, on every request.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<AsciiMetadataValue>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Connects to a coordinator (`host:port` or a URL) with `max_message_bytes` limits.
 pub async fn connect(addr: &str, max_message_bytes: usize) -> Result<Client, Status> {
-    let c = JobServiceClient::new(channel(addr).await?);
+    connect_as(addr, max_message_bytes, None).await
+}
+
+/// [`connect`] as the client holding `token` (for a coordinator with `--auth-tokens-file`).
+pub async fn connect_as(
+    addr: &str,
+    max_message_bytes: usize,
+    token: Option<&str>,
+) -> Result<Client, Status> {
+    let bearer = token
+        .map(|t| format!("Bearer {}", t.trim()).parse::<AsciiMetadataValue>())
+        .transpose()
+        .map_err(|_| {
+            Status::invalid_argument("the token holds characters a header cannot carry")
+        })?;
+    let c = JobServiceClient::with_interceptor(channel(addr).await?, Bearer(bearer));
     Ok(c.max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
 }

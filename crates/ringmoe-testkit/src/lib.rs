@@ -3,11 +3,14 @@
 //!
 //! * [`fixture`] — the path of a tiny model under `tests/fixtures`;
 //! * [`max_abs_diff`] — the largest element-wise difference of two vectors;
-//! * [`etcd`] — a real etcd on free loopback ports, plain or TLS.
+//! * [`etcd`] — a real etcd on free loopback ports, plain or TLS;
+//! * [`process`] — a child process killed on drop, its stdout lines readable as they come.
 
 pub mod etcd;
+pub mod process;
 
 pub use etcd::Etcd;
+pub use process::Proc;
 
 use std::path::{Path, PathBuf};
 

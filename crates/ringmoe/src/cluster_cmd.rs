@@ -1,13 +1,14 @@
-//! The cluster commands: `coordinator`, `worker`, `serve` (both on this machine) and `submit`.
+//! The cluster commands: `coordinator`, `worker`, `serve` (both on this machine), `submit`,
+//! `health` and `token new`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use ringmoe_coordinator::{CoordinatorConfig, ModelEntry};
+use ringmoe_coordinator::{Auth, CoordinatorConfig, ModelEntry};
 use ringmoe_membership::etcd::{EtcdMembership, EtcdOptions, EtcdTls};
 use ringmoe_membership::{Membership, MemoryMembership};
 use ringmoe_proto::ServerOptions;
@@ -136,6 +137,104 @@ impl EtcdArgs {
     }
 }
 
+/// Client authentication on the job APIs (`coordinator` and `serve`).
+#[derive(Args, Debug)]
+pub struct AuthOpts {
+    /// Admit only clients whose bearer token is listed here, one per line: `NAME sha256:HEX
+    /// [admin] [max_input_tokens=N] [max_queued_jobs=N]` (HEX: the token's SHA-256; `ringmoe
+    /// token new NAME` makes a token and its line). Each client sees only
+    /// its own jobs (an `admin` one sees all). Re-read on SIGHUP and when the file changes.
+    /// Unset: anyone who reaches the port is admitted.
+    #[arg(long)]
+    auth_tokens_file: Option<PathBuf>,
+}
+
+impl AuthOpts {
+    /// Reads the tokens file (a bad one stops the server from starting) and re-reads it on
+    /// every SIGHUP, and when the file changes (checked every 5 s: a Kubernetes ConfigMap or
+    /// Secret volume is updated in place); call inside the runtime.
+    fn open(&self) -> Result<Option<Arc<Auth>>> {
+        let Some(path) = &self.auth_tokens_file else {
+            return Ok(None);
+        };
+        let auth = Arc::new(Auth::open(path)?);
+        tracing::info!(file = %path.display(), "client authentication on");
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        let a = auth.clone();
+        tokio::spawn(async move {
+            // What the file looked like at the last reading: size and modification time.
+            let stamp = |p: &Path| {
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| (m.len(), m.modified().ok()))
+            };
+            let mut seen = stamp(a.path());
+            let mut poll = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    s = hup.recv() => if s.is_none() { break },
+                    _ = poll.tick() => {
+                        if stamp(a.path()) == seen {
+                            continue;
+                        }
+                    }
+                }
+                seen = stamp(a.path());
+                match a.reload() {
+                    Ok(n) => {
+                        tracing::info!(file = %a.path().display(), clients = n, "tokens file reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "tokens file not reloaded; the previous one stays in force")
+                    }
+                }
+            }
+        });
+        Ok(Some(auth))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// A fresh client token and its `--auth-tokens-file` line.
+    New(TokenNewArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenNewArgs {
+    /// The client's name (letters, digits, - _ . @): the owner of its jobs.
+    name: String,
+    /// Write the token to this file (mode 0600) and print only the tokens-file line, so
+    /// `ringmoe token new alice --token-out alice.token >> tokens` needs no copying.
+    #[arg(long)]
+    token_out: Option<PathBuf>,
+}
+
+/// `ringmoe token new`: without `--token-out`, the token on stdout's first line and its
+/// tokens-file line on the second.
+pub fn token_new(a: TokenNewArgs) -> Result<()> {
+    let (token, line) = ringmoe_coordinator::auth::new_token(&a.name)?;
+    // The line must parse as the server will read it (the name's characters).
+    ringmoe_coordinator::auth::TokenTable::parse(&line, Path::new("the new line"))?;
+    match &a.token_out {
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating --token-out {}", path.display()))?;
+            writeln!(f, "{token}")?;
+            println!("{line}");
+        }
+        None => println!("{token}\n{line}"),
+    }
+    Ok(())
+}
+
 #[derive(Args, Debug)]
 pub struct CoordinatorArgs {
     /// Where to listen (port 0: any free port; the bound address is stdout's first line).
@@ -170,6 +269,8 @@ pub struct CoordinatorArgs {
     http_addr: Option<String>,
     #[command(flatten)]
     http: HttpOpts,
+    #[command(flatten)]
+    auth: AuthOpts,
     /// Where Prometheus scrapes `GET /metrics` (off unless given; port 0: any free port,
     /// printed on stdout as `metrics on http://ADDR/metrics`).
     #[arg(long)]
@@ -311,6 +412,8 @@ pub struct ServeArgs {
     no_http: bool,
     #[command(flatten)]
     http: HttpOpts,
+    #[command(flatten)]
+    auth: AuthOpts,
     /// Where Prometheus scrapes `GET /metrics` for the coordinator and its workers (port 0:
     /// any free port; printed on stdout as `metrics on http://ADDR/metrics`).
     #[arg(long, default_value = "127.0.0.1:9464")]
@@ -379,6 +482,10 @@ pub struct SubmitArgs {
     /// Tokens (or text bytes) per upload message.
     #[arg(long, default_value_t = client::UPLOAD_CHUNK)]
     chunk: usize,
+    /// A file holding this client's bearer token (for a coordinator with
+    /// --auth-tokens-file); or the token itself in RINGMOE_TOKEN.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitOpts,
     #[command(flatten)]
@@ -480,6 +587,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     cfg.max_retries = a.max_retries;
     cfg.load_timeout = Duration::from_secs(a.load_timeout_secs.max(1));
     rt.block_on(async move {
+        cfg.auth = a.auth.open()?;
         let l = bind(&a.addr).await?;
         if let Some(h) = &a.http_addr {
             cfg.http = Some(a.http.bind(h)?);
@@ -556,6 +664,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     cfg.min_workers = a.workers;
     let kv = a.kv.bytes()?;
     rt.block_on(async move {
+        cfg.auth = a.auth.open()?;
         let l = bind(&a.addr).await?;
         let coord = l.local_addr()?.to_string();
         if !a.no_http {
@@ -669,7 +778,18 @@ pub fn submit(a: SubmitArgs) -> Result<()> {
 
 async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
     let max = a.limits.max_message_bytes;
-    let mut c = client::connect(&a.addr, max).await?;
+    let token = match &a.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading --token-file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("RINGMOE_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    let mut c = client::connect_as(&a.addr, max, token.as_deref()).await?;
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {

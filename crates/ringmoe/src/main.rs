@@ -54,6 +54,9 @@ enum Cmd {
     Coordinator(cluster_cmd::CoordinatorArgs),
     /// A cluster worker: registers with the coordinator and runs its part of jobs.
     Worker(cluster_cmd::WorkerArgs),
+    /// Client tokens for `--auth-tokens-file`.
+    #[command(subcommand)]
+    Token(cluster_cmd::TokenCmd),
     /// Checks the CUDA kernels against the CPU ones and times attention (needs `--features cuda`
     /// and an NVIDIA GPU; see scripts/gpu-check.sh).
     GpuCheck(gpu_check::GpuCheckArgs),
@@ -235,6 +238,7 @@ fn main() -> Result<()> {
         Cmd::Health(a) => cluster_cmd::health(a),
         Cmd::Coordinator(a) => cluster_cmd::coordinator(a),
         Cmd::Worker(a) => cluster_cmd::worker(a),
+        Cmd::Token(cluster_cmd::TokenCmd::New(a)) => cluster_cmd::token_new(a),
         Cmd::GpuCheck(a) => gpu_check::run(a),
     }
 }

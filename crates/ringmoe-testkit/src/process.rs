@@ -1,0 +1,87 @@
+//! A test's child process: killed when dropped, stderr to a log file, stdout lines readable
+//! as they come (servers print the addresses they bound there).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running child process, killed (and reaped) when dropped.
+pub struct Proc {
+    child: Child,
+    name: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts `cmd` with stderr appended to `log_dir/NAME.log` and stdout read line by line.
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> std::io::Result<Self> {
+        let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn()?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("the child has no stdout"))?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Keeps draining after the reader is gone, so the child never blocks on stdout.
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Ok(Self {
+            child,
+            name: name.to_string(),
+            lines,
+        })
+    }
+
+    /// The rest of the first stdout line starting with `prefix` (earlier lines are skipped),
+    /// waiting up to `timeout`; the error names the process and what it printed.
+    pub fn line_after(&self, prefix: &str, timeout: Duration) -> std::io::Result<String> {
+        let end = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => match l.strip_prefix(prefix) {
+                    Some(rest) => return Ok(rest.to_string()),
+                    None => seen.push(l),
+                },
+                Err(_) => {
+                    return Err(std::io::Error::other(format!(
+                        "{} printed no line starting {prefix:?} in {timeout:?} (printed: {seen:?})",
+                        self.name
+                    )));
+                }
+            }
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`, ...) with `kill`.
+    pub fn signal(&self, signal: &str) -> std::io::Result<()> {
+        let st = Command::new("kill")
+            .args([format!("-{signal}"), self.id().to_string()])
+            .status()?;
+        if !st.success() {
+            return Err(std::io::Error::other(format!(
+                "kill -{signal} {} ({}) failed",
+                self.id(),
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,324 @@
+//! Client authentication as an operator runs it: tokens made by `ringmoe token new`, a
+//! `serve` with `--auth-tokens-file`, clients on gRPC (the client library and `ringmoe submit`)
+//! and on the HTTP API. Strangers are refused, tenants see only their own jobs, an admin sees
+//! every job, per-client limits hold, and SIGHUP swaps the tokens file without a restart.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use ringmoe_proto::client::{self, Client, Input};
+use ringmoe_proto::proto::{self, JobPhase};
+use ringmoe_testkit::{Proc, fixture};
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringmoe");
+
+/// `ringmoe token new NAME`: (token, tokens-file line).
+fn new_token(name: &str, dir: &Path) -> Result<(String, String)> {
+    let out = Command::new(BIN).args(["token", "new", name]).output()?;
+    ensure!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    let mut lines = text.lines();
+    let (token, line) = (
+        lines.next().context("token")?.to_string(),
+        lines.next().context("line")?.to_string(),
+    );
+    // --token-out writes the token to a private file and prints only the line.
+    let file = dir.join(format!("{name}.token"));
+    let out = Command::new(BIN)
+        .args(["token", "new", name, "--token-out"])
+        .arg(&file)
+        .output()?;
+    ensure!(out.status.success(), "{out:?}");
+    let other_line = String::from_utf8(out.stdout)?;
+    let other = std::fs::read_to_string(&file)?;
+    use std::os::unix::fs::PermissionsExt;
+    ensure!(std::fs::metadata(&file)?.permissions().mode() & 0o077 == 0);
+    ensure!(other.trim() != token && other_line.trim().starts_with(&format!("{name} sha256:")));
+    Ok((token, line))
+}
+
+fn rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn spec(max_new_tokens: u32) -> proto::JobSpec {
+    proto::JobSpec {
+        model: "m".into(),
+        mode: proto::JobMode::Generate as i32,
+        max_new_tokens,
+        sampling: Some(proto::Sampling::default()),
+        ..Default::default()
+    }
+}
+
+async fn as_client(addr: &str, token: Option<&str>) -> Result<Client> {
+    Ok(client::connect_as(addr, 16 << 20, token).await?)
+}
+
+async fn submit(c: &mut Client, ids: Vec<u32>, max_new_tokens: u32) -> Result<u64, tonic::Status> {
+    client::submit(
+        c,
+        spec(max_new_tokens),
+        Input::Tokens(ids),
+        client::UPLOAD_CHUNK,
+        |_| {},
+    )
+    .await
+    .map(|r| r.job_id)
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Option<Code> {
+    r.err().map(|s| s.code())
+}
+
+/// One HTTP/1.0 request; (status, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status = head.split_whitespace().nth(1).context("status")?.parse()?;
+    Ok((status, body.to_string()))
+}
+
+#[test]
+fn tenants_authenticate_see_only_their_own_jobs_and_a_sighup_swaps_the_tokens() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (alice, la) = new_token("alice", dir.path())?;
+    let (bob, lb) = new_token("bob", dir.path())?;
+    let (ops, lo) = new_token("ops", dir.path())?;
+    let (carol, lc) = new_token("carol", dir.path())?;
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "# clients of this cluster\n{la} max_input_tokens=64 max_queued_jobs=1\n{lb}\n{lo} admin\n"
+        ),
+    )?;
+    let model = format!("m={}", fixture("mixtral-tiny").display());
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "serve",
+        "--model",
+        &model,
+        "--workers",
+        "2",
+        "--addr",
+        "127.0.0.1:0",
+    ])
+    .args(["--http-addr", "127.0.0.1:0", "--no-metrics", "--store"])
+    .arg(dir.path().join("store"))
+    .arg("--auth-tokens-file")
+    .arg(&tokens)
+    .env("RUST_LOG", "info");
+    let serve = Proc::spawn("serve", cmd, dir.path())?;
+    let addr = serve.line_after("listening on ", Duration::from_secs(30))?;
+    let http_addr = serve.line_after("http api on http://", Duration::from_secs(30))?;
+    let rt = rt()?;
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 256).collect();
+
+    rt.block_on(async {
+        // Strangers: no token, a made-up one, a malformed one.
+        for t in [None, Some("rmk_00"), Some("not a token at all")] {
+            let mut c = as_client(&addr, t).await?;
+            let listed = c.list_jobs(proto::ListJobsRequest {}).await;
+            ensure!(
+                code(listed) == Some(Code::Unauthenticated),
+                "{t:?} listed jobs"
+            );
+            ensure!(code(submit(&mut c, ids.clone(), 4).await) == Some(Code::Unauthenticated));
+        }
+        // Alice runs a job; it is hers.
+        let mut a = as_client(&addr, Some(&alice)).await?;
+        let job = submit(&mut a, ids.clone(), 4).await?;
+        let last = client::watch(&mut a, job, |_| {}).await?;
+        ensure!(last.phase() == JobPhase::Done, "{last:?}");
+        let result = client::result(&mut a, job).await?;
+        // Bob cannot see it at all: every call is NOT_FOUND, as for an id that never existed.
+        let mut b = as_client(&addr, Some(&bob)).await?;
+        let w = b.watch_job(proto::WatchJobRequest { job_id: job }).await;
+        ensure!(code(w) == Some(Code::NotFound));
+        ensure!(code(client::result(&mut b, job).await) == Some(Code::NotFound));
+        let cancel = b.cancel_job(proto::CancelJobRequest { job_id: job }).await;
+        ensure!(code(cancel) == Some(Code::NotFound));
+        let bobs = b.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+        ensure!(bobs.jobs.is_empty() && bobs.models == ["m"], "{bobs:?}");
+        // The admin sees every job and its result.
+        let mut o = as_client(&addr, Some(&ops)).await?;
+        let all = o.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+        ensure!(all.jobs.iter().any(|j| j.job_id == job), "{all:?}");
+        ensure!(client::result(&mut o, job).await? == result);
+        // Alice's limits: 64 input tokens a job, one job at a time.
+        let long = submit(&mut a, (0..65).collect(), 1).await;
+        let msg = long.as_ref().err().map(|s| s.message().to_string());
+        ensure!(code(long) == Some(Code::InvalidArgument), "{msg:?}");
+        ensure!(msg.is_some_and(|m| m.contains("max_input_tokens")));
+        let running = submit(&mut a, ids.clone(), 900).await?;
+        let second = submit(&mut a, ids.clone(), 4).await;
+        let msg = second.as_ref().err().map(|s| s.message().to_string());
+        ensure!(code(second) == Some(Code::ResourceExhausted), "{msg:?}");
+        ensure!(msg.is_some_and(|m| m.contains("max_queued_jobs=1")));
+        // Bob has no such limit, and alice may cancel her own job.
+        let bobs_job = submit(&mut b, ids.clone(), 2).await?;
+        a.cancel_job(proto::CancelJobRequest { job_id: running })
+            .await?;
+        let end = client::watch(&mut a, running, |_| {}).await?;
+        ensure!(end.phase() == JobPhase::Cancelled, "{end:?}");
+        ensure!(client::watch(&mut b, bobs_job, |_| {}).await?.phase() == JobPhase::Done);
+        anyhow::Ok(())
+    })?;
+
+    // The HTTP API: the same tokens, OpenAI's 401 without one.
+    let (st, body) = http(&http_addr, "GET", "/v1/models", None, "")?;
+    ensure!(st == 401 && body.contains("invalid_api_key"), "{st} {body}");
+    let (st, _) = http(&http_addr, "GET", "/v1/models", Some("rmk_00"), "")?;
+    ensure!(st == 401);
+    let (st, body) = http(&http_addr, "GET", "/v1/models", Some(&bob), "")?;
+    ensure!(st == 200 && body.contains("\"m\""), "{st} {body}");
+    let (st, _) = http(&http_addr, "GET", "/health", None, "")?;
+    ensure!(st == 200, "health needs no token (probes)");
+    let req = r#"{"model": "m", "prompt": [1, 2, 3, 4, 5], "max_tokens": 3, "temperature": 0}"#;
+    let (st, body) = http(&http_addr, "POST", "/v1/completions", None, req)?;
+    ensure!(st == 401, "{st} {body}");
+    let (st, body) = http(&http_addr, "POST", "/v1/completions", Some(&bob), req)?;
+    ensure!(
+        st == 200 && body.contains("\"completion_tokens\":3"),
+        "{st} {body}"
+    );
+    let long = format!(
+        r#"{{"model": "m", "prompt": {:?}, "max_tokens": 1}}"#,
+        vec![1; 65]
+    );
+    let (st, body) = http(&http_addr, "POST", "/v1/completions", Some(&alice), &long)?;
+    ensure!(
+        st == 400 && body.contains("max_input_tokens"),
+        "{st} {body}"
+    );
+    // Bob's HTTP job is his: alice does not see it, bob does.
+    rt.block_on(async {
+        let mut a = as_client(&addr, Some(&alice)).await?;
+        let mine = a.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+        ensure!(mine.jobs.len() == 2, "alice sees {:?}", mine.jobs);
+        let mut b = as_client(&addr, Some(&bob)).await?;
+        ensure!(
+            b.list_jobs(proto::ListJobsRequest {})
+                .await?
+                .into_inner()
+                .jobs
+                .len()
+                == 2
+        );
+        anyhow::Ok(())
+    })?;
+
+    // `ringmoe submit` takes the token from RINGMOE_TOKEN or --token-file.
+    let prompt = dir.path().join("prompt.txt");
+    std::fs::write(&prompt, "The quick brown fox")?;
+    let submit_cli = |env: Option<&str>, file: Option<&Path>| -> Result<std::process::Output> {
+        let mut c = Command::new(BIN);
+        c.args(["submit", "--addr", &addr, "--max-new-tokens", "3", "--file"])
+            .arg(&prompt)
+            .env_remove("RINGMOE_TOKEN");
+        if let Some(t) = env {
+            c.env("RINGMOE_TOKEN", t);
+        }
+        if let Some(f) = file {
+            c.arg("--token-file").arg(f);
+        }
+        Ok(c.output()?)
+    };
+    let out = submit_cli(None, None)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("bearer token"),
+        "{err}"
+    );
+    ensure!(submit_cli(Some(&bob), None)?.status.success());
+    let bob_file = dir.path().join("bob.secret");
+    std::fs::write(&bob_file, format!("{bob}\n"))?;
+    ensure!(submit_cli(None, Some(&bob_file))?.status.success());
+
+    // SIGHUP: carol in, bob out, without a restart; a broken file changes nothing.
+    std::fs::write(&tokens, format!("{la}\n{lc}\n"))?;
+    serve.signal("HUP")?;
+    rt.block_on(async {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = as_client(&addr, Some(&carol)).await?;
+            match c.list_jobs(proto::ListJobsRequest {}).await {
+                Ok(_) => break,
+                Err(s) if s.code() == Code::Unauthenticated && Instant::now() < end => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(s) => bail!("carol after the reload: {s}"),
+            }
+        }
+        let mut b = as_client(&addr, Some(&bob)).await?;
+        ensure!(code(b.list_jobs(proto::ListJobsRequest {}).await) == Some(Code::Unauthenticated));
+        anyhow::Ok(())
+    })?;
+    std::fs::write(&tokens, "carol sha256:broken\n")?;
+    serve.signal("HUP")?;
+    std::thread::sleep(Duration::from_millis(500));
+    rt.block_on(async {
+        let mut c = as_client(&addr, Some(&carol)).await?;
+        c.list_jobs(proto::ListJobsRequest {}).await?;
+        anyhow::Ok(())
+    })?;
+    let log = std::fs::read_to_string(dir.path().join("serve.log"))?;
+    ensure!(
+        log.contains("refused an unauthenticated client"),
+        "refusals are logged"
+    );
+    ensure!(
+        log.contains("tokens file not reloaded"),
+        "a bad reload is logged"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_malformed_tokens_file_stops_the_server_at_start() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "alice sha256:abc\n")?;
+    let out = Command::new(BIN)
+        .args(["coordinator", "--addr", "127.0.0.1:0", "--store"])
+        .arg(dir.path().join("store"))
+        .arg("--model")
+        .arg(fixture("mixtral-tiny"))
+        .arg("--auth-tokens-file")
+        .arg(&tokens)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "started with a broken tokens file");
+    ensure!(
+        err.contains("line 1") && err.contains("64 hex digits"),
+        "{err}"
+    );
+    Ok(())
+}
