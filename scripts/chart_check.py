@@ -180,6 +180,9 @@ def check_promises(name: str, docs: list[dict], values: dict, where: str) -> Non
                and "/etc/ringmoe/clients" in mounts, where, "the client tokens file")
         expect(not any(a.startswith("--auth-tokens-file") for a in wargs), where,
                "workers take no client tokens")
+        expect("--cluster-secret-file=/etc/ringmoe/auth/secret" in cargs
+               and "--cluster-secret-file=/etc/ringmoe/auth/secret" in wargs, where,
+               "coordinator and workers hold the cluster secret")
         (test_pod,) = [d for d in docs if d["kind"] == "Pod"]
         expect("--token-file=/etc/ringmoe/test-token/token" in test_pod["spec"]["containers"][0]["args"],
                where, "the helm test pod authenticates")

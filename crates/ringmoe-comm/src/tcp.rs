@@ -34,6 +34,9 @@ pub struct TcpOptions {
     pub max_frame_bytes: u64,
     /// Identifies one communicator group; peers with another session are refused.
     pub session: u64,
+    /// The group's secret (a job's data-plane token): a peer whose hello lacks it is refused
+    /// before any frame is read. All zeros where every peer is trusted (tests, one machine).
+    pub token: [u8; 32],
     /// I/O threads of the transport's runtime.
     pub io_threads: usize,
 }
@@ -45,6 +48,7 @@ impl Default for TcpOptions {
             socket_buffer_bytes: 8 << 20,
             max_frame_bytes: 16 << 30,
             session: 0,
+            token: [0; 32],
             io_threads: 2,
         }
     }
@@ -194,6 +198,7 @@ async fn rendezvous(
         rank: rank as u32,
         world: world as u32,
         session: opts.session,
+        token: opts.token,
     };
     let listener =
         tokio::net::TcpListener::from_std(listener).map_err(|e| rv(format!("listener: {e}")))?;
@@ -213,7 +218,7 @@ async fn rendezvous(
                         let mut b = [0u8; HELLO_LEN];
                         s.read_exact(&mut b).await.map_err(|e| format!("hello from rank {j} at {addr}: {e}"))?;
                         let h = Hello::decode(&b).map_err(|e| format!("rank {j} at {addr}: {e}"))?;
-                        if h != (Hello { rank: j as u32, ..me }) {
+                        if h != (Hello { rank: j as u32, ..me }) || !h.same_token(&me) {
                             return Err(format!("{addr} answered as {h:?}, expected rank {j} of {world} in session {}", me.session));
                         }
                         return Ok((j, s));
@@ -246,6 +251,7 @@ async fn rendezvous(
                         let j = h.rank as usize;
                         if h.world as usize == world
                             && h.session == me.session
+                            && h.same_token(&me)
                             && j > rank
                             && j < world
                         {

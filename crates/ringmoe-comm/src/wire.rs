@@ -1,7 +1,8 @@
 //! The TCP wire format: a hello per connection, then length-prefixed frames.
 //!
 //! ```text
-//! hello:  magic "RMOE" u32 | version u8 | rank u32 | world u32 | session u64          (21 bytes)
+//! hello:  magic "RMOE" u32 | version u8 | rank u32 | world u32 | session u64 | token [u8; 32]
+//!                                                                                     (53 bytes)
 //! frame:  magic u32 | version u8 | dtype u8 | kind u8 | ndim u8 | job u64 | layer u32 | step u32
 //!         | dims u64 × ndim | payload bytes u64 | payload
 //! ```
@@ -17,9 +18,10 @@ use crate::transport::Message;
 use crate::{Kind, Payload, Tag};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"RMOE");
-pub const VERSION: u8 = 1;
+/// 2: the hello carries the group's token.
+pub const VERSION: u8 = 2;
 pub const MAX_DIMS: usize = 8;
-pub const HELLO_LEN: usize = 21;
+pub const HELLO_LEN: usize = 53;
 
 fn dtype_code(d: DType) -> u8 {
     match d {
@@ -44,11 +46,25 @@ fn dtype_from(code: u8) -> Option<DType> {
     })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub rank: u32,
     pub world: u32,
     pub session: u64,
+    /// The group's secret token (a job's, handed out by the coordinator): a peer that does not
+    /// know it is refused before any frame.
+    pub token: [u8; 32],
+}
+
+impl std::fmt::Debug for Hello {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Hello {
@@ -59,7 +75,17 @@ impl Hello {
         b[5..9].copy_from_slice(&self.rank.to_le_bytes());
         b[9..13].copy_from_slice(&self.world.to_le_bytes());
         b[13..21].copy_from_slice(&self.session.to_le_bytes());
+        b[21..53].copy_from_slice(&self.token);
         b
+    }
+
+    /// Whether `other` holds the same token, compared in time independent of where they differ.
+    pub fn same_token(&self, other: &Hello) -> bool {
+        self.token
+            .iter()
+            .zip(&other.token)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 
     pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Self, String> {
@@ -78,10 +104,13 @@ impl Hello {
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let mut s = [0u8; 8];
         s.copy_from_slice(&b[13..21]);
+        let mut token = [0u8; 32];
+        token.copy_from_slice(&b[21..53]);
         Ok(Self {
             rank: u32_at(5),
             world: u32_at(9),
             session: u64::from_le_bytes(s),
+            token,
         })
     }
 }

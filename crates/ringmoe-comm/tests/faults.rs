@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ringmoe_comm::wire::{Hello, MAGIC};
+use ringmoe_comm::wire::{Hello, MAGIC, VERSION};
 use ringmoe_comm::{CommError, Kind, Payload, Tag, TcpOptions, in_process, tcp};
 use ringmoe_core::DType;
 
@@ -117,10 +117,11 @@ fn fake_peer_sends(bytes: Vec<u8>) -> Result<CommError> {
                 rank: 1,
                 world: 2,
                 session: 3,
+                token: [0; 32],
             }
             .encode(),
         )?;
-        let mut reply = [0u8; 21];
+        let mut reply = [0u8; ringmoe_comm::wire::HELLO_LEN];
         s.read_exact(&mut reply)?;
         s.write_all(&bytes)?;
         std::thread::sleep(Duration::from_millis(500));
@@ -151,7 +152,7 @@ fn corrupt_and_foreign_frames_are_errors_naming_the_fault() -> Result<()> {
     // A frame whose announced size disagrees with its shape.
     let mut f = Vec::new();
     f.extend_from_slice(&MAGIC.to_le_bytes());
-    f.extend_from_slice(&[1, 0, Kind::Data as u8, 1]);
+    f.extend_from_slice(&[VERSION, 0, Kind::Data as u8, 1]);
     f.extend_from_slice(&5u64.to_le_bytes());
     f.extend_from_slice(&1u32.to_le_bytes());
     f.extend_from_slice(&0u32.to_le_bytes());
@@ -170,24 +171,36 @@ fn corrupt_and_foreign_frames_are_errors_naming_the_fault() -> Result<()> {
 }
 
 #[test]
-fn rendezvous_ignores_strays_and_other_sessions() -> Result<()> {
+fn rendezvous_ignores_strays_other_sessions_and_wrong_tokens() -> Result<()> {
     let l0 = TcpListener::bind("127.0.0.1:0")?;
     let l1 = TcpListener::bind("127.0.0.1:0")?;
     let addrs = vec![l0.local_addr()?, l1.local_addr()?];
-    // A stray that speaks HTTP and a peer from another session both knock first.
+    let token = [7u8; 32];
+    // A stray that speaks HTTP, a peer from another session, and one that guessed the session
+    // but not the job's token all knock first.
     let mut stray = TcpStream::connect(addrs[0])?;
     stray.write_all(b"GET / HTTP/1.1\r\n\r\n")?;
-    let mut other = TcpStream::connect(addrs[0])?;
-    other.write_all(
-        &Hello {
-            rank: 1,
-            world: 2,
-            session: 999,
-        }
-        .encode(),
-    )?;
+    let knock = |session: u64, token: [u8; 32]| -> Result<TcpStream> {
+        let mut s = TcpStream::connect(addrs[0])?;
+        s.write_all(
+            &Hello {
+                rank: 1,
+                world: 2,
+                session,
+                token,
+            }
+            .encode(),
+        )?;
+        Ok(s)
+    };
+    let _other = knock(999, token)?;
+    let mut wrong = [7u8; 32];
+    wrong[31] = 8;
+    let mut guesser = knock(4, wrong)?;
+    guesser.set_read_timeout(Some(Duration::from_secs(10)))?;
     let opts = TcpOptions {
         session: 4,
+        token,
         connect_timeout: Duration::from_secs(10),
         ..TcpOptions::default()
     };
@@ -200,6 +213,12 @@ fn rendezvous_ignores_strays_and_other_sessions() -> Result<()> {
     let (c0, c1) = (c0?, c1?);
     c1.send(0, tag(0), Payload::f32(vec![2.0]))?;
     ensure!(c0.recv(1, tag(0))?.into_f32() == Some(vec![2.0]));
+    // The guesser got no hello back: its connection was dropped unanswered.
+    let mut b = [0u8; 1];
+    ensure!(
+        matches!(guesser.read(&mut b), Ok(0) | Err(_)),
+        "a peer without the token was answered"
+    );
     Ok(())
 }
 

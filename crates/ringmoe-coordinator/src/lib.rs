@@ -41,6 +41,7 @@ use std::time::Duration;
 use ringmoe_membership::{Election, Membership, MemoryMembership};
 use ringmoe_proto::proto::cluster_service_server::ClusterServiceServer;
 use ringmoe_proto::proto::job_service_server::JobServiceServer;
+use ringmoe_proto::secret::{ClusterSecret, Gate};
 use ringmoe_proto::server::{self, ServerOptions};
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
@@ -87,6 +88,9 @@ pub struct CoordinatorConfig {
     /// Client authentication on `JobService` and the HTTP API (`--auth-tokens-file`); `None`:
     /// every client is admitted and sees every job.
     pub auth: Option<Arc<Auth>>,
+    /// The cluster secret (`--cluster-secret-file`): heartbeats must carry it, and every call to
+    /// a worker presents it. `None`: workers are not authenticated.
+    pub cluster_secret: Option<ClusterSecret>,
 }
 
 impl CoordinatorConfig {
@@ -105,6 +109,7 @@ impl CoordinatorConfig {
             load_timeout: Duration::from_secs(600),
             http: None,
             auth: None,
+            cluster_secret: None,
         }
     }
 }
@@ -169,6 +174,9 @@ pub async fn run_coordinator(
         requeued = ?recovered.requeued,
         "job store opened"
     );
+    for (id, why) in &recovered.damaged {
+        tracing::error!(job = id, error = %why, "a stored job is damaged; it is listed as failed");
+    }
     let mut jobs = HashMap::new();
     for j in &recovered.jobs {
         let (tx, _) = watch::channel(Snapshot::new(progress(j.id, &j.state, &Report::default())));
@@ -225,11 +233,12 @@ pub async fn run_coordinator(
             .max_encoding_message_size(max),
         auth::interceptor(rt.cfg.auth.clone()),
     ))
-    .add_service(
+    .add_service(InterceptedService::new(
         ClusterServiceServer::new(c)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-    );
+        Gate::new(rt.cfg.cluster_secret.clone(), "ClusterService"),
+    ));
     let follower = tokio::spawn(runtime::follow_membership(rt.clone()));
     let names = ["ringmoe.v1.JobService", "ringmoe.v1.ClusterService"];
     let lost = async move {

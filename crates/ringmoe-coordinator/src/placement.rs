@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use ringmoe_membership::{Membership, PlacementRecord};
 use ringmoe_plan::Placement;
-use ringmoe_proto::proto::{self, worker_service_client::WorkerServiceClient};
+use ringmoe_proto::proto;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use crate::error::{JobError, WorkerStep};
 
@@ -79,7 +78,7 @@ pub fn plan(
 
 /// Sends `rec` to heartbeating workers by `LoadModel` (their answer is the acknowledgement).
 pub async fn load_on_workers(
-    clients: &[WorkerServiceClient<Channel>],
+    clients: &[crate::run::WorkerClient],
     rec: &PlacementRecord,
 ) -> Result<(), JobError> {
     let trace = ringmoe_telemetry::propagate::TraceHeaders::current();

@@ -13,11 +13,13 @@ use ringmoe_membership::Membership;
 use ringmoe_plan::{ShardPlan, Sharding};
 use ringmoe_proto::proto::worker_service_client::WorkerServiceClient;
 use ringmoe_proto::proto::{self, shard_chunk, worker_event};
+use ringmoe_proto::secret::Credential;
 use ringmoe_proto::server;
 use ringmoe_telemetry::propagate::TraceHeaders;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -27,11 +29,14 @@ use crate::output::{JobOutput, Outcome, Timings};
 use crate::placement;
 use crate::store::{JobMode, JobState};
 
-pub type WorkerClient = WorkerServiceClient<Channel>;
+/// A connection to a worker that presents the cluster secret (when there is one) on every call.
+pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, Credential>>;
 
 /// What a run needs besides its order.
 pub struct RunContext {
     pub max_message_bytes: usize,
+    /// The cluster secret the workers require (`--cluster-secret-file`).
+    pub credential: Credential,
     /// Where placements are published and acknowledged; `None`: workers heartbeat and get the
     /// placement by `LoadModel`.
     pub membership: Option<Arc<dyn Membership>>,
@@ -44,15 +49,30 @@ pub struct RunContext {
 /// Tokens per shard chunk on the wire.
 const SHARD_CHUNK: usize = 64 * 1024;
 
-pub async fn connect(addr: &str, max: usize) -> Result<WorkerClient, JobError> {
-    let c = WorkerServiceClient::connect(server::http_url(addr))
+pub async fn connect(addr: &str, max: usize, cred: &Credential) -> Result<WorkerClient, JobError> {
+    let bad = |e: &dyn std::fmt::Display| JobError::Connect {
+        addr: addr.to_string(),
+        message: e.to_string(),
+    };
+    let channel = Channel::from_shared(server::http_url(addr))
+        .map_err(|e| bad(&e))?
+        .connect()
         .await
-        .map_err(|e| JobError::Connect {
-            addr: addr.to_string(),
-            message: e.to_string(),
-        })?;
-    Ok(c.max_decoding_message_size(max)
+        .map_err(|e| bad(&e))?;
+    Ok(WorkerServiceClient::with_interceptor(channel, cred.clone())
+        .max_decoding_message_size(max)
         .max_encoding_message_size(max))
+}
+
+/// A fresh data-plane token for one run: 32 bytes from the system's random source, handed to
+/// the run's workers in `PrepareJob` and presented in every data-plane hello.
+fn data_token() -> Result<Vec<u8>, JobError> {
+    use ring::rand::SecureRandom;
+    let mut t = vec![0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut t)
+        .map_err(|_| JobError::Internal("the system's random source failed".into()))?;
+    Ok(t)
 }
 
 /// Runs `f` on every worker concurrently; results by rank, or the first error.
@@ -76,12 +96,17 @@ where
 }
 
 /// Workers of `workers` that do not answer `ReportLoad` within two seconds.
-pub async fn dead_workers(addrs: Vec<(String, String)>, max: usize) -> Vec<String> {
+pub async fn dead_workers(
+    addrs: Vec<(String, String)>,
+    max: usize,
+    cred: Credential,
+) -> Vec<String> {
     let mut set = JoinSet::new();
     for (id, addr) in addrs {
+        let cred = cred.clone();
         set.spawn(async move {
             let alive = tokio::time::timeout(Duration::from_secs(2), async {
-                let mut c = connect(&addr, max).await.ok()?;
+                let mut c = connect(&addr, max, &cred).await.ok()?;
                 c.report_load(proto::ReportLoadRequest {}).await.ok()
             })
             .await
@@ -117,7 +142,7 @@ pub async fn run(
     let max = ctx.max_message_bytes;
     let mut clients = Vec::with_capacity(p);
     for w in &order.workers {
-        clients.push(connect(&w.addr, max).await?);
+        clients.push(connect(&w.addr, max, &ctx.credential).await?);
     }
     info!(workers = p, tokens = len, "loading");
     let rec = &order.placement;
@@ -144,12 +169,14 @@ pub async fn run(
     let upload = info_span!("upload", tokens = len, workers = p);
     let trace = TraceHeaders::of(&upload);
     let (name, version) = (order.spec.model.clone(), rec.version);
+    let token = data_token()?;
     let peers = on_every(&clients, |r, mut c| {
         let model = name.clone();
         let req = trace.request(proto::PrepareJobRequest {
             job_id: id,
             model,
             placement_version: version,
+            data_token: token.clone(),
         });
         async move {
             c.prepare_job(req)

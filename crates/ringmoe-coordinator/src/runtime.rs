@@ -4,6 +4,7 @@
 //! removals. Events are applied one at a time and their commands performed in order, so a
 //! state is always persisted before it is published and never overtaken by a later one.
 
+use ringmoe_proto::secret::Credential;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +72,11 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
+    /// What this coordinator presents to workers: the cluster secret, if it has one.
+    pub fn credential(&self) -> Credential {
+        Credential::new(self.cfg.cluster_secret.clone())
+    }
+
     pub fn new(
         machine: Machine,
         store: JobStore,
@@ -168,7 +174,7 @@ impl Runtime {
                     let addrs = workers.into_iter().map(|w| (w.id, w.addr)).collect();
                     let max = self.cfg.server.max_message_bytes;
                     tokio::spawn(async move {
-                        let dead = run::dead_workers(addrs, max).await;
+                        let dead = run::dead_workers(addrs, max, rt.credential()).await;
                         rt.apply(Event::Probed { run, dead }).await;
                     });
                 }
@@ -331,6 +337,7 @@ impl Runtime {
             })?;
         let ctx = RunContext {
             max_message_bytes: self.cfg.server.max_message_bytes,
+            credential: self.credential(),
             membership: self.heartbeats.is_none().then(|| self.membership.clone()),
             load_timeout: self.cfg.load_timeout,
             eos: model.eos.clone(),

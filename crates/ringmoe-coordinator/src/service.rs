@@ -364,14 +364,27 @@ impl ClusterService for Coordinator {
         req: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        if r.worker_addr.is_empty() {
-            return Err(Status::invalid_argument(
-                "a heartbeat must say where the worker listens",
-            ));
+        check_worker_addr(&r.worker_addr)?;
+        // A budget that cannot hold one token of a served model can hold no job, and would
+        // only shrink the cluster's capacity to nothing.
+        let one_token = self
+            .rt
+            .models
+            .values()
+            .map(|m| m.kv_bytes_per_token())
+            .max()
+            .unwrap_or(0);
+        if r.kv_budget_bytes < one_token.max(1) {
+            return Err(Status::invalid_argument(format!(
+                "a worker's K/V budget of {} bytes does not hold one token ({one_token} bytes) \
+                 of every served model",
+                r.kv_budget_bytes
+            )));
         }
         let Some(reg) = &self.rt.heartbeats else {
             return Err(Status::failed_precondition(
-                "this coordinator's workers register in etcd; start the worker with --etcd",
+                "this coordinator's workers register in its membership store (etcd, or in \
+                 process under `serve`), not by heartbeat; start the worker with --etcd",
             ));
         };
         let rec = WorkerRecord {
@@ -387,5 +400,64 @@ impl ClusterService for Coordinator {
         Ok(Response::new(proto::HeartbeatResponse {
             interval_ms: self.rt.cfg.heartbeat_interval.as_millis() as u64,
         }))
+    }
+}
+
+/// A heartbeat's `worker_addr` must be `HOST:PORT` (a name or an IP, a port above 0), or a URL
+/// of that form: the coordinator will connect to it.
+fn check_worker_addr(addr: &str) -> Result<(), Status> {
+    let bad = |why: &str| {
+        Err(Status::invalid_argument(format!(
+            "the heartbeat's worker address {addr:?} {why}; it must be HOST:PORT"
+        )))
+    };
+    let hostport = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
+    let Some((host, port)) = hostport.rsplit_once(':') else {
+        return bad("has no port");
+    };
+    if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+        return bad("has no valid port");
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c));
+    if !name_ok {
+        return bad("has no valid host");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_worker_addr;
+
+    #[test]
+    fn worker_addresses_must_be_host_and_port() {
+        for ok in [
+            "10.0.0.7:7071",
+            "worker-3.ringmoe-workers.default.svc:7071",
+            "[::1]:7071",
+            "http://w:1",
+        ] {
+            assert!(check_worker_addr(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "not an addr!!",
+            "host",
+            "host:0",
+            "host:99999",
+            ":7071",
+            "a b:1",
+        ] {
+            let e = check_worker_addr(bad).err().map(|s| s.code());
+            assert_eq!(e, Some(tonic::Code::InvalidArgument), "{bad:?}");
+        }
     }
 }

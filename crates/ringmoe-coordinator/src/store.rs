@@ -87,6 +87,20 @@ pub struct JobSpec {
     pub owner: Option<String>,
 }
 
+impl JobSpec {
+    /// What stands for a job whose `spec.json` cannot be read: no model, no owner (so only an
+    /// admin or an unauthenticated coordinator lists it).
+    fn damaged() -> Self {
+        Self {
+            model: String::new(),
+            mode: JobMode::Score,
+            attention: "dense".into(),
+            priority: 0,
+            owner: None,
+        }
+    }
+}
+
 /// Where a job is. Transitions: queued → running (attempt n) → done, with retrying → running
 /// again after a lost worker, failed or cancelled possible from any unfinished state, and (on
 /// restart only) running → queued. `Loading`, `Prefill` and `Decode` are the finer phases a
@@ -186,6 +200,24 @@ pub struct Recovered {
     pub requeued: Vec<JobId>,
     /// Job directories removed because their creation never finished (no state file).
     pub discarded: Vec<PathBuf>,
+    /// Jobs whose files are damaged (unreadable spec, state or input), with what is wrong.
+    /// They are in `jobs` as failed with that reason, and their files are left as found for
+    /// the operator: one damaged job never stops the coordinator from starting.
+    pub damaged: Vec<(JobId, String)>,
+}
+
+/// A stored job's state and input length in tokens (its spec was read first).
+fn state_and_len(dir: &Path) -> Result<(JobState, u64)> {
+    let state: JobState = read_json(&dir.join("state.json"))?;
+    let input = dir.join("input.bin");
+    let len = fs::metadata(&input).map_err(io(&input))?.len();
+    if len % 4 != 0 {
+        return Err(StoreError::Corrupt {
+            path: input,
+            msg: format!("{len} bytes is not a whole number of u32 token ids"),
+        });
+    }
+    Ok((state, len / 4))
 }
 
 /// The job store. Its methods do blocking file I/O: call them off the async threads
@@ -238,6 +270,7 @@ impl JobStore {
             jobs: Vec::new(),
             requeued: Vec::new(),
             discarded: Vec::new(),
+            damaged: Vec::new(),
         };
         let mut max_id = 0;
         let fsyncs = AtomicU64::new(0);
@@ -256,16 +289,26 @@ impl JobStore {
                 recovered.discarded.push(path);
                 continue;
             }
-            let spec: JobSpec = read_json(&path.join("spec.json"))?;
-            let mut state: JobState = read_json(&path.join("state.json"))?;
-            let input = path.join("input.bin");
-            let len = fs::metadata(&input).map_err(io(&input))?.len();
-            if len % 4 != 0 {
-                return Err(StoreError::Corrupt {
-                    path: input,
-                    msg: format!("{len} bytes is not a whole number of u32 token ids"),
-                });
-            }
+            let (spec, rest) = match read_json::<JobSpec>(&path.join("spec.json")) {
+                Ok(spec) => (Some(spec), state_and_len(&path)),
+                Err(e) => (None, Err(e)),
+            };
+            let (spec, (mut state, len)) = match (spec, rest) {
+                (Some(spec), Ok(rest)) => (spec, rest),
+                (spec, Err(e)) => {
+                    let message = format!("the job's files are damaged: {e}");
+                    recovered.damaged.push((id, e.to_string()));
+                    recovered.jobs.push(StoredJob {
+                        id,
+                        spec: spec.unwrap_or_else(JobSpec::damaged),
+                        state: JobState::Failed { message },
+                        input_len: 0,
+                    });
+                    continue;
+                }
+                // A spec that could not be read is an error above.
+                (None, Ok(_)) => continue,
+            };
             if state.is_running() {
                 state = JobState::Queued;
                 write_durable(&path.join("state.json"), &to_json(&state), &fsyncs)?;
@@ -275,12 +318,13 @@ impl JobStore {
                 id,
                 spec,
                 state,
-                input_len: (len / 4) as usize,
+                input_len: len as usize,
             });
         }
         sync_dir(&jobs_dir, &fsyncs)?;
         recovered.jobs.sort_by_key(|j| j.id);
         recovered.requeued.sort_unstable();
+        recovered.damaged.sort_by_key(|d| d.0);
         Ok((
             Self {
                 jobs_dir,

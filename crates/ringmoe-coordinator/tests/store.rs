@@ -81,14 +81,47 @@ fn bad_transitions_unknown_jobs_and_corrupt_files_are_named() -> Result<()> {
     ensure!(err.contains("cannot go from cancelled to loading"), "{err}");
     ensure!(matches!(store.state(42), Err(StoreError::UnknownJob(42))));
     ensure!(matches!(store.input(42), Err(StoreError::UnknownJob(42))));
-    std::fs::write(
-        dir.path().join(format!("jobs/{id}/state.json")),
-        "{\"state\": \"sideways\"}",
-    )?;
-    let err = JobStore::open(dir.path()).unwrap_err().to_string();
+    // Damaged files of finished or unfinished jobs: the store opens, lists each as failed
+    // with what is wrong, and keeps the good jobs.
+    let good = store.create(&spec(5), &[4, 5])?;
+    let truncated = store.create(&spec(6), &[1, 2])?;
+    let no_spec = store.create(&spec(7), &[1])?;
+    let torn_input = store.create(&spec(8), &[1, 2, 3])?;
+    let job = |id: u64, f: &str| dir.path().join(format!("jobs/{id}/{f}"));
+    std::fs::write(job(id, "state.json"), "{\"state\": \"sideways\"}")?;
+    std::fs::write(job(truncated, "state.json"), "{\"sta")?;
+    std::fs::write(job(no_spec, "spec.json"), "")?;
+    std::fs::write(job(torn_input, "input.bin"), [0u8; 5])?;
+    let (reopened, rec) = JobStore::open(dir.path())?;
+    let damaged: Vec<u64> = rec.damaged.iter().map(|(id, _)| *id).collect();
     ensure!(
-        err.contains("state.json") && err.contains("sideways"),
-        "{err}"
+        damaged == [id, truncated, no_spec, torn_input],
+        "{:?}",
+        rec.damaged
     );
+    let why = |i: usize| rec.damaged[i].1.clone();
+    ensure!(
+        why(0).contains("state.json") && why(0).contains("sideways"),
+        "{}",
+        why(0)
+    );
+    ensure!(
+        why(2).contains("spec.json") && why(3).contains("whole number"),
+        "{:?}",
+        rec.damaged
+    );
+    for j in &rec.jobs {
+        match j.id {
+            x if x == good => ensure!(j.state == JobState::Queued && j.spec == spec(5)),
+            x if x == truncated => ensure!(
+                matches!(&j.state, JobState::Failed { message } if message.contains("damaged"))
+                    && j.spec == spec(6)
+            ),
+            _ => ensure!(matches!(j.state, JobState::Failed { .. }), "{j:?}"),
+        }
+    }
+    ensure!(rec.jobs.len() == 5);
+    // New ids never reuse a damaged job's.
+    ensure!(reopened.create(&spec(0), &[1])? > torn_input);
     Ok(())
 }

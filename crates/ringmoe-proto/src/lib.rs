@@ -2,12 +2,14 @@
 //!
 //! * [`proto`] — the generated `ringmoe.v1` gRPC messages and services;
 //! * [`server`] — message size limits, `grpc.health.v1` and reflection every server has;
-//! * [`client`] — what `ringmoe submit` and the tests use: upload, watch, fetch results.
+//! * [`client`] — what `ringmoe submit` and the tests use: upload, watch, fetch results;
+//! * [`secret`] — the shared cluster secret between the coordinator and its workers.
 //!
 //! No engine code: the coordinator, the workers and clients all build on this.
 
 pub mod client;
 pub mod proto;
+pub mod secret;
 pub mod server;
 
 pub use server::ServerOptions;

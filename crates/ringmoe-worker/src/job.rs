@@ -54,13 +54,16 @@ impl JobRun<'_> {
         &self,
         listener: TcpListener,
         peers: &[SocketAddr],
+        token: [u8; 32],
         r: &proto::RunJobRequest,
         attention: ringmoe_parallel::AttentionMode,
         timeout: Duration,
     ) -> Result<(), ParallelError> {
         let s = self.shard;
+        // A peer must know the job's token (from the coordinator's PrepareJob) to be heard.
         let opts = TcpOptions {
             session: self.id,
+            token,
             ..TcpOptions::default()
         };
         let comm = ringmoe_comm::tcp(s.rank, listener, peers, &opts, timeout)?;

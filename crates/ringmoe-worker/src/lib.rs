@@ -40,7 +40,9 @@ use ringmoe_membership::{Membership, PlacementAck, PlacementRecord, WorkerRecord
 use ringmoe_proto::proto::cluster_service_client::ClusterServiceClient;
 use ringmoe_proto::proto::worker_service_server::{WorkerService, WorkerServiceServer};
 use ringmoe_proto::proto::{self, worker_event};
+use ringmoe_proto::secret::{ClusterSecret, Credential, Gate};
 use ringmoe_proto::server::{self, ServerOptions, lock};
+use tonic::service::interceptor::InterceptedService;
 
 mod job;
 mod registration;
@@ -137,6 +139,9 @@ pub struct WorkerConfig {
     /// Models on this worker's disk, by cluster name; a placement or `LoadModel` for another
     /// model loads from the coordinator's path.
     pub models: Vec<ModelEntry>,
+    /// The cluster secret (`--cluster-secret-file`): every `WorkerService` call must carry it,
+    /// and heartbeats present it. `None`: any caller is served.
+    pub cluster_secret: Option<ClusterSecret>,
 }
 
 /// A model in host memory or on this worker's GPU.
@@ -167,6 +172,8 @@ struct Loaded {
 /// A job between `PrepareJob` and `RunJob`.
 struct PendingJob {
     listener: Option<TcpListener>,
+    /// The job's data-plane token: peers' hellos must carry it.
+    token: [u8; 32],
     shard: Option<Shard>,
     /// When it was prepared: a job whose coordinator died before `RunJob` is dropped after
     /// the data timeout, giving back its port and shard.
@@ -366,13 +373,20 @@ pub async fn run_worker(
     let svc = WorkerServiceServer::new(worker.clone())
         .max_decoding_message_size(cfg.server.max_message_bytes)
         .max_encoding_message_size(cfg.server.max_message_bytes);
-    let routes = tonic::service::Routes::new(svc);
+    // Only the coordinator (holding the cluster secret) is served.
+    let gate = Gate::new(cfg.cluster_secret.clone(), "WorkerService");
+    let routes = tonic::service::Routes::new(InterceptedService::new(svc, gate));
     let mut background = tokio::task::JoinSet::new();
     match &cfg.registry {
         Registry::Coordinator(coord) => {
             background.spawn(
-                heartbeat(coord.clone(), advertise.clone(), cfg.kv_budget_bytes)
-                    .instrument(info_span!("heartbeat", worker = %advertise)),
+                heartbeat(
+                    coord.clone(),
+                    advertise.clone(),
+                    cfg.kv_budget_bytes,
+                    Credential::new(cfg.cluster_secret.clone()),
+                )
+                .instrument(info_span!("heartbeat", worker = %advertise)),
             );
         }
         Registry::Membership(m) => {

@@ -127,13 +127,28 @@ impl Worker {
     }
 }
 
-pub(crate) async fn heartbeat(coordinator: String, me: String, kv_budget_bytes: u64) {
+pub(crate) async fn heartbeat(
+    coordinator: String,
+    me: String,
+    kv_budget_bytes: u64,
+    cred: Credential,
+) {
     let url = server::http_url(&coordinator);
-    let mut client: Option<ClusterServiceClient<tonic::transport::Channel>> = None;
+    let mut client = None;
     let mut interval = Duration::from_millis(500);
     loop {
         if client.is_none() {
-            client = ClusterServiceClient::connect(url.clone()).await.ok();
+            client = match tonic::transport::Channel::from_shared(url.clone()) {
+                Ok(e) => e
+                    .connect()
+                    .await
+                    .ok()
+                    .map(|ch| ClusterServiceClient::with_interceptor(ch, cred.clone())),
+                Err(e) => {
+                    warn!(coordinator, error = %e, "not a coordinator address");
+                    None
+                }
+            };
         }
         if let Some(c) = client.as_mut() {
             let req = proto::HeartbeatRequest {
@@ -143,6 +158,10 @@ pub(crate) async fn heartbeat(coordinator: String, me: String, kv_budget_bytes: 
             match c.heartbeat(req).await {
                 Ok(r) => {
                     interval = Duration::from_millis(r.into_inner().interval_ms.clamp(50, 10_000));
+                }
+                Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                    warn!(error = %e.message(), "the coordinator refused this worker's heartbeat");
+                    interval = Duration::from_secs(5);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "heartbeat failed");

@@ -16,6 +16,9 @@ fn call_span<T>(req: &Request<T>, span: tracing::Span) -> tracing::Span {
     span
 }
 
+/// Most jobs prepared (a data-plane listener bound) but not yet run, at once.
+const MAX_PENDING: usize = 8;
+
 pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -57,6 +60,12 @@ impl WorkerService for Worker {
         let _in = span.enter();
         let r = req.into_inner();
         let id = r.job_id;
+        let token: [u8; 32] = r.data_token.as_slice().try_into().map_err(|_| {
+            Status::invalid_argument(format!(
+                "job {id}: the data-plane token must be 32 bytes, not {}",
+                r.data_token.len()
+            ))
+        })?;
         if !self.inner.accepting.load(Ordering::Relaxed) {
             return Err(Status::unavailable(
                 "this worker lost its membership lease and takes no jobs until it re-registers",
@@ -90,10 +99,23 @@ impl WorkerService for Worker {
             }
             keep
         });
+        // The coordinator runs one job at a time: more prepared jobs than a few are leftovers
+        // (or abuse), each holding a listening socket. The oldest go first.
+        while pending.len() >= MAX_PENDING {
+            let Some(oldest) = pending.iter().min_by_key(|(_, p)| p.since).map(|(j, _)| *j) else {
+                break;
+            };
+            warn!(
+                job = oldest,
+                "dropping a prepared job that never ran: too many pending"
+            );
+            pending.remove(&oldest);
+        }
         pending.insert(
             id,
             PendingJob {
                 listener: Some(listener),
+                token,
                 shard: None,
                 since: Instant::now(),
             },
@@ -211,7 +233,14 @@ impl WorkerService for Worker {
                     .gpu
                     .is_some()
                     .then(|| inner.gpu_busy.lock().unwrap_or_else(|p| p.into_inner()));
-                let res = run.execute(listener, &peers, &r, attention, inner.data_timeout);
+                let res = run.execute(
+                    listener,
+                    &peers,
+                    job.token,
+                    &r,
+                    attention,
+                    inner.data_timeout,
+                );
                 match res {
                     Ok(()) => info!(secs = t.elapsed().as_secs_f64(), "job part done"),
                     Err(e) => {

@@ -14,6 +14,7 @@ use ringmoe_membership::{Membership, MemoryMembership};
 use ringmoe_proto::ServerOptions;
 use ringmoe_proto::client::{self, Input, JobResult};
 use ringmoe_proto::proto::{self, JobPhase};
+use ringmoe_proto::secret::ClusterSecret;
 use ringmoe_worker::{Registry, WorkerConfig, WorkerDevice};
 use tokio::net::TcpListener;
 
@@ -195,6 +196,27 @@ impl AuthOpts {
     }
 }
 
+/// The coordinator ↔ worker credential (`coordinator` and `worker`).
+#[derive(Args, Debug)]
+pub struct ClusterSecretOpts {
+    /// A file holding the cluster's shared secret (at least 16 visible ASCII characters, e.g.
+    /// `openssl rand -hex 32`), the same on the coordinator and every worker: workers'
+    /// heartbeats and the coordinator's calls to workers must carry it (others get
+    /// UNAUTHENTICATED). Unset: the control plane admits anyone who reaches it.
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+}
+
+impl ClusterSecretOpts {
+    fn read(&self) -> Result<Option<ClusterSecret>> {
+        self.cluster_secret_file
+            .as_deref()
+            .map(ClusterSecret::from_file)
+            .transpose()
+            .map_err(Into::into)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
     /// A fresh client token and its `--auth-tokens-file` line.
@@ -271,6 +293,8 @@ pub struct CoordinatorArgs {
     http: HttpOpts,
     #[command(flatten)]
     auth: AuthOpts,
+    #[command(flatten)]
+    secret: ClusterSecretOpts,
     /// Where Prometheus scrapes `GET /metrics` (off unless given; port 0: any free port,
     /// printed on stdout as `metrics on http://ADDR/metrics`).
     #[arg(long)]
@@ -347,6 +371,8 @@ pub struct WorkerArgs {
     /// Where Prometheus scrapes `GET /metrics` (off unless given; printed on stdout).
     #[arg(long)]
     metrics_addr: Option<String>,
+    #[command(flatten)]
+    secret: ClusterSecretOpts,
     #[command(flatten)]
     telemetry: TelemetryOpts,
 }
@@ -582,6 +608,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let _in_rt = rt.enter();
     let _telemetry = a.telemetry.init("ringmoe-coordinator", "info")?;
     let mut cfg = CoordinatorConfig::new(a.store, model_entries(&a.models)?);
+    cfg.cluster_secret = a.secret.read()?;
     cfg.server = a.limits.server();
     cfg.min_workers = a.min_workers;
     cfg.max_retries = a.max_retries;
@@ -604,13 +631,16 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     })
 }
 
-/// Model entries whose `config.json` parses: a worker given a wrong directory says so at start,
-/// not at its first job.
+/// Model entries whose `config.json` parses and whose safetensors headers are whole (every
+/// tensor inside its file: a truncated download is caught here): a worker or `serve` given a
+/// bad directory says so at start, not at every job. Only headers are read (the weights are
+/// memory-mapped, not loaded).
 fn checked_models(specs: &[String]) -> Result<Vec<ModelEntry>> {
     let models = model_entries(specs)?;
     for m in &models {
-        ringmoe_model::ModelConfig::from_dir(&m.path)
-            .with_context(|| format!("--model {}={}", m.name, m.path.display()))?;
+        let what = || format!("--model {}={}", m.name, m.path.display());
+        ringmoe_model::ModelConfig::from_dir(&m.path).with_context(what)?;
+        ringmoe_model::Checkpoint::open(&m.path).with_context(what)?;
     }
     Ok(models)
 }
@@ -645,6 +675,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             data_timeout: Duration::from_secs(300),
             server: a.limits.server(),
             models,
+            cluster_secret: a.secret.read()?,
         };
         ringmoe_worker::run_worker(l, cfg, shutdown_signal()).await?;
         Ok(())
@@ -662,6 +693,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let mut cfg = CoordinatorConfig::new(a.store.clone(), models.clone());
     cfg.server = a.limits.server();
     cfg.min_workers = a.workers;
+    // The coordinator and its in-process workers share a secret no other process knows, so
+    // their loopback control ports serve only each other.
+    let secret = ClusterSecret::random()?;
+    cfg.cluster_secret = Some(secret.clone());
     let kv = a.kv.bytes()?;
     rt.block_on(async move {
         cfg.auth = a.auth.open()?;
@@ -694,6 +729,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 data_timeout: Duration::from_secs(300),
                 server: a.limits.server(),
                 models: models.clone(),
+                cluster_secret: Some(secret.clone()),
             };
             let run = ringmoe_worker::run_worker(wl, wcfg, stopped(stop_rx.clone()));
             tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });

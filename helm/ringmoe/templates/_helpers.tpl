@@ -193,6 +193,13 @@ capabilities:
 {{- end }}
 
 {{/* Telemetry flags of every ringmoe server: metrics port and log format. */}}
+{{/* The cluster secret both the coordinator and the workers present and require. */}}
+{{- define "ringmoe.securityArgs" -}}
+{{- if .Values.security.auth.clusterSecretName }}
+- --cluster-secret-file=/etc/ringmoe/auth/secret
+{{- end }}
+{{- end }}
+
 {{- define "ringmoe.telemetryArgs" -}}
 {{- if .Values.metrics.enabled }}
 - --metrics-addr=0.0.0.0:{{ .Values.metrics.port }}

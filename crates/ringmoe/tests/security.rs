@@ -1,7 +1,13 @@
-//! Client authentication as an operator runs it: tokens made by `ringmoe token new`, a
-//! `serve` with `--auth-tokens-file`, clients on gRPC (the client library and `ringmoe submit`)
-//! and on the HTTP API. Strangers are refused, tenants see only their own jobs, an admin sees
-//! every job, per-client limits hold, and SIGHUP swaps the tokens file without a restart.
+//! Security as an operator runs it, with real processes on 127.0.0.1.
+//!
+//! Clients: tokens made by `ringmoe token new`, a `serve` with `--auth-tokens-file`, clients on
+//! gRPC (the client library and `ringmoe submit`) and on the HTTP API. Strangers are refused,
+//! tenants see only their own jobs, an admin sees every job, per-client limits hold, and SIGHUP
+//! swaps the tokens file without a restart.
+//!
+//! The control plane: with `--cluster-secret-file`, a heartbeat or a worker call without the
+//! secret is refused, a worker with the wrong secret is never scheduled, and jobs still run
+//! (their data plane keyed by the token the coordinator hands out).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use ringmoe_proto::client::{self, Client, Input};
+use ringmoe_proto::proto::cluster_service_client::ClusterServiceClient;
+use ringmoe_proto::proto::worker_service_client::WorkerServiceClient;
 use ringmoe_proto::proto::{self, JobPhase};
+use ringmoe_proto::secret::{ClusterSecret, Credential};
 use ringmoe_testkit::{Proc, fixture};
 use tonic::Code;
 
@@ -318,6 +327,183 @@ fn a_malformed_tokens_file_stops_the_server_at_start() -> Result<()> {
     ensure!(!out.status.success(), "started with a broken tokens file");
     ensure!(
         err.contains("line 1") && err.contains("64 hex digits"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// Workers the coordinator at `addr` counts live (as `ListJobs` says).
+async fn live_workers(addr: &str) -> Result<u32> {
+    let mut c = as_client(addr, None).await?;
+    Ok(c.list_jobs(proto::ListJobsRequest {})
+        .await?
+        .into_inner()
+        .workers)
+}
+
+#[test]
+fn the_control_plane_admits_only_holders_of_the_cluster_secret() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (secret, wrong) = (dir.path().join("secret"), dir.path().join("wrong"));
+    std::fs::write(&secret, "9f1c2e7a5b3d4c6e8f0a1b2c3d4e5f60\n")?;
+    std::fs::write(&wrong, "00000000000000000000000000000000\n")?;
+    let model = format!("m={}", fixture("mixtral-tiny").display());
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "coordinator",
+        "--addr",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+        "--min-workers",
+        "2",
+    ])
+    .arg("--store")
+    .arg(dir.path().join("store"))
+    .arg("--cluster-secret-file")
+    .arg(&secret)
+    .env("RUST_LOG", "info");
+    let coord = Proc::spawn("coordinator", cmd, dir.path())?;
+    let addr = coord.line_after("listening on ", Duration::from_secs(30))?;
+    let worker = |name: &str, secret: Option<&Path>| -> Result<(Proc, String)> {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["worker", "--coordinator", &addr])
+            .env("RUST_LOG", "info");
+        if let Some(s) = secret {
+            cmd.arg("--cluster-secret-file").arg(s);
+        }
+        let p = Proc::spawn(name, cmd, dir.path())?;
+        let a = p.line_after("listening on ", Duration::from_secs(30))?;
+        Ok((p, a))
+    };
+    let (_a, a_addr) = worker("worker-a", Some(&secret))?;
+    let (_b, _) = worker("worker-b", Some(&wrong))?;
+    let (_c, _) = worker("worker-c", None)?;
+    let rt = rt()?;
+    let held = ClusterSecret::from_file(&secret)?;
+    rt.block_on(async {
+        // A (the secret) joins; B (a wrong one) and C (none) never do, however long they beat.
+        let end = Instant::now() + Duration::from_secs(10);
+        while live_workers(&addr).await? < 1 {
+            ensure!(Instant::now() < end, "worker A never registered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(
+            live_workers(&addr).await? == 1,
+            "a worker without the secret registered"
+        );
+
+        // A hand-made heartbeat: refused without the secret; with it, a bad address or a
+        // budget that holds nothing is still refused.
+        let url = format!("http://{addr}");
+        let beat = |worker_addr: &str, kv_budget_bytes| proto::HeartbeatRequest {
+            worker_addr: worker_addr.into(),
+            kv_budget_bytes,
+        };
+        let mut stranger = ClusterServiceClient::connect(url.clone()).await?;
+        let r = stranger.heartbeat(beat("127.0.0.1:9", 1 << 40)).await;
+        ensure!(code(r) == Some(Code::Unauthenticated));
+        let ch = tonic::transport::Channel::from_shared(url)?
+            .connect()
+            .await?;
+        let mut member =
+            ClusterServiceClient::with_interceptor(ch, Credential::new(Some(held.clone())));
+        for (a, budget) in [("not an addr!!", 1 << 30), ("127.0.0.1:9", 1)] {
+            let r = member.heartbeat(beat(a, budget)).await;
+            ensure!(code(r) == Some(Code::InvalidArgument), "{a} {budget}");
+        }
+        ensure!(live_workers(&addr).await? == 1);
+
+        // Worker A serves only the coordinator: a LoadModel from anyone else is refused before
+        // it touches a path.
+        let load = proto::LoadModelRequest {
+            model: "m".into(),
+            path: "../../etc".into(),
+            ..Default::default()
+        };
+        let mut w = WorkerServiceClient::connect(format!("http://{a_addr}")).await?;
+        ensure!(code(w.load_model(load.clone()).await) == Some(Code::Unauthenticated));
+        let ch = tonic::transport::Channel::from_shared(format!("http://{a_addr}"))?
+            .connect()
+            .await?;
+        let bad = ClusterSecret::from_file(&wrong)?;
+        let mut w = WorkerServiceClient::with_interceptor(ch, Credential::new(Some(bad)));
+        ensure!(code(w.load_model(load).await) == Some(Code::Unauthenticated));
+        anyhow::Ok(())
+    })?;
+
+    // A second member joins, and a job runs over A and D: the coordinator's calls carry the
+    // secret and the workers' data plane the job's token.
+    let (_d, _) = worker("worker-d", Some(&secret))?;
+    rt.block_on(async {
+        let mut c = as_client(&addr, None).await?;
+        let id = submit(&mut c, (0..40).map(|i| (i * 7 + 3) % 300).collect(), 6).await?;
+        let last = client::watch(&mut c, id, |_| {}).await?;
+        ensure!(last.phase() == JobPhase::Done, "{last:?}");
+        ensure!(live_workers(&addr).await? == 2);
+        anyhow::Ok(())
+    })?;
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log"))?;
+    ensure!(
+        log.contains("refused a call") && log.contains("a wrong cluster secret"),
+        "refusals are logged"
+    );
+    let b_log = std::fs::read_to_string(dir.path().join("worker-b.log"))?;
+    ensure!(
+        b_log.contains("refused this worker's heartbeat"),
+        "worker B says why it is not used"
+    );
+    Ok(())
+}
+
+#[test]
+fn serve_refuses_a_truncated_checkpoint_at_start() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model)?;
+    for f in ["config.json", "tokenizer.json", "generation_config.json"] {
+        std::fs::copy(fixture("mixtral-tiny").join(f), model.join(f))?;
+    }
+    let weights = std::fs::read(fixture("mixtral-tiny").join("model.safetensors"))?;
+    std::fs::write(
+        model.join("model.safetensors"),
+        &weights[..weights.len() / 2],
+    )?;
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--workers",
+            "1",
+            "--addr",
+            "127.0.0.1:0",
+            "--no-http",
+        ])
+        .arg("--no-metrics")
+        .arg("--store")
+        .arg(dir.path().join("store"))
+        .arg("--model")
+        .arg(&model)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // A serve that accepted the checkpoint would run until killed.
+    let end = Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > end {
+            child.kill()?;
+            bail!("serve started on a truncated checkpoint");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "serve exited 0 on a truncated checkpoint"
+    );
+    ensure!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
         "{err}"
     );
     Ok(())
