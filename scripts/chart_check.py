@@ -133,6 +133,7 @@ def check_promises(name: str, docs: list[dict], values: dict, where: str) -> Non
     wargs, cargs = wc["args"], cc["args"]
     expect(wc["command"] == ["ringmoe"] and wargs[0] == "worker", where, "worker runs `ringmoe worker`")
     expect(cargs[0] == "coordinator", where, "coordinator runs `ringmoe coordinator`")
+    expect(any(a.startswith("--model-root=") for a in wargs), where, "workers load only from the model volume")
     for probe in ("readinessProbe", "livenessProbe"):
         expect("grpc" in wc.get(probe, {}), where, f"worker {probe} is a gRPC health probe")
     expect(cc["readinessProbe"].get("grpc", {}).get("service") == "ringmoe.v1.JobService", where,

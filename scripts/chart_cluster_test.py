@@ -190,9 +190,14 @@ def main() -> int:
         "workers": {"replicas": 2, "dataPorts": {"first": data_first, "count": 8}, "kvBudgetGiB": 1},
         "coordinator": {"minWorkers": 2},
         "tests": {"maxNewTokens": 8},
+        # The cluster secret's wiring too: coordinator and workers must hold the same one.
+        "security": {"auth": {"clusterSecretName": "ringmoe-cluster-secret"}},
     }
     docs = render(values)
     pods, services, files = pods_of(docs)
+    auth = tmp / "auth"
+    auth.mkdir()
+    (auth / "secret").write_text(os.urandom(24).hex() + "\n")
     prompt = tmp / "prompt"
     prompt.mkdir()
     for name, text in files.items():
@@ -203,6 +208,7 @@ def main() -> int:
         # Each etcd member has a data volume of its own.
         "/var/lib/etcd": str(tmp / "{pod}"),
         "/etc/ringmoe/test": str(prompt),
+        "/etc/ringmoe/auth": str(auth),
     }
     ports = Ports()
     procs: list[tuple[str, subprocess.Popen]] = []

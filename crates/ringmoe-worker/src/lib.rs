@@ -142,6 +142,9 @@ pub struct WorkerConfig {
     /// The cluster secret (`--cluster-secret-file`): every `WorkerService` call must carry it,
     /// and heartbeats present it. `None`: any caller is served.
     pub cluster_secret: Option<ClusterSecret>,
+    /// Directories a model may be loaded from (`--model-root`); empty: any directory. A path
+    /// from `LoadModel` or a published placement must resolve (symlinks followed) inside one.
+    pub model_roots: Vec<std::path::PathBuf>,
 }
 
 /// A model in host memory or on this worker's GPU.
@@ -204,11 +207,32 @@ struct Inner {
     accepting: AtomicBool,
     /// Local model directories by name.
     models: HashMap<String, std::path::PathBuf>,
+    /// Canonical model roots (empty: no confinement).
+    model_roots: Vec<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
 pub struct Worker {
     inner: Arc<Inner>,
+}
+
+/// `path` resolved (symlinks and `..` followed) when it lies inside one of `roots` (canonical);
+/// refused otherwise, with the same message whether or not the path exists, so a caller learns
+/// nothing about the worker's files. No roots: `path` as given.
+pub(crate) fn confine(roots: &[std::path::PathBuf], path: &str) -> Result<String, Status> {
+    if roots.is_empty() {
+        return Ok(path.to_string());
+    }
+    match std::path::Path::new(path).canonicalize() {
+        Ok(p) if roots.iter().any(|r| p.starts_with(r)) => Ok(p.display().to_string()),
+        _ => {
+            warn!(path, "refused a model path outside the model roots");
+            Err(Status::permission_denied(format!(
+                "the model path {path:?} is not a directory inside this worker's model roots \
+                 (--model-root)"
+            )))
+        }
+    }
 }
 
 /// A listener for one job's data plane on `host`: any port, or the first free one of `ports`.
@@ -268,6 +292,16 @@ impl Worker {
                     .iter()
                     .map(|m| (m.name.clone(), m.path.clone()))
                     .collect(),
+                model_roots: cfg
+                    .model_roots
+                    .iter()
+                    .map(|r| {
+                        r.canonicalize().map_err(|source| WorkerError::Io {
+                            what: "a --model-root",
+                            source,
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
             }),
         })
     }
@@ -290,7 +324,7 @@ impl Worker {
         }
         let path = match self.inner.models.get(&model) {
             Some(local) => local.display().to_string(),
-            None => path,
+            None => confine(&self.inner.model_roots, &path)?,
         };
         {
             let mut loaded = lock(&self.inner.loaded)?;
@@ -428,6 +462,45 @@ pub fn spawn_worker(
 #[cfg(test)]
 mod data_port_tests {
     use super::*;
+
+    #[test]
+    fn model_paths_must_resolve_inside_a_root() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path().join("models");
+        std::fs::create_dir_all(root.join("mixtral"))?;
+        std::fs::create_dir_all(tmp.path().join("secret"))?;
+        std::os::unix::fs::symlink(tmp.path().join("secret"), root.join("escape"))?;
+        let roots = vec![root.canonicalize()?];
+        let inside = root.join("mixtral").display().to_string();
+        anyhow::ensure!(
+            confine(&roots, &inside)? == root.canonicalize()?.join("mixtral").display().to_string()
+        );
+        let via_dots = root.join("mixtral/../mixtral").display().to_string();
+        anyhow::ensure!(confine(&roots, &via_dots).is_ok());
+        let refused = |p: String| {
+            confine(&roots, &p)
+                .err()
+                .map(|s| (s.code(), s.message().to_string()))
+        };
+        let outside = [
+            root.join("../secret").display().to_string(),
+            root.join("escape").display().to_string(),
+            "/etc".to_string(),
+            root.join("absent").display().to_string(),
+            "../../etc".to_string(),
+        ];
+        for p in outside {
+            let (code, msg) = refused(p.clone()).ok_or_else(|| anyhow::anyhow!("{p} passed"))?;
+            anyhow::ensure!(code == tonic::Code::PermissionDenied, "{p}");
+            // The same words whether the path exists or not.
+            anyhow::ensure!(
+                msg.ends_with("is not a directory inside this worker's model roots (--model-root)"),
+                "{msg}"
+            );
+        }
+        anyhow::ensure!(confine(&[], "/anywhere")? == "/anywhere");
+        Ok(())
+    }
 
     #[test]
     fn data_listeners_take_the_free_ports_of_the_range_in_order_then_refuse() -> anyhow::Result<()>

@@ -373,6 +373,11 @@ pub struct WorkerArgs {
     metrics_addr: Option<String>,
     #[command(flatten)]
     secret: ClusterSecretOpts,
+    /// Load models only from inside this directory (repeatable): a `LoadModel` or published
+    /// placement naming a path outside every root (after following symlinks and `..`) is
+    /// refused, and so is a `--model` outside them. Unset: any directory this process can read.
+    #[arg(long = "model-root")]
+    model_roots: Vec<PathBuf>,
     #[command(flatten)]
     telemetry: TelemetryOpts,
 }
@@ -650,6 +655,24 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     let _in_rt = rt.enter();
     let _telemetry = a.telemetry.init("ringmoe-worker", "info")?;
     let models = checked_models(&a.models)?;
+    let roots = a
+        .model_roots
+        .iter()
+        .map(|r| {
+            r.canonicalize()
+                .with_context(|| format!("--model-root {}", r.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(m) = models
+        .iter()
+        .find(|m| !roots.is_empty() && !roots.iter().any(|r| m.path.starts_with(r)))
+    {
+        bail!(
+            "--model {}={} is outside every --model-root",
+            m.name,
+            m.path.display()
+        );
+    }
     rt.block_on(async move {
         let l = bind(&a.addr).await?;
         serve_metrics(a.metrics_addr.as_deref())?;
@@ -676,6 +699,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             server: a.limits.server(),
             models,
             cluster_secret: a.secret.read()?,
+            model_roots: roots,
         };
         ringmoe_worker::run_worker(l, cfg, shutdown_signal()).await?;
         Ok(())
@@ -730,6 +754,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 server: a.limits.server(),
                 models: models.clone(),
                 cluster_secret: Some(secret.clone()),
+                model_roots: Vec::new(),
             };
             let run = ringmoe_worker::run_worker(wl, wcfg, stopped(stop_rx.clone()));
             tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });

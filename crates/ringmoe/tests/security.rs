@@ -347,7 +347,18 @@ fn the_control_plane_admits_only_holders_of_the_cluster_secret() -> Result<()> {
     let (secret, wrong) = (dir.path().join("secret"), dir.path().join("wrong"));
     std::fs::write(&secret, "9f1c2e7a5b3d4c6e8f0a1b2c3d4e5f60\n")?;
     std::fs::write(&wrong, "00000000000000000000000000000000\n")?;
-    let model = format!("m={}", fixture("mixtral-tiny").display());
+    // The workers load only from `models/`: the model is copied there, and a symlink in it
+    // points out of it.
+    let root = dir.path().join("models");
+    let copy = root.join("mixtral-tiny");
+    std::fs::create_dir_all(&copy)?;
+    for f in std::fs::read_dir(fixture("mixtral-tiny"))? {
+        let f = f?;
+        std::fs::copy(f.path(), copy.join(f.file_name()))?;
+    }
+    std::fs::create_dir(dir.path().join("private"))?;
+    std::os::unix::fs::symlink(dir.path().join("private"), root.join("escape"))?;
+    let model = format!("m={}", copy.display());
     let mut cmd = Command::new(BIN);
     cmd.args([
         "coordinator",
@@ -368,6 +379,8 @@ fn the_control_plane_admits_only_holders_of_the_cluster_secret() -> Result<()> {
     let worker = |name: &str, secret: Option<&Path>| -> Result<(Proc, String)> {
         let mut cmd = Command::new(BIN);
         cmd.args(["worker", "--coordinator", &addr])
+            .arg("--model-root")
+            .arg(&root)
             .env("RUST_LOG", "info");
         if let Some(s) = secret {
             cmd.arg("--cluster-secret-file").arg(s);
@@ -429,7 +442,32 @@ fn the_control_plane_admits_only_holders_of_the_cluster_secret() -> Result<()> {
             .await?;
         let bad = ClusterSecret::from_file(&wrong)?;
         let mut w = WorkerServiceClient::with_interceptor(ch, Credential::new(Some(bad)));
-        ensure!(code(w.load_model(load).await) == Some(Code::Unauthenticated));
+        ensure!(code(w.load_model(load.clone()).await) == Some(Code::Unauthenticated));
+        // Even the coordinator (the secret) cannot point a worker outside its model roots, by
+        // `..` or by a symlink; the answer does not say whether the path exists.
+        let ch = tonic::transport::Channel::from_shared(format!("http://{a_addr}"))?
+            .connect()
+            .await?;
+        let mut w = WorkerServiceClient::with_interceptor(ch, Credential::new(Some(held.clone())));
+        let placement = ringmoe_parallel::Placement::contiguous(2, 8, 1)?.to_json();
+        for path in [
+            "../../etc".to_string(),
+            root.join("escape").display().to_string(),
+        ] {
+            let req = proto::LoadModelRequest {
+                path: path.clone(),
+                placement_json: placement.clone(),
+                ..load.clone()
+            };
+            let r = w.load_model(req).await;
+            let msg = r
+                .as_ref()
+                .err()
+                .map(|s| s.message().to_string())
+                .unwrap_or_default();
+            ensure!(code(r) == Some(Code::PermissionDenied), "{path}: {msg}");
+            ensure!(msg.contains("model roots"), "{msg}");
+        }
         anyhow::Ok(())
     })?;
 
