@@ -175,6 +175,24 @@ impl Communicator {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// Fails once the communicator is poisoned (by an error, or by [`Communicator::abort`]):
+    /// long computations between collectives call it to stop with their group.
+    pub fn ensure_live(&self) -> Result<()> {
+        self.check()
+    }
+
+    /// Poisons the communicator with `cause` and closes its links: this rank's operations fail
+    /// from now on (one blocked in a receive wakes with the error), and its peers see their
+    /// links drop and fail too. For stopping a job from outside (a cancel).
+    pub fn abort(&self, cause: &str) {
+        let mut p = self.poisoned.lock().unwrap_or_else(|p| p.into_inner());
+        if p.is_none() {
+            *p = Some(cause.to_string());
+        }
+        drop(p);
+        self.transport.shutdown();
+    }
+
     fn check(&self) -> Result<()> {
         match self.poisoned() {
             Some(cause) => Err(CommError::Poisoned {

@@ -562,24 +562,26 @@ pub fn merge(a: &PartialAttention, b: &PartialAttention) -> Result<PartialAttent
 
 /// In-place [`merge`]: `acc ← merge(acc, b)`.
 pub fn merge_into(acc: &mut PartialAttention, b: &PartialAttention) -> Result<()> {
-    let rows = acc.lse.len();
-    if b.lse.len() != rows
-        || acc.out.len() != b.out.len()
-        || (rows > 0 && acc.out.len() % rows != 0)
-    {
+    merge_into_rows(&mut acc.out, &mut acc.lse, b)
+}
+
+/// [`merge_into`] on a run of an accumulator's rows (`out`, `lse`: the same rows of a larger
+/// [`PartialAttention`]), so a query block computed in pieces merges piece by piece.
+pub fn merge_into_rows(out: &mut [f32], lse: &mut [f32], b: &PartialAttention) -> Result<()> {
+    let rows = lse.len();
+    if b.lse.len() != rows || out.len() != b.out.len() || (rows > 0 && out.len() % rows != 0) {
         return Err(Error::ShapeMismatch {
             op: "merge",
-            expected: vec![rows, acc.out.len()],
+            expected: vec![rows, out.len()],
             got: vec![b.lse.len(), b.out.len()],
         });
     }
     if rows == 0 {
         return Ok(());
     }
-    let d = acc.out.len() / rows;
-    acc.out
-        .par_chunks_mut(d)
-        .zip(acc.lse.par_iter_mut())
+    let d = out.len() / rows;
+    out.par_chunks_mut(d)
+        .zip(lse.par_iter_mut())
         .zip(b.out.par_chunks(d).zip(b.lse.par_iter()))
         .for_each(|((oa, la), (ob, &lb))| {
             let m = la.max(lb);

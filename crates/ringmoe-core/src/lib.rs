@@ -17,7 +17,8 @@ pub mod tensor;
 pub mod testing;
 
 pub use attention::{
-    AttentionParams, PartialAttention, attention_block, merge, merge_into, naive_attention,
+    AttentionParams, PartialAttention, attention_block, merge, merge_into, merge_into_rows,
+    naive_attention,
 };
 pub use dtype::DType;
 pub use error::{Error, Result};

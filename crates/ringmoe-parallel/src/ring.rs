@@ -12,7 +12,7 @@
 //! a block none of its queries scores without computing.
 
 use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag};
-use ringmoe_core::attention::{AttentionParams, PartialAttention, merge_into};
+use ringmoe_core::attention::{AttentionParams, PartialAttention, merge_into_rows};
 use ringmoe_core::sparse::{Sparsity, attention_sparse};
 
 use crate::sparse::{AttentionMode, estimate_vs};
@@ -101,6 +101,16 @@ pub fn ring_attention(
 
 /// Ring attention under an attention mode: dense, or one of the sparse prefill patterns. Every
 /// rank must pass the same mode. With vertical-slash the pattern is estimated first (three small
+/// Query-key pairs one piece of a ring step may score: about a second of one core's work on a
+/// small model, and far more work than the per-piece overhead.
+const PAIRS_PER_PIECE: usize = 1 << 26;
+
+/// Queries per piece against a block of `keys` keys: all of them for ordinary blocks, fewer
+/// (never under 256, so each piece still feeds every core) when the block is huge.
+fn query_rows_per_piece(keys: usize) -> usize {
+    (PAIRS_PER_PIECE / keys.max(1)).max(256)
+}
+
 /// all-gathers; see [`crate::sparse`]).
 #[allow(clippy::too_many_arguments)]
 pub fn ring_attention_mode(
@@ -171,9 +181,30 @@ pub fn ring_attention_mode(
         if mine.iter().any(|&x| x) {
             stats.blocks_computed += 1;
             let (kb, vb) = kv.split_at(block_pos.len() * width);
-            let (part, pairs) = attention_sparse(params, &mask, q, q_pos, kb, vb, &block_pos)?;
-            stats.pairs_scored += pairs;
-            merge_into(&mut acc, &part)?;
+            // In pieces of queries bounded by the pairs they may score, checking between pieces
+            // that the group still stands (a cancelled job aborts its communicator): a huge
+            // block then stops within one piece's time, not one block's.
+            let rows = query_rows_per_piece(block_pos.len());
+            let (qw, hw) = (params.n_heads * params.head_dim, params.n_heads);
+            for r0 in (0..q_pos.len()).step_by(rows) {
+                comm.ensure_live()?;
+                let r1 = (r0 + rows).min(q_pos.len());
+                let (part, pairs) = attention_sparse(
+                    params,
+                    &mask,
+                    &q[r0 * qw..r1 * qw],
+                    &q_pos[r0..r1],
+                    kb,
+                    vb,
+                    &block_pos,
+                )?;
+                stats.pairs_scored += pairs;
+                merge_into_rows(
+                    &mut acc.out[r0 * qw..r1 * qw],
+                    &mut acc.lse[r0 * hw..r1 * hw],
+                    &part,
+                )?;
+            }
         } else {
             stats.blocks_skipped += 1;
         }

@@ -67,7 +67,29 @@ impl JobRun<'_> {
             ..TcpOptions::default()
         };
         let comm = ringmoe_comm::tcp(s.rank, listener, peers, &opts, timeout)?;
-        let res = self.execute_on(&comm, r, attention, timeout);
+        // A cancel (or the coordinator going away) aborts the communicator from a watcher
+        // thread: a receive blocked on a peer wakes at once, ring attention stops at its next
+        // piece, and the peers' links drop so they stop too — rather than at the next layer.
+        let (cancel, tx, id) = (self.cancel, self.tx, self.id);
+        let finished = AtomicBool::new(false);
+        let res = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !finished.load(Ordering::Relaxed) {
+                    if cancel.load(Ordering::Relaxed) || tx.is_closed() {
+                        comm.abort(&format!("job {id} was cancelled"));
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+            let res = self.execute_on(&comm, r, attention, timeout);
+            finished.store(true, Ordering::Relaxed);
+            res
+        });
+        let res = match res {
+            Err(_) if self.check().is_err() => Err(ParallelError::Cancelled(id)),
+            res => res,
+        };
         crate::telemetry::job_done(self, &comm.totals(), res.is_ok());
         res
     }

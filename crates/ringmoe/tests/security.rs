@@ -546,3 +546,98 @@ fn serve_refuses_a_truncated_checkpoint_at_start() -> Result<()> {
     );
     Ok(())
 }
+
+/// A cancel must stop the work, not just the job's status: a cancelled job's workers stop
+/// inside the layer (inside a ring step's attention), give the cores back, and the next job
+/// runs at once. The model has one layer, so no layer boundary comes to the rescue, and the
+/// job is long enough (131,072 tokens: each ring step scores billions of pairs, minutes of
+/// work on this machine) that waiting for the step to end would be seen.
+#[test]
+fn a_cancelled_job_stops_its_workers_mid_layer_and_the_next_job_runs_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("one-layer");
+    ringmoe_model::write_random_checkpoint(
+        &model,
+        &serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 262144, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+            "eos_token_id": 9999
+        }),
+        3,
+    )?;
+    let name = format!("m={}", model.display());
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "serve",
+        "--workers",
+        "2",
+        "--addr",
+        "127.0.0.1:0",
+        "--no-http",
+    ])
+    .args(["--no-metrics", "--model", &name, "--store"])
+    .arg(dir.path().join("store"))
+    .env("RUST_LOG", "info");
+    let serve = Proc::spawn("serve", cmd, dir.path())?;
+    let addr = serve.line_after("listening on ", Duration::from_secs(30))?;
+    let log = dir.path().join("serve.log");
+    let parts_cancelled = || -> Result<usize> {
+        let text = std::fs::read_to_string(&log)?;
+        Ok(text
+            .lines()
+            .filter(|l| l.contains("job part failed") && l.contains("cancelled"))
+            .count())
+    };
+    let rt = rt()?;
+    rt.block_on(async {
+        let mut c = as_client(&addr, None).await?;
+        let long: Vec<u32> = (0..131_072u32).map(|i| i.wrapping_mul(2_654_435_761) >> 23).collect();
+        let score = proto::JobSpec {
+            mode: proto::JobMode::Score as i32,
+            ..spec(0)
+        };
+        let id = client::submit(&mut c, score, Input::Tokens(long), client::UPLOAD_CHUNK, |_| {})
+            .await?
+            .job_id;
+        // Into the prefill: the workers are computing the ring's first step.
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let l = c.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+            let phase = l.jobs.iter().find(|j| j.job_id == id).map(|j| j.phase());
+            if phase == Some(JobPhase::Prefill) {
+                break;
+            }
+            ensure!(Instant::now() < end, "the long job never reached prefill: {phase:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cancelled_at = Instant::now();
+        c.cancel_job(proto::CancelJobRequest { job_id: id }).await?;
+        // Both workers' parts stop (each logs its part failed as cancelled) well before the
+        // ring step could have ended by itself.
+        while parts_cancelled()? < 2 {
+            ensure!(
+                cancelled_at.elapsed() < Duration::from_secs(30),
+                "the workers were still computing 30 s after the cancel"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let stopped = cancelled_at.elapsed();
+        // The next job gets the cores.
+        let short = submit(&mut c, (1..40).collect(), 4).await?;
+        let last = client::watch(&mut c, short, |_| {}).await?;
+        ensure!(last.phase() == JobPhase::Done, "{last:?}");
+        eprintln!(
+            "cancelled parts stopped {stopped:?} after the cancel; the next job was done {:?} after it",
+            cancelled_at.elapsed()
+        );
+        ensure!(
+            cancelled_at.elapsed() < Duration::from_secs(60),
+            "the next job waited {:?}",
+            cancelled_at.elapsed()
+        );
+        anyhow::Ok(())
+    })
+}
