@@ -134,10 +134,24 @@ def check_promises(name: str, docs: list[dict], values: dict, where: str) -> Non
     expect(wc["command"] == ["ringmoe"] and wargs[0] == "worker", where, "worker runs `ringmoe worker`")
     expect(cargs[0] == "coordinator", where, "coordinator runs `ringmoe coordinator`")
     expect(any(a.startswith("--model-root=") for a in wargs), where, "workers load only from the model volume")
+    tls = bool(values.get("security", {}).get("tls", {}).get("secretName"))
+
+    def health_probe(p: dict, service: str = "") -> bool:
+        # The kubelet's gRPC probe, or with TLS `ringmoe health` over mTLS.
+        if tls:
+            cmd = p.get("exec", {}).get("command", [])
+            return (cmd[:2] == ["ringmoe", "health"] and "--tls-ca=/etc/ringmoe/tls/ca.crt" in cmd
+                    and (not service or f"--service={service}" in cmd))
+        return "grpc" in p and p["grpc"].get("service", "") == service
+
     for probe in ("readinessProbe", "livenessProbe"):
-        expect("grpc" in wc.get(probe, {}), where, f"worker {probe} is a gRPC health probe")
-    expect(cc["readinessProbe"].get("grpc", {}).get("service") == "ringmoe.v1.JobService", where,
+        expect(health_probe(wc.get(probe, {})), where, f"worker {probe} is a gRPC health probe")
+    expect(health_probe(cc["readinessProbe"], "ringmoe.v1.JobService"), where,
            "coordinator readiness is JobService's gRPC health (only the leader serves it)")
+    if tls:
+        for who, args in (("coordinator", cargs), ("workers", wargs)):
+            expect({"--tls-cert=/etc/ringmoe/tls/tls.crt", "--tls-key=/etc/ringmoe/tls/tls.key",
+                    "--tls-ca=/etc/ringmoe/tls/ca.crt"} <= set(args), where, f"{who} serve and dial with mTLS")
     expect(any(a.startswith("--advertise=$(POD_NAME).") for a in wargs), where,
            "workers advertise their pod DNS name")
     headless = find(docs, "Service", "-workers")[0]

@@ -14,7 +14,11 @@ What stands in for Kubernetes, and nothing else:
     (`<service>.<ns>.svc.<domain>:PORT`, its first pod) or the pod itself (`0.0.0.0:PORT`) is
     rewritten to 127.0.0.1 and that pod's port;
   * volume paths: the model mount is tests/fixtures, the job store and etcd data are temporary
-    directories, the test prompt ConfigMap is a file.
+    directories, the test prompt ConfigMap is a file, the cluster-secret and TLS Secrets are
+    files this script makes (a random secret; a CA and a certificate for 127.0.0.1 by openssl).
+
+The values turn the security features on (cluster secret, mTLS on every gRPC hop, the model
+root), so the probes are the chart's `ringmoe health` over mTLS, run in place of the kubelet.
 
 Usage: chart_cluster_test.py PATH/TO/ringmoe
 """
@@ -174,6 +178,24 @@ def localize(pod: Pod, pods: list[Pod], services: dict[str, list[str]], ports: P
     return out, env
 
 
+def make_certs(d: Path) -> None:
+    """A CA and one certificate it signed, as a cert-manager Secret holds them (tls.crt,
+    tls.key, ca.crt), for server and client use on 127.0.0.1, where every pod runs here."""
+    d.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    openssl("req", "-x509", "-days", "2", "-subj", "/CN=ringmoe-chart-test-ca", *ec,
+            "-keyout", "ca.key", "-out", "ca.crt")
+    (d / "ext.cnf").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                               "extendedKeyUsage=serverAuth,clientAuth\n"
+                               "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("req", "-new", "-subj", "/CN=ringmoe", *ec, "-keyout", "tls.key", "-out", "tls.csr")
+    openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "ext.cnf", "-out", "tls.crt")
+
+
 def main() -> int:
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
@@ -190,11 +212,15 @@ def main() -> int:
         "workers": {"replicas": 2, "dataPorts": {"first": data_first, "count": 8}, "kvBudgetGiB": 1},
         "coordinator": {"minWorkers": 2},
         "tests": {"maxNewTokens": 8},
-        # The cluster secret's wiring too: coordinator and workers must hold the same one.
-        "security": {"auth": {"clusterSecretName": "ringmoe-cluster-secret"}},
+        # The security wiring too: coordinator and workers must hold the same cluster secret,
+        # and every gRPC hop (probes and the test pod included) is mTLS with one CA.
+        "security": {"auth": {"clusterSecretName": "ringmoe-cluster-secret"},
+                     "tls": {"secretName": "ringmoe-tls"}},
     }
     docs = render(values)
     pods, services, files = pods_of(docs)
+    tls = tmp / "tls"
+    make_certs(tls)
     auth = tmp / "auth"
     auth.mkdir()
     (auth / "secret").write_text(os.urandom(24).hex() + "\n")
@@ -209,6 +235,7 @@ def main() -> int:
         "/var/lib/etcd": str(tmp / "{pod}"),
         "/etc/ringmoe/test": str(prompt),
         "/etc/ringmoe/auth": str(auth),
+        "/etc/ringmoe/tls": str(tls),
     }
     ports = Ports()
     procs: list[tuple[str, subprocess.Popen]] = []
@@ -240,10 +267,22 @@ def main() -> int:
         # (the workers' too) before the test pod runs.
         probes = []
         for p in [coord] + [p for p in servers if component(p) == "worker"]:
-            pr = p.container["readinessProbe"]["grpc"]
-            probes.append((p.name, [str(binary), "health",
-                                    f"--addr=127.0.0.1:{ports.get(p.name, pr['port'])}",
-                                    f"--service={pr.get('service', '')}"]))
+            pr = p.container["readinessProbe"]
+            if "grpc" in pr:
+                probes.append((p.name, [str(binary), "health",
+                                        f"--addr=127.0.0.1:{ports.get(p.name, pr['grpc']['port'])}",
+                                        f"--service={pr['grpc'].get('service', '')}"]))
+                continue
+            # With TLS the probe is `ringmoe health` over mTLS, run in the pod.
+            cmd = [str(binary)]
+            for a in pr["exec"]["command"][1:]:
+                m = re.fullmatch(r"--addr=127\.0\.0\.1:(\d+)", a)
+                if m:
+                    a = f"--addr=127.0.0.1:{ports.get(p.name, int(m.group(1)))}"
+                for src, dst in paths.items():
+                    a = a.replace(src, dst.format(pod=p.name))
+                cmd.append(a)
+            probes.append((p.name, cmd))
         for pod_name, health in probes:
             t = time.monotonic()
             while subprocess.run(health, capture_output=True).returncode != 0:

@@ -248,6 +248,7 @@ pub async fn run_coordinator(
         }
     };
     let http = rt.cfg.http.clone();
+    let tls = rt.cfg.server.tls.clone();
     let http_stop = stopped(stop_rx.clone());
     let http = async move {
         match http {
@@ -256,7 +257,7 @@ pub async fn run_coordinator(
         }
     };
     let res = tokio::select! {
-        r = server::serve(listener, routes, &names, stopped(stop_rx)) => r.map_err(CoordinatorError::from),
+        r = server::serve(listener, routes, &names, tls.as_ref(), stopped(stop_rx)) => r.map_err(CoordinatorError::from),
         r = http => r.map_err(|source| CoordinatorError::Io { what: "the HTTP API", source }),
         _ = lost => Err(CoordinatorError::LostLeadership),
     };

@@ -14,7 +14,7 @@ use ringmoe_plan::{ShardPlan, Sharding};
 use ringmoe_proto::proto::worker_service_client::WorkerServiceClient;
 use ringmoe_proto::proto::{self, shard_chunk, worker_event};
 use ringmoe_proto::secret::Credential;
-use ringmoe_proto::server;
+use ringmoe_proto::tls::Tls;
 use ringmoe_telemetry::propagate::TraceHeaders;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -35,6 +35,8 @@ pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, Credenti
 /// What a run needs besides its order.
 pub struct RunContext {
     pub max_message_bytes: usize,
+    /// TLS to the workers (`--tls-*`).
+    pub tls: Option<Tls>,
     /// The cluster secret the workers require (`--cluster-secret-file`).
     pub credential: Credential,
     /// Where placements are published and acknowledged; `None`: workers heartbeat and get the
@@ -49,12 +51,17 @@ pub struct RunContext {
 /// Tokens per shard chunk on the wire.
 const SHARD_CHUNK: usize = 64 * 1024;
 
-pub async fn connect(addr: &str, max: usize, cred: &Credential) -> Result<WorkerClient, JobError> {
+pub async fn connect(
+    addr: &str,
+    max: usize,
+    cred: &Credential,
+    tls: Option<&Tls>,
+) -> Result<WorkerClient, JobError> {
     let bad = |e: &dyn std::fmt::Display| JobError::Connect {
         addr: addr.to_string(),
         message: e.to_string(),
     };
-    let channel = Channel::from_shared(server::http_url(addr))
+    let channel = ringmoe_proto::tls::endpoint(addr, tls)
         .map_err(|e| bad(&e))?
         .connect()
         .await
@@ -100,13 +107,14 @@ pub async fn dead_workers(
     addrs: Vec<(String, String)>,
     max: usize,
     cred: Credential,
+    tls: Option<Tls>,
 ) -> Vec<String> {
     let mut set = JoinSet::new();
     for (id, addr) in addrs {
-        let cred = cred.clone();
+        let (cred, tls) = (cred.clone(), tls.clone());
         set.spawn(async move {
             let alive = tokio::time::timeout(Duration::from_secs(2), async {
-                let mut c = connect(&addr, max, &cred).await.ok()?;
+                let mut c = connect(&addr, max, &cred, tls.as_ref()).await.ok()?;
                 c.report_load(proto::ReportLoadRequest {}).await.ok()
             })
             .await
@@ -142,7 +150,7 @@ pub async fn run(
     let max = ctx.max_message_bytes;
     let mut clients = Vec::with_capacity(p);
     for w in &order.workers {
-        clients.push(connect(&w.addr, max, &ctx.credential).await?);
+        clients.push(connect(&w.addr, max, &ctx.credential, ctx.tls.as_ref()).await?);
     }
     info!(workers = p, tokens = len, "loading");
     let rec = &order.placement;

@@ -174,7 +174,8 @@ impl Runtime {
                     let addrs = workers.into_iter().map(|w| (w.id, w.addr)).collect();
                     let max = self.cfg.server.max_message_bytes;
                     tokio::spawn(async move {
-                        let dead = run::dead_workers(addrs, max, rt.credential()).await;
+                        let tls = rt.cfg.server.tls.clone();
+                        let dead = run::dead_workers(addrs, max, rt.credential(), tls).await;
                         rt.apply(Event::Probed { run, dead }).await;
                     });
                 }
@@ -338,6 +339,7 @@ impl Runtime {
         let ctx = RunContext {
             max_message_bytes: self.cfg.server.max_message_bytes,
             credential: self.credential(),
+            tls: self.cfg.server.tls.clone(),
             membership: self.heartbeats.is_none().then(|| self.membership.clone()),
             load_timeout: self.cfg.load_timeout,
             eos: model.eos.clone(),

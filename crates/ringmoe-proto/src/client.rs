@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 
 use crate::proto::job_service_client::JobServiceClient;
 use crate::proto::{self, result_chunk, submit_job_request};
-use crate::server::http_url;
+use crate::tls::Tls;
 
 /// A job's input.
 #[derive(Debug, Clone)]
@@ -62,24 +62,44 @@ pub async fn connect_as(
     max_message_bytes: usize,
     token: Option<&str>,
 ) -> Result<Client, Status> {
+    connect_with(addr, max_message_bytes, token, None).await
+}
+
+/// [`connect_as`] over TLS when `tls` is given (the server checked against its CA; this
+/// client's certificate presented, if it has one).
+pub async fn connect_with(
+    addr: &str,
+    max_message_bytes: usize,
+    token: Option<&str>,
+    tls: Option<&Tls>,
+) -> Result<Client, Status> {
     let bearer = token
         .map(|t| format!("Bearer {}", t.trim()).parse::<AsciiMetadataValue>())
         .transpose()
         .map_err(|_| {
             Status::invalid_argument("the token holds characters a header cannot carry")
         })?;
-    let c = JobServiceClient::with_interceptor(channel(addr).await?, Bearer(bearer));
+    let c = JobServiceClient::with_interceptor(channel(addr, tls).await?, Bearer(bearer));
     Ok(c.max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes))
 }
 
-/// A connection to a server at `host:port` or a URL.
-async fn channel(addr: &str) -> Result<Channel, Status> {
-    Channel::from_shared(http_url(addr))
+/// A connection to a server at `host:port` or a URL, over TLS with `tls`.
+async fn channel(addr: &str, tls: Option<&Tls>) -> Result<Channel, Status> {
+    crate::tls::endpoint(addr, tls)
         .map_err(|e| Status::invalid_argument(format!("{addr}: not an address: {e}")))?
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("connecting to {addr}: {e}")))
+        .map_err(|e| {
+            // The transport error's source says why (a refused connection, a certificate).
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why = format!("{why}: {s}");
+                src = s.source();
+            }
+            Status::unavailable(format!("connecting to {addr}: {why}"))
+        })
 }
 
 /// Tokens (or bytes of text) per upload message.
@@ -210,10 +230,10 @@ pub async fn result_with_text(
 
 /// Asks a server's `grpc.health.v1` whether `service` (`""`: the server as a whole) is serving;
 /// what `ringmoe health` (the images' health check) runs.
-pub async fn health(addr: &str, service: &str) -> Result<bool, Status> {
+pub async fn health(addr: &str, service: &str, tls: Option<&Tls>) -> Result<bool, Status> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let mut c = HealthClient::new(channel(addr).await?);
+    let mut c = HealthClient::new(channel(addr, tls).await?);
     let r = c
         .check(HealthCheckRequest {
             service: service.to_string(),

@@ -3,7 +3,8 @@
 //! * [`proto`] — the generated `ringmoe.v1` gRPC messages and services;
 //! * [`server`] — message size limits, `grpc.health.v1` and reflection every server has;
 //! * [`client`] — what `ringmoe submit` and the tests use: upload, watch, fetch results;
-//! * [`secret`] — the shared cluster secret between the coordinator and its workers.
+//! * [`secret`] — the shared cluster secret between the coordinator and its workers;
+//! * [`tls`] — TLS and mTLS settings for servers and clients.
 //!
 //! No engine code: the coordinator, the workers and clients all build on this.
 
@@ -11,6 +12,7 @@ pub mod client;
 pub mod proto;
 pub mod secret;
 pub mod server;
+pub mod tls;
 
 pub use server::ServerOptions;
 

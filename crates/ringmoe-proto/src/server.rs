@@ -5,6 +5,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::tls::Tls;
 use crate::{ServeError, proto};
 
 /// Settings shared by the coordinator's and the workers' servers and their clients.
@@ -12,13 +13,24 @@ use crate::{ServeError, proto};
 pub struct ServerOptions {
     /// Largest gRPC message accepted or sent, in bytes. Bulk data is chunked well below it.
     pub max_message_bytes: usize,
+    /// TLS for this process's server and for the connections it makes (`--tls-*`); `None`:
+    /// plaintext.
+    pub tls: Option<Tls>,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             max_message_bytes: 16 << 20,
+            tls: None,
         }
+    }
+}
+
+impl ServerOptions {
+    /// An endpoint for `addr` with this process's client TLS, if any.
+    pub fn endpoint(&self, addr: &str) -> Result<tonic::transport::Endpoint, crate::tls::TlsError> {
+        crate::tls::endpoint(addr, self.tls.as_ref())
     }
 }
 
@@ -44,6 +56,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     routes: Routes,
     services: &[&str],
+    tls: Option<&Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -58,7 +71,13 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| ServeError(format!("reflection: {e}")))?;
     let routes = routes.add_service(health).add_service(reflection);
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(s) = tls.and_then(|t| t.server.clone()) {
+        builder = builder
+            .tls_config(s)
+            .map_err(|e| ServeError(format!("TLS: {e}")))?;
+    }
+    builder
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

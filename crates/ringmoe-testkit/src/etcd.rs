@@ -51,8 +51,9 @@ fn openssl(dir: &std::path::Path, args: &[&str]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A CA, and a certificate for `name` signed by it valid for 127.0.0.1 (server and client use).
-fn make_certs(dir: &std::path::Path) -> std::io::Result<TlsFiles> {
+/// A CA in `dir`, and two certificates it signed (`server`, `client`), each valid for
+/// 127.0.0.1 and localhost and for both server and client use.
+pub fn make_certs(dir: &std::path::Path) -> std::io::Result<TlsFiles> {
     std::fs::create_dir_all(dir)?;
     let ec = [
         "-newkey",

@@ -419,6 +419,7 @@ pub async fn run_worker(
                     advertise.clone(),
                     cfg.kv_budget_bytes,
                     Credential::new(cfg.cluster_secret.clone()),
+                    cfg.server.tls.clone(),
                 )
                 .instrument(info_span!("heartbeat", worker = %advertise)),
             );
@@ -445,7 +446,7 @@ pub async fn run_worker(
     }
     info!(addr = %bound, "worker serving");
     let names = ["ringmoe.v1.WorkerService"];
-    let res = server::serve(listener, routes, &names, shutdown).await;
+    let res = server::serve(listener, routes, &names, cfg.server.tls.as_ref(), shutdown).await;
     background.abort_all();
     Ok(res?)
 }

@@ -132,18 +132,39 @@ pub(crate) async fn heartbeat(
     me: String,
     kv_budget_bytes: u64,
     cred: Credential,
+    tls: Option<ringmoe_proto::tls::Tls>,
 ) {
-    let url = server::http_url(&coordinator);
     let mut client = None;
     let mut interval = Duration::from_millis(500);
+    // Failures to reach the coordinator are logged once, then every 30 s while they last (a
+    // coordinator that is starting is normal; a TLS handshake it refuses is worth seeing).
+    let mut quiet_until: Option<Instant> = None;
+    let failed = |quiet_until: &mut Option<Instant>, what: &str, e: &dyn std::error::Error| {
+        if quiet_until.is_none_or(|t| Instant::now() >= t) {
+            let mut why = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                why = format!("{why}: {s}");
+                src = s.source();
+            }
+            warn!(coordinator, error = %why, "{what}");
+            *quiet_until = Some(Instant::now() + Duration::from_secs(30));
+        }
+    };
     loop {
         if client.is_none() {
-            client = match tonic::transport::Channel::from_shared(url.clone()) {
-                Ok(e) => e
-                    .connect()
-                    .await
-                    .ok()
-                    .map(|ch| ClusterServiceClient::with_interceptor(ch, cred.clone())),
+            client = match ringmoe_proto::tls::endpoint(&coordinator, tls.as_ref()) {
+                Ok(e) => match e.connect().await {
+                    Ok(ch) => Some(ClusterServiceClient::with_interceptor(ch, cred.clone())),
+                    Err(e) => {
+                        failed(
+                            &mut quiet_until,
+                            "cannot reach the coordinator for heartbeats",
+                            &e,
+                        );
+                        None
+                    }
+                },
                 Err(e) => {
                     warn!(coordinator, error = %e, "not a coordinator address");
                     None
@@ -158,13 +179,14 @@ pub(crate) async fn heartbeat(
             match c.heartbeat(req).await {
                 Ok(r) => {
                     interval = Duration::from_millis(r.into_inner().interval_ms.clamp(50, 10_000));
+                    quiet_until = None;
                 }
                 Err(e) if e.code() == tonic::Code::Unauthenticated => {
                     warn!(error = %e.message(), "the coordinator refused this worker's heartbeat");
                     interval = Duration::from_secs(5);
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "heartbeat failed");
+                    failed(&mut quiet_until, "heartbeat failed", &e);
                     client = None;
                 }
             }

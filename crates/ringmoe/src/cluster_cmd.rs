@@ -31,7 +31,44 @@ impl LimitOpts {
     fn server(&self) -> ServerOptions {
         ServerOptions {
             max_message_bytes: self.max_message_bytes,
+            tls: None,
         }
+    }
+}
+
+/// TLS on this process's gRPC hops (every server command, `submit`, `health`).
+#[derive(Args, Clone, Debug)]
+pub struct TlsOpts {
+    /// PEM certificate of this process: served by its gRPC server, and presented as its client
+    /// identity where a server requires one (mTLS). Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: the servers this process connects to must present a certificate it signed, and
+    /// this process's server then requires one it signed from every client (mTLS).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsOpts {
+    /// The settings, `None` without TLS flags; `serves`: this process runs a server.
+    fn load(&self, serves: bool) -> Result<Option<ringmoe_proto::tls::Tls>> {
+        let files = ringmoe_proto::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        };
+        Ok(files.load(serves)?)
+    }
+
+    /// Server options with this process's TLS.
+    fn server(&self, limits: &LimitOpts) -> Result<ServerOptions> {
+        Ok(ServerOptions {
+            tls: self.load(true)?,
+            ..limits.server()
+        })
     }
 }
 
@@ -285,6 +322,8 @@ pub struct CoordinatorArgs {
     etcd: EtcdArgs,
     #[command(flatten)]
     limits: LimitOpts,
+    #[command(flatten)]
+    tls: TlsOpts,
     /// Where the OpenAI-compatible HTTP API listens (off unless given; port 0: any free port,
     /// printed on stdout as `http api on http://ADDR`).
     #[arg(long)]
@@ -361,6 +400,8 @@ pub struct WorkerArgs {
     kv: KvOpts,
     #[command(flatten)]
     limits: LimitOpts,
+    #[command(flatten)]
+    tls: TlsOpts,
     /// `cpu`, or `cuda:N`: this worker's weights, K/V and compute on GPU N, its jobs'
     /// transfers over NCCL (needs a `--features cuda` build; every worker of a job on a GPU).
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
@@ -434,6 +475,8 @@ pub struct ServeArgs {
     kv: KvOpts,
     #[command(flatten)]
     limits: LimitOpts,
+    #[command(flatten)]
+    tls: TlsOpts,
     /// Where the OpenAI-compatible HTTP API listens (port 0: any free port; the address is
     /// printed on stdout as `http api on http://ADDR`).
     #[arg(long, default_value = "127.0.0.1:8000")]
@@ -520,6 +563,8 @@ pub struct SubmitArgs {
     #[command(flatten)]
     limits: LimitOpts,
     #[command(flatten)]
+    tls: TlsOpts,
+    #[command(flatten)]
     telemetry: TelemetryOpts,
 }
 
@@ -535,10 +580,13 @@ pub struct HealthArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 5)]
     timeout_secs: u64,
+    #[command(flatten)]
+    tls: TlsOpts,
 }
 
 pub fn health(a: HealthArgs) -> Result<()> {
-    let ask = client::health(&a.addr, &a.service);
+    let tls = a.tls.load(false)?;
+    let ask = client::health(&a.addr, &a.service, tls.as_ref());
     let serving = runtime()?.block_on(async {
         tokio::time::timeout(Duration::from_secs(a.timeout_secs.max(1)), ask)
             .await
@@ -614,7 +662,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let _telemetry = a.telemetry.init("ringmoe-coordinator", "info")?;
     let mut cfg = CoordinatorConfig::new(a.store, model_entries(&a.models)?);
     cfg.cluster_secret = a.secret.read()?;
-    cfg.server = a.limits.server();
+    cfg.server = a.tls.server(&a.limits)?;
     cfg.min_workers = a.min_workers;
     cfg.max_retries = a.max_retries;
     cfg.load_timeout = Duration::from_secs(a.load_timeout_secs.max(1));
@@ -696,7 +744,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             data_host: a.data_host.unwrap_or(l.local_addr()?.ip()),
             data_ports: a.data_ports,
             data_timeout: Duration::from_secs(300),
-            server: a.limits.server(),
+            server: a.tls.server(&a.limits)?,
             models,
             cluster_secret: a.secret.read()?,
             model_roots: roots,
@@ -715,7 +763,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     let models = checked_models(&a.models)?;
     let mut cfg = CoordinatorConfig::new(a.store.clone(), models.clone());
-    cfg.server = a.limits.server();
+    // The same TLS on the coordinator's server and every in-process worker's hop.
+    let server = a.tls.server(&a.limits)?;
+    cfg.server = server.clone();
     cfg.min_workers = a.workers;
     // The coordinator and its in-process workers share a secret no other process knows, so
     // their loopback control ports serve only each other.
@@ -751,7 +801,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 data_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
                 data_ports: None,
                 data_timeout: Duration::from_secs(300),
-                server: a.limits.server(),
+                server: server.clone(),
                 models: models.clone(),
                 cluster_secret: Some(secret.clone()),
                 model_roots: Vec::new(),
@@ -850,7 +900,8 @@ async fn submit_async(a: SubmitArgs, input: Input) -> Result<()> {
             .ok()
             .filter(|t| !t.is_empty()),
     };
-    let mut c = client::connect_as(&a.addr, max, token.as_deref()).await?;
+    let tls = a.tls.load(false)?;
+    let mut c = client::connect_with(&a.addr, max, token.as_deref(), tls.as_ref()).await?;
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {

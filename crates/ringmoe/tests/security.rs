@@ -641,3 +641,138 @@ fn a_cancelled_job_stops_its_workers_mid_layer_and_the_next_job_runs_at_once() -
         anyhow::Ok(())
     })
 }
+
+/// `(--tls-cert, --tls-key, --tls-ca)` arguments for a process holding `cert` of `ca`.
+fn tls_args(cert: &Path, key: &Path, ca: &Path) -> Vec<std::ffi::OsString> {
+    let mut v = Vec::new();
+    for (flag, p) in [("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)] {
+        v.push(flag.into());
+        v.push(p.as_os_str().to_owned());
+    }
+    v
+}
+
+#[test]
+fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ours = ringmoe_testkit::make_certs(&dir.path().join("ca"))?;
+    let theirs = ringmoe_testkit::make_certs(&dir.path().join("rogue-ca"))?;
+    let model = format!("m={}", fixture("mixtral-tiny").display());
+    let mut cmd = Command::new(BIN);
+    cmd.args(["coordinator", "--addr", "127.0.0.1:0", "--model", &model])
+        .args(["--min-workers", "2", "--store"])
+        .arg(dir.path().join("store"))
+        .args(tls_args(&ours.server_cert, &ours.server_key, &ours.ca))
+        .env("RUST_LOG", "info");
+    let coord = Proc::spawn("coordinator", cmd, dir.path())?;
+    let addr = coord.line_after("listening on ", Duration::from_secs(30))?;
+    let worker = |name: &str, t: &ringmoe_testkit::TlsFiles| -> Result<Proc> {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["worker", "--coordinator", &addr])
+            .args(tls_args(&t.client_cert, &t.client_key, &t.ca))
+            .env("RUST_LOG", "info");
+        let p = Proc::spawn(name, cmd, dir.path())?;
+        p.line_after("listening on ", Duration::from_secs(30))?;
+        Ok(p)
+    };
+    let _w0 = worker("worker-0", &ours)?;
+    let _rogue = worker("worker-rogue", &theirs)?;
+    let _w1 = worker("worker-1", &ours)?;
+    let client_tls = |cert: Option<(&Path, &Path)>, ca: &Path| {
+        ringmoe_proto::tls::TlsFiles {
+            cert: cert.map(|c| c.0.to_path_buf()),
+            key: cert.map(|c| c.1.to_path_buf()),
+            ca: Some(ca.to_path_buf()),
+        }
+        .load(false)
+    };
+    let good = client_tls(Some((&ours.client_cert, &ours.client_key)), &ours.ca)?;
+    let rt = rt()?;
+    rt.block_on(async {
+        let list = |tls: Option<ringmoe_proto::tls::Tls>| {
+            let addr = addr.clone();
+            async move {
+                let mut c = client::connect_with(&addr, 1 << 20, None, tls.as_ref()).await?;
+                let l = c.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+                Ok::<_, tonic::Status>(l.workers)
+            }
+        };
+        // Plaintext, no client certificate, a certificate of another CA: all refused.
+        ensure!(list(None).await.is_err(), "a plaintext client got in");
+        ensure!(
+            list(client_tls(None, &ours.ca)?).await.is_err(),
+            "a client without a certificate got in"
+        );
+        let rogue = client_tls(Some((&theirs.client_cert, &theirs.client_key)), &theirs.ca)?;
+        ensure!(list(rogue).await.is_err(), "a client of another CA got in");
+        // Our client sees exactly our two workers: the rogue one never registered.
+        let end = Instant::now() + Duration::from_secs(20);
+        while list(good.clone()).await? < 2 {
+            ensure!(
+                Instant::now() < end,
+                "the workers never registered over mTLS"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ensure!(
+            list(good.clone()).await? == 2,
+            "the rogue worker registered"
+        );
+        // A job over mTLS control-plane hops.
+        let mut c = client::connect_with(&addr, 16 << 20, None, good.as_ref()).await?;
+        let id = submit(&mut c, (1..30).collect(), 5).await?;
+        let last = client::watch(&mut c, id, |_| {}).await?;
+        ensure!(last.phase() == JobPhase::Done, "{last:?}");
+        anyhow::Ok(())
+    })?;
+    // The CLI: submit and health with the same flags.
+    let mut submit_cli = Command::new(BIN);
+    submit_cli
+        .args([
+            "submit",
+            "--addr",
+            &addr,
+            "--max-new-tokens",
+            "3",
+            "--ids",
+            "--token-ids",
+        ])
+        .arg(write_ids(dir.path(), &[1, 2, 3, 4])?)
+        .args(tls_args(&ours.client_cert, &ours.client_key, &ours.ca));
+    let out = submit_cli.output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let health = |args: Vec<std::ffi::OsString>| -> Result<std::process::Output> {
+        Ok(Command::new(BIN)
+            .args(["health", "--addr", &addr])
+            .args(args)
+            .output()?)
+    };
+    ensure!(
+        health(tls_args(&ours.client_cert, &ours.client_key, &ours.ca))?
+            .status
+            .success()
+    );
+    let out = health(Vec::new())?;
+    ensure!(!out.status.success(), "plaintext health answered over TLS");
+    let log = std::fs::read_to_string(dir.path().join("worker-rogue.log"))?;
+    ensure!(
+        log.contains("heartbeat"),
+        "the rogue worker's log says nothing of its heartbeats"
+    );
+    Ok(())
+}
+
+/// A safetensors file with int64 `input_ids` [1, L], as `submit --token-ids` takes.
+fn write_ids(dir: &Path, ids: &[i64]) -> Result<std::path::PathBuf> {
+    let path = dir.join("ids.safetensors");
+    let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, ids.len()], &bytes)?;
+    safetensors::serialize_to_file([("input_ids", view)], None, &path)?;
+    Ok(path)
+}

@@ -193,10 +193,42 @@ capabilities:
 {{- end }}
 
 {{/* Telemetry flags of every ringmoe server: metrics port and log format. */}}
-{{/* The cluster secret both the coordinator and the workers present and require. */}}
+{{/* The cluster secret both the coordinator and the workers present and require, and TLS
+(mTLS: the Secret's CA must sign every peer's certificate). */}}
 {{- define "ringmoe.securityArgs" -}}
 {{- if .Values.security.auth.clusterSecretName }}
 - --cluster-secret-file=/etc/ringmoe/auth/secret
+{{- end }}
+{{- include "ringmoe.tlsArgs" . }}
+{{- end }}
+
+{{- define "ringmoe.tlsArgs" -}}
+{{- if .Values.security.tls.secretName }}
+- --tls-cert=/etc/ringmoe/tls/tls.crt
+- --tls-key=/etc/ringmoe/tls/tls.key
+- --tls-ca=/etc/ringmoe/tls/ca.crt
+{{- end }}
+{{- end }}
+
+{{/* A gRPC health probe on `port` (for `service`): the kubelet's own gRPC probe, or with TLS
+(which the kubelet's probe does not speak) `ringmoe health` over mTLS on 127.0.0.1. */}}
+{{- define "ringmoe.grpcProbe" -}}
+{{- if .ctx.Values.security.tls.secretName }}
+exec:
+  command:
+    - ringmoe
+    - health
+    - --addr=127.0.0.1:{{ .port }}
+    {{- with .service }}
+    - --service={{ . }}
+    {{- end }}
+    {{- include "ringmoe.tlsArgs" .ctx | nindent 4 }}
+{{- else }}
+grpc:
+  port: {{ .port }}
+  {{- with .service }}
+  service: {{ . }}
+  {{- end }}
 {{- end }}
 {{- end }}
 
