@@ -106,7 +106,11 @@ pub(crate) async fn admit(
     workers: &[ringmoe_membership::WorkerRecord],
     max_message_bytes: usize,
     tenant: Option<&Tenant>,
+    idle: std::time::Duration,
 ) -> Result<Admitted, Status> {
+    // A client that opens an upload and then sends nothing holds a slot: each message must come
+    // within `idle` of the one before.
+    let next = next_message;
     let limit_msg = |e: Status| -> Status {
         if e.code() == Code::OutOfRange || e.message().contains("too large") {
             invalid(format!(
@@ -118,7 +122,7 @@ pub(crate) async fn admit(
             invalid(format!("the upload stream broke: {}", e.message()))
         }
     };
-    let first = stream.message().await.map_err(limit_msg)?;
+    let first = next(stream, idle).await?.map_err(limit_msg)?;
     let Some(proto::SubmitJobRequest {
         part: Some(submit_job_request::Part::Spec(pspec)),
     }) = first
@@ -163,7 +167,7 @@ pub(crate) async fn admit(
             spec.model
         ))
     };
-    while let Some(m) = stream.message().await.map_err(limit_msg)? {
+    while let Some(m) = next(stream, idle).await?.map_err(limit_msg)? {
         match m.part {
             Some(submit_job_request::Part::Tokens(t)) => up.add_tokens(t.ids),
             Some(submit_job_request::Part::Text(b)) => up.add_text(b),
@@ -215,6 +219,22 @@ pub(crate) async fn admit(
     check_tenant_input(tenant, tokens.len())?;
     check_length(&spec, tokens.len(), model, workers)?;
     Ok(Admitted { spec, tokens })
+}
+
+/// The next message of an upload, or `DEADLINE_EXCEEDED` when none came within `idle`.
+async fn next_message(
+    stream: &mut Streaming<proto::SubmitJobRequest>,
+    idle: std::time::Duration,
+) -> Result<Result<Option<proto::SubmitJobRequest>, Status>, Status> {
+    tokio::time::timeout(idle, stream.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the upload sent nothing for {} s (--upload-idle-secs); send the input without \
+                 pauses",
+                idle.as_secs()
+            ))
+        })
 }
 
 /// A client's own input limit (`max_input_tokens` in the tokens file), whatever the cluster

@@ -22,7 +22,8 @@ pub mod error;
 mod http;
 pub mod machine;
 mod models;
-mod openai;
+/// The OpenAI request parsing, public for the fuzz targets (`fuzz/`) and their corpus replay.
+pub mod openai;
 pub mod output;
 pub mod placement;
 pub mod queue;
@@ -91,6 +92,10 @@ pub struct CoordinatorConfig {
     /// The cluster secret (`--cluster-secret-file`): heartbeats must carry it, and every call to
     /// a worker presents it. `None`: workers are not authenticated.
     pub cluster_secret: Option<ClusterSecret>,
+    /// Uploads (`SubmitJob` streams) in progress at once; one more is `RESOURCE_EXHAUSTED`.
+    pub max_uploads: usize,
+    /// Longest pause between two messages of an upload before it is dropped.
+    pub upload_idle: Duration,
 }
 
 impl CoordinatorConfig {
@@ -110,6 +115,8 @@ impl CoordinatorConfig {
             http: None,
             auth: None,
             cluster_secret: None,
+            max_uploads: 64,
+            upload_idle: Duration::from_secs(60),
         }
     }
 }

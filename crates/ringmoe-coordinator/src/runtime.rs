@@ -66,6 +66,8 @@ pub(crate) struct Runtime {
     /// The registry heartbeats feed, when workers heartbeat here instead of registering in etcd.
     pub heartbeats: Option<MemoryMembership>,
     pub cfg: CoordinatorConfig,
+    /// Upload slots (`--max-uploads`).
+    pub uploads: Arc<tokio::sync::Semaphore>,
     /// Set when the coordinator stops (shutdown, or lost leadership): nothing more is applied,
     /// so nothing more is written to a store another leader may now own.
     stopped: std::sync::atomic::AtomicBool,
@@ -95,6 +97,7 @@ impl Runtime {
             models,
             membership,
             heartbeats,
+            uploads: Arc::new(tokio::sync::Semaphore::new(cfg.max_uploads.max(1))),
             cfg,
             stopped: std::sync::atomic::AtomicBool::new(false),
         }

@@ -255,6 +255,14 @@ impl JobService for Coordinator {
         let rt = &self.rt;
         let caller = caller_of(&req)?;
         self.admit_caller(&caller)?;
+        // Bounded uploads in flight: streams that trickle or stall cannot pile up.
+        let _slot = rt.uploads.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} uploads are in progress, the most this coordinator takes at once \
+                 (--max-uploads); try again shortly",
+                rt.cfg.max_uploads
+            ))
+        })?;
         // The job's trace continues the client's, when it sent one.
         let span = crate::telemetry::job_span();
         set_parent(&span, req.metadata());
@@ -266,6 +274,7 @@ impl JobService for Coordinator {
             &workers,
             rt.cfg.server.max_message_bytes,
             caller.tenant(),
+            rt.cfg.upload_idle,
         )
         .instrument(tracing::info_span!(parent: &span, "admission"))
         .await?;

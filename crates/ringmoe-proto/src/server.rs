@@ -50,6 +50,9 @@ pub fn http_url(addr: &str) -> String {
     }
 }
 
+/// Concurrent streams one HTTP/2 connection may open.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// Serves `routes` plus health (each of `services` reported serving) and reflection on
 /// `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -71,7 +74,13 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| ServeError(format!("reflection: {e}")))?;
     let routes = routes.add_service(health).add_service(reflection);
-    let mut builder = Server::builder();
+    // A client may not open streams without bound on one connection (each costs the server
+    // a task and buffers), and dead connections are found by keepalive, not kept forever.
+    let mut builder = Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)));
     if let Some(s) = tls.and_then(|t| t.server.clone()) {
         builder = builder
             .tls_config(s)

@@ -294,6 +294,26 @@ pub fn token_new(a: TokenNewArgs) -> Result<()> {
     Ok(())
 }
 
+/// Bounds on uploads (`coordinator` and `serve`).
+#[derive(Args, Debug)]
+pub struct UploadOpts {
+    /// Job uploads (`SubmitJob` streams) in progress at once; one more is refused
+    /// (RESOURCE_EXHAUSTED) rather than queued.
+    #[arg(long, default_value_t = 64)]
+    max_uploads: usize,
+    /// Longest pause, in seconds, between two messages of an upload before it is dropped
+    /// (DEADLINE_EXCEEDED).
+    #[arg(long, default_value_t = 60)]
+    upload_idle_secs: u64,
+}
+
+impl UploadOpts {
+    fn apply(&self, cfg: &mut CoordinatorConfig) {
+        cfg.max_uploads = self.max_uploads.max(1);
+        cfg.upload_idle = Duration::from_secs(self.upload_idle_secs.max(1));
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct CoordinatorArgs {
     /// Where to listen (port 0: any free port; the bound address is stdout's first line).
@@ -332,6 +352,8 @@ pub struct CoordinatorArgs {
     http: HttpOpts,
     #[command(flatten)]
     auth: AuthOpts,
+    #[command(flatten)]
+    uploads: UploadOpts,
     #[command(flatten)]
     secret: ClusterSecretOpts,
     /// Where Prometheus scrapes `GET /metrics` (off unless given; port 0: any free port,
@@ -488,6 +510,8 @@ pub struct ServeArgs {
     http: HttpOpts,
     #[command(flatten)]
     auth: AuthOpts,
+    #[command(flatten)]
+    uploads: UploadOpts,
     /// Where Prometheus scrapes `GET /metrics` for the coordinator and its workers (port 0:
     /// any free port; printed on stdout as `metrics on http://ADDR/metrics`).
     #[arg(long, default_value = "127.0.0.1:9464")]
@@ -668,6 +692,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     cfg.load_timeout = Duration::from_secs(a.load_timeout_secs.max(1));
     rt.block_on(async move {
         cfg.auth = a.auth.open()?;
+        a.uploads.apply(&mut cfg);
         let l = bind(&a.addr).await?;
         if let Some(h) = &a.http_addr {
             cfg.http = Some(a.http.bind(h)?);
@@ -774,6 +799,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let kv = a.kv.bytes()?;
     rt.block_on(async move {
         cfg.auth = a.auth.open()?;
+        a.uploads.apply(&mut cfg);
         let l = bind(&a.addr).await?;
         let coord = l.local_addr()?.to_string();
         if !a.no_http {

@@ -776,3 +776,48 @@ fn write_ids(dir: &Path, ids: &[i64]) -> Result<std::path::PathBuf> {
     safetensors::serialize_to_file([("input_ids", view)], None, &path)?;
     Ok(path)
 }
+
+/// Uploads that open and send nothing hold a slot only until `--upload-idle-secs`, and no more
+/// than `--max-uploads` are in progress: a client cannot exhaust the coordinator with streams.
+#[test]
+fn stalled_uploads_are_bounded_and_dropped() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = format!("m={}", fixture("mixtral-tiny").display());
+    let mut cmd = Command::new(BIN);
+    cmd.args(["coordinator", "--addr", "127.0.0.1:0", "--model", &model])
+        .args(["--max-uploads", "2", "--upload-idle-secs", "3", "--store"])
+        .arg(dir.path().join("store"));
+    let coord = Proc::spawn("coordinator", cmd, dir.path())?;
+    let addr = coord.line_after("listening on ", Duration::from_secs(30))?;
+    let rt = rt()?;
+    rt.block_on(async {
+        // Two uploads that never send a message (the senders stay open, silent).
+        let mut held = Vec::new();
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            let (tx, rx) = tokio::sync::mpsc::channel::<proto::SubmitJobRequest>(1);
+            held.push(tx);
+            let mut c = as_client(&addr, None).await?;
+            stalled.push(tokio::spawn(async move {
+                let s = tokio_stream::wrappers::ReceiverStream::new(rx);
+                c.submit_job(s).await.map(|_| ())
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        // A third is refused at once while they hold the slots.
+        let mut c = as_client(&addr, None).await?;
+        let third = submit(&mut c, vec![1, 2, 3], 2).await;
+        let msg = third.as_ref().err().map(|s| s.message().to_string());
+        ensure!(code(third) == Some(Code::ResourceExhausted), "{msg:?}");
+        ensure!(msg.is_some_and(|m| m.contains("--max-uploads")));
+        // The stalled ones are dropped after the idle time, freeing the slots.
+        for s in stalled {
+            let r = tokio::time::timeout(Duration::from_secs(20), s).await??;
+            let msg = r.as_ref().err().map(|s| s.message().to_string());
+            ensure!(code(r) == Some(Code::DeadlineExceeded), "{msg:?}");
+        }
+        drop(held);
+        submit(&mut c, vec![1, 2, 3], 2).await?;
+        anyhow::Ok(())
+    })
+}
