@@ -55,6 +55,15 @@ use registration::{follow_placements, heartbeat, stay_registered};
 use service::internal;
 use shard::{Shard, receive_shard};
 
+/// The check a worker makes of a shard header before building anything: the plan it names, or
+/// `INVALID_ARGUMENT` (public for the fuzz targets in `fuzz/` and their corpus replay).
+pub fn plan_of_shard_header(
+    h: &proto::ShardHeader,
+    max_tokens: u64,
+) -> Result<ringmoe_plan::ShardPlan, Status> {
+    shard::plan_of(h, max_tokens)
+}
+
 /// Errors that stop a worker process (a failing job is reported on its event stream instead).
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {

@@ -1,0 +1,145 @@
+//! `ringmoe-fuzz`: what each fuzz target feeds hostile bytes into, one function per target.
+//! Every function must return (never panic, never allocate without bound) whatever the bytes;
+//! `fuzz/fuzz_targets/*.rs` call them under libFuzzer (nightly), and `tests/replay.rs` runs
+//! the committed corpora (`fuzz/corpus/<target>/`) through them on stable in every test run.
+//!
+//! The targets: the communicator's hello and frame decoder (bytes from any peer on the data
+//! plane), a safetensors file (a checkpoint someone hands the engine), `config.json`, the
+//! tokenizer's input path (any text a client submits), a worker's shard header (from the
+//! coordinator, or anyone without a cluster secret), and the OpenAI API's request bodies.
+
+use std::sync::OnceLock;
+
+use ringmoe_comm::Data;
+use ringmoe_comm::wire::{HELLO_LEN, Hello, read_frame};
+
+/// One target: takes any bytes, returns (panics only on a broken invariant).
+pub type Target = fn(&[u8]);
+
+/// The targets by name, as `fuzz/fuzz_targets/` and `fuzz/corpus/` name them.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("wire", wire),
+    ("safetensors", safetensors),
+    ("config", config),
+    ("tokenizer", tokenizer),
+    ("shard_header", shard_header),
+    ("openai", openai),
+];
+
+/// Frames (and a hello) as a peer's socket delivers them: decode until the bytes run out or a
+/// frame is refused. Payloads are capped at 1 MiB, as a small `max_frame_bytes` would.
+pub fn wire(data: &[u8]) {
+    if let Some(h) = data.get(..HELLO_LEN) {
+        let mut b = [0u8; HELLO_LEN];
+        b.copy_from_slice(h);
+        let _ = Hello::decode(&b);
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+        return;
+    };
+    rt.block_on(async {
+        let mut r = data;
+        while read_frame(&mut r, 1 << 20, Data::zeroed).await.is_ok() {}
+    });
+}
+
+/// A safetensors file: open it as a checkpoint (header, offsets, dtypes) and decode every
+/// tensor small enough to be worth it.
+pub fn safetensors(data: &[u8]) {
+    let Ok(dir) = tempfile::tempdir() else {
+        return;
+    };
+    let path = dir.path().join("model.safetensors");
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let Ok(ck) = ringmoe_model::Checkpoint::open_files(dir.path(), &[path]) else {
+        return;
+    };
+    let names: Vec<String> = ck.tensor_names().map(str::to_string).collect();
+    for name in names {
+        let Ok(meta) = ck.meta(&name) else { continue };
+        let shape = meta.shape.clone();
+        if shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .is_some_and(|n| n <= 1 << 16)
+        {
+            let _ = ck.load(&name, &shape);
+        }
+    }
+}
+
+/// A `config.json`: parse and validate it as a model configuration.
+pub fn config(data: &[u8]) {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+        let _ = ringmoe_hf::ModelConfig::from_json(&v);
+    }
+}
+
+fn fixture_tokenizer() -> Option<&'static ringmoe_hf::Tokenizer> {
+    static TOK: OnceLock<Option<ringmoe_hf::Tokenizer>> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/mixtral-tiny");
+        ringmoe_hf::Tokenizer::from_dir(&path).ok()
+    })
+    .as_ref()
+}
+
+/// Text a client submits: tokenize it, decode the ids, and stream-decode them; the streamed
+/// pieces must add up to the whole decode, special tokens skipped as the stream skips them
+/// (the detokeniser's promise), however odd the text.
+pub fn tokenizer(data: &[u8]) {
+    let Some(tok) = fixture_tokenizer() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(data);
+    let Ok(ids) = tok.encode(&text, true) else {
+        return;
+    };
+    let whole = tok.decode(&ids, true);
+    let mut stream = ringmoe_hf::TextStream::default();
+    let mut pieces = String::new();
+    for &id in &ids {
+        match stream.push(tok, id) {
+            Ok(p) => pieces.extend(p),
+            Err(_) => return,
+        }
+    }
+    if let Ok(rest) = stream.finish(tok) {
+        pieces.extend(rest);
+    }
+    if let Ok(whole) = whole {
+        assert_eq!(
+            pieces, whole,
+            "streamed pieces differ from the decode of {ids:?}"
+        );
+    }
+}
+
+/// A shard header as a worker receives it (protobuf): the checks before any plan is built,
+/// and the plan's own arithmetic when they pass.
+pub fn shard_header(data: &[u8]) {
+    use prost::Message;
+    let Ok(h) = ringmoe_proto::proto::ShardHeader::decode(data) else {
+        return;
+    };
+    // The K/V budget of a small worker: 1M tokens.
+    if let Ok(plan) = ringmoe_worker::plan_of_shard_header(&h, 1 << 20) {
+        let mine = plan.positions(h.rank as usize);
+        assert!(
+            mine.len() as u64 <= (1 << 20) + 2,
+            "a shard past the K/V budget"
+        );
+    }
+}
+
+/// An OpenAI API request body: parse it as a completion and as a chat request.
+pub fn openai(data: &[u8]) {
+    use ringmoe_coordinator::openai::{chat, completion, object};
+    if let Ok(o) = object(data) {
+        let _ = completion(o.clone());
+        let _ = chat(o);
+    }
+}
