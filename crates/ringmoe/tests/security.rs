@@ -821,3 +821,109 @@ fn stalled_uploads_are_bounded_and_dropped() -> Result<()> {
         anyhow::Ok(())
     })
 }
+
+/// `submit` losing its coordinator mid-job says so, reconnects with backoff, and follows the
+/// job (stored, re-run after the restart) to its end; `submit --watch ID` follows a job later.
+#[test]
+fn submit_follows_its_job_across_a_coordinator_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("long");
+    ringmoe_model::write_random_checkpoint(
+        &model,
+        &serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+            "eos_token_id": 9999
+        }),
+        4,
+    )?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let name = format!("m={}", model.display());
+    let coordinator = |log: &str| -> Result<Proc> {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["coordinator", "--addr", &addr, "--model", &name, "--store"])
+            .arg(dir.path().join("store"));
+        let p = Proc::spawn(log, cmd, dir.path())?;
+        p.line_after("listening on ", Duration::from_secs(30))?;
+        Ok(p)
+    };
+    let coord = coordinator("coordinator")?;
+    let mut w = Command::new(BIN);
+    w.args(["worker", "--coordinator", &addr]);
+    let _worker = Proc::spawn("worker", w, dir.path())?;
+    let ids = write_ids(dir.path(), &(1..200).collect::<Vec<i64>>())?;
+    let mut submit_cmd = Command::new(BIN);
+    submit_cmd
+        .args([
+            "submit",
+            "--addr",
+            &addr,
+            "--json",
+            "--max-new-tokens",
+            "3000",
+        ])
+        .args(["--reconnect-secs", "60", "--token-ids"])
+        .arg(&ids)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let submitted = submit_cmd.spawn()?;
+    let rt = rt()?;
+    rt.block_on(async {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let phase = match as_client(&addr, None).await {
+                Ok(mut c) => c
+                    .list_jobs(proto::ListJobsRequest {})
+                    .await
+                    .ok()
+                    .and_then(|l| l.into_inner().jobs.first().map(|j| j.phase())),
+                Err(_) => None,
+            };
+            if phase == Some(JobPhase::Decode) {
+                break;
+            }
+            ensure!(
+                phase != Some(JobPhase::Done),
+                "the job ended before the restart"
+            );
+            ensure!(
+                Instant::now() < end,
+                "the job never reached decode: {phase:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    })?;
+    // The coordinator dies mid-decode and comes back on the same address and store.
+    drop(coord);
+    std::thread::sleep(Duration::from_secs(1));
+    let _coord = coordinator("coordinator-again")?;
+    let out = submitted.wait_with_output()?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    ensure!(out.status.success(), "submit failed: {stderr}");
+    ensure!(
+        stderr.contains("lost the coordinator") && stderr.contains("reconnected"),
+        "{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
+    ensure!(
+        v["state"] == "done" && v["tokens"].as_array().map(Vec::len) == Some(3000),
+        "{v}"
+    );
+    // Later, by id.
+    let again = Command::new(BIN)
+        .args(["submit", "--addr", &addr, "--json", "--watch"])
+        .arg(v["job_id"].to_string())
+        .output()?;
+    let w: serde_json::Value = serde_json::from_slice(&again.stdout)?;
+    ensure!(w["tokens"] == v["tokens"], "{w}");
+    Ok(())
+}
