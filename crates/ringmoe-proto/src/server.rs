@@ -81,17 +81,60 @@ pub async fn serve(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .tcp_keepalive(Some(std::time::Duration::from_secs(60)));
-    if let Some(s) = tls.and_then(|t| t.server.clone()) {
-        builder = builder
-            .tls_config(s)
-            .map_err(|e| ServeError(format!("TLS: {e}")))?;
+    let router = builder.add_routes(routes);
+    match tls.filter(|t| t.server().is_some()) {
+        None => router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+            .map_err(|e| ServeError(e.to_string())),
+        Some(t) => router
+            .serve_with_incoming_shutdown(tls_incoming(listener, t.clone()), shutdown)
+            .await
+            .map_err(|e| ServeError(e.to_string())),
     }
-    builder
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
-        .map_err(|e| ServeError(e.to_string()))
+}
+
+/// Connections accepted on `listener` after their TLS handshake, each with the server settings
+/// in force when it arrived (so a reload applies to new connections at once). Handshakes run
+/// on tasks of their own, bounded in time: a client that stalls one delays nobody else.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    tls: Tls,
+) -> impl tokio_stream::Stream<
+    Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(cfg) = tls.server() else { return };
+            if tx.is_closed() {
+                return;
+            }
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                let hs =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
+                match hs.await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(s)).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -10,10 +10,9 @@
 //! SAN).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
-};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -55,24 +54,116 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     Ok(pem)
 }
 
-/// A process's TLS settings, read from its files once at start.
+/// What one reading of the files made.
+#[derive(Debug)]
+struct Loaded {
+    /// The server's rustls settings (`None` for a client-only process).
+    server: Option<Arc<rustls::ServerConfig>>,
+    /// How the process dials servers: check them against the CA, present its identity.
+    client: ClientTlsConfig,
+}
+
+/// A process's TLS settings, re-read from its files by [`Tls::reload`] (on SIGHUP or when the
+/// files change: cert-manager renews certificates in place). New connections use the newest
+/// reading; established ones keep theirs.
 #[derive(Debug, Clone)]
 pub struct Tls {
-    /// Its servers' settings (`None` for a client-only process).
-    pub server: Option<ServerTlsConfig>,
-    /// How it dials servers: verify them against the CA, present its identity if it has one.
-    pub client: ClientTlsConfig,
+    files: TlsFiles,
+    serves: bool,
+    loaded: Arc<RwLock<Arc<Loaded>>>,
+}
+
+impl Tls {
+    fn current(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The client settings in force.
+    pub fn client(&self) -> ClientTlsConfig {
+        self.current().client.clone()
+    }
+
+    /// The server settings in force, for a connection being accepted.
+    pub fn server(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.current().server.clone()
+    }
+
+    /// Re-reads the files; on success new connections use them, on error (a half-written file,
+    /// a key that does not match) the settings in force stay.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = self.files.read(self.serves)?.ok_or_else(|| {
+            TlsError::Flags("the TLS files no longer name a certificate or a CA".into())
+        })?;
+        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Ok(())
+    }
+
+    /// The files these settings come from (their modification times tell when to reload).
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+}
+
+/// A rustls server configuration: `cert`/`key` served, clients required to present a
+/// certificate `ca` signed when it is given (mTLS), HTTP/2 by ALPN (gRPC).
+fn server_config(
+    cert: &[u8],
+    key: &[u8],
+    ca: Option<&[u8]>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Flags(format!("{what}: {e}"));
+    let certs = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("--tls-cert", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("--tls-key", &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("TLS versions", &e))?;
+    let builder = match ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca) {
+                roots
+                    .add(c.map_err(|e| bad("--tls-ca", &e))?)
+                    .map_err(|e| bad("--tls-ca", &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad("--tls-ca", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("--tls-cert/--tls-key", &e))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 impl TlsFiles {
     /// The settings these files make, or `None` when no TLS flag is given. A server needs a
     /// certificate and a key; a client needs the CA.
     pub fn load(&self, serves: bool) -> Result<Option<Tls>, TlsError> {
-        let identity = match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => Some(Identity::from_pem(
-                read("--tls-cert", c)?,
-                read("--tls-key", k)?,
-            )),
+        Ok(self.read(serves)?.map(|l| Tls {
+            files: self.clone(),
+            serves,
+            loaded: Arc::new(RwLock::new(Arc::new(l))),
+        }))
+    }
+
+    fn read(&self, serves: bool) -> Result<Option<Loaded>, TlsError> {
+        let pair = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some((read("--tls-cert", c)?, read("--tls-key", k)?)),
             (None, None) => None,
             _ => {
                 return Err(TlsError::Flags(
@@ -83,19 +174,13 @@ impl TlsFiles {
         let ca = self
             .ca
             .as_deref()
-            .map(|p| read("--tls-ca", p).map(Certificate::from_pem))
+            .map(|p| read("--tls-ca", p))
             .transpose()?;
-        if identity.is_none() && ca.is_none() {
+        if pair.is_none() && ca.is_none() {
             return Ok(None);
         }
-        let server = match (&identity, serves) {
-            (Some(id), true) => {
-                let mut s = ServerTlsConfig::new().identity(id.clone());
-                if let Some(ca) = &ca {
-                    s = s.client_ca_root(ca.clone());
-                }
-                Some(s)
-            }
+        let server = match (&pair, serves) {
+            (Some((c, k)), true) => Some(server_config(c, k, ca.as_deref())?),
             (None, true) => {
                 return Err(TlsError::Flags(
                     "a server needs --tls-cert and --tls-key for TLS".into(),
@@ -108,11 +193,11 @@ impl TlsFiles {
                 "--tls-ca is needed to check the servers this process connects to".into(),
             ));
         };
-        let mut client = ClientTlsConfig::new().ca_certificate(ca);
-        if let Some(id) = identity {
-            client = client.identity(id);
+        let mut client = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((c, k)) = pair {
+            client = client.identity(Identity::from_pem(c, k));
         }
-        Ok(Some(Tls { server, client }))
+        Ok(Some(Loaded { server, client }))
     }
 }
 
@@ -129,7 +214,7 @@ pub fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, TlsError> {
     };
     let e = Channel::from_shared(url).map_err(|e| bad(&e))?;
     match tls {
-        Some(t) => e.tls_config(t.client.clone()).map_err(|e| bad(&e)),
+        Some(t) => e.tls_config(t.client()).map_err(|e| bad(&e)),
         None => Ok(e),
     }
 }

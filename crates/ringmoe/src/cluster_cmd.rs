@@ -63,10 +63,22 @@ impl TlsOpts {
         Ok(files.load(serves)?)
     }
 
-    /// Server options with this process's TLS.
+    /// Server options with this process's TLS, re-read on SIGHUP or when the files change
+    /// (new connections, served and dialled, use the new certificate); call inside the runtime.
     fn server(&self, limits: &LimitOpts) -> Result<ServerOptions> {
+        let tls = self.load(true)?;
+        if let Some(t) = &tls {
+            let files = t.files();
+            let paths = [&files.cert, &files.key, &files.ca];
+            let t = t.clone();
+            reload_on_change(
+                "TLS certificate",
+                paths.into_iter().flatten().cloned().collect(),
+                move || t.reload().map(|()| "new connections use it".to_string()),
+            )?;
+        }
         Ok(ServerOptions {
-            tls: self.load(true)?,
+            tls,
             ..limits.server()
         })
     }
@@ -197,40 +209,57 @@ impl AuthOpts {
         };
         let auth = Arc::new(Auth::open(path)?);
         tracing::info!(file = %path.display(), "client authentication on");
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("installing the SIGHUP handler")?;
         let a = auth.clone();
-        tokio::spawn(async move {
-            // What the file looked like at the last reading: size and modification time.
-            let stamp = |p: &Path| {
+        reload_on_change("tokens file", vec![path.clone()], move || {
+            a.reload().map(|n| format!("{n} clients"))
+        })?;
+        Ok(Some(auth))
+    }
+}
+
+/// Calls `reload` on every SIGHUP and whenever one of `files` changes (size or modification
+/// time, checked every 5 s: a Kubernetes ConfigMap or Secret volume, a cert-manager renewal,
+/// update the files in place), logging what happened; a failed reload keeps what is in force.
+/// Call inside the runtime.
+fn reload_on_change<E: std::fmt::Display>(
+    what: &'static str,
+    files: Vec<PathBuf>,
+    reload: impl Fn() -> std::result::Result<String, E> + Send + 'static,
+) -> Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let stamp = move || -> Vec<_> {
+        files
+            .iter()
+            .map(|p| {
                 std::fs::metadata(p)
                     .ok()
                     .map(|m| (m.len(), m.modified().ok()))
-            };
-            let mut seen = stamp(a.path());
-            let mut poll = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    s = hup.recv() => if s.is_none() { break },
-                    _ = poll.tick() => {
-                        if stamp(a.path()) == seen {
-                            continue;
-                        }
-                    }
-                }
-                seen = stamp(a.path());
-                match a.reload() {
-                    Ok(n) => {
-                        tracing::info!(file = %a.path().display(), clients = n, "tokens file reloaded")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "tokens file not reloaded; the previous one stays in force")
+            })
+            .collect()
+    };
+    tokio::spawn(async move {
+        let mut seen = stamp();
+        let mut poll = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                s = hup.recv() => if s.is_none() { break },
+                _ = poll.tick() => {
+                    if stamp() == seen {
+                        continue;
                     }
                 }
             }
-        });
-        Ok(Some(auth))
-    }
+            seen = stamp();
+            match reload() {
+                Ok(n) => tracing::info!(what, result = %n, "reloaded"),
+                Err(e) => {
+                    tracing::error!(what, error = %e, "not reloaded; the previous one stays in force")
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// The coordinator ↔ worker credential (`coordinator` and `worker`).

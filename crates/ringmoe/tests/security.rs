@@ -304,7 +304,7 @@ fn tenants_authenticate_see_only_their_own_jobs_and_a_sighup_swaps_the_tokens() 
         "refusals are logged"
     );
     ensure!(
-        log.contains("tokens file not reloaded"),
+        log.contains("not reloaded; the previous one stays in force"),
         "a bad reload is logged"
     );
     Ok(())
@@ -547,6 +547,24 @@ fn serve_refuses_a_truncated_checkpoint_at_start() -> Result<()> {
     Ok(())
 }
 
+/// A random one-layer Mixtral (hidden 64) for positions up to `max_positions`, whose EOS id is
+/// outside the vocabulary (so generation always runs to `max_new_tokens`).
+fn one_layer_model(dir: &Path, max_positions: usize) -> Result<std::path::PathBuf> {
+    let model = dir.join("one-layer");
+    ringmoe_model::write_random_checkpoint(
+        &model,
+        &serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": max_positions, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+            "eos_token_id": 9999
+        }),
+        3,
+    )?;
+    Ok(model)
+}
+
 /// A cancel must stop the work, not just the job's status: a cancelled job's workers stop
 /// inside the layer (inside a ring step's attention), give the cores back, and the next job
 /// runs at once. The model has one layer, so no layer boundary comes to the rescue, and the
@@ -555,18 +573,7 @@ fn serve_refuses_a_truncated_checkpoint_at_start() -> Result<()> {
 #[test]
 fn a_cancelled_job_stops_its_workers_mid_layer_and_the_next_job_runs_at_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = dir.path().join("one-layer");
-    ringmoe_model::write_random_checkpoint(
-        &model,
-        &serde_json::json!({
-            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 64,
-            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
-            "max_position_embeddings": 262144, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
-            "eos_token_id": 9999
-        }),
-        3,
-    )?;
+    let model = one_layer_model(dir.path(), 262_144)?;
     let name = format!("m={}", model.display());
     let mut cmd = Command::new(BIN);
     cmd.args([
@@ -827,18 +834,7 @@ fn stalled_uploads_are_bounded_and_dropped() -> Result<()> {
 #[test]
 fn submit_follows_its_job_across_a_coordinator_restart() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = dir.path().join("long");
-    ringmoe_model::write_random_checkpoint(
-        &model,
-        &serde_json::json!({
-            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 64,
-            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
-            "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
-            "eos_token_id": 9999
-        }),
-        4,
-    )?;
+    let model = one_layer_model(dir.path(), 65_536)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -926,4 +922,82 @@ fn submit_follows_its_job_across_a_coordinator_restart() -> Result<()> {
     let w: serde_json::Value = serde_json::from_slice(&again.stdout)?;
     ensure!(w["tokens"] == v["tokens"], "{w}");
     Ok(())
+}
+
+/// Certificate rotation without a restart: the coordinator's certificate, key and CA files are
+/// replaced (here by another CA's, as a CA rotation looks) and a SIGHUP makes new connections
+/// use them, while a connection made before keeps working.
+#[test]
+fn a_sighup_rotates_the_tls_certificate_for_new_connections() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let old = ringmoe_testkit::make_certs(&dir.path().join("old"))?;
+    let new = ringmoe_testkit::make_certs(&dir.path().join("new"))?;
+    let live = dir.path().join("live");
+    std::fs::create_dir(&live)?;
+    let install = |t: &ringmoe_testkit::TlsFiles| -> Result<()> {
+        std::fs::copy(&t.server_cert, live.join("tls.crt"))?;
+        std::fs::copy(&t.server_key, live.join("tls.key"))?;
+        std::fs::copy(&t.ca, live.join("ca.crt"))?;
+        Ok(())
+    };
+    install(&old)?;
+    let model = format!("m={}", fixture("mixtral-tiny").display());
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "coordinator",
+        "--addr",
+        "127.0.0.1:0",
+        "--model",
+        &model,
+        "--store",
+    ])
+    .arg(dir.path().join("store"))
+    .args(tls_args(
+        &live.join("tls.crt"),
+        &live.join("tls.key"),
+        &live.join("ca.crt"),
+    ))
+    .env("RUST_LOG", "info");
+    let coord = Proc::spawn("coordinator", cmd, dir.path())?;
+    let addr = coord.line_after("listening on ", Duration::from_secs(30))?;
+    let client_of = |t: &ringmoe_testkit::TlsFiles| {
+        ringmoe_proto::tls::TlsFiles {
+            cert: Some(t.client_cert.clone()),
+            key: Some(t.client_key.clone()),
+            ca: Some(t.ca.clone()),
+        }
+        .load(false)
+    };
+    let (old_client, new_client) = (client_of(&old)?, client_of(&new)?);
+    let rt = rt()?;
+    rt.block_on(async {
+        let list = |tls: Option<ringmoe_proto::tls::Tls>| {
+            let addr = addr.clone();
+            async move {
+                let mut c = client::connect_with(&addr, 1 << 20, None, tls.as_ref()).await?;
+                c.list_jobs(proto::ListJobsRequest {}).await?;
+                Ok::<_, tonic::Status>(())
+            }
+        };
+        list(old_client.clone()).await?;
+        ensure!(
+            list(new_client.clone()).await.is_err(),
+            "the new CA's client got in early"
+        );
+        let mut kept = client::connect_with(&addr, 1 << 20, None, old_client.as_ref()).await?;
+        kept.list_jobs(proto::ListJobsRequest {}).await?;
+        install(&new)?;
+        coord.signal("HUP")?;
+        let end = Instant::now() + Duration::from_secs(10);
+        while list(new_client.clone()).await.is_err() {
+            ensure!(Instant::now() < end, "the new certificate never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(
+            list(old_client.clone()).await.is_err(),
+            "the old CA's client still got in"
+        );
+        kept.list_jobs(proto::ListJobsRequest {}).await?;
+        anyhow::Ok(())
+    })
 }
