@@ -3,7 +3,7 @@
 //! which job.
 //!
 //! The file holds one client (a tenant) per line, `NAME sha256:HEX [admin] [max_input_tokens=N]
-//! [max_queued_jobs=N]`, where HEX is the SHA-256 of the client's token: the file holds no
+//! [max_queued_jobs=N] [max_jobs_per_minute=N]`, where HEX is the SHA-256 of the client's token: the file holds no
 //! secret, so it can live in a ConfigMap. `#` starts a comment. [`new_token`] makes a token and
 //! its line (`ringmoe token new NAME`). [`Auth::reload`] re-reads the file (on SIGHUP): a file
 //! that does not parse keeps the table in force, so a bad edit never locks every client out.
@@ -29,6 +29,8 @@ pub struct Tenant {
     pub max_input_tokens: Option<u64>,
     /// Most of its jobs queued or running at once.
     pub max_queued_jobs: Option<usize>,
+    /// Most jobs it may submit in any 60 s.
+    pub max_jobs_per_minute: Option<usize>,
 }
 
 /// Who is calling, once the request passed authentication.
@@ -154,6 +156,7 @@ impl TokenTable {
                 admin: false,
                 max_input_tokens: None,
                 max_queued_jobs: None,
+                max_jobs_per_minute: None,
             };
             for w in words {
                 let number = |v: &str| {
@@ -168,10 +171,13 @@ impl TokenTable {
                     Some(("max_queued_jobs", v)) => {
                         tenant.max_queued_jobs = Some(number(v)? as usize)
                     }
+                    Some(("max_jobs_per_minute", v)) => {
+                        tenant.max_jobs_per_minute = Some(number(v)? as usize)
+                    }
                     _ => {
                         return Err(bad(format!(
                             "unknown option '{w}' (known: admin, max_input_tokens=N, \
-                             max_queued_jobs=N)"
+                             max_queued_jobs=N, max_jobs_per_minute=N)"
                         )));
                     }
                 }
@@ -310,6 +316,46 @@ pub(crate) fn caller_of<T>(req: &tonic::Request<T>) -> Result<Caller, Status> {
         .ok_or_else(|| Status::internal("the request passed no authentication step"))
 }
 
+/// Each client's submissions of the last minute, for `max_jobs_per_minute`.
+#[derive(Debug, Default)]
+pub struct SubmissionRate {
+    recent: std::sync::Mutex<HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
+}
+
+impl SubmissionRate {
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Counts one submission by `tenant` at `now`, or refuses it (`RESOURCE_EXHAUSTED`, saying
+    /// when the next one is allowed) when the tenant's last minute is full.
+    pub fn admit(&self, tenant: &Tenant, now: std::time::Instant) -> Result<(), Status> {
+        let Some(most) = tenant.max_jobs_per_minute else {
+            return Ok(());
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let times = recent.entry(tenant.name.clone()).or_default();
+        while times
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= Self::WINDOW)
+        {
+            times.pop_front();
+        }
+        if times.len() >= most {
+            let wait = times
+                .front()
+                .map_or(Self::WINDOW, |t| Self::WINDOW.saturating_sub(now - *t));
+            return Err(Status::resource_exhausted(format!(
+                "client '{}' submitted {} jobs in the last minute, its limit \
+                 (max_jobs_per_minute={most}); the next is allowed in {} s",
+                tenant.name,
+                times.len(),
+                wait.as_secs() + 1
+            )));
+        }
+        times.push_back(now);
+        Ok(())
+    }
+}
+
 /// A fresh token for `name` and its tokens-file line: 32 random bytes from the system's
 /// source, hex, behind a `rmk_` prefix (so a leaked one is recognisable in a scan).
 pub fn new_token(name: &str) -> Result<(String, String), AuthError> {
@@ -348,7 +394,8 @@ mod tests {
                 name: "alice".into(),
                 admin: false,
                 max_input_tokens: Some(100),
-                max_queued_jobs: Some(2)
+                max_queued_jobs: Some(2),
+                max_jobs_per_minute: None,
             }
         );
         let b = t
@@ -358,6 +405,37 @@ mod tests {
         assert!(t.tenant("rmk_wrong").is_none());
         assert!(t.tenant(&ta[..ta.len() - 1]).is_none());
         Ok(())
+    }
+
+    #[test]
+    fn a_client_submits_at_most_its_rate_in_any_minute() {
+        let t = Tenant {
+            name: "a".into(),
+            admin: false,
+            max_input_tokens: None,
+            max_queued_jobs: None,
+            max_jobs_per_minute: Some(2),
+        };
+        let free = Tenant {
+            max_jobs_per_minute: None,
+            ..t.clone()
+        };
+        let rate = SubmissionRate::default();
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        assert!(rate.admit(&t, at(0)).is_ok() && rate.admit(&t, at(10)).is_ok());
+        let e = rate.admit(&t, at(20)).err();
+        assert_eq!(
+            e.as_ref().map(|s| s.code()),
+            Some(tonic::Code::ResourceExhausted)
+        );
+        assert!(e.is_some_and(|s| s.message().contains("allowed in 41 s")));
+        // The first submission leaves the window at 60 s.
+        assert!(rate.admit(&t, at(60)).is_ok());
+        assert!(rate.admit(&t, at(65)).is_err());
+        for _ in 0..100 {
+            assert!(rate.admit(&free, at(65)).is_ok());
+        }
     }
 
     #[test]
@@ -408,6 +486,7 @@ mod tests {
                 admin,
                 max_input_tokens: None,
                 max_queued_jobs: None,
+                max_jobs_per_minute: None,
             }))
         };
         assert!(t("a", false).sees(Some("a")));

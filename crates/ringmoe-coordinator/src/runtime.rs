@@ -68,6 +68,8 @@ pub(crate) struct Runtime {
     pub cfg: CoordinatorConfig,
     /// Upload slots (`--max-uploads`).
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// Each client's submissions of the last minute (`max_jobs_per_minute`).
+    pub submissions: crate::auth::SubmissionRate,
     /// Set when the coordinator stops (shutdown, or lost leadership): nothing more is applied,
     /// so nothing more is written to a store another leader may now own.
     stopped: std::sync::atomic::AtomicBool,
@@ -98,6 +100,7 @@ impl Runtime {
             membership,
             heartbeats,
             uploads: Arc::new(tokio::sync::Semaphore::new(cfg.max_uploads.max(1))),
+            submissions: crate::auth::SubmissionRate::default(),
             cfg,
             stopped: std::sync::atomic::AtomicBool::new(false),
         }

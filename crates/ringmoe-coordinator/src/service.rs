@@ -41,12 +41,14 @@ impl Coordinator {
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
-    /// Whether `caller` may queue one more job: its `max_queued_jobs`, counted over its
-    /// unfinished jobs (`RESOURCE_EXHAUSTED` naming the limit).
+    /// Whether `caller` may queue one more job: its `max_jobs_per_minute` (this attempt
+    /// counts), then its `max_queued_jobs` over its unfinished jobs (`RESOURCE_EXHAUSTED`
+    /// naming the limit).
     pub(crate) fn admit_caller(&self, caller: &Caller) -> Result<(), Status> {
         let Some(t) = caller.tenant() else {
             return Ok(());
         };
+        self.rt.submissions.admit(t, std::time::Instant::now())?;
         let Some(most) = t.max_queued_jobs else {
             return Ok(());
         };

@@ -272,7 +272,7 @@ fn tenants_authenticate_see_only_their_own_jobs_and_a_sighup_swaps_the_tokens() 
     ensure!(submit_cli(None, Some(&bob_file))?.status.success());
 
     // SIGHUP: carol in, bob out, without a restart; a broken file changes nothing.
-    std::fs::write(&tokens, format!("{la}\n{lc}\n"))?;
+    std::fs::write(&tokens, format!("{la}\n{lc} max_jobs_per_minute=1\n"))?;
     serve.signal("HUP")?;
     rt.block_on(async {
         let end = Instant::now() + Duration::from_secs(10);
@@ -288,6 +288,13 @@ fn tenants_authenticate_see_only_their_own_jobs_and_a_sighup_swaps_the_tokens() 
         }
         let mut b = as_client(&addr, Some(&bob)).await?;
         ensure!(code(b.list_jobs(proto::ListJobsRequest {}).await) == Some(Code::Unauthenticated));
+        // Carol may submit one job a minute.
+        let mut c = as_client(&addr, Some(&carol)).await?;
+        submit(&mut c, ids.clone(), 2).await?;
+        let again = submit(&mut c, ids.clone(), 2).await;
+        let msg = again.as_ref().err().map(|s| s.message().to_string());
+        ensure!(code(again) == Some(Code::ResourceExhausted), "{msg:?}");
+        ensure!(msg.is_some_and(|m| m.contains("max_jobs_per_minute=1")));
         anyhow::Ok(())
     })?;
     std::fs::write(&tokens, "carol sha256:broken\n")?;
