@@ -191,9 +191,9 @@ impl EtcdArgs {
 #[derive(Args, Debug)]
 pub struct AuthOpts {
     /// Admit only clients whose bearer token is listed here, one per line: `NAME sha256:HEX
-    /// [admin] [max_input_tokens=N] [max_queued_jobs=N] [max_jobs_per_minute=N]` (HEX: the token's SHA-256; `ringmoe
-    /// token new NAME` makes a token and its line). Each client sees only
-    /// its own jobs (an `admin` one sees all). Re-read on SIGHUP and when the file changes.
+    /// [admin] [max_input_tokens=N] [max_queued_jobs=N] [max_jobs_per_minute=N]` (HEX: the
+    /// token's SHA-256; `ringmoe token new NAME` makes a token and its line). Each client sees
+    /// only its own jobs (an `admin` one sees all). Re-read on SIGHUP and when the file changes.
     /// Unset: anyone who reaches the port is admitted.
     #[arg(long)]
     auth_tokens_file: Option<PathBuf>,
