@@ -125,8 +125,8 @@ pub fn shard_header(data: &[u8]) {
     let Ok(h) = ringmoe_proto::proto::ShardHeader::decode(data) else {
         return;
     };
-    // The K/V budget of a small worker: 1M tokens.
-    if let Ok(plan) = ringmoe_worker::plan_of_shard_header(&h, 1 << 20) {
+    // A small worker: K/V for 1M tokens in a 1 GiB budget.
+    if let Ok(plan) = ringmoe_worker::plan_of_shard_header(&h, 1 << 20, 1 << 30) {
         let mine = plan.positions(h.rank as usize);
         assert!(
             mine.len() as u64 <= (1 << 20) + 2,

@@ -60,8 +60,9 @@ use shard::{Shard, receive_shard};
 pub fn plan_of_shard_header(
     h: &proto::ShardHeader,
     max_tokens: u64,
+    kv_budget_bytes: u64,
 ) -> Result<ringmoe_plan::ShardPlan, Status> {
-    shard::plan_of(h, max_tokens)
+    shard::plan_of(h, max_tokens, kv_budget_bytes)
 }
 
 /// Errors that stop a worker process (a failing job is reported on its event stream instead).

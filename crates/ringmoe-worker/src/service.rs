@@ -143,7 +143,7 @@ impl WorkerService for Worker {
             let per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4).max(1) as u64;
             self.inner.kv_budget_bytes / per_token
         };
-        let shard = receive_shard(&mut stream, max_tokens)
+        let shard = receive_shard(&mut stream, max_tokens, self.inner.kv_budget_bytes)
             .instrument(span.clone())
             .await?;
         let n = shard.tokens.len() as u64;

@@ -38,9 +38,17 @@ fn largest_shard(len: u64, world: u64, kind: Sharding) -> u64 {
     }
 }
 
+/// Bytes of plan per position of the whole sequence: the plan lists every rank's positions.
+const PLAN_BYTES_PER_POSITION: u64 = std::mem::size_of::<usize>() as u64;
+
 /// Checks a shard header against what this worker can hold and returns the plan it names.
-/// `max_tokens` is how many tokens of K/V this worker's budget holds for the loaded model.
-pub(crate) fn plan_of(h: &proto::ShardHeader, max_tokens: u64) -> Result<ShardPlan, Status> {
+/// `max_tokens` is how many tokens of K/V this worker's budget holds for the loaded model;
+/// `kv_budget_bytes` that budget, a quarter of which the plan itself may take.
+pub(crate) fn plan_of(
+    h: &proto::ShardHeader,
+    max_tokens: u64,
+    kv_budget_bytes: u64,
+) -> Result<ShardPlan, Status> {
     let kind = match proto::Sharding::try_from(h.sharding) {
         Ok(proto::Sharding::Zigzag) => Sharding::Zigzag,
         Ok(proto::Sharding::Contiguous) => Sharding::Contiguous,
@@ -80,6 +88,17 @@ pub(crate) fn plan_of(h: &proto::ShardHeader, max_tokens: u64) -> Result<ShardPl
             h.job_id, h.sequence_len
         )));
     }
+    // The plan holds every rank's positions, so its size follows the whole sequence, not this
+    // rank's shard: a header naming many ranks could otherwise make a small shard cost
+    // gigabytes of plan (a fuzzing find: 248M tokens over 1,006 ranks).
+    let most = kv_budget_bytes / 4 / PLAN_BYTES_PER_POSITION;
+    if h.sequence_len > most {
+        return Err(invalid(format!(
+            "job {}: a sequence of {} tokens needs a plan of that many positions, more than \
+             this worker's K/V budget allows ({most})",
+            h.job_id, h.sequence_len
+        )));
+    }
     let len = usize::try_from(h.sequence_len).map_err(|_| {
         invalid(format!(
             "job {}: sequence length {} does not fit",
@@ -93,6 +112,7 @@ pub(crate) fn plan_of(h: &proto::ShardHeader, max_tokens: u64) -> Result<ShardPl
 pub(crate) async fn receive_shard(
     stream: &mut Streaming<proto::ShardChunk>,
     max_tokens: u64,
+    kv_budget_bytes: u64,
 ) -> Result<Shard, Status> {
     let header = match stream.message().await? {
         Some(proto::ShardChunk {
@@ -100,7 +120,7 @@ pub(crate) async fn receive_shard(
         }) => h,
         _ => return Err(invalid("a shard stream starts with its header".into())),
     };
-    let plan = plan_of(&header, max_tokens)?;
+    let plan = plan_of(&header, max_tokens, kv_budget_bytes)?;
     let rank = header.rank as usize;
     let want = plan.positions(rank).len();
     let (mut tokens, mut targets) = (Vec::with_capacity(want), Vec::new());
@@ -154,13 +174,19 @@ mod tests {
             (header(0, 0, 100, z), "a world of 0 ranks"),
             (header(5, 4, 100, z), "rank 5 outside a world of 4"),
             (header(0, 2, 1 << 63, z), "K/V budget holds 1000"),
+            // Within the rank's budget, but a plan of 248M positions (found by fuzzing).
+            (
+                header(0, 1006, 248_000_000, proto::Sharding::Contiguous),
+                "needs a plan of that many positions",
+            ),
             (
                 header(0, 2, 100, proto::Sharding::Unspecified),
                 "names no sharding",
             ),
         ];
         for (h, needle) in cases {
-            let e = plan_of(&h, 1000).unwrap_err();
+            let max_tokens = if h.world == 1006 { 1 << 20 } else { 1000 };
+            let e = plan_of(&h, max_tokens, 1 << 30).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(
                 e.message().contains(needle),
@@ -171,7 +197,7 @@ mod tests {
         let mut bad = header(0, 2, 100, z);
         bad.sharding = 99;
         assert!(
-            plan_of(&bad, 1000)
+            plan_of(&bad, 1000, 1 << 30)
                 .unwrap_err()
                 .message()
                 .contains("unknown sharding 99")
@@ -184,7 +210,7 @@ mod tests {
             (proto::Sharding::Zigzag, Sharding::Zigzag),
             (proto::Sharding::Contiguous, Sharding::Contiguous),
         ] {
-            let p = plan_of(&header(1, 3, 1000, s), 1000).unwrap();
+            let p = plan_of(&header(1, 3, 1000, s), 1000, 1 << 30).unwrap();
             assert_eq!(p, ShardPlan::new(1000, 3, kind).unwrap());
             // The arithmetic bound is what the plan really does.
             let most = (0..3).map(|r| p.positions(r).len()).max().unwrap() as u64;
