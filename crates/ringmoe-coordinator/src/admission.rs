@@ -108,9 +108,6 @@ pub(crate) async fn admit(
     tenant: Option<&Tenant>,
     idle: std::time::Duration,
 ) -> Result<Admitted, Status> {
-    // A client that opens an upload and then sends nothing holds a slot: each message must come
-    // within `idle` of the one before.
-    let next = next_message;
     let limit_msg = |e: Status| -> Status {
         if e.code() == Code::OutOfRange || e.message().contains("too large") {
             invalid(format!(
@@ -122,7 +119,7 @@ pub(crate) async fn admit(
             invalid(format!("the upload stream broke: {}", e.message()))
         }
     };
-    let first = next(stream, idle).await?.map_err(limit_msg)?;
+    let first = next_message(stream, idle).await?.map_err(limit_msg)?;
     let Some(proto::SubmitJobRequest {
         part: Some(submit_job_request::Part::Spec(pspec)),
     }) = first
@@ -167,7 +164,7 @@ pub(crate) async fn admit(
             spec.model
         ))
     };
-    while let Some(m) = next(stream, idle).await?.map_err(limit_msg)? {
+    while let Some(m) = next_message(stream, idle).await?.map_err(limit_msg)? {
         match m.part {
             Some(submit_job_request::Part::Tokens(t)) => up.add_tokens(t.ids),
             Some(submit_job_request::Part::Text(b)) => up.add_text(b),
@@ -221,7 +218,8 @@ pub(crate) async fn admit(
     Ok(Admitted { spec, tokens })
 }
 
-/// The next message of an upload, or `DEADLINE_EXCEEDED` when none came within `idle`.
+/// The next message of an upload, or `DEADLINE_EXCEEDED` when none came within `idle`: a
+/// client that opens an upload and then sends nothing holds a slot only that long.
 async fn next_message(
     stream: &mut Streaming<proto::SubmitJobRequest>,
     idle: std::time::Duration,

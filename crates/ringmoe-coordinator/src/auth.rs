@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use ringmoe_proto::secret::hex;
 use tonic::Status;
 use tracing::warn;
 
@@ -88,14 +89,7 @@ pub enum AuthError {
 type Digest = [u8; 32];
 
 fn sha256(token: &str) -> Digest {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    ringmoe_proto::secret::sha256(token.as_bytes())
 }
 
 fn unhex(s: &str) -> Option<Digest> {
@@ -359,11 +353,7 @@ impl SubmissionRate {
 /// A fresh token for `name` and its tokens-file line: 32 random bytes from the system's
 /// source, hex, behind a `rmk_` prefix (so a leaked one is recognisable in a scan).
 pub fn new_token(name: &str) -> Result<(String, String), AuthError> {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| AuthError::Random)?;
+    let bytes = ringmoe_proto::secret::random_bytes().map_err(|_| AuthError::Random)?;
     let token = format!("rmk_{}", hex(&bytes));
     let line = format!("{name} sha256:{}", hex(&sha256(&token)));
     Ok((token, line))

@@ -74,12 +74,9 @@ pub async fn connect(
 /// A fresh data-plane token for one run: 32 bytes from the system's random source, handed to
 /// the run's workers in `PrepareJob` and presented in every data-plane hello.
 fn data_token() -> Result<Vec<u8>, JobError> {
-    use ring::rand::SecureRandom;
-    let mut t = vec![0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut t)
-        .map_err(|_| JobError::Internal("the system's random source failed".into()))?;
-    Ok(t)
+    ringmoe_proto::secret::random_bytes()
+        .map(|t| t.to_vec())
+        .map_err(|e| JobError::Internal(e.to_string()))
 }
 
 /// Runs `f` on every worker concurrently; results by rank, or the first error.

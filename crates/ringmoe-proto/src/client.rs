@@ -91,14 +91,7 @@ async fn channel(addr: &str, tls: Option<&Tls>) -> Result<Channel, Status> {
         .connect()
         .await
         .map_err(|e| {
-            // The transport error's source says why (a refused connection, a certificate).
-            let mut why = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                why = format!("{why}: {s}");
-                src = s.source();
-            }
-            Status::unavailable(format!("connecting to {addr}: {why}"))
+            Status::unavailable(format!("connecting to {addr}: {}", crate::error_chain(&e)))
         })
 }
 

@@ -20,3 +20,15 @@ pub use server::ServerOptions;
 #[derive(Debug, thiserror::Error)]
 #[error("gRPC server: {0}")]
 pub struct ServeError(pub String);
+
+/// `e` and every error under it, joined by `: ` (a transport error's own text rarely says why:
+/// a refused connection, a certificate the peer would not take).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out = format!("{out}: {s}");
+        src = s.source();
+    }
+    out
+}

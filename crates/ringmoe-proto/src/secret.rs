@@ -39,11 +39,27 @@ pub enum SecretError {
     Random,
 }
 
-fn digest(b: &[u8]) -> [u8; 32] {
+/// SHA-256 of `b` (what the cluster secret and client tokens are compared and stored as).
+pub fn sha256(b: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, b);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+/// 32 bytes from the system's random source (secrets, client tokens, data-plane tokens).
+pub fn random_bytes() -> Result<[u8; 32], SecretError> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| SecretError::Random)?;
+    Ok(b)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The cluster secret both ends hold.
@@ -69,7 +85,7 @@ impl ClusterSecret {
         }
         Ok(Self {
             value: text.parse().map_err(|_| weak())?,
-            digest: digest(text.as_bytes()),
+            digest: sha256(text.as_bytes()),
         })
     }
 
@@ -86,18 +102,12 @@ impl ClusterSecret {
     /// A fresh random secret, for a cluster in one process (`serve`): its loopback ports are
     /// then closed to every other process.
     pub fn random() -> Result<Self, SecretError> {
-        use ring::rand::SecureRandom;
-        let mut b = [0u8; 32];
-        ring::rand::SystemRandom::new()
-            .fill(&mut b)
-            .map_err(|_| SecretError::Random)?;
-        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        Self::new(&hex, "a random secret")
+        Self::new(&hex(&random_bytes()?), "a random secret")
     }
 
     /// Whether `presented` is this secret.
     fn admits(&self, presented: &[u8]) -> bool {
-        digest(presented) == self.digest
+        sha256(presented) == self.digest
     }
 }
 

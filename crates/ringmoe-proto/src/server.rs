@@ -27,13 +27,6 @@ impl Default for ServerOptions {
     }
 }
 
-impl ServerOptions {
-    /// An endpoint for `addr` with this process's client TLS, if any.
-    pub fn endpoint(&self, addr: &str) -> Result<tonic::transport::Endpoint, crate::tls::TlsError> {
-        crate::tls::endpoint(addr, self.tls.as_ref())
-    }
-}
-
 /// Locks a mutex in a gRPC handler; a poisoned one (a panic elsewhere) becomes an internal
 /// error for this request, not a panic that takes the server down.
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, tonic::Status> {

@@ -141,12 +141,7 @@ pub(crate) async fn heartbeat(
     let mut quiet_until: Option<Instant> = None;
     let failed = |quiet_until: &mut Option<Instant>, what: &str, e: &dyn std::error::Error| {
         if quiet_until.is_none_or(|t| Instant::now() >= t) {
-            let mut why = e.to_string();
-            let mut src = e.source();
-            while let Some(s) = src {
-                why = format!("{why}: {s}");
-                src = s.source();
-            }
+            let why = ringmoe_proto::error_chain(e);
             warn!(coordinator, error = %why, "{what}");
             *quiet_until = Some(Instant::now() + Duration::from_secs(30));
         }

@@ -6,6 +6,8 @@ mod forward;
 mod gpu_check;
 mod moe_bench;
 mod ring_bench;
+mod security_opts;
+mod submit_cmd;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -47,7 +49,7 @@ enum Cmd {
     /// Coordinator and N workers on this machine: the cluster with nothing else installed.
     Serve(cluster_cmd::ServeArgs),
     /// Submit a job to a coordinator, follow its progress and print the result.
-    Submit(cluster_cmd::SubmitArgs),
+    Submit(submit_cmd::SubmitArgs),
     /// Exits 0 when a server's `grpc.health.v1` reports it serving (a container health check).
     Health(cluster_cmd::HealthArgs),
     /// The cluster's coordinator: accepts jobs over gRPC and drives them over the workers.
@@ -56,7 +58,7 @@ enum Cmd {
     Worker(cluster_cmd::WorkerArgs),
     /// Client tokens for `--auth-tokens-file`.
     #[command(subcommand)]
-    Token(cluster_cmd::TokenCmd),
+    Token(security_opts::TokenCmd),
     /// Checks the CUDA kernels against the CPU ones and times attention (needs `--features cuda`
     /// and an NVIDIA GPU; see scripts/gpu-check.sh).
     GpuCheck(gpu_check::GpuCheckArgs),
@@ -234,11 +236,11 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Moe(a)) => moe_bench::run(a),
         Cmd::Bench(BenchCmd::CommRank(a)) => comm_bench::run_rank(a),
         Cmd::Serve(a) => cluster_cmd::serve(a),
-        Cmd::Submit(a) => cluster_cmd::submit(a),
+        Cmd::Submit(a) => submit_cmd::submit(a),
         Cmd::Health(a) => cluster_cmd::health(a),
         Cmd::Coordinator(a) => cluster_cmd::coordinator(a),
         Cmd::Worker(a) => cluster_cmd::worker(a),
-        Cmd::Token(cluster_cmd::TokenCmd::New(a)) => cluster_cmd::token_new(a),
+        Cmd::Token(security_opts::TokenCmd::New(a)) => security_opts::token_new(a),
         Cmd::GpuCheck(a) => gpu_check::run(a),
     }
 }

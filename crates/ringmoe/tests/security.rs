@@ -317,21 +317,40 @@ fn tenants_authenticate_see_only_their_own_jobs_and_a_sighup_swaps_the_tokens() 
     Ok(())
 }
 
+/// Runs a server command that must refuse to start because of `what`: its stderr, once it
+/// exited non-zero. A server that started anyway (and would serve until killed) is killed
+/// after 30 s and fails the test.
+fn refused_at_start(mut cmd: Command, what: &str) -> Result<String> {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let end = Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > end {
+            child.kill()?;
+            bail!("the server started with {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    ensure!(!out.status.success(), "the server exited 0 with {what}");
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[test]
 fn a_malformed_tokens_file_stops_the_server_at_start() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "alice sha256:abc\n")?;
-    let out = Command::new(BIN)
-        .args(["coordinator", "--addr", "127.0.0.1:0", "--store"])
+    let mut cmd = Command::new(BIN);
+    cmd.args(["coordinator", "--addr", "127.0.0.1:0", "--store"])
         .arg(dir.path().join("store"))
         .arg("--model")
         .arg(fixture("mixtral-tiny"))
         .arg("--auth-tokens-file")
-        .arg(&tokens)
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success(), "started with a broken tokens file");
+        .arg(&tokens);
+    let err = refused_at_start(cmd, "a broken tokens file")?;
     ensure!(
         err.contains("line 1") && err.contains("64 hex digits"),
         "{err}"
@@ -515,38 +534,21 @@ fn serve_refuses_a_truncated_checkpoint_at_start() -> Result<()> {
         model.join("model.safetensors"),
         &weights[..weights.len() / 2],
     )?;
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--workers",
-            "1",
-            "--addr",
-            "127.0.0.1:0",
-            "--no-http",
-        ])
-        .arg("--no-metrics")
-        .arg("--store")
-        .arg(dir.path().join("store"))
-        .arg("--model")
-        .arg(&model)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    // A serve that accepted the checkpoint would run until killed.
-    let end = Instant::now() + Duration::from_secs(30);
-    while child.try_wait()?.is_none() {
-        if Instant::now() > end {
-            child.kill()?;
-            bail!("serve started on a truncated checkpoint");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success(),
-        "serve exited 0 on a truncated checkpoint"
-    );
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "serve",
+        "--workers",
+        "1",
+        "--addr",
+        "127.0.0.1:0",
+        "--no-http",
+    ])
+    .arg("--no-metrics")
+    .arg("--store")
+    .arg(dir.path().join("store"))
+    .arg("--model")
+    .arg(&model);
+    let err = refused_at_start(cmd, "a truncated checkpoint")?;
     ensure!(
         err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
         "{err}"
