@@ -181,10 +181,15 @@ pub fn ring_attention_mode(
         if mine.iter().any(|&x| x) {
             stats.blocks_computed += 1;
             let (kb, vb) = kv.split_at(block_pos.len() * width);
-            // In pieces of queries bounded by the pairs they may score, checking between pieces
-            // that the group still stands (a cancelled job aborts its communicator): a huge
-            // block then stops within one piece's time, not one block's.
-            let rows = query_rows_per_piece(block_pos.len());
+            // Dense attention (quadratic in the block) in pieces of queries bounded by the pairs
+            // they may score, checking between pieces that the group still stands (a cancelled
+            // job aborts its communicator): a huge block then stops within one piece's time, not
+            // one block's. Sparse patterns score a bounded number of keys per query and gather
+            // their columns per call, so they run as one piece.
+            let rows = match mask {
+                Sparsity::Dense => query_rows_per_piece(block_pos.len()),
+                _ => q_pos.len().max(1),
+            };
             let (qw, hw) = (params.n_heads * params.head_dim, params.n_heads);
             for r0 in (0..q_pos.len()).step_by(rows) {
                 comm.ensure_live()?;
