@@ -374,8 +374,28 @@ impl ClusterService for Coordinator {
         &self,
         req: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let certs = req.peer_certs();
         let r = req.into_inner();
-        check_worker_addr(&r.worker_addr)?;
+        let host = check_worker_addr(&r.worker_addr)?;
+        // Under mTLS the worker's certificate (which the cluster CA signed) must name the host
+        // it registers: one worker's certificate cannot put another address into the cluster.
+        if let Some(certs) = certs {
+            let named = certs.first().map_or_else(
+                || Err("no certificate was presented".to_string()),
+                |c| ringmoe_proto::tls::certificate_names(c, host),
+            );
+            if let Err(why) = named {
+                tracing::warn!(
+                    worker = %r.worker_addr,
+                    %why,
+                    "refused a heartbeat: its certificate does not name its address"
+                );
+                return Err(Status::unauthenticated(format!(
+                    "the heartbeat registers {}, but {why}",
+                    r.worker_addr
+                )));
+            }
+        }
         // A budget that cannot hold one token of a served model can hold no job, and would
         // only shrink the cluster's capacity to nothing.
         let one_token = self
@@ -415,8 +435,9 @@ impl ClusterService for Coordinator {
 }
 
 /// A heartbeat's `worker_addr` must be `HOST:PORT` (a name or an IP, a port above 0), or a URL
-/// of that form: the coordinator will connect to it.
-fn check_worker_addr(addr: &str) -> Result<(), Status> {
+/// of that form: the coordinator will connect to it. Returns the host (brackets of an IPv6
+/// address removed).
+fn check_worker_addr(addr: &str) -> Result<&str, Status> {
     let bad = |why: &str| {
         Err(Status::invalid_argument(format!(
             "the heartbeat's worker address {addr:?} {why}; it must be HOST:PORT"
@@ -441,7 +462,7 @@ fn check_worker_addr(addr: &str) -> Result<(), Status> {
     if !name_ok {
         return bad("has no valid host");
     }
-    Ok(())
+    Ok(host)
 }
 
 #[cfg(test)]

@@ -218,3 +218,76 @@ pub fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, TlsError> {
         None => Ok(e),
     }
 }
+
+/// Checks that `cert` (a peer's certificate, DER) names `host` as a client dialing `host`
+/// would: a DNS-name SAN matching a name, an IP-address SAN matching an address. The
+/// coordinator holds a worker's heartbeat to this, so a worker certificate signed by the
+/// cluster CA for one host cannot register another host's address.
+pub fn certificate_names(
+    cert: &rustls::pki_types::CertificateDer<'_>,
+    host: &str,
+) -> Result<(), String> {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let name = rustls::pki_types::ServerName::try_from(host)
+        .map_err(|e| format!("{host:?} is not a DNS name or an IP address: {e}"))?;
+    let cert = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| format!("the certificate cannot be parsed: {e}"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|e| format!("the certificate is not valid for {host}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// A self-signed certificate with `san` (an openssl `subjectAltName` value).
+    fn cert(dir: &Path, san: &str) -> Result<CertificateDer<'static>, Box<dyn std::error::Error>> {
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=worker", "-addext"])
+            .arg(format!("subjectAltName={san}"))
+            .arg("-keyout")
+            .arg(dir.join("k.pem"))
+            .arg("-out")
+            .arg(dir.join("c.pem"))
+            .output()?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into());
+        }
+        Ok(CertificateDer::from_pem_slice(&std::fs::read(
+            dir.join("c.pem"),
+        )?)?)
+    }
+
+    #[test]
+    fn a_certificate_names_only_the_hosts_in_its_sans() -> TestResult {
+        let dir = std::env::temp_dir().join(format!("ringmoe-tls-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let c = cert(&dir, "IP:10.0.0.7,DNS:worker-3.ringmoe.svc,IP:::1");
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = c?;
+        for ok in ["10.0.0.7", "worker-3.ringmoe.svc", "[::1]", "::1"] {
+            certificate_names(&c, ok).map_err(|e| format!("{ok}: {e}"))?;
+        }
+        for no in [
+            "10.0.0.8",
+            "127.0.0.1",
+            "worker-4.ringmoe.svc",
+            "worker",
+            "not a host!",
+        ] {
+            if certificate_names(&c, no).is_ok() {
+                return Err(format!("{no} passed").into());
+            }
+        }
+        Ok(())
+    }
+}

@@ -55,53 +55,12 @@ fn openssl(dir: &std::path::Path, args: &[&str]) -> std::io::Result<()> {
 /// 127.0.0.1 and localhost and for both server and client use.
 pub fn make_certs(dir: &std::path::Path) -> std::io::Result<TlsFiles> {
     std::fs::create_dir_all(dir)?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
     let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=ringmoe-test-ca"];
-    ca.extend(ec);
+    ca.extend(EC_KEY);
     ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
     openssl(dir, &ca)?;
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )?;
     for name in ["server", "client"] {
-        let (key, csr, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-        );
-        let subj = format!("/CN={name}");
-        let mut req = vec!["req", "-new", "-subj", &subj];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr]);
-        openssl(dir, &req)?;
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-                "-out",
-                &pem,
-            ],
-        )?;
+        sign_cert(dir, name, "IP:127.0.0.1,DNS:localhost")?;
     }
     Ok(TlsFiles {
         ca: dir.join("ca.pem"),
@@ -111,6 +70,64 @@ pub fn make_certs(dir: &std::path::Path) -> std::io::Result<TlsFiles> {
         client_key: dir.join("client.key"),
     })
 }
+
+/// A certificate `NAME.pem` (key `NAME.key`) signed by the CA [`make_certs`] made in `dir`,
+/// for server and client use, valid for `san` (an openssl `subjectAltName` value such as
+/// `IP:127.0.0.1,DNS:localhost`). Returns the certificate's and the key's paths.
+pub fn sign_cert(
+    dir: &std::path::Path,
+    name: &str,
+    san: &str,
+) -> std::io::Result<(PathBuf, PathBuf)> {
+    let ext = format!("{name}.cnf");
+    std::fs::write(
+        dir.join(&ext),
+        format!(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={san}\n"
+        ),
+    )?;
+    let (key, csr, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    let subj = format!("/CN={name}");
+    let mut req = vec!["req", "-new", "-subj", &subj];
+    req.extend(EC_KEY);
+    req.extend(["-keyout", &key, "-out", &csr]);
+    openssl(dir, &req)?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ],
+    )?;
+    Ok((dir.join(pem), dir.join(key)))
+}
+
+/// openssl arguments for a fresh P-256 key without a passphrase.
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
 
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

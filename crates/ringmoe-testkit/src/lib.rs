@@ -9,7 +9,7 @@
 pub mod etcd;
 pub mod process;
 
-pub use etcd::{Etcd, TlsFiles, make_certs};
+pub use etcd::{Etcd, TlsFiles, make_certs, sign_cert};
 pub use process::Proc;
 
 use std::path::{Path, PathBuf};

@@ -219,6 +219,10 @@ struct Inner {
     models: HashMap<String, std::path::PathBuf>,
     /// Canonical model roots (empty: no confinement).
     model_roots: Vec<std::path::PathBuf>,
+    /// True when placements come from a membership store: `LoadModel` is then refused, so the
+    /// placement this worker holds is always the one it acknowledged in its record (an RPC could
+    /// otherwise change it under the same version, behind the coordinator's back).
+    follows_store: bool,
 }
 
 #[derive(Clone)]
@@ -312,6 +316,7 @@ impl Worker {
                         })
                     })
                     .collect::<Result<_, _>>()?,
+                follows_store: matches!(cfg.registry, Registry::Membership(_)),
             }),
         })
     }

@@ -37,6 +37,12 @@ impl WorkerService for Worker {
         );
         let r = req.into_inner();
         span.record("model", r.model.as_str());
+        if self.inner.follows_store {
+            return Err(Status::failed_precondition(
+                "this worker follows the placements published in its membership store (etcd) \
+                 and acknowledges them there; LoadModel is for workers that heartbeat",
+            ));
+        }
         let placement = Placement::from_json(&r.placement_json)
             .map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
         let (load_secs, cached) = self

@@ -870,6 +870,35 @@ fn placements_live_in_etcd_and_a_joining_worker_is_used_from_the_next_job() -> R
     score_matches_engine(&rt, &c.addr, &mine, random_ids(120, 384, 32), "second job")?;
     ensure!(rt.block_on(placement_in_etcd(&etcd))?.0 == p1);
 
+    // A worker that follows etcd takes its placement only from there: LoadModel, which could
+    // change its experts under the acknowledged version, is refused.
+    let w0 = workers
+        .first()
+        .map(|w| w.addr.clone())
+        .context("no worker records")?;
+    let refused = rt.block_on(async {
+        let mut w =
+            proto::worker_service_client::WorkerServiceClient::connect(format!("http://{w0}"))
+                .await?;
+        let mut other = ringmoe_parallel::Placement::round_robin(2, experts, 2)?;
+        other.version = p1.version;
+        let r = w
+            .load_model(proto::LoadModelRequest {
+                model: "m".into(),
+                path: mine.display().to_string(),
+                placement_json: other.to_json(),
+                worker_index: 0,
+            })
+            .await;
+        anyhow::Ok(r.err().map(|s| (s.code(), s.message().to_string())))
+    })?;
+    ensure!(
+        refused
+            .as_ref()
+            .is_some_and(|(c, m)| *c == Code::FailedPrecondition && m.contains("membership store")),
+        "{refused:?}"
+    );
+
     // A third worker joins between jobs: the next job places experts over all three.
     c.workers
         .push(start_worker(&c.addr, 2, &worker_args, c.dir.path())?);

@@ -499,13 +499,48 @@ fn the_control_plane_admits_only_holders_of_the_cluster_secret() -> Result<()> {
 
     // A second member joins, and a job runs over A and D: the coordinator's calls carry the
     // secret and the workers' data plane the job's token.
-    let (_d, _) = worker("worker-d", Some(&secret))?;
+    let (_d, d_addr) = worker("worker-d", Some(&secret))?;
+    // The coordinator ranks workers by id (their address).
+    let a_rank = u32::from(d_addr < a_addr);
     rt.block_on(async {
         let mut c = as_client(&addr, None).await?;
-        let id = submit(&mut c, (0..40).map(|i| (i * 7 + 3) % 300).collect(), 6).await?;
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
+        let id = submit(&mut c, prompt.clone(), 6).await?;
         let last = client::watch(&mut c, id, |_| {}).await?;
         ensure!(last.phase() == JobPhase::Done, "{last:?}");
         ensure!(live_workers(&addr).await? == 2);
+        let first = client::result(&mut c, id).await?;
+
+        // Self-healing: an authenticated LoadModel gives worker A another placement under the
+        // published version (1) and its own rank. The coordinator sends its placement with every run and A
+        // reloads what differs, so the next job runs on the published placement and gives the
+        // same tokens.
+        let ch = tonic::transport::Channel::from_shared(format!("http://{a_addr}"))?
+            .connect()
+            .await?;
+        let mut w = WorkerServiceClient::with_interceptor(ch, Credential::new(Some(held.clone())));
+        let mut other = ringmoe_parallel::Placement::round_robin(2, 8, 2)?;
+        other.version = 1;
+        let rogue = w
+            .load_model(proto::LoadModelRequest {
+                model: "m".into(),
+                path: copy.display().to_string(),
+                placement_json: other.to_json(),
+                worker_index: a_rank,
+            })
+            .await?
+            .into_inner();
+        ensure!(!rogue.cached, "worker A did not take the divergent placement");
+        let id = submit(&mut c, prompt, 6).await?;
+        let last = client::watch(&mut c, id, |_| {}).await?;
+        ensure!(
+            last.phase() == JobPhase::Done,
+            "after a divergent LoadModel: {last:?}"
+        );
+        ensure!(
+            client::result(&mut c, id).await? == first,
+            "the job after a divergent LoadModel gave other tokens"
+        );
         anyhow::Ok(())
     })?;
     let log = std::fs::read_to_string(dir.path().join("coordinator.log"))?;
@@ -691,8 +726,17 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
         p.line_after("listening on ", Duration::from_secs(30))?;
         Ok(p)
     };
+    // A certificate the cluster CA signed, but for another host than the one it registers.
+    let (cert, key) =
+        ringmoe_testkit::sign_cert(&dir.path().join("ca"), "elsewhere", "DNS:elsewhere.example")?;
+    let elsewhere = ringmoe_testkit::TlsFiles {
+        client_cert: cert,
+        client_key: key,
+        ..ours.clone()
+    };
     let _w0 = worker("worker-0", &ours)?;
     let _rogue = worker("worker-rogue", &theirs)?;
+    let _impostor = worker("worker-impostor", &elsewhere)?;
     let _w1 = worker("worker-1", &ours)?;
     let client_tls = |cert: Option<(&Path, &Path)>, ca: &Path| {
         ringmoe_proto::tls::TlsFiles {
@@ -733,7 +777,7 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
         tokio::time::sleep(Duration::from_secs(1)).await;
         ensure!(
             list(good.clone()).await? == 2,
-            "the rogue worker registered"
+            "the rogue or the impostor worker registered"
         );
         // A job over mTLS control-plane hops.
         let mut c = client::connect_with(&addr, 16 << 20, None, good.as_ref()).await?;
@@ -779,6 +823,16 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
     ensure!(
         log.contains("heartbeat"),
         "the rogue worker's log says nothing of its heartbeats"
+    );
+    let log = std::fs::read_to_string(dir.path().join("worker-impostor.log"))?;
+    ensure!(
+        log.contains("the certificate is not valid for 127.0.0.1"),
+        "the impostor's log does not say why it was refused"
+    );
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log"))?;
+    ensure!(
+        log.contains("its certificate does not name its address"),
+        "the coordinator did not log the impostor"
     );
     Ok(())
 }
