@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wire safetensors config tokenizer shard_header openai)
+[ ${#targets[@]} -gt 0 ] || targets=(wire safetensors config tokenizer shard_header openai upload)
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "cargo fuzz needs a nightly toolchain (rustup toolchain install nightly); the corpora are replayed on stable by the ringmoe-fuzz tests" >&2
   exit 2

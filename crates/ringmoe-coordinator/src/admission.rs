@@ -60,7 +60,8 @@ impl Upload<'_> {
 }
 
 /// An admitted job: its spec and its input tokens.
-pub(crate) struct Admitted {
+#[derive(Debug)]
+pub struct Admitted {
     pub spec: JobSpec,
     pub tokens: Vec<u32>,
 }
@@ -97,9 +98,173 @@ pub(crate) fn check_length(
     Ok(())
 }
 
-/// Reads and checks a `SubmitJob` stream. `models` are the served models; `workers` the live
-/// workers whose K/V budgets bound the job (none yet: the job queues, and its length is
-/// checked when it runs).
+/// The admission of one upload as a state machine: [`Admission::push`] each message as it
+/// arrives (the spec first), then [`Admission::finish`]. Synchronous and free of I/O, so the
+/// gRPC upload, the tests and the `upload` fuzz target drive the same code.
+pub struct Admission<'a> {
+    models: &'a std::collections::HashMap<String, ServedModel>,
+    workers: &'a [ringmoe_membership::WorkerRecord],
+    tenant: Option<&'a Tenant>,
+    /// `None` until the spec arrived.
+    job: Option<Receiving<'a>>,
+}
+
+/// An upload past its spec.
+struct Receiving<'a> {
+    spec: JobSpec,
+    declared: u64,
+    up: Upload<'a>,
+    /// K/V capacity of the live workers in tokens, and tokens the job generates.
+    capacity: u64,
+    extra: u64,
+}
+
+impl<'a> Admission<'a> {
+    /// An upload for one of `models` (the served models), bounded by the K/V budgets of
+    /// `workers` (none yet: the job queues, and its length is checked when it runs) and by
+    /// `tenant`'s own limits.
+    pub fn new(
+        models: &'a std::collections::HashMap<String, ServedModel>,
+        workers: &'a [ringmoe_membership::WorkerRecord],
+        tenant: Option<&'a Tenant>,
+    ) -> Self {
+        Self {
+            models,
+            workers,
+            tenant,
+            job: None,
+        }
+    }
+
+    /// Takes the upload's next message; an error ends the upload.
+    pub fn push(&mut self, m: proto::SubmitJobRequest) -> Result<(), Status> {
+        let Some(job) = self.job.as_mut() else {
+            let Some(submit_job_request::Part::Spec(pspec)) = m.part else {
+                return Err(invalid(
+                    "a job upload starts with the job spec (the spec is missing)",
+                ));
+            };
+            self.job = Some(self.start(&pspec)?);
+            return Ok(());
+        };
+        match m.part {
+            Some(submit_job_request::Part::Tokens(t)) => job.up.add_tokens(t.ids),
+            Some(submit_job_request::Part::Text(b)) => job.up.add_text(b),
+            Some(submit_job_request::Part::Spec(_)) => Err(invalid("a second job spec")),
+            None => Err(invalid("an empty upload message")),
+        }?;
+        // Refuse as soon as the upload outgrows the cluster, not after buffering all of it.
+        if job.up.tokens.len() as u64 > job.up.limit {
+            return Err(job.capacity_error(job.up.tokens.len(), self.workers.len()));
+        }
+        // Text, at a few bytes per token, may run 16 bytes a token before it is hopeless.
+        let sent = job.up.tokens.len().max(job.up.text.len() / 16);
+        check_tenant_input(self.tenant, sent)
+    }
+
+    fn start(&self, pspec: &proto::JobSpec) -> Result<Receiving<'a>, Status> {
+        let spec = spec_from_proto(pspec).map_err(invalid)?;
+        let models = self.models;
+        let model = models.get(&spec.model).ok_or_else(|| {
+            let mut known: Vec<&str> = models.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            invalid(format!(
+                "unknown model '{}'; this coordinator serves: {}",
+                spec.model,
+                known.join(", ")
+            ))
+        })?;
+        let extra = match spec.mode {
+            JobMode::Generate { max_new_tokens, .. } => u64::from(max_new_tokens),
+            JobMode::Score => 0,
+        };
+        let capacity = capacity(model.kv_bytes_per_token(), self.workers);
+        let limit = if self.workers.is_empty() {
+            u64::MAX
+        } else {
+            capacity.saturating_sub(extra)
+        };
+        Ok(Receiving {
+            spec,
+            declared: pspec.input_length,
+            up: Upload {
+                model,
+                tokens: Vec::new(),
+                text: Vec::new(),
+                limit,
+            },
+            capacity,
+            extra,
+        })
+    }
+
+    /// The stream ended: the declared length, the text's encoding and tokens, and the job's
+    /// length against its mode, the tenant and the workers.
+    pub fn finish(self) -> Result<Admitted, Status> {
+        let Some(Receiving {
+            spec, declared, up, ..
+        }) = self.job
+        else {
+            return Err(invalid(
+                "a job upload starts with the job spec (the spec is missing)",
+            ));
+        };
+        let got = if up.text.is_empty() {
+            up.tokens.len()
+        } else {
+            up.text.len()
+        } as u64;
+        if declared != 0 && declared != got {
+            let unit = if up.text.is_empty() {
+                "tokens"
+            } else {
+                "bytes"
+            };
+            return Err(invalid(format!(
+                "the spec declared {declared} {unit} of input but the stream ended after {got}"
+            )));
+        }
+        let model = up.model;
+        let tokens = if up.text.is_empty() {
+            up.tokens
+        } else {
+            let text = std::str::from_utf8(&up.text).map_err(|e| {
+                invalid(format!(
+                    "the input text is not valid UTF-8 (at byte {})",
+                    e.valid_up_to()
+                ))
+            })?;
+            let tok = model.tokenizer.as_ref().ok_or_else(|| {
+                invalid(format!(
+                    "model '{}' has no tokenizer.json; send token ids instead of text",
+                    spec.model
+                ))
+            })?;
+            tok.encode(text, true)
+                .map_err(|e| invalid(format!("tokenizing the input: {e}")))?
+        };
+        check_tenant_input(self.tenant, tokens.len())?;
+        check_length(&spec, tokens.len(), model, self.workers)?;
+        Ok(Admitted { spec, tokens })
+    }
+}
+
+impl Receiving<'_> {
+    fn capacity_error(&self, n: usize, workers: usize) -> Status {
+        invalid(format!(
+            "the job needs K/V for {} tokens ({n} input + {} to generate) but the cluster \
+             holds {} ({workers} workers; {} bytes per token for {})",
+            n as u64 + self.extra,
+            self.extra,
+            self.capacity,
+            self.up.model.kv_bytes_per_token(),
+            self.spec.model
+        ))
+    }
+}
+
+/// Reads and checks a `SubmitJob` stream (see [`Admission`]); a pause longer than `idle`
+/// between messages ends it.
 pub(crate) async fn admit(
     stream: &mut Streaming<proto::SubmitJobRequest>,
     models: &std::collections::HashMap<String, ServedModel>,
@@ -119,103 +284,11 @@ pub(crate) async fn admit(
             invalid(format!("the upload stream broke: {}", e.message()))
         }
     };
-    let first = next_message(stream, idle).await?.map_err(limit_msg)?;
-    let Some(proto::SubmitJobRequest {
-        part: Some(submit_job_request::Part::Spec(pspec)),
-    }) = first
-    else {
-        return Err(invalid(
-            "a job upload starts with the job spec (the spec is missing)",
-        ));
-    };
-    let spec = spec_from_proto(&pspec).map_err(invalid)?;
-    let model = models.get(&spec.model).ok_or_else(|| {
-        let mut known: Vec<&str> = models.keys().map(String::as_str).collect();
-        known.sort_unstable();
-        invalid(format!(
-            "unknown model '{}'; this coordinator serves: {}",
-            spec.model,
-            known.join(", ")
-        ))
-    })?;
-    let extra = match spec.mode {
-        JobMode::Generate { max_new_tokens, .. } => u64::from(max_new_tokens),
-        JobMode::Score => 0,
-    };
-    let capacity = capacity(model.kv_bytes_per_token(), workers);
-    let n_workers = workers.len();
-    let limit = if n_workers == 0 {
-        u64::MAX
-    } else {
-        capacity.saturating_sub(extra)
-    };
-    let mut up = Upload {
-        model,
-        tokens: Vec::new(),
-        text: Vec::new(),
-        limit,
-    };
-    let capacity_error = |n: usize| {
-        invalid(format!(
-            "the job needs K/V for {} tokens ({n} input + {extra} to generate) but the cluster \
-             holds {capacity} ({n_workers} workers; {} bytes per token for {})",
-            n as u64 + extra,
-            model.kv_bytes_per_token(),
-            spec.model
-        ))
-    };
+    let mut adm = Admission::new(models, workers, tenant);
     while let Some(m) = next_message(stream, idle).await?.map_err(limit_msg)? {
-        match m.part {
-            Some(submit_job_request::Part::Tokens(t)) => up.add_tokens(t.ids),
-            Some(submit_job_request::Part::Text(b)) => up.add_text(b),
-            Some(submit_job_request::Part::Spec(_)) => Err(invalid("a second job spec")),
-            None => Err(invalid("an empty upload message")),
-        }?;
-        // Refuse as soon as the upload outgrows the cluster, not after buffering all of it.
-        if up.tokens.len() as u64 > limit {
-            return Err(capacity_error(up.tokens.len()));
-        }
-        // Text, at a few bytes per token, may run 16 bytes a token before it is hopeless.
-        let sent = up.tokens.len().max(up.text.len() / 16);
-        check_tenant_input(tenant, sent)?;
+        adm.push(m)?;
     }
-    let declared = pspec.input_length;
-    let got = if up.text.is_empty() {
-        up.tokens.len()
-    } else {
-        up.text.len()
-    } as u64;
-    if declared != 0 && declared != got {
-        let unit = if up.text.is_empty() {
-            "tokens"
-        } else {
-            "bytes"
-        };
-        return Err(invalid(format!(
-            "the spec declared {declared} {unit} of input but the stream ended after {got}"
-        )));
-    }
-    let tokens = if up.text.is_empty() {
-        up.tokens
-    } else {
-        let text = std::str::from_utf8(&up.text).map_err(|e| {
-            invalid(format!(
-                "the input text is not valid UTF-8 (at byte {})",
-                e.valid_up_to()
-            ))
-        })?;
-        let tok = model.tokenizer.as_ref().ok_or_else(|| {
-            invalid(format!(
-                "model '{}' has no tokenizer.json; send token ids instead of text",
-                spec.model
-            ))
-        })?;
-        tok.encode(text, true)
-            .map_err(|e| invalid(format!("tokenizing the input: {e}")))?
-    };
-    check_tenant_input(tenant, tokens.len())?;
-    check_length(&spec, tokens.len(), model, workers)?;
-    Ok(Admitted { spec, tokens })
+    adm.finish()
 }
 
 /// The next message of an upload, or `DEADLINE_EXCEEDED` when none came within `idle`: a

@@ -15,7 +15,7 @@
 //! highest priority first, then in submission order. A long job wants all the cluster's K/V
 //! memory and compute, and running jobs side by side would halve both for each.
 
-mod admission;
+pub mod admission;
 pub mod auth;
 pub mod convert;
 pub mod error;
@@ -51,6 +51,7 @@ use tracing::{info, warn};
 pub use auth::{Auth, AuthError, Caller, Tenant};
 pub use error::{CoordinatorError, JobError};
 pub use http::{CHAT_DEFAULT_MAX_TOKENS, HttpConfig};
+pub use models::ServedModel;
 pub use output::{JobOutput, Outcome, Timings};
 pub use ringmoe_hf::ModelEntry;
 pub use store::{JobId, JobMode, JobSpec, JobState, JobStore, Recovered, StoreError, StoredJob};

@@ -10,7 +10,8 @@ use crate::error::CoordinatorError;
 use crate::machine::ModelInfo;
 use crate::placement::ModelShape;
 
-pub(crate) struct ServedModel {
+/// A model the coordinator serves: its configuration, tokenizer, chat template and stop ids.
+pub struct ServedModel {
     pub path: std::path::PathBuf,
     pub config: ModelConfig,
     pub tokenizer: Option<Tokenizer>,

@@ -6,7 +6,8 @@
 //! The targets: the communicator's hello and frame decoder (bytes from any peer on the data
 //! plane), a safetensors file (a checkpoint someone hands the engine), `config.json`, the
 //! tokenizer's input path (any text a client submits), a worker's shard header (from the
-//! coordinator, or anyone without a cluster secret), and the OpenAI API's request bodies.
+//! coordinator, or anyone without a cluster secret), the OpenAI API's request bodies, and the
+//! coordinator's job upload (the `SubmitJob` messages a client streams).
 
 use std::sync::OnceLock;
 
@@ -24,6 +25,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("tokenizer", tokenizer),
     ("shard_header", shard_header),
     ("openai", openai),
+    ("upload", upload),
 ];
 
 /// Frames (and a hello) as a peer's socket delivers them: decode until the bytes run out or a
@@ -142,4 +144,94 @@ pub fn openai(data: &[u8]) {
         let _ = completion(o.clone());
         let _ = chat(o);
     }
+}
+
+/// The coordinator's admission of a `SubmitJob` upload, message by message as the stream
+/// delivers them. Byte 0 chooses the setting (bit 0: a tenant limited to 64 input tokens;
+/// bit 1: one live worker whose K/V budget holds 100 tokens of the model; else none, so the
+/// job would queue); then messages follow, each a little-endian u16 length and that many bytes
+/// of protobuf (`SubmitJobRequest`). Bytes that do not decode end the stream as a broken one.
+/// An admitted job's tokens lie in the vocabulary and within every limit in force.
+pub fn upload(data: &[u8]) {
+    let _ = upload_outcome(data);
+}
+
+/// What [`upload`] decided: `None` when the bytes hold no setting or a message that does not
+/// decode (the stream broke), else the admission's answer.
+pub fn upload_outcome(
+    data: &[u8],
+) -> Option<Result<ringmoe_coordinator::admission::Admitted, tonic::Status>> {
+    use prost::Message;
+    use ringmoe_coordinator::admission::Admission;
+    let models = fixture_models()?;
+    let (&flags, mut rest) = data.split_first()?;
+    let tenant = ringmoe_coordinator::Tenant {
+        name: "fuzz".into(),
+        admin: false,
+        max_input_tokens: Some(64),
+        max_queued_jobs: None,
+        max_jobs_per_minute: None,
+    };
+    let model = &models["m"];
+    let per_token = model.kv_bytes_per_token();
+    let workers = [ringmoe_membership::WorkerRecord {
+        id: "w".into(),
+        addr: "127.0.0.1:1".into(),
+        device: "cpu".into(),
+        kv_budget_bytes: 100 * per_token,
+        models: Vec::new(),
+        placement: None,
+    }];
+    let tenant = (flags & 1 == 1).then_some(&tenant);
+    let workers: &[_] = if flags & 2 == 2 { &workers } else { &[] };
+    let mut adm = Admission::new(models, workers, tenant);
+    while let [a, b, tail @ ..] = rest {
+        let n = usize::from(u16::from_le_bytes([*a, *b])).min(tail.len());
+        let m = ringmoe_proto::proto::SubmitJobRequest::decode(&tail[..n]).ok()?;
+        rest = &tail[n..];
+        if let Err(e) = adm.push(m) {
+            return Some(Err(e));
+        }
+    }
+    let res = adm.finish();
+    if let Ok(job) = &res {
+        let vocab = model.config.vocab_size;
+        assert!(!job.tokens.is_empty(), "a job admitted without input");
+        assert!(
+            job.tokens.iter().all(|&t| (t as usize) < vocab),
+            "a token outside the vocabulary admitted"
+        );
+        if tenant.is_some() {
+            assert!(
+                job.tokens.len() <= 64,
+                "the tenant's max_input_tokens passed"
+            );
+        }
+        if !workers.is_empty() {
+            assert!(
+                job.tokens.len() <= 100,
+                "a job past the workers' K/V admitted"
+            );
+        }
+    }
+    Some(res)
+}
+
+fn fixture_models()
+-> Option<&'static std::collections::HashMap<String, ringmoe_coordinator::ServedModel>> {
+    static MODELS: OnceLock<
+        Option<std::collections::HashMap<String, ringmoe_coordinator::ServedModel>>,
+    > = OnceLock::new();
+    MODELS
+        .get_or_init(|| {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/mixtral-tiny");
+            let entry = ringmoe_coordinator::ModelEntry {
+                name: "m".into(),
+                path,
+            };
+            let m = ringmoe_coordinator::ServedModel::open(&entry).ok()?;
+            Some([("m".to_string(), m)].into_iter().collect())
+        })
+        .as_ref()
 }
