@@ -34,5 +34,5 @@ pub use error::{CommError, Result};
 pub use inproc::in_process;
 pub use payload::{Data, Payload};
 pub use tag::{Kind, Tag};
-pub use tcp::{TcpOptions, tcp};
+pub use tcp::{DataTls, TcpOptions, tcp};
 pub use transport::{Message, Transport};

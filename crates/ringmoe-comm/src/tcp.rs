@@ -6,15 +6,17 @@
 //! parses frames into that peer's inbox; the blocking side only touches queues. Rendezvous: every
 //! rank listens; rank `i` connects to each `j < i` and accepts from each `j > i`; both sides
 //! exchange a hello naming rank, world size and session, so strays and other clusters are refused.
+//!
+//! With [`DataTls`] every connection is TLS 1.3 first (the connecting rank is the client), both
+//! sides presenting a certificate the cluster CA signed, and the hello travels inside it.
 
 use std::net::SocketAddr;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc as tokio_mpsc;
 use tokio::task::JoinHandle;
 
@@ -39,6 +41,36 @@ pub struct TcpOptions {
     pub token: [u8; 32],
     /// I/O threads of the transport's runtime.
     pub io_threads: usize,
+    /// TLS on every connection (`None`: plain TCP, the token the only check).
+    pub tls: Option<DataTls>,
+}
+
+/// TLS settings of the data plane: `server` for connections this rank accepts (it must require
+/// client certificates), `client` for those it makes. Every rank of a group must use TLS or none
+/// does: a plain peer's hello is not a TLS handshake and is refused.
+#[derive(Debug, Clone)]
+pub struct DataTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+/// A byte stream a link runs over: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One peer's connection after rendezvous.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<dyn Io>),
+}
+
+impl Conn {
+    fn io(&mut self) -> &mut dyn Io {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(s) => s.as_mut(),
+        }
+    }
 }
 
 impl Default for TcpOptions {
@@ -50,6 +82,7 @@ impl Default for TcpOptions {
             session: 0,
             token: [0; 32],
             io_threads: 2,
+            tls: None,
         }
     }
 }
@@ -149,18 +182,21 @@ pub fn tcp(
             inboxes.push(None);
             continue;
         };
-        let (r, w) = stream.into_split();
         let (wtx, wrx) = tokio_mpsc::unbounded_channel();
         let (itx, irx) = std_mpsc::channel();
-        tasks.push(rt.spawn(writer(w, wrx, done_tx.clone(), pool.clone())));
-        tasks.push(rt.spawn(reader(
-            rank,
-            peer,
-            r,
-            itx,
-            opts.max_frame_bytes,
-            pool.clone(),
-        )));
+        let (done, max) = (done_tx.clone(), opts.max_frame_bytes);
+        match stream {
+            Conn::Plain(s) => {
+                let (r, w) = s.into_split();
+                tasks.push(rt.spawn(writer(w, wrx, done, pool.clone())));
+                tasks.push(rt.spawn(reader(rank, peer, r, itx, max, pool.clone())));
+            }
+            Conn::Tls(s) => {
+                let (r, w) = tokio::io::split(s);
+                tasks.push(rt.spawn(writer(w, wrx, done, pool.clone())));
+                tasks.push(rt.spawn(reader(rank, peer, r, itx, max, pool.clone())));
+            }
+        }
         links.push(Some(Link { writer: Some(wtx) }));
         inboxes.push(Some(Mutex::new(irx)));
     }
@@ -191,7 +227,7 @@ async fn rendezvous(
     listener: std::net::TcpListener,
     peers: &[SocketAddr],
     opts: &TcpOptions,
-) -> Result<Vec<Option<TcpStream>>> {
+) -> Result<Vec<Option<Conn>>> {
     let rv = |reason: String| CommError::Rendezvous { rank, reason };
     let deadline = Instant::now() + opts.connect_timeout;
     let me = Hello {
@@ -202,7 +238,7 @@ async fn rendezvous(
     };
     let listener =
         tokio::net::TcpListener::from_std(listener).map_err(|e| rv(format!("listener: {e}")))?;
-    let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    let mut streams: Vec<Option<Conn>> = (0..world).map(|_| None).collect();
 
     // Connect to every lower rank, retrying while it may still be starting.
     let mut connects = Vec::new();
@@ -212,11 +248,26 @@ async fn rendezvous(
         connects.push(tokio::spawn(async move {
             loop {
                 match TcpStream::connect(addr).await {
-                    Ok(mut s) => {
+                    Ok(s) => {
                         configure(&s, &opts).map_err(|e| format!("rank {j} at {addr}: {e}"))?;
-                        s.write_all(&me.encode()).await.map_err(|e| format!("hello to rank {j}: {e}"))?;
+                        let mut s = match &opts.tls {
+                            None => Conn::Plain(s),
+                            Some(t) => {
+                                // The peer's certificate is checked against the CA, not
+                                // against this address (see `DataTls`).
+                                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                                let tls = tokio_rustls::TlsConnector::from(t.client.clone())
+                                    .connect(name, s)
+                                    .await
+                                    .map_err(|e| format!("TLS with rank {j} at {addr}: {e}"))?;
+                                Conn::Tls(Box::new(tls))
+                            }
+                        };
+                        let io = s.io();
+                        io.write_all(&me.encode()).await.map_err(|e| format!("hello to rank {j}: {e}"))?;
+                        io.flush().await.map_err(|e| format!("hello to rank {j}: {e}"))?;
                         let mut b = [0u8; HELLO_LEN];
-                        s.read_exact(&mut b).await.map_err(|e| format!("hello from rank {j} at {addr}: {e}"))?;
+                        io.read_exact(&mut b).await.map_err(|e| format!("hello from rank {j} at {addr}: {e}"))?;
                         let h = Hello::decode(&b).map_err(|e| format!("rank {j} at {addr}: {e}"))?;
                         if h != (Hello { rank: j as u32, ..me }) || !h.same_token(&me) {
                             return Err(format!("{addr} answered as {h:?}, expected rank {j} of {world} in session {}", me.session));
@@ -235,28 +286,40 @@ async fn rendezvous(
 
     // Accept every higher rank. Each connection's hello is read in its own task, so a stray that
     // never speaks cannot delay the real peers; invalid or duplicate hellos are dropped.
-    let (found_tx, mut found_rx) = tokio_mpsc::unbounded_channel::<(usize, TcpStream)>();
+    let (found_tx, mut found_rx) = tokio_mpsc::unbounded_channel::<(usize, Conn)>();
+    let conf = opts.clone();
     let acceptor = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 continue;
             };
-            let found = found_tx.clone();
+            let (found, conf) = (found_tx.clone(), conf.clone());
             tokio::spawn(async move {
-                let mut b = [0u8; HELLO_LEN];
-                if let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await
+                let greet = async move {
+                    configure(&s, &conf).ok()?;
+                    let mut s = match conf.tls {
+                        None => Conn::Plain(s),
+                        Some(t) => Conn::Tls(Box::new(
+                            tokio_rustls::TlsAcceptor::from(t.server)
+                                .accept(s)
+                                .await
+                                .ok()?,
+                        )),
+                    };
+                    let mut b = [0u8; HELLO_LEN];
+                    s.io().read_exact(&mut b).await.ok()?;
+                    Some((Hello::decode(&b).ok()?, s))
+                };
+                if let Ok(Some((h, s))) = tokio::time::timeout(Duration::from_secs(10), greet).await
                 {
-                    if let Ok(h) = Hello::decode(&b) {
-                        let j = h.rank as usize;
-                        if h.world as usize == world
-                            && h.session == me.session
-                            && h.same_token(&me)
-                            && j > rank
-                            && j < world
-                        {
-                            let _ = found.send((j, s));
-                        }
+                    let j = h.rank as usize;
+                    if h.world as usize == world
+                        && h.session == me.session
+                        && h.same_token(&me)
+                        && j > rank
+                        && j < world
+                    {
+                        let _ = found.send((j, s));
                     }
                 }
             });
@@ -278,8 +341,11 @@ async fn rendezvous(
         if streams[j].is_some() {
             continue;
         }
-        configure(&s, opts).map_err(|e| rv(format!("rank {j}: {e}")))?;
-        s.write_all(&me.encode())
+        let io = s.io();
+        io.write_all(&me.encode())
+            .await
+            .map_err(|e| rv(format!("hello to rank {j}: {e}")))?;
+        io.flush()
             .await
             .map_err(|e| rv(format!("hello to rank {j}: {e}")))?;
         streams[j] = Some(s);
@@ -293,14 +359,15 @@ async fn rendezvous(
     Ok(streams)
 }
 
-async fn writer(
-    mut w: OwnedWriteHalf,
+async fn writer<W: AsyncWrite + Unpin>(
+    mut w: W,
     mut rx: tokio_mpsc::UnboundedReceiver<Message>,
     done: std_mpsc::Sender<()>,
     pool: Arc<BufferPool>,
 ) {
     while let Some(msg) = rx.recv().await {
-        if wire::write_frame(&mut w, &msg).await.is_err() {
+        // A TLS stream may hold the end of a record until flushed (a no-op on plain TCP).
+        if wire::write_frame(&mut w, &msg).await.is_err() || w.flush().await.is_err() {
             break;
         }
         pool.give(msg.payload.data);
@@ -309,10 +376,10 @@ async fn writer(
     let _ = done.send(());
 }
 
-async fn reader(
+async fn reader<R: AsyncRead + Unpin>(
     rank: usize,
     peer: usize,
-    mut r: OwnedReadHalf,
+    mut r: R,
     inbox: std_mpsc::Sender<Result<Message>>,
     max: u64,
     pool: Arc<BufferPool>,

@@ -201,6 +201,118 @@ impl TlsFiles {
     }
 }
 
+/// The data plane's TLS settings, from the files as they are now (each job reads them, so a job
+/// started after a rotation uses the new certificate): a server that requires a client
+/// certificate the CA signed, and a client that presents this process's certificate and accepts
+/// a server certificate the CA signed whatever names it carries. Data-plane addresses are pod or
+/// host IPs that no certificate need name; the job's token, checked inside the channel, says
+/// which job a connection belongs to. Needs all three files.
+pub fn data_plane(
+    files: &TlsFiles,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>), TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (Some(cert), Some(key), Some(ca)) = (&files.cert, &files.key, &files.ca) else {
+        return Err(TlsError::Flags(
+            "data-plane TLS needs --tls-cert, --tls-key and --tls-ca".into(),
+        ));
+    };
+    let (cert, key, ca) = (
+        read("--tls-cert", cert)?,
+        read("--tls-key", key)?,
+        read("--tls-ca", ca)?,
+    );
+    let mut server = (*server_config(&cert, &key, Some(&ca))?).clone();
+    server.alpn_protocols.clear();
+    let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Flags(format!("{what}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        roots
+            .add(c.map_err(|e| bad("--tls-ca", &e))?)
+            .map_err(|e| bad("--tls-ca", &e))?;
+    }
+    let certs = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("--tls-cert", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad("--tls-key", &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(SignedByCa {
+        roots: Arc::new(roots),
+        provider: provider.clone(),
+    });
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("TLS versions", &e))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| bad("--tls-cert/--tls-key", &e))?;
+    Ok((Arc::new(server), Arc::new(client)))
+}
+
+/// Accepts a server certificate that chains to the CA (validity, usage and signatures checked
+/// as usual) without matching its names to the address dialled.
+#[derive(Debug)]
+struct SignedByCa {
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SignedByCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// `host:port` (or a URL) → an endpoint: `https://` with `tls`, `http://` without.
 pub fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, TlsError> {
     let url = match (addr.contains("://"), tls) {

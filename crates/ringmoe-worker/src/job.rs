@@ -54,19 +54,13 @@ impl JobRun<'_> {
         &self,
         listener: TcpListener,
         peers: &[SocketAddr],
-        token: [u8; 32],
+        opts: &TcpOptions,
         r: &proto::RunJobRequest,
         attention: ringmoe_parallel::AttentionMode,
         timeout: Duration,
     ) -> Result<(), ParallelError> {
         let s = self.shard;
-        // A peer must know the job's token (from the coordinator's PrepareJob) to be heard.
-        let opts = TcpOptions {
-            session: self.id,
-            token,
-            ..TcpOptions::default()
-        };
-        let comm = ringmoe_comm::tcp(s.rank, listener, peers, &opts, timeout)?;
+        let comm = ringmoe_comm::tcp(s.rank, listener, peers, opts, timeout)?;
         // A cancel (or the coordinator going away) aborts the communicator from a watcher
         // thread: a receive blocked on a peer wakes at once, ring attention stops at its next
         // piece, and the peers' links drop so they stop too — rather than at the next layer.

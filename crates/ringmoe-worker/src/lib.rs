@@ -79,6 +79,9 @@ pub enum WorkerError {
 
     #[error("worker device {device}: {message}")]
     Device { device: String, message: String },
+
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The engine's attention for a wire mode, with the patterns' default settings.
@@ -155,6 +158,9 @@ pub struct WorkerConfig {
     /// Directories a model may be loaded from (`--model-root`); empty: any directory. A path
     /// from `LoadModel` or a published placement must resolve (symlinks followed) inside one.
     pub model_roots: Vec<std::path::PathBuf>,
+    /// TLS on the data plane too (`--data-tls`), with the certificate, key and CA of
+    /// `server.tls` (all three needed), read afresh for every job.
+    pub data_tls: bool,
 }
 
 /// A model in host memory or on this worker's GPU.
@@ -223,6 +229,8 @@ struct Inner {
     /// placement this worker holds is always the one it acknowledged in its record (an RPC could
     /// otherwise change it under the same version, behind the coordinator's back).
     follows_store: bool,
+    /// The TLS files the data plane uses, when it uses TLS.
+    data_tls: Option<ringmoe_proto::tls::TlsFiles>,
 }
 
 #[derive(Clone)]
@@ -276,6 +284,20 @@ impl Worker {
     /// Opens the GPU first when the worker runs on one: a worker that cannot use its device
     /// fails at start, not at its first job.
     fn new(cfg: &WorkerConfig, id: &str) -> Result<Self, WorkerError> {
+        // Data-plane TLS is checked at start: a worker that cannot use it never joins.
+        let data_tls = match (cfg.data_tls, &cfg.server.tls) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(WorkerError::Config(
+                    "--data-tls needs --tls-cert, --tls-key and --tls-ca".into(),
+                ));
+            }
+            (true, Some(t)) => {
+                ringmoe_proto::tls::data_plane(t.files())
+                    .map_err(|e| WorkerError::Config(format!("--data-tls: {e}")))?;
+                Some(t.files().clone())
+            }
+        };
         let gpu = match cfg.device {
             WorkerDevice::Cpu => None,
             WorkerDevice::Cuda { ordinal, precision } => Some((
@@ -317,6 +339,7 @@ impl Worker {
                     })
                     .collect::<Result<_, _>>()?,
                 follows_store: matches!(cfg.registry, Registry::Membership(_)),
+                data_tls,
             }),
         })
     }

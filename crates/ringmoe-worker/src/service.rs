@@ -207,6 +207,22 @@ impl WorkerService for Worker {
             )));
         }
         let attention = attention_mode(r.attention).map_err(Status::invalid_argument)?;
+        let tls = match &self.inner.data_tls {
+            None => None,
+            Some(files) => {
+                let (server, client) = ringmoe_proto::tls::data_plane(files).map_err(|e| {
+                    Status::failed_precondition(format!("job {id}: data-plane TLS: {e}"))
+                })?;
+                Some(ringmoe_comm::DataTls { server, client })
+            }
+        };
+        // A peer must know the job's token (from the coordinator's PrepareJob) to be heard.
+        let opts = ringmoe_comm::TcpOptions {
+            session: id,
+            token: job.token,
+            tls,
+            ..ringmoe_comm::TcpOptions::default()
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         lock(&self.inner.running)?.insert(id, cancel.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -239,16 +255,13 @@ impl WorkerService for Worker {
                     .gpu
                     .is_some()
                     .then(|| inner.gpu_busy.lock().unwrap_or_else(|p| p.into_inner()));
-                let res = run.execute(
-                    listener,
-                    &peers,
-                    job.token,
-                    &r,
-                    attention,
-                    inner.data_timeout,
-                );
+                let res = run.execute(listener, &peers, &opts, &r, attention, inner.data_timeout);
                 match res {
-                    Ok(()) => info!(secs = t.elapsed().as_secs_f64(), "job part done"),
+                    Ok(()) => info!(
+                        secs = t.elapsed().as_secs_f64(),
+                        data_tls = opts.tls.is_some(),
+                        "job part done"
+                    ),
                     Err(e) => {
                         warn!(error = %e, "job part failed");
                         let status = match e {

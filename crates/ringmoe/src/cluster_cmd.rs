@@ -264,6 +264,11 @@ pub struct WorkerArgs {
     /// refused, and so is a `--model` outside them. Unset: any directory this process can read.
     #[arg(long = "model-root")]
     model_roots: Vec<PathBuf>,
+    /// TLS on the data plane too (activations and K/V between workers), with this worker's
+    /// --tls-cert, --tls-key and --tls-ca: peers must present a certificate the CA signed. Every
+    /// worker of a cluster must set it or none: a plain peer cannot join a TLS worker's job.
+    #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_ca"])]
+    data_tls: bool,
     #[command(flatten)]
     telemetry: TelemetryOpts,
 }
@@ -527,6 +532,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             models,
             cluster_secret: a.secret.read()?,
             model_roots: roots,
+            data_tls: a.data_tls,
         };
         ringmoe_worker::run_worker(l, cfg, shutdown_signal()).await?;
         Ok(())
@@ -585,6 +591,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 models: models.clone(),
                 cluster_secret: Some(secret.clone()),
                 model_roots: Vec::new(),
+                // The workers of `serve` talk over loopback inside one process.
+                data_tls: false,
             };
             let run = ringmoe_worker::run_worker(wl, wcfg, stopped(stop_rx.clone()));
             tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });

@@ -32,6 +32,60 @@ pub struct CommArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: DataTlsArgs,
+}
+
+/// TLS on every TCP link, as `worker --data-tls` runs it: each rank presents this certificate
+/// and requires one the CA signed from its peers.
+#[derive(Args, Clone, Debug, Default)]
+pub struct DataTlsArgs {
+    /// PEM certificate every rank presents (TCP transport only).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// PEM CA that signed every rank's certificate.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<std::path::PathBuf>,
+}
+
+impl DataTlsArgs {
+    fn options(&self) -> Result<TcpOptions> {
+        let tls = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(c), Some(k), Some(ca)) => {
+                let (server, client) =
+                    ringmoe_proto::tls::data_plane(&ringmoe_proto::tls::TlsFiles {
+                        cert: Some(c.clone()),
+                        key: Some(k.clone()),
+                        ca: Some(ca.clone()),
+                    })?;
+                Some(ringmoe_comm::DataTls { server, client })
+            }
+            _ => None,
+        };
+        Ok(TcpOptions {
+            tls,
+            ..TcpOptions::default()
+        })
+    }
+
+    /// The same flags for a rank process.
+    fn args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (flag, p) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-ca", &self.tls_ca),
+        ] {
+            if let Some(p) = p {
+                v.push(flag.to_string());
+                v.push(p.display().to_string());
+            }
+        }
+        v
+    }
 }
 
 #[derive(Args)]
@@ -42,6 +96,8 @@ pub struct CommRankArgs {
     bytes: String,
     #[arg(long)]
     iters: u32,
+    #[command(flatten)]
+    tls: DataTlsArgs,
 }
 
 fn parse_sizes(s: &str) -> Result<Vec<usize>> {
@@ -75,7 +131,7 @@ fn measure(comm: &Communicator, sizes: &[usize], iters: u32) -> Result<Vec<(f64,
 
 pub fn run_rank(a: CommRankArgs) -> Result<()> {
     let sizes = parse_sizes(&a.bytes)?;
-    let comm = launch::join_tcp(a.rank, &TcpOptions::default(), Duration::from_secs(120))?;
+    let comm = launch::join_tcp(a.rank, &a.tls.options()?, Duration::from_secs(120))?;
     let res = measure(&comm, &sizes, a.iters)?;
     println!("RESULT {}", json!(res));
     Ok(())
@@ -87,6 +143,13 @@ pub fn run(a: CommArgs) -> Result<()> {
         a.ranks >= 1 && a.iters >= 1,
         "--ranks and --iters must be at least 1"
     );
+    let tls = a.tls.tls_cert.is_some();
+    ensure!(
+        !tls || a.transport == Transport::Tcp,
+        "--tls-cert applies to the TCP transport only"
+    );
+    // Checked here, before any rank starts.
+    a.tls.options()?;
     // Per size: the slowest rank's seconds for (all_to_all_v, ring step).
     let per_rank: Vec<Vec<(f64, f64)>> = match a.transport {
         // One thread per rank, rank r on GPU r; without `--features cuda` this says so.
@@ -111,7 +174,9 @@ pub fn run(a: CommArgs) -> Result<()> {
                     &a.iters.to_string(),
                 ]
                 .map(String::from)
-                .to_vec()
+                .into_iter()
+                .chain(a.tls.args())
+                .collect()
             })?;
             ranks
                 .iter()
@@ -153,13 +218,14 @@ pub fn run(a: CommArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"transport": format!("{:?}", a.transport).to_lowercase(), "ranks": a.ranks, "iters": a.iters, "rows": rows})
+            json!({"transport": format!("{:?}", a.transport).to_lowercase(), "tls": tls, "ranks": a.ranks, "iters": a.iters, "rows": rows})
         );
         return Ok(());
     }
     println!(
-        "transport {:?}, {} ranks{}, {} iterations; GB/s of bytes crossing between ranks",
+        "transport {:?}{}, {} ranks{}, {} iterations; GB/s of bytes crossing between ranks",
         a.transport,
+        if tls { " over TLS" } else { "" },
         a.ranks,
         if a.transport == Transport::Tcp {
             " (separate processes on 127.0.0.1)"

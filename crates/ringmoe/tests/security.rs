@@ -530,7 +530,10 @@ fn the_control_plane_admits_only_holders_of_the_cluster_secret() -> Result<()> {
             })
             .await?
             .into_inner();
-        ensure!(!rogue.cached, "worker A did not take the divergent placement");
+        ensure!(
+            !rogue.cached,
+            "worker A did not take the divergent placement"
+        );
         let id = submit(&mut c, prompt, 6).await?;
         let last = client::watch(&mut c, id, |_| {}).await?;
         ensure!(
@@ -719,7 +722,8 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
     let addr = coord.line_after("listening on ", Duration::from_secs(30))?;
     let worker = |name: &str, t: &ringmoe_testkit::TlsFiles| -> Result<Proc> {
         let mut cmd = Command::new(BIN);
-        cmd.args(["worker", "--coordinator", &addr])
+        // The data plane runs over TLS too.
+        cmd.args(["worker", "--coordinator", &addr, "--data-tls"])
             .args(tls_args(&t.client_cert, &t.client_key, &t.ca))
             .env("RUST_LOG", "info");
         let p = Proc::spawn(name, cmd, dir.path())?;
@@ -824,6 +828,13 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
         log.contains("heartbeat"),
         "the rogue worker's log says nothing of its heartbeats"
     );
+    for w in ["worker-0", "worker-1"] {
+        let log = std::fs::read_to_string(dir.path().join(format!("{w}.log")))?;
+        ensure!(
+            log.contains("data_tls=true") && log.contains("job part done"),
+            "{w} ran no job part over data-plane TLS"
+        );
+    }
     let log = std::fs::read_to_string(dir.path().join("worker-impostor.log"))?;
     ensure!(
         log.contains("the certificate is not valid for 127.0.0.1"),
