@@ -152,6 +152,9 @@ def check_promises(name: str, docs: list[dict], values: dict, where: str) -> Non
         for who, args in (("coordinator", cargs), ("workers", wargs)):
             expect({"--tls-cert=/etc/ringmoe/tls/tls.crt", "--tls-key=/etc/ringmoe/tls/tls.key",
                     "--tls-ca=/etc/ringmoe/tls/ca.crt"} <= set(args), where, f"{who} serve and dial with mTLS")
+    data_tls = tls and bool(values.get("security", {}).get("tls", {}).get("dataPlane"))
+    expect(("--data-tls" in wargs) == data_tls, where,
+           "workers run the data plane over TLS exactly when security.tls.dataPlane is set")
     expect(any(a.startswith("--advertise=$(POD_NAME).") for a in wargs), where,
            "workers advertise their pod DNS name")
     headless = find(docs, "Service", "-workers")[0]
@@ -260,6 +263,7 @@ BAD_VALUES = [
     ({"model": {"volume": {"existingClaim": "a", "hostPath": "/b"}}}, "volume"),
     ({"workers": {"kvBudgetGib": 8}}, "kvBudgetGib"),
     ({"security": {"clients": {"tokensConfigMap": "c"}}}, "tests.tokenSecret"),
+    ({"security": {"tls": {"dataPlane": True}}}, "security.tls.secretName"),
 ]
 
 

@@ -46,6 +46,9 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Unfinished jobs (all APIs) beyond which a request gets 429 (`--http-max-jobs`).
     pub max_jobs: usize,
+    /// Serve HTTPS with this process's certificate (`--tls-cert`/`--tls-key`, reloaded with
+    /// it); clients are not asked for a certificate. `None`: plain HTTP.
+    pub tls: Option<ringmoe_proto::tls::Tls>,
 }
 
 /// `max_tokens` of a chat request that gives none.
@@ -66,7 +69,8 @@ pub(crate) async fn serve(
     let std_listener = cfg.listener.try_clone()?;
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
-    info!(addr = %listener.local_addr()?, "OpenAI-compatible HTTP API");
+    let tls = cfg.tls.clone().filter(|t| t.http_server().is_some());
+    info!(addr = %listener.local_addr()?, https = tls.is_some(), "OpenAI-compatible HTTP API");
     let app = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -76,13 +80,75 @@ pub(crate) async fn serve(
         .method_not_allowed_fallback(|| async {
             ApiError::status(405, "invalid_request_error", "method not allowed on this route")
         })
-        .with_state(Api { c, cfg });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+        .with_state(Api { c, cfg })
+        .into_make_service_with_connect_info::<PeerAddr>();
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(t) => {
+            let local = listener.local_addr()?;
+            let incoming = ringmoe_proto::server::tls_accept(listener, move || t.http_server());
+            axum::serve(TlsListener { incoming, local }, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
+/// A client's address, as the handlers see it (`ConnectInfo`) over HTTP and HTTPS alike.
+#[derive(Debug, Clone, Copy)]
+struct PeerAddr(std::net::SocketAddr);
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for PeerAddr
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*s.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for PeerAddr
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        Self(*s.remote_addr())
+    }
+}
+
+/// The HTTP API's connections after their TLS handshake.
+struct TlsListener {
+    incoming: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.incoming.recv().await {
+            Some(c) => c,
+            // The accept loop ended (the runtime is shutting down): nothing more arrives.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -230,7 +296,7 @@ impl FromRequestParts<Api> for Authed {
             .and_then(|v| v.to_str().ok());
         let peer = parts
             .extensions
-            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .get::<ConnectInfo<PeerAddr>>()
             .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
         authenticate(api.c.rt.cfg.auth.as_deref(), header, &peer)
             .map(Authed)

@@ -90,15 +90,30 @@ pub async fn serve(
     }
 }
 
-/// Connections accepted on `listener` after their TLS handshake, each with the server settings
-/// in force when it arrived (so a reload applies to new connections at once). Handshakes run
-/// on tasks of their own, bounded in time: a client that stalls one delays nobody else.
+/// Connections accepted on `listener` after their TLS handshake (gRPC: HTTP/2 by ALPN, client
+/// certificates as `tls` requires).
 fn tls_incoming(
     listener: tokio::net::TcpListener,
     tls: Tls,
 ) -> impl tokio_stream::Stream<
     Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
 > {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::ReceiverStream::new(tls_accept(listener, move || tls.server()))
+        .map(|(s, _)| Ok(s))
+}
+
+/// Connections accepted on `listener` after their TLS handshake, each with the settings
+/// `config` gives when it arrived (so a reload applies to new connections at once; `None`
+/// stops accepting). Handshakes run on tasks of their own, bounded in time: a client that
+/// stalls one delays nobody else.
+pub fn tls_accept(
+    listener: tokio::net::TcpListener,
+    config: impl Fn() -> Option<std::sync::Arc<rustls::ServerConfig>> + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    std::net::SocketAddr,
+)> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -110,7 +125,7 @@ fn tls_incoming(
                     continue;
                 }
             };
-            let Some(cfg) = tls.server() else { return };
+            let Some(cfg) = config() else { return };
             if tx.is_closed() {
                 return;
             }
@@ -121,7 +136,7 @@ fn tls_incoming(
                     tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
                 match hs.await {
                     Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
+                        let _ = tx.send((s, peer)).await;
                     }
                     Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
@@ -129,5 +144,5 @@ fn tls_incoming(
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    rx
 }

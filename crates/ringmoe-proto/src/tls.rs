@@ -59,6 +59,9 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 struct Loaded {
     /// The server's rustls settings (`None` for a client-only process).
     server: Option<Arc<rustls::ServerConfig>>,
+    /// The same certificate for HTTP/1.1 clients, none of whom is asked for a certificate
+    /// (the OpenAI-compatible API authenticates by bearer token).
+    http: Option<Arc<rustls::ServerConfig>>,
     /// How the process dials servers: check them against the CA, present its identity.
     client: ClientTlsConfig,
 }
@@ -91,6 +94,11 @@ impl Tls {
         self.current().server.clone()
     }
 
+    /// The HTTP API's server settings in force, for a connection being accepted.
+    pub fn http_server(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.current().http.clone()
+    }
+
     /// Re-reads the files; on success new connections use them, on error (a half-written file,
     /// a key that does not match) the settings in force stay.
     pub fn reload(&self) -> Result<(), TlsError> {
@@ -108,11 +116,12 @@ impl Tls {
 }
 
 /// A rustls server configuration: `cert`/`key` served, clients required to present a
-/// certificate `ca` signed when it is given (mTLS), HTTP/2 by ALPN (gRPC).
+/// certificate `ca` signed when it is given (mTLS), the protocols `alpn` offered.
 fn server_config(
     cert: &[u8],
     key: &[u8],
     ca: Option<&[u8]>,
+    alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -146,7 +155,7 @@ fn server_config(
     let mut cfg = builder
         .with_single_cert(certs, key)
         .map_err(|e| bad("--tls-cert/--tls-key", &e))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 
@@ -179,14 +188,17 @@ impl TlsFiles {
         if pair.is_none() && ca.is_none() {
             return Ok(None);
         }
-        let server = match (&pair, serves) {
-            (Some((c, k)), true) => Some(server_config(c, k, ca.as_deref())?),
+        let (server, http) = match (&pair, serves) {
+            (Some((c, k)), true) => (
+                Some(server_config(c, k, ca.as_deref(), &[b"h2"])?),
+                Some(server_config(c, k, None, &[b"http/1.1"])?),
+            ),
             (None, true) => {
                 return Err(TlsError::Flags(
                     "a server needs --tls-cert and --tls-key for TLS".into(),
                 ));
             }
-            (_, false) => None,
+            (_, false) => (None, None),
         };
         let Some(ca) = ca else {
             return Err(TlsError::Flags(
@@ -197,7 +209,11 @@ impl TlsFiles {
         if let Some((c, k)) = pair {
             client = client.identity(Identity::from_pem(c, k));
         }
-        Ok(Some(Loaded { server, client }))
+        Ok(Some(Loaded {
+            server,
+            http,
+            client,
+        }))
     }
 }
 
@@ -222,8 +238,7 @@ pub fn data_plane(
         read("--tls-key", key)?,
         read("--tls-ca", ca)?,
     );
-    let mut server = (*server_config(&cert, &key, Some(&ca))?).clone();
-    server.alpn_protocols.clear();
+    let server = server_config(&cert, &key, Some(&ca), &[])?;
     let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Flags(format!("{what}: {e}"));
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&ca) {
@@ -247,7 +262,7 @@ pub fn data_plane(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(certs, key)
         .map_err(|e| bad("--tls-cert/--tls-key", &e))?;
-    Ok((Arc::new(server), Arc::new(client)))
+    Ok((server, Arc::new(client)))
 }
 
 /// Accepts a server certificate that chains to the CA (validity, usage and signatures checked

@@ -200,15 +200,23 @@ pub struct HttpOpts {
 }
 
 impl HttpOpts {
-    /// Binds `addr` and prints where the API is.
-    fn bind(&self, addr: &str) -> Result<ringmoe_coordinator::HttpConfig> {
+    /// Binds `addr` and prints where the API is: HTTPS with the server's certificate when
+    /// `tls` has one.
+    fn bind(
+        &self,
+        addr: &str,
+        tls: Option<&ringmoe_proto::tls::Tls>,
+    ) -> Result<ringmoe_coordinator::HttpConfig> {
         let l = std::net::TcpListener::bind(addr)
             .with_context(|| format!("binding --http-addr {addr}"))?;
-        println!("http api on http://{}", l.local_addr()?);
+        let tls = tls.filter(|t| t.http_server().is_some()).cloned();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("http api on {scheme}://{}", l.local_addr()?);
         Ok(ringmoe_coordinator::HttpConfig {
             listener: Arc::new(l),
             max_body_bytes: self.http_max_body_bytes,
             max_jobs: self.http_max_jobs.max(1),
+            tls,
         })
     }
 }
@@ -454,7 +462,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         a.uploads.apply(&mut cfg);
         let l = bind(&a.addr).await?;
         if let Some(h) = &a.http_addr {
-            cfg.http = Some(a.http.bind(h)?);
+            cfg.http = Some(a.http.bind(h, cfg.server.tls.as_ref())?);
         }
         serve_metrics(a.metrics_addr.as_deref())?;
         if let Some(m) = a.etcd.etcd().await? {
@@ -563,7 +571,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         let l = bind(&a.addr).await?;
         let coord = l.local_addr()?.to_string();
         if !a.no_http {
-            cfg.http = Some(a.http.bind(&a.http_addr)?);
+            cfg.http = Some(a.http.bind(&a.http_addr, cfg.server.tls.as_ref())?);
         }
         if !a.no_metrics {
             serve_metrics(Some(&a.metrics_addr))?;

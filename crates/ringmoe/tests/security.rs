@@ -114,6 +114,44 @@ fn http(
     Ok((status, body.to_string()))
 }
 
+/// `GET path` over HTTPS (HTTP/1.0), the server checked against `ca`; (status, body).
+fn https_get(addr: &str, ca: &Path, path: &str) -> Result<(u16, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(cfg),
+        ServerName::try_from(host)?.to_owned(),
+    )?;
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    s.flush()?;
+    let mut buf = Vec::new();
+    // A server may close without close_notify after an HTTP/1.0 response: what came is it.
+    if let Err(e) = s.read_to_end(&mut buf) {
+        ensure!(
+            e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty(),
+            "{e}"
+        );
+    }
+    let buf = String::from_utf8(buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status = head.split_whitespace().nth(1).context("status")?.parse()?;
+    Ok((status, body.to_string()))
+}
+
 #[test]
 fn tenants_authenticate_see_only_their_own_jobs_and_a_sighup_swaps_the_tokens() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -714,12 +752,19 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
     let model = format!("m={}", fixture("mixtral-tiny").display());
     let mut cmd = Command::new(BIN);
     cmd.args(["coordinator", "--addr", "127.0.0.1:0", "--model", &model])
-        .args(["--min-workers", "2", "--store"])
+        .args([
+            "--min-workers",
+            "2",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--store",
+        ])
         .arg(dir.path().join("store"))
         .args(tls_args(&ours.server_cert, &ours.server_key, &ours.ca))
         .env("RUST_LOG", "info");
     let coord = Proc::spawn("coordinator", cmd, dir.path())?;
     let addr = coord.line_after("listening on ", Duration::from_secs(30))?;
+    let http_addr = coord.line_after("http api on https://", Duration::from_secs(30))?;
     let worker = |name: &str, t: &ringmoe_testkit::TlsFiles| -> Result<Proc> {
         let mut cmd = Command::new(BIN);
         // The data plane runs over TLS too.
@@ -823,6 +868,14 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
     );
     let out = health(Vec::new())?;
     ensure!(!out.status.success(), "plaintext health answered over TLS");
+    // The HTTP API is HTTPS with the coordinator's certificate, and asks no client certificate
+    // (its clients authenticate by bearer token); plain HTTP gets no answer.
+    let (status, body) = https_get(&http_addr, &ours.ca, "/v1/models")?;
+    ensure!(status == 200 && body.contains("\"m\""), "{status} {body}");
+    ensure!(
+        http(&http_addr, "GET", "/v1/models", None, "").is_err(),
+        "plain HTTP answered on the HTTPS port"
+    );
     let log = std::fs::read_to_string(dir.path().join("worker-rogue.log"))?;
     ensure!(
         log.contains("heartbeat"),
