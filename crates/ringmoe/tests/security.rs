@@ -787,6 +787,7 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
     let _rogue = worker("worker-rogue", &theirs)?;
     let _impostor = worker("worker-impostor", &elsewhere)?;
     let _w1 = worker("worker-1", &ours)?;
+    let _w2 = worker("worker-2", &ours)?;
     let client_tls = |cert: Option<(&Path, &Path)>, ca: &Path| {
         ringmoe_proto::tls::TlsFiles {
             cert: cert.map(|c| c.0.to_path_buf()),
@@ -814,9 +815,10 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
         );
         let rogue = client_tls(Some((&theirs.client_cert, &theirs.client_key)), &theirs.ca)?;
         ensure!(list(rogue).await.is_err(), "a client of another CA got in");
-        // Our client sees exactly our two workers: the rogue one never registered.
+        // Our client sees exactly our three workers: the rogue one and the impostor never
+        // registered.
         let end = Instant::now() + Duration::from_secs(20);
-        while list(good.clone()).await? < 2 {
+        while list(good.clone()).await? < 3 {
             ensure!(
                 Instant::now() < end,
                 "the workers never registered over mTLS"
@@ -825,7 +827,7 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         ensure!(
-            list(good.clone()).await? == 2,
+            list(good.clone()).await? == 3,
             "the rogue or the impostor worker registered"
         );
         // A job over mTLS control-plane hops.
@@ -881,7 +883,7 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
         log.contains("heartbeat"),
         "the rogue worker's log says nothing of its heartbeats"
     );
-    for w in ["worker-0", "worker-1"] {
+    for w in ["worker-0", "worker-1", "worker-2"] {
         let log = std::fs::read_to_string(dir.path().join(format!("{w}.log")))?;
         ensure!(
             log.contains("data_tls=true") && log.contains("job part done"),
