@@ -754,7 +754,7 @@ fn mtls_on_every_grpc_hop_keeps_out_whoever_the_cluster_ca_did_not_sign() -> Res
     cmd.args(["coordinator", "--addr", "127.0.0.1:0", "--model", &model])
         .args([
             "--min-workers",
-            "2",
+            "3",
             "--http-addr",
             "127.0.0.1:0",
             "--store",
