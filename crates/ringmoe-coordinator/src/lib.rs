@@ -167,16 +167,22 @@ pub async fn run_coordinator(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             };
-            info!("elected leader");
+            info!(fencing_token = l.token(), "elected leader");
             Some(l)
         }
         None => None,
     };
+    // An elected leader fences the store and its calls to workers with its token, so nothing a
+    // deposed leader still sends or writes is taken.
+    let fence = leadership.as_ref().map_or(0, |l| l.token());
     let models = models::open_all(&cfg.models)?;
     let dir = cfg.store_dir.clone();
-    let (store, recovered) = tokio::task::spawn_blocking(move || JobStore::open(&dir))
-        .await
-        .map_err(|e| CoordinatorError::Internal(e.to_string()))??;
+    let (store, recovered) = tokio::task::spawn_blocking(move || match fence {
+        0 => JobStore::open(&dir),
+        t => JobStore::open_fenced(&dir, t),
+    })
+    .await
+    .map_err(|e| CoordinatorError::Internal(e.to_string()))??;
     info!(
         jobs = recovered.jobs.len(),
         requeued = ?recovered.requeued,
@@ -267,7 +273,14 @@ pub async fn run_coordinator(
     let res = tokio::select! {
         r = server::serve(listener, routes, &names, tls.as_ref(), stopped(stop_rx)) => r.map_err(CoordinatorError::from),
         r = http => r.map_err(|source| CoordinatorError::Io { what: "the HTTP API", source }),
-        _ = lost => Err(CoordinatorError::LostLeadership),
+        _ = lost => {
+            tracing::error!(
+                fencing_token = fence,
+                "leadership lost (no lease renewal within the renew deadline): stopping every \
+                 run and exiting before etcd can elect another leader"
+            );
+            Err(CoordinatorError::LostLeadership)
+        }
     };
     follower.abort();
     rt.stop().await;

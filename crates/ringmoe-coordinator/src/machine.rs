@@ -256,14 +256,15 @@ impl Machine {
                 }
             }
             Event::Progress { run, state, report } => {
-                if let Some(a) = &self.active {
-                    if a.current_run() == Some(run) && !a.cancelling {
-                        out.push(Command::Publish {
-                            id: a.id,
-                            state,
-                            report,
-                        });
-                    }
+                if let Some(a) = &self.active
+                    && a.current_run() == Some(run)
+                    && !a.cancelling
+                {
+                    out.push(Command::Publish {
+                        id: a.id,
+                        state,
+                        report,
+                    });
                 }
             }
             Event::RunFinished { run, result } => self.run_finished(run, result, &mut out),

@@ -76,9 +76,10 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    /// What this coordinator presents to workers: the cluster secret, if it has one.
+    /// What this coordinator presents to workers: the cluster secret, if it has one, and its
+    /// fencing token when elected.
     pub fn credential(&self) -> Credential {
-        Credential::new(self.cfg.cluster_secret.clone())
+        Credential::new(self.cfg.cluster_secret.clone()).fenced(self.store.fence_token())
     }
 
     pub fn new(
@@ -157,10 +158,10 @@ impl Runtime {
                 }
                 Command::Publish { id, state, report } => self.publish(id, &state, &report),
                 Command::StoreResult { id, output } => {
-                    if let Ok(jobs) = self.jobs.lock() {
-                        if let Some(j) = jobs.get(&id) {
-                            crate::telemetry::run_done(&j.spec, j.input_len, &output);
-                        }
+                    if let Ok(jobs) = self.jobs.lock()
+                        && let Some(j) = jobs.get(&id)
+                    {
+                        crate::telemetry::run_done(&j.spec, j.input_len, &output);
                     }
                     if let Err(e) = self.store_result(id, output).await {
                         error!(job = id, error = %e, "storing a result");
@@ -169,10 +170,10 @@ impl Runtime {
                 }
                 Command::StartRun(order) => self.start_run(order),
                 Command::AbortRun { run } => {
-                    if let Ok(runs) = self.runs.lock() {
-                        if let Some(a) = runs.get(&run) {
-                            a.send_replace(true);
-                        }
+                    if let Ok(runs) = self.runs.lock()
+                        && let Some(a) = runs.get(&run)
+                    {
+                        a.send_replace(true);
                     }
                 }
                 Command::Probe { run, workers } => {
@@ -222,26 +223,26 @@ impl Runtime {
     }
 
     fn publish(&self, id: JobId, state: &JobState, report: &Report) {
-        if let Ok(jobs) = self.jobs.lock() {
-            if let Some(j) = jobs.get(&id) {
-                j.progress.send_modify(|s| {
-                    s.progress = progress(id, state, report);
-                    if let Some(t) = report.token {
-                        Arc::make_mut(&mut s.generated).push(t);
-                    }
-                });
-            }
+        if let Ok(jobs) = self.jobs.lock()
+            && let Some(j) = jobs.get(&id)
+        {
+            j.progress.send_modify(|s| {
+                s.progress = progress(id, state, report);
+                if let Some(t) = report.token {
+                    Arc::make_mut(&mut s.generated).push(t);
+                }
+            });
         }
     }
 
     /// Counts the finished job and closes its trace root (the span is exported now).
     fn finish_trace(&self, id: JobId, state: &JobState) {
-        if let Ok(mut jobs) = self.jobs.lock() {
-            if let Some(j) = jobs.get_mut(&id) {
-                crate::telemetry::job_finished(&j.spec, state);
-                if let Some(span) = j.span.take() {
-                    span.record("outcome", format!("{state:?}"));
-                }
+        if let Ok(mut jobs) = self.jobs.lock()
+            && let Some(j) = jobs.get_mut(&id)
+        {
+            crate::telemetry::job_finished(&j.spec, state);
+            if let Some(span) = j.span.take() {
+                span.record("outcome", format!("{state:?}"));
             }
         }
     }
@@ -256,13 +257,13 @@ impl Runtime {
 
     /// A run starts: its tokens are a new log.
     fn new_run(&self, id: JobId) {
-        if let Ok(jobs) = self.jobs.lock() {
-            if let Some(j) = jobs.get(&id) {
-                j.progress.send_modify(|s| {
-                    s.generated = Arc::default();
-                    s.run += 1;
-                });
-            }
+        if let Ok(jobs) = self.jobs.lock()
+            && let Some(j) = jobs.get(&id)
+        {
+            j.progress.send_modify(|s| {
+                s.generated = Arc::default();
+                s.run += 1;
+            });
         }
     }
 

@@ -312,12 +312,12 @@ impl JobService for Coordinator {
         let id = req.into_inner().job_id;
         let output = self.result(id, &caller).await?;
         let mut chunks = output.chunks();
-        if let Outcome::Generated { tokens } = &output.outcome {
-            if let Some(text) = self.decode(id, tokens)? {
-                chunks.push(proto::ResultChunk {
-                    part: Some(proto::result_chunk::Part::Text(text)),
-                });
-            }
+        if let Outcome::Generated { tokens } = &output.outcome
+            && let Some(text) = self.decode(id, tokens)?
+        {
+            chunks.push(proto::ResultChunk {
+                part: Some(proto::result_chunk::Part::Text(text)),
+            });
         }
         Ok(Response::new(Box::pin(tokio_stream::iter(
             chunks.into_iter().map(Ok),

@@ -17,6 +17,12 @@
 //! On [`JobStore::open`], jobs that were running (loading, prefill, decode) go back to `Queued`
 //! — they re-run from the start, as the job's partial results lived on workers — and finished jobs
 //! stay as they are.
+//!
+//! **Fencing.** Coordinators elected in turn share one store. [`JobStore::open_fenced`] raises
+//! the store's fence (`DIR/fence`) to the new leader's token, refusing a token below it; every
+//! later write of a fenced store first checks the fence, under a lock (`DIR/fence.lock`: shared
+//! by writers, exclusive while the fence is raised) so no write of an old leader can land after
+//! a newer leader raised it. A refused write is [`StoreError::Fenced`], and counted.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -45,6 +51,16 @@ pub enum StoreError {
 
     #[error("job {id}: cannot go from {from} to {to}")]
     Transition { id: JobId, from: String, to: String },
+
+    #[error(
+        "job store {path}: a newer leader (fencing token {current}) owns it; this \
+         coordinator's token {token} is stale, so its write was refused"
+    )]
+    Fenced {
+        path: PathBuf,
+        token: u64,
+        current: u64,
+    },
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -228,6 +244,79 @@ pub struct JobStore {
     next: Mutex<JobId>,
     /// fsync calls made so far (files and directories), for the per-job cost in logs and tests.
     fsyncs: AtomicU64,
+    /// The leader's fence, when the store is shared by elected coordinators.
+    fence: Option<Fence>,
+}
+
+/// A leader's fencing token in a store, and the writes it had refused.
+#[derive(Debug)]
+struct Fence {
+    dir: PathBuf,
+    token: u64,
+    refused: AtomicU64,
+}
+
+impl Fence {
+    fn lock_file(dir: &Path) -> Result<File> {
+        let path = dir.join("fence.lock");
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))
+    }
+
+    /// The token the store is fenced at now (0: never fenced).
+    fn current(dir: &Path) -> Result<u64> {
+        let path = dir.join("fence");
+        match fs::read_to_string(&path) {
+            Ok(t) => t.trim().parse().map_err(|e| StoreError::Corrupt {
+                path,
+                msg: format!("not a fencing token: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+
+    /// Raises the store's fence to `token` (refused when a newer leader's is there already).
+    fn raise(dir: &Path, token: u64, fsyncs: &AtomicU64) -> Result<Self> {
+        let lock = Self::lock_file(dir)?;
+        let lock_path = dir.join("fence.lock");
+        lock.lock().map_err(io(&lock_path))?;
+        let current = Self::current(dir)?;
+        if current > token {
+            return Err(StoreError::Fenced {
+                path: dir.to_path_buf(),
+                token,
+                current,
+            });
+        }
+        write_durable(&dir.join("fence"), token.to_string().as_bytes(), fsyncs)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            token,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Holds the fence lock shared while a write happens, once the fence is still this one's.
+    fn check(&self) -> Result<File> {
+        let lock = Self::lock_file(&self.dir)?;
+        lock.lock_shared()
+            .map_err(io(&self.dir.join("fence.lock")))?;
+        let current = Self::current(&self.dir)?;
+        if current > self.token {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Fenced {
+                path: self.dir.clone(),
+                token: self.token,
+                current,
+            });
+        }
+        Ok(lock)
+    }
 }
 
 /// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, fsync dir).
@@ -264,8 +353,40 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
 impl JobStore {
     /// Opens (creating if needed) the store in `dir` and recovers its jobs.
     pub fn open(dir: &Path) -> Result<(Self, Recovered)> {
+        Self::open_with(dir, None)
+    }
+
+    /// Opens the store as the elected leader holding fencing token `token`: raises the fence
+    /// first (refused when a newer leader raised it higher), so from then on no write of an
+    /// earlier leader lands, and checks it before each of its own writes.
+    pub fn open_fenced(dir: &Path, token: u64) -> Result<(Self, Recovered)> {
+        Self::open_with(dir, Some(token))
+    }
+
+    /// The fencing token this store was opened with (0: unfenced). The leader presents the
+    /// same token to its workers.
+    pub fn fence_token(&self) -> u64 {
+        self.fence.as_ref().map_or(0, |f| f.token)
+    }
+
+    /// Writes refused because a newer leader fenced the store.
+    pub fn stale_writes_refused(&self) -> u64 {
+        self.fence
+            .as_ref()
+            .map_or(0, |f| f.refused.load(Ordering::Relaxed))
+    }
+
+    /// The fence lock held (shared) for one write, or the refusal of a stale leader's write.
+    fn guard(&self) -> Result<Option<File>> {
+        self.fence.as_ref().map(Fence::check).transpose()
+    }
+
+    fn open_with(dir: &Path, token: Option<u64>) -> Result<(Self, Recovered)> {
         let jobs_dir = dir.join("jobs");
         fs::create_dir_all(&jobs_dir).map_err(io(&jobs_dir))?;
+        let fence = token
+            .map(|t| Fence::raise(dir, t, &AtomicU64::new(0)))
+            .transpose()?;
         let mut recovered = Recovered {
             jobs: Vec::new(),
             requeued: Vec::new(),
@@ -311,6 +432,7 @@ impl JobStore {
             };
             if state.is_running() {
                 state = JobState::Queued;
+                let _held = fence.as_ref().map(Fence::check).transpose()?;
                 write_durable(&path.join("state.json"), &to_json(&state), &fsyncs)?;
                 recovered.requeued.push(id);
             }
@@ -330,6 +452,7 @@ impl JobStore {
                 jobs_dir,
                 next: Mutex::new(max_id + 1),
                 fsyncs,
+                fence,
             },
             recovered,
         ))
@@ -341,6 +464,7 @@ impl JobStore {
 
     /// Stores a new job durably in `Queued` and returns its id; acknowledge it only after this.
     pub fn create(&self, spec: &JobSpec, tokens: &[u32]) -> Result<JobId> {
+        let _held = self.guard()?;
         let id = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let id = *next;
@@ -369,6 +493,7 @@ impl JobStore {
 
     /// Records a transition durably; refuses to move backwards or out of a finished state.
     pub fn set_state(&self, id: JobId, to: JobState) -> Result<()> {
+        let _held = self.guard()?;
         let from = self.state(id)?;
         if !from.may_become(&to) {
             return Err(StoreError::Transition {
@@ -417,6 +542,7 @@ impl JobStore {
         if !dir.join("state.json").exists() {
             return Err(StoreError::UnknownJob(id));
         }
+        let _held = self.guard()?;
         write_durable(&dir.join("result.json"), &to_json(result), &self.fsyncs)
     }
 

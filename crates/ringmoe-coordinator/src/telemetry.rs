@@ -97,16 +97,17 @@ pub(crate) fn run_done(spec: &JobSpec, input_len: usize, out: &JobOutput) {
             input_len as f64 / t.prefill_secs,
         );
     }
-    if let Outcome::Generated { tokens } = &out.outcome {
-        if t.decode_secs > 0.0 && tokens.len() > 1 {
-            // The first token comes from the prefill's logits.
-            metrics::gauge(
-                "ringmoe_decode_tokens_per_second",
-                "Decode throughput of the model's last generate job (tokens after the first / decode seconds).",
-                &model,
-                (tokens.len() - 1) as f64 / t.decode_secs,
-            );
-        }
+    if let Outcome::Generated { tokens } = &out.outcome
+        && t.decode_secs > 0.0
+        && tokens.len() > 1
+    {
+        // The first token comes from the prefill's logits.
+        metrics::gauge(
+            "ringmoe_decode_tokens_per_second",
+            "Decode throughput of the model's last generate job (tokens after the first / decode seconds).",
+            &model,
+            (tokens.len() - 1) as f64 / t.decode_secs,
+        );
     }
 }
 

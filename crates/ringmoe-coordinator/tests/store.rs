@@ -1,7 +1,7 @@
 //! The job store across restarts: what `create` returned survives, running jobs re-queue,
 //! finished ones stay finished, half-created ones disappear, corrupt files are named.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use ringmoe_coordinator::{JobMode, JobSpec, JobState, JobStore, StoreError};
 
 fn spec(priority: i32) -> JobSpec {
@@ -123,5 +123,59 @@ fn bad_transitions_unknown_jobs_and_corrupt_files_are_named() -> Result<()> {
     ensure!(rec.jobs.len() == 5);
     // New ids never reuse a damaged job's.
     ensure!(reopened.create(&spec(0), &[1])? > torn_input);
+    Ok(())
+}
+
+/// Two elected coordinators in turn on one store: once the newer leader opened it (raising the
+/// fence to its token), every write of the older one is refused and counted, reads still work,
+/// and a leader with a token below the fence cannot open it at all.
+#[test]
+fn a_newer_leaders_fence_refuses_the_older_leaders_writes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (old, _) = JobStore::open_fenced(dir.path(), 5)?;
+    let id = old.create(&spec(1), &[1, 2, 3])?;
+    old.set_state(id, JobState::Loading)?;
+    let (new, rec) = JobStore::open_fenced(dir.path(), 7)?;
+    // The new leader re-queues what was running.
+    ensure!(rec.requeued == vec![id], "{:?}", rec.requeued);
+    for (what, r) in [
+        ("set_state", old.set_state(id, JobState::Done).err()),
+        (
+            "put_result",
+            old.put_result(id, &serde_json::json!({})).err(),
+        ),
+        ("create", old.create(&spec(2), &[4]).err()),
+    ] {
+        let e = r.with_context(|| format!("the old leader's {what} went through"))?;
+        ensure!(
+            matches!(
+                e,
+                StoreError::Fenced {
+                    token: 5,
+                    current: 7,
+                    ..
+                }
+            ),
+            "{what}: {e}"
+        );
+    }
+    ensure!(old.stale_writes_refused() == 3);
+    ensure!(old.state(id)? == JobState::Queued, "reads still work");
+    new.set_state(id, JobState::Done)?;
+    ensure!(new.stale_writes_refused() == 0);
+    let e = JobStore::open_fenced(dir.path(), 6).err();
+    ensure!(
+        matches!(
+            e,
+            Some(StoreError::Fenced {
+                token: 6,
+                current: 7,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    // The same leader reopening (a restart with the same token) is fine.
+    JobStore::open_fenced(dir.path(), 7)?;
     Ok(())
 }

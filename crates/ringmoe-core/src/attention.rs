@@ -71,7 +71,7 @@ impl AttentionParams {
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
             return bad(format!("empty head layout {self:?}"));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} query heads are not a multiple of {} kv heads",
                 self.n_heads, self.n_kv_heads
@@ -569,7 +569,10 @@ pub fn merge_into(acc: &mut PartialAttention, b: &PartialAttention) -> Result<()
 /// [`PartialAttention`]), so a query block computed in pieces merges piece by piece.
 pub fn merge_into_rows(out: &mut [f32], lse: &mut [f32], b: &PartialAttention) -> Result<()> {
     let rows = lse.len();
-    if b.lse.len() != rows || out.len() != b.out.len() || (rows > 0 && out.len() % rows != 0) {
+    if b.lse.len() != rows
+        || out.len() != b.out.len()
+        || (rows > 0 && !out.len().is_multiple_of(rows))
+    {
         return Err(Error::ShapeMismatch {
             op: "merge",
             expected: vec![rows, out.len()],
@@ -773,7 +776,7 @@ mod tests {
             let mk = |s: u64| {
                 let mut lse = rand_vec(rows, s, spread);
                 // Some rows saw no keys.
-                if s % 3 == 0 { lse[0] = f32::NEG_INFINITY; }
+                if s.is_multiple_of(3) { lse[0] = f32::NEG_INFINITY; }
                 let mut out = rand_vec(rows * d, s + 7, 1.0);
                 for (r, l) in lse.iter().enumerate() {
                     if *l == f32::NEG_INFINITY { out[r * d..(r + 1) * d].fill(0.0); }

@@ -37,7 +37,7 @@ impl DType {
 /// decoded with `from_le_bytes` rather than by reinterpreting the slice.
 pub fn extend_f32_from_le_bytes(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
     let size = dtype.size_in_bytes();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(Error::ByteLength {
             dtype,
             len: bytes.len(),

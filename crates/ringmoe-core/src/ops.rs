@@ -45,7 +45,7 @@ pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// In-place RMSNorm of each `dim`-sized chunk (used for Qwen3's per-head q/k norms).
 pub fn rms_norm_chunks_inplace(x: &mut [f32], weight: &[f32], eps: f32) -> Result<()> {
     let dim = weight.len();
-    if dim == 0 || x.len() % dim != 0 {
+    if dim == 0 || !x.len().is_multiple_of(dim) {
         return Err(Error::ShapeMismatch {
             op: "rms_norm_chunks",
             expected: vec![dim],
@@ -140,7 +140,7 @@ pub fn add_inplace(acc: &mut Tensor, x: &Tensor) -> Result<()> {
 /// Adds a bias vector to every row of a `[rows, n]` buffer.
 pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) -> Result<()> {
     let n = bias.len();
-    if n == 0 || x.len() % n != 0 {
+    if n == 0 || !x.len().is_multiple_of(n) {
         return Err(Error::ShapeMismatch {
             op: "add_bias",
             expected: vec![n],

@@ -374,13 +374,13 @@ pub fn attention_sparse(
                     p.n_heads
                 ));
             }
-            if let Some(&mx) = q_pos.iter().chain(k_pos).max() {
-                if mx >= pattern.seq_len {
-                    return bad(format!(
-                        "position {mx} beyond the pattern's {} tokens",
-                        pattern.seq_len
-                    ));
-                }
+            if let Some(&mx) = q_pos.iter().chain(k_pos).max()
+                && mx >= pattern.seq_len
+            {
+                return bad(format!(
+                    "position {mx} beyond the pattern's {} tokens",
+                    pattern.seq_len
+                ));
             }
             let rule = VsRule {
                 pattern,
@@ -658,13 +658,13 @@ pub fn vs_scores(
             msg: format!("{} lse values for {} rows", lse.len(), last_pos.len() * hq),
         });
     }
-    if let Some(&mx) = last_pos.iter().chain(k_pos).max() {
-        if mx >= seq_len {
-            return Err(Error::InvalidArgument {
-                op: "vertical-slash",
-                msg: format!("position {mx} beyond the sequence of {seq_len}"),
-            });
-        }
+    if let Some(&mx) = last_pos.iter().chain(k_pos).max()
+        && mx >= seq_len
+    {
+        return Err(Error::InvalidArgument {
+            op: "vertical-slash",
+            msg: format!("position {mx} beyond the sequence of {seq_len}"),
+        });
     }
     let lk = k_pos.len();
     let per_head = for_each_score(

@@ -1010,7 +1010,7 @@ impl CudaBackend {
         k: usize,
     ) -> Result<DeviceTensor> {
         let (rows, hidden) = y.dims2("combine")?;
-        if k == 0 || row.len() != weight.len() || row.len() % k != 0 {
+        if k == 0 || row.len() != weight.len() || !row.len().is_multiple_of(k) {
             return Err(invalid(
                 "combine",
                 format!(
@@ -1095,7 +1095,10 @@ impl CudaBackend {
         l2: &DeviceTensor,
     ) -> Result<()> {
         let rows = lse.len();
-        if l2.len() != rows || o2.len() != out.len() || (rows > 0 && out.len() % rows != 0) {
+        if l2.len() != rows
+            || o2.len() != out.len()
+            || (rows > 0 && !out.len().is_multiple_of(rows))
+        {
             return Err(invalid(
                 "merge_attention",
                 format!(

@@ -317,16 +317,16 @@ impl ModelConfig {
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
         let rope = parse_rope(&f, max_position_embeddings)?;
         let rotary = (head_dim as f64 * rope.partial_rotary_factor) as usize;
-        if rotary == 0 || rotary % 2 != 0 || rotary > head_dim {
+        if rotary == 0 || !rotary.is_multiple_of(2) || rotary > head_dim {
             return Err(f.err(
                 "partial_rotary_factor",
                 format!("gives rotary dim {rotary} for head_dim {head_dim}"),
             ));
         }
-        if let Some(act) = f.opt_str("hidden_act")? {
-            if act != "silu" {
-                return Err(f.err("hidden_act", format!("only silu is supported, got {act:?}")));
-            }
+        if let Some(act) = f.opt_str("hidden_act")?
+            && act != "silu"
+        {
+            return Err(f.err("hidden_act", format!("only silu is supported, got {act:?}")));
         }
         let dense_intermediate_size = f.opt_usize("intermediate_size")?.unwrap_or(0);
         let (moe, sparse_layers, qkv_bias, o_bias, qk_norm, sliding_window) = match architecture {

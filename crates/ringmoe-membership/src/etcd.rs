@@ -176,7 +176,15 @@ impl EtcdMembership {
 
     /// Grants a lease of `ttl` and keeps it alive from its own thread until the registration
     /// drops (then revokes it, deleting `key` too).
-    async fn lease(&self, ttl: Duration, key: Option<String>) -> Result<(i64, Registration)> {
+    /// A lease of `ttl` kept alive in the background. It counts as lost once no renewal
+    /// succeeded for `deadline` (≤ `ttl`), measured from when that renewal was sent: a
+    /// deadline below the TTL reports the loss before etcd can expire the lease.
+    async fn lease(
+        &self,
+        ttl: Duration,
+        deadline: Duration,
+        key: Option<String>,
+    ) -> Result<(i64, Registration)> {
         let secs = ttl.as_secs().max(1) as i64;
         let lease = self
             .call("granting a lease", |mut c| async move {
@@ -189,12 +197,15 @@ impl EtcdMembership {
         let opts = self.opts.clone();
         std::thread::Builder::new()
             .name("etcd-lease".into())
-            .spawn(move || keep_alive_thread(opts, key, ttl, lease, lost_tx, stopped))
+            .spawn(move || {
+                keep_alive_thread(opts, key, ttl, deadline.min(ttl), lease, lost_tx, stopped)
+            })
             .map_err(|e| MembershipError::Closed(format!("keep-alive thread: {e}")))?;
         Ok((
             lease,
             Registration {
                 lease,
+                token: 0,
                 lost,
                 _stop: Some(stop),
             },
@@ -278,10 +289,10 @@ impl EtcdMembership {
                         EventType::Put => Some(kv.value()),
                         EventType::Delete => None,
                     };
-                    if let Some(e) = f(rest, value) {
-                        if tx.send(e).await.is_err() {
-                            return;
-                        }
+                    if let Some(e) = f(rest, value)
+                        && tx.send(e).await.is_err()
+                    {
+                        return;
                     }
                 }
             }
@@ -304,6 +315,7 @@ fn keep_alive_thread(
     opts: EtcdOptions,
     key: Option<String>,
     ttl: Duration,
+    deadline: Duration,
     lease: i64,
     lost: watch::Sender<bool>,
     stop: std::sync::mpsc::Receiver<()>,
@@ -339,20 +351,22 @@ fn keep_alive_thread(
                     return;
                 }
             }
-            if conn.is_none() {
-                if let Ok(mut c) = opts.connect().await {
-                    conn = c.lease_keep_alive(lease).await.ok();
-                }
+            if conn.is_none()
+                && let Ok(mut c) = opts.connect().await
+            {
+                conn = c.lease_keep_alive(lease).await.ok();
             }
             let mut wait = Duration::from_millis(100);
             if let Some((keeper, stream)) = conn.as_mut() {
+                // etcd restarts the TTL when it takes the request, after this instant.
+                let sent = std::time::Instant::now();
                 let renew = async {
                     keeper.keep_alive().await.ok()?;
                     stream.message().await.ok()?
                 };
                 match tokio::time::timeout(period, renew).await {
                     Ok(Some(r)) if r.ttl() > 0 => {
-                        last_ok = std::time::Instant::now();
+                        last_ok = sent;
                         wait = period;
                         debug!(?key, lease, "lease renewed");
                     }
@@ -364,15 +378,26 @@ fn keep_alive_thread(
                     _ => conn = None,
                 }
             }
-            if last_ok.elapsed() >= ttl {
-                warn!(
-                    ?key,
-                    lease, "lease lost: etcd unreachable for its whole TTL"
-                );
+            if last_ok.elapsed() >= deadline {
+                if deadline < ttl {
+                    warn!(
+                        ?key,
+                        lease,
+                        ?deadline,
+                        ?ttl,
+                        "lease given up: no renewal within its renew deadline, before etcd \
+                         could expire it"
+                    );
+                } else {
+                    warn!(
+                        ?key,
+                        lease, "lease lost: etcd unreachable for its whole TTL"
+                    );
+                }
                 let _ = lost.send(true);
                 return;
             }
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(wait.min(deadline.saturating_sub(last_ok.elapsed()))).await;
         }
     });
 }
@@ -381,7 +406,7 @@ fn keep_alive_thread(
 impl Membership for EtcdMembership {
     async fn register(&self, rec: WorkerRecord, ttl: Duration) -> Result<Registration> {
         let key = format!("{}{}", self.prefix(), rec.id);
-        let (lease, reg) = self.lease(ttl, Some(key)).await?;
+        let (lease, reg) = self.lease(ttl, ttl, Some(key)).await?;
         self.put_record(&rec, lease).await?;
         Ok(reg)
     }
@@ -466,11 +491,20 @@ impl Membership for EtcdMembership {
     }
 }
 
+/// How long a leader may go without renewing its election lease before it steps down: two
+/// thirds of the TTL, so it stops before etcd expires the lease (at the TTL after the last
+/// renewal) and elects another.
+pub fn renew_deadline(ttl: Duration) -> Duration {
+    ttl * 2 / 3
+}
+
 #[tonic::async_trait]
 impl Election for EtcdMembership {
     async fn campaign(&self, value: String, ttl: Duration) -> Result<Registration> {
-        // The lease is kept alive while waiting too: a campaign may wait for hours.
-        let (lease, reg) = self.lease(ttl, None).await?;
+        // The lease is kept alive while waiting too: a campaign may wait for hours. A leader
+        // gives up at two thirds of its TTL without a renewal, so it stops driving jobs before
+        // etcd can expire its lease and elect another.
+        let (lease, mut reg) = self.lease(ttl, renew_deadline(ttl), None).await?;
         // No request timeout on this client: campaign returns only once elected.
         let mut ec = Client::connect(&self.opts.endpoints, Some(self.opts.options_with(None)?))
             .await
@@ -478,7 +512,19 @@ impl Election for EtcdMembership {
         let name = self.opts.key("coordinator");
         tokio::select! {
             r = ec.campaign(name.as_str(), value.as_str(), lease) => {
-                r.map_err(|e| self.opts.err(e))?;
+                let r = r.map_err(|e| self.opts.err(e))?;
+                // The election key's creation revision. The leader is the candidate whose key
+                // has the lowest revision while it exists; a key older than this leader's was
+                // gone before it led and never returns, so every later leader's key, and its
+                // token, is younger (larger).
+                reg.token = r
+                    .leader()
+                    .map(|k| k.rev())
+                    .and_then(|rev| u64::try_from(rev).ok())
+                    .filter(|&t| t > 0)
+                    .ok_or_else(|| {
+                        MembershipError::Closed("the election answered without a leader key".into())
+                    })?;
             }
             _ = async {
                 let mut l = reg.lost.clone();

@@ -97,6 +97,9 @@ pub type Result<T> = std::result::Result<T, MembershipError>;
 pub struct Registration {
     /// The store's handle of the lease (an etcd lease id; a generation in memory).
     lease: i64,
+    /// For a leader's election lease: its fencing token, larger for every later leader (0 for
+    /// other leases).
+    token: u64,
     lost: watch::Receiver<bool>,
     _stop: Option<std::sync::mpsc::Sender<()>>,
 }
@@ -109,6 +112,11 @@ impl Registration {
 
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()
+    }
+
+    /// The fencing token of an election lease (see [`Election::campaign`]); 0 otherwise.
+    pub fn token(&self) -> u64 {
+        self.token
     }
 }
 
@@ -143,7 +151,9 @@ pub trait Membership: Send + Sync + std::fmt::Debug + 'static {
 #[tonic::async_trait]
 pub trait Election: Send + Sync + std::fmt::Debug + 'static {
     /// Waits until this replica leads (announcing `value`, its address); the returned lease's
-    /// [`Registration::lost`] resolves if leadership ends. Dropping it resigns.
+    /// [`Registration::lost`] resolves if leadership ends — before the store could elect
+    /// another leader — and its [`Registration::token`] is a fencing token larger than any
+    /// earlier leader's. Dropping it resigns.
     async fn campaign(&self, value: String, ttl: Duration) -> Result<Registration>;
 }
 
@@ -310,6 +320,7 @@ impl Membership for MemoryMembership {
         });
         Ok(Registration {
             lease: generation as i64,
+            token: 0,
             lost,
             _stop: Some(stop),
         })

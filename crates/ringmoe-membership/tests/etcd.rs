@@ -279,3 +279,46 @@ fn a_request_made_while_etcd_restarts_waits_for_it() -> Result<()> {
     ensure!(rt.block_on(m.list())?.is_empty());
     Ok(())
 }
+
+/// Leaders' fencing tokens grow: a standby elected after the leader resigns holds a larger one.
+/// A leader cut off from etcd gives up at its renew deadline (two thirds of the TTL), before
+/// etcd could expire its lease and elect another.
+#[test]
+fn election_tokens_grow_and_a_cut_off_leader_steps_down_before_its_ttl() -> Result<()> {
+    use ringmoe_membership::Election;
+    use ringmoe_membership::etcd::renew_deadline;
+    let mut etcd = Etcd::start()?;
+    let rt = rt()?;
+    let ttl = Duration::from_secs(3);
+    let (second, first_token) = rt.block_on(async {
+        let a = EtcdMembership::connect(plain(&etcd)).await?;
+        let b = EtcdMembership::connect(plain(&etcd)).await?;
+        let first = a.campaign("a".into(), ttl).await?;
+        ensure!(first.token() > 0, "no fencing token");
+        // B campaigns while A leads, so its key is created first; it leads once A resigns.
+        let standby = tokio::spawn(async move { b.campaign("b".into(), ttl).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensure!(!standby.is_finished(), "B led while A did");
+        let t1 = first.token();
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(10), standby).await???;
+        ensure!(second.token() > t1, "token {} after {t1}", second.token());
+        anyhow::Ok((second, t1))
+    })?;
+    eprintln!("tokens {first_token} then {}", second.token());
+    let mut second = second;
+    etcd.stop();
+    let t = Instant::now();
+    rt.block_on(async {
+        tokio::time::timeout(ttl * 2, second.lost()).await?;
+        anyhow::Ok(())
+    })?;
+    let took = t.elapsed();
+    eprintln!("leadership given up {took:?} after etcd stopped (TTL {ttl:?})");
+    ensure!(
+        took < ttl && took + Duration::from_millis(100) >= renew_deadline(ttl) / 2,
+        "gave up after {took:?}; renew deadline {:?}, TTL {ttl:?}",
+        renew_deadline(ttl)
+    );
+    Ok(())
+}

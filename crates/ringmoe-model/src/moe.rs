@@ -42,7 +42,11 @@ pub enum TopKNorm {
 /// Softmax over all experts in f32, top-k, then optional renormalisation: exactly transformers'
 /// `MixtralTopKRouter` / `Qwen*MoeTopKRouter`. `logits` is `[tokens, num_experts]`.
 pub fn route(logits: &[f32], num_experts: usize, top_k: usize, norm: TopKNorm) -> Result<Routing> {
-    if num_experts == 0 || top_k == 0 || top_k > num_experts || logits.len() % num_experts != 0 {
+    if num_experts == 0
+        || top_k == 0
+        || top_k > num_experts
+        || !logits.len().is_multiple_of(num_experts)
+    {
         return Err(Error::InvalidInput(format!(
             "route: {} logits cannot be split into rows of {num_experts} experts with top-{top_k}",
             logits.len()

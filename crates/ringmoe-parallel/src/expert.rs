@@ -83,12 +83,12 @@ impl ExpertParallel {
                 }
             }
         }
-        if let Some(f) = self.capacity_factor {
-            if !(f.is_finite() && f > 0.0) {
-                return Err(ParallelError::Plan(ringmoe_plan::PlanError::Placement(
-                    format!("capacity factor must be a positive number, got {f}"),
-                )));
-            }
+        if let Some(f) = self.capacity_factor
+            && !(f.is_finite() && f > 0.0)
+        {
+            return Err(ParallelError::Plan(ringmoe_plan::PlanError::Placement(
+                format!("capacity factor must be a positive number, got {f}"),
+            )));
         }
         Ok(())
     }

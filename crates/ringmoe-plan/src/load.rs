@@ -163,7 +163,7 @@ impl LoadSnapshot {
     /// Inverse of [`Self::to_i64`]; `None` if the length is not a multiple of four or a field is
     /// out of range.
     pub fn from_i64(v: &[i64]) -> Option<Self> {
-        if v.len() % 4 != 0 {
+        if !v.len().is_multiple_of(4) {
             return None;
         }
         let mut counts = BTreeMap::new();

@@ -111,23 +111,55 @@ impl ClusterSecret {
     }
 }
 
-/// A client interceptor that puts the cluster secret, when there is one, on every call.
+/// The metadata key of an elected coordinator's fencing token on its calls to workers.
+pub const FENCE_HEADER: &str = "x-ringmoe-fence";
+
+/// A client interceptor that puts the cluster secret, when there is one, on every call, and
+/// the caller's fencing token when it has one (an elected coordinator: workers refuse calls
+/// whose token is below the highest they have seen).
 #[derive(Debug, Clone, Default)]
-pub struct Credential(Option<Arc<ClusterSecret>>);
+pub struct Credential {
+    secret: Option<Arc<ClusterSecret>>,
+    fence: u64,
+}
 
 impl Credential {
     pub fn new(secret: Option<ClusterSecret>) -> Self {
-        Self(secret.map(Arc::new))
+        Self {
+            secret: secret.map(Arc::new),
+            fence: 0,
+        }
+    }
+
+    /// The same credential carrying fencing token `fence` (0: none).
+    pub fn fenced(mut self, fence: u64) -> Self {
+        self.fence = fence;
+        self
     }
 }
 
 impl Interceptor for Credential {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(s) = &self.0 {
+        if let Some(s) = &self.secret {
             req.metadata_mut().insert(HEADER, s.value.clone());
+        }
+        if self.fence > 0 {
+            req.metadata_mut().insert(
+                FENCE_HEADER,
+                tonic::metadata::MetadataValue::from(self.fence),
+            );
         }
         Ok(req)
     }
+}
+
+/// The fencing token a call carries (0 without one, or an unreadable one).
+pub fn fence_of<T>(req: &Request<T>) -> u64 {
+    req.metadata()
+        .get(FENCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A server interceptor that admits only calls carrying the cluster secret (every call when

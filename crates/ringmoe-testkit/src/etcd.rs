@@ -230,10 +230,10 @@ impl Etcd {
             if self.healthy() {
                 return Ok(());
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Some(status) = c.try_wait()? {
-                    return Err(std::io::Error::other(format!("etcd exited: {status}")));
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                return Err(std::io::Error::other(format!("etcd exited: {status}")));
             }
             if t.elapsed() > limit {
                 return Err(std::io::Error::other("etcd did not become healthy"));

@@ -445,9 +445,13 @@ pub async fn run_worker(
     let svc = WorkerServiceServer::new(worker.clone())
         .max_decoding_message_size(cfg.server.max_message_bytes)
         .max_encoding_message_size(cfg.server.max_message_bytes);
-    // Only the coordinator (holding the cluster secret) is served.
-    let gate = Gate::new(cfg.cluster_secret.clone(), "WorkerService");
-    let routes = tonic::service::Routes::new(InterceptedService::new(svc, gate));
+    // Only the coordinator (holding the cluster secret) is served, and only the newest leader.
+    let mut gate = Gate::new(cfg.cluster_secret.clone(), "WorkerService");
+    let fence = FenceCheck::new(advertise.clone());
+    let routes = tonic::service::Routes::new(InterceptedService::new(svc, move |req| {
+        let req = tonic::service::Interceptor::call(&mut gate, req)?;
+        fence.check(req)
+    }));
     let mut background = tokio::task::JoinSet::new();
     match &cfg.registry {
         Registry::Coordinator(coord) => {
@@ -487,6 +491,52 @@ pub async fn run_worker(
     let res = server::serve(listener, routes, &names, cfg.server.tls.as_ref(), shutdown).await;
     background.abort_all();
     Ok(res?)
+}
+
+/// Refuses calls from deposed coordinator leaders: each call's fencing token (see
+/// `ringmoe_proto::secret::FENCE_HEADER`; 0 when absent) must be at least the highest this
+/// worker has seen. A leader cut off from etcd stops before its lease ends, but a call it sent
+/// just before may still arrive after the next leader's first one: that call is refused.
+#[derive(Clone)]
+struct FenceCheck {
+    highest: Arc<std::sync::atomic::AtomicU64>,
+    worker: String,
+}
+
+impl FenceCheck {
+    fn new(worker: String) -> Self {
+        Self {
+            highest: Arc::default(),
+            worker,
+        }
+    }
+
+    fn check(&self, req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let token = ringmoe_proto::secret::fence_of(&req);
+        let seen = self
+            .highest
+            .fetch_max(token, std::sync::atomic::Ordering::SeqCst);
+        if token < seen {
+            warn!(
+                worker = %self.worker,
+                token,
+                newest = seen,
+                "refused a call from a deposed coordinator (stale fencing token)"
+            );
+            ringmoe_telemetry::metrics::counter(
+                "ringmoe_stale_leader_calls_refused_total",
+                "Calls refused because they came from a deposed coordinator leader (a fencing \
+                 token below one already seen).",
+                &[("worker", &self.worker)],
+                1.0,
+            );
+            return Err(Status::failed_precondition(format!(
+                "this call carries fencing token {token}, but a coordinator holding token {seen} \
+                 has led since: it comes from a deposed leader and is refused"
+            )));
+        }
+        Ok(req)
+    }
 }
 
 /// Starts a worker's server on `listener` in the background (for `serve` and tests).
@@ -549,11 +599,11 @@ mod data_port_tests {
         let (lo, blocker) = loop {
             let a = TcpListener::bind((host, 0))?;
             let p = a.local_addr()?.port();
-            if p < u16::MAX - 2 {
-                if let Ok(b) = TcpListener::bind((host, p + 1)) {
-                    drop(a);
-                    break (p, b);
-                }
+            if p < u16::MAX - 2
+                && let Ok(b) = TcpListener::bind((host, p + 1))
+            {
+                drop(a);
+                break (p, b);
             }
         };
         // lo is free, lo+1 taken by someone else, lo+2 unknown: a 2-port range gives lo, then

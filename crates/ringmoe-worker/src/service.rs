@@ -274,10 +274,10 @@ impl WorkerService for Worker {
                 crate::telemetry::kv_bytes(&inner.id, 0);
                 // A re-run of the same job (after a coordinator restart) may have replaced
                 // this entry; remove only our own.
-                if let Ok(mut m) = inner.running.lock() {
-                    if m.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cancel)) {
-                        m.remove(&id);
-                    }
+                if let Ok(mut m) = inner.running.lock()
+                    && m.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cancel))
+                {
+                    m.remove(&id);
                 }
             })
             .map_err(internal)?;

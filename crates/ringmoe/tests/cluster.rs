@@ -876,10 +876,19 @@ fn placements_live_in_etcd_and_a_joining_worker_is_used_from_the_next_job() -> R
         .first()
         .map(|w| w.addr.clone())
         .context("no worker records")?;
+    // Called with the leader's fencing token (from the store's fence), or the worker would
+    // refuse the call as a deposed leader's before looking at it.
+    let token: u64 = std::fs::read_to_string(c.dir.path().join("store/fence"))?
+        .trim()
+        .parse()?;
     let refused = rt.block_on(async {
-        let mut w =
-            proto::worker_service_client::WorkerServiceClient::connect(format!("http://{w0}"))
-                .await?;
+        let ch = tonic::transport::Channel::from_shared(format!("http://{w0}"))?
+            .connect()
+            .await?;
+        let mut w = proto::worker_service_client::WorkerServiceClient::with_interceptor(
+            ch,
+            ringmoe_proto::secret::Credential::new(None).fenced(token),
+        );
         let mut other = ringmoe_parallel::Placement::round_robin(2, experts, 2)?;
         other.version = p1.version;
         let r = w
@@ -1090,6 +1099,11 @@ fn a_standby_coordinator_takes_over_and_finishes_the_leaders_jobs() -> Result<()
     ensure!(d <= 1e-4, "running job after failover: max |Δ| {d:e}");
     let d = max_abs_diff(&scores(got_b)?, &want_b);
     ensure!(d <= 1e-4, "queued job after failover: max |Δ| {d:e}");
+    // The new leader fenced the store with its token, above the first leader's.
+    let fence: u64 = std::fs::read_to_string(store.join("fence"))?
+        .trim()
+        .parse()?;
+    ensure!(fence >= 2, "the store's fence is {fence}");
     Ok(())
 }
 

@@ -582,12 +582,45 @@ fn the_control_plane_admits_only_holders_of_the_cluster_secret() -> Result<()> {
             client::result(&mut c, id).await? == first,
             "the job after a divergent LoadModel gave other tokens"
         );
+
+        // Fencing: once a call with token 10 reached worker A, a call with a lower token (a
+        // deposed leader's), or none, is refused.
+        let fenced = |token: u64| {
+            let ch = tonic::transport::Channel::from_shared(format!("http://{a_addr}"));
+            let cred = Credential::new(Some(held.clone())).fenced(token);
+            async move {
+                let ch = ch?.connect().await?;
+                let mut w = WorkerServiceClient::with_interceptor(ch, cred);
+                anyhow::Ok(
+                    w.cancel_job(proto::WorkerCancelRequest { job_id: 999 })
+                        .await
+                        .map(|_| ()),
+                )
+            }
+        };
+        ensure!(fenced(10).await?.is_ok());
+        ensure!(fenced(10).await?.is_ok(), "the same leader again");
+        for stale in [5, 0] {
+            let r = fenced(stale).await?;
+            let msg = r.as_ref().err().map(|s| s.message().to_string());
+            ensure!(
+                code(r) == Some(Code::FailedPrecondition)
+                    && msg.is_some_and(|m| m.contains("deposed leader")),
+                "token {stale} was not refused"
+            );
+        }
+        ensure!(fenced(11).await?.is_ok(), "a newer leader");
         anyhow::Ok(())
     })?;
     let log = std::fs::read_to_string(dir.path().join("coordinator.log"))?;
     ensure!(
         log.contains("refused a call") && log.contains("a wrong cluster secret"),
         "refusals are logged"
+    );
+    let a_log = std::fs::read_to_string(dir.path().join("worker-a.log"))?;
+    ensure!(
+        a_log.contains("refused a call from a deposed coordinator"),
+        "worker A did not log the stale calls"
     );
     let b_log = std::fs::read_to_string(dir.path().join("worker-b.log"))?;
     ensure!(

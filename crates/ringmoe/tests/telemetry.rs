@@ -855,11 +855,12 @@ fn serve_traces_each_in_process_worker_and_a_collector_lost_mid_job_costs_the_jo
     let mut stop = Some(collector.stop);
     let mut stopped_in = None;
     run(8192, proto::JobMode::Score, &mut |p| {
-        if p.phase() == JobPhase::Prefill && p.layer >= 1 {
-            if let Some(s) = stop.take() {
-                let _ = s.send(());
-                stopped_in = Some(p.layer);
-            }
+        if p.phase() == JobPhase::Prefill
+            && p.layer >= 1
+            && let Some(s) = stop.take()
+        {
+            let _ = s.send(());
+            stopped_in = Some(p.layer);
         }
     })?;
     ensure!(
