@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests need: procps for `kill -STOP` in the communicator's fault tests,
 # etcd-server for the membership and chart tests, which start their own etcd, openssl for the
 # certificates of the TLS etcd test, curl for the HTTP API's SSE test, and prometheus for the
-# metrics test (a real Prometheus scrapes the processes; promtool checks their output).
+# metrics test (a real Prometheus scrapes the processes; promtool checks their output), and
+# iproute2 and iputils-ping for the test network of network namespaces (testkit's netns.rs).
 # (protoc needs no package: the protoc-bin-vendored crate ships it, see .cargo/config.toml.)
 # python3-venv only where `python3 -m venv` does not work.
-APT_PACKAGES=(procps etcd-server openssl curl prometheus)
+APT_PACKAGES=(procps etcd-server openssl curl prometheus iproute2 iputils-ping)
 python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -49,6 +49,12 @@ pub enum JobError {
     #[error("rank 0 returned no generated tokens")]
     NoTokens,
 
+    #[error(
+        "worker {worker} left the membership during the run (its lease ended: it died or was \
+         cut off); the run was stopped"
+    )]
+    LeftDuringRun { worker: String },
+
     #[error("worker {worker} left while loading placement version {version} of '{model}'")]
     LeftWhileLoading {
         worker: String,
@@ -126,6 +132,7 @@ impl JobError {
             | Self::MissingScores { .. }
             | Self::NoTokens
             | Self::LeftWhileLoading { .. }
+            | Self::LeftDuringRun { .. }
             | Self::AckTimeout { .. }
             | Self::Membership(_) => true,
             Self::LoadRefused { .. }

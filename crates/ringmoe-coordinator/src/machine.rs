@@ -168,6 +168,9 @@ struct Active {
     attempt: u32,
     stage: Stage,
     cancelling: bool,
+    /// A worker of the run in flight that left the membership (its lease ended: dead, or cut
+    /// off from the store) while the run ran: the run was aborted and is retried.
+    left: Option<String>,
 }
 
 #[derive(Debug)]
@@ -244,6 +247,7 @@ impl Machine {
             Event::Workers(mut list) => {
                 list.sort_by(|a, b| a.id.cmp(&b.id));
                 self.workers = list;
+                self.abort_if_a_worker_left(&mut out);
             }
             Event::WorkerMentioned(id) => self.exclusions.clear(&id),
             Event::PlacementKnown(rec) => {
@@ -296,6 +300,28 @@ impl Machine {
         }
     }
 
+    /// A worker of the run in flight is no longer a member (its lease ended): the run cannot
+    /// finish (its peers would wait on it for the data timeout), so it is aborted now and its
+    /// end is handled as that worker's loss — a probe, then a retry without the dead.
+    fn abort_if_a_worker_left(&mut self, out: &mut Vec<Command>) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Stage::Running { run, workers } = &a.stage else {
+            return;
+        };
+        if a.cancelling || a.left.is_some() {
+            return;
+        }
+        if let Some(w) = workers
+            .iter()
+            .find(|w| !self.workers.iter().any(|l| l.id == w.id))
+        {
+            a.left = Some(w.id.clone());
+            out.push(Command::AbortRun { run: *run });
+        }
+    }
+
     fn run_finished(
         &mut self,
         run: RunId,
@@ -304,6 +330,14 @@ impl Machine {
     ) {
         let Some(a) = self.active.as_mut() else {
             return;
+        };
+        // A run aborted because a worker left failed for that reason, whatever its own error
+        // (the abort's cancellation) says.
+        let result = match (result, &a.left) {
+            (Err(_), Some(worker)) if !a.cancelling => Err(JobError::LeftDuringRun {
+                worker: worker.clone(),
+            }),
+            (r, _) => r,
         };
         let Stage::Running { workers, .. } = &a.stage else {
             return;
@@ -398,6 +432,7 @@ impl Machine {
                             attempt: 0,
                             stage: Stage::WaitingForWorkers,
                             cancelling: false,
+                            left: None,
                         });
                         id
                     }
@@ -468,6 +503,7 @@ impl Machine {
             run,
             workers: live.clone(),
         };
+        a.left = None;
         Ok(RunOrder {
             run,
             id,

@@ -545,3 +545,49 @@ fn a_placement_published_by_a_failed_run_is_not_reused_stale() {
     assert_eq!(retry.placement.version, 3);
     assert_eq!(retry.placement.workers, ["a", "b"]);
 }
+
+#[test]
+fn a_worker_leaving_mid_run_aborts_the_run_and_it_retries_without_it() {
+    let t = Instant::now();
+    let mut m = machine(1, 2);
+    m.on(t, Event::Workers(workers(&["a", "b", "c"])));
+    let run = started(&submit(&mut m, t, 1, 0)).unwrap();
+    // Still listed: nothing happens; "c"'s lease ends: the run is aborted, once.
+    assert!(
+        m.on(t, Event::Workers(workers(&["a", "b", "c"])))
+            .is_empty()
+    );
+    let cmds = m.on(t, Event::Workers(workers(&["a", "b"])));
+    assert_eq!(cmds, vec![Command::AbortRun { run: run.run }]);
+    assert!(m.on(t, Event::Workers(workers(&["a"]))).is_empty());
+    // The aborted run ends cancelled; that is the lost worker's failure: probe, then retry
+    // even if every worker answers (cut off from etcd, "c" may still answer).
+    let cmds = m.on(
+        t,
+        Event::RunFinished {
+            run: run.run,
+            result: Err(JobError::Cancelled { id: 1 }),
+        },
+    );
+    assert!(matches!(&cmds[..], [Command::Probe { .. }]), "{cmds:?}");
+    m.on(t, Event::Workers(workers(&["a", "b"])));
+    let cmds = m.on(
+        t,
+        Event::Probed {
+            run: run.run,
+            dead: vec![],
+        },
+    );
+    let states = persisted(&cmds, 1);
+    assert!(
+        matches!(&states[..], [JobState::Retrying { attempt: 1, reason }, JobState::Running { attempt: 1 }]
+            if reason.contains("worker c left the membership during the run")),
+        "{states:?}"
+    );
+    let next = started(&cmds).unwrap();
+    assert!(next.workers.iter().all(|w| w.id != "c"));
+    // A cancel is still a cancel: a worker leaving after it changes nothing.
+    let cmds = m.on(t, Event::Cancel(1));
+    assert_eq!(cmds, vec![Command::AbortRun { run: next.run }]);
+    assert!(m.on(t, Event::Workers(workers(&["a"]))).is_empty());
+}

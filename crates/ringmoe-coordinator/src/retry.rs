@@ -8,11 +8,12 @@
 //! workers stay excluded until membership next mentions them (they re-registered, or were
 //! removed) or for [`EXCLUSION`].
 //!
-//! Two failures are the membership store's, not the job's, and re-run even when every worker
+//! Three failures are the membership store's, not the job's, and re-run even when every worker
 //! answers (within the same `max_retries`): a [membership](JobError::Membership) error (etcd
-//! unreachable for longer than its client retries) and a worker that
+//! unreachable for longer than its client retries), a worker that
 //! [left while loading](JobError::LeftWhileLoading) yet answers (its lease lapsed and it
-//! registered again).
+//! registered again), and a worker that [left during the run](JobError::LeftDuringRun) (the
+//! run was aborted for it; cut off from etcd, it may still answer the coordinator).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -45,7 +46,9 @@ impl RetryPolicy {
     pub fn after_probe(&self, attempt: u32, failure: JobError, dead: &[String]) -> Verdict {
         let store = matches!(
             failure,
-            JobError::Membership(_) | JobError::LeftWhileLoading { .. }
+            JobError::Membership(_)
+                | JobError::LeftWhileLoading { .. }
+                | JobError::LeftDuringRun { .. }
         );
         if dead.is_empty() && !store {
             return Verdict::Fail(failure);

@@ -131,9 +131,47 @@ pub async fn dead_workers(
     dead
 }
 
+/// How long an aborted run may take to stop its workers before it is dropped: a worker cut
+/// off from the network answers nothing, and the run must not wait for it.
+const ABORT_GRACE: Duration = Duration::from_secs(10);
+
 /// Carries out `order` over its workers on `tokens` (the job's input); `abort` turns true when
-/// the job is cancelled.
+/// the job is cancelled, or a worker of the run left the membership. An aborted run cancels
+/// its part on every worker it can reach and ends within [`ABORT_GRACE`] whatever the network
+/// does; dropping it closes its streams, which stops the workers that miss the cancel.
 pub async fn run(
+    ctx: &RunContext,
+    order: &RunOrder,
+    tokens: Vec<u32>,
+    abort: watch::Receiver<bool>,
+    report: impl Fn(Event),
+) -> Result<JobOutput, JobError> {
+    let mut stop = abort.clone();
+    let inner = run_inner(ctx, order, tokens, abort, report);
+    tokio::pin!(inner);
+    tokio::select! {
+        r = &mut inner => r,
+        () = async {
+            // A dropped sender is no abort: then only the run's own end counts.
+            if stop.wait_for(|a| *a).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            match tokio::time::timeout(ABORT_GRACE, &mut inner).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!(
+                        job = order.id,
+                        "the aborted run did not stop within {ABORT_GRACE:?}; dropping it"
+                    );
+                    Err(JobError::Cancelled { id: order.id })
+                }
+            }
+        }
+    }
+}
+
+async fn run_inner(
     ctx: &RunContext,
     order: &RunOrder,
     tokens: Vec<u32>,
@@ -351,15 +389,7 @@ pub async fn run(
     drop(execute);
     if let Some(f) = failure {
         streams.abort_all();
-        let trace = TraceHeaders::current();
-        for (r, mut c) in clients.into_iter().enumerate() {
-            if let Err(e) = c
-                .cancel_job(trace.request(proto::WorkerCancelRequest { job_id: id }))
-                .await
-            {
-                warn!(worker = r, error = %e.message(), "cancelling on a worker");
-            }
-        }
+        cancel_on_workers(clients, id).await;
         return Err(f);
     }
     let end = Instant::now();
@@ -380,6 +410,24 @@ pub async fn run(
 
 /// Reads every worker's expert-load window after a run, for the imbalance gauge (a worker
 /// that does not answer within a second is left out of this reading).
+/// Cancels job `id` on every worker at once, waiting at most a few seconds for each: a worker
+/// that cannot be reached (dead, or cut off) is logged and left to notice the closed stream.
+async fn cancel_on_workers(clients: Vec<WorkerClient>, id: u64) {
+    let trace = TraceHeaders::current();
+    let mut calls = JoinSet::new();
+    for (r, mut c) in clients.into_iter().enumerate() {
+        let req = trace.request(proto::WorkerCancelRequest { job_id: id });
+        calls.spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(3), c.cancel_job(req)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(worker = r, error = %e.message(), "cancelling on a worker"),
+                Err(_) => warn!(worker = r, "cancelling on a worker: no answer within 3 s"),
+            }
+        });
+    }
+    while calls.join_next().await.is_some() {}
+}
+
 async fn expert_load(clients: &[WorkerClient], model: &str) {
     let trace = TraceHeaders::current();
     let read = on_every(clients, |r, mut c| {

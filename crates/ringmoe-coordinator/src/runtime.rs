@@ -209,7 +209,8 @@ impl Runtime {
                     info!(job = id, state = ?state, store_fsyncs, "job finished");
                     self.finish_trace(id, &state);
                 }
-                if let JobState::Retrying { reason, .. } = &state {
+                if let JobState::Retrying { reason, attempt } = &state {
+                    warn!(job = id, attempt, %reason, "retrying the job");
                     crate::telemetry::retried(reason);
                 }
                 if matches!(state, JobState::Running { .. }) {

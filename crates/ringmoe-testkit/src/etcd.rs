@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Etcd {
     child: Option<Child>,
+    /// Where it listens: 127.0.0.1, or a test network host's address.
+    host: std::net::IpAddr,
+    /// The network namespace it runs in, on a test network.
+    netns: Option<String>,
     client_port: u16,
     peer_port: u16,
     dir: PathBuf,
@@ -158,6 +162,8 @@ impl Etcd {
         };
         let mut e = Self {
             child: None,
+            host: std::net::Ipv4Addr::LOCALHOST.into(),
+            netns: None,
             client_port: free_port()?,
             peer_port: free_port()?,
             dir,
@@ -167,10 +173,31 @@ impl Etcd {
         Ok(e)
     }
 
-    /// `http://127.0.0.1:PORT` (`https://` with TLS).
+    /// Starts etcd on host `i` of a test network (its own namespace and address, the
+    /// standard ports 2379 and 2380), plain.
+    pub fn start_in(net: &crate::TestNet, i: usize) -> std::io::Result<Self> {
+        let host = net.hosts[i].addr;
+        let mut e = Self {
+            child: None,
+            host: host.into(),
+            netns: Some(net.hosts[i].ns.clone()),
+            client_port: 2379,
+            peer_port: 2380,
+            dir: std::env::temp_dir().join(format!(
+                "ringmoe-etcd-{}-{}",
+                std::process::id(),
+                net.hosts[i].ns
+            )),
+            tls: None,
+        };
+        e.spawn()?;
+        Ok(e)
+    }
+
+    /// `http://HOST:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     /// The certificates, for an etcd started with [`Etcd::start_tls`].
@@ -180,8 +207,15 @@ impl Etcd {
 
     fn spawn(&mut self) -> std::io::Result<()> {
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut cmd = Command::new("etcd");
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
+        let mut cmd = match &self.netns {
+            None => Command::new("etcd"),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+        };
         if let Some(t) = &self.tls {
             cmd.arg("--cert-file")
                 .arg(&t.server_cert)
@@ -243,7 +277,8 @@ impl Etcd {
     }
 
     fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+        let addr = std::net::SocketAddr::new(self.host, self.client_port);
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
             return false;
         };
         if self.tls.is_some() {
@@ -251,7 +286,7 @@ impl Etcd {
             return true;
         }
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let req = "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+        let req = "GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n";
         if s.write_all(req.as_bytes()).is_err() {
             return false;
         }

@@ -4,12 +4,15 @@
 //! * [`fixture`] — the path of a tiny model under `tests/fixtures`;
 //! * [`max_abs_diff`] — the largest element-wise difference of two vectors;
 //! * [`etcd`] — a real etcd on free loopback ports, plain or TLS;
-//! * [`process`] — a child process killed on drop, its stdout lines readable as they come.
+//! * [`process`] — a child process killed on drop, its stdout lines readable as they come;
+//! * [`netns`] — a test network: one network namespace per host, links to cut and heal.
 
 pub mod etcd;
+pub mod netns;
 pub mod process;
 
 pub use etcd::{Etcd, TlsFiles, make_certs, sign_cert};
+pub use netns::TestNet;
 pub use process::Proc;
 
 use std::path::{Path, PathBuf};

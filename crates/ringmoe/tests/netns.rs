@@ -1,0 +1,316 @@
+//! The cluster on a network of the test's own hosts: etcd, a coordinator and four workers,
+//! each in its own network namespace with its own address (testkit's `TestNet`), started with
+//! `--addr`/`--data-host` on that address; the test talks to the coordinator as a client on
+//! the same network. Faults here are network faults: a worker's link goes down mid-prefill
+//! while the process lives on. Needs root (network namespaces): without it the test fails
+//! saying so, never skips.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use ringmoe_model::{LoadOptions, LogitsFor, Model, write_random_checkpoint};
+use ringmoe_proto::client::{self, Input, JobResult};
+use ringmoe_proto::proto::{self, JobPhase};
+use ringmoe_testkit::{Etcd, Proc, TestNet, max_abs_diff};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringmoe");
+
+fn model(dir: &Path) -> Result<PathBuf> {
+    let m = dir.join("model");
+    write_random_checkpoint(
+        &m,
+        &json!({
+            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 128,
+            "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+            "eos_token_id": 9999
+        }),
+        7,
+    )?;
+    Ok(m)
+}
+
+/// NLL of every input token after the first, and `n` greedy tokens, from the single-process
+/// engine.
+fn reference(model: &Model, ids: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {
+    let mut cache = model.new_cache();
+    let (hidden, _) = model.forward_hidden(ids, &mut cache)?;
+    let vocab = model.config.vocab_size;
+    let mut nll = Vec::with_capacity(ids.len() - 1);
+    for s in (0..ids.len() - 1).step_by(512) {
+        let e = (s + 512).min(ids.len() - 1);
+        let logits = model.logits(&hidden.rows(s, e)?)?;
+        for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
+            nll.push(ringmoe_model::model::nll_of(row, ids[s + i + 1] as usize));
+        }
+    }
+    let last = ids.len() - 1;
+    let mut logits = model.logits(&hidden.rows(last, last + 1)?)?.into_vec();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let next = logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0 as u32;
+        out.push(next);
+        logits = model
+            .forward(&[next], &mut cache, LogitsFor::Last)?
+            .logits
+            .into_vec();
+    }
+    Ok((nll, out))
+}
+
+fn ids(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i ^ seed).wrapping_mul(2_654_435_761) % 512)
+        .collect()
+}
+
+fn spec(mode: proto::JobMode, max_new_tokens: u32) -> proto::JobSpec {
+    proto::JobSpec {
+        model: "m".into(),
+        mode: mode as i32,
+        max_new_tokens,
+        sampling: Some(proto::Sampling::default()),
+        ..Default::default()
+    }
+}
+
+/// The network: etcd on host 0, the coordinator on host 1, workers on hosts 2..
+struct Cluster {
+    net: TestNet,
+    _etcd: Etcd,
+    _coordinator: Proc,
+    workers: Vec<Option<Proc>>,
+    addr: String,
+    dir: tempfile::TempDir,
+}
+
+const WORKERS: usize = 4;
+
+impl Cluster {
+    fn start(model: &Path) -> Result<Self> {
+        let net = TestNet::new(2 + WORKERS)?;
+        let dir = tempfile::tempdir()?;
+        let etcd = Etcd::start_in(&net, 0)?;
+        let ep = etcd.endpoint();
+        let addr = format!("{}:7070", net.hosts[1].addr);
+        let mut cmd = net.command(1, BIN);
+        cmd.args([
+            "coordinator",
+            "--addr",
+            &addr,
+            "--etcd",
+            &ep,
+            "--cluster",
+            "t",
+        ])
+        .args(["--min-workers", &WORKERS.to_string(), "--store"])
+        .arg(dir.path().join("store"))
+        .arg("--model")
+        .arg(format!("m={}", model.display()))
+        .env("RUST_LOG", "info");
+        let coordinator = Proc::spawn("coordinator", cmd, dir.path())?;
+        coordinator.line_after("listening on ", Duration::from_secs(30))?;
+        let mut c = Self {
+            _etcd: etcd,
+            _coordinator: coordinator,
+            workers: Vec::new(),
+            addr,
+            net,
+            dir,
+        };
+        for w in 0..WORKERS {
+            let p = c.worker(w)?;
+            c.workers.push(Some(p));
+        }
+        Ok(c)
+    }
+
+    /// Worker `w` (host `2 + w`), its gRPC and data ports on its own address.
+    fn worker(&self, w: usize) -> Result<Proc> {
+        let host = 2 + w;
+        let me = self.net.hosts[host].addr.to_string();
+        let ep = format!("http://{}:2379", self.net.hosts[0].addr);
+        let mut cmd = self.net.command(host, BIN);
+        cmd.args([
+            "worker",
+            "--etcd",
+            &ep,
+            "--cluster",
+            "t",
+            "--lease-ttl-secs",
+            "1",
+        ])
+        .args(["--addr", &format!("{me}:7071"), "--data-host", &me])
+        .env("RUST_LOG", "info");
+        let p = Proc::spawn(&format!("worker-{w}"), cmd, self.dir.path())?;
+        p.line_after("listening on ", Duration::from_secs(30))?;
+        Ok(p)
+    }
+
+    async fn live_workers(&self) -> Result<u32> {
+        let mut c = client::connect(&self.addr, 1 << 20).await?;
+        Ok(c.list_jobs(proto::ListJobsRequest {})
+            .await?
+            .into_inner()
+            .workers)
+    }
+
+    async fn wait_for_workers(&self, n: u32) -> Result<()> {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.live_workers().await {
+                Ok(k) if k == n => return Ok(()),
+                _ if Instant::now() > end => bail!("{n} workers never registered"),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+fn rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// A job through the coordinator, watching it; `on` sees each progress message. Returns the
+/// phases seen, the largest worker count of a run, and the result.
+async fn job(
+    addr: &str,
+    spec: proto::JobSpec,
+    ids: &[u32],
+    mut on: impl FnMut(&proto::JobProgress) -> Result<()>,
+) -> Result<(Vec<JobPhase>, u32, JobResult)> {
+    let mut cl = client::connect(addr, 64 << 20).await?;
+    let id = client::submit(
+        &mut cl,
+        spec,
+        Input::Tokens(ids.to_vec()),
+        client::UPLOAD_CHUNK,
+        |_| {},
+    )
+    .await?
+    .job_id;
+    let mut s = cl
+        .watch_job(proto::WatchJobRequest { job_id: id })
+        .await?
+        .into_inner();
+    let (mut phases, mut workers) = (Vec::new(), 0);
+    while let Some(p) = s.message().await? {
+        on(&p)?;
+        if phases.last() != Some(&p.phase()) {
+            phases.push(p.phase());
+        }
+        workers = workers.max(p.workers);
+    }
+    ensure!(phases.last() == Some(&JobPhase::Done), "{phases:?}");
+    Ok((phases, workers, client::result(&mut cl, id).await?))
+}
+
+#[test]
+fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model_dir = model(tmp.path())?;
+    let c = Cluster::start(&model_dir)?;
+    let prefix = c.net.prefix().to_string();
+    let engine = Model::load(&model_dir, &LoadOptions::default())?;
+    let short = ids(2_000, 3);
+    let long = ids(16 * 1024, 5);
+    let (want_short, want_tokens) = reference(&engine, &short, 8)?;
+    let (want_long, _) = reference(&engine, &long, 1)?;
+    drop(engine);
+    let rt = rt()?;
+    rt.block_on(async {
+        c.wait_for_workers(WORKERS as u32).await?;
+        // Score and generate over four hosts, equal to the single-process engine.
+        let (_, n, r) = job(&c.addr, spec(proto::JobMode::Score, 0), &short, |_| Ok(())).await?;
+        ensure!(n == WORKERS as u32, "ran on {n} workers");
+        let JobResult::Scores(got) = r else {
+            bail!("not scores")
+        };
+        let d = max_abs_diff(&got, &want_short);
+        ensure!(d <= 1e-4, "score: max |Δ| {d:e}");
+        let (_, _, r) = job(&c.addr, spec(proto::JobMode::Generate, 8), &short, |_| {
+            Ok(())
+        })
+        .await?;
+        ensure!(
+            r == JobResult::Tokens(want_tokens.clone()),
+            "generate: {r:?}"
+        );
+
+        // Worker 3's link goes down in the first prefill layer; its process lives on. Its lease
+        // ends, the coordinator stops the run, and the job re-runs on the other three.
+        let victim = WORKERS - 1;
+        let mut cut = None;
+        let (phases, _, r) = job(&c.addr, spec(proto::JobMode::Score, 0), &long, |p| {
+            if cut.is_none() && p.phase() == JobPhase::Prefill {
+                c.net.link_down(2 + victim)?;
+                cut = Some(Instant::now());
+            }
+            Ok(())
+        })
+        .await?;
+        let cut = cut.context("the long job never reached prefill")?;
+        eprintln!(
+            "partitioned mid-prefill; the job was done {:?} later",
+            cut.elapsed()
+        );
+        ensure!(phases.contains(&JobPhase::Retrying), "{phases:?}");
+        let JobResult::Scores(got) = r else {
+            bail!("not scores")
+        };
+        let d = max_abs_diff(&got, &want_long);
+        ensure!(d <= 1e-4, "after the partition: max |Δ| {d:e}");
+
+        // Healed, the worker registers again and the next job uses all four.
+        c.net.link_up(2 + victim)?;
+        c.wait_for_workers(WORKERS as u32).await?;
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, n, r) =
+                job(&c.addr, spec(proto::JobMode::Score, 0), &short, |_| Ok(())).await?;
+            let JobResult::Scores(got) = r else {
+                bail!("not scores")
+            };
+            let d = max_abs_diff(&got, &want_short);
+            ensure!(d <= 1e-4, "after healing: max |Δ| {d:e}");
+            if n == WORKERS as u32 {
+                break;
+            }
+            // Excluded after its probe found it dead, until membership mentions it again.
+            ensure!(
+                Instant::now() < end,
+                "the healed worker was never used again"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        anyhow::Ok(())
+    })?;
+    let log = std::fs::read_to_string(c.dir.path().join("coordinator.log"))?;
+    ensure!(
+        log.contains("left the membership during the run"),
+        "the coordinator's log does not say why the run stopped: {}",
+        log.lines()
+            .filter(|l| l.contains("WARN") || l.contains("retry") || l.contains("left"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(c);
+    ensure!(
+        TestNet::namespaces_left(&prefix)?.is_empty(),
+        "namespaces left behind"
+    );
+    Ok(())
+}
