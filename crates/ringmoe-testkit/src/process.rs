@@ -59,6 +59,24 @@ impl Proc {
         }
     }
 
+    /// The exit status once the process has exited, waiting up to `timeout` (`None`: still
+    /// running).
+    pub fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> std::io::Result<Option<std::process::ExitStatus>> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= end {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn id(&self) -> u32 {
         self.child.id()
     }

@@ -84,11 +84,14 @@ fn spec(mode: proto::JobMode, max_new_tokens: u32) -> proto::JobSpec {
     }
 }
 
-/// The network: etcd on host 0, the coordinator on host 1, workers on hosts 2..
+/// The network: etcd on host 0, coordinators on hosts 1..=C sharing one job store, workers on
+/// the hosts after them.
 struct Cluster {
     net: TestNet,
     _etcd: Etcd,
-    _coordinator: Proc,
+    coordinators: Vec<Option<Proc>>,
+    /// The coordinators' addresses; the first is the leader (started first).
+    addrs: Vec<String>,
     workers: Vec<Option<Proc>>,
     addr: String,
     dir: tempfile::TempDir,
@@ -97,47 +100,69 @@ struct Cluster {
 const WORKERS: usize = 4;
 
 impl Cluster {
-    fn start(model: &Path) -> Result<Self> {
-        let net = TestNet::new(2 + WORKERS)?;
+    fn start(model: &Path, coordinators: usize, workers: usize) -> Result<Self> {
+        let net = TestNet::new(1 + coordinators + workers)?;
         let dir = tempfile::tempdir()?;
         let etcd = Etcd::start_in(&net, 0)?;
         let ep = etcd.endpoint();
-        let addr = format!("{}:7070", net.hosts[1].addr);
-        let mut cmd = net.command(1, BIN);
-        cmd.args([
-            "coordinator",
-            "--addr",
-            &addr,
-            "--etcd",
-            &ep,
-            "--cluster",
-            "t",
-        ])
-        .args(["--min-workers", &WORKERS.to_string(), "--store"])
-        .arg(dir.path().join("store"))
-        .arg("--model")
-        .arg(format!("m={}", model.display()))
-        .env("RUST_LOG", "info");
-        let coordinator = Proc::spawn("coordinator", cmd, dir.path())?;
-        coordinator.line_after("listening on ", Duration::from_secs(30))?;
+        let mut procs = Vec::new();
+        let mut addrs = Vec::new();
+        for k in 0..coordinators {
+            let host = 1 + k;
+            let addr = format!("{}:7070", net.hosts[host].addr);
+            let mut cmd = net.command(host, BIN);
+            cmd.args([
+                "coordinator",
+                "--addr",
+                &addr,
+                "--etcd",
+                &ep,
+                "--cluster",
+                "t",
+            ])
+            .args([
+                "--min-workers",
+                &workers.to_string(),
+                "--leader-ttl-secs",
+                "3",
+            ])
+            .arg("--store")
+            .arg(dir.path().join("store"))
+            .arg("--model")
+            .arg(format!("m={}", model.display()))
+            .env("RUST_LOG", "info");
+            let p = Proc::spawn(&format!("coordinator-{k}"), cmd, dir.path())?;
+            if k == 0 {
+                // The first serves once it leads; the others wait as standbys.
+                p.line_after("listening on ", Duration::from_secs(30))?;
+            }
+            procs.push(Some(p));
+            addrs.push(addr);
+        }
         let mut c = Self {
             _etcd: etcd,
-            _coordinator: coordinator,
+            coordinators: procs,
+            addr: addrs[0].clone(),
+            addrs,
             workers: Vec::new(),
-            addr,
             net,
             dir,
         };
-        for w in 0..WORKERS {
+        for w in 0..workers {
             let p = c.worker(w)?;
             c.workers.push(Some(p));
         }
         Ok(c)
     }
 
-    /// Worker `w` (host `2 + w`), its gRPC and data ports on its own address.
+    /// Worker `w`'s host.
+    fn worker_host(&self, w: usize) -> usize {
+        1 + self.addrs.len() + w
+    }
+
+    /// Worker `w`, its gRPC and data ports on its own address.
     fn worker(&self, w: usize) -> Result<Proc> {
-        let host = 2 + w;
+        let host = self.worker_host(w);
         let me = self.net.hosts[host].addr.to_string();
         let ep = format!("http://{}:2379", self.net.hosts[0].addr);
         let mut cmd = self.net.command(host, BIN);
@@ -222,7 +247,7 @@ async fn job(
 fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let model_dir = model(tmp.path())?;
-    let c = Cluster::start(&model_dir)?;
+    let c = Cluster::start(&model_dir, 1, WORKERS)?;
     let prefix = c.net.prefix().to_string();
     let engine = Model::load(&model_dir, &LoadOptions::default())?;
     let short = ids(2_000, 3);
@@ -256,7 +281,7 @@ fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -
         let mut cut = None;
         let (phases, _, r) = job(&c.addr, spec(proto::JobMode::Score, 0), &long, |p| {
             if cut.is_none() && p.phase() == JobPhase::Prefill {
-                c.net.link_down(2 + victim)?;
+                c.net.link_down(c.worker_host(victim))?;
                 cut = Some(Instant::now());
             }
             Ok(())
@@ -275,7 +300,7 @@ fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -
         ensure!(d <= 1e-4, "after the partition: max |Δ| {d:e}");
 
         // Healed, the worker registers again and the next job uses all four.
-        c.net.link_up(2 + victim)?;
+        c.net.link_up(c.worker_host(victim))?;
         c.wait_for_workers(WORKERS as u32).await?;
         let end = Instant::now() + Duration::from_secs(60);
         loop {
@@ -298,7 +323,7 @@ fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -
         }
         anyhow::Ok(())
     })?;
-    let log = std::fs::read_to_string(c.dir.path().join("coordinator.log"))?;
+    let log = std::fs::read_to_string(c.dir.path().join("coordinator-0.log"))?;
     ensure!(
         log.contains("left the membership during the run"),
         "the coordinator's log does not say why the run stopped: {}",
@@ -311,6 +336,97 @@ fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -
     ensure!(
         TestNet::namespaces_left(&prefix)?.is_empty(),
         "namespaces left behind"
+    );
+    Ok(())
+}
+
+/// The leader loses etcd but not its workers, mid-prefill: it gives up leadership at its renew
+/// deadline (before its lease could end) and exits; the standby is elected with a larger
+/// fencing token, fences the store, re-queues the job and finishes it exactly once, with the
+/// engine's result.
+#[test]
+fn a_leader_cut_off_from_etcd_steps_down_and_the_standby_finishes_the_job_once() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model_dir = model(tmp.path())?;
+    let mut c = Cluster::start(&model_dir, 2, 3)?;
+    let long = ids(16 * 1024, 9);
+    let engine = Model::load(&model_dir, &LoadOptions::default())?;
+    let (want, _) = reference(&engine, &long, 1)?;
+    drop(engine);
+    let rt = rt()?;
+    let (id, cut) = rt.block_on(async {
+        c.wait_for_workers(3).await?;
+        let mut cl = client::connect(&c.addrs[0], 64 << 20).await?;
+        let id = client::submit(
+            &mut cl,
+            spec(proto::JobMode::Score, 0),
+            Input::Tokens(long.clone()),
+            client::UPLOAD_CHUNK,
+            |_| {},
+        )
+        .await?
+        .job_id;
+        let mut s = cl
+            .watch_job(proto::WatchJobRequest { job_id: id })
+            .await?
+            .into_inner();
+        // The old leader's stream ends (with an error) when it steps down.
+        while let Ok(Some(p)) = s.message().await {
+            if p.phase() == JobPhase::Prefill {
+                c.net.isolate(1, 0)?;
+                return anyhow::Ok((id, Instant::now()));
+            }
+        }
+        bail!("the job never reached prefill")
+    })?;
+    let old = c.coordinators[0].as_mut().context("leader")?;
+    let status = old.wait_exit(Duration::from_secs(10))?;
+    let stepped_down = cut.elapsed();
+    ensure!(status.is_some(), "the cut-off leader still runs 10 s later");
+    eprintln!("the old leader exited {stepped_down:?} after losing etcd ({status:?})");
+    let got = rt.block_on(async {
+        // Connecting waits until the standby, now leader, serves.
+        let mut cl = client::connect(&c.addrs[1], 64 << 20).await?;
+        let last = client::watch(&mut cl, id, |_| {}).await?;
+        ensure!(last.phase() == JobPhase::Done, "{last:?}");
+        let l = cl.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+        ensure!(l.jobs.len() == 1, "{} jobs", l.jobs.len());
+        anyhow::Ok(client::result(&mut cl, id).await?)
+    })?;
+    let JobResult::Scores(got) = got else {
+        bail!("not scores")
+    };
+    let d = max_abs_diff(&got, &want);
+    ensure!(d <= 1e-4, "after the failover: max |Δ| {d:e}");
+    let log = |k: usize| std::fs::read_to_string(c.dir.path().join(format!("coordinator-{k}.log")));
+    let (old_log, new_log) = (log(0)?, log(1)?);
+    ensure!(
+        old_log.contains("leadership lost"),
+        "the old leader does not say why it stopped"
+    );
+    let token = |log: &str| -> Option<u64> {
+        log.lines()
+            .find(|l| l.contains("elected leader"))?
+            .split("fencing_token=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (t_old, t_new) = (token(&old_log), token(&new_log));
+    ensure!(
+        matches!((t_old, t_new), (Some(a), Some(b)) if b > a),
+        "fencing tokens {t_old:?} then {t_new:?}"
+    );
+    let fence: u64 = std::fs::read_to_string(c.dir.path().join("store/fence"))?
+        .trim()
+        .parse()?;
+    ensure!(Some(fence) == t_new, "the store is fenced at {fence}");
+    // Its renew deadline is 2 s of its 3 s TTL; it exits once its runs stopped.
+    ensure!(
+        stepped_down < Duration::from_secs(8),
+        "the old leader took {stepped_down:?} to exit"
     );
     Ok(())
 }
