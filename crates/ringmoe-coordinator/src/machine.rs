@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `Recovered(jobs)` | queues the store's queued jobs (running ones came back queued) |
 //! | `Submitted` | queues the job |
-//! | `Workers(list)` | takes the live list; may start the next run |
+//! | `Workers(list)` | takes the live list; may start the next run; a worker of the run in flight missing: `AbortRun`, then handled as its loss |
 //! | `WorkerMentioned(id)` | ends `id`'s exclusion |
 //! | `PlacementKnown(rec)` | remembers the placement published for the model |
 //! | `Cancel(id)` | queued or between runs: `Cancelled`; running: `AbortRun` |
