@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use ringmoe_membership::etcd::{EtcdMembership, EtcdOptions};
 use ringmoe_membership::{Membership, PlacementRecord, WorkerRecord};
-use ringmoe_model::{LoadOptions, LogitsFor, Model, ModelConfig, write_random_checkpoint};
+use ringmoe_model::{LoadOptions, Model, ModelConfig, write_random_checkpoint};
 use ringmoe_proto::client::{self, Input, JobResult};
 use ringmoe_proto::proto::{self, JobPhase, submit_job_request};
 use ringmoe_testkit::Etcd;
 use ringmoe_testkit::{fixture, max_abs_diff};
+
+mod common;
+use common::reference;
 use serde_json::json;
 use tonic::Code;
 
@@ -194,45 +197,6 @@ fn score_matches_engine(
     let d = max_abs_diff(&scores(got)?, &want);
     ensure!(d <= 1e-4, "{what}: max |Δ| {d:e}");
     Ok(())
-}
-
-/// Single-process reference: per-token NLL and `n` greedy tokens.
-fn reference(model: &Model, ids: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {
-    let mut cache = model.new_cache();
-    let (hidden, _) = model.forward_hidden(ids, &mut cache)?;
-    let vocab = model.config.vocab_size;
-    let mut nll = Vec::with_capacity(ids.len() - 1);
-    for s in (0..ids.len() - 1).step_by(512) {
-        let e = (s + 512).min(ids.len() - 1);
-        let logits = model.logits(&hidden.rows(s, e)?)?;
-        for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
-            nll.push(ringmoe_model::model::nll_of(row, ids[s + i + 1] as usize));
-        }
-    }
-    let last = ids.len() - 1;
-    let mut logits = model.logits(&hidden.rows(last, last + 1)?)?.into_vec();
-    let mut out = Vec::new();
-    loop {
-        let next = argmax(&logits);
-        out.push(next);
-        if out.len() == n {
-            return Ok((nll, out));
-        }
-        logits = model
-            .forward(&[next], &mut cache, LogitsFor::Last)?
-            .logits
-            .into_vec();
-    }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn random_ids(n: usize, vocab: u32, seed: u32) -> Vec<u32> {

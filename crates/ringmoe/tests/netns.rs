@@ -9,10 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ringmoe_model::{LoadOptions, LogitsFor, Model, write_random_checkpoint};
+use ringmoe_model::{LoadOptions, Model, write_random_checkpoint};
 use ringmoe_proto::client::{self, Input, JobResult};
 use ringmoe_proto::proto::{self, JobPhase};
 use ringmoe_testkit::{Etcd, Proc, TestNet, max_abs_diff};
+
+mod common;
+use common::reference;
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmoe");
@@ -31,41 +34,6 @@ fn model(dir: &Path) -> Result<PathBuf> {
         7,
     )?;
     Ok(m)
-}
-
-/// NLL of every input token after the first, and `n` greedy tokens, from the single-process
-/// engine.
-fn reference(model: &Model, ids: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {
-    let mut cache = model.new_cache();
-    let (hidden, _) = model.forward_hidden(ids, &mut cache)?;
-    let vocab = model.config.vocab_size;
-    let mut nll = Vec::with_capacity(ids.len() - 1);
-    for s in (0..ids.len() - 1).step_by(512) {
-        let e = (s + 512).min(ids.len() - 1);
-        let logits = model.logits(&hidden.rows(s, e)?)?;
-        for (i, row) in logits.as_slice().chunks(vocab).enumerate() {
-            nll.push(ringmoe_model::model::nll_of(row, ids[s + i + 1] as usize));
-        }
-    }
-    let last = ids.len() - 1;
-    let mut logits = model.logits(&hidden.rows(last, last + 1)?)?.into_vec();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let next = logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            )
-            .0 as u32;
-        out.push(next);
-        logits = model
-            .forward(&[next], &mut cache, LogitsFor::Last)?
-            .logits
-            .into_vec();
-    }
-    Ok((nll, out))
 }
 
 fn ids(n: usize, seed: u32) -> Vec<u32> {
