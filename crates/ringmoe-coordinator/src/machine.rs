@@ -271,7 +271,7 @@ impl Machine {
                     });
                 }
             }
-            Event::RunFinished { run, result } => self.run_finished(run, result, &mut out),
+            Event::RunFinished { run, result } => self.run_finished(now, run, result, &mut out),
             Event::Probed { run, dead } => self.probed(now, run, dead, &mut out),
             Event::Tick => {}
         }
@@ -324,6 +324,7 @@ impl Machine {
 
     fn run_finished(
         &mut self,
+        now: Instant,
         run: RunId,
         result: Result<JobOutput, JobError>,
         out: &mut Vec<Command>,
@@ -362,6 +363,12 @@ impl Machine {
                 self.active = None;
                 self.fail(id, &e, out);
             }
+            // The worker that left is known to be gone: no probe to wait for (it would time
+            // out on a cut-off worker); any other loss shows in the next run.
+            Err(failure) if a.left.is_some() => {
+                let dead: Vec<String> = a.left.iter().cloned().collect();
+                self.after_failure(now, failure, dead, out);
+            }
             Err(failure) => {
                 let workers = workers.clone();
                 out.push(Command::Probe {
@@ -387,12 +394,24 @@ impl Machine {
         if a.current_run() != Some(run) {
             return;
         }
+        let failure = failure.clone();
+        self.after_failure(now, failure, dead, out);
+    }
+
+    /// The active job's run failed with `failure`, and `dead` are its workers found dead: retry
+    /// without them, or fail.
+    fn after_failure(
+        &mut self,
+        now: Instant,
+        failure: JobError,
+        dead: Vec<String>,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
         let id = a.id;
-        match self
-            .cfg
-            .retry
-            .after_probe(a.attempt, failure.clone(), &dead)
-        {
+        match self.cfg.retry.after_probe(a.attempt, failure, &dead) {
             Verdict::Fail(e) => {
                 self.active = None;
                 self.fail(id, &e, out);

@@ -13,7 +13,8 @@
 //! unreachable for longer than its client retries), a worker that
 //! [left while loading](JobError::LeftWhileLoading) yet answers (its lease lapsed and it
 //! registered again), and a worker that [left during the run](JobError::LeftDuringRun) (the
-//! run was aborted for it; cut off from etcd, it may still answer the coordinator).
+//! run was aborted for it, and it counts as dead without a probe: cut off from etcd, it may
+//! still answer the coordinator; cut off from everyone, a probe would only time out).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -389,7 +389,8 @@ async fn run_inner(
     drop(execute);
     if let Some(f) = failure {
         streams.abort_all();
-        cancel_on_workers(clients, id).await;
+        // In the background: the run's end must not wait on a worker that cannot answer.
+        tokio::spawn(cancel_on_workers(clients, id).instrument(tracing::Span::current()));
         return Err(f);
     }
     let end = Instant::now();
@@ -412,6 +413,7 @@ async fn run_inner(
 /// that does not answer within a second is left out of this reading).
 /// Cancels job `id` on every worker at once, waiting at most a few seconds for each: a worker
 /// that cannot be reached (dead, or cut off) is logged and left to notice the closed stream.
+/// The trace context is the caller's (the task is spawned inside its span).
 async fn cancel_on_workers(clients: Vec<WorkerClient>, id: u64) {
     let trace = TraceHeaders::current();
     let mut calls = JoinSet::new();
