@@ -115,6 +115,39 @@ impl Tls {
     }
 }
 
+fn bad(what: &str, e: &dyn std::fmt::Display) -> TlsError {
+    TlsError::Flags(format!("{what}: {e}"))
+}
+
+type KeyPair = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// The certificate chain and private key of `--tls-cert`/`--tls-key` (PEM).
+fn identity(cert: &[u8], key: &[u8]) -> Result<KeyPair, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("--tls-cert", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("--tls-key", &e))?;
+    Ok((certs, key))
+}
+
+/// The certificates of `--tls-ca` (PEM) as trust anchors.
+fn roots(ca: &[u8]) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots
+            .add(c.map_err(|e| bad("--tls-ca", &e))?)
+            .map_err(|e| bad("--tls-ca", &e))?;
+    }
+    Ok(Arc::new(roots))
+}
+
 /// A rustls server configuration: `cert`/`key` served, clients required to present a
 /// certificate `ca` signed when it is given (mTLS), the protocols `alpn` offered.
 fn server_config(
@@ -123,31 +156,17 @@ fn server_config(
     ca: Option<&[u8]>,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Flags(format!("{what}: {e}"));
-    let certs = CertificateDer::pem_slice_iter(cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("--tls-cert", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("--tls-key", &e))?;
+    let (certs, key) = identity(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad("TLS versions", &e))?;
     let builder = match ca {
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_slice_iter(ca) {
-                roots
-                    .add(c.map_err(|e| bad("--tls-ca", &e))?)
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider)
+                    .build()
                     .map_err(|e| bad("--tls-ca", &e))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .map_err(|e| bad("--tls-ca", &e))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -226,8 +245,6 @@ impl TlsFiles {
 pub fn data_plane(
     files: &TlsFiles,
 ) -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>), TlsError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (Some(cert), Some(key), Some(ca)) = (&files.cert, &files.key, &files.ca) else {
         return Err(TlsError::Flags(
             "data-plane TLS needs --tls-cert, --tls-key and --tls-ca".into(),
@@ -239,20 +256,10 @@ pub fn data_plane(
         read("--tls-ca", ca)?,
     );
     let server = server_config(&cert, &key, Some(&ca), &[])?;
-    let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Flags(format!("{what}: {e}"));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&ca) {
-        roots
-            .add(c.map_err(|e| bad("--tls-ca", &e))?)
-            .map_err(|e| bad("--tls-ca", &e))?;
-    }
-    let certs = CertificateDer::pem_slice_iter(&cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("--tls-cert", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad("--tls-key", &e))?;
+    let (certs, key) = identity(&cert, &key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(SignedByCa {
-        roots: Arc::new(roots),
+        roots: roots(&ca)?,
         provider: provider.clone(),
     });
     let client = rustls::ClientConfig::builder_with_provider(provider)

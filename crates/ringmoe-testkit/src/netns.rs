@@ -159,44 +159,21 @@ impl TestNet {
     /// Cuts hosts `a` and `b` off from each other only (packets between them are dropped
     /// silently); both still reach everyone else.
     pub fn isolate(&self, a: usize, b: usize) -> std::io::Result<()> {
-        let (ha, hb) = (&self.hosts[a], &self.hosts[b]);
-        ip(&[
-            "-n",
-            &ha.ns,
-            "route",
-            "add",
-            "blackhole",
-            &format!("{}/32", hb.addr),
-        ])?;
-        ip(&[
-            "-n",
-            &hb.ns,
-            "route",
-            "add",
-            "blackhole",
-            &format!("{}/32", ha.addr),
-        ])
+        self.blackholes("add", a, b)
     }
 
     /// Undoes [`TestNet::isolate`].
     pub fn reconnect(&self, a: usize, b: usize) -> std::io::Result<()> {
-        let (ha, hb) = (&self.hosts[a], &self.hosts[b]);
-        ip(&[
-            "-n",
-            &ha.ns,
-            "route",
-            "del",
-            "blackhole",
-            &format!("{}/32", hb.addr),
-        ])?;
-        ip(&[
-            "-n",
-            &hb.ns,
-            "route",
-            "del",
-            "blackhole",
-            &format!("{}/32", ha.addr),
-        ])
+        self.blackholes("del", a, b)
+    }
+
+    /// Adds or deletes (`op`) the blackhole routes between hosts `a` and `b`, both ways.
+    fn blackholes(&self, op: &str, a: usize, b: usize) -> std::io::Result<()> {
+        for (from, to) in [(a, b), (b, a)] {
+            let (ns, dst) = (&self.hosts[from].ns, self.hosts[to].addr);
+            ip(&["-n", ns, "route", op, "blackhole", &format!("{dst}/32")])?;
+        }
+        Ok(())
     }
 
     /// The namespaces of this network that still exist (none after drop).

@@ -18,7 +18,7 @@ use ringmoe_testkit::Etcd;
 use ringmoe_testkit::{fixture, max_abs_diff};
 
 mod common;
-use common::reference;
+use common::{reference, submit_watching};
 use serde_json::json;
 use tonic::Code;
 
@@ -138,29 +138,6 @@ fn spec(mode: proto::JobMode, max_new_tokens: u32) -> proto::JobSpec {
         sampling: Some(proto::Sampling::default()),
         ..Default::default()
     }
-}
-
-/// Submits `ids` and opens the job's progress stream.
-async fn submit_watching(
-    addr: &str,
-    spec: proto::JobSpec,
-    ids: &[u32],
-) -> Result<(client::Client, u64, tonic::Streaming<proto::JobProgress>)> {
-    let mut cl = client::connect(addr, 64 << 20).await?;
-    let id = client::submit(
-        &mut cl,
-        spec,
-        Input::Tokens(ids.to_vec()),
-        client::UPLOAD_CHUNK,
-        |_| {},
-    )
-    .await?
-    .job_id;
-    let s = cl
-        .watch_job(proto::WatchJobRequest { job_id: id })
-        .await?
-        .into_inner();
-    Ok((cl, id, s))
 }
 
 /// Submits, follows to the end, and fetches the result.

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use ringmoe_model::{LoadOptions, Model, write_random_checkpoint};
-use ringmoe_proto::client::{self, Input, JobResult};
+use ringmoe_proto::client::{self, JobResult};
 use ringmoe_proto::proto::{self, JobPhase};
 use ringmoe_testkit::{Etcd, Proc, TestNet, max_abs_diff};
 
 mod common;
-use common::reference;
+use common::{reference, submit_watching};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmoe");
@@ -185,20 +185,7 @@ async fn job(
     ids: &[u32],
     mut on: impl FnMut(&proto::JobProgress) -> Result<()>,
 ) -> Result<(Vec<JobPhase>, u32, JobResult)> {
-    let mut cl = client::connect(addr, 64 << 20).await?;
-    let id = client::submit(
-        &mut cl,
-        spec,
-        Input::Tokens(ids.to_vec()),
-        client::UPLOAD_CHUNK,
-        |_| {},
-    )
-    .await?
-    .job_id;
-    let mut s = cl
-        .watch_job(proto::WatchJobRequest { job_id: id })
-        .await?
-        .into_inner();
+    let (mut cl, id, mut s) = submit_watching(addr, spec, ids).await?;
     let (mut phases, mut workers) = (Vec::new(), 0);
     while let Some(p) = s.message().await? {
         on(&p)?;
@@ -324,20 +311,8 @@ fn a_leader_cut_off_from_etcd_steps_down_and_the_standby_finishes_the_job_once()
     let rt = rt()?;
     let (id, cut) = rt.block_on(async {
         c.wait_for_workers(3).await?;
-        let mut cl = client::connect(&c.addrs[0], 64 << 20).await?;
-        let id = client::submit(
-            &mut cl,
-            spec(proto::JobMode::Score, 0),
-            Input::Tokens(long.clone()),
-            client::UPLOAD_CHUNK,
-            |_| {},
-        )
-        .await?
-        .job_id;
-        let mut s = cl
-            .watch_job(proto::WatchJobRequest { job_id: id })
-            .await?
-            .into_inner();
+        let (_cl, id, mut s) =
+            submit_watching(&c.addrs[0], spec(proto::JobMode::Score, 0), &long).await?;
         // The old leader's stream ends (with an error) when it steps down.
         while let Ok(Some(p)) = s.message().await {
             if p.phase() == JobPhase::Prefill {

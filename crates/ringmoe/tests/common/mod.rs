@@ -2,6 +2,8 @@
 
 use anyhow::Result;
 use ringmoe_model::{LogitsFor, Model};
+use ringmoe_proto::client::{self, Input};
+use ringmoe_proto::proto;
 
 /// Single-process reference: per-token NLL and `n` greedy tokens.
 pub fn reference(model: &Model, ids: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>)> {
@@ -40,4 +42,27 @@ fn argmax(v: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// Submits `ids` and opens the job's progress stream.
+pub async fn submit_watching(
+    addr: &str,
+    spec: proto::JobSpec,
+    ids: &[u32],
+) -> Result<(client::Client, u64, tonic::Streaming<proto::JobProgress>)> {
+    let mut cl = client::connect(addr, 64 << 20).await?;
+    let id = client::submit(
+        &mut cl,
+        spec,
+        Input::Tokens(ids.to_vec()),
+        client::UPLOAD_CHUNK,
+        |_| {},
+    )
+    .await?
+    .job_id;
+    let s = cl
+        .watch_job(proto::WatchJobRequest { job_id: id })
+        .await?
+        .into_inner();
+    Ok((cl, id, s))
 }
