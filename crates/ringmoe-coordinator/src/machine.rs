@@ -14,7 +14,7 @@
 //! | `Cancel(id)` | queued or between runs: `Cancelled`; running: `AbortRun` |
 //! | `Progress` | `Publish` (watchers only, never stored) for the current run |
 //! | `RunFinished(Ok)` | `StoreResult`, then `Done` |
-//! | `RunFinished(Err)` | cancelled: `Cancelled`; not retryable: `Failed`; else `Probe` |
+//! | `RunFinished(Err)` | cancelled: `Cancelled`; aborted because a worker left: the retry policy with that worker dead (no probe); not retryable: `Failed`; else `Probe` |
 //! | `Probed(dead)` | the retry policy: `Retrying` + `ForgetWorkers` + a new run, or `Failed` |
 //! | `Tick` | time passed (exclusions expire); may start the next run |
 //!
