@@ -70,4 +70,23 @@ pub enum CommError {
     NcclUnavailable(String),
 }
 
+impl CommError {
+    /// The peer this error blames, where it names one (lost, silent, or sending garbage):
+    /// the rank whose link failed, as seen from this rank.
+    pub fn peer(&self) -> Option<usize> {
+        match self {
+            Self::Timeout { peer, .. }
+            | Self::PeerLost { peer, .. }
+            | Self::UnexpectedTag { peer, .. }
+            | Self::UnexpectedPayload { peer, .. }
+            | Self::BadFrame { peer, .. } => Some(*peer),
+            Self::BadPeer { .. }
+            | Self::Rendezvous { .. }
+            | Self::InvalidArgument { .. }
+            | Self::Poisoned { .. }
+            | Self::NcclUnavailable(_) => None,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, CommError>;

@@ -43,6 +43,12 @@ pub struct TcpOptions {
     pub io_threads: usize,
     /// TLS on every connection (`None`: plain TCP, the token the only check).
     pub tls: Option<DataTls>,
+    /// How long sent data may stay unacknowledged before the connection is dropped
+    /// (`TCP_USER_TIMEOUT`): a peer cut off by the network, whose process lives on, closes
+    /// no connection, and without this a rank would wait out the whole receive timeout.
+    /// A peer that is merely slow still acknowledges (its kernel does), so this never fires
+    /// for it. `None`: the kernel's default (about 15 minutes of retransmissions).
+    pub unacked_timeout: Option<Duration>,
 }
 
 /// TLS settings of the data plane: `server` for connections this rank accepts (it must require
@@ -83,6 +89,7 @@ impl Default for TcpOptions {
             token: [0; 32],
             io_threads: 2,
             tls: None,
+            unacked_timeout: Some(Duration::from_secs(20)),
         }
     }
 }
@@ -218,6 +225,8 @@ fn configure(stream: &TcpStream, opts: &TcpOptions) -> std::io::Result<()> {
     let sock = socket2::SockRef::from(stream);
     sock.set_send_buffer_size(opts.socket_buffer_bytes)?;
     sock.set_recv_buffer_size(opts.socket_buffer_bytes)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(opts.unacked_timeout)?;
     Ok(())
 }
 
@@ -249,7 +258,7 @@ async fn rendezvous(
             loop {
                 match TcpStream::connect(addr).await {
                     Ok(s) => {
-                        configure(&s, &opts).map_err(|e| format!("rank {j} at {addr}: {e}"))?;
+                        configure(&s, &opts).map_err(|e| (j, format!("rank {j} at {addr}: {e}")))?;
                         let mut s = match &opts.tls {
                             None => Conn::Plain(s),
                             Some(t) => {
@@ -259,18 +268,18 @@ async fn rendezvous(
                                 let tls = tokio_rustls::TlsConnector::from(t.client.clone())
                                     .connect(name, s)
                                     .await
-                                    .map_err(|e| format!("TLS with rank {j} at {addr}: {e}"))?;
+                                    .map_err(|e| (j, format!("TLS with rank {j} at {addr}: {e}")))?;
                                 Conn::Tls(Box::new(tls))
                             }
                         };
                         let io = s.io();
-                        io.write_all(&me.encode()).await.map_err(|e| format!("hello to rank {j}: {e}"))?;
-                        io.flush().await.map_err(|e| format!("hello to rank {j}: {e}"))?;
+                        io.write_all(&me.encode()).await.map_err(|e| (j, format!("hello to rank {j}: {e}")))?;
+                        io.flush().await.map_err(|e| (j, format!("hello to rank {j}: {e}")))?;
                         let mut b = [0u8; HELLO_LEN];
-                        io.read_exact(&mut b).await.map_err(|e| format!("hello from rank {j} at {addr}: {e}"))?;
-                        let h = Hello::decode(&b).map_err(|e| format!("rank {j} at {addr}: {e}"))?;
+                        io.read_exact(&mut b).await.map_err(|e| (j, format!("hello from rank {j} at {addr}: {e}")))?;
+                        let h = Hello::decode(&b).map_err(|e| (j, format!("rank {j} at {addr}: {e}")))?;
                         if h != (Hello { rank: j as u32, ..me }) || !h.same_token(&me) {
-                            return Err(format!("{addr} answered as {h:?}, expected rank {j} of {world} in session {}", me.session));
+                            return Err((j, format!("{addr} answered as {h:?}, expected rank {j} of {world} in session {}", me.session)));
                         }
                         return Ok((j, s));
                     }
@@ -278,7 +287,7 @@ async fn rendezvous(
                         let _ = e;
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    Err(e) => return Err(format!("cannot connect to rank {j} at {addr}: {e}")),
+                    Err(e) => return Err((j, format!("rendezvous: cannot connect to rank {j} at {addr}: {e}"))),
                 }
             }
         }));
@@ -332,10 +341,18 @@ async fn rendezvous(
             Ok(Some(x)) => x,
             _ => {
                 acceptor.abort();
-                return Err(rv(format!(
-                    "{pending} higher-ranked peers did not connect within {:?}",
-                    opts.connect_timeout
-                )));
+                // Blames the lowest missing rank: with a link cut to one peer, that is it.
+                let missing: Vec<usize> = (rank + 1..world)
+                    .filter(|&j| streams[j].is_none())
+                    .collect();
+                return Err(CommError::PeerLost {
+                    rank,
+                    peer: missing.first().copied().unwrap_or(world - 1),
+                    reason: format!(
+                        "rendezvous: rank(s) {missing:?} did not connect within {:?}",
+                        opts.connect_timeout
+                    ),
+                });
             }
         };
         if streams[j].is_some() {
@@ -353,7 +370,10 @@ async fn rendezvous(
     }
     acceptor.abort();
     for c in connects {
-        let (j, s) = c.await.map_err(|e| rv(e.to_string()))?.map_err(rv)?;
+        let (j, s) = c
+            .await
+            .map_err(|e| rv(e.to_string()))?
+            .map_err(|(peer, reason)| CommError::PeerLost { rank, peer, reason })?;
         streams[j] = Some(s);
     }
     Ok(streams)

@@ -40,6 +40,15 @@ pub enum JobError {
         message: String,
     },
 
+    /// Worker `rank`'s data link to worker `peer` (ranks of the run) failed while both
+    /// processes may live on: a network fault between the two.
+    #[error("worker {rank} lost its data link to worker {peer}: {message}")]
+    Link {
+        rank: usize,
+        peer: usize,
+        message: String,
+    },
+
     #[error("worker {rank} sent {what}")]
     BadResult { rank: usize, what: String },
 
@@ -128,6 +137,7 @@ impl JobError {
         match self {
             Self::Connect { .. }
             | Self::Worker { .. }
+            | Self::Link { .. }
             | Self::BadResult { .. }
             | Self::MissingScores { .. }
             | Self::NoTokens

@@ -367,7 +367,7 @@ impl Machine {
             // out on a cut-off worker); any other loss shows in the next run.
             Err(failure) if a.left.is_some() => {
                 let dead: Vec<String> = a.left.iter().cloned().collect();
-                self.after_failure(now, failure, dead, out);
+                self.after_failure(now, failure, dead, true, out);
             }
             Err(failure) => {
                 let workers = workers.clone();
@@ -388,23 +388,39 @@ impl Machine {
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        let Stage::Probing { failure, .. } = &a.stage else {
+        let Stage::Probing {
+            failure, workers, ..
+        } = &a.stage
+        else {
             return;
         };
         if a.current_run() != Some(run) {
             return;
         }
         let failure = failure.clone();
-        self.after_failure(now, failure, dead, out);
+        // Every worker answers, yet a data link between two of them failed: a network fault
+        // between the pair. The re-run leaves out the end the failing worker blamed (either
+        // end mends a cut between two); it stays registered, so it is only excluded.
+        if dead.is_empty()
+            && let JobError::Link { peer, .. } = &failure
+            && let Some(w) = workers.get(*peer)
+        {
+            let suspect = vec![w.id.clone()];
+            return self.after_failure(now, failure, suspect, false, out);
+        }
+        self.after_failure(now, failure, dead, true, out);
     }
 
-    /// The active job's run failed with `failure`, and `dead` are its workers found dead: retry
-    /// without them, or fail.
+    /// The active job's run failed with `failure`, and `dead` are its workers found dead (or
+    /// one end of a broken link): retry without them, or fail. `forget`: they are gone from
+    /// the heartbeat registry too (a dead worker must register again; an unreachable one
+    /// still heartbeats and is only excluded).
     fn after_failure(
         &mut self,
         now: Instant,
         failure: JobError,
         dead: Vec<String>,
+        forget: bool,
         out: &mut Vec<Command>,
     ) {
         let Some(a) = self.active.as_mut() else {
@@ -420,7 +436,9 @@ impl Machine {
                 a.attempt = attempt;
                 a.stage = Stage::WaitingForWorkers;
                 self.exclusions.exclude(&dead, now);
-                out.push(Command::ForgetWorkers(dead));
+                if forget {
+                    out.push(Command::ForgetWorkers(dead));
+                }
                 out.push(Command::Transition {
                     id,
                     state: JobState::Retrying {

@@ -142,6 +142,69 @@ fn jobs_wait_for_min_workers() {
     assert_eq!(ids, ["a", "b"], "rank order is by id");
 }
 
+/// A data link between two live workers breaks: every worker answers the probe, yet the job
+/// re-runs without the worker the failing one blamed, which stays registered (not forgotten)
+/// but excluded.
+#[test]
+fn a_broken_link_between_live_workers_reruns_without_the_blamed_end() {
+    let t = Instant::now();
+    let mut m = machine(1, 2);
+    m.on(t, Event::Workers(workers(&["a", "b", "c"])));
+    let run = started(&submit(&mut m, t, 1, 0)).unwrap();
+    let link = JobError::Link {
+        rank: 0,
+        peer: 2,
+        message: "rendezvous: cannot connect to rank 2".into(),
+    };
+    m.on(
+        t,
+        Event::RunFinished {
+            run: run.run,
+            result: Err(link),
+        },
+    );
+    let cmds = m.on(
+        t,
+        Event::Probed {
+            run: run.run,
+            dead: vec![],
+        },
+    );
+    assert!(
+        !cmds.iter().any(|c| matches!(c, Command::ForgetWorkers(_))),
+        "{cmds:?}"
+    );
+    let states = persisted(&cmds, 1);
+    assert!(
+        matches!(&states[..], [JobState::Retrying { attempt: 1, reason }, JobState::Running { attempt: 1 }]
+            if reason.contains("left out worker(s) c") && reason.contains("data link")),
+        "{states:?}"
+    );
+    let next = started(&cmds).unwrap();
+    let ids: Vec<&str> = next.workers.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert!(m.is_excluded("c", t));
+    // A failure that blames no link, with every worker answering, is the job's own.
+    m.on(
+        t,
+        Event::RunFinished {
+            run: next.run,
+            result: Err(lost_worker()),
+        },
+    );
+    let cmds = m.on(
+        t,
+        Event::Probed {
+            run: next.run,
+            dead: vec![],
+        },
+    );
+    assert!(
+        matches!(&persisted(&cmds, 1)[..], [JobState::Failed { .. }]),
+        "{cmds:?}"
+    );
+}
+
 #[test]
 fn a_lost_worker_retries_on_the_rest_up_to_max_retries() {
     let t = Instant::now();

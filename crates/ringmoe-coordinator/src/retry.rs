@@ -8,6 +8,10 @@
 //! workers stay excluded until membership next mentions them (they re-registered, or were
 //! removed) or for [`EXCLUSION`].
 //!
+//! A run whose failure is a [broken data link](JobError::Link) between two workers that both
+//! still answer the probe re-runs without the end the failing worker blamed (either end mends a
+//! cut between two): that worker is excluded like a dead one, though it stays registered.
+//!
 //! Three failures are the membership store's, not the job's, and re-run even when every worker
 //! answers (within the same `max_retries`): a [membership](JobError::Membership) error (etcd
 //! unreachable for longer than its client retries), a worker that
@@ -62,6 +66,8 @@ impl RetryPolicy {
         }
         let reason = if dead.is_empty() {
             failure.to_string()
+        } else if matches!(failure, JobError::Link { .. }) {
+            format!("left out worker(s) {}: {failure}", dead.join(", "))
         } else {
             format!("lost worker(s) {}: {failure}", dead.join(", "))
         };

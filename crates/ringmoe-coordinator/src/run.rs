@@ -333,7 +333,7 @@ async fn run_inner(
                     break None;
                 }
             }
-            Some(Err(e)) => break Some(worker_error(r, WorkerStep::Run, &e)),
+            Some(Err(e)) => break Some(run_error(r, &e)),
             Some(Ok(proto::WorkerEvent { event: Some(ev) })) => match ev {
                 worker_event::Event::LayerDone(l) => {
                     let secs = prefill_start.elapsed().as_secs_f64().max(1e-9);
@@ -446,6 +446,23 @@ async fn expert_load(clients: &[WorkerClient], model: &str) {
     match read {
         Ok(reports) => crate::telemetry::expert_imbalance(model, &reports),
         Err(e) => tracing::debug!(error = %e, "reading the workers' expert load"),
+    }
+}
+
+/// A worker's failed `RunJob`: a [`JobError::Link`] when it names the peer whose data link
+/// failed, else a plain worker error.
+fn run_error(rank: usize, e: &Status) -> JobError {
+    let peer = e
+        .metadata()
+        .get(ringmoe_proto::LOST_PEER_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    match peer {
+        Some(peer) => JobError::Link {
+            rank,
+            peer,
+            message: e.message().to_string(),
+        },
+        None => worker_error(rank, WorkerStep::Run, e),
     }
 }
 

@@ -16,6 +16,11 @@ pub mod tls;
 
 pub use server::ServerOptions;
 
+/// The metadata key on a worker's failed `RunJob` naming the rank (of that job) whose data
+/// link failed: the coordinator leaves that worker out of the re-run when every worker still
+/// answers (a link cut between two workers, not a dead one).
+pub const LOST_PEER_HEADER: &str = "x-ringmoe-lost-peer";
+
 /// A gRPC server that could not be set up or stopped serving.
 #[derive(Debug, thiserror::Error)]
 #[error("gRPC server: {0}")]

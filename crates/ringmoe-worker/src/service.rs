@@ -9,6 +9,9 @@ use ringmoe_telemetry::propagate::set_parent;
 
 use crate::*;
 
+/// How long a job's data-plane rendezvous may take (see `run_job`).
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The span of one call from the coordinator, a child of the caller's span when the request
 /// carries its trace context.
 fn call_span<T>(req: &Request<T>, span: tracing::Span) -> tracing::Span {
@@ -221,6 +224,9 @@ impl WorkerService for Worker {
             session: id,
             token: job.token,
             tls,
+            // Every peer bound its listener in PrepareJob, before any RunJob went out: a peer
+            // not connected within this is cut off, not slow to start.
+            connect_timeout: RENDEZVOUS_TIMEOUT,
             ..ringmoe_comm::TcpOptions::default()
         };
         let cancel = Arc::new(AtomicBool::new(false));
@@ -266,7 +272,7 @@ impl WorkerService for Worker {
                         warn!(error = %e, "job part failed");
                         let status = match e {
                             ParallelError::Cancelled(_) => Status::cancelled(e.to_string()),
-                            e => Status::internal(format!("worker rank {}: {e}", shard.rank)),
+                            e => link_failure(shard.rank, e),
                         };
                         let _ = tx.blocking_send(Err(status));
                     }
@@ -324,4 +330,22 @@ impl WorkerService for Worker {
             window_secs: self.inner.load.window().as_secs_f64(),
         }))
     }
+}
+
+/// A failed run's status: the error, and the peer it blames when a data link failed (so the
+/// coordinator can leave one end of a broken link out of the re-run).
+fn link_failure(rank: usize, e: ParallelError) -> Status {
+    let peer = match &e {
+        ParallelError::Comm(c) => c.peer(),
+        _ => None,
+    };
+    let mut status = Status::internal(format!("worker rank {rank}: {e}"));
+    if let Some(p) = peer
+        && let Ok(v) = p.to_string().parse()
+    {
+        status
+            .metadata_mut()
+            .insert(ringmoe_proto::LOST_PEER_HEADER, v);
+    }
+    status
 }
