@@ -3,17 +3,23 @@
 //!
 //! * [`fixture`] — the path of a tiny model under `tests/fixtures`;
 //! * [`max_abs_diff`] — the largest element-wise difference of two vectors;
+//! * [`cluster`] — a ringmoe cluster on a test network, one namespace per process;
 //! * [`etcd`] — a real etcd on free loopback ports, plain or TLS;
 //! * [`process`] — a child process killed on drop, its stdout lines readable as they come;
-//! * [`netns`] — a test network: one network namespace per host, links to cut and heal.
+//! * [`netns`] — a test network: one network namespace per host, links to cut and heal;
+//! * [`proxy`] — a userspace TCP proxy that makes a link slow, late, stalled or reset.
 
+pub mod cluster;
 pub mod etcd;
 pub mod netns;
 pub mod process;
+pub mod proxy;
 
+pub use cluster::{ClusterSpec, NsCluster};
 pub use etcd::{Etcd, TlsFiles, make_certs, sign_cert};
 pub use netns::TestNet;
 pub use process::Proc;
+pub use proxy::Proxy;
 
 use std::path::{Path, PathBuf};
 

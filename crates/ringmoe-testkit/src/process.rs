@@ -15,9 +15,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `cmd` with stderr appended to `log_dir/NAME.log` and stdout read line by line.
+    /// Starts `cmd` with stderr appended to `log_dir/NAME.log` (a restarted process's log
+    /// follows its earlier life's) and stdout read line by line.
     pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> std::io::Result<Self> {
-        let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("{name}.log")))?;
         let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn()?;
         let out = child
             .stdout

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use ringmoe_model::{LoadOptions, Model, write_random_checkpoint};
 use ringmoe_proto::client::{self, JobResult};
 use ringmoe_proto::proto::{self, JobPhase};
-use ringmoe_testkit::{Etcd, Proc, TestNet, max_abs_diff};
+use ringmoe_testkit::{ClusterSpec, NsCluster, TestNet, max_abs_diff};
 
 mod common;
 use common::{reference, submit_watching};
@@ -52,102 +52,49 @@ fn spec(mode: proto::JobMode, max_new_tokens: u32) -> proto::JobSpec {
     }
 }
 
-/// The network: etcd on host 0, coordinators on hosts 1..=C sharing one job store, workers on
-/// the hosts after them.
-struct Cluster {
-    net: TestNet,
-    _etcd: Etcd,
-    coordinators: Vec<Option<Proc>>,
-    /// The coordinators' addresses; the first is the leader (started first).
-    addrs: Vec<String>,
-    workers: Vec<Option<Proc>>,
-    addr: String,
-    dir: tempfile::TempDir,
-}
-
 const WORKERS: usize = 4;
 
+/// The cluster on its test network (testkit's `NsCluster`), and the client's side of it.
+struct Cluster {
+    c: NsCluster,
+    /// The first coordinator's address (the leader, started first).
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = NsCluster;
+    fn deref(&self) -> &NsCluster {
+        &self.c
+    }
+}
+
 impl Cluster {
-    fn start(model: &Path, coordinators: usize, workers: usize) -> Result<Self> {
-        let net = TestNet::new(1 + coordinators + workers)?;
+    /// Jobs wait for `min_workers` live workers that are not excluded.
+    fn start(
+        model: &Path,
+        coordinators: usize,
+        workers: usize,
+        min_workers: usize,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let etcd = Etcd::start_in(&net, 0)?;
-        let ep = etcd.endpoint();
-        let mut procs = Vec::new();
-        let mut addrs = Vec::new();
-        for k in 0..coordinators {
-            let host = 1 + k;
-            let addr = format!("{}:7070", net.hosts[host].addr);
-            let mut cmd = net.command(host, BIN);
-            cmd.args([
-                "coordinator",
-                "--addr",
-                &addr,
-                "--etcd",
-                &ep,
-                "--cluster",
-                "t",
-            ])
-            .args([
-                "--min-workers",
-                &workers.to_string(),
-                "--leader-ttl-secs",
-                "3",
-            ])
-            .arg("--store")
-            .arg(dir.path().join("store"))
-            .arg("--model")
-            .arg(format!("m={}", model.display()))
-            .env("RUST_LOG", "info");
-            let p = Proc::spawn(&format!("coordinator-{k}"), cmd, dir.path())?;
-            if k == 0 {
-                // The first serves once it leads; the others wait as standbys.
-                p.line_after("listening on ", Duration::from_secs(30))?;
-            }
-            procs.push(Some(p));
-            addrs.push(addr);
-        }
-        let mut c = Self {
-            _etcd: etcd,
-            coordinators: procs,
-            addr: addrs[0].clone(),
-            addrs,
-            workers: Vec::new(),
-            net,
-            dir,
+        let spec = ClusterSpec {
+            bin: BIN.into(),
+            model: format!("m={}", model.display()),
+            coordinators,
+            workers,
+            min_workers,
+            leader_ttl_secs: 3,
+            worker_ttl_secs: 1,
+            coordinator_args: Vec::new(),
         };
-        for w in 0..workers {
-            let p = c.worker(w)?;
-            c.workers.push(Some(p));
-        }
-        Ok(c)
-    }
-
-    /// Worker `w`'s host.
-    fn worker_host(&self, w: usize) -> usize {
-        1 + self.addrs.len() + w
-    }
-
-    /// Worker `w`, its gRPC and data ports on its own address.
-    fn worker(&self, w: usize) -> Result<Proc> {
-        let host = self.worker_host(w);
-        let me = self.net.hosts[host].addr.to_string();
-        let ep = format!("http://{}:2379", self.net.hosts[0].addr);
-        let mut cmd = self.net.command(host, BIN);
-        cmd.args([
-            "worker",
-            "--etcd",
-            &ep,
-            "--cluster",
-            "t",
-            "--lease-ttl-secs",
-            "1",
-        ])
-        .args(["--addr", &format!("{me}:7071"), "--data-host", &me])
-        .env("RUST_LOG", "info");
-        let p = Proc::spawn(&format!("worker-{w}"), cmd, self.dir.path())?;
-        p.line_after("listening on ", Duration::from_secs(30))?;
-        Ok(p)
+        let mut c = NsCluster::start(spec, dir.path())?;
+        c.start_workers()?;
+        Ok(Self {
+            addr: c.addrs[0].clone(),
+            c,
+            _dir: dir,
+        })
     }
 
     async fn live_workers(&self) -> Result<u32> {
@@ -202,7 +149,7 @@ async fn job(
 fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let model_dir = model(tmp.path())?;
-    let c = Cluster::start(&model_dir, 1, WORKERS)?;
+    let c = Cluster::start(&model_dir, 1, WORKERS, WORKERS)?;
     let prefix = c.net.prefix().to_string();
     let engine = Model::load(&model_dir, &LoadOptions::default())?;
     let short = ids(2_000, 3);
@@ -278,7 +225,7 @@ fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -
         }
         anyhow::Ok(())
     })?;
-    let log = std::fs::read_to_string(c.dir.path().join("coordinator-0.log"))?;
+    let log = c.log("coordinator-0")?;
     ensure!(
         log.contains("left the membership during the run"),
         "the coordinator's log does not say why the run stopped: {}",
@@ -295,6 +242,72 @@ fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -
     Ok(())
 }
 
+/// Two workers cut off from each other only (each still reaches etcd, the coordinator and the
+/// other workers). Before a job: its data-plane rendezvous fails on that link within the
+/// workers' rendezvous timeout, and the job re-runs without the end the failing worker blamed.
+/// Mid-prefill, on established connections: the stalled link fails within the unacknowledged-
+/// data timeout, and the job re-runs likewise. Never a hang; results equal the engine's.
+#[test]
+fn workers_cut_off_from_each_other_rerun_without_one_end() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model_dir = model(tmp.path())?;
+    // Three: the worker left out after the first cut stays excluded for a while.
+    let c = Cluster::start(&model_dir, 1, WORKERS, WORKERS - 1)?;
+    let engine = Model::load(&model_dir, &LoadOptions::default())?;
+    let short = ids(2_000, 11);
+    let long = ids(16 * 1024, 13);
+    let (want_short, _) = reference(&engine, &short, 1)?;
+    let (want_long, _) = reference(&engine, &long, 1)?;
+    drop(engine);
+    let rt = rt()?;
+    rt.block_on(async {
+        c.wait_for_workers(WORKERS as u32).await?;
+        c.net.isolate(c.worker_host(1), c.worker_host(2))?;
+        let t = Instant::now();
+        let (phases, n, r) =
+            job(&c.addr, spec(proto::JobMode::Score, 0), &short, |_| Ok(())).await?;
+        eprintln!(
+            "cut before the job: done in {:?} on {n} workers",
+            t.elapsed()
+        );
+        ensure!(phases.contains(&JobPhase::Retrying), "{phases:?}");
+        let JobResult::Scores(got) = r else {
+            bail!("not scores")
+        };
+        let d = max_abs_diff(&got, &want_short);
+        ensure!(d <= 1e-4, "after a cut before the job: max |Δ| {d:e}");
+        c.net.reconnect(c.worker_host(1), c.worker_host(2))?;
+
+        // Mid-prefill, between two of the workers the next run uses (one of 1 and 2 is
+        // excluded for a while): 0 and 3.
+        let mut cut = None;
+        let (phases, _, r) = job(&c.addr, spec(proto::JobMode::Score, 0), &long, |p| {
+            if cut.is_none() && p.phase() == JobPhase::Prefill {
+                c.net
+                    .isolate(c.worker_host(0), c.worker_host(WORKERS - 1))?;
+                cut = Some(Instant::now());
+            }
+            Ok(())
+        })
+        .await?;
+        let cut = cut.context("the long job never reached prefill")?;
+        eprintln!("cut mid-prefill: done {:?} later", cut.elapsed());
+        ensure!(phases.contains(&JobPhase::Retrying), "{phases:?}");
+        let JobResult::Scores(got) = r else {
+            bail!("not scores")
+        };
+        let d = max_abs_diff(&got, &want_long);
+        ensure!(d <= 1e-4, "after a cut mid-prefill: max |Δ| {d:e}");
+        anyhow::Ok(())
+    })?;
+    let log = c.log("coordinator-0")?;
+    ensure!(
+        log.contains("lost its data link"),
+        "the coordinator's log does not say which link failed"
+    );
+    Ok(())
+}
+
 /// The leader loses etcd but not its workers, mid-prefill: it gives up leadership at its renew
 /// deadline (before its lease could end) and exits; the standby is elected with a larger
 /// fencing token, fences the store, re-queues the job and finishes it exactly once, with the
@@ -303,7 +316,7 @@ fn a_namespaced_cluster_matches_the_engine_and_outlives_a_partitioned_worker() -
 fn a_leader_cut_off_from_etcd_steps_down_and_the_standby_finishes_the_job_once() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let model_dir = model(tmp.path())?;
-    let mut c = Cluster::start(&model_dir, 2, 3)?;
+    let mut c = Cluster::start(&model_dir, 2, 3, 3)?;
     let long = ids(16 * 1024, 9);
     let engine = Model::load(&model_dir, &LoadOptions::default())?;
     let (want, _) = reference(&engine, &long, 1)?;
@@ -322,7 +335,7 @@ fn a_leader_cut_off_from_etcd_steps_down_and_the_standby_finishes_the_job_once()
         }
         bail!("the job never reached prefill")
     })?;
-    let old = c.coordinators[0].as_mut().context("leader")?;
+    let old = c.c.coordinators[0].as_mut().context("leader")?;
     let status = old.wait_exit(Duration::from_secs(10))?;
     let stepped_down = cut.elapsed();
     ensure!(status.is_some(), "the cut-off leader still runs 10 s later");
@@ -341,7 +354,7 @@ fn a_leader_cut_off_from_etcd_steps_down_and_the_standby_finishes_the_job_once()
     };
     let d = max_abs_diff(&got, &want);
     ensure!(d <= 1e-4, "after the failover: max |Δ| {d:e}");
-    let log = |k: usize| std::fs::read_to_string(c.dir.path().join(format!("coordinator-{k}.log")));
+    let log = |k: usize| c.log(&format!("coordinator-{k}"));
     let (old_log, new_log) = (log(0)?, log(1)?);
     ensure!(
         old_log.contains("leadership lost"),
@@ -362,7 +375,7 @@ fn a_leader_cut_off_from_etcd_steps_down_and_the_standby_finishes_the_job_once()
         matches!((t_old, t_new), (Some(a), Some(b)) if b > a),
         "fencing tokens {t_old:?} then {t_new:?}"
     );
-    let fence: u64 = std::fs::read_to_string(c.dir.path().join("store/fence"))?
+    let fence: u64 = std::fs::read_to_string(c.dir.join("store/fence"))?
         .trim()
         .parse()?;
     ensure!(Some(fence) == t_new, "the store is fenced at {fence}");
