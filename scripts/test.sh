@@ -60,6 +60,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # libraries at run time).
 cargo clippy -p ringmoe-comm -p ringmoe-cuda -p ringmoe-worker -p ringmoe --features cuda --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast
+# The randomized network-fault run (README "Fault tolerance"): 3 minutes, seeded, so a failure
+# replays with the same schedule (`scripts/chaos.sh --minutes 3 --seed 1`).
+scripts/chaos.sh --minutes 3 --seed 1
 # The chart's rendered commands run as processes and complete a job, with the binary the tests
 # just built (the test profile's, in target/debug).
 "$VENV/bin/python" scripts/chart_cluster_test.py target/debug/ringmoe
