@@ -273,10 +273,22 @@ async fn rendezvous(
                             }
                         };
                         let io = s.io();
-                        io.write_all(&me.encode()).await.map_err(|e| (j, format!("hello to rank {j}: {e}")))?;
-                        io.flush().await.map_err(|e| (j, format!("hello to rank {j}: {e}")))?;
                         let mut b = [0u8; HELLO_LEN];
-                        io.read_exact(&mut b).await.map_err(|e| (j, format!("hello from rank {j} at {addr}: {e}")))?;
+                        let greeted = async {
+                            io.write_all(&me.encode()).await?;
+                            io.flush().await?;
+                            io.read_exact(&mut b).await
+                        };
+                        match greeted.await {
+                            Ok(_) => {}
+                            // A proxy or load balancer in between accepts before the peer
+                            // listens, then drops the connection: try again while there is time.
+                            Err(_) if Instant::now() < deadline => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
+                            Err(e) => return Err((j, format!("hello with rank {j} at {addr}: {e}"))),
+                        }
                         let h = Hello::decode(&b).map_err(|e| (j, format!("rank {j} at {addr}: {e}")))?;
                         if h != (Hello { rank: j as u32, ..me }) || !h.same_token(&me) {
                             return Err((j, format!("{addr} answered as {h:?}, expected rank {j} of {world} in session {}", me.session)));

@@ -248,3 +248,47 @@ fn nccl_join_without_cuda_fails_cleanly_on_every_rank() -> Result<()> {
     }
     Ok(())
 }
+
+/// Rank 0 sits behind a proxy (as behind a Service or load balancer) that accepts rank 1's
+/// connection before rank 0 listens, then drops it: rank 1 tries again and both ranks meet.
+/// A rank 0 that never comes is blamed by name once the rendezvous time is up.
+#[test]
+fn rendezvous_through_a_proxy_waits_for_the_peer_behind_it() -> Result<()> {
+    let behind = TcpListener::bind("127.0.0.1:0")?;
+    let target = behind.local_addr()?;
+    drop(behind);
+    let proxy = ringmoe_testkit::Proxy::start("127.0.0.1:0".parse()?, target)?;
+    let l1 = TcpListener::bind("127.0.0.1:0")?;
+    let addrs = vec![proxy.addr, l1.local_addr()?];
+    let opts = TcpOptions {
+        connect_timeout: Duration::from_secs(10),
+        ..TcpOptions::default()
+    };
+    let (o, a) = (opts.clone(), addrs.clone());
+    let one = std::thread::spawn(move || tcp(1, l1, &a, &o, Duration::from_secs(5)));
+    // Rank 1 meets only the proxy for a while.
+    std::thread::sleep(Duration::from_millis(500));
+    let l0 = TcpListener::bind(target)?;
+    let c0 = tcp(0, l0, &addrs, &opts, Duration::from_secs(5))?;
+    let c1 = one
+        .join()
+        .map_err(|_| anyhow::anyhow!("rank 1 panicked"))??;
+    c1.send(0, tag(7), Payload::f32(vec![1.0, 2.0]))?;
+    ensure!(c0.recv(1, tag(7))?.into_f32() == Some(vec![1.0, 2.0]));
+
+    // Nobody ever listens behind it: rank 1 gives up, naming rank 0.
+    let l1 = TcpListener::bind("127.0.0.1:0")?;
+    let addrs = vec![proxy.addr, l1.local_addr()?];
+    let opts = TcpOptions {
+        connect_timeout: Duration::from_millis(800),
+        ..TcpOptions::default()
+    };
+    let e = tcp(1, l1, &addrs, &opts, Duration::from_secs(1))
+        .err()
+        .context("rank 1 must fail without rank 0")?;
+    ensure!(
+        matches!(e, CommError::PeerLost { peer: 0, .. }) && e.peer() == Some(0),
+        "{e}"
+    );
+    Ok(())
+}
