@@ -45,6 +45,19 @@ pub struct RingArgs {
     pattern: PatternOpts,
     #[arg(long)]
     json: bool,
+    /// One rank of a ring of processes (with --peers): this process's rank. It computes its
+    /// shard of the same random q/k/v as every other rank, runs the ring over TCP and prints
+    /// its own figures as one JSON object (no single-rank baseline). For rings across hosts or
+    /// through a shaped link (`ringmoe-ring-link`).
+    #[arg(long, requires = "peers")]
+    rank: Option<usize>,
+    /// With --rank: every rank's data-plane address as the others reach it, comma-separated,
+    /// in rank order (--ranks is their number).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<std::net::SocketAddr>,
+    /// With --rank: where this rank listens (default: its own --peers entry).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
 }
 
 /// CPU seconds (user + system) this process has used, from /proc (Linux).
@@ -72,6 +85,9 @@ pub fn run(a: RingArgs) -> Result<()> {
     let q = rand_vec(a.len * qw, 1, 2.0);
     let k = rand_vec(a.len * kw, 2, 2.0);
     let v = rand_vec(a.len * kw, 3, 1.0);
+    if let Some(rank) = a.rank {
+        return run_rank(&a, rank, &p, (&q, &k, &v));
+    }
     let all: Vec<usize> = (0..a.len).collect();
 
     let (c0, t0) = (cpu_secs(), Instant::now());
@@ -178,5 +194,57 @@ pub fn run(a: RingArgs) -> Result<()> {
         println!("{res}");
     }
     let _ = res.get("len").context("result")?;
+    Ok(())
+}
+
+/// `--rank`: this process's part of a ring of processes (see [`RingArgs::rank`]).
+fn run_rank(
+    a: &RingArgs,
+    rank: usize,
+    p: &AttentionParams,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+) -> Result<()> {
+    let world = a.peers.len();
+    ensure!(
+        rank < world,
+        "--rank {rank} is outside the {world} addresses of --peers"
+    );
+    let listen = a.listen.unwrap_or(a.peers[rank]);
+    let listener =
+        std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let opts = TcpOptions {
+        connect_timeout: Duration::from_secs(60),
+        ..TcpOptions::default()
+    };
+    let comm = ringmoe_comm::tcp(rank, listener, &a.peers, &opts, Duration::from_secs(3600))?;
+    let plan = ShardPlan::new(a.len, world, Sharding::Zigzag)?;
+    let pick = |src: &[f32], w: usize| -> Vec<f32> {
+        plan.positions(rank)
+            .iter()
+            .flat_map(|&i| src[i * w..(i + 1) * w].iter().copied())
+            .collect()
+    };
+    let (qw, kw) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+    let (q, k, v) = (pick(q, qw), pick(k, kw), pick(v, kw));
+    let mut modes = Vec::new();
+    for (i, &which) in a.modes.iter().enumerate() {
+        let mode = a.pattern.mode(which);
+        // Every rank starts the mode together, so one rank's set-up is not counted as waiting.
+        comm.barrier(Tag::new(100 + i as u64, 0, 0, Kind::Barrier))?;
+        let t = Instant::now();
+        let tag = Tag::new(1 + i as u64, 0, 0, Kind::Ring);
+        let (_, s) = ring_attention_mode(&comm, &plan, p, &mode, &q, k.clone(), v.clone(), tag)?;
+        modes.push(json!({
+            "mode": format!("{mode:?}"), "wall_secs": t.elapsed().as_secs_f64(),
+            "compute_secs": s.compute_secs, "wait_secs": s.wait_secs,
+            "blocks_computed": s.blocks_computed, "pairs_scored": s.pairs_scored,
+            "bytes_sent": s.bytes_sent,
+        }));
+    }
+    println!(
+        "{}",
+        json!({"rank": rank, "ranks": world, "len": a.len, "heads": a.heads,
+               "kv_heads": a.kv_heads, "head_dim": a.head_dim, "modes": modes})
+    );
     Ok(())
 }
