@@ -49,6 +49,15 @@ pub enum JobError {
         message: String,
     },
 
+    /// The connection to worker `rank` broke under a call (reset, dropped, unreachable): the
+    /// network's failure, not the worker's answer; the worker itself may be fine.
+    #[error("the connection to worker {rank} broke{}: {message}", step.doing())]
+    Connection {
+        rank: usize,
+        step: WorkerStep,
+        message: String,
+    },
+
     #[error("worker {rank} sent {what}")]
     BadResult { rank: usize, what: String },
 
@@ -138,6 +147,7 @@ impl JobError {
             Self::Connect { .. }
             | Self::Worker { .. }
             | Self::Link { .. }
+            | Self::Connection { .. }
             | Self::BadResult { .. }
             | Self::MissingScores { .. }
             | Self::NoTokens

@@ -12,9 +12,11 @@
 //! still answer the probe re-runs without the end the failing worker blamed (either end mends a
 //! cut between two): that worker is excluded like a dead one, though it stays registered.
 //!
-//! Three failures are the membership store's, not the job's, and re-run even when every worker
-//! answers (within the same `max_retries`): a [membership](JobError::Membership) error (etcd
-//! unreachable for longer than its client retries), a worker that
+//! Four failures are the network's or the membership store's, not the job's, and re-run even
+//! when every worker answers (within the same `max_retries`): a
+//! [broken connection](JobError::Connection) to a worker (a reset or dropped control link), a
+//! [membership](JobError::Membership) error (etcd unreachable for longer than its client
+//! retries), a worker that
 //! [left while loading](JobError::LeftWhileLoading) yet answers (its lease lapsed and it
 //! registered again), and a worker that [left during the run](JobError::LeftDuringRun) (the
 //! run was aborted for it, and it counts as dead without a probe: cut off from etcd, it may
@@ -54,6 +56,7 @@ impl RetryPolicy {
             JobError::Membership(_)
                 | JobError::LeftWhileLoading { .. }
                 | JobError::LeftDuringRun { .. }
+                | JobError::Connection { .. }
         );
         if dead.is_empty() && !store {
             return Verdict::Fail(failure);
@@ -131,6 +134,26 @@ mod tests {
             panic!("a third retry with max_retries 2")
         };
         assert!(e.to_string().ends_with("(gave up after 2 retries)"), "{e}");
+    }
+
+    /// A control connection broken under a call re-runs the job even when every worker answers
+    /// the probe (the network failed, not the job), within the same limit.
+    #[test]
+    fn a_broken_connection_reruns_even_when_every_worker_answers() {
+        let p = RetryPolicy { max_retries: 1 };
+        let broken = JobError::Connection {
+            rank: 0,
+            step: crate::error::WorkerStep::Run,
+            message: "h2 protocol error: error reading a body from connection".into(),
+        };
+        assert!(matches!(
+            p.after_probe(0, broken.clone(), &[]),
+            Verdict::Retry { attempt: 1, .. }
+        ));
+        assert!(matches!(
+            p.after_probe(1, broken, &[]),
+            Verdict::Fail(JobError::GaveUp { .. })
+        ));
     }
 
     #[test]

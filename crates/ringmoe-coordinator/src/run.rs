@@ -457,16 +457,34 @@ fn run_error(rank: usize, e: &Status) -> JobError {
         .get(ringmoe_proto::LOST_PEER_HEADER)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     match peer {
-        Some(peer) => JobError::Link {
+        Some(peer) if !broken_connection(e) => JobError::Link {
             rank,
             peer,
             message: e.message().to_string(),
         },
-        None => worker_error(rank, WorkerStep::Run, e),
+        _ => worker_error(rank, WorkerStep::Run, e),
     }
 }
 
+/// Whether `e` is the connection's failure rather than the worker's answer. tonic makes these
+/// itself (a reset or dropped HTTP/2 connection, a failed connect, a keep-alive timeout); a
+/// worker's handler never answers `UNAVAILABLE` but when it lost its lease (a membership
+/// failure, worth a re-run too) and never `UNKNOWN`.
+fn broken_connection(e: &Status) -> bool {
+    std::error::Error::source(e).is_some()
+        || matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        || e.message().starts_with("h2 protocol error")
+        || e.message().starts_with("transport error")
+}
+
 fn worker_error(rank: usize, step: WorkerStep, e: &Status) -> JobError {
+    if broken_connection(e) {
+        return JobError::Connection {
+            rank,
+            step,
+            message: e.message().to_string(),
+        };
+    }
     JobError::Worker {
         rank,
         step,
@@ -585,6 +603,48 @@ impl Collect {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker's own answer stays a worker error (or a link failure naming the peer); what
+    /// the connection did becomes a connection error, whatever the call.
+    #[test]
+    fn broken_connections_are_told_from_the_workers_answers() {
+        let own = Status::internal("worker rank 1: expert dispatch: bad frame");
+        assert!(matches!(
+            run_error(1, &own),
+            JobError::Worker {
+                step: WorkerStep::Run,
+                ..
+            }
+        ));
+        let mut lost = Status::internal("worker rank 1: rank 1: lost peer 2: closed");
+        lost.metadata_mut()
+            .insert(ringmoe_proto::LOST_PEER_HEADER, "2".parse().unwrap());
+        assert!(matches!(
+            run_error(1, &lost),
+            JobError::Link { peer: 2, .. }
+        ));
+        for broken in [
+            Status::internal("h2 protocol error: error reading a body from connection"),
+            Status::unknown("h2 protocol error: stream error received"),
+            Status::unavailable("transport error"),
+            Status::from_error(Box::new(std::io::Error::other("connection reset"))),
+        ] {
+            let e = worker_error(2, WorkerStep::SendShard, &broken);
+            assert!(
+                matches!(e, JobError::Connection { rank: 2, .. }),
+                "{broken:?} gave {e:?}"
+            );
+            assert!(matches!(run_error(2, &broken), JobError::Connection { .. }));
+        }
+        assert!(matches!(
+            worker_error(
+                0,
+                WorkerStep::Prepare,
+                &Status::failed_precondition("no model")
+            ),
+            JobError::Worker { .. }
+        ));
+    }
 
     #[test]
     fn scores_are_filed_once_each_and_must_all_come() {
