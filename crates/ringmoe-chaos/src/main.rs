@@ -11,6 +11,7 @@
 //! | `worker_partition` | a worker's link down, then up |
 //! | `worker_peer_isolation` | two workers cut off from each other only |
 //! | `leader_kill` | kill -9 the leader, start it again (as a standby) |
+//! | `leader_stop` | SIGSTOP the leader past its lease, then SIGCONT: a deposed leader that wakes up believing it leads, whose late writes and calls the fence must refuse |
 //! | `leader_etcd_partition` | the leader cut off from etcd only (it steps down and exits), healed, started again |
 //! | `slow_link` | a worker's control link (the coordinator's gRPC to it, through testkit's proxy) capped at 256 KiB/s with 50 ms each way |
 //! | `connection_reset` | every connection on a worker's control link reset |
@@ -100,12 +101,13 @@ const WORKERS: usize = 4;
 /// Jobs in flight (acknowledged, not finished) before the client waits.
 const IN_FLIGHT: usize = 3;
 
-const FAULTS: [&str; 8] = [
+const FAULTS: [&str; 9] = [
     "worker_kill",
     "worker_stop",
     "worker_partition",
     "worker_peer_isolation",
     "leader_kill",
+    "leader_stop",
     "leader_etcd_partition",
     "slow_link",
     "connection_reset",
@@ -491,6 +493,17 @@ fn inject(
             c.coordinators[k] = None;
             std::thread::sleep(hold);
             c.coordinators[k] = Some(c.spawn_coordinator(k)?);
+            format!("coordinator {k}")
+        }
+        "leader_stop" => {
+            let Some(k) = rt.block_on(leader(addrs)).map(|(k, _)| k) else {
+                return Ok(None);
+            };
+            let p = c.coordinators[k].as_ref().context("leader")?;
+            p.signal("STOP")?;
+            // Past the lease (3 s) and the standby's election, so it wakes up deposed.
+            std::thread::sleep(hold.max(Duration::from_secs(6)));
+            p.signal("CONT")?;
             format!("coordinator {k}")
         }
         "leader_etcd_partition" => {

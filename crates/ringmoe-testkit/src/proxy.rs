@@ -51,8 +51,10 @@ struct Link {
     shape: Mutex<Shape>,
     /// Client-to-upstream and upstream-to-client.
     buckets: [Bucket; 2],
-    /// Both sockets of every open connection (clones), for [`Proxy::reset`].
-    conns: Mutex<Vec<(TcpStream, TcpStream)>>,
+    /// Both sockets of every open connection (clones, by connection number), for
+    /// [`Proxy::reset`]; a connection's entry goes when it ends.
+    conns: Mutex<Vec<(u64, TcpStream, TcpStream)>>,
+    next_conn: AtomicU64,
     forwarded: AtomicU64,
     stop: AtomicBool,
 }
@@ -84,6 +86,7 @@ impl Proxy {
             ],
             conns: Mutex::new(Vec::new()),
             forwarded: AtomicU64::new(0),
+            next_conn: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let l = link.clone();
@@ -118,13 +121,18 @@ impl Proxy {
     /// was in flight); new connections are forwarded as before. Returns how many were cut.
     pub fn reset(&self) -> usize {
         let conns = std::mem::take(&mut *lock(&self.link.conns));
-        for (a, b) in &conns {
+        for (_, a, b) in &conns {
             for s in [a, b] {
                 let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
         conns.len()
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        lock(&self.link.conns).len()
     }
 
     /// Bytes forwarded so far, both directions.
@@ -174,12 +182,15 @@ fn connection(client: TcpStream, upstream: SocketAddr, link: &Arc<Link>) -> std:
     for s in [&client, &server] {
         s.set_nodelay(true)?;
     }
-    lock(&link.conns).push((client.try_clone()?, server.try_clone()?));
+    let n = link.next_conn.fetch_add(1, Ordering::Relaxed);
+    lock(&link.conns).push((n, client.try_clone()?, server.try_clone()?));
     let up = pump(client.try_clone()?, server.try_clone()?, link.clone(), 0)?;
     let down = pump(server, client, link.clone(), 1)?;
     for t in up.into_iter().chain(down) {
         let _ = t.join();
     }
+    // Ended: its sockets close once these clones go too.
+    lock(&link.conns).retain(|(m, _, _)| *m != n);
     Ok(())
 }
 
@@ -331,9 +342,16 @@ mod tests {
         // The client sees its connection end (EOF or a reset), never a hang.
         let _ = s.read_to_end(&mut rest);
         assert!(rest.is_empty());
-        // New connections go through.
+        // New connections go through; one that ends is forgotten (its sockets closed).
         let mut s2 = TcpStream::connect(p.addr)?;
         round_trip(&mut s2, 100)?;
+        assert_eq!(p.open_connections(), 1);
+        drop(s2);
+        let end = Instant::now() + Duration::from_secs(5);
+        while p.open_connections() > 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(p.open_connections(), 0, "a closed connection is still held");
         Ok(())
     }
 }
