@@ -7,8 +7,9 @@
 //! blocked waiting for the next block, and the fraction of the transfer hidden behind compute:
 //!
 //!   measured hidden = 1 − wait / (bytes sent / cap), clamped to [0, 1];
-//!   predicted hidden = min(1, compute / (bytes sent / cap)) (a step's send overlaps its
-//!   compute, so only transfer beyond compute shows as waiting);
+//!   predicted hidden = min(1, C / T), C = compute / ranks the compute of one step, T =
+//!   (bytes sent / cap) / (ranks − 1) the transfer of one block (each step's send overlaps
+//!   its compute, so only transfer beyond compute shows as waiting);
 //!
 //! and the Ring Attention paper's threshold c* = F / B in this setting: the block size at
 //! which a step's compute (c²·h/2 scored pairs at the measured F pairs/s) equals its transfer
@@ -43,6 +44,10 @@ struct Args {
     kv_heads: usize,
     #[arg(long, default_value_t = 64)]
     head_dim: usize,
+    /// Compute threads per rank (`RAYON_NUM_THREADS`): ranks × threads at most the cores, or
+    /// ranks compete for them and the compute figures mean less.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -79,6 +84,7 @@ fn main() -> Result<()> {
                 pairs += m["pairs_scored"].as_f64().unwrap_or(0.0);
             }
             let n = ranks.len() as f64;
+            let n_ranks = a.ranks as f64;
             let (compute, wait, bytes, pairs) = (compute / n, wait / n, bytes / n, pairs / n);
             // Scored pairs per second per rank (over heads), as this run measured it.
             let f = pairs / compute.max(1e-9);
@@ -86,8 +92,9 @@ fn main() -> Result<()> {
             let c_star = 2.0 * f * bytes_per_token / (a.heads as f64 * cap);
             let (predicted, measured) = if capped {
                 let transfer = bytes / cap;
+                let per_step = (compute / n_ranks) / (transfer / (n_ranks - 1.0));
                 (
-                    Some((compute / transfer).min(1.0)),
+                    Some(per_step.min(1.0)),
                     Some((1.0 - wait / transfer).clamp(0.0, 1.0)),
                 )
             } else {
@@ -152,7 +159,8 @@ fn run_ring(a: &Args, len: usize, cap: Option<f64>) -> Result<Vec<Value>> {
             .args(["--kv-heads", &a.kv_heads.to_string()])
             .args(["--head-dim", &a.head_dim.to_string()])
             .args(["--rank", &r.to_string(), "--peers", &peers])
-            .args(["--listen", &format!("{}:{PORT}", net.hosts[r].addr)]);
+            .args(["--listen", &format!("{}:{PORT}", net.hosts[r].addr)])
+            .env("RAYON_NUM_THREADS", a.threads.to_string());
         procs.push(Proc::spawn(&format!("rank-{r}"), cmd, dir.path())?);
     }
     let mut out = Vec::new();
