@@ -39,7 +39,9 @@ use ringmoe_model::generate::{Sampler, SamplingParams, generate};
 use ringmoe_model::{LoadOptions, Model, write_random_checkpoint};
 use ringmoe_proto::client::{self, Client, Input, JobResult};
 use ringmoe_proto::proto::{self, JobPhase};
-use ringmoe_testkit::{ClusterSpec, NsCluster, Proxy, max_abs_diff};
+use ringmoe_testkit::{
+    CLUSTER_MODEL_CONFIG, CLUSTER_MODEL_SEED, ClusterSpec, NsCluster, Proxy, max_abs_diff,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -162,14 +164,8 @@ fn model(dir: &Path) -> Result<PathBuf> {
     let m = dir.join("model");
     write_random_checkpoint(
         &m,
-        &json!({
-            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 128,
-            "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
-            "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
-            "eos_token_id": 9999
-        }),
-        7,
+        &serde_json::from_str(CLUSTER_MODEL_CONFIG)?,
+        CLUSTER_MODEL_SEED,
     )?;
     Ok(m)
 }

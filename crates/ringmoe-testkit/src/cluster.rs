@@ -13,6 +13,21 @@ use std::time::Duration;
 
 use crate::{Etcd, Proc, TestNet};
 
+/// The `config.json` of the random model the namespaced tests and the chaos run serve (a
+/// Mixtral of hidden 128, 2 layers, 4 experts top-2, vocabulary 512, positions to 64K): small
+/// enough for a 32K-token job in seconds on two cores. Write it with
+/// `ringmoe_model::write_random_checkpoint` (seed [`CLUSTER_MODEL_SEED`]).
+pub const CLUSTER_MODEL_CONFIG: &str = r#"{
+    "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 128,
+    "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+    "eos_token_id": 9999
+}"#;
+
+/// The weights' seed of that model.
+pub const CLUSTER_MODEL_SEED: u64 = 7;
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {

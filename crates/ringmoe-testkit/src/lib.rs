@@ -15,7 +15,7 @@ pub mod netns;
 pub mod process;
 pub mod proxy;
 
-pub use cluster::{ClusterSpec, NsCluster};
+pub use cluster::{CLUSTER_MODEL_CONFIG, CLUSTER_MODEL_SEED, ClusterSpec, NsCluster};
 pub use etcd::{Etcd, TlsFiles, make_certs, sign_cert};
 pub use netns::TestNet;
 pub use process::Proc;

@@ -12,11 +12,12 @@ use anyhow::{Context, Result, bail, ensure};
 use ringmoe_model::{LoadOptions, Model, write_random_checkpoint};
 use ringmoe_proto::client::{self, JobResult};
 use ringmoe_proto::proto::{self, JobPhase};
-use ringmoe_testkit::{ClusterSpec, NsCluster, TestNet, max_abs_diff};
+use ringmoe_testkit::{
+    CLUSTER_MODEL_CONFIG, CLUSTER_MODEL_SEED, ClusterSpec, NsCluster, TestNet, max_abs_diff,
+};
 
 mod common;
 use common::{reference, submit_watching};
-use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmoe");
 
@@ -24,14 +25,8 @@ fn model(dir: &Path) -> Result<PathBuf> {
     let m = dir.join("model");
     write_random_checkpoint(
         &m,
-        &json!({
-            "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 128,
-            "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
-            "max_position_embeddings": 65536, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
-            "eos_token_id": 9999
-        }),
-        7,
+        &serde_json::from_str(CLUSTER_MODEL_CONFIG)?,
+        CLUSTER_MODEL_SEED,
     )?;
     Ok(m)
 }
