@@ -7,5 +7,5 @@
 # binaries are already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --profile test --locked --quiet -p ringmoe --bin ringmoe -p ringmoe-chaos
+cargo build --profile test --locked --quiet -p ringmoe -p ringmoe-chaos --bin ringmoe --bin ringmoe-chaos
 exec target/debug/ringmoe-chaos --bin target/debug/ringmoe "$@"
