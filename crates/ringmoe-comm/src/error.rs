@@ -71,16 +71,16 @@ pub enum CommError {
 }
 
 impl CommError {
-    /// The peer this error blames, where it names one (lost, silent, or sending garbage):
-    /// the rank whose link failed, as seen from this rank.
-    pub fn peer(&self) -> Option<usize> {
+    /// The peer whose link failed, where this error is one: it went away or fell silent (from
+    /// this rank's side). Garbage from a peer (a wrong tag, shape or frame) is a bug, not a
+    /// link failure, and names no one here.
+    pub fn lost_peer(&self) -> Option<usize> {
         match self {
-            Self::Timeout { peer, .. }
-            | Self::PeerLost { peer, .. }
-            | Self::UnexpectedTag { peer, .. }
-            | Self::UnexpectedPayload { peer, .. }
-            | Self::BadFrame { peer, .. } => Some(*peer),
+            Self::Timeout { peer, .. } | Self::PeerLost { peer, .. } => Some(*peer),
             Self::BadPeer { .. }
+            | Self::UnexpectedTag { .. }
+            | Self::UnexpectedPayload { .. }
+            | Self::BadFrame { .. }
             | Self::Rendezvous { .. }
             | Self::InvalidArgument { .. }
             | Self::Poisoned { .. }

@@ -287,7 +287,7 @@ fn rendezvous_through_a_proxy_waits_for_the_peer_behind_it() -> Result<()> {
         .err()
         .context("rank 1 must fail without rank 0")?;
     ensure!(
-        matches!(e, CommError::PeerLost { peer: 0, .. }) && e.peer() == Some(0),
+        matches!(e, CommError::PeerLost { peer: 0, .. }) && e.lost_peer() == Some(0),
         "{e}"
     );
     Ok(())

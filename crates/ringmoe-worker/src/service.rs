@@ -336,7 +336,7 @@ impl WorkerService for Worker {
 /// coordinator can leave one end of a broken link out of the re-run).
 fn link_failure(rank: usize, e: ParallelError) -> Status {
     let peer = match &e {
-        ParallelError::Comm(c) => c.peer(),
+        ParallelError::Comm(c) => c.lost_peer(),
         _ => None,
     };
     let mut status = Status::internal(format!("worker rank {rank}: {e}"));

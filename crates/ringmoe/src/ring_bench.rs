@@ -102,12 +102,7 @@ pub fn run(a: RingArgs) -> Result<()> {
         Transport::Tcp => tcp_group(a.ranks, &TcpOptions::default(), Duration::from_secs(3600))?,
     };
     let plan = ShardPlan::new(a.len, a.ranks, Sharding::Zigzag)?;
-    let pick = |src: &[f32], w: usize, r: usize| -> Vec<f32> {
-        plan.positions(r)
-            .iter()
-            .flat_map(|&i| src[i * w..(i + 1) * w].iter().copied())
-            .collect()
-    };
+    let pick = |src: &[f32], w: usize, r: usize| shard_rows(&plan, r, src, w);
     let inputs: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..a.ranks)
         .map(|r| (pick(&q, qw, r), pick(&k, kw, r), pick(&v, kw, r)))
         .collect();
@@ -197,6 +192,14 @@ pub fn run(a: RingArgs) -> Result<()> {
     Ok(())
 }
 
+/// Rank `r`'s rows (of width `w`) of `src`, in its shard's position order.
+fn shard_rows(plan: &ShardPlan, r: usize, src: &[f32], w: usize) -> Vec<f32> {
+    plan.positions(r)
+        .iter()
+        .flat_map(|&i| src[i * w..(i + 1) * w].iter().copied())
+        .collect()
+}
+
 /// `--rank`: this process's part of a ring of processes (see [`RingArgs::rank`]).
 fn run_rank(
     a: &RingArgs,
@@ -218,12 +221,7 @@ fn run_rank(
     };
     let comm = ringmoe_comm::tcp(rank, listener, &a.peers, &opts, Duration::from_secs(3600))?;
     let plan = ShardPlan::new(a.len, world, Sharding::Zigzag)?;
-    let pick = |src: &[f32], w: usize| -> Vec<f32> {
-        plan.positions(rank)
-            .iter()
-            .flat_map(|&i| src[i * w..(i + 1) * w].iter().copied())
-            .collect()
-    };
+    let pick = |src: &[f32], w: usize| shard_rows(&plan, rank, src, w);
     let (qw, kw) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
     let (q, k, v) = (pick(q, qw), pick(k, kw), pick(v, kw));
     let mut modes = Vec::new();
