@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the single-process engine on a bench-size random Mixtral (vocab 32000,
 //! hidden 1024, intermediate 2816, 4 layers, 16 heads, 8 KV heads, 8 experts, top-2):
-//! prefill tokens/s at 512 and 2048 tokens, the grouped expert GEMM, and the attention kernel.
+//! prefill tokens/s at 512 and 2048 tokens, the grouped expert GEMM, and the attention kernel;
+//! decode steps and one expert's GEMV with the weights held as f32, bf16 and q8.
 //!
 //! Run: `cargo bench -p ringmoe-model --bench engine`. Numbers go to docs/performance.md.
 
@@ -8,6 +9,9 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ringmoe_core::attention::{AttentionParams, attention_block};
+use ringmoe_core::gemm::Par;
+use ringmoe_core::gemv::Isa;
+use ringmoe_core::{WeightFormat, WeightPrecision, Weights};
 use ringmoe_model::moe::{ExpertSet, ExpertWeights, expert_compute};
 use ringmoe_model::{LoadOptions, LogitsFor, Model, ModelConfig, RandomWeights, TensorSource};
 use serde_json::json;
@@ -59,12 +63,15 @@ fn expert_gemm(c: &mut Criterion) {
         layer: 0,
         experts: (0..e)
             .map(|k| {
-                Some(ExpertWeights {
-                    hidden: h,
-                    intermediate: i,
-                    gate_up: load(&format!("e{k}.gate_up"), &[2 * i, h]),
-                    down: load(&format!("e{k}.down"), &[h, i]),
-                })
+                Some(
+                    ExpertWeights::from_f32(
+                        h,
+                        i,
+                        load(&format!("e{k}.gate_up"), &[2 * i, h]),
+                        load(&format!("e{k}.down"), &[h, i]),
+                    )
+                    .expect("expert"),
+                )
             })
             .collect(),
     };
@@ -120,5 +127,69 @@ fn swiglu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, attention, swiglu, expert_gemm, prefill);
+/// One decode step (a token after a 512-token prompt) with the matrices held as f32, bf16, q8.
+fn decode(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decode");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(1));
+    for p in [
+        WeightPrecision::F32,
+        WeightPrecision::BF16,
+        WeightPrecision::Q8,
+    ] {
+        let opts = LoadOptions {
+            weights: p,
+            ..LoadOptions::default()
+        };
+        let model = Model::from_checkpoint(bench_config(), &RandomWeights { seed: 1 }, &opts)
+            .expect("model");
+        let mut cache = model.new_cache();
+        model
+            .forward(&tokens(512, 32000), &mut cache, LogitsFor::Last)
+            .expect("prompt");
+        g.bench_function(p.name(), |b| {
+            b.iter_batched(
+                || cache.clone(),
+                |mut cache| {
+                    model
+                        .forward(&[7], &mut cache, LogitsFor::Last)
+                        .expect("decode")
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+/// One expert's gate/up matrix (5632 × 1024) times one activation row, per format and kernel:
+/// bytes of weights read per second.
+fn gemv(c: &mut Criterion) {
+    let (n, k) = (2 * 2816, 1024);
+    let src = RandomWeights { seed: 5 };
+    let w = src.load("w", &[n, k]).expect("w").into_vec();
+    let x = src.load("x", &[1, k]).expect("x").into_vec();
+    let mut g = c.benchmark_group("gemv");
+    g.sample_size(30);
+    for f in [WeightFormat::F32, WeightFormat::BF16, WeightFormat::Q8] {
+        let wt = Weights::from_f32_as(w.clone(), n, k, f).expect("weights");
+        g.throughput(Throughput::Bytes(wt.bytes() as u64));
+        for isa in Isa::available() {
+            g.bench_function(format!("{f}_{isa:?}_5632x1024"), |b| {
+                b.iter(|| wt.matmul_nt_isa(&x, 1, Par::Serial, isa).expect("gemv"))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    attention,
+    swiglu,
+    expert_gemm,
+    prefill,
+    decode,
+    gemv
+);
 criterion_main!(benches);

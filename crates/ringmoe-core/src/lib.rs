@@ -9,12 +9,14 @@ pub mod attention;
 pub mod dtype;
 pub mod error;
 pub mod gemm;
+pub mod gemv;
 pub mod ops;
 pub mod rope;
 pub mod simd;
 pub mod sparse;
 pub mod tensor;
 pub mod testing;
+pub mod weights;
 
 pub use attention::{
     AttentionParams, PartialAttention, attention_block, merge, merge_into, merge_into_rows,
@@ -23,3 +25,4 @@ pub use attention::{
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use tensor::{Device, Tensor};
+pub use weights::{WeightFormat, WeightPrecision, Weights};

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use ringmoe_core::attention::AttentionParams;
 use ringmoe_core::rope::RopeFreqs;
+use ringmoe_core::{WeightPrecision, Weights};
 use ringmoe_model::layers::{DecoderLayer, Linear, Mlp};
 use ringmoe_model::moe::{self, ExpertWeights, Routing, TopKNorm};
 use ringmoe_model::{
@@ -151,14 +152,16 @@ impl Uploader<'_> {
         self.b.upload_vec(v)
     }
 
+    /// Uploads a host matrix (held in whatever precision the host load chose; decoded to f32
+    /// here, then converted to the device precision `p`).
     fn matrix(
         &mut self,
-        w: &[f32],
+        w: &Weights,
         rows: usize,
         cols: usize,
         p: Precision,
     ) -> Result<DeviceWeight> {
-        let d = self.b.upload_weight(w, rows, cols, p)?;
+        let d = self.b.upload_weight(&w.to_f32(), rows, cols, p)?;
         self.bytes += d.bytes();
         Ok(d)
     }
@@ -252,11 +255,18 @@ impl CudaModel {
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         let mut rope = None;
-        let g = load_parts(&cfg, src, experts, |_, layer| -> Result<()> {
-            rope.get_or_insert_with(|| layer.attn.rope.clone());
-            layers.push(up.layer(&layer)?);
-            Ok(())
-        })?;
+        // The host holds each layer as the checkpoint stores it (bf16 stays bf16) until upload.
+        let g = load_parts(
+            &cfg,
+            src,
+            experts,
+            WeightPrecision::Native,
+            |_, layer| -> Result<()> {
+                rope.get_or_insert_with(|| layer.attn.rope.clone());
+                layers.push(up.layer(&layer)?);
+                Ok(())
+            },
+        )?;
         let rope = rope.ok_or_else(|| invalid("load", "the model has no layers".into()))?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = up.matrix(&g.embed, v, h, precision)?;

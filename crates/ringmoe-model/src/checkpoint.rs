@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
-use ringmoe_core::{DType, Tensor};
+use ringmoe_core::{DType, Tensor, WeightPrecision, Weights};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -41,6 +41,24 @@ pub trait TensorSource {
     fn contains(&self, name: &str) -> bool;
     /// The tensor `name` as f32, which must have exactly `shape`.
     fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+
+    /// The `[rows, cols]` matrix `name` held as `precision` says. Sources that only have f32
+    /// (random weights) convert from it; a checkpoint keeps bf16/f16 bits without an f32 copy.
+    fn load_weights(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        precision: WeightPrecision,
+    ) -> Result<Weights> {
+        let t = self.load(name, &[rows, cols])?;
+        Ok(Weights::from_f32_as(
+            t.into_vec(),
+            rows,
+            cols,
+            precision.format_for(DType::F32),
+        )?)
+    }
 }
 
 impl TensorSource for Checkpoint {
@@ -50,6 +68,21 @@ impl TensorSource for Checkpoint {
 
     fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         Checkpoint::load(self, name, shape)
+    }
+
+    fn load_weights(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        precision: WeightPrecision,
+    ) -> Result<Weights> {
+        let meta = self.checked_float(name, &[rows, cols])?;
+        let format = precision.format_for(meta.dtype);
+        let (meta, bytes) = self.raw(name)?;
+        Ok(Weights::from_le_bytes(
+            meta.dtype, bytes, rows, cols, format,
+        )?)
     }
 }
 
@@ -289,6 +322,15 @@ impl Checkpoint {
 
     /// Loads a floating point tensor as f32, checking its shape.
     pub fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.checked_float(name, shape)?;
+        let (meta, bytes) = self.raw(name)?;
+        let mut data = Vec::new();
+        ringmoe_core::dtype::extend_f32_from_le_bytes(meta.dtype, bytes, &mut data)?;
+        Ok(Tensor::from_vec(data, shape.to_vec())?)
+    }
+
+    /// The metadata of `name`, which must be a floating point tensor of exactly `shape`.
+    fn checked_float(&self, name: &str, shape: &[usize]) -> Result<&TensorMeta> {
         let meta = self.meta(name)?;
         if meta.shape != shape {
             return Err(Error::TensorShape {
@@ -303,10 +345,7 @@ impl Checkpoint {
                 dtype: format!("{:?}", meta.dtype),
             });
         }
-        let (meta, bytes) = self.raw(name)?;
-        let mut data = Vec::new();
-        ringmoe_core::dtype::extend_f32_from_le_bytes(meta.dtype, bytes, &mut data)?;
-        Ok(Tensor::from_vec(data, shape.to_vec())?)
+        Ok(meta)
     }
 
     /// Loads an integer tensor (i64 or i32) as i64 values, with its shape.

@@ -3,9 +3,9 @@
 //! pre-norm decoder layer. Everything is f32 on the device of the tensors it holds.
 
 use ringmoe_core::attention::{AttentionParams, attention_block};
-use ringmoe_core::gemm::{Par, matmul_nt};
+use ringmoe_core::gemm::Par;
 use ringmoe_core::rope::{RopeFreqs, RopeTable, apply_rope};
-use ringmoe_core::{Tensor, ops};
+use ringmoe_core::{Tensor, WeightPrecision, Weights, ops};
 
 use crate::checkpoint::TensorSource;
 use crate::config::ModelConfig;
@@ -16,7 +16,8 @@ use crate::{Error, Result};
 /// `y = x Wᵀ (+ b)` with HF's `[out, in]` weight layout.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Vec<f32>,
+    /// `[out_features, in_features]` in the load's weight precision (routers: always f32).
+    pub weight: Weights,
     pub out_features: usize,
     pub in_features: usize,
     pub bias: Option<Vec<f32>>,
@@ -24,14 +25,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut y = matmul_nt(
-            x,
-            rows,
-            self.in_features,
-            &self.weight,
-            self.out_features,
-            Par::Rayon,
-        )?;
+        let mut y = self.weight.matmul_nt(x, rows, Par::Rayon)?;
         if let Some(b) = &self.bias {
             ops::add_bias_rows(&mut y, b)?;
         }
@@ -39,10 +33,11 @@ impl Linear {
     }
 }
 
-/// Loads tensors by name with the shapes the config implies.
+/// Loads tensors by name with the shapes the config implies; matrices in `precision`.
 pub(crate) struct WeightLoader<'a> {
     pub ckpt: &'a dyn TensorSource,
     pub cfg: &'a ModelConfig,
+    pub precision: WeightPrecision,
 }
 
 impl WeightLoader<'_> {
@@ -50,8 +45,9 @@ impl WeightLoader<'_> {
         Ok(self.ckpt.load(name, &[len])?.into_vec())
     }
 
-    pub fn matrix(&self, name: &str, out: usize, inp: usize) -> Result<Vec<f32>> {
-        Ok(self.ckpt.load(name, &[out, inp])?.into_vec())
+    /// A `[out, inp]` matrix in the load's precision.
+    pub fn matrix(&self, name: &str, out: usize, inp: usize) -> Result<Weights> {
+        self.ckpt.load_weights(name, out, inp, self.precision)
     }
 
     /// Several `[out_i, in]` projections stacked into one `[Σ out_i, in]` linear (fused QKV,
@@ -62,17 +58,32 @@ impl WeightLoader<'_> {
         inp: usize,
         bias: bool,
     ) -> Result<Linear> {
-        let mut weight = Vec::new();
+        self.fused_linear_in(prefixes, inp, bias, self.precision)
+    }
+
+    fn fused_linear_in(
+        &self,
+        prefixes: &[(&str, usize)],
+        inp: usize,
+        bias: bool,
+        precision: WeightPrecision,
+    ) -> Result<Linear> {
+        let mut parts = Vec::with_capacity(prefixes.len());
         let mut b = Vec::new();
         for (prefix, out) in prefixes {
-            weight.extend(self.matrix(&format!("{prefix}.weight"), *out, inp)?);
+            parts.push(self.ckpt.load_weights(
+                &format!("{prefix}.weight"),
+                *out,
+                inp,
+                precision,
+            )?);
             if bias {
                 b.extend(self.vector(&format!("{prefix}.bias"), *out)?);
             }
         }
         let out_features = prefixes.iter().map(|p| p.1).sum();
         Ok(Linear {
-            weight,
+            weight: Weights::concat_rows(parts)?,
             out_features,
             in_features: inp,
             bias: bias.then_some(b),
@@ -81,6 +92,12 @@ impl WeightLoader<'_> {
 
     pub fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         self.fused_linear(&[(prefix, out)], inp, bias)
+    }
+
+    /// A linear kept in f32 whatever the load's precision: routers and gates, which are small
+    /// and whose outputs pick experts.
+    pub fn linear_f32(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        self.fused_linear_in(&[(prefix, out)], inp, false, WeightPrecision::F32)
     }
 
     /// A SwiGLU expert from three projections named `(gate, up, down)`.

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use ringmoe_core::gemm::{Par, matmul_nt};
-use ringmoe_core::{Device, Tensor, ops};
+use ringmoe_core::gemm::Par;
+use ringmoe_core::{Device, Tensor, WeightPrecision, Weights, ops};
 
 use crate::arch;
 use crate::checkpoint::{Checkpoint, TensorSource};
@@ -21,6 +21,8 @@ pub use ringmoe_plan::ExpertSelection;
 pub struct LoadOptions {
     pub device: Device,
     pub experts: ExpertSelection,
+    /// The precision matrices are held in (`--weights`); norms, biases and routers stay f32.
+    pub weights: WeightPrecision,
 }
 
 /// Which positions get logits.
@@ -41,10 +43,10 @@ pub struct ForwardOutput {
 
 pub struct Model {
     pub config: ModelConfig,
-    embed: Vec<f32>,
+    embed: Weights,
     layers: Vec<DecoderLayer>,
     norm: Vec<f32>,
-    lm_head: Vec<f32>,
+    lm_head: Weights,
 }
 
 impl std::fmt::Debug for Model {
@@ -71,10 +73,16 @@ impl Model {
     ) -> Result<Self> {
         opts.device.ensure_available()?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        let g = load_parts(&cfg, ckpt, &opts.experts, |_, layer| -> Result<()> {
-            layers.push(layer);
-            Ok(())
-        })?;
+        let g = load_parts(
+            &cfg,
+            ckpt,
+            &opts.experts,
+            opts.weights,
+            |_, layer| -> Result<()> {
+                layers.push(layer);
+                Ok(())
+            },
+        )?;
         Ok(Self {
             config: cfg,
             embed: g.embed,
@@ -109,20 +117,21 @@ impl Model {
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         self.check_tokens(tokens)?;
         let h = self.config.hidden_size;
-        let mut data = Vec::with_capacity(tokens.len() * h);
-        for &t in tokens {
-            data.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
+        let mut data = vec![0f32; tokens.len() * h];
+        for (row, &t) in data.chunks_mut(h.max(1)).zip(tokens) {
+            self.embed.decode_rows(t as usize, t as usize + 1, row)?;
         }
         Ok(Tensor::from_vec(data, [tokens.len(), h])?)
     }
 
     /// Final norm and lm_head on `hidden` rows (`[rows, hidden]`), giving `[rows, vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let (rows, h) = hidden.dims2("logits")?;
+        let (rows, _) = hidden.dims2("logits")?;
         let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
         let v = self.config.vocab_size;
         Ok(Tensor::from_vec(
-            matmul_nt(normed.as_slice(), rows, h, &self.lm_head, v, Par::Rayon)?,
+            self.lm_head
+                .matmul_nt(normed.as_slice(), rows, Par::Rayon)?,
             [rows, v],
         )?)
     }
@@ -227,10 +236,10 @@ impl Model {
 /// The weights outside the decoder layers, `[vocab, hidden]` tables and the final norm.
 #[derive(Debug, Clone)]
 pub struct ModelGlobals {
-    pub embed: Vec<f32>,
+    pub embed: Weights,
     pub norm: Vec<f32>,
     /// A copy of `embed` when the checkpoint ties them.
-    pub lm_head: Vec<f32>,
+    pub lm_head: Weights,
 }
 
 /// Reads a checkpoint's weights one decoder layer at a time: `layer(l, weights)` is called for
@@ -241,9 +250,14 @@ pub fn load_parts<E: From<Error>>(
     cfg: &ModelConfig,
     ckpt: &dyn TensorSource,
     experts: &ExpertSelection,
+    precision: WeightPrecision,
     mut layer: impl FnMut(usize, DecoderLayer) -> std::result::Result<(), E>,
 ) -> std::result::Result<ModelGlobals, E> {
-    let w = WeightLoader { ckpt, cfg };
+    let w = WeightLoader {
+        ckpt,
+        cfg,
+        precision,
+    };
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     // The embedding first: a checkpoint whose config does not match is named by its first tensor.
     let embed = w.matrix("model.embed_tokens.weight", v, h)?;

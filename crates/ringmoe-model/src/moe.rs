@@ -11,8 +11,8 @@
 //! is the architecture files' business, and the compute goes through `ringmoe_core::gemm`.
 
 use rayon::prelude::*;
-use ringmoe_core::gemm::{Par, matmul_nt};
-use ringmoe_core::ops;
+use ringmoe_core::gemm::Par;
+use ringmoe_core::{Weights, ops};
 
 use crate::{Error, Result};
 
@@ -163,11 +163,28 @@ pub fn gather_rows(x: &[f32], hidden: usize, plan: &DispatchPlan) -> Vec<f32> {
 pub struct ExpertWeights {
     pub hidden: usize,
     pub intermediate: usize,
-    pub gate_up: Vec<f32>,
-    pub down: Vec<f32>,
+    /// `[2·intermediate, hidden]`.
+    pub gate_up: Weights,
+    /// `[hidden, intermediate]`.
+    pub down: Weights,
 }
 
 impl ExpertWeights {
+    /// An expert from f32 matrices (benchmarks and tests build experts this way).
+    pub fn from_f32(
+        hidden: usize,
+        intermediate: usize,
+        gate_up: Vec<f32>,
+        down: Vec<f32>,
+    ) -> Result<Self> {
+        Ok(Self {
+            hidden,
+            intermediate,
+            gate_up: Weights::from_f32(gate_up, 2 * intermediate, hidden)?,
+            down: Weights::from_f32(down, hidden, intermediate)?,
+        })
+    }
+
     /// Applies the expert to `rows` rows of `x` (`[rows, hidden]`).
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         self.forward_with(x, rows, Par::Rayon)
@@ -175,15 +192,15 @@ impl ExpertWeights {
 
     /// [`Self::forward`] with an explicit GEMM parallelism.
     pub fn forward_with(&self, x: &[f32], rows: usize, par: Par) -> Result<Vec<f32>> {
-        let (h, i) = (self.hidden, self.intermediate);
-        let gu = matmul_nt(x, rows, h, &self.gate_up, 2 * i, par)?;
+        let i = self.intermediate;
+        let gu = self.gate_up.matmul_nt(x, rows, par)?;
         let act = ops::swiglu_fused(&gu, rows, i)?;
-        Ok(matmul_nt(&act, rows, i, &self.down, h, par)?)
+        Ok(self.down.matmul_nt(&act, rows, par)?)
     }
 
-    /// Bytes of f32 weights held.
+    /// Bytes of weights held, in their stored precision.
     pub fn bytes(&self) -> usize {
-        (self.gate_up.len() + self.down.len()) * 4
+        self.gate_up.bytes() + self.down.bytes()
     }
 }
 
@@ -362,12 +379,15 @@ mod tests {
             layer: 0,
             experts: (0..n as u64)
                 .map(|e| {
-                    Some(ExpertWeights {
-                        hidden,
-                        intermediate: inter,
-                        gate_up: rand_vec(2 * inter * hidden, seed + 2 * e, 0.5),
-                        down: rand_vec(hidden * inter, seed + 2 * e + 1, 0.5),
-                    })
+                    Some(
+                        ExpertWeights::from_f32(
+                            hidden,
+                            inter,
+                            rand_vec(2 * inter * hidden, seed + 2 * e, 0.5),
+                            rand_vec(hidden * inter, seed + 2 * e + 1, 0.5),
+                        )
+                        .unwrap(),
+                    )
                 })
                 .collect(),
         }
@@ -404,6 +424,7 @@ mod tests {
                 };
                 let ew = ex.get(e).unwrap();
                 let i = ew.intermediate;
+                let (gate_up, down) = (ew.gate_up.to_f32(), ew.down.to_f32());
                 let dot = |r: &[f32]| {
                     r.iter()
                         .zip(xt)
@@ -412,13 +433,13 @@ mod tests {
                 };
                 let act: Vec<f64> = (0..i)
                     .map(|j| {
-                        let g = dot(&ew.gate_up[j * hidden..(j + 1) * hidden]);
-                        let u = dot(&ew.gate_up[(i + j) * hidden..(i + j + 1) * hidden]);
+                        let g = dot(&gate_up[j * hidden..(j + 1) * hidden]);
+                        let u = dot(&gate_up[(i + j) * hidden..(i + j + 1) * hidden]);
                         g / (1.0 + (-g).exp()) * u
                     })
                     .collect();
                 for h in 0..hidden {
-                    let y: f64 = (0..i).map(|j| ew.down[h * i + j] as f64 * act[j]).sum();
+                    let y: f64 = (0..i).map(|j| down[h * i + j] as f64 * act[j]).sum();
                     out[t * hidden + h] += (w * y) as f32;
                 }
             }

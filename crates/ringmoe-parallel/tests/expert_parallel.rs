@@ -26,11 +26,14 @@ const HIDDEN: usize = 24;
 
 fn random_experts(n: usize, seed: u64) -> Vec<ExpertWeights> {
     (0..n as u64)
-        .map(|e| ExpertWeights {
-            hidden: HIDDEN,
-            intermediate: 16,
-            gate_up: rand_vec(2 * 16 * HIDDEN, seed + 2 * e, 0.5),
-            down: rand_vec(HIDDEN * 16, seed + 2 * e + 1, 0.5),
+        .map(|e| {
+            ExpertWeights::from_f32(
+                HIDDEN,
+                16,
+                rand_vec(2 * 16 * HIDDEN, seed + 2 * e, 0.5),
+                rand_vec(HIDDEN * 16, seed + 2 * e + 1, 0.5),
+            )
+            .expect("random expert shapes are consistent")
         })
         .collect()
 }

@@ -379,15 +379,8 @@ fn cmd_bench_experts(a: BenchExpertsArgs) -> Result<()> {
     let set = ExpertSet {
         layer: 0,
         experts: (0..a.experts)
-            .map(|_| {
-                Some(ExpertWeights {
-                    hidden: h,
-                    intermediate: i,
-                    gate_up: rand(2 * i * h),
-                    down: rand(h * i),
-                })
-            })
-            .collect(),
+            .map(|_| ExpertWeights::from_f32(h, i, rand(2 * i * h), rand(h * i)).map(Some))
+            .collect::<Result<_, _>>()?,
     };
     let x = rand(a.experts * a.rows * h);
     let groups: Vec<(usize, usize)> = (0..a.experts).map(|e| (e, a.rows)).collect();

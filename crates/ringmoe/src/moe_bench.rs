@@ -117,13 +117,15 @@ pub fn run(a: MoeArgs) -> Result<()> {
     );
     let (h, n, k, w) = (a.hidden, a.experts, a.top_k, a.workers);
     let experts: Vec<ExpertWeights> = (0..n as u64)
-        .map(|e| ExpertWeights {
-            hidden: h,
-            intermediate: a.intermediate,
-            gate_up: rand_vec(2 * a.intermediate * h, 10 + 2 * e, 0.05),
-            down: rand_vec(h * a.intermediate, 11 + 2 * e, 0.05),
+        .map(|e| {
+            ExpertWeights::from_f32(
+                h,
+                a.intermediate,
+                rand_vec(2 * a.intermediate * h, 10 + 2 * e, 0.05),
+                rand_vec(h * a.intermediate, 11 + 2 * e, 0.05),
+            )
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let per_rank = a.tokens / w;
     let make = |skew: f32| -> Result<Setup> {
         Ok(Setup {

@@ -119,12 +119,7 @@ pub(crate) fn sparse_moe(
         })
         .collect::<Result<_>>()?;
     Ok(SparseMoe {
-        router: w.linear(
-            &format!("{prefix}.gate"),
-            c.moe.num_experts,
-            c.hidden_size,
-            false,
-        )?,
+        router: w.linear_f32(&format!("{prefix}.gate"), c.moe.num_experts, c.hidden_size)?,
         experts: ExpertSet { layer, experts },
         top_k: c.moe.top_k,
         norm,

@@ -30,7 +30,7 @@ pub(crate) fn load_layer(
                 msg: "missing".into(),
             })?;
         let shared = super::swiglu_mlp(w, &format!("{m}.shared_expert"), shared_inter)?;
-        let gate = w.linear(&format!("{m}.shared_expert_gate"), 1, c.hidden_size, false)?;
+        let gate = w.linear_f32(&format!("{m}.shared_expert_gate"), 1, c.hidden_size)?;
         Mlp::Sparse(super::sparse_moe(
             w,
             layer,
