@@ -65,6 +65,14 @@ impl<'a> CudaShardedSequence<'a> {
 }
 
 impl CudaModel {
+    pub fn precision(&self) -> crate::Precision {
+        crate::Precision::default()
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        0
+    }
+
     pub fn prefill_shard(
         &self,
         _comm: &ringmoe_comm::nccl::NcclCommunicator,

@@ -396,6 +396,27 @@ impl TensorSource for Recorder {
 /// `Model::from_checkpoint(config, &RandomWeights { seed }, ..)`. For tests and benchmarks that
 /// need a checkpoint of a shape no fixture has (a long context, say) without a model hub.
 pub fn write_random_checkpoint(dir: &Path, config: &Value, seed: u64) -> Result<()> {
+    write_random_checkpoint_as(dir, config, seed, DType::F32)
+}
+
+/// [`write_random_checkpoint`] with every tensor stored as `dtype` (f32, bf16 or f16; values
+/// rounded to nearest-even), as hub checkpoints store them.
+pub fn write_random_checkpoint_as(
+    dir: &Path,
+    config: &Value,
+    seed: u64,
+    dtype: DType,
+) -> Result<()> {
+    let (st_dtype, encode, size): (Dtype, fn(f32) -> [u8; 4], usize) = match dtype {
+        DType::F32 => (Dtype::F32, f32::to_le_bytes, 4),
+        DType::BF16 => (Dtype::BF16, |x| widen(half::bf16::from_f32(x).to_bits()), 2),
+        DType::F16 => (Dtype::F16, |x| widen(half::f16::from_f32(x).to_bits()), 2),
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "random checkpoints are f32, bf16 or f16, not {other:?}"
+            )));
+        }
+    };
     let cfg = crate::ModelConfig::from_json(config)?;
     let rec = Recorder {
         inner: RandomWeights { seed },
@@ -421,7 +442,11 @@ pub fn write_random_checkpoint(dir: &Path, config: &Value, seed: u64) -> Result<
         .filter(|(n, _)| names.insert(n.clone()))
         .map(|(n, t)| {
             let shape = t.shape().to_vec();
-            let b = t.as_slice().iter().flat_map(|x| x.to_le_bytes()).collect();
+            let b = t
+                .as_slice()
+                .iter()
+                .flat_map(|&x| encode(x).into_iter().take(size))
+                .collect();
             (n, shape, b)
         })
         .collect();
@@ -429,7 +454,7 @@ pub fn write_random_checkpoint(dir: &Path, config: &Value, seed: u64) -> Result<
     let views = bytes
         .iter()
         .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+            safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| Error::Safetensors {
                     path: path.clone(),
@@ -441,4 +466,10 @@ pub fn write_random_checkpoint(dir: &Path, config: &Value, seed: u64) -> Result<
         path: path.clone(),
         msg: e.to_string(),
     })
+}
+
+/// A 16-bit value's little-endian bytes in the first two of four.
+fn widen(bits: u16) -> [u8; 4] {
+    let [a, b] = bits.to_le_bytes();
+    [a, b, 0, 0]
 }

@@ -24,6 +24,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Bytes held: the matrix in its precision, the bias in f32.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes() + self.bias.as_ref().map_or(0, |b| 4 * b.len())
+    }
+
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let mut y = self.weight.matmul_nt(x, rows, Par::Rayon)?;
         if let Some(b) = &self.bias {
@@ -226,6 +231,37 @@ impl SparseMoe {
 pub enum Mlp {
     Dense(DenseMlp),
     Sparse(SparseMoe),
+}
+
+impl DecoderLayer {
+    /// Bytes of weights this layer holds (only the experts loaded), in their precisions.
+    pub fn weight_bytes(&self) -> usize {
+        let a = &self.attn;
+        let norms = a
+            .qk_norm
+            .as_ref()
+            .map_or(0, |(q, k)| 4 * (q.len() + k.len()));
+        let mlp = match &self.mlp {
+            Mlp::Dense(m) => m.0.bytes(),
+            Mlp::Sparse(m) => {
+                m.router.bytes()
+                    + m.experts
+                        .experts
+                        .iter()
+                        .flatten()
+                        .map(|e| e.bytes())
+                        .sum::<usize>()
+                    + m.shared
+                        .as_ref()
+                        .map_or(0, |(s, g)| s.0.bytes() + g.bytes())
+            }
+        };
+        a.qkv.bytes()
+            + a.o.bytes()
+            + norms
+            + 4 * (self.input_norm.len() + self.post_attn_norm.len())
+            + mlp
+    }
 }
 
 /// Pre-norm decoder layer: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.

@@ -15,7 +15,9 @@ pub mod model;
 pub mod moe;
 pub mod rope;
 
-pub use checkpoint::{Checkpoint, RandomWeights, TensorSource, write_random_checkpoint};
+pub use checkpoint::{
+    Checkpoint, RandomWeights, TensorSource, write_random_checkpoint, write_random_checkpoint_as,
+};
 pub use config::{Architecture, GenerationConfig, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerationStats, Sampler, SamplingParams, generate};

@@ -92,6 +92,43 @@ impl Model {
         })
     }
 
+    /// Bytes of weights held in memory, each matrix in the precision it is held in.
+    pub fn weight_bytes(&self) -> usize {
+        self.embed.bytes()
+            + self.lm_head.bytes()
+            + 4 * self.norm.len()
+            + self
+                .layers
+                .iter()
+                .map(DecoderLayer::weight_bytes)
+                .sum::<usize>()
+    }
+
+    /// Weight bytes one single-token decode step reads: every matrix and vector except the
+    /// embedding table (one row of it) and the routed experts, of which `top_k` per sparse layer
+    /// at their mean size. What a memory-bound decode streams per token.
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let mut bytes = self.lm_head.bytes()
+            + 4 * self.norm.len()
+            + self.embed.bytes() / self.config.vocab_size.max(1);
+        for l in &self.layers {
+            bytes += l.weight_bytes();
+            if let Mlp::Sparse(m) = &l.mlp {
+                let held: Vec<usize> = m
+                    .experts
+                    .experts
+                    .iter()
+                    .flatten()
+                    .map(|e| e.bytes())
+                    .collect();
+                let all: usize = held.iter().sum();
+                let mean = all / held.len().max(1);
+                bytes = bytes - all + m.top_k.min(held.len()) * mean;
+            }
+        }
+        bytes
+    }
+
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
     }

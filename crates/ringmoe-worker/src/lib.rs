@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringmoe_comm::TcpOptions;
+use ringmoe_core::WeightPrecision;
 use ringmoe_cuda::{CudaBackend, CudaError, CudaModel, CudaShardedSequence, Precision};
 use ringmoe_model::generate::SamplingParams;
 use ringmoe_model::model::nll_of;
@@ -136,6 +137,8 @@ pub struct WorkerConfig {
     /// Lease TTL in a membership store: how long a dead worker stays listed.
     pub lease_ttl: Duration,
     pub device: WorkerDevice,
+    /// The precision a CPU worker holds its matrices in (`--weights`).
+    pub weights: WeightPrecision,
     /// The address this worker's gRPC server is reachable at, as told to the coordinator (the
     /// bound address when `None`).
     pub advertise: Option<String>,
@@ -177,6 +180,14 @@ impl Engine {
             Self::Cuda(m) => &m.config,
         }
     }
+
+    /// Bytes of weights held (host memory on the CPU, device memory on a GPU).
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Cpu(m) => m.weight_bytes(),
+            Self::Cuda(m) => m.weight_bytes(),
+        }
+    }
 }
 
 /// A loaded model and the placement it was loaded for.
@@ -202,6 +213,8 @@ struct PendingJob {
 struct Inner {
     /// This worker's GPU (opened once at start), or `None` on the CPU.
     gpu: Option<(Arc<CudaBackend>, Precision)>,
+    /// The precision CPU loads hold matrices in.
+    weights: WeightPrecision,
     /// Held by the job computing on the GPU: the backend's stream and cuBLAS handle serve one
     /// job at a time (the coordinator runs one job at a time anyway; this covers a stale run
     /// still finishing when its re-run arrives).
@@ -311,6 +324,7 @@ impl Worker {
         Ok(Self {
             inner: Arc::new(Inner {
                 gpu,
+                weights: cfg.weights,
                 gpu_busy: Mutex::default(),
                 loaded: Mutex::default(),
                 pending: Mutex::default(),
@@ -392,12 +406,14 @@ impl Worker {
         let (p, sel) = (path.clone(), placement.selection(index));
         let t = Instant::now();
         let gpu = self.inner.gpu.clone();
+        let weights = self.inner.weights;
         let loaded_model = tokio::task::spawn_blocking(move || {
             let dir = std::path::Path::new(&p);
             match gpu {
                 None => {
                     let opts = LoadOptions {
                         experts: sel,
+                        weights,
                         ..LoadOptions::default()
                     };
                     Model::load(dir, &opts)
@@ -417,7 +433,13 @@ impl Worker {
             .check_shape(c.num_layers, c.moe.num_experts, placement.workers)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let secs = t.elapsed().as_secs_f64();
-        info!(%model, index, version = placement.version, secs, "model loaded");
+        let weight_bytes = loaded_model.weight_bytes();
+        let precision = match &loaded_model {
+            Engine::Cpu(_) => self.inner.weights.to_string(),
+            Engine::Cuda(m) => format!("{:?}", m.precision()).to_lowercase(),
+        };
+        telemetry::weight_bytes(&self.inner.id, &precision, weight_bytes as u64);
+        info!(%model, index, version = placement.version, secs, weight_bytes, %precision, "model loaded");
         *lock(&self.inner.loaded)? = Some(Arc::new(Loaded {
             name: model,
             path,

@@ -111,6 +111,16 @@ pub(crate) fn job_done(run: &JobRun<'_>, totals: &CommTotals, ok: bool) {
     );
 }
 
+/// Bytes of model weights `worker` holds (in their in-memory precision) after a load.
+pub(crate) fn weight_bytes(worker: &str, precision: &str, bytes: u64) {
+    metrics::gauge(
+        "ringmoe_worker_weight_bytes",
+        "Bytes of model weights this worker holds, in the precision they are held in.",
+        &[("worker", worker), ("precision", precision)],
+        bytes as f64,
+    );
+}
+
 /// K/V bytes a job part holds on `worker` (0 when it ends).
 pub(crate) fn kv_bytes(worker: &str, bytes: u64) {
     metrics::gauge(

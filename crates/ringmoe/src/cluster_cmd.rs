@@ -262,6 +262,8 @@ pub struct WorkerArgs {
     /// Weight precision on a GPU: bf16 (serving) or f32 (parity).
     #[arg(long, default_value = "bf16")]
     precision: ringmoe_cuda::Precision,
+    #[command(flatten)]
+    weights: crate::WeightsOpts,
     /// Where Prometheus scrapes `GET /metrics` (off unless given; printed on stdout).
     #[arg(long)]
     metrics_addr: Option<String>,
@@ -323,6 +325,8 @@ pub struct ServeArgs {
     /// Worker count (each holds a shard of every sequence and 1/N of the experts).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    #[command(flatten)]
+    weights: crate::WeightsOpts,
     /// Where the coordinator listens (port 0: any free port; printed on stdout's first line).
     #[arg(long, default_value = "127.0.0.1:7070")]
     addr: String,
@@ -531,6 +535,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
                     precision: a.precision,
                 },
             },
+            weights: a.weights.weights,
             advertise: a.advertise,
             kv_budget_bytes: a.kv.bytes()?,
             data_host: a.data_host.unwrap_or(l.local_addr()?.ip()),
@@ -590,6 +595,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 registry: Registry::Membership(Arc::new(members.clone())),
                 lease_ttl: Duration::from_secs(3),
                 device: WorkerDevice::Cpu,
+                weights: a.weights.weights,
                 advertise: None,
                 kv_budget_bytes: kv,
                 data_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),

@@ -251,6 +251,8 @@ pub struct ForwardJob {
     attention: AttentionOpts,
     #[command(flatten)]
     experts: ExpertOpts,
+    #[command(flatten)]
+    weights: crate::WeightsOpts,
 }
 
 impl ForwardJob {
@@ -330,8 +332,12 @@ fn write_logits(path: &Path, logits: &[f32], len: usize, vocab: usize) -> Result
     Ok(())
 }
 
-fn load(model: &Path, input_ids: &Path) -> Result<(Model, Vec<u32>)> {
-    let m = Model::load(model, &LoadOptions::default())
+fn load(model: &Path, input_ids: &Path, weights: crate::WeightsOpts) -> Result<(Model, Vec<u32>)> {
+    let opts = LoadOptions {
+        weights: weights.weights,
+        ..LoadOptions::default()
+    };
+    let m = Model::load(model, &opts)
         .with_context(|| format!("loading model from {}", model.display()))?;
     let ids = read_input_ids(input_ids)?;
     ensure!(!ids.is_empty(), "input_ids is empty");
@@ -366,9 +372,15 @@ fn rank_logits(
 }
 
 /// The model `worker` loads: the dense weights and the experts `placement` gives it.
-fn load_worker(dir: &Path, placement: Option<&Placement>, worker: usize) -> Result<Model> {
+fn load_worker(
+    dir: &Path,
+    placement: Option<&Placement>,
+    worker: usize,
+    weights: crate::WeightsOpts,
+) -> Result<Model> {
     let opts = LoadOptions {
         experts: placement.map_or(ExpertSelection::All, |p| p.selection(worker)),
+        weights: weights.weights,
         ..Default::default()
     };
     Model::load(dir, &opts).with_context(|| format!("loading model from {}", dir.display()))
@@ -472,7 +484,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
     let world = a.world();
     match transport {
         Transport::Inproc if world == 1 && mode == AttentionMode::Dense && !a.experts.enabled() => {
-            let (model, ids) = load(&a.model, &a.input_ids)?;
+            let (model, ids) = load(&a.model, &a.input_ids, a.weights)?;
             let out = model.forward(&ids, &mut model.new_cache(), LogitsFor::All)?;
             write_logits(
                 &a.out,
@@ -492,7 +504,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
                 if a.experts.replicate_hot > 0 {
                     let load = Arc::new(LoadTracker::default());
                     let models = (0..world)
-                        .map(|w| load_worker(&a.model, Some(&placement), w))
+                        .map(|w| load_worker(&a.model, Some(&placement), w, a.weights))
                         .collect::<Result<Vec<_>>>()?;
                     models[0].check_tokens(&ids)?;
                     let ep = ExpertParallel {
@@ -510,11 +522,11 @@ fn forward(args: ForwardArgs) -> Result<()> {
                 }
                 let ep = a.experts.parallel(placement);
                 let models = (0..world)
-                    .map(|w| load_worker(&a.model, Some(&ep.placement), w))
+                    .map(|w| load_worker(&a.model, Some(&ep.placement), w, a.weights))
                     .collect::<Result<Vec<_>>>()?;
                 (models, Some(ep))
             } else {
-                (vec![load_worker(&a.model, None, 0)?], None)
+                (vec![load_worker(&a.model, None, 0, a.weights)?], None)
             };
             models[0].check_tokens(&ids)?;
             let model_of = |r: usize| &models[r.min(models.len() - 1)];
@@ -554,6 +566,7 @@ fn forward(args: ForwardArgs) -> Result<()> {
                     sharding.clone(),
                 ];
                 args.extend(a.attention.to_args());
+                args.extend(a.weights.to_args());
                 if a.experts.enabled() {
                     args.extend(a.experts.to_args());
                 }
@@ -611,7 +624,7 @@ pub fn run_rank(args: ForwardRankArgs) -> Result<()> {
         let mut placement = a.experts.placement(&cfg, world)?;
         if a.experts.replicate_hot > 0 {
             // Every rank measures, gathers the same totals and derives the same new placement.
-            let model = load_worker(&a.model, Some(&placement), rank)?;
+            let model = load_worker(&a.model, Some(&placement), rank, a.weights)?;
             model.check_tokens(&ids)?;
             let ep = ExpertParallel::new(placement.clone());
             rank_logits(&model, &comm, &plan, &ids, mode, Some(&ep))?;
@@ -622,7 +635,7 @@ pub fn run_rank(args: ForwardRankArgs) -> Result<()> {
     } else {
         None
     };
-    let model = load_worker(&a.model, ep.as_ref().map(|e| &e.placement), rank)?;
+    let model = load_worker(&a.model, ep.as_ref().map(|e| &e.placement), rank, a.weights)?;
     model.check_tokens(&ids)?;
     let out = rank_logits(&model, &comm, &plan, &ids, mode, ep.as_ref())?;
     let vocab = model.config.vocab_size;

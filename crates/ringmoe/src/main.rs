@@ -2,6 +2,7 @@
 
 mod cluster_cmd;
 mod comm_bench;
+mod decode_bench;
 mod forward;
 mod gpu_check;
 mod moe_bench;
@@ -15,6 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
+use ringmoe_core::WeightPrecision;
 use ringmoe_core::testing::{XorShift, rand_vec};
 use ringmoe_model::{
     ExpertSelection, GenerationConfig, LoadOptions, LogitsFor, Model, ModelConfig, Sampler,
@@ -64,11 +66,29 @@ enum Cmd {
     GpuCheck(gpu_check::GpuCheckArgs),
 }
 
+/// `--weights`: the precision a CPU engine holds its matrices in.
+#[derive(Args, Clone, Copy, Debug)]
+pub(crate) struct WeightsOpts {
+    /// Matrices in CPU memory: `native` (as the checkpoint stores them: bf16 stays bf16), `f32`,
+    /// `bf16`, or `q8` (int8 blocks of 32 with an f16 scale, quantised at load). Norms, biases
+    /// and routers stay f32. A GPU uses --precision instead.
+    #[arg(long = "weights", default_value = "native")]
+    pub(crate) weights: WeightPrecision,
+}
+
+impl WeightsOpts {
+    pub(crate) fn to_args(self) -> Vec<String> {
+        vec!["--weights".into(), self.weights.to_string()]
+    }
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    weights: WeightsOpts,
     #[arg(
         long,
         conflicts_with = "prompt_file",
@@ -114,9 +134,14 @@ enum Engine {
 }
 
 impl Engine {
-    fn load(dir: &Path, device: DeviceArg, precision: ringmoe_cuda::Precision) -> Result<Self> {
+    fn load(
+        dir: &Path,
+        device: DeviceArg,
+        precision: ringmoe_cuda::Precision,
+        weights: WeightsOpts,
+    ) -> Result<Self> {
         Ok(match device {
-            DeviceArg::Cpu => Self::Cpu(Box::new(load_model(dir)?.0)),
+            DeviceArg::Cpu => Self::Cpu(Box::new(load_model(dir, weights)?.0)),
             DeviceArg::Cuda(i) => {
                 let b = std::sync::Arc::new(ringmoe_cuda::CudaBackend::new(i)?);
                 Self::Cuda(Box::new(
@@ -157,6 +182,8 @@ struct ScoreArgs {
     /// Weight precision on a GPU: bf16 (serving) or f32 (parity).
     #[arg(long, default_value = "bf16")]
     precision: ringmoe_cuda::Precision,
+    #[command(flatten)]
+    weights: WeightsOpts,
     /// UTF-8 text to score.
     #[arg(long)]
     file: PathBuf,
@@ -168,6 +195,10 @@ enum BenchCmd {
     Prefill(BenchPrefillArgs),
     /// Grouped expert GEMM (gate/up GEMM, SwiGLU, down GEMM) over equally loaded experts.
     Experts(BenchExpertsArgs),
+    /// Greedy decode tokens/s on the CPU, and the weight bytes/s that is against a memory copy.
+    Decode(decode_bench::DecodeArgs),
+    /// Writes the bench model (random Mixtral, 355 M parameters) as a checkpoint directory.
+    MakeModel(decode_bench::MakeModelArgs),
     /// Communicator throughput: all_to_all_v and ring sendrecv, like nccl-tests' all_to_all_perf.
     Comm(comm_bench::CommArgs),
     /// Ring attention vs single-rank attention over the same sequence.
@@ -206,6 +237,8 @@ struct BenchPrefillArgs {
     /// Weight precision on a GPU: bf16 (serving) or f32 (parity).
     #[arg(long, default_value = "bf16")]
     precision: ringmoe_cuda::Precision,
+    #[command(flatten)]
+    weights: WeightsOpts,
     #[arg(long, default_value_t = 2048)]
     tokens: usize,
     #[arg(long, default_value_t = 3)]
@@ -231,6 +264,8 @@ fn main() -> Result<()> {
         Cmd::ForwardRank(a) => forward::run_rank(a),
         Cmd::Bench(BenchCmd::Prefill(a)) => cmd_bench_prefill(a),
         Cmd::Bench(BenchCmd::Experts(a)) => cmd_bench_experts(a),
+        Cmd::Bench(BenchCmd::Decode(a)) => decode_bench::run_decode(a),
+        Cmd::Bench(BenchCmd::MakeModel(a)) => decode_bench::run_make_model(a),
         Cmd::Bench(BenchCmd::Comm(a)) => comm_bench::run(a),
         Cmd::Bench(BenchCmd::Ring(a)) => ring_bench::run(a),
         Cmd::Bench(BenchCmd::Moe(a)) => moe_bench::run(a),
@@ -245,15 +280,19 @@ fn main() -> Result<()> {
     }
 }
 
-fn load_model(dir: &Path) -> Result<(Model, f64)> {
+fn load_model(dir: &Path, weights: WeightsOpts) -> Result<(Model, f64)> {
     let t = Instant::now();
-    let model = Model::load(dir, &LoadOptions::default())
-        .with_context(|| format!("loading model from {}", dir.display()))?;
+    let opts = LoadOptions {
+        weights: weights.weights,
+        ..LoadOptions::default()
+    };
+    let model =
+        Model::load(dir, &opts).with_context(|| format!("loading model from {}", dir.display()))?;
     Ok((model, t.elapsed().as_secs_f64()))
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let (model, load_secs) = load_model(&a.model)?;
+    let (model, load_secs) = load_model(&a.model, a.weights)?;
     let tok = Tokenizer::from_dir(&a.model)?;
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
@@ -303,7 +342,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_score(a: ScoreArgs) -> Result<()> {
-    let model = Engine::load(&a.model, a.device, a.precision)?;
+    let model = Engine::load(&a.model, a.device, a.precision, a.weights)?;
     let tok = Tokenizer::from_dir(&a.model)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
@@ -329,7 +368,7 @@ fn cmd_bench_prefill(a: BenchPrefillArgs) -> Result<()> {
         "--tokens and --repeat must be positive"
     );
     let t = Instant::now();
-    let model = Engine::load(&a.model, a.device, a.precision)?;
+    let model = Engine::load(&a.model, a.device, a.precision, a.weights)?;
     let load_secs = t.elapsed().as_secs_f64();
     let vocab = ModelConfig::from_dir(&a.model)?.vocab_size as u64;
     let ids: Vec<u32> = XorShift::new(a.seed)
