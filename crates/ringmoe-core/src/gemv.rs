@@ -112,13 +112,14 @@ mod x86 {
     use super::{WeightElem, bf16, f16};
     use std::arch::x86_64::*;
 
-    /// Defines `$name::<M>`: the chunk kernel for one element type and instruction set, with the
-    /// weight row unrolled twice (two accumulators per activation row hide the FMA latency).
+    /// Defines `$name::<M, R>`: the chunk kernel for one element type and instruction set. `R`
+    /// weight rows are streamed side by side (R·M independent accumulators hide the FMA latency
+    /// and keep R prefetch streams in flight); leftover rows go one at a time.
     macro_rules! gemv_simd {
         ($name:ident, $feat:literal, $elem:ty, $lanes:expr, $zero:ident, $load_w:ident,
-         $load_x:ident, $fma:ident, $add:ident, $hsum:ident) => {
+         $load_x:ident, $fma:ident, $hsum:ident) => {
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn $name<const M: usize>(
+            pub(super) unsafe fn $name<const M: usize, const R: usize>(
                 w: &[$elem],
                 cols: usize,
                 x: &[f32],
@@ -126,33 +127,42 @@ mod x86 {
             ) {
                 const L: usize = $lanes;
                 let rows = out.len() / M;
-                let body = cols / (2 * L) * (2 * L);
-                for r in 0..rows {
-                    let wr = &w[r * cols..(r + 1) * cols];
-                    let mut a0 = [$zero(); M];
-                    let mut a1 = [$zero(); M];
+                let body = cols / L * L;
+                let mut r = 0;
+                while r < rows {
+                    // R rows while they last, then single rows.
+                    let group = if rows - r >= R { R } else { 1 };
+                    let mut acc = [[$zero(); M]; R];
                     let mut k = 0;
                     while k < body {
-                        // SAFETY: k + 2L ≤ body ≤ cols = wr.len(), and each of the M activation
-                        // rows holds `cols` elements (the caller checked x.len() == M·cols).
+                        // SAFETY: rows r..r+group exist (group ≤ rows − r) and k + L ≤ cols, so
+                        // every weight load stays inside w (rows·cols elements, checked by the
+                        // caller); each of the M activation rows holds `cols` elements.
                         unsafe {
-                            let w0 = $load_w(wr.as_ptr().add(k));
-                            let w1 = $load_w(wr.as_ptr().add(k + L));
+                            let mut wv = [$zero(); R];
+                            for g in 0..group.min(R) {
+                                wv[g] = $load_w(w.as_ptr().add((r + g) * cols + k));
+                            }
                             for i in 0..M {
-                                let xp = x.as_ptr().add(i * cols + k);
-                                a0[i] = $fma(w0, $load_x(xp), a0[i]);
-                                a1[i] = $fma(w1, $load_x(xp.add(L)), a1[i]);
+                                let xv = $load_x(x.as_ptr().add(i * cols + k));
+                                for g in 0..group.min(R) {
+                                    acc[g][i] = $fma(wv[g], xv, acc[g][i]);
+                                }
                             }
                         }
-                        k += 2 * L;
+                        k += L;
                     }
-                    for i in 0..M {
-                        let mut s = $hsum($add(a0[i], a1[i]));
-                        for kk in body..cols {
-                            s += wr[kk].to_f32() * x[i * cols + kk];
+                    for g in 0..group {
+                        let wr = &w[(r + g) * cols..(r + g + 1) * cols];
+                        for i in 0..M {
+                            let mut s = $hsum(acc[g][i]);
+                            for kk in body..cols {
+                                s += wr[kk].to_f32() * x[i * cols + kk];
+                            }
+                            out[(r + g) * M + i] = s;
                         }
-                        out[r * M + i] = s;
                     }
+                    r += group;
                 }
             }
         };
@@ -197,18 +207,12 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn add512(a: __m512, b: __m512) -> __m512 {
-        _mm512_add_ps(a, b)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
     fn hsum512(a: __m512) -> f32 {
         _mm512_reduce_add_ps(a)
     }
 
     gemv_simd!(
-        f32_avx512, "avx512f", f32, 16, zero512, loadx512, loadx512, fma512, add512, hsum512
+        f32_avx512, "avx512f", f32, 16, zero512, loadx512, loadx512, fma512, hsum512
     );
     gemv_simd!(
         bf16_avx512,
@@ -219,7 +223,6 @@ mod x86 {
         load_bf16_512,
         loadx512,
         fma512,
-        add512,
         hsum512
     );
     gemv_simd!(
@@ -231,7 +234,6 @@ mod x86 {
         load_f16_512,
         loadx512,
         fma512,
-        add512,
         hsum512
     );
 
@@ -274,12 +276,6 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn add256(a: __m256, b: __m256) -> __m256 {
-        _mm256_add_ps(a, b)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
     fn hsum256(a: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -296,7 +292,6 @@ mod x86 {
         loadx256,
         loadx256,
         fma256,
-        add256,
         hsum256
     );
     gemv_simd!(
@@ -308,7 +303,6 @@ mod x86 {
         load_bf16_256,
         loadx256,
         fma256,
-        add256,
         hsum256
     );
     gemv_simd!(
@@ -320,7 +314,6 @@ mod x86 {
         load_f16_256,
         loadx256,
         fma256,
-        add256,
         hsum256
     );
 
@@ -406,6 +399,18 @@ macro_rules! by_m {
     };
 }
 
+/// Calls `$k::<M, R>` for the runtime `m` (1..=4), with `R` weight rows per step.
+macro_rules! by_m_r {
+    ($m:expr, $r:literal, $k:ident, ($($arg:expr),*)) => {
+        match $m {
+            1 => $k::<1, $r>($($arg),*),
+            2 => $k::<2, $r>($($arg),*),
+            3 => $k::<3, $r>($($arg),*),
+            _ => $k::<4, $r>($($arg),*),
+        }
+    };
+}
+
 fn check(what: &str, w_len: usize, rows: usize, cols: usize, x_len: usize, m: usize) {
     assert!(
         (1..=4).contains(&m) && w_len >= rows * cols && x_len == m * cols,
@@ -426,9 +431,9 @@ macro_rules! float_entry {
                 // SAFETY: `Isa::Avx512` and `Isa::Avx2` come from `Isa::detect` (or
                 // `Isa::available`), which checked the CPU has the kernel's features; the
                 // lengths were checked above.
-                Isa::Avx512 => return unsafe { by_m!(m, $avx512, (w, cols, x, out)) },
+                Isa::Avx512 => return unsafe { by_m_r!(m, 4, $avx512, (w, cols, x, out)) },
                 // SAFETY: as above.
-                Isa::Avx2 => return unsafe { by_m!(m, $avx2, (w, cols, x, out)) },
+                Isa::Avx2 => return unsafe { by_m_r!(m, 2, $avx2, (w, cols, x, out)) },
                 Isa::Portable => {}
             }
             let _ = isa;

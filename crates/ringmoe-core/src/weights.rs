@@ -315,9 +315,13 @@ impl Weights {
                 let width = blocks * Q8_BLOCK;
                 for (i, orow) in out.chunks_mut(self.cols.max(1)).enumerate() {
                     let r = start + i;
-                    for (k, o) in orow.iter_mut().enumerate() {
-                        let d = scales[r * blocks + k / Q8_BLOCK].to_f32();
-                        *o = quants[r * width + k] as f32 * d;
+                    let q = &quants[r * width..(r + 1) * width];
+                    let d = &scales[r * blocks..(r + 1) * blocks];
+                    for ((o, qb), d) in orow.chunks_mut(Q8_BLOCK).zip(q.chunks(Q8_BLOCK)).zip(d) {
+                        let d = d.to_f32();
+                        for (o, &q) in o.iter_mut().zip(qb) {
+                            *o = q as f32 * d;
+                        }
                     }
                 }
             }
