@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--precisions", default="f32,bf16,q8")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
     Q = gguf.GGMLQuantizationType
     setups = {
         "f32": (Q.F32, a.model, "f32"),

@@ -112,9 +112,10 @@ mod x86 {
     use super::{WeightElem, bf16, f16};
     use std::arch::x86_64::*;
 
-    /// Defines `$name::<M, R>`: the chunk kernel for one element type and instruction set. `R`
-    /// weight rows are streamed side by side (R·M independent accumulators hide the FMA latency
-    /// and keep R prefetch streams in flight); leftover rows go one at a time.
+    /// Defines `$name::<M, R>`: the chunk kernel for one element type and instruction set, `R`
+    /// weight rows per step. R = 1 is what the entry points use: on the dev machine one
+    /// sequential stream per thread read 29–32 GB/s where 2, 4 or 8 rows side by side (one page
+    /// each) read 15–22 GB/s (`examples/gemv_bandwidth.rs`, docs/performance.md).
     macro_rules! gemv_simd {
         ($name:ident, $feat:literal, $elem:ty, $lanes:expr, $zero:ident, $load_w:ident,
          $load_x:ident, $fma:ident, $hsum:ident) => {
@@ -125,34 +126,39 @@ mod x86 {
                 x: &[f32],
                 out: &mut [f32],
             ) {
-                const L: usize = $lanes;
-                let rows = out.len() / M;
-                let body = cols / L * L;
-                let mut r = 0;
-                while r < rows {
-                    // R rows while they last, then single rows.
-                    let group = if rows - r >= R { R } else { 1 };
-                    let mut acc = [[$zero(); M]; R];
+                /// Rows `r..r + G` (constant `G`, so the accumulators stay in registers).
+                #[target_feature(enable = $feat)]
+                #[inline]
+                fn rows<const M: usize, const G: usize>(
+                    w: &[$elem],
+                    cols: usize,
+                    x: &[f32],
+                    out: &mut [f32],
+                    r: usize,
+                ) {
+                    const L: usize = $lanes;
+                    let body = cols / L * L;
+                    let mut acc = [[$zero(); M]; G];
                     let mut k = 0;
                     while k < body {
-                        // SAFETY: rows r..r+group exist (group ≤ rows − r) and k + L ≤ cols, so
-                        // every weight load stays inside w (rows·cols elements, checked by the
-                        // caller); each of the M activation rows holds `cols` elements.
+                        // SAFETY: the caller passes r + G ≤ rows, and k + L ≤ cols, so every
+                        // weight load stays inside w (rows·cols elements, checked by the entry
+                        // point); each of the M activation rows holds `cols` elements.
                         unsafe {
-                            let mut wv = [$zero(); R];
-                            for g in 0..group.min(R) {
+                            let mut wv = [$zero(); G];
+                            for g in 0..G {
                                 wv[g] = $load_w(w.as_ptr().add((r + g) * cols + k));
                             }
                             for i in 0..M {
                                 let xv = $load_x(x.as_ptr().add(i * cols + k));
-                                for g in 0..group.min(R) {
+                                for g in 0..G {
                                     acc[g][i] = $fma(wv[g], xv, acc[g][i]);
                                 }
                             }
                         }
                         k += L;
                     }
-                    for g in 0..group {
+                    for g in 0..G {
                         let wr = &w[(r + g) * cols..(r + g + 1) * cols];
                         for i in 0..M {
                             let mut s = $hsum(acc[g][i]);
@@ -162,7 +168,16 @@ mod x86 {
                             out[(r + g) * M + i] = s;
                         }
                     }
-                    r += group;
+                }
+                let n = out.len() / M;
+                let mut r = 0;
+                while r + R <= n {
+                    rows::<M, R>(w, cols, x, out, r);
+                    r += R;
+                }
+                while r < n {
+                    rows::<M, 1>(w, cols, x, out, r);
+                    r += 1;
                 }
             }
         };
@@ -431,9 +446,9 @@ macro_rules! float_entry {
                 // SAFETY: `Isa::Avx512` and `Isa::Avx2` come from `Isa::detect` (or
                 // `Isa::available`), which checked the CPU has the kernel's features; the
                 // lengths were checked above.
-                Isa::Avx512 => return unsafe { by_m_r!(m, 4, $avx512, (w, cols, x, out)) },
+                Isa::Avx512 => return unsafe { by_m_r!(m, 1, $avx512, (w, cols, x, out)) },
                 // SAFETY: as above.
-                Isa::Avx2 => return unsafe { by_m_r!(m, 2, $avx2, (w, cols, x, out)) },
+                Isa::Avx2 => return unsafe { by_m_r!(m, 1, $avx2, (w, cols, x, out)) },
                 Isa::Portable => {}
             }
             let _ = isa;
