@@ -51,7 +51,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rayon::current_num_threads()
     );
     for (wt, isa, par, best) in &cases {
-        let threads = if *par == Par::Rayon { "all threads" } else { "1 thread" };
+        let threads = if *par == Par::Rayon {
+            "all threads"
+        } else {
+            "1 thread"
+        };
         println!("{:>4} {isa:?} {threads}: {best:.1} GB/s", wt.format());
     }
     Ok(())
