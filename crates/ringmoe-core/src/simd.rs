@@ -111,6 +111,24 @@ fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 #[inline(always)]
+fn bf16_to_f32_body(src: &[half::bf16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let (src, dst) = (&src[..n], &mut dst[..n]);
+    for i in 0..n {
+        dst[i] = f32::from_bits((src[i].to_bits() as u32) << 16);
+    }
+}
+
+#[inline(always)]
+fn dequant_q8_body(q: &[i8], d: f32, dst: &mut [f32]) {
+    let n = q.len().min(dst.len());
+    let (q, dst) = (&q[..n], &mut dst[..n]);
+    for i in 0..n {
+        dst[i] = q[i] as f32 * d;
+    }
+}
+
+#[inline(always)]
 fn scale_body(row: &mut [f32], s: f32) {
     for x in row.iter_mut() {
         *x *= s;
@@ -176,6 +194,16 @@ fn axpy_pairs_body(
             dst[t] += wi * src[t];
         }
     }
+}
+
+dispatch! {
+    /// bf16 → f32 (exact: the bits shifted into the high half), `min(len)` elements.
+    pub fn bf16_to_f32(src: &[half::bf16], dst: &mut [f32]) -> () => bf16_to_f32_body
+}
+
+dispatch! {
+    /// `dst[i] = q[i] · d` (one q8 block, or part of one).
+    pub fn dequant_q8(q: &[i8], d: f32, dst: &mut [f32]) -> () => dequant_q8_body
 }
 
 dispatch! {

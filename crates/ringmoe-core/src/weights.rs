@@ -300,11 +300,7 @@ impl Weights {
         let (a, b) = (start * self.cols, end * self.cols);
         match &self.data {
             Storage::F32(v) => out.copy_from_slice(&v[a..b]),
-            Storage::BF16(v) => {
-                for (o, &x) in out.iter_mut().zip(&v[a..b]) {
-                    *o = gemv::WeightElem::to_f32(x);
-                }
-            }
+            Storage::BF16(v) => crate::simd::bf16_to_f32(&v[a..b], out),
             Storage::F16(v) => {
                 for (o, &x) in out.iter_mut().zip(&v[a..b]) {
                     *o = x.to_f32();
@@ -318,10 +314,7 @@ impl Weights {
                     let q = &quants[r * width..(r + 1) * width];
                     let d = &scales[r * blocks..(r + 1) * blocks];
                     for ((o, qb), d) in orow.chunks_mut(Q8_BLOCK).zip(q.chunks(Q8_BLOCK)).zip(d) {
-                        let d = d.to_f32();
-                        for (o, &q) in o.iter_mut().zip(qb) {
-                            *o = q as f32 * d;
-                        }
+                        crate::simd::dequant_q8(qb, d.to_f32(), o);
                     }
                 }
             }
