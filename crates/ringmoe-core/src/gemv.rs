@@ -557,8 +557,9 @@ pub fn quantize_row_q8(v: &[f32], q: &mut [i8], d: &mut [f32]) {
     }
 }
 
-/// q8 weights (`wq`: `rows · blocks · 32`, `ws`: `rows · blocks`) against q8 activations (`xq`:
-/// `m · blocks · 32`, `xs`: `m · blocks`); `out` as for the float kernels.
+/// q8 weights (`wq`: `rows · blocks · 32`, `ws`: `rows · blocks`) against `m = xs.len() / blocks`
+/// q8 activation rows (`xq`: `m · blocks · 32`, `xs`: `m · blocks`); `out` as for the float
+/// kernels.
 pub fn gemv_q8(
     isa: Isa,
     wq: &[i8],
@@ -566,9 +567,9 @@ pub fn gemv_q8(
     xq: &[i8],
     xs: &[f32],
     blocks: usize,
-    m: usize,
     out: &mut [f32],
 ) {
+    let m = xs.len() / blocks.max(1);
     let rows = out.len() / m.max(1);
     let width = blocks * Q8_BLOCK;
     check("gemv_q8", wq.len(), rows, width, xq.len(), m);
@@ -710,7 +711,7 @@ mod tests {
                 }
                 for isa in Isa::available() {
                     let mut out = vec![0f32; rows * m];
-                    gemv_q8(isa, &wq, &ws, &xq, &xs, blocks, m, &mut out);
+                    gemv_q8(isa, &wq, &ws, &xq, &xs, blocks, &mut out);
                     close(
                         &out,
                         &want,
@@ -721,7 +722,7 @@ mod tests {
                 // And as a quality figure against the f32 product: within a few percent.
                 let exact = reference(&w, cols, &x, m, rows);
                 let mut out = vec![0f32; rows * m];
-                gemv_q8(Isa::detect(), &wq, &ws, &xq, &xs, blocks, m, &mut out);
+                gemv_q8(Isa::detect(), &wq, &ws, &xq, &xs, blocks, &mut out);
                 let norm = (cols as f64).sqrt();
                 for (g, e) in out.iter().zip(&exact) {
                     assert!((*g as f64 - e).abs() < 0.02 * norm, "q8 {g} vs f32 {e}");

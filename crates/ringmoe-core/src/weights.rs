@@ -481,7 +481,6 @@ impl Weights {
                             q,
                             d,
                             blocks,
-                            m,
                             out,
                         );
                     }

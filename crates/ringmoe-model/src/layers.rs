@@ -227,6 +227,8 @@ impl SparseMoe {
     }
 }
 
+// One per layer, built once at load and never moved on a hot path: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Mlp {
     Dense(DenseMlp),

@@ -25,7 +25,7 @@ use ringmoe_parallel::{
 
 const HIDDEN: usize = 24;
 
-fn random_experts(n: usize, seed: u64) -> Vec<ExpertWeights> {
+fn random_experts(n: usize, seed: u64) -> Result<Vec<ExpertWeights>> {
     (0..n as u64)
         .map(|e| {
             ExpertWeights::from_f32(
@@ -34,7 +34,7 @@ fn random_experts(n: usize, seed: u64) -> Vec<ExpertWeights> {
                 rand_vec(2 * 16 * HIDDEN, seed + 2 * e, 0.5),
                 rand_vec(HIDDEN * 16, seed + 2 * e + 1, 0.5),
             )
-            .expect("random expert shapes are consistent")
+            .map_err(anyhow::Error::from)
         })
         .collect()
 }
@@ -98,7 +98,7 @@ fn local_reference(all: &[ExpertWeights], x: &[f32], routing: &Routing) -> Resul
 #[test]
 fn every_placement_computes_the_local_moe_layer() -> Result<()> {
     let (n, k) = (8, 2);
-    let all = random_experts(n, 11);
+    let all = random_experts(n, 11)?;
     for world in [1, 2, 3, 4] {
         let inputs = rank_inputs(world, n, k, 40 + world as u64, 0.0);
         let uneven: Vec<Vec<usize>> = (0..n)
@@ -164,7 +164,7 @@ fn every_placement_computes_the_local_moe_layer() -> Result<()> {
 #[test]
 fn replicas_of_hot_experts_cut_the_imbalance() -> Result<()> {
     let (n, k, world) = (8, 2, 4);
-    let all = random_experts(n, 3);
+    let all = random_experts(n, 3)?;
     let inputs = rank_inputs(world, n, k, 9, 0.6);
     let base = Placement::contiguous(1, n, world)?;
     let measure = |placement: &Placement| -> Result<(f64, Vec<Vec<u64>>)> {
@@ -199,7 +199,7 @@ fn replicas_of_hot_experts_cut_the_imbalance() -> Result<()> {
 #[test]
 fn capacity_drops_late_rows_and_counts_them() -> Result<()> {
     let (n, k, world) = (8, 2, 2);
-    let all = random_experts(n, 5);
+    let all = random_experts(n, 5)?;
     let inputs = rank_inputs(world, n, k, 77, 0.8);
     let factor = 0.5f32;
     let ep = ExpertParallel {
@@ -246,7 +246,7 @@ fn capacity_drops_late_rows_and_counts_them() -> Result<()> {
 /// Rank 1 sends rank 0 a hand-made frame; rank 0 must refuse it with `expect` in the message.
 fn refused_frame(frame: Vec<f32>, version0: u64, expect: &str) -> Result<()> {
     let (n, world) = (4, 2);
-    let all = random_experts(n, 1);
+    let all = random_experts(n, 1)?;
     let placement = Placement {
         version: version0,
         ..Placement::contiguous(1, n, world)?
