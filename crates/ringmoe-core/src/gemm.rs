@@ -57,7 +57,7 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    fn check(&self, what: &'static str) -> Result<()> {
+    pub(crate) fn check(&self, what: &'static str) -> Result<()> {
         if self.rows == 0 || self.cols == 0 {
             return Ok(());
         }

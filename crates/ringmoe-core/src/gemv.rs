@@ -418,28 +418,52 @@ mod x86 {
         let width = blocks * super::Q8_BLOCK;
         let pairs = blocks / 2;
         let ones = _mm512_set1_epi16(1);
+        // Each activation row's scales as one vector per block pair ([d_b ×8, d_b+1 ×8]), built
+        // once per call; a weight row's pair of f16 scales is widened and spread the same way.
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let xsp: Vec<__m512> = (0..M * pairs)
+            .map(|ip| {
+                let (i, p) = (ip / pairs, ip % pairs);
+                let lo = _mm256_set1_ps(xs[i * blocks + 2 * p]);
+                let hi = _mm256_set1_ps(xs[i * blocks + 2 * p + 1]);
+                _mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi)
+            })
+            .collect();
+        // |x| and x's sign mask per block pair, also once per call (they do not depend on the
+        // weight row).
+        let (xabs, xneg): (Vec<__m512i>, Vec<__mmask64>) = (0..M * pairs)
+            .map(|ip| {
+                let (i, p) = (ip / pairs, ip % pairs);
+                // SAFETY: block pair p of activation row i lies inside xq (M·width elements).
+                let xv = unsafe { _mm512_loadu_si512(xq.as_ptr().add(i * width + p * 64).cast()) };
+                (_mm512_abs_epi8(xv), _mm512_movepi8_mask(xv))
+            })
+            .unzip();
         for r in 0..rows {
             let mut acc = [_mm512_setzero_ps(); M];
             let mut tail = [zero256(); M];
             for p in 0..pairs {
                 let b = 2 * p;
-                // SAFETY: blocks b and b + 1 of row r lie inside wq (rows·width elements) and of
-                // each activation row inside xq (M·width), as the caller checked.
+                // SAFETY: blocks b and b + 1 of row r lie inside wq (rows·width elements), and
+                // their two scales inside ws (rows·blocks, read unaligned), as the caller
+                // checked; the activation pairs were read above.
                 unsafe {
                     let wv = _mm512_loadu_si512(wq.as_ptr().add(r * width + b * 32).cast());
-                    let (d0, d1) = (
-                        f16_to_f32(ws[r * blocks + b]),
-                        f16_to_f32(ws[r * blocks + b + 1]),
+                    // Scales b and b + 1 are adjacent: one 32-bit load holds both.
+                    let bits = ws
+                        .as_ptr()
+                        .add(r * blocks + b)
+                        .cast::<i32>()
+                        .read_unaligned();
+                    let wd = _mm512_permutexvar_ps(
+                        spread,
+                        _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))),
                     );
                     for i in 0..M {
-                        let xv = _mm512_loadu_si512(xq.as_ptr().add(i * width + b * 32).cast());
-                        let ax = _mm512_abs_epi8(xv);
-                        let neg = _mm512_movepi8_mask(xv);
-                        let sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);
-                        let p32 = _mm512_madd_epi16(_mm512_maddubs_epi16(ax, sw), ones);
-                        let lo = _mm256_set1_ps(d0 * xs[i * blocks + b]);
-                        let hi = _mm256_set1_ps(d1 * xs[i * blocks + b + 1]);
-                        let sc = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi);
+                        let ip = i * pairs + p;
+                        let sw = _mm512_mask_sub_epi8(wv, xneg[ip], _mm512_setzero_si512(), wv);
+                        let p32 = _mm512_madd_epi16(_mm512_maddubs_epi16(xabs[ip], sw), ones);
+                        let sc = _mm512_mul_ps(wd, xsp[ip]);
                         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), sc, acc[i]);
                     }
                 }
