@@ -459,12 +459,12 @@ mod x86 {
                         spread,
                         _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))),
                     );
-                    for i in 0..M {
+                    for (i, a) in acc.iter_mut().enumerate() {
                         let ip = i * pairs + p;
                         let sw = _mm512_mask_sub_epi8(wv, xneg[ip], _mm512_setzero_si512(), wv);
                         let p32 = _mm512_madd_epi16(_mm512_maddubs_epi16(xabs[ip], sw), ones);
                         let sc = _mm512_mul_ps(wd, xsp[ip]);
-                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), sc, acc[i]);
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), sc, *a);
                     }
                 }
             }
