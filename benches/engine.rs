@@ -14,16 +14,9 @@ use ringmoe_core::gemv::Isa;
 use ringmoe_core::{WeightFormat, WeightPrecision, Weights};
 use ringmoe_model::moe::{ExpertSet, ExpertWeights, expert_compute};
 use ringmoe_model::{LoadOptions, LogitsFor, Model, ModelConfig, RandomWeights, TensorSource};
-use serde_json::json;
 
 fn bench_config() -> ModelConfig {
-    let v = json!({
-        "architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 1024,
-        "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16,
-        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
-        "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
-    });
-    ModelConfig::from_json(&v).expect("bench config is valid")
+    ModelConfig::from_json(&ringmoe_model::bench_model_config()).expect("bench config is valid")
 }
 
 fn tokens(n: usize, vocab: u32) -> Vec<u32> {

@@ -120,72 +120,44 @@ mod x86 {
     use super::{WeightElem, bf16, f16};
     use std::arch::x86_64::*;
 
-    /// Defines `$name::<M, R>`: the chunk kernel for one element type and instruction set, `R`
-    /// weight rows per step. R = 1 is what the entry points use: on the dev machine one
-    /// sequential stream per thread read 29–32 GB/s where 2, 4 or 8 rows side by side (one page
-    /// each) read 15–22 GB/s (`examples/gemv_bandwidth.rs`, docs/performance.md).
+    /// Defines `$name::<M>`: the chunk kernel for one element type and instruction set, one
+    /// weight row at a time. On the dev machine one sequential stream per thread read 29–32 GB/s
+    /// where 2, 4 or 8 rows side by side (one page each) read 15–22 GB/s
+    /// (`examples/gemv_bandwidth.rs`, docs/performance.md).
     macro_rules! gemv_simd {
         ($name:ident, $feat:literal, $elem:ty, $lanes:expr, $zero:ident, $load_w:ident,
          $load_x:ident, $fma:ident, $hsum:ident) => {
             #[target_feature(enable = $feat)]
-            pub(super) unsafe fn $name<const M: usize, const R: usize>(
+            pub(super) unsafe fn $name<const M: usize>(
                 w: &[$elem],
                 cols: usize,
                 x: &[f32],
                 out: &mut [f32],
             ) {
-                /// Rows `r..r + G` (constant `G`, so the accumulators stay in registers).
-                #[target_feature(enable = $feat)]
-                #[inline]
-                fn rows<const M: usize, const G: usize>(
-                    w: &[$elem],
-                    cols: usize,
-                    x: &[f32],
-                    out: &mut [f32],
-                    r: usize,
-                ) {
-                    const L: usize = $lanes;
-                    let body = cols / L * L;
-                    let mut acc = [[$zero(); M]; G];
+                const L: usize = $lanes;
+                let body = cols / L * L;
+                for (r, o) in out.chunks_exact_mut(M).enumerate() {
+                    let wr = &w[r * cols..(r + 1) * cols];
+                    let mut acc = [$zero(); M];
                     let mut k = 0;
                     while k < body {
-                        // SAFETY: the caller passes r + G ≤ rows, and k + L ≤ cols, so every
-                        // weight load stays inside w (rows·cols elements, checked by the entry
-                        // point); each of the M activation rows holds `cols` elements.
+                        // SAFETY: k + L ≤ cols = wr.len(), and each of the M activation rows
+                        // holds `cols` elements (checked by the entry point).
                         unsafe {
-                            let mut wv = [$zero(); G];
-                            for g in 0..G {
-                                wv[g] = $load_w(w.as_ptr().add((r + g) * cols + k));
-                            }
-                            for i in 0..M {
-                                let xv = $load_x(x.as_ptr().add(i * cols + k));
-                                for g in 0..G {
-                                    acc[g][i] = $fma(wv[g], xv, acc[g][i]);
-                                }
+                            let wv = $load_w(wr.as_ptr().add(k));
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                *a = $fma(wv, $load_x(x.as_ptr().add(i * cols + k)), *a);
                             }
                         }
                         k += L;
                     }
-                    for g in 0..G {
-                        let wr = &w[(r + g) * cols..(r + g + 1) * cols];
-                        for i in 0..M {
-                            let mut s = $hsum(acc[g][i]);
-                            for kk in body..cols {
-                                s += wr[kk].to_f32() * x[i * cols + kk];
-                            }
-                            out[(r + g) * M + i] = s;
+                    for (i, (a, o)) in acc.iter().zip(o.iter_mut()).enumerate() {
+                        let mut s = $hsum(*a);
+                        for kk in body..cols {
+                            s += wr[kk].to_f32() * x[i * cols + kk];
                         }
+                        *o = s;
                     }
-                }
-                let n = out.len() / M;
-                let mut r = 0;
-                while r + R <= n {
-                    rows::<M, R>(w, cols, x, out, r);
-                    r += R;
-                }
-                while r < n {
-                    rows::<M, 1>(w, cols, x, out, r);
-                    r += 1;
                 }
             }
         };
@@ -501,18 +473,6 @@ macro_rules! by_m {
     };
 }
 
-/// Calls `$k::<M, R>` for the runtime `m` (1..=4), with `R` weight rows per step.
-macro_rules! by_m_r {
-    ($m:expr, $r:literal, $k:ident, ($($arg:expr),*)) => {
-        match $m {
-            1 => $k::<1, $r>($($arg),*),
-            2 => $k::<2, $r>($($arg),*),
-            3 => $k::<3, $r>($($arg),*),
-            _ => $k::<4, $r>($($arg),*),
-        }
-    };
-}
-
 fn check(what: &str, w_len: usize, rows: usize, cols: usize, x_len: usize, m: usize) {
     assert!(
         (1..=4).contains(&m) && w_len >= rows * cols && x_len == m * cols,
@@ -533,9 +493,9 @@ macro_rules! float_entry {
                 // SAFETY: `Isa::Avx512` and `Isa::Avx2` come from `Isa::detect` (or
                 // `Isa::available`), which checked the CPU has the kernel's features; the
                 // lengths were checked above.
-                Isa::Avx512 => return unsafe { by_m_r!(m, 1, $avx512, (w, cols, x, out)) },
+                Isa::Avx512 => return unsafe { by_m!(m, $avx512, (w, cols, x, out)) },
                 // SAFETY: as above.
-                Isa::Avx2 => return unsafe { by_m_r!(m, 1, $avx2, (w, cols, x, out)) },
+                Isa::Avx2 => return unsafe { by_m!(m, $avx2, (w, cols, x, out)) },
                 Isa::Portable => {}
             }
             let _ = isa;

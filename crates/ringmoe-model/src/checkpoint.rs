@@ -391,6 +391,19 @@ impl TensorSource for Recorder {
     }
 }
 
+/// The benchmark model of docs/performance.md (`benches/engine.rs`, `ringmoe bench make-model`,
+/// `gpu-check`): a Mixtral with vocab 32000, hidden 1024, intermediate 2816, 4 layers, 16 heads,
+/// 8 KV heads, 8 experts, top-2 — 355 M parameters.
+pub fn bench_model_config() -> Value {
+    serde_json::json!({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
+        "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1e6,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
+    })
+}
+
 /// Writes a Hugging Face model directory — `config.json` as given and `model.safetensors` (f32)
 /// holding the [`RandomWeights`] of `seed` — so that `Model::load(dir)` gives the same model as
 /// `Model::from_checkpoint(config, &RandomWeights { seed }, ..)`. For tests and benchmarks that

@@ -16,7 +16,8 @@ pub mod moe;
 pub mod rope;
 
 pub use checkpoint::{
-    Checkpoint, RandomWeights, TensorSource, write_random_checkpoint, write_random_checkpoint_as,
+    Checkpoint, RandomWeights, TensorSource, bench_model_config, write_random_checkpoint,
+    write_random_checkpoint_as,
 };
 pub use config::{Architecture, GenerationConfig, ModelConfig};
 pub use error::{Error, Result};

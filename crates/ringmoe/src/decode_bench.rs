@@ -10,7 +10,10 @@ use clap::Args;
 use rayon::prelude::*;
 use ringmoe_core::DType;
 use ringmoe_core::testing::XorShift;
-use ringmoe_model::{LoadOptions, LogitsFor, Model, write_random_checkpoint_as};
+use ringmoe_model::{
+    LoadOptions, LogitsFor, Model, Sampler, SamplingParams, bench_model_config,
+    write_random_checkpoint_as,
+};
 
 #[derive(Args)]
 pub struct DecodeArgs {
@@ -65,16 +68,6 @@ fn copy_bandwidth() -> f64 {
     best
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0 as u32
-}
-
 pub fn run_decode(a: DecodeArgs) -> Result<()> {
     ensure!(
         a.prompt_tokens > 0 && a.new_tokens > 0 && a.repeat > 0,
@@ -98,17 +91,18 @@ pub fn run_decode(a: DecodeArgs) -> Result<()> {
     let streamed = model.decode_bytes_per_token();
     let mut prefill_rates = Vec::new();
     let mut decode_rates = Vec::new();
+    let mut greedy = Sampler::new(SamplingParams::default())?;
     // One untimed round first (allocator and page warm-up), then the timed ones.
     for round in 0..=a.repeat {
         let mut cache = model.new_cache();
         let t = Instant::now();
         let out = model.forward(&prompt, &mut cache, LogitsFor::Last)?;
         let prefill = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
-        let mut next = argmax(out.logits.as_slice());
+        let mut next = greedy.sample(out.logits.as_slice());
         let t = Instant::now();
         for _ in 0..a.new_tokens {
             let out = model.forward(&[next], &mut cache, LogitsFor::Last)?;
-            next = argmax(out.logits.as_slice());
+            next = greedy.sample(out.logits.as_slice());
         }
         let decode = a.new_tokens as f64 / t.elapsed().as_secs_f64();
         if round > 0 {
@@ -216,18 +210,6 @@ pub struct MakeModelArgs {
     seed: u64,
 }
 
-/// The benchmark model: a random Mixtral with vocab 32000, hidden 1024, intermediate 2816,
-/// 4 layers, 16 heads, 8 KV heads, 8 experts, top-2 (355 M parameters).
-pub fn bench_config() -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
-        "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4,
-        "num_attention_heads": 16, "num_key_value_heads": 8, "num_local_experts": 8,
-        "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1e6,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
-    })
-}
-
 pub fn run_make_model(a: MakeModelArgs) -> Result<()> {
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
@@ -235,7 +217,7 @@ pub fn run_make_model(a: MakeModelArgs) -> Result<()> {
         "f16" => DType::F16,
         other => anyhow::bail!("--dtype {other:?}: want f32, bf16 or f16"),
     };
-    write_random_checkpoint_as(&a.out, &bench_config(), a.seed, dtype)
+    write_random_checkpoint_as(&a.out, &bench_model_config(), a.seed, dtype)
         .with_context(|| format!("writing {}", a.out.display()))?;
     println!("wrote the bench model ({}) to {}", a.dtype, a.out.display());
     Ok(())

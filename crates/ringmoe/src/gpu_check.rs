@@ -209,11 +209,5 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
 
 /// The bench model of docs/performance.md and `benches/engine.rs`.
 fn bench_config() -> Result<ModelConfig> {
-    let v = serde_json::json!({
-        "architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 1024,
-        "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16,
-        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
-        "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
-    });
-    Ok(ModelConfig::from_json(&v)?)
+    Ok(ModelConfig::from_json(&ringmoe_model::bench_model_config())?)
 }
