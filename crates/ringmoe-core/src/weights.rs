@@ -12,6 +12,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -133,10 +134,13 @@ enum Storage {
 /// A `[rows, cols]` row-major matrix (HF's `[out_features, in_features]`) in one of the
 /// [`WeightFormat`]s.
 #[derive(Clone, PartialEq)]
+///
+/// Cloning is cheap: the values are shared (a model version that differs from another only in
+/// some experts shares every other matrix with it).
 pub struct Weights {
     rows: usize,
     cols: usize,
-    data: Storage,
+    data: Arc<Storage>,
 }
 
 impl fmt::Debug for Weights {
@@ -164,7 +168,7 @@ impl Weights {
         Ok(Self {
             rows,
             cols,
-            data: Storage::F32(data),
+            data: Arc::new(Storage::F32(data)),
         })
     }
 
@@ -215,7 +219,15 @@ impl Weights {
                 return Self::from_f32_as(f, rows, cols, format);
             }
         };
-        Ok(Self { rows, cols, data })
+        Ok(Self {
+            rows,
+            cols,
+            data: Arc::new(data),
+        })
+    }
+
+    fn shared(rows: usize, cols: usize, data: Arc<Storage>) -> Self {
+        Self { rows, cols, data }
     }
 
     pub fn rows(&self) -> usize {
@@ -227,7 +239,7 @@ impl Weights {
     }
 
     pub fn format(&self) -> WeightFormat {
-        match self.data {
+        match *self.data {
             Storage::F32(_) => WeightFormat::F32,
             Storage::BF16(_) => WeightFormat::BF16,
             Storage::F16(_) => WeightFormat::F16,
@@ -241,7 +253,7 @@ impl Weights {
 
     /// Bytes this matrix occupies in memory.
     pub fn bytes(&self) -> usize {
-        match &self.data {
+        match &*self.data {
             Storage::F32(v) => v.len() * 4,
             Storage::BF16(v) => v.len() * 2,
             Storage::F16(v) => v.len() * 2,
@@ -255,9 +267,12 @@ impl Weights {
             return Ok(self);
         }
         let (rows, cols) = (self.rows, self.cols);
-        let f = match self.data {
-            Storage::F32(v) => v,
-            _ => self.to_f32().into_owned(),
+        let f = match Arc::try_unwrap(self.data) {
+            Ok(Storage::F32(v)) => v,
+            Ok(other) => Self::shared(rows, cols, Arc::new(other))
+                .to_f32()
+                .into_owned(),
+            Err(shared) => Self::shared(rows, cols, shared).to_f32().into_owned(),
         };
         let data = match format {
             WeightFormat::F32 => Storage::F32(f),
@@ -281,7 +296,11 @@ impl Weights {
                 Storage::Q8 { quants, scales }
             }
         };
-        Ok(Self { rows, cols, data })
+        Ok(Self {
+            rows,
+            cols,
+            data: Arc::new(data),
+        })
     }
 
     /// Decodes rows `start..end` into `out` (`(end − start) · cols` values).
@@ -298,7 +317,7 @@ impl Weights {
             });
         }
         let (a, b) = (start * self.cols, end * self.cols);
-        match &self.data {
+        match &*self.data {
             Storage::F32(v) => out.copy_from_slice(&v[a..b]),
             Storage::BF16(v) => crate::simd::bf16_to_f32(&v[a..b], out),
             Storage::F16(v) => {
@@ -324,7 +343,7 @@ impl Weights {
 
     /// The whole matrix as f32 (borrowed when it is stored as f32).
     pub fn to_f32(&self) -> Cow<'_, [f32]> {
-        match &self.data {
+        match &*self.data {
             Storage::F32(v) => Cow::Borrowed(v),
             _ => {
                 let mut out = vec![0f32; self.rows * self.cols];
@@ -355,11 +374,12 @@ impl Weights {
         }
         let rows = parts.iter().map(|p| p.rows).sum();
         let mut it = parts.into_iter();
-        let Some(Weights { data: mut acc, .. }) = it.next() else {
+        let Some(Weights { data: acc, .. }) = it.next() else {
             unreachable!("checked non-empty above")
         };
+        let mut acc = Arc::unwrap_or_clone(acc);
         for p in it {
-            match (&mut acc, p.data) {
+            match (&mut acc, Arc::unwrap_or_clone(p.data)) {
                 (Storage::F32(a), Storage::F32(b)) => a.extend(b),
                 (Storage::BF16(a), Storage::BF16(b)) => a.extend(b),
                 (Storage::F16(a), Storage::F16(b)) => a.extend(b),
@@ -379,7 +399,7 @@ impl Weights {
         Ok(Weights {
             rows,
             cols,
-            data: acc,
+            data: Arc::new(acc),
         })
     }
 
@@ -404,14 +424,14 @@ impl Weights {
         if m <= GEMV_MAX_ROWS && k > 0 {
             return Ok(self.gemv(x, m, par, isa));
         }
-        match &self.data {
+        match &*self.data {
             Storage::F32(w) => matmul_nt(x, m, k, w, n, par),
             _ => {
                 // q8 multiplies activations quantised the way the GEMV kernels quantise them
                 // (dequantised again here, so the f32 GEMM computes the same block sums): a
                 // product does not depend on how many rows share the call.
                 let xq;
-                let x = match &self.data {
+                let x = match &*self.data {
                     Storage::Q8 { .. } => {
                         xq = fake_quantize_rows(x, m, k);
                         &xq[..]
@@ -448,7 +468,7 @@ impl Weights {
         let (n, k) = (self.rows, self.cols);
         let mut t = vec![0f32; n * m]; // [n, m] column-major blocks
         // Quantised activations for q8, once per call.
-        let xq = match &self.data {
+        let xq = match &*self.data {
             Storage::Q8 { .. } => {
                 let blocks = self.blocks();
                 let mut q = vec![0i8; m * blocks * Q8_BLOCK];
@@ -466,7 +486,7 @@ impl Weights {
         };
         let run = |r0: usize, out: &mut [f32]| {
             let r1 = r0 + out.len() / m;
-            match &self.data {
+            match &*self.data {
                 Storage::F32(w) => gemv::gemv_f32(isa, &w[r0 * k..r1 * k], k, x, m, out),
                 Storage::BF16(w) => gemv::gemv_bf16(isa, &w[r0 * k..r1 * k], k, x, m, out),
                 Storage::F16(w) => gemv::gemv_f16(isa, &w[r0 * k..r1 * k], k, x, m, out),

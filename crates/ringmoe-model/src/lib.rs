@@ -24,6 +24,7 @@ pub use error::{Error, Result};
 pub use generate::{GenerationStats, Sampler, SamplingParams, generate};
 pub use kv_cache::KvCache;
 pub use model::{
-    ExpertSelection, ForwardOutput, LoadOptions, LogitsFor, Model, ModelGlobals, load_parts, nll_of,
+    ExpertDelta, ExpertSelection, ForwardOutput, LoadOptions, LogitsFor, Model, ModelGlobals,
+    load_parts, nll_of,
 };
 pub use tokenizer::{TextStream, Tokenizer};

@@ -41,6 +41,8 @@ pub struct ForwardOutput {
     pub routing: Vec<(usize, Routing)>,
 }
 
+/// A loaded model. Cloning is cheap: the weights are shared.
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     embed: Weights,
@@ -127,6 +129,51 @@ impl Model {
             }
         }
         bytes
+    }
+
+    /// The same model holding the routed experts `sel` selects (in `precision`, read from
+    /// `ckpt`): experts it holds already and still needs are shared with `self`, the others are
+    /// read, and the ones `sel` no longer names are left out. Everything else (attention, norms,
+    /// routers, dense MLPs, embeddings) is shared, never read again. While both versions live,
+    /// only the experts that differ exist twice.
+    pub fn with_experts(
+        &self,
+        ckpt: &dyn TensorSource,
+        sel: &ExpertSelection,
+        precision: WeightPrecision,
+    ) -> Result<(Self, ExpertDelta)> {
+        let w = WeightLoader {
+            ckpt,
+            cfg: &self.config,
+            precision,
+        };
+        let inter = self.config.moe.expert_intermediate_size;
+        let mut next = self.clone();
+        let mut delta = ExpertDelta::default();
+        for (l, layer) in next.layers.iter_mut().enumerate() {
+            let Mlp::Sparse(m) = &mut layer.mlp else {
+                continue;
+            };
+            for (e, slot) in m.experts.experts.iter_mut().enumerate() {
+                match (sel.includes(l, e), slot.is_some()) {
+                    (true, false) => {
+                        let (g, u, d) = crate::arch::expert_names(self.config.architecture, l, e);
+                        let x = w.expert(&g, &u, &d, inter)?;
+                        delta.loaded += 1;
+                        delta.loaded_bytes += x.bytes();
+                        *slot = Some(x);
+                    }
+                    (false, true) => {
+                        delta.dropped += 1;
+                        delta.dropped_bytes += slot.as_ref().map_or(0, |x| x.bytes());
+                        *slot = None;
+                    }
+                    (true, true) => delta.kept += 1,
+                    (false, false) => {}
+                }
+            }
+        }
+        Ok((next, delta))
     }
 
     pub fn layers(&self) -> &[DecoderLayer] {
@@ -268,6 +315,17 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// What [`Model::with_experts`] changed: experts read, kept (shared) and dropped, and the bytes
+/// of the ones read and dropped, in their in-memory precision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpertDelta {
+    pub loaded: usize,
+    pub kept: usize,
+    pub dropped: usize,
+    pub loaded_bytes: usize,
+    pub dropped_bytes: usize,
 }
 
 /// The weights outside the decoder layers, `[vocab, hidden]` tables and the final norm.

@@ -4,11 +4,13 @@
 //!
 //! It depends on serde alone, so the coordinator can plan without linking the engine.
 
+pub mod balance;
 pub mod load;
 pub mod placement;
 pub mod selection;
 pub mod shard;
 
+pub use balance::{layered_imbalance, plan_balanced, planned_imbalance};
 pub use load::{LoadSnapshot, LoadTracker, imbalance};
 pub use placement::{Placement, Replica};
 pub use selection::ExpertSelection;

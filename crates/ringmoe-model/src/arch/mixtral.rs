@@ -19,13 +19,25 @@ pub(crate) fn load_layer(
     let p = format!("model.layers.{layer}");
     let attn = super::attention(w, &p)?;
     let m = format!("{p}.block_sparse_moe");
-    let names = |e| {
-        (
-            format!("{m}.experts.{e}.w1"),
-            format!("{m}.experts.{e}.w3"),
-            format!("{m}.experts.{e}.w2"),
-        )
-    };
-    let moe = super::sparse_moe(w, layer, sel, &m, names, TopKNorm::Renormalize, None)?;
+    let moe = super::sparse_moe(
+        w,
+        layer,
+        sel,
+        &m,
+        expert_names(&m),
+        TopKNorm::Renormalize,
+        None,
+    )?;
     super::decoder_layer(w, &p, attn, Mlp::Sparse(moe))
+}
+
+/// `{prefix}.experts.E.{w1,w3,w2}`: gate, up and down.
+pub(crate) fn expert_names(prefix: &str) -> impl Fn(usize) -> (String, String, String) + '_ {
+    move |e| {
+        (
+            format!("{prefix}.experts.{e}.w1"),
+            format!("{prefix}.experts.{e}.w3"),
+            format!("{prefix}.experts.{e}.w2"),
+        )
+    }
 }

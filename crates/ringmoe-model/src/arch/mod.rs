@@ -27,6 +27,22 @@ pub(crate) fn load_layer(
     }
 }
 
+/// The checkpoint names of routed expert `expert` of layer `layer`: its (gate, up, down)
+/// projections (what an incremental expert load reads).
+pub(crate) fn expert_names(
+    arch: Architecture,
+    layer: usize,
+    expert: usize,
+) -> (String, String, String) {
+    let p = format!("model.layers.{layer}");
+    match arch {
+        Architecture::Mixtral => mixtral::expert_names(&format!("{p}.block_sparse_moe"))(expert),
+        Architecture::Qwen3Moe | Architecture::Qwen2Moe => {
+            qwen_expert_names(&format!("{p}.mlp"))(expert)
+        }
+    }
+}
+
 /// `{prefix}.self_attn.{q,k,v,o}_proj` (+ biases, + `q_norm`/`k_norm` as the config says).
 pub(crate) fn attention(w: &WeightLoader<'_>, prefix: &str) -> Result<Attention> {
     let c = w.cfg;
