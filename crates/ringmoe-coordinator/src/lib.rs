@@ -17,6 +17,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod balance;
 pub mod convert;
 pub mod error;
 mod http;
@@ -97,6 +98,10 @@ pub struct CoordinatorConfig {
     pub max_uploads: usize,
     /// Longest pause between two messages of an upload before it is dropped.
     pub upload_idle: Duration,
+    /// Expert rebalancing (`--rebalance-threshold`, `--expert-slots-per-worker`).
+    pub balance: balance::BalanceConfig,
+    /// How often a run reads its workers' expert load while it runs (besides at its end).
+    pub load_interval: Duration,
 }
 
 impl CoordinatorConfig {
@@ -118,6 +123,8 @@ impl CoordinatorConfig {
             cluster_secret: None,
             max_uploads: 64,
             upload_idle: Duration::from_secs(60),
+            balance: balance::BalanceConfig::default(),
+            load_interval: Duration::from_secs(10),
         }
     }
 }
@@ -227,6 +234,7 @@ pub async fn run_coordinator(
             retry: RetryPolicy {
                 max_retries: cfg.max_retries,
             },
+            balance: cfg.balance,
         },
         models.iter().map(|(n, m)| (n.clone(), m.info())).collect(),
     );

@@ -17,6 +17,8 @@
 //! | `RunFinished(Err)` | cancelled: `Cancelled`; aborted because a worker left: the retry policy with that worker dead (no probe); not retryable: `Failed`; else `Probe` |
 //! | `Probed(dead)` | the retry policy: `Retrying` + `ForgetWorkers` + a new run, or `Failed` |
 //! | `Tick` | time passed (exclusions expire); may start the next run |
+//! | `Load(reading)` | updates the model's load estimate; may `Rebalance` (see `balance.rs`) |
+//! | `Rebalanced` | every worker holds the new placement: later runs use it |
 //!
 //! Runs are numbered: an event of an older run (a late progress report, the result of a run
 //! that was given up) changes nothing.
@@ -26,6 +28,7 @@ use std::time::Instant;
 
 use ringmoe_membership::{PlacementRecord, WorkerRecord};
 
+use crate::balance::{BalanceConfig, Balancer, Estimate, LoadReading};
 use crate::error::JobError;
 use crate::output::JobOutput;
 use crate::placement::{self, ModelShape};
@@ -40,6 +43,7 @@ pub struct MachineConfig {
     /// A queued job waits until at least this many workers are live (retries need one).
     pub min_workers: usize,
     pub retry: RetryPolicy,
+    pub balance: BalanceConfig,
 }
 
 /// What the machine knows of a served model.
@@ -97,6 +101,14 @@ pub enum Event {
         dead: Vec<String>,
     },
     Tick,
+    /// The workers' expert load under a placement version (after a run, or during a long one).
+    Load(LoadReading),
+    /// A rebalance ended: every worker acknowledged `version` (`ok`), or it failed.
+    Rebalanced {
+        model: String,
+        version: u64,
+        ok: bool,
+    },
 }
 
 /// Everything a run needs, decided by the machine.
@@ -145,6 +157,12 @@ pub enum Command {
     },
     /// Drop these workers from the heartbeat registry (they are dead).
     ForgetWorkers(Vec<String>),
+    /// Have `workers` (the record's, in rank order) load and acknowledge `record` in the
+    /// background, while runs go on with the placement in force; a `Rebalanced` follows.
+    Rebalance {
+        record: PlacementRecord,
+        workers: Vec<WorkerRecord>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -190,6 +208,7 @@ pub struct Machine {
     workers: Vec<WorkerRecord>,
     exclusions: Exclusions,
     placements: HashMap<String, PlacementRecord>,
+    balancer: Balancer,
     next_run: RunId,
 }
 
@@ -204,6 +223,7 @@ impl Machine {
             workers: Vec::new(),
             exclusions: Exclusions::default(),
             placements: HashMap::new(),
+            balancer: Balancer::new(cfg.balance),
             next_run: 1,
         }
     }
@@ -274,6 +294,34 @@ impl Machine {
             Event::RunFinished { run, result } => self.run_finished(now, run, result, &mut out),
             Event::Probed { run, dead } => self.probed(now, run, dead, &mut out),
             Event::Tick => {}
+            Event::Load(reading) => {
+                let current = self.placements.get(&reading.model);
+                if let Some(record) = self.balancer.on_reading(now, &reading, current) {
+                    let workers = record
+                        .workers
+                        .iter()
+                        .filter_map(|id| self.workers.iter().find(|w| &w.id == id).cloned())
+                        .collect::<Vec<_>>();
+                    if workers.len() == record.workers.len() {
+                        out.push(Command::Rebalance { record, workers });
+                    } else {
+                        // A worker of the placement left: the next run places afresh anyway.
+                        self.balancer
+                            .finished(now, &record.model, record.version, false);
+                    }
+                }
+            }
+            Event::Rebalanced { model, version, ok } => {
+                if let Some(rec) = self.balancer.finished(now, &model, version, ok) {
+                    let newer = self
+                        .placements
+                        .get(&model)
+                        .is_none_or(|old| rec.version > old.version);
+                    if newer {
+                        self.placements.insert(model, rec);
+                    }
+                }
+            }
         }
         self.schedule(now, &mut out);
         out
@@ -525,12 +573,13 @@ impl Machine {
             });
         }
         let ids: Vec<String> = live.iter().map(|w| w.id.clone()).collect();
-        let plan = placement::plan(
-            &job.spec.model,
-            &model.shape,
-            self.placements.get(&job.spec.model),
-            &ids,
-        )?;
+        let last = self.placements.get(&job.spec.model);
+        let next_version = last
+            .map(|r| r.version)
+            .max(self.balancer.in_flight(&job.spec.model).map(|r| r.version))
+            .unwrap_or(0)
+            + 1;
+        let plan = placement::plan(&job.spec.model, &model.shape, last, &ids, next_version)?;
         let run = self.next_run;
         self.next_run += 1;
         let a = self.active.as_mut().ok_or(JobError::Internal(format!(
@@ -574,11 +623,12 @@ impl Machine {
         });
     }
 
-    /// Live workers not excluded, in rank order (by id).
+    /// Live workers not excluded and not draining, in rank order (by id): the ones a new run
+    /// may use.
     pub fn live_workers(&self, now: Instant) -> Vec<WorkerRecord> {
         self.workers
             .iter()
-            .filter(|w| !self.exclusions.is_excluded(&w.id, now))
+            .filter(|w| !w.draining && !self.exclusions.is_excluded(&w.id, now))
             .cloned()
             .collect()
     }
@@ -595,6 +645,34 @@ impl Machine {
     /// Queued jobs in the order they will run.
     pub fn queued(&self) -> Vec<JobId> {
         self.queue.iter().collect()
+    }
+
+    /// The placement runs of `model` use now.
+    pub fn placement(&self, model: &str) -> Option<&PlacementRecord> {
+        self.placements.get(model)
+    }
+
+    /// The models with a placement, and their records.
+    pub fn placements(&self) -> impl Iterator<Item = &PlacementRecord> {
+        self.placements.values()
+    }
+
+    /// What the coordinator measured of `model`'s expert load.
+    pub fn load_estimate(&self, model: &str) -> Option<&Estimate> {
+        self.balancer.estimate(model)
+    }
+
+    /// The rebalance of `model` being loaded, if any.
+    pub fn rebalancing(&self, model: &str) -> Option<&PlacementRecord> {
+        self.balancer.in_flight(model)
+    }
+
+    /// The workers of the run in flight (busy), by id.
+    pub fn run_workers(&self) -> Vec<String> {
+        match self.active.as_ref().map(|a| &a.stage) {
+            Some(Stage::Running { workers, .. }) => workers.iter().map(|w| w.id.clone()).collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The job being run (or waiting between runs), if any.

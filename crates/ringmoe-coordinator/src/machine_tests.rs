@@ -17,6 +17,7 @@ fn worker(id: &str) -> WorkerRecord {
         kv_budget_bytes: 1000 * PER_TOKEN,
         models: Vec::new(),
         placement: None,
+        draining: false,
     }
 }
 
@@ -37,6 +38,7 @@ fn machine(min_workers: usize, max_retries: u32) -> Machine {
         MachineConfig {
             min_workers,
             retry: RetryPolicy { max_retries },
+            balance: crate::balance::BalanceConfig::default(),
         },
         HashMap::from([("m".to_string(), info)]),
     )

@@ -33,12 +33,14 @@ pub struct PlacementPlan {
 }
 
 /// Chooses the placement of `model` over `workers` (ids in rank order) given the record
-/// published `last`.
+/// published `last`; a new one gets version `next_version` (above every version published or
+/// being published for the model).
 pub fn plan(
     model: &str,
     shape: &ModelShape,
     last: Option<&PlacementRecord>,
     workers: &[String],
+    next_version: u64,
 ) -> Result<PlacementPlan, JobError> {
     let reuse = last
         .filter(|r| r.workers == workers && r.path == shape.path)
@@ -63,7 +65,7 @@ pub fn plan(
                 source,
             }
         })?;
-    p.version = last.map_or(0, |r| r.version) + 1;
+    p.version = next_version.max(last.map_or(0, |r| r.version) + 1);
     Ok(PlacementPlan {
         record: PlacementRecord {
             model: model.to_string(),
@@ -76,11 +78,12 @@ pub fn plan(
     })
 }
 
-/// Sends `rec` to heartbeating workers by `LoadModel` (their answer is the acknowledgement).
+/// Sends `rec` to heartbeating workers by `LoadModel` (their answer is the acknowledgement);
+/// returns the bytes they read.
 pub async fn load_on_workers(
     clients: &[crate::run::WorkerClient],
     rec: &PlacementRecord,
-) -> Result<(), JobError> {
+) -> Result<u64, JobError> {
     let trace = ringmoe_telemetry::propagate::TraceHeaders::current();
     crate::run::on_every(clients, |r, mut c| {
         let req = trace.request(proto::LoadModelRequest {
@@ -92,7 +95,7 @@ pub async fn load_on_workers(
         async move {
             c.load_model(req)
                 .await
-                .map(|_| ())
+                .map(|r| r.into_inner().bytes_read)
                 .map_err(|e| JobError::Worker {
                     rank: r,
                     step: WorkerStep::LoadModel,
@@ -101,7 +104,7 @@ pub async fn load_on_workers(
         }
     })
     .await
-    .map(|_| ())
+    .map(|bytes| bytes.iter().sum())
 }
 
 /// Publishes `rec` in the membership store.
@@ -135,7 +138,11 @@ pub async fn await_acks(
                 });
             };
             match &w.placement {
-                Some(a) if a.model == rec.model && a.version == rec.version && a.rank == rank => {
+                Some(a)
+                    if a.model == rec.model
+                        && (a.version == rec.version || a.previous == Some(rec.version))
+                        && a.rank == rank =>
+                {
                     if let Some(e) = &a.error {
                         return Err(JobError::LoadRefused {
                             worker: id.clone(),
@@ -184,9 +191,9 @@ mod tests {
 
     #[test]
     fn the_last_placement_is_reused_only_for_exactly_its_workers() {
-        let first = plan("m", &shape(), None, &ids(&["a", "b"])).unwrap();
+        let first = plan("m", &shape(), None, &ids(&["a", "b"]), 1).unwrap();
         assert!(first.fresh && first.record.version == 1);
-        let again = plan("m", &shape(), Some(&first.record), &ids(&["a", "b"])).unwrap();
+        let again = plan("m", &shape(), Some(&first.record), &ids(&["a", "b"]), 2).unwrap();
         assert_eq!(
             again,
             PlacementPlan {
@@ -195,7 +202,7 @@ mod tests {
             }
         );
         for other in [ids(&["a", "b", "c"]), ids(&["b", "a"]), ids(&["a"])] {
-            let p = plan("m", &shape(), Some(&first.record), &other).unwrap();
+            let p = plan("m", &shape(), Some(&first.record), &other, 2).unwrap();
             assert!(
                 p.fresh && p.record.version == 2 && p.record.workers == other,
                 "{other:?}"
@@ -206,7 +213,7 @@ mod tests {
             ..shape()
         };
         assert!(
-            plan("m", &moved, Some(&first.record), &ids(&["a", "b"]))
+            plan("m", &moved, Some(&first.record), &ids(&["a", "b"]), 2)
                 .unwrap()
                 .fresh
         );

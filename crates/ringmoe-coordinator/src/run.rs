@@ -23,6 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::balance::LoadReading;
 use crate::error::{JobError, WorkerStep};
 use crate::machine::{Event, Report, RunOrder};
 use crate::output::{JobOutput, Outcome, Timings};
@@ -43,6 +44,8 @@ pub struct RunContext {
     /// placement by `LoadModel`.
     pub membership: Option<Arc<dyn Membership>>,
     pub load_timeout: Duration,
+    /// How often the run reads its workers' expert load while it runs.
+    pub load_interval: Duration,
     /// EOS token ids of each served model.
     pub eos: Vec<u32>,
     pub layers: u32,
@@ -112,7 +115,9 @@ pub async fn dead_workers(
         set.spawn(async move {
             let alive = tokio::time::timeout(Duration::from_secs(2), async {
                 let mut c = connect(&addr, max, &cred, tls.as_ref()).await.ok()?;
-                c.report_load(proto::ReportLoadRequest {}).await.ok()
+                c.report_load(proto::ReportLoadRequest::default())
+                    .await
+                    .ok()
             })
             .await
             .ok()
@@ -320,9 +325,29 @@ async fn run_inner(
     let mut finished = vec![false; p];
     let prefill_start = Instant::now();
     let mut decode_start: Option<Instant> = None;
+    // The expert load of a long run is read as it runs, on a task of its own (a slow worker
+    // must not hold up the merged event stream).
+    let mut read_every = tokio::time::interval_at(
+        tokio::time::Instant::now() + ctx.load_interval,
+        ctx.load_interval.max(Duration::from_millis(100)),
+    );
+    let (load_tx, mut load_rx) = mpsc::channel::<LoadReading>(2);
     let failure = loop {
         let ev = tokio::select! {
             ev = rx.recv() => ev,
+            _ = read_every.tick() => {
+                let (clients, model, tx) = (clients.clone(), order.spec.model.clone(), load_tx.clone());
+                tokio::spawn(async move {
+                    if let Some(r) = read_load(&clients, &model, version).await {
+                        let _ = tx.try_send(r);
+                    }
+                }.in_current_span());
+                continue;
+            }
+            Some(r) = load_rx.recv() => {
+                report(Event::Load(r));
+                continue;
+            }
             _ = abort.wait_for(|a| *a) => break Some(JobError::Cancelled { id }),
         };
         let Some((r, ev)) = ev else { break None };
@@ -405,7 +430,9 @@ async fn run_inner(
         runs: order.attempt + 1,
     };
     let outcome = results.outcome(score)?;
-    expert_load(&clients, &order.spec.model).await;
+    if let Some(r) = read_load(&clients, &order.spec.model, version).await {
+        report(Event::Load(r));
+    }
     Ok(JobOutput { outcome, timings })
 }
 
@@ -430,10 +457,14 @@ async fn cancel_on_workers(clients: Vec<WorkerClient>, id: u64) {
     while calls.join_next().await.is_some() {}
 }
 
-async fn expert_load(clients: &[WorkerClient], model: &str) {
+/// Reads every worker's expert-load window for placement `version` of `model` (in rank order);
+/// `None` when a worker does not answer within a second or answers for another version.
+async fn read_load(clients: &[WorkerClient], model: &str, version: u64) -> Option<LoadReading> {
     let trace = TraceHeaders::current();
     let read = on_every(clients, |r, mut c| {
-        let req = trace.request(proto::ReportLoadRequest {});
+        let req = trace.request(proto::ReportLoadRequest {
+            placement_version: version,
+        });
         async move {
             tokio::time::timeout(Duration::from_secs(1), c.report_load(req))
                 .await
@@ -443,10 +474,32 @@ async fn expert_load(clients: &[WorkerClient], model: &str) {
         }
     })
     .await;
-    match read {
-        Ok(reports) => crate::telemetry::expert_imbalance(model, &reports),
-        Err(e) => tracing::debug!(error = %e, "reading the workers' expert load"),
+    let reports = match read {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the workers' expert load");
+            return None;
+        }
+    };
+    let first = reports.first()?;
+    let (layers, experts) = (first.layers as usize, first.experts as usize);
+    let fits = |r: &proto::ReportLoadResponse| {
+        r.model == model
+            && r.placement_version == version
+            && r.layers as usize == layers
+            && r.experts as usize == experts
+            && r.rows.len() == layers * experts
+    };
+    if experts == 0 || !reports.iter().all(fits) {
+        return None;
     }
+    Some(LoadReading {
+        model: model.to_string(),
+        version,
+        layers,
+        experts,
+        rows: reports.into_iter().map(|r| r.rows).collect(),
+    })
 }
 
 /// A worker's failed `RunJob`: a [`JobError::Link`] when it names the peer whose data link

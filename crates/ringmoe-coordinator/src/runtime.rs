@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringmoe_membership::{MemberEvent, Membership, MemoryMembership, WorkerRecord};
+use ringmoe_membership::{
+    MemberEvent, Membership, MemoryMembership, PlacementRecord, WorkerRecord,
+};
 use ringmoe_proto::proto;
 pub(crate) use ringmoe_proto::server::lock;
 use tokio::sync::{mpsc, watch};
@@ -133,8 +135,15 @@ impl Runtime {
         if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        if let Event::PlacementKnown(rec) = &ev {
-            crate::telemetry::placement(&rec.model, rec.version);
+        match &ev {
+            Event::PlacementKnown(rec) => crate::telemetry::placement(&rec.model, rec.version),
+            Event::Rebalanced {
+                model,
+                version,
+                ok: true,
+            } => crate::telemetry::placement(model, *version),
+            Event::Load(r) => crate::telemetry::expert_imbalance(r),
+            _ => {}
         }
         let cmds = match self.machine.lock() {
             Ok(mut m) => m.on(Instant::now(), ev),
@@ -186,6 +195,7 @@ impl Runtime {
                         rt.apply(Event::Probed { run, dead }).await;
                     });
                 }
+                Command::Rebalance { record, workers } => self.rebalance(record, workers),
                 Command::ForgetWorkers(ids) => {
                     if let Some(hb) = &self.heartbeats {
                         for id in &ids {
@@ -350,6 +360,7 @@ impl Runtime {
             tls: self.cfg.server.tls.clone(),
             membership: self.heartbeats.is_none().then(|| self.membership.clone()),
             load_timeout: self.cfg.load_timeout,
+            load_interval: self.cfg.load_interval,
             eos: model.eos.clone(),
             layers: model.config.num_layers as u32,
         };
@@ -357,6 +368,181 @@ impl Runtime {
             let _ = tx.send(ev);
         })
         .await
+    }
+
+    /// Has the workers load `record` in the background (published in the membership store and
+    /// acknowledged there, or by `LoadModel`); the machine hears how it ended.
+    fn rebalance(self: &Arc<Self>, record: PlacementRecord, workers: Vec<WorkerRecord>) {
+        let rt = self.clone();
+        let span = info_span!("rebalance", model = %record.model, version = record.version);
+        tokio::spawn(
+            async move {
+                let t = Instant::now();
+                let res = rt.rebalance_on(&record, &workers).await;
+                let secs = t.elapsed().as_secs_f64();
+                let ok = match &res {
+                    Ok(bytes) => {
+                        info!(
+                            secs,
+                            bytes_read = *bytes,
+                            "rebalance acknowledged by every worker"
+                        );
+                        crate::telemetry::rebalanced(&record.model, *bytes, secs);
+                        true
+                    }
+                    Err(e) => {
+                        warn!(secs, error = %e, "rebalance failed; the placement in force stays");
+                        false
+                    }
+                };
+                rt.apply(Event::Rebalanced {
+                    model: record.model.clone(),
+                    version: record.version,
+                    ok,
+                })
+                .await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// The I/O of a rebalance; returns the bytes the workers read.
+    async fn rebalance_on(
+        &self,
+        record: &PlacementRecord,
+        workers: &[WorkerRecord],
+    ) -> Result<u64, crate::error::JobError> {
+        let never = watch::channel(false).1;
+        match &self.heartbeats {
+            None => {
+                crate::placement::publish(self.membership.as_ref(), record).await?;
+                crate::placement::await_acks(
+                    self.membership.as_ref(),
+                    record,
+                    self.cfg.load_timeout,
+                    &never,
+                    0,
+                )
+                .await?;
+                let live = self
+                    .membership
+                    .list()
+                    .await
+                    .map_err(|e| crate::error::JobError::Membership(e.to_string()))?;
+                Ok(live
+                    .iter()
+                    .filter(|w| record.workers.contains(&w.id))
+                    .filter_map(|w| w.placement.as_ref())
+                    .filter(|a| a.version == record.version)
+                    .map(|a| a.bytes_read)
+                    .sum())
+            }
+            Some(_) => {
+                let max = self.cfg.server.max_message_bytes;
+                let cred = self.credential();
+                let mut clients = Vec::with_capacity(workers.len());
+                for w in workers {
+                    clients.push(
+                        run::connect(&w.addr, max, &cred, self.cfg.server.tls.as_ref()).await?,
+                    );
+                }
+                crate::placement::load_on_workers(&clients, record).await
+            }
+        }
+    }
+
+    /// The cluster as `GetClusterStatus` reports it (see the proto).
+    pub fn cluster_status(&self) -> Result<proto::ClusterStatus, Status> {
+        use ringmoe_plan::{Placement, expected_per_layer, planned_imbalance};
+        let f = crate::telemetry::figures(self);
+        let m = lock(&self.machine)?;
+        let busy = m.run_workers();
+        let mut expected: HashMap<String, f64> = HashMap::new();
+        let mut measured: HashMap<String, f64> = HashMap::new();
+        let mut loading: Vec<String> = Vec::new();
+        let mut records: Vec<&PlacementRecord> = m.placements().collect();
+        records.sort_by(|a, b| a.model.cmp(&b.model));
+        let mut placements = Vec::new();
+        let mut worst = 0f64;
+        for rec in records {
+            let est = m
+                .load_estimate(&rec.model)
+                .filter(|e| e.version == rec.version);
+            let p = Placement::from_json(&rec.placement).ok();
+            let mut planned = 0.0;
+            if let (Some(p), Some(e)) = (&p, est) {
+                planned = planned_imbalance(p, &e.per_expert);
+                let per_layer = expected_per_layer(p, &e.per_expert);
+                for (rank, id) in rec.workers.iter().enumerate() {
+                    let x: f64 = per_layer.iter().filter_map(|l| l.get(rank)).sum();
+                    *expected.entry(id.clone()).or_default() += x;
+                    *measured.entry(id.clone()).or_default() +=
+                        e.per_worker.get(rank).copied().unwrap_or(0.0);
+                }
+            }
+            let imbalance = est.map_or(0.0, |e| e.imbalance);
+            worst = worst.max(imbalance);
+            let to = m.rebalancing(&rec.model);
+            if let Some(to) = to {
+                // A worker is loading until it acknowledges the new version (heartbeating
+                // workers answer only when done: all of them until then).
+                for id in &to.workers {
+                    let acked = m.all_workers().iter().any(|w| {
+                        &w.id == id
+                            && w.placement
+                                .as_ref()
+                                .is_some_and(|a| a.model == to.model && a.version == to.version)
+                    });
+                    if !acked {
+                        loading.push(id.clone());
+                    }
+                }
+            }
+            placements.push(proto::ModelPlacement {
+                model: rec.model.clone(),
+                version: rec.version,
+                group: 0,
+                workers: rec.workers.clone(),
+                expert_imbalance: imbalance,
+                planned_imbalance: planned,
+                rebalances: m.load_estimate(&rec.model).map_or(0, |e| e.rebalances),
+                rebalancing_to: to.map_or(0, |r| r.version),
+            });
+        }
+        let now = Instant::now();
+        let workers = m
+            .all_workers()
+            .iter()
+            .filter(|w| !m.is_excluded(&w.id, now))
+            .map(|w| proto::WorkerStatus {
+                id: w.id.clone(),
+                addr: w.addr.clone(),
+                device: w.device.clone(),
+                state: if w.draining {
+                    "draining"
+                } else if busy.contains(&w.id) {
+                    "busy"
+                } else if loading.contains(&w.id) {
+                    "loading"
+                } else {
+                    "ready"
+                }
+                .into(),
+                group: 0,
+                kv_budget_bytes: w.kv_budget_bytes,
+                expected_load: expected.get(&w.id).copied().unwrap_or(0.0),
+                measured_load: measured.get(&w.id).copied().unwrap_or(0.0),
+            })
+            .collect();
+        Ok(proto::ClusterStatus {
+            workers,
+            placements,
+            expert_imbalance: worst,
+            desired_workers: f.desired_workers,
+            queued_jobs: f.queued,
+            queued_tokens: f.tokens_queued,
+            running_jobs: f.running,
+        })
     }
 
     /// Live workers, sorted by id, without those found dead after a failed run.
@@ -368,7 +554,7 @@ impl Runtime {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let now = Instant::now();
         let m = lock(&self.machine)?;
-        all.retain(|w| !m.is_excluded(&w.id, now));
+        all.retain(|w| !w.draining && !m.is_excluded(&w.id, now));
         all.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(all)
     }

@@ -366,6 +366,15 @@ impl JobService for Coordinator {
             workers: rt.live_workers().await?.len() as u32,
         }))
     }
+
+    async fn get_cluster_status(
+        &self,
+        req: Request<proto::ClusterStatusRequest>,
+    ) -> Result<Response<proto::ClusterStatus>, Status> {
+        // Any authenticated client may see the cluster (no job of another tenant shows).
+        caller_of(&req)?;
+        Ok(Response::new(self.rt.cluster_status()?))
+    }
 }
 
 #[tonic::async_trait]
@@ -425,6 +434,7 @@ impl ClusterService for Coordinator {
             kv_budget_bytes: r.kv_budget_bytes,
             models: Vec::new(),
             placement: None,
+            draining: r.draining,
         };
         // A new worker shows up as a membership event, which the core hears.
         reg.refresh(rec, self.rt.cfg.worker_timeout);

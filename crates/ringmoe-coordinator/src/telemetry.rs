@@ -9,6 +9,7 @@ use ringmoe_membership::WorkerRecord;
 use ringmoe_proto::proto;
 use ringmoe_telemetry::metrics::{self, CollectorGuard};
 
+use crate::balance::LoadReading;
 use crate::output::{JobOutput, Outcome};
 use crate::runtime::Runtime;
 use crate::store::{JobMode, JobSpec, JobState};
@@ -121,30 +122,54 @@ pub(crate) fn placement(model: &str, version: u64) {
     );
 }
 
-/// Max over mean of the rows each worker computed per layer, from the workers' load windows
-/// (`ReportLoad`, one per worker in rank order: `rows` is layer-major, `experts` per layer).
-pub(crate) fn expert_imbalance(model: &str, reports: &[proto::ReportLoadResponse]) {
-    let Some(first) = reports.first() else { return };
-    let (layers, experts) = (first.layers as usize, first.experts as usize);
-    if experts == 0 || reports.iter().any(|r| r.rows.len() != layers * experts) {
-        return;
-    }
-    for l in 0..layers {
-        let per_worker: Vec<u64> = reports
-            .iter()
-            .map(|r| r.rows[l * experts..(l + 1) * experts].iter().sum())
-            .collect();
-        let total: u64 = per_worker.iter().sum();
-        if total == 0 {
-            continue;
+/// Max over mean of the rows each worker computed per layer, and over the layers weighed by
+/// their rows (`layer="all"`: the figure the rebalance policy compares with its threshold), from
+/// a reading of the workers' load windows.
+pub(crate) fn expert_imbalance(r: &LoadReading) {
+    let per_layer = r.per_layer_worker();
+    let help = "Max over mean of the expert rows each worker computed, per layer, over the \
+                workers' load window (1 = balanced; layer=\"all\": weighed by each layer's rows).";
+    for (l, w) in per_layer.iter().enumerate() {
+        if w.iter().sum::<f64>() > 0.0 {
+            metrics::gauge(
+                "ringmoe_expert_imbalance",
+                help,
+                &[("model", &r.model), ("layer", &l.to_string())],
+                ringmoe_plan::layered_imbalance(std::slice::from_ref(w)),
+            );
         }
+    }
+    if r.total() > 0 {
         metrics::gauge(
             "ringmoe_expert_imbalance",
-            "Max over mean of the expert rows each worker computed, per layer, over the workers' load window (1 = balanced).",
-            &[("model", model), ("layer", &l.to_string())],
-            ringmoe_plan::load::imbalance(&per_worker),
+            help,
+            &[("model", &r.model), ("layer", "all")],
+            ringmoe_plan::layered_imbalance(&per_layer),
         );
     }
+}
+
+/// A rebalance every worker acknowledged: the bytes they read and how long it took.
+pub(crate) fn rebalanced(model: &str, bytes_read: u64, secs: f64) {
+    metrics::counter(
+        "ringmoe_rebalances_total",
+        "Expert placements republished because the measured load was imbalanced.",
+        &[("model", model)],
+        1.0,
+    );
+    metrics::gauge(
+        "ringmoe_rebalance_bytes_read",
+        "Bytes the workers read from the checkpoint for the latest rebalance (only the experts \
+         that moved).",
+        &[("model", model)],
+        bytes_read as f64,
+    );
+    metrics::gauge(
+        "ringmoe_rebalance_seconds",
+        "Seconds from publishing the latest rebalance to every worker's acknowledgement.",
+        &[("model", model)],
+        secs,
+    );
 }
 
 /// Workers wanted for the unfinished jobs: each job needs enough workers for its K/V
@@ -181,7 +206,19 @@ pub(crate) fn collector(rt: &Arc<Runtime>) -> CollectorGuard {
     })
 }
 
-fn scrape(rt: &Runtime) {
+/// The queue, the running jobs, the workers and the autoscaling signal, as the metrics and the
+/// status RPC report them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Figures {
+    pub queued: u64,
+    pub tokens_queued: u64,
+    pub running: u64,
+    pub desired_workers: u64,
+    pub live: Vec<WorkerRecord>,
+    pub excluded: usize,
+}
+
+pub(crate) fn figures(rt: &Runtime) -> Figures {
     let (mut queued, mut tokens_queued, mut running) = (0u64, 0u64, 0u64);
     let mut demand = Vec::new();
     if let Ok(jobs) = rt.jobs.lock() {
@@ -212,19 +249,35 @@ fn scrape(rt: &Runtime) {
     let (live, excluded): (Vec<WorkerRecord>, usize) =
         rt.machine_view(Instant::now()).unwrap_or_default();
     let budget = live.iter().map(|w| w.kv_budget_bytes).min();
+    Figures {
+        queued,
+        tokens_queued,
+        running,
+        desired_workers: desired_workers(rt.cfg.min_workers, &demand, budget),
+        live,
+        excluded,
+    }
+}
+
+fn scrape(rt: &Runtime) {
+    let f = figures(rt);
     let g = |name, help, v: u64| metrics::gauge(name, help, &[], v as f64);
-    g("ringmoe_jobs_queued", "Jobs waiting in the queue.", queued);
+    g(
+        "ringmoe_jobs_queued",
+        "Jobs waiting in the queue.",
+        f.queued,
+    );
     g(
         "ringmoe_tokens_queued",
         "Input tokens of the jobs waiting in the queue.",
-        tokens_queued,
+        f.tokens_queued,
     );
     g(
         "ringmoe_jobs_running",
         "Jobs being run (loading, prefill, decode or between retries).",
-        running,
+        f.running,
     );
-    for (state, n) in [("live", live.len()), ("excluded", excluded)] {
+    for (state, n) in [("live", f.live.len()), ("excluded", f.excluded)] {
         metrics::gauge(
             "ringmoe_workers",
             "Registered workers, by state (live: schedulable; excluded: found dead after a failed run).",
@@ -235,7 +288,7 @@ fn scrape(rt: &Runtime) {
     g(
         "ringmoe_desired_workers",
         "Workers the unfinished jobs want (K/V capacity of the largest, at least --min-workers): the autoscaling signal.",
-        desired_workers(rt.cfg.min_workers, &demand, budget),
+        f.desired_workers,
     );
 }
 

@@ -181,6 +181,7 @@ pub fn upload_outcome(
         kv_budget_bytes: 100 * per_token,
         models: Vec::new(),
         placement: None,
+        draining: false,
     }];
     let tenant = (flags & 1 == 1).then_some(&tenant);
     let workers: &[_] = if flags & 2 == 2 { &workers } else { &[] };

@@ -37,6 +37,9 @@ pub struct WorkerRecord {
     /// The placement it loaded last, and the experts it hosts in it.
     #[serde(default)]
     pub placement: Option<PlacementAck>,
+    /// It got SIGTERM and is finishing its job: the coordinator schedules nothing new on it.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A model's expert placement over named workers, as the leading coordinator publishes it.
@@ -55,7 +58,7 @@ pub struct PlacementRecord {
 }
 
 /// A worker's acknowledgement of a placement version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementAck {
     pub model: String,
     pub version: u64,
@@ -65,6 +68,18 @@ pub struct PlacementAck {
     pub experts: Vec<Vec<usize>>,
     /// Set when loading failed: the version is acknowledged but not served.
     pub error: Option<String>,
+    /// The version before this one that the worker still holds (after an incremental expert
+    /// move, until a job runs on the new one), at the same rank: a run the coordinator started
+    /// on it is still served.
+    #[serde(default)]
+    pub previous: Option<u64>,
+    /// Whether loading this version read only the experts it added, and the bytes it read.
+    #[serde(default)]
+    pub incremental: bool,
+    #[serde(default)]
+    pub bytes_read: u64,
+    #[serde(default)]
+    pub load_millis: u64,
 }
 
 /// A change to the membership.
@@ -429,6 +444,7 @@ mod tests {
             kv_budget_bytes: 1,
             models: vec![],
             placement: None,
+            draining: false,
         }
     }
 
@@ -476,6 +492,7 @@ mod tests {
             rank: 0,
             experts: vec![vec![0]],
             error: None,
+            ..PlacementAck::default()
         });
         m.update(&reg, acked.clone()).await.unwrap();
         assert_eq!(events.recv().await, Some(MemberEvent::Put(acked.clone())));

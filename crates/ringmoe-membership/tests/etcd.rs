@@ -15,6 +15,7 @@ fn rec(id: &str) -> WorkerRecord {
         kv_budget_bytes: 1 << 30,
         models: vec![],
         placement: None,
+        draining: false,
     }
 }
 
@@ -121,6 +122,7 @@ fn etcd_holds_versioned_placements_and_the_workers_acknowledgements() -> Result<
             rank: 0,
             experts: vec![vec![0, 1], vec![0, 1]],
             error: None,
+            ..PlacementAck::default()
         });
         m.update(&reg, acked.clone()).await?;
         ensure!(

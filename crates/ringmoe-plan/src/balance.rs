@@ -4,7 +4,7 @@
 //!
 //! Per layer, independently (DeepSeek's EPLB in two steps, both greedy and deterministic):
 //!
-//! 1. **Replica counts.** Every expert gets one replica. The remaining slots of the budget
+//! 1. **Replica counts.** Every expert gets one replica. Spare slots of the budget
 //!    (`workers × slots_per_worker − experts`) go one at a time to the expert with the highest
 //!    load per replica (ties: lower expert id), never more replicas than workers and never to an
 //!    expert with no load (an idle expert gains nothing from a copy, and a copy costs memory).
@@ -13,6 +13,9 @@
 //!    that has a free slot and does not hold that expert yet. A redundant replica that finds no
 //!    such worker is dropped (its expert keeps the others); a first replica always finds one,
 //!    since the budget covers every expert once.
+//!
+//! Step 2 runs after each replica step 1 adds, from none to the whole budget, and the packing
+//! whose busiest worker is least loaded is kept (ties: fewer replicas).
 //!
 //! The expected load of a replica is its expert's load divided by its replica count, which is
 //! what the replica choice of [`crate::Placement::choose`] delivers (each rank splits an
@@ -96,32 +99,56 @@ pub fn plan_balanced(
     Placement::from_hosts(version, workers, &hosts)
 }
 
-/// One layer: the hosting workers of each expert.
+/// One layer: the hosting workers of each expert. Every number of redundant replicas from none
+/// to the whole budget is packed, and the packing with the lowest busiest worker wins (ties: the
+/// fewest replicas, i.e. the least memory). Using every spare slot is not always best: a
+/// replica of a hot expert must sit on a worker that does not hold it yet, which can force it
+/// onto an already busy one.
 fn plan_layer(workers: usize, experts: usize, slots: usize, load: &[f64]) -> Vec<Vec<usize>> {
     let of = |e: usize| load.get(e).copied().unwrap_or(0.0).max(0.0);
-    // 1. Replica counts.
     let mut replicas = vec![1usize; experts];
+    let mut best = pack(workers, slots, &replicas, &of);
     for _ in experts..workers * slots {
-        let best = (0..experts)
+        // The next replica goes to the expert with the highest load per replica.
+        let hot = (0..experts)
             .filter(|&e| replicas[e] < workers && of(e) > 0.0)
             .max_by(|&a, &b| {
                 let (la, lb) = (of(a) / replicas[a] as f64, of(b) / replicas[b] as f64);
                 la.total_cmp(&lb).then(b.cmp(&a))
             });
-        match best {
-            Some(e) => replicas[e] += 1,
-            None => break,
+        let Some(e) = hot else { break };
+        replicas[e] += 1;
+        let candidate = pack(workers, slots, &replicas, &of);
+        if candidate.1 < best.1 * (1.0 - 1e-9) {
+            best = candidate;
         }
     }
-    // 2. Packing, heaviest replica first.
+    let mut hosts = best.0;
+    for h in &mut hosts {
+        h.sort_unstable();
+    }
+    hosts
+}
+
+/// Packs `replicas[e]` copies of each expert, heaviest load per copy first, each on the least
+/// loaded worker with a free slot that does not hold the expert yet (a redundant copy with
+/// nowhere to go is dropped). Returns the hosts of each expert and the busiest worker's
+/// expected load.
+fn pack(
+    workers: usize,
+    slots: usize,
+    replicas: &[usize],
+    of: &impl Fn(usize) -> f64,
+) -> (Vec<Vec<usize>>, f64) {
+    let experts = replicas.len();
     let mut items: Vec<(usize, f64)> = (0..experts)
         .flat_map(|e| std::iter::repeat_n((e, of(e) / replicas[e] as f64), replicas[e]))
         .collect();
     items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut hosts: Vec<Vec<usize>> = vec![Vec::new(); experts];
-    let mut expected = vec![0.0f64; workers];
     let mut used = vec![0usize; workers];
-    for (e, w_load) in items {
+    for (e, _) in items {
+        let expected = expected_of(&hosts, workers, of);
         let target = (0..workers)
             .filter(|&w| used[w] < slots && !hosts[e].contains(&w))
             .min_by(|&a, &b| {
@@ -130,19 +157,27 @@ fn plan_layer(workers: usize, experts: usize, slots: usize, load: &[f64]) -> Vec
                     .then(used[a].cmp(&used[b]))
                     .then(a.cmp(&b))
             });
-        // A redundant replica with nowhere to go is dropped (see the module documentation).
         if let Some(w) = target {
             hosts[e].push(w);
-            expected[w] += w_load;
             used[w] += 1;
         }
     }
-    // The dropped replicas' shares go back to the copies that were placed: nothing to do, the
-    // expected load is recomputed from the final map by `expected_per_layer`.
-    for h in &mut hosts {
-        h.sort_unstable();
+    let max = expected_of(&hosts, workers, of)
+        .into_iter()
+        .fold(0.0, f64::max);
+    (hosts, max)
+}
+
+/// Expected load per worker of a (partial) packing: each expert's load split over the copies
+/// placed so far.
+fn expected_of(hosts: &[Vec<usize>], workers: usize, of: &impl Fn(usize) -> f64) -> Vec<f64> {
+    let mut w = vec![0.0; workers];
+    for (e, hs) in hosts.iter().enumerate() {
+        for &h in hs {
+            w[h] += of(e) / hs.len() as f64;
+        }
     }
-    hosts
+    w
 }
 
 #[cfg(test)]

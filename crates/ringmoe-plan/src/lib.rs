@@ -10,7 +10,7 @@ pub mod placement;
 pub mod selection;
 pub mod shard;
 
-pub use balance::{layered_imbalance, plan_balanced, planned_imbalance};
+pub use balance::{expected_per_layer, layered_imbalance, plan_balanced, planned_imbalance};
 pub use load::{LoadSnapshot, LoadTracker, imbalance};
 pub use placement::{Placement, Replica};
 pub use selection::ExpertSelection;

@@ -27,9 +27,6 @@ pub(crate) struct JobRun<'a> {
     pub shard: &'a Shard,
     pub cancel: &'a AtomicBool,
     pub tx: &'a tokio::sync::mpsc::Sender<Result<proto::WorkerEvent, Status>>,
-    pub load: &'a Arc<LoadTracker>,
-    /// Expert rows already counted in `ringmoe_expert_rows_total`, by (layer, expert).
-    pub rows_reported: &'a Mutex<BTreeMap<(u32, u32), u64>>,
 }
 
 /// Values per streamed chunk of scores or tokens (well under any sane message limit).
@@ -98,7 +95,7 @@ impl JobRun<'_> {
         let s = self.shard;
         let plan = &s.plan;
         let ep = ExpertParallel {
-            load: self.load.clone(),
+            load: self.loaded.load.clone(),
             ..ExpertParallel::new(self.loaded.placement.clone())
         };
         let job = JobOptions {

@@ -164,6 +164,10 @@ pub struct WorkerConfig {
     /// TLS on the data plane too (`--data-tls`), with the certificate, key and CA of
     /// `server.tls` (all three needed), read afresh for every job.
     pub data_tls: bool,
+    /// After the shutdown signal (SIGTERM), how long the worker waits for its jobs to finish
+    /// before it leaves (`--drain-timeout-secs`); it is marked draining meanwhile, so nothing
+    /// new is scheduled on it.
+    pub drain_timeout: Duration,
 }
 
 /// A model in host memory or on this worker's GPU.
@@ -197,10 +201,57 @@ struct Loaded {
     placement: Placement,
     index: usize,
     model: Engine,
+    /// The rows this version's experts computed: a sliding window (`ReportLoad`) and totals
+    /// (the `ringmoe_expert_rows_total` counters). Per version, because the coordinator judges
+    /// a placement by the load it measured under that placement.
+    load: Arc<LoadTracker>,
+    /// Expert rows already counted in the metrics, by (layer, expert).
+    rows_reported: Mutex<BTreeMap<(u32, u32), u64>>,
+}
+
+impl Loaded {
+    fn is(&self, model: &str, version: u64) -> bool {
+        self.name == model && self.placement.version == version
+    }
+}
+
+/// The placement versions a worker holds: the newest, and the one before it after an
+/// incremental expert move. The previous version shares every weight but the moved experts with
+/// the newest, and is kept until a job is prepared on the newest: a run the coordinator started
+/// before it switched to the new version still finds its own.
+#[derive(Default)]
+struct Held {
+    current: Option<Arc<Loaded>>,
+    previous: Option<Arc<Loaded>>,
+}
+
+impl Held {
+    /// The held version `version` of `model`, if any.
+    fn find(&self, model: &str, version: u64) -> Option<&Arc<Loaded>> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .flatten()
+            .find(|l| l.is(model, version))
+    }
+}
+
+/// What a placement load did, for `LoadModel`'s answer, the acknowledgement and the logs.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LoadReport {
+    pub secs: f64,
+    /// Nothing was read: the version (or its layout) was held already.
+    pub cached: bool,
+    /// Only the experts the new placement adds were read (the rest shared with the old one).
+    pub incremental: bool,
+    /// Bytes read from the checkpoint.
+    pub bytes_read: u64,
 }
 
 /// A job between `PrepareJob` and `RunJob`.
 struct PendingJob {
+    /// The placement version the job runs on (chosen by the coordinator, held from `PrepareJob`
+    /// to the end of the run whatever this worker loads meanwhile).
+    loaded: Arc<Loaded>,
     listener: Option<TcpListener>,
     /// The job's data-plane token: peers' hellos must carry it.
     token: [u8; 32],
@@ -219,12 +270,12 @@ struct Inner {
     /// job at a time (the coordinator runs one job at a time anyway; this covers a stale run
     /// still finishing when its re-run arrives).
     gpu_busy: Mutex<()>,
-    loaded: Mutex<Option<Arc<Loaded>>>,
+    loaded: Mutex<Held>,
+    /// Held by a placement load from start to finish: one load at a time, each building on the
+    /// version the previous one left.
+    loading: tokio::sync::Mutex<()>,
     pending: Mutex<HashMap<u64, PendingJob>>,
     running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
-    load: Arc<LoadTracker>,
-    /// Expert rows already counted in the metrics, by (layer, expert).
-    rows_reported: Mutex<BTreeMap<(u32, u32), u64>>,
     /// How this worker is known (its advertised address): the `worker` label and span field.
     id: String,
     data_host: std::net::IpAddr,
@@ -234,6 +285,8 @@ struct Inner {
     kv_budget_bytes: u64,
     /// False while the worker's lease is lost: it takes no new jobs until it re-registers.
     accepting: AtomicBool,
+    /// Set at the shutdown signal: the worker finishes what it has and leaves.
+    draining: AtomicBool,
     /// Local model directories by name.
     models: HashMap<String, std::path::PathBuf>,
     /// Canonical model roots (empty: no confinement).
@@ -327,16 +380,16 @@ impl Worker {
                 weights: cfg.weights,
                 gpu_busy: Mutex::default(),
                 loaded: Mutex::default(),
+                loading: tokio::sync::Mutex::default(),
                 pending: Mutex::default(),
                 running: Mutex::default(),
-                load: Arc::default(),
-                rows_reported: Mutex::default(),
                 id: id.to_string(),
                 data_host: cfg.data_host,
                 data_ports: cfg.data_ports.clone(),
                 data_timeout: cfg.data_timeout,
                 kv_budget_bytes: cfg.kv_budget_bytes,
                 accepting: AtomicBool::new(true),
+                draining: AtomicBool::new(false),
                 models: cfg
                     .models
                     .iter()
@@ -359,15 +412,19 @@ impl Worker {
     }
 
     /// Loads `model` with the experts of `index` in `placement` (from the local copy when this
-    /// worker has one, else from `path`), unless that is what it holds already. Returns the
-    /// seconds it took and whether it was cached.
+    /// worker has one, else from `path`), unless that is what it holds already.
+    ///
+    /// A CPU worker that holds the same model already moves only the experts that differ
+    /// ([`Model::with_experts`]): the new version is built beside the current one, which keeps
+    /// serving meanwhile, and both share every other weight. Anything else (another model, a
+    /// GPU) drops what is held first: two whole copies may not fit.
     async fn load(
         &self,
         model: String,
         path: String,
         placement: Placement,
         index: usize,
-    ) -> Result<(f64, bool), Status> {
+    ) -> Result<LoadReport, Status> {
         if index >= placement.workers {
             return Err(Status::invalid_argument(format!(
                 "worker index {index} outside a placement of {} workers",
@@ -378,56 +435,98 @@ impl Worker {
             Some(local) => local.display().to_string(),
             None => confine(&self.inner.model_roots, &path)?,
         };
-        {
-            let mut loaded = lock(&self.inner.loaded)?;
-            if let Some(l) = loaded.as_ref() {
-                let same = l.name == model
-                    && l.path == path
-                    && l.index == index
-                    && l.placement.workers == placement.workers
-                    && l.placement.layers == placement.layers;
-                if same {
-                    // Only the version moved (a republication): nothing to load.
-                    if l.placement.version != placement.version {
-                        *loaded = Some(Arc::new(Loaded {
+        let _one_at_a_time = self.inner.loading.lock().await;
+        let base = {
+            let mut held = lock(&self.inner.loaded)?;
+            if held.find(&model, placement.version).is_some_and(|l| {
+                l.path == path && l.index == index && l.placement.layers == placement.layers
+            }) {
+                return Ok(LoadReport {
+                    cached: true,
+                    ..LoadReport::default()
+                });
+            }
+            let current = held.current.clone();
+            match current {
+                Some(l) if l.name == model && l.path == path => {
+                    if l.index == index
+                        && l.placement.workers == placement.workers
+                        && l.placement.layers == placement.layers
+                    {
+                        // Only the version moved (a republication): nothing to load.
+                        held.previous = held.current.replace(Arc::new(Loaded {
                             name: l.name.clone(),
                             path: l.path.clone(),
                             placement,
                             index,
                             model: l.model.clone(),
+                            load: l.load.clone(),
+                            rows_reported: Mutex::new(lock(&l.rows_reported)?.clone()),
                         }));
+                        return Ok(LoadReport {
+                            cached: true,
+                            ..LoadReport::default()
+                        });
                     }
-                    return Ok((0.0, true));
+                    match &l.model {
+                        Engine::Cpu(m) => Some(m.clone()),
+                        Engine::Cuda(_) => {
+                            *held = Held::default();
+                            None
+                        }
+                    }
+                }
+                _ => {
+                    *held = Held::default();
+                    None
                 }
             }
-            // Drop the old model first: two copies may not fit.
-            *loaded = None;
-        }
+        };
         let (p, sel) = (path.clone(), placement.selection(index));
         let t = Instant::now();
         let gpu = self.inner.gpu.clone();
         let weights = self.inner.weights;
-        let loaded_model = tokio::task::spawn_blocking(move || {
+        let incremental = base.is_some();
+        let (loaded_model, bytes_read) = tokio::task::spawn_blocking(move || {
             let dir = std::path::Path::new(&p);
-            match gpu {
-                None => {
+            match (base, gpu) {
+                (Some(m), _) => {
+                    let ckpt = ringmoe_model::Checkpoint::open(dir).map_err(|e| e.to_string())?;
+                    let (next, delta) = m
+                        .with_experts(&ckpt, &sel, weights)
+                        .map_err(|e| e.to_string())?;
+                    info!(
+                        loaded = delta.loaded,
+                        kept = delta.kept,
+                        dropped = delta.dropped,
+                        loaded_bytes = delta.loaded_bytes,
+                        dropped_bytes = delta.dropped_bytes,
+                        "experts moved"
+                    );
+                    Ok((Engine::Cpu(Arc::new(next)), ckpt.bytes_read()))
+                }
+                (None, None) => {
                     let opts = LoadOptions {
                         experts: sel,
                         weights,
                         ..LoadOptions::default()
                     };
-                    Model::load(dir, &opts)
-                        .map(|m| Engine::Cpu(Arc::new(m)))
-                        .map_err(|e| e.to_string())
+                    let cfg = ModelConfig::from_dir(dir).map_err(|e| e.to_string())?;
+                    let ckpt = ringmoe_model::Checkpoint::open(dir).map_err(|e| e.to_string())?;
+                    let m = Model::from_checkpoint(cfg, &ckpt, &opts).map_err(|e| e.to_string())?;
+                    Ok((Engine::Cpu(Arc::new(m)), ckpt.bytes_read()))
                 }
-                Some((b, precision)) => CudaModel::load(b, dir, &sel, precision)
-                    .map(|m| Engine::Cuda(Arc::new(m)))
+                (None, Some((b, precision))) => CudaModel::load(b, dir, &sel, precision)
+                    .map(|m| {
+                        let bytes = m.weight_bytes() as u64;
+                        (Engine::Cuda(Arc::new(m)), bytes)
+                    })
                     .map_err(|e| e.to_string()),
             }
         })
         .await
         .map_err(internal)?
-        .map_err(|e| Status::failed_precondition(format!("loading {path}: {e}")))?;
+        .map_err(|e: String| Status::failed_precondition(format!("loading {path}: {e}")))?;
         let c = loaded_model.config();
         placement
             .check_shape(c.num_layers, c.moe.num_experts, placement.workers)
@@ -439,20 +538,77 @@ impl Worker {
             Engine::Cuda(m) => format!("{:?}", m.precision()).to_lowercase(),
         };
         telemetry::weight_bytes(&self.inner.id, &precision, weight_bytes as u64);
-        info!(%model, index, version = placement.version, secs, weight_bytes, %precision, "model loaded");
-        *lock(&self.inner.loaded)? = Some(Arc::new(Loaded {
+        telemetry::placement_load(&self.inner.id, incremental, bytes_read, secs);
+        info!(
+            %model, index, version = placement.version, secs, weight_bytes, bytes_read,
+            incremental, %precision, "model loaded"
+        );
+        let next = Arc::new(Loaded {
             name: model,
             path,
             placement,
             index,
             model: loaded_model,
-        }));
-        Ok((secs, false))
+            load: Arc::default(),
+            rows_reported: Mutex::default(),
+        });
+        let mut held = lock(&self.inner.loaded)?;
+        held.previous = held.current.replace(next);
+        if !incremental {
+            held.previous = None;
+        }
+        Ok(LoadReport {
+            secs,
+            cached: false,
+            incremental,
+            bytes_read,
+        })
     }
 }
 
-/// Runs a worker on `listener` until `shutdown` resolves: the gRPC server, and heartbeats to the
-/// coordinator (which is how the coordinator learns the worker exists).
+impl Worker {
+    /// A drain: marks the worker draining (in its membership record, or in its heartbeats) so
+    /// the coordinator schedules nothing new on it, then waits until no job part runs or waits
+    /// to run here, or `timeout` passes.
+    async fn drain(&self, timeout: Duration, rec: Option<&watch::Sender<WorkerRecord>>) {
+        use std::sync::atomic::Ordering;
+        self.inner.draining.store(true, Ordering::SeqCst);
+        if let Some(r) = rec {
+            r.send_modify(|r| r.draining = true);
+        }
+        let started = Instant::now();
+        info!(timeout_secs = timeout.as_secs_f64(), "draining: no new jobs; finishing the current one");
+        // A job prepared but never run (its run failed elsewhere) does not hold the drain for
+        // long: the coordinator sends RunJob right after PrepareJob and SendShard.
+        const UNRUN: Duration = Duration::from_secs(30);
+        loop {
+            let running = self.inner.running.lock().map_or(0, |r| r.len());
+            let pending = self
+                .inner
+                .pending
+                .lock()
+                .map_or(0, |p| p.values().filter(|j| j.since.elapsed() < UNRUN).count());
+            if running + pending == 0 {
+                info!(secs = started.elapsed().as_secs_f64(), "drained; leaving");
+                return;
+            }
+            if started.elapsed() >= timeout {
+                warn!(
+                    running,
+                    pending,
+                    "the drain timeout (--drain-timeout-secs) ran out; leaving with jobs unfinished \
+                     (they are retried on other workers)"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Runs a worker on `listener` until `shutdown` resolves and the drain after it ends: the gRPC
+/// server, and heartbeats to the coordinator (which is how the coordinator learns the worker
+/// exists) or a lease in the membership store (revoked when the worker leaves).
 pub async fn run_worker(
     listener: tokio::net::TcpListener,
     cfg: WorkerConfig,
@@ -475,6 +631,7 @@ pub async fn run_worker(
         fence.check(req)
     }));
     let mut background = tokio::task::JoinSet::new();
+    let mut record = None;
     match &cfg.registry {
         Registry::Coordinator(coord) => {
             background.spawn(
@@ -484,6 +641,7 @@ pub async fn run_worker(
                     cfg.kv_budget_bytes,
                     Credential::new(cfg.cluster_secret.clone()),
                     cfg.server.tls.clone(),
+                    worker.inner.clone(),
                 )
                 .instrument(info_span!("heartbeat", worker = %advertise)),
             );
@@ -496,21 +654,29 @@ pub async fn run_worker(
                 kv_budget_bytes: cfg.kv_budget_bytes,
                 models: cfg.models.iter().map(|m| m.name.clone()).collect(),
                 placement: None,
+                draining: false,
             };
             let (rec_tx, rec_rx) = watch::channel(rec);
+            let rec_tx = Arc::new(rec_tx);
+            record = Some(rec_tx.clone());
             background.spawn(
                 stay_registered(m.clone(), rec_rx, cfg.lease_ttl, worker.inner.clone())
                     .instrument(info_span!("membership", worker = %advertise)),
             );
             background.spawn(
-                follow_placements(m.clone(), worker, advertise.clone(), rec_tx)
+                follow_placements(m.clone(), worker.clone(), advertise.clone(), rec_tx)
                     .instrument(info_span!("placement", worker = %advertise)),
             );
         }
     }
     info!(addr = %bound, "worker serving");
     let names = ["ringmoe.v1.WorkerService"];
-    let res = server::serve(listener, routes, &names, cfg.server.tls.as_ref(), shutdown).await;
+    let drain_timeout = cfg.drain_timeout;
+    let drained = async move {
+        shutdown.await;
+        worker.drain(drain_timeout, record.as_deref()).await;
+    };
+    let res = server::serve(listener, routes, &names, cfg.server.tls.as_ref(), drained).await;
     background.abort_all();
     Ok(res?)
 }

@@ -57,7 +57,7 @@ pub(crate) async fn follow_placements(
     m: Arc<dyn Membership>,
     worker: Worker,
     me: String,
-    rec: watch::Sender<WorkerRecord>,
+    rec: Arc<watch::Sender<WorkerRecord>>,
 ) {
     // The newest version applied per model: a re-watch replays the current records.
     let mut seen: HashMap<String, u64> = HashMap::new();
@@ -101,14 +101,27 @@ impl Worker {
             )),
             Err(e) => Err(format!("placement: {e}")),
         };
-        let (experts, error) = match placement {
+        let (experts, error, report) = match placement {
             Ok(pl) => {
                 let experts = (0..pl.layers.len()).map(|l| pl.hosted(l, rank)).collect();
-                let r = self.load(p.model.clone(), p.path.clone(), pl, rank).await;
-                (experts, r.err().map(|e| e.message().to_string()))
+                match self.load(p.model.clone(), p.path.clone(), pl, rank).await {
+                    Ok(r) => (experts, None, r),
+                    Err(e) => (
+                        experts,
+                        Some(e.message().to_string()),
+                        LoadReport::default(),
+                    ),
+                }
             }
-            Err(e) => (Vec::new(), Some(e)),
+            Err(e) => (Vec::new(), Some(e), LoadReport::default()),
         };
+        // The older version still held (same model, same rank), which runs may still use.
+        let previous = lock(&self.inner.loaded).ok().and_then(|h| {
+            h.previous
+                .as_ref()
+                .filter(|l| l.name == p.model && l.index == rank)
+                .map(|l| l.placement.version)
+        });
         match &error {
             None => info!(model = %p.model, version = p.version, rank, "placement acknowledged"),
             Some(e) => {
@@ -122,6 +135,10 @@ impl Worker {
                 rank,
                 experts,
                 error,
+                previous,
+                incremental: report.incremental,
+                bytes_read: report.bytes_read,
+                load_millis: (report.secs * 1e3) as u64,
             })
         });
     }
@@ -133,6 +150,7 @@ pub(crate) async fn heartbeat(
     kv_budget_bytes: u64,
     cred: Credential,
     tls: Option<ringmoe_proto::tls::Tls>,
+    inner: Arc<Inner>,
 ) {
     let mut client = None;
     let mut interval = Duration::from_millis(500);
@@ -170,6 +188,7 @@ pub(crate) async fn heartbeat(
             let req = proto::HeartbeatRequest {
                 worker_addr: me.clone(),
                 kv_budget_bytes,
+                draining: inner.draining.load(Ordering::Relaxed),
             };
             match c.heartbeat(req).await {
                 Ok(r) => {

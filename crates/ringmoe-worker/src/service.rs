@@ -48,13 +48,15 @@ impl WorkerService for Worker {
         }
         let placement = Placement::from_json(&r.placement_json)
             .map_err(|e| Status::invalid_argument(format!("placement: {e}")))?;
-        let (load_secs, cached) = self
+        let done = self
             .load(r.model, r.path, placement, r.worker_index as usize)
             .instrument(span)
             .await?;
         Ok(Response::new(proto::LoadModelResponse {
-            load_secs,
-            cached,
+            load_secs: done.secs,
+            cached: done.cached,
+            incremental: done.incremental,
+            bytes_read: done.bytes_read,
         }))
     }
 
@@ -81,22 +83,35 @@ impl WorkerService for Worker {
             ));
         }
         // The coordinator uses only a placement every worker acknowledged; this one's must be it.
-        match lock(&self.inner.loaded)?.as_ref() {
-            Some(l) if l.name == r.model && l.placement.version == r.placement_version => {}
-            Some(l) => {
-                return Err(Status::failed_precondition(format!(
-                    "job {id} wants model '{}' at placement version {}; this worker holds '{}' \
-                     at version {}",
-                    r.model, r.placement_version, l.name, l.placement.version
-                )));
+        let loaded = {
+            let mut held = lock(&self.inner.loaded)?;
+            match (
+                held.find(&r.model, r.placement_version).cloned(),
+                &held.current,
+            ) {
+                (Some(l), Some(current)) => {
+                    // A job on the newest version: the coordinator has switched, and the
+                    // previous version is freed once the jobs still holding it end.
+                    if Arc::ptr_eq(&l, current) {
+                        held.previous = None;
+                    }
+                    l
+                }
+                (_, Some(l)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "job {id} wants model '{}' at placement version {}; this worker holds '{}' \
+                         at version {}",
+                        r.model, r.placement_version, l.name, l.placement.version
+                    )));
+                }
+                (_, None) => {
+                    return Err(Status::failed_precondition(format!(
+                        "job {id} wants model '{}'; this worker has loaded none",
+                        r.model
+                    )));
+                }
             }
-            None => {
-                return Err(Status::failed_precondition(format!(
-                    "job {id} wants model '{}'; this worker has loaded none",
-                    r.model
-                )));
-            }
-        }
+        };
         let listener = bind_data_port(self.inner.data_host, self.inner.data_ports.clone())?;
         let addr = listener.local_addr().map_err(internal)?;
         let mut pending = lock(&self.inner.pending)?;
@@ -123,6 +138,7 @@ impl WorkerService for Worker {
         pending.insert(
             id,
             PendingJob {
+                loaded,
                 listener: Some(listener),
                 token,
                 shard: None,
@@ -144,8 +160,9 @@ impl WorkerService for Worker {
         );
         let mut stream = req.into_inner();
         let max_tokens = {
-            let loaded = lock(&self.inner.loaded)?;
-            let l = loaded
+            let held = lock(&self.inner.loaded)?;
+            let l = held
+                .current
                 .as_ref()
                 .ok_or_else(|| Status::failed_precondition("no model is loaded"))?;
             let c = l.model.config();
@@ -192,9 +209,7 @@ impl WorkerService for Worker {
                 "job {id} has no shard yet"
             )));
         };
-        let loaded = lock(&self.inner.loaded)?
-            .clone()
-            .ok_or_else(|| Status::failed_precondition("no model is loaded"))?;
+        let loaded = job.loaded;
         let peers: Vec<SocketAddr> = r
             .peers
             .iter()
@@ -253,8 +268,6 @@ impl WorkerService for Worker {
                     shard: &shard,
                     cancel: &cancel,
                     tx: &tx,
-                    load: &inner.load,
-                    rows_reported: &inner.rows_reported,
                 };
                 let t = Instant::now();
                 let _gpu = inner
@@ -308,17 +321,25 @@ impl WorkerService for Worker {
 
     async fn report_load(
         &self,
-        _req: Request<proto::ReportLoadRequest>,
+        req: Request<proto::ReportLoadRequest>,
     ) -> Result<Response<proto::ReportLoadResponse>, Status> {
-        let (layers, experts) = match lock(&self.inner.loaded)?.as_ref() {
-            Some(l) => {
-                let c = l.model.config();
-                (c.num_layers, c.moe.num_experts)
-            }
-            None => (0, 0),
+        let want = req.into_inner().placement_version;
+        let loaded = {
+            let held = lock(&self.inner.loaded)?;
+            [&held.current, &held.previous]
+                .into_iter()
+                .flatten()
+                .find(|l| want == 0 || l.placement.version == want)
+                .cloned()
         };
-        let snap = self.inner.load.snapshot();
-        let rows = snap
+        let Some(l) = loaded else {
+            return Ok(Response::new(proto::ReportLoadResponse::default()));
+        };
+        let c = l.model.config();
+        let (layers, experts) = (c.num_layers, c.moe.num_experts);
+        let rows = l
+            .load
+            .snapshot()
             .per_expert(layers, experts)
             .into_iter()
             .flatten()
@@ -327,7 +348,9 @@ impl WorkerService for Worker {
             layers: layers as u32,
             experts: experts as u32,
             rows,
-            window_secs: self.inner.load.window().as_secs_f64(),
+            window_secs: l.load.window().as_secs_f64(),
+            model: l.name.clone(),
+            placement_version: l.placement.version,
         }))
     }
 }

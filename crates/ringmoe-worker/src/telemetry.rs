@@ -84,10 +84,13 @@ pub(crate) fn job_done(run: &JobRun<'_>, totals: &CommTotals, ok: bool) {
             );
         }
     }
-    let mut reported = run.rows_reported.lock().unwrap_or_else(|p| p.into_inner());
-    // The tracker's totals mix every model this worker held, but the growth since the last
-    // job part is this part's rows, all of the model it ran.
-    let totals = run.load.totals();
+    let mut reported = loaded
+        .rows_reported
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    // The version's tracker counts only the rows of its model; the growth since the last job
+    // part on it is this part's rows.
+    let totals = loaded.load.totals();
     for ((layer, expert), rows) in totals {
         let before = reported.insert((layer, expert), rows).unwrap_or(0);
         if rows > before {
@@ -118,6 +121,31 @@ pub(crate) fn weight_bytes(worker: &str, precision: &str, bytes: u64) {
         "Bytes of model weights this worker holds, in the precision they are held in.",
         &[("worker", worker), ("precision", precision)],
         bytes as f64,
+    );
+}
+
+/// What the latest placement load read and how long it took (`incremental`: only the experts
+/// it added were read).
+pub(crate) fn placement_load(worker: &str, incremental: bool, bytes_read: u64, secs: f64) {
+    let kind = if incremental { "incremental" } else { "full" };
+    let labels = [("worker", worker), ("kind", kind)];
+    metrics::gauge(
+        "ringmoe_worker_placement_load_bytes",
+        "Bytes the latest placement load of this kind read from the checkpoint.",
+        &labels,
+        bytes_read as f64,
+    );
+    metrics::gauge(
+        "ringmoe_worker_placement_load_seconds",
+        "Seconds the latest placement load of this kind took.",
+        &labels,
+        secs,
+    );
+    metrics::counter(
+        "ringmoe_worker_placement_loads_total",
+        "Placement loads, full (a whole model) or incremental (only the experts that moved).",
+        &labels,
+        1.0,
     );
 }
 

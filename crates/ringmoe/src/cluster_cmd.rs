@@ -162,6 +162,8 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value_t = 600)]
     load_timeout_secs: u64,
     #[command(flatten)]
+    balance: BalanceOpts,
+    #[command(flatten)]
     etcd: EtcdArgs,
     #[command(flatten)]
     limits: LimitOpts,
@@ -185,6 +187,39 @@ pub struct CoordinatorArgs {
     metrics_addr: Option<String>,
     #[command(flatten)]
     telemetry: TelemetryOpts,
+}
+
+/// Expert load balancing (`coordinator` and `serve`).
+#[derive(Args, Clone, Debug)]
+pub struct BalanceOpts {
+    /// Republish the expert placement when the measured imbalance (busiest worker's expert
+    /// rows over the mean's, summed over layers) exceeds this; 0: never rebalance.
+    #[arg(long, default_value_t = 1.25)]
+    rebalance_threshold: f64,
+    /// Experts a worker may host per layer when rebalancing (replicas of hot experts use the
+    /// spare slots); 0: one more than an even split, ⌈experts / workers⌉ + 1.
+    #[arg(long, default_value_t = 0)]
+    expert_slots_per_worker: usize,
+    /// How often a running job's expert load is read (it is also read after every job).
+    #[arg(long, default_value_t = 10)]
+    load_interval_secs: u64,
+}
+
+impl BalanceOpts {
+    fn apply(&self, cfg: &mut CoordinatorConfig) -> Result<()> {
+        if !(self.rebalance_threshold == 0.0 || self.rebalance_threshold >= 1.0) {
+            bail!(
+                "--rebalance-threshold must be 0 (off) or at least 1.0 (perfect balance), not {}",
+                self.rebalance_threshold
+            );
+        }
+        cfg.balance = ringmoe_coordinator::balance::BalanceConfig {
+            threshold: self.rebalance_threshold,
+            slots_per_worker: self.expert_slots_per_worker,
+        };
+        cfg.load_interval = Duration::from_secs(self.load_interval_secs.max(1));
+        Ok(())
+    }
 }
 
 /// The HTTP API's limits (`coordinator` and `serve`).
@@ -279,6 +314,11 @@ pub struct WorkerArgs {
     /// worker of a cluster must set it or none: a plain peer cannot join a TLS worker's job.
     #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_ca"])]
     data_tls: bool,
+    /// After SIGTERM, seconds to finish the current job before leaving (the worker is marked
+    /// draining meanwhile: nothing new is scheduled on it); a job still running then is retried
+    /// on other workers. Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 600)]
+    drain_timeout_secs: u64,
     #[command(flatten)]
     telemetry: TelemetryOpts,
 }
@@ -335,6 +375,8 @@ pub struct ServeArgs {
     store: PathBuf,
     #[command(flatten)]
     kv: KvOpts,
+    #[command(flatten)]
+    balance: BalanceOpts,
     #[command(flatten)]
     limits: LimitOpts,
     #[command(flatten)]
@@ -461,6 +503,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     cfg.min_workers = a.min_workers;
     cfg.max_retries = a.max_retries;
     cfg.load_timeout = Duration::from_secs(a.load_timeout_secs.max(1));
+    a.balance.apply(&mut cfg)?;
     rt.block_on(async move {
         cfg.auth = a.auth.open()?;
         a.uploads.apply(&mut cfg);
@@ -546,6 +589,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             cluster_secret: a.secret.read()?,
             model_roots: roots,
             data_tls: a.data_tls,
+            drain_timeout: Duration::from_secs(a.drain_timeout_secs),
         };
         ringmoe_worker::run_worker(l, cfg, shutdown_signal()).await?;
         Ok(())
@@ -565,6 +609,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let server = a.tls.server(&a.limits)?;
     cfg.server = server.clone();
     cfg.min_workers = a.workers;
+    a.balance.apply(&mut cfg)?;
     // The coordinator and its in-process workers share a secret no other process knows, so
     // their loopback control ports serve only each other.
     let secret = ClusterSecret::random()?;
@@ -607,6 +652,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 model_roots: Vec::new(),
                 // The workers of `serve` talk over loopback inside one process.
                 data_tls: false,
+                // `serve` stops its coordinator too: nothing to drain for.
+                drain_timeout: Duration::ZERO,
             };
             let run = ringmoe_worker::run_worker(wl, wcfg, stopped(stop_rx.clone()));
             tasks.spawn(async move { run.await.map_err(anyhow::Error::from) });

@@ -8,6 +8,7 @@ mod gpu_check;
 mod moe_bench;
 mod ring_bench;
 mod security_opts;
+mod status_cmd;
 mod submit_cmd;
 
 use std::io::Write;
@@ -54,6 +55,8 @@ enum Cmd {
     Submit(submit_cmd::SubmitArgs),
     /// Exits 0 when a server's `grpc.health.v1` reports it serving (a container health check).
     Health(cluster_cmd::HealthArgs),
+    /// The cluster as the coordinator sees it: workers, expert placements and load, the queue.
+    Status(status_cmd::StatusArgs),
     /// The cluster's coordinator: accepts jobs over gRPC and drives them over the workers.
     Coordinator(cluster_cmd::CoordinatorArgs),
     /// A cluster worker: registers with the coordinator and runs its part of jobs.
@@ -273,6 +276,7 @@ fn main() -> Result<()> {
         Cmd::Serve(a) => cluster_cmd::serve(a),
         Cmd::Submit(a) => submit_cmd::submit(a),
         Cmd::Health(a) => cluster_cmd::health(a),
+        Cmd::Status(a) => status_cmd::status(a),
         Cmd::Coordinator(a) => cluster_cmd::coordinator(a),
         Cmd::Worker(a) => cluster_cmd::worker(a),
         Cmd::Token(security_opts::TokenCmd::New(a)) => security_opts::token_new(a),

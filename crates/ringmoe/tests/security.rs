@@ -477,6 +477,7 @@ fn the_control_plane_admits_only_holders_of_the_cluster_secret() -> Result<()> {
         let beat = |worker_addr: &str, kv_budget_bytes| proto::HeartbeatRequest {
             worker_addr: worker_addr.into(),
             kv_budget_bytes,
+            draining: false,
         };
         let mut stranger = ClusterServiceClient::connect(url.clone()).await?;
         let r = stranger.heartbeat(beat("127.0.0.1:9", 1 << 40)).await;
