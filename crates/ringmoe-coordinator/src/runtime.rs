@@ -463,11 +463,11 @@ impl Runtime {
         let mut records: Vec<&PlacementRecord> = m.placements().collect();
         records.sort_by(|a, b| a.model.cmp(&b.model));
         let mut placements = Vec::new();
+        // The worst of the models' latest measurements.
         let mut worst = 0f64;
         for rec in records {
-            let est = m
-                .load_estimate(&rec.model)
-                .filter(|e| e.version == rec.version);
+            let latest = m.load_estimate(&rec.model);
+            let est = latest.filter(|e| e.version == rec.version);
             let p = Placement::from_json(&rec.placement).ok();
             let mut planned = 0.0;
             if let (Some(p), Some(e)) = (&p, est) {
@@ -480,7 +480,7 @@ impl Runtime {
                         e.per_worker.get(rank).copied().unwrap_or(0.0);
                 }
             }
-            let imbalance = est.map_or(0.0, |e| e.imbalance);
+            let imbalance = latest.map_or(0.0, |e| e.imbalance);
             worst = worst.max(imbalance);
             let to = m.rebalancing(&rec.model);
             if let Some(to) = to {
@@ -507,6 +507,7 @@ impl Runtime {
                 planned_imbalance: planned,
                 rebalances: m.load_estimate(&rec.model).map_or(0, |e| e.rebalances),
                 rebalancing_to: to.map_or(0, |r| r.version),
+                measured_version: latest.map_or(0, |e| e.version),
             });
         }
         let now = Instant::now();

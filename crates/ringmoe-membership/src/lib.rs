@@ -83,6 +83,8 @@ pub struct PlacementAck {
 }
 
 /// A change to the membership.
+// A few events per join, leave or acknowledgement, never on a hot path: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberEvent {
     /// Added or updated.

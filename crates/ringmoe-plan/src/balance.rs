@@ -14,8 +14,12 @@
 //!    such worker is dropped (its expert keeps the others); a first replica always finds one,
 //!    since the budget covers every expert once.
 //!
-//! Step 2 runs after each replica step 1 adds, from none to the whole budget, and the packing
-//! whose busiest worker is least loaded is kept (ties: fewer replicas).
+//! 3. **Local search.** While moving a replica off the busiest worker (to a free slot), or
+//!    swapping it with a lighter replica of another worker, makes that pair lighter than the
+//!    busiest load was, the best such step is taken.
+//!
+//! Steps 2 and 3 run after each replica step 1 adds, from none to the whole budget, and the
+//! packing whose busiest worker is least loaded is kept (ties: fewer replicas).
 //!
 //! The expected load of a replica is its expert's load divided by its replica count, which is
 //! what the replica choice of [`crate::Placement::choose`] delivers (each rank splits an
@@ -162,10 +166,63 @@ fn pack(
             used[w] += 1;
         }
     }
+    improve(&mut hosts, workers, slots, of);
     let max = expected_of(&hosts, workers, of)
         .into_iter()
         .fold(0.0, f64::max);
     (hosts, max)
+}
+
+/// Local search after the greedy packing: while moving one replica off the busiest worker (to
+/// a worker with a free slot), or swapping it with a lighter replica of another worker, lowers
+/// the larger of the two workers' loads below the busiest one's, the best such step is taken.
+/// Each step lowers the busiest load or the number of workers carrying it, so it ends.
+fn improve(hosts: &mut [Vec<usize>], workers: usize, slots: usize, of: &impl Fn(usize) -> f64) {
+    let share = |hosts: &[Vec<usize>], e: usize| of(e) / hosts[e].len().max(1) as f64;
+    for _ in 0..4 * hosts.len() * workers {
+        let load = expected_of(hosts, workers, of);
+        let Some(b) = (0..workers).max_by(|&x, &y| load[x].total_cmp(&load[y]).then(y.cmp(&x)))
+        else {
+            return;
+        };
+        let on = |w: usize| -> Vec<usize> {
+            (0..hosts.len())
+                .filter(|&e| hosts[e].contains(&w))
+                .collect()
+        };
+        let on_b = on(b);
+        // (new max of the pair, expert leaving b, worker, expert coming back to b)
+        let mut best: Option<(f64, usize, usize, Option<usize>)> = None;
+        for &e in &on_b {
+            let x = share(hosts, e);
+            for w in (0..workers).filter(|&w| w != b && !hosts[e].contains(&w)) {
+                let on_w = on(w);
+                let mut consider = |pair: f64, back: Option<usize>| {
+                    if pair < load[b] - 1e-9 && best.is_none_or(|(p, ..)| pair < p - 1e-12) {
+                        best = Some((pair, e, w, back));
+                    }
+                };
+                if on_w.len() < slots {
+                    consider((load[b] - x).max(load[w] + x), None);
+                }
+                for &f in on_w.iter().filter(|&&f| !hosts[f].contains(&b)) {
+                    let y = share(hosts, f);
+                    if y < x {
+                        consider((load[b] - x + y).max(load[w] - y + x), Some(f));
+                    }
+                }
+            }
+        }
+        let Some((_, e, w, back)) = best else { return };
+        for h in hosts[e].iter_mut().filter(|h| **h == b) {
+            *h = w;
+        }
+        if let Some(f) = back {
+            for h in hosts[f].iter_mut().filter(|h| **h == w) {
+                *h = b;
+            }
+        }
+    }
 }
 
 /// Expected load per worker of a (partial) packing: each expert's load split over the copies

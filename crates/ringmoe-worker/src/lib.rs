@@ -569,28 +569,29 @@ impl Worker {
 impl Worker {
     /// A drain: marks the worker draining (in its membership record, or in its heartbeats) so
     /// the coordinator schedules nothing new on it, then waits until no job part runs or waits
-    /// to run here, or `timeout` passes.
-    async fn drain(&self, timeout: Duration, rec: Option<&watch::Sender<WorkerRecord>>) {
+    /// to run here, or `timeout` passes. Returns whether it drained (false: timed out).
+    async fn drain(&self, timeout: Duration, rec: Option<&watch::Sender<WorkerRecord>>) -> bool {
         use std::sync::atomic::Ordering;
         self.inner.draining.store(true, Ordering::SeqCst);
         if let Some(r) = rec {
             r.send_modify(|r| r.draining = true);
         }
         let started = Instant::now();
-        info!(timeout_secs = timeout.as_secs_f64(), "draining: no new jobs; finishing the current one");
+        info!(
+            timeout_secs = timeout.as_secs_f64(),
+            "draining: no new jobs; finishing the current one"
+        );
         // A job prepared but never run (its run failed elsewhere) does not hold the drain for
         // long: the coordinator sends RunJob right after PrepareJob and SendShard.
         const UNRUN: Duration = Duration::from_secs(30);
         loop {
             let running = self.inner.running.lock().map_or(0, |r| r.len());
-            let pending = self
-                .inner
-                .pending
-                .lock()
-                .map_or(0, |p| p.values().filter(|j| j.since.elapsed() < UNRUN).count());
+            let pending = self.inner.pending.lock().map_or(0, |p| {
+                p.values().filter(|j| j.since.elapsed() < UNRUN).count()
+            });
             if running + pending == 0 {
                 info!(secs = started.elapsed().as_secs_f64(), "drained; leaving");
-                return;
+                return true;
             }
             if started.elapsed() >= timeout {
                 warn!(
@@ -599,7 +600,7 @@ impl Worker {
                     "the drain timeout (--drain-timeout-secs) ran out; leaving with jobs unfinished \
                      (they are retried on other workers)"
                 );
-                return;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -672,11 +673,20 @@ pub async fn run_worker(
     info!(addr = %bound, "worker serving");
     let names = ["ringmoe.v1.WorkerService"];
     let drain_timeout = cfg.drain_timeout;
+    let (timed_out, mut gave_up) = watch::channel(false);
     let drained = async move {
         shutdown.await;
-        worker.drain(drain_timeout, record.as_deref()).await;
+        if !worker.drain(drain_timeout, record.as_deref()).await {
+            timed_out.send_replace(true);
+        }
     };
-    let res = server::serve(listener, routes, &names, cfg.server.tls.as_ref(), drained).await;
+    // A drain that timed out leaves at once, its jobs' streams and data links broken as if the
+    // process died: the coordinator retries them on other workers (a graceful server shutdown
+    // would wait for those streams to end).
+    let res = tokio::select! {
+        r = server::serve(listener, routes, &names, cfg.server.tls.as_ref(), drained) => r,
+        _ = gave_up.wait_for(|t| *t) => Ok(()),
+    };
     background.abort_all();
     Ok(res?)
 }

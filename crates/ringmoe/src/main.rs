@@ -6,6 +6,7 @@ mod decode_bench;
 mod forward;
 mod gpu_check;
 mod moe_bench;
+mod rebalance_bench;
 mod ring_bench;
 mod security_opts;
 mod status_cmd;
@@ -208,6 +209,8 @@ enum BenchCmd {
     Ring(ring_bench::RingArgs),
     /// A MoE layer's experts over W ranks (expert parallelism) vs one rank holding them all.
     Moe(moe_bench::MoeArgs),
+    /// A worker's incremental expert move after a rebalance vs a full reload.
+    Rebalance(rebalance_bench::RebalanceArgs),
     /// One rank of `bench comm --transport tcp` (started by it; not for direct use).
     #[command(hide = true)]
     CommRank(comm_bench::CommRankArgs),
@@ -272,6 +275,7 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Comm(a)) => comm_bench::run(a),
         Cmd::Bench(BenchCmd::Ring(a)) => ring_bench::run(a),
         Cmd::Bench(BenchCmd::Moe(a)) => moe_bench::run(a),
+        Cmd::Bench(BenchCmd::Rebalance(a)) => rebalance_bench::run(a),
         Cmd::Bench(BenchCmd::CommRank(a)) => comm_bench::run_rank(a),
         Cmd::Serve(a) => cluster_cmd::serve(a),
         Cmd::Submit(a) => submit_cmd::submit(a),

@@ -89,6 +89,7 @@ pub fn to_json(s: &proto::ClusterStatus) -> serde_json::Value {
             "planned_imbalance": p.planned_imbalance,
             "rebalances": p.rebalances,
             "rebalancing_to": (p.rebalancing_to > 0).then_some(p.rebalancing_to),
+            "measured_version": p.measured_version,
         })).collect::<Vec<_>>(),
         "expert_imbalance": s.expert_imbalance,
         "desired_workers": s.desired_workers,

@@ -2,159 +2,24 @@
 //! `ringmoe serve`) on 127.0.0.1, jobs through the gRPC client, results against the
 //! single-process engine.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use ringmoe_membership::etcd::{EtcdMembership, EtcdOptions};
 use ringmoe_membership::{Membership, PlacementRecord, WorkerRecord};
 use ringmoe_model::{LoadOptions, Model, ModelConfig, write_random_checkpoint};
-use ringmoe_proto::client::{self, Input, JobResult};
+use ringmoe_proto::client::{self, Input};
 use ringmoe_proto::proto::{self, JobPhase, submit_job_request};
 use ringmoe_testkit::Etcd;
 use ringmoe_testkit::{fixture, max_abs_diff};
 
 mod common;
+use common::procs::*;
 use common::{reference, submit_watching};
 use serde_json::json;
 use tonic::Code;
-
-/// A child process killed when dropped.
-struct Proc {
-    child: Child,
-    name: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `ringmoe ARGS`, waits for stdout's first line (`listening on ADDR`) and returns the
-/// process and ADDR. Logs go to `log_dir/NAME.log`.
-fn start(name: &str, args: &[&str], log_dir: &Path) -> Result<(Proc, String)> {
-    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringmoe"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()?;
-    let out = child.stdout.take().context("stdout")?;
-    let p = Proc {
-        child,
-        name: name.to_string(),
-    };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(out).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
-        for _ in lines {} // keep draining so the child never blocks on stdout
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .with_context(|| format!("{} printed no address", p.name))?;
-    let addr = line
-        .strip_prefix("listening on ")
-        .with_context(|| format!("{}'s first line: {line}", p.name))?
-        .to_string();
-    Ok((p, addr))
-}
-
-struct Cluster {
-    coordinator: Proc,
-    addr: String,
-    workers: Vec<Proc>,
-    dir: tempfile::TempDir,
-}
-
-/// A coordinator serving `model` and `n` worker processes; `extra` goes to every process.
-fn cluster(model: &Path, n: usize, coord_extra: &[&str], worker_extra: &[&str]) -> Result<Cluster> {
-    let dir = tempfile::tempdir()?;
-    let store = dir.path().join("store");
-    let (coordinator, addr) =
-        start_coordinator(model, &store, "127.0.0.1:0", n, coord_extra, dir.path())?;
-    let workers = (0..n)
-        .map(|i| start_worker(&addr, i, worker_extra, dir.path()))
-        .collect::<Result<_>>()?;
-    Ok(Cluster {
-        coordinator,
-        addr,
-        workers,
-        dir,
-    })
-}
-
-fn start_coordinator(
-    model: &Path,
-    store: &Path,
-    addr: &str,
-    min_workers: usize,
-    extra: &[&str],
-    logs: &Path,
-) -> Result<(Proc, String)> {
-    let model = format!("m={}", model.display());
-    let min = min_workers.to_string();
-    let mut args = vec![
-        "coordinator",
-        "--addr",
-        addr,
-        "--store",
-        store.to_str().context("path")?,
-        "--model",
-        &model,
-        "--min-workers",
-        &min,
-    ];
-    args.extend_from_slice(extra);
-    start("coordinator", &args, logs)
-}
-
-fn start_worker(coord: &str, i: usize, extra: &[&str], logs: &Path) -> Result<Proc> {
-    let mut args = vec!["worker", "--coordinator", coord];
-    args.extend_from_slice(extra);
-    Ok(start(&format!("worker{i}"), &args, logs)?.0)
-}
-
-fn rt() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
-
-fn spec(mode: proto::JobMode, max_new_tokens: u32) -> proto::JobSpec {
-    proto::JobSpec {
-        model: "m".into(),
-        mode: mode as i32,
-        max_new_tokens,
-        sampling: Some(proto::Sampling::default()),
-        ..Default::default()
-    }
-}
-
-/// Submits, follows to the end, and fetches the result.
-async fn run_job(addr: &str, spec: proto::JobSpec, input: Input) -> Result<(u64, JobResult)> {
-    let mut c = client::connect(addr, 64 << 20).await?;
-    let id = client::submit(&mut c, spec, input, client::UPLOAD_CHUNK, |_| {})
-        .await?
-        .job_id;
-    let last = client::watch(&mut c, id, |_| {}).await?;
-    ensure!(
-        last.phase() == JobPhase::Done,
-        "job {id} ended {:?}: {}",
-        last.phase(),
-        last.message
-    );
-    Ok((id, client::result(&mut c, id).await?))
-}
 
 /// Runs a score job on `ids` and checks it against the single-process engine on `model_dir`.
 fn score_matches_engine(
@@ -201,20 +66,6 @@ fn long_model_with(dir: &Path, layers: usize, hidden: usize) -> Result<PathBuf> 
         5,
     )?;
     Ok(m)
-}
-
-fn scores(r: JobResult) -> Result<Vec<f32>> {
-    match r {
-        JobResult::Scores(s) => Ok(s),
-        other => bail!("expected scores, got {other:?}"),
-    }
-}
-
-fn tokens(r: JobResult) -> Result<Vec<u32>> {
-    match r {
-        JobResult::Tokens(t) => Ok(t),
-        other => bail!("expected tokens, got {other:?}"),
-    }
 }
 
 #[test]
@@ -431,25 +282,6 @@ fn bad_inputs_get_invalid_argument_and_the_coordinator_keeps_serving() -> Result
     }
     let ids = random_ids(100, 384, 9);
     score_matches_engine(&rt, &c.addr, &fx, ids, "good job after bad ones")
-}
-
-async fn wait_for_workers(addr: &str, n: u32) -> Result<()> {
-    let mut c = client::connect(addr, 1 << 20).await?;
-    let t = Instant::now();
-    while c
-        .list_jobs(proto::ListJobsRequest {})
-        .await?
-        .into_inner()
-        .workers
-        < n
-    {
-        ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "workers never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 fn write_input_ids(path: &Path, ids: &[u32]) -> Result<()> {

@@ -1,5 +1,7 @@
 //! What several integration tests of the binary share.
 
+pub mod procs;
+
 use anyhow::Result;
 use ringmoe_model::{LogitsFor, Model};
 use ringmoe_proto::client::{self, Input};
