@@ -129,8 +129,12 @@ pub fn run(a: RebalanceArgs) -> Result<()> {
          {:.3} → {:.3}",
         a.worker,
         a.zipf,
-        report["planned_imbalance_before"].as_f64().context("number")?,
-        report["planned_imbalance_after"].as_f64().context("number")?,
+        report["planned_imbalance_before"]
+            .as_f64()
+            .context("number")?,
+        report["planned_imbalance_after"]
+            .as_f64()
+            .context("number")?,
     );
     println!(
         "experts: {} read, {} kept, {} dropped",
