@@ -69,8 +69,16 @@ pub fn run(a: RebalanceArgs) -> Result<()> {
         weights: a.weights.weights,
         ..LoadOptions::default()
     };
-    // The file cache warm for both ways.
-    let _ = Model::load(&a.model, &opts(ringmoe_model::ExpertSelection::All))?;
+    // The file cache warm for both ways, read through a small buffer (no heap the loads below
+    // could reuse, so the RSS figures are the weights').
+    for e in std::fs::read_dir(&a.model)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let mut f = std::fs::File::open(&p)?;
+            let mut buf = vec![0u8; 1 << 20];
+            while std::io::Read::read(&mut f, &mut buf)? > 0 {}
+        }
+    }
     let rss_start = rss_bytes().unwrap_or(0);
     let base = Model::load(&a.model, &opts(sel_old.clone()))?;
     let rss_old = rss_bytes().unwrap_or(0);
@@ -78,7 +86,7 @@ pub fn run(a: RebalanceArgs) -> Result<()> {
     let (mut full_bytes, mut incr_bytes) = (0u64, 0u64);
     let mut rss_both = 0u64;
     let mut moved = ringmoe_model::ExpertDelta::default();
-    for _ in 0..a.repeat.max(1) {
+    for i in 0..a.repeat.max(1) {
         // Incremental: what a worker does (the old version keeps serving meanwhile).
         let ckpt = Checkpoint::open(&a.model)?;
         let t = Instant::now();
@@ -86,7 +94,12 @@ pub fn run(a: RebalanceArgs) -> Result<()> {
         incr_secs.push(t.elapsed().as_secs_f64());
         incr_bytes = ckpt.bytes_read();
         moved = delta;
-        rss_both = rss_both.max(rss_bytes().unwrap_or(0));
+        // The checkpoint's mapped pages are not the weights': unmapped first.
+        drop(ckpt);
+        // Only the first round's: later ones reuse the heap the previous rounds freed.
+        if i == 0 {
+            rss_both = rss_bytes().unwrap_or(0);
+        }
         drop(next);
         // A full reload with the new placement's experts.
         let ckpt = Checkpoint::open(&a.model)?;
@@ -149,8 +162,8 @@ pub fn run(a: RebalanceArgs) -> Result<()> {
         full / incr.max(1e-9),
     );
     println!(
-        "RSS: {:.3} GiB with the old version, {:.3} GiB at most with both ({:.3} GiB of weights \
-         held)",
+        "RSS growth: {:.3} GiB with the old version loaded, {:.3} GiB with both versions alive \
+         ({:.3} GiB of weights in the old one)",
         gib(rss_old.saturating_sub(rss_start)),
         gib(rss_both.saturating_sub(rss_start)),
         gib(held)
