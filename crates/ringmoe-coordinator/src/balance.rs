@@ -69,6 +69,8 @@ impl BalanceConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadReading {
     pub model: String,
+    /// The placement's workers, in rank order (its worker group).
+    pub workers: Vec<String>,
     pub version: u64,
     pub layers: usize,
     pub experts: usize,
@@ -135,11 +137,12 @@ struct ModelBalance {
     not_before: Option<Instant>,
 }
 
-/// The load estimates and rebalances of every model.
+/// The load estimates and rebalances of every placement: a model over a worker set (a worker
+/// group, or every worker), keyed by both.
 #[derive(Debug, Default)]
 pub struct Balancer {
     cfg: BalanceConfig,
-    models: HashMap<String, ModelBalance>,
+    models: HashMap<(String, Vec<String>), ModelBalance>,
 }
 
 impl Balancer {
@@ -150,13 +153,32 @@ impl Balancer {
         }
     }
 
-    pub fn estimate(&self, model: &str) -> Option<&Estimate> {
-        self.models.get(model).map(|m| &m.estimate)
+    fn key(model: &str, workers: &[String]) -> (String, Vec<String>) {
+        (model.to_string(), workers.to_vec())
     }
 
-    /// The rebalance of `model` in flight, if any.
-    pub fn in_flight(&self, model: &str) -> Option<&PlacementRecord> {
-        self.models.get(model)?.in_flight.as_ref()
+    pub fn estimate(&self, model: &str, workers: &[String]) -> Option<&Estimate> {
+        self.models
+            .get(&Self::key(model, workers))
+            .map(|m| &m.estimate)
+    }
+
+    /// The rebalance of `model` over `workers` in flight, if any.
+    pub fn in_flight(&self, model: &str, workers: &[String]) -> Option<&PlacementRecord> {
+        self.models
+            .get(&Self::key(model, workers))?
+            .in_flight
+            .as_ref()
+    }
+
+    /// The highest version of `model` being published by a rebalance (0: none).
+    pub fn max_in_flight(&self, model: &str) -> u64 {
+        self.models
+            .iter()
+            .filter(|((m, _), _)| m == model)
+            .filter_map(|(_, b)| b.in_flight.as_ref().map(|r| r.version))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Takes a reading; `current` is the placement runs of the model use now. Returns the
@@ -166,15 +188,20 @@ impl Balancer {
         now: Instant,
         r: &LoadReading,
         current: Option<&PlacementRecord>,
+        next_version: u64,
     ) -> Option<PlacementRecord> {
-        let current = current.filter(|c| c.version == r.version && c.model == r.model)?;
+        let current = current
+            .filter(|c| c.version == r.version && c.model == r.model && c.workers == r.workers)?;
         let placement = Placement::from_json(&current.placement).ok()?;
         if r.rows.len() != placement.workers || r.experts == 0 {
             return None;
         }
         let per_layer = r.per_layer_worker();
         let per_expert = r.per_expert();
-        let m = self.models.entry(r.model.clone()).or_default();
+        let m = self
+            .models
+            .entry(Self::key(&r.model, &r.workers))
+            .or_default();
         let enough = r.total() >= MIN_ROWS_PER_WORKER * placement.workers as u64;
         if r.total() > 0 {
             m.estimate = Estimate {
@@ -198,7 +225,7 @@ impl Balancer {
         }
         let slots = self.cfg.slots(r.experts, placement.workers);
         let next = plan_balanced(
-            current.version + 1,
+            next_version.max(current.version + 1),
             placement.workers,
             r.experts,
             slots,
@@ -232,16 +259,17 @@ impl Balancer {
         Some(rec)
     }
 
-    /// The rebalance of `model` to `version` ended: acknowledged by every worker (`ok`), or not.
-    /// Returns the record now in force when it succeeded.
+    /// The rebalance of `model` over `workers` to `version` ended: acknowledged by every worker
+    /// (`ok`), or not. Returns the record now in force when it succeeded.
     pub fn finished(
         &mut self,
         now: Instant,
         model: &str,
+        workers: &[String],
         version: u64,
         ok: bool,
     ) -> Option<PlacementRecord> {
-        let m = self.models.get_mut(model)?;
+        let m = self.models.get_mut(&Self::key(model, workers))?;
         if m.in_flight.as_ref().is_none_or(|r| r.version != version) {
             return None;
         }
@@ -286,6 +314,7 @@ mod tests {
         }
         LoadReading {
             model: "m".into(),
+            workers: (0..p.workers).map(|w| format!("w{w}")).collect(),
             version: p.version,
             layers,
             experts,
@@ -301,19 +330,19 @@ mod tests {
         let mut b = Balancer::new(BalanceConfig::default());
         let t = Instant::now();
         let r = reading(&p, &load);
-        let next = b.on_reading(t, &r, Some(&cur)).expect("a rebalance");
-        assert!(b.estimate("m").unwrap().imbalance > 2.0);
+        let next = b.on_reading(t, &r, Some(&cur), 2).expect("a rebalance");
+        assert!(b.estimate("m", &cur.workers).unwrap().imbalance > 2.0);
         assert_eq!(next.version, 2);
         assert_eq!(next.workers, cur.workers);
         // One at a time.
-        assert!(b.on_reading(t, &r, Some(&cur)).is_none());
-        let done = b.finished(t, "m", 2, true).unwrap();
+        assert!(b.on_reading(t, &r, Some(&cur), 2).is_none());
+        let done = b.finished(t, "m", &cur.workers, 2, true).unwrap();
         let q = Placement::from_json(&done.placement).unwrap();
         assert!((0..4).all(|w| q.hosted(0, w).len() <= 3));
         // Measured under the new placement: balanced, so nothing more happens.
         let after = reading(&q, &load);
-        assert!(b.on_reading(t, &after, Some(&done)).is_none());
-        let est = b.estimate("m").unwrap();
+        assert!(b.on_reading(t, &after, Some(&done), 3).is_none());
+        let est = b.estimate("m", &cur.workers).unwrap();
         assert!(est.imbalance < 1.15, "{}", est.imbalance);
         assert_eq!((est.version, est.rebalances), (2, 1));
     }
@@ -325,23 +354,23 @@ mod tests {
         let t = Instant::now();
         let mut b = Balancer::new(BalanceConfig::default());
         assert!(
-            b.on_reading(t, &reading(&p, &[vec![100; 8]]), Some(&cur))
+            b.on_reading(t, &reading(&p, &[vec![100; 8]]), Some(&cur), 2)
                 .is_none()
         );
         // Skewed but tiny.
         let tiny = reading(&p, &[vec![20, 10, 1, 1, 1, 1, 1, 1]]);
-        assert!(b.on_reading(t, &tiny, Some(&cur)).is_none());
+        assert!(b.on_reading(t, &tiny, Some(&cur), 2).is_none());
         // Skewed, but for another version than the one in force.
         let mut stale = reading(&p, &[vec![900, 700, 40, 40, 30, 30, 20, 20]]);
         stale.version = 7;
-        assert!(b.on_reading(t, &stale, Some(&cur)).is_none());
+        assert!(b.on_reading(t, &stale, Some(&cur), 2).is_none());
         // Off.
         let mut off = Balancer::new(BalanceConfig {
             threshold: 0.0,
             ..BalanceConfig::default()
         });
         stale.version = 1;
-        assert!(off.on_reading(t, &stale, Some(&cur)).is_none());
+        assert!(off.on_reading(t, &stale, Some(&cur), 2).is_none());
     }
 
     #[test]
@@ -351,10 +380,10 @@ mod tests {
         let r = reading(&p, &[vec![900, 700, 40, 40, 30, 30, 20, 20]]);
         let mut b = Balancer::new(BalanceConfig::default());
         let t = Instant::now();
-        assert!(b.on_reading(t, &r, Some(&cur)).is_some());
-        assert!(b.finished(t, "m", 2, false).is_none());
-        assert!(b.on_reading(t, &r, Some(&cur)).is_none());
-        assert!(b.on_reading(t + RETRY_AFTER, &r, Some(&cur)).is_some());
+        assert!(b.on_reading(t, &r, Some(&cur), 2).is_some());
+        assert!(b.finished(t, "m", &cur.workers, 2, false).is_none());
+        assert!(b.on_reading(t, &r, Some(&cur), 2).is_none());
+        assert!(b.on_reading(t + RETRY_AFTER, &r, Some(&cur), 2).is_some());
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub struct CoordinatorConfig {
     pub balance: balance::BalanceConfig,
     /// How often a run reads its workers' expert load while it runs (besides at its end).
     pub load_interval: Duration,
+    /// Workers per group (`--group-workers`): jobs run concurrently on different groups; 0: one
+    /// group of every live worker (one job at a time).
+    pub group_workers: usize,
+    /// The most workers `desired_workers` asks for (`--max-workers`; 0: no cap).
+    pub max_workers: usize,
 }
 
 impl CoordinatorConfig {
@@ -125,6 +130,8 @@ impl CoordinatorConfig {
             upload_idle: Duration::from_secs(60),
             balance: balance::BalanceConfig::default(),
             load_interval: Duration::from_secs(10),
+            group_workers: 0,
+            max_workers: 0,
         }
     }
 }
@@ -235,6 +242,7 @@ pub async fn run_coordinator(
                 max_retries: cfg.max_retries,
             },
             balance: cfg.balance,
+            group_workers: cfg.group_workers,
         },
         models.iter().map(|(n, m)| (n.clone(), m.info())).collect(),
     );

@@ -44,6 +44,9 @@ pub struct MachineConfig {
     pub min_workers: usize,
     pub retry: RetryPolicy,
     pub balance: BalanceConfig,
+    /// Workers per group (`--group-workers`): jobs run concurrently on different groups, each
+    /// with a placement of its own; 0: one group of every live worker.
+    pub group_workers: usize,
 }
 
 /// What the machine knows of a served model.
@@ -103,9 +106,11 @@ pub enum Event {
     Tick,
     /// The workers' expert load under a placement version (after a run, or during a long one).
     Load(LoadReading),
-    /// A rebalance ended: every worker acknowledged `version` (`ok`), or it failed.
+    /// A rebalance of the placement over `workers` ended: every worker acknowledged `version`
+    /// (`ok`), or it failed.
     Rebalanced {
         model: String,
+        workers: Vec<String>,
         version: u64,
         ok: bool,
     },
@@ -204,10 +209,18 @@ pub struct Machine {
     models: HashMap<String, ModelInfo>,
     jobs: BTreeMap<JobId, Job>,
     queue: Queue,
-    active: Option<Active>,
+    /// The jobs being run or waiting between runs, oldest first (one per worker group at most).
+    active: Vec<Active>,
     workers: Vec<WorkerRecord>,
     exclusions: Exclusions,
-    placements: HashMap<String, PlacementRecord>,
+    /// Placement records per model, the newest for each worker set (rank order) seen.
+    placements: HashMap<String, Vec<PlacementRecord>>,
+    /// The newest placement version that named each (model, worker): a record is reused only
+    /// while it is the newest for every one of its workers (they may not hold an older one).
+    newest: HashMap<(String, String), u64>,
+    /// The highest placement version this machine gave a run, per model (two groups' runs
+    /// must not get the same version before either is published).
+    issued: HashMap<String, u64>,
     balancer: Balancer,
     next_run: RunId,
 }
@@ -219,10 +232,12 @@ impl Machine {
             models,
             jobs: BTreeMap::new(),
             queue: Queue::default(),
-            active: None,
+            active: Vec::new(),
             workers: Vec::new(),
             exclusions: Exclusions::default(),
             placements: HashMap::new(),
+            newest: HashMap::new(),
+            issued: HashMap::new(),
             balancer: Balancer::new(cfg.balance),
             next_run: 1,
         }
@@ -270,18 +285,9 @@ impl Machine {
                 self.abort_if_a_worker_left(&mut out);
             }
             Event::WorkerMentioned(id) => self.exclusions.clear(&id),
-            Event::PlacementKnown(rec) => {
-                let newer = self
-                    .placements
-                    .get(&rec.model)
-                    .is_none_or(|old| rec.version >= old.version);
-                if newer {
-                    self.placements.insert(rec.model.clone(), rec);
-                }
-            }
+            Event::PlacementKnown(rec) => self.remember(rec),
             Event::Progress { run, state, report } => {
-                if let Some(a) = &self.active
-                    && a.current_run() == Some(run)
+                if let Some(a) = self.active_of_run(run)
                     && !a.cancelling
                 {
                     out.push(Command::Publish {
@@ -295,8 +301,12 @@ impl Machine {
             Event::Probed { run, dead } => self.probed(now, run, dead, &mut out),
             Event::Tick => {}
             Event::Load(reading) => {
-                let current = self.placements.get(&reading.model);
-                if let Some(record) = self.balancer.on_reading(now, &reading, current) {
+                let current = self.record(&reading.model, &reading.workers).cloned();
+                let next = self.next_version(&reading.model);
+                if let Some(record) =
+                    self.balancer
+                        .on_reading(now, &reading, current.as_ref(), next)
+                {
                     let workers = record
                         .workers
                         .iter()
@@ -306,20 +316,24 @@ impl Machine {
                         out.push(Command::Rebalance { record, workers });
                     } else {
                         // A worker of the placement left: the next run places afresh anyway.
-                        self.balancer
-                            .finished(now, &record.model, record.version, false);
+                        self.balancer.finished(
+                            now,
+                            &record.model,
+                            &record.workers,
+                            record.version,
+                            false,
+                        );
                     }
                 }
             }
-            Event::Rebalanced { model, version, ok } => {
-                if let Some(rec) = self.balancer.finished(now, &model, version, ok) {
-                    let newer = self
-                        .placements
-                        .get(&model)
-                        .is_none_or(|old| rec.version > old.version);
-                    if newer {
-                        self.placements.insert(model, rec);
-                    }
+            Event::Rebalanced {
+                model,
+                workers,
+                version,
+                ok,
+            } => {
+                if let Some(rec) = self.balancer.finished(now, &model, &workers, version, ok) {
+                    self.remember(rec);
                 }
             }
         }
@@ -327,14 +341,63 @@ impl Machine {
         out
     }
 
+    /// Keeps `rec` as the placement of its worker set if it is newer than the one known, and
+    /// as the newest version each of its workers was given.
+    fn remember(&mut self, rec: PlacementRecord) {
+        for w in &rec.workers {
+            let v = self
+                .newest
+                .entry((rec.model.clone(), w.clone()))
+                .or_default();
+            *v = (*v).max(rec.version);
+        }
+        let recs = self.placements.entry(rec.model.clone()).or_default();
+        match recs.iter_mut().find(|r| r.workers == rec.workers) {
+            Some(r) if r.version >= rec.version => {}
+            Some(r) => *r = rec,
+            None => recs.push(rec),
+        }
+    }
+
+    /// The placement known for exactly `workers` (rank order) of `model`.
+    fn record(&self, model: &str, workers: &[String]) -> Option<&PlacementRecord> {
+        self.placements
+            .get(model)?
+            .iter()
+            .find(|r| r.workers == workers)
+    }
+
+    /// The version a new placement of `model` gets: above every one known or being loaded.
+    fn next_version(&self, model: &str) -> u64 {
+        let known = self
+            .placements
+            .get(model)
+            .map_or(0, |rs| rs.iter().map(|r| r.version).max().unwrap_or(0));
+        known
+            .max(self.balancer.max_in_flight(model))
+            .max(self.issued.get(model).copied().unwrap_or(0))
+            + 1
+    }
+
+    fn active_of_run(&self, run: RunId) -> Option<&Active> {
+        self.active.iter().find(|a| a.current_run() == Some(run))
+    }
+
+    fn active_index_of_run(&self, run: RunId) -> Option<usize> {
+        self.active
+            .iter()
+            .position(|a| a.current_run() == Some(run))
+    }
+
     fn cancel(&mut self, id: JobId, out: &mut Vec<Command>) {
         if self.queue.remove(id) {
             self.finish(id, JobState::Cancelled, out);
             return;
         }
-        let Some(a) = self.active.as_mut().filter(|a| a.id == id) else {
+        let Some(i) = self.active.iter().position(|a| a.id == id) else {
             return; // unknown or finished: nothing to do
         };
+        let a = &mut self.active[i];
         match &a.stage {
             Stage::Running { run, .. } => {
                 a.cancelling = true;
@@ -342,31 +405,30 @@ impl Machine {
             }
             // No run in flight: the job ends here; a late `Probed` finds no active run.
             Stage::Probing { .. } | Stage::WaitingForWorkers => {
-                self.active = None;
+                self.active.remove(i);
                 self.finish(id, JobState::Cancelled, out);
             }
         }
     }
 
-    /// A worker of the run in flight is no longer a member (its lease ended): the run cannot
+    /// A worker of a run in flight is no longer a member (its lease ended): the run cannot
     /// finish (its peers would wait on it for the data timeout), so it is aborted now and its
     /// end is handled as that worker's loss — a probe, then a retry without the dead.
     fn abort_if_a_worker_left(&mut self, out: &mut Vec<Command>) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let Stage::Running { run, workers } = &a.stage else {
-            return;
-        };
-        if a.cancelling || a.left.is_some() {
-            return;
-        }
-        if let Some(w) = workers
-            .iter()
-            .find(|w| !self.workers.iter().any(|l| l.id == w.id))
-        {
-            a.left = Some(w.id.clone());
-            out.push(Command::AbortRun { run: *run });
+        for a in &mut self.active {
+            let Stage::Running { run, workers } = &a.stage else {
+                continue;
+            };
+            if a.cancelling || a.left.is_some() {
+                continue;
+            }
+            if let Some(w) = workers
+                .iter()
+                .find(|w| !self.workers.iter().any(|l| l.id == w.id))
+            {
+                a.left = Some(w.id.clone());
+                out.push(Command::AbortRun { run: *run });
+            }
         }
     }
 
@@ -377,9 +439,10 @@ impl Machine {
         result: Result<JobOutput, JobError>,
         out: &mut Vec<Command>,
     ) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(i) = self.active_index_of_run(run) else {
             return;
         };
+        let a = &mut self.active[i];
         // A run aborted because a worker left failed for that reason, whatever its own error
         // (the abort's cancellation) says.
         let result = match (result, &a.left) {
@@ -391,31 +454,28 @@ impl Machine {
         let Stage::Running { workers, .. } = &a.stage else {
             return;
         };
-        if a.current_run() != Some(run) {
-            return;
-        }
         let id = a.id;
         match result {
             // A run that completed is done even if a cancel raced with its end.
             Ok(mut output) => {
                 output.timings.runs = a.attempt + 1;
-                self.active = None;
+                self.active.remove(i);
                 out.push(Command::StoreResult { id, output });
                 self.finish(id, JobState::Done, out);
             }
             Err(_) if a.cancelling => {
-                self.active = None;
+                self.active.remove(i);
                 self.finish(id, JobState::Cancelled, out);
             }
             Err(e) if !e.retryable() => {
-                self.active = None;
+                self.active.remove(i);
                 self.fail(id, &e, out);
             }
             // The worker that left is known to be gone: no probe to wait for (it would time
             // out on a cut-off worker); any other loss shows in the next run.
             Err(failure) if a.left.is_some() => {
                 let dead: Vec<String> = a.left.iter().cloned().collect();
-                self.after_failure(now, failure, dead, true, out);
+                self.after_failure(now, i, failure, dead, true, out);
             }
             Err(failure) => {
                 let workers = workers.clone();
@@ -433,18 +493,15 @@ impl Machine {
     }
 
     fn probed(&mut self, now: Instant, run: RunId, dead: Vec<String>, out: &mut Vec<Command>) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(i) = self.active_index_of_run(run) else {
             return;
         };
         let Stage::Probing {
             failure, workers, ..
-        } = &a.stage
+        } = &self.active[i].stage
         else {
             return;
         };
-        if a.current_run() != Some(run) {
-            return;
-        }
         let failure = failure.clone();
         // Every worker answers, yet a data link between two of them failed: a network fault
         // between the pair. The re-run leaves out the end the failing worker blamed (either
@@ -454,30 +511,29 @@ impl Machine {
             && let Some(w) = workers.get(*peer)
         {
             let suspect = vec![w.id.clone()];
-            return self.after_failure(now, failure, suspect, false, out);
+            return self.after_failure(now, i, failure, suspect, false, out);
         }
-        self.after_failure(now, failure, dead, true, out);
+        self.after_failure(now, i, failure, dead, true, out);
     }
 
-    /// The active job's run failed with `failure`, and `dead` are its workers found dead (or
-    /// one end of a broken link): retry without them, or fail. `forget`: they are gone from
+    /// The run of active job `i` failed with `failure`, and `dead` are its workers found dead
+    /// (or one end of a broken link): retry without them, or fail. `forget`: they are gone from
     /// the heartbeat registry too (a dead worker must register again; an unreachable one
     /// still heartbeats and is only excluded).
     fn after_failure(
         &mut self,
         now: Instant,
+        i: usize,
         failure: JobError,
         dead: Vec<String>,
         forget: bool,
         out: &mut Vec<Command>,
     ) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
+        let a = &mut self.active[i];
         let id = a.id;
         match self.cfg.retry.after_probe(a.attempt, failure, &dead) {
             Verdict::Fail(e) => {
-                self.active = None;
+                self.active.remove(i);
                 self.fail(id, &e, out);
             }
             Verdict::Retry { attempt, reason } => {
@@ -502,30 +558,104 @@ impl Machine {
         }
     }
 
-    /// Starts what can start: the retried job once a worker is live, else the next queued job
-    /// once enough are.
+    /// The worker groups over `live` (sorted by id): with `--group-workers G`, runs of G
+    /// consecutive workers, the remainder joining the last; else (or with fewer than 2G live)
+    /// one group of all.
+    pub fn groups(&self, live: &[WorkerRecord]) -> Vec<Vec<WorkerRecord>> {
+        let g = self.cfg.group_workers;
+        if g == 0 || live.len() < 2 * g {
+            return vec![live.to_vec()];
+        }
+        let n = live.len() / g;
+        (0..n)
+            .map(|i| {
+                let end = if i + 1 == n { live.len() } else { (i + 1) * g };
+                live[i * g..end].to_vec()
+            })
+            .collect()
+    }
+
+    /// K/V tokens job `id` needs (its input and the tokens it may generate).
+    fn need(&self, id: JobId) -> Option<u64> {
+        let job = self.jobs.get(&id)?;
+        let extra = match job.spec.mode {
+            JobMode::Generate { max_new_tokens, .. } => u64::from(max_new_tokens),
+            JobMode::Score => 0,
+        };
+        Some(job.input_len as u64 + extra)
+    }
+
+    /// Starts what can start, in order — retried jobs first (oldest first), then the queue
+    /// (highest priority, then submission order) — each on the first free worker group whose
+    /// K/V holds it. A job no single group holds runs on every live worker once all are free.
+    /// The first job that cannot start stops the pass: nothing overtakes it, so a job waiting
+    /// for the whole cluster gets it as soon as the running ones end (no starvation).
     fn schedule(&mut self, now: Instant, out: &mut Vec<Command>) {
         loop {
             let live = self.live_workers(now);
-            let id = match &self.active {
-                Some(a) if a.stage == Stage::WaitingForWorkers && !live.is_empty() => a.id,
+            let waiting = self
+                .active
+                .iter()
+                .find(|a| a.stage == Stage::WaitingForWorkers)
+                .map(|a| a.id);
+            let (id, queued) = match waiting {
+                Some(id) if !live.is_empty() => (id, false),
                 Some(_) => return,
-                None if live.len() >= self.cfg.min_workers.max(1) => match self.queue.pop() {
-                    Some(id) => {
-                        self.active = Some(Active {
-                            id,
-                            attempt: 0,
-                            stage: Stage::WaitingForWorkers,
-                            cancelling: false,
-                            left: None,
-                        });
-                        id
-                    }
+                None if live.len() >= self.cfg.min_workers.max(1) => match self.queue.peek() {
+                    Some(id) => (id, true),
                     None => return,
                 },
                 None => return,
             };
-            match self.start(id, live) {
+            let busy: Vec<&str> = self
+                .active
+                .iter()
+                .flat_map(|a| match &a.stage {
+                    Stage::Running { workers, .. } | Stage::Probing { workers, .. } => {
+                        workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>()
+                    }
+                    Stage::WaitingForWorkers => Vec::new(),
+                })
+                .collect();
+            let free = |g: &[WorkerRecord]| g.iter().all(|w| !busy.contains(&w.id.as_str()));
+            let per_token = self
+                .jobs
+                .get(&id)
+                .and_then(|j| self.models.get(&j.spec.model))
+                .map(|m| m.kv_bytes_per_token);
+            let chosen = match (per_token, self.need(id)) {
+                (Some(per), Some(need)) => {
+                    let groups = self.groups(&live);
+                    let fitting: Vec<&Vec<WorkerRecord>> =
+                        groups.iter().filter(|g| capacity(per, g) >= need).collect();
+                    if fitting.is_empty() {
+                        // No single group holds it: every live worker, once all are free (a
+                        // job too long even for them fails at admission below).
+                        if !busy.is_empty() {
+                            return;
+                        }
+                        live
+                    } else {
+                        match fitting.into_iter().find(|g| free(g)) {
+                            Some(g) => g.clone(),
+                            None => return,
+                        }
+                    }
+                }
+                // Unknown job or model: admission says which.
+                _ => live,
+            };
+            if queued {
+                self.queue.pop();
+                self.active.push(Active {
+                    id,
+                    attempt: 0,
+                    stage: Stage::WaitingForWorkers,
+                    cancelling: false,
+                    left: None,
+                });
+            }
+            match self.start(id, chosen) {
                 Ok(order) => {
                     out.push(Command::Transition {
                         id,
@@ -539,11 +669,10 @@ impl Machine {
                         },
                     });
                     out.push(Command::StartRun(order));
-                    return;
                 }
                 Err(e) => {
                     // The job cannot run at all: it fails and the next one may start.
-                    self.active = None;
+                    self.active.retain(|a| a.id != id);
                     self.fail(id, &e, out);
                 }
             }
@@ -559,11 +688,7 @@ impl Machine {
             .models
             .get(&job.spec.model)
             .ok_or_else(|| JobError::UnknownModel(job.spec.model.clone()))?;
-        let extra = match job.spec.mode {
-            JobMode::Generate { max_new_tokens, .. } => u64::from(max_new_tokens),
-            JobMode::Score => 0,
-        };
-        let need = job.input_len as u64 + extra;
+        let need = self.need(id).unwrap_or(0);
         let capacity = capacity(model.kv_bytes_per_token, &live);
         if need > capacity {
             return Err(JobError::Capacity {
@@ -573,18 +698,25 @@ impl Machine {
             });
         }
         let ids: Vec<String> = live.iter().map(|w| w.id.clone()).collect();
-        let last = self.placements.get(&job.spec.model);
-        let next_version = last
-            .map(|r| r.version)
-            .max(self.balancer.in_flight(&job.spec.model).map(|r| r.version))
-            .unwrap_or(0)
-            + 1;
-        let plan = placement::plan(&job.spec.model, &model.shape, last, &ids, next_version)?;
+        let name = &job.spec.model;
+        // Reused only while no newer placement named any of its workers.
+        let last = self.record(name, &ids).filter(|r| {
+            r.workers
+                .iter()
+                .all(|w| self.newest.get(&(name.clone(), w.clone())).copied() == Some(r.version))
+        });
+        let plan = placement::plan(name, &model.shape, last, &ids, self.next_version(name))?;
+        let issued = self.issued.entry(name.clone()).or_default();
+        *issued = (*issued).max(plan.record.version);
         let run = self.next_run;
         self.next_run += 1;
-        let a = self.active.as_mut().ok_or(JobError::Internal(format!(
-            "job {id} was started with no active entry"
-        )))?;
+        let a = self
+            .active
+            .iter_mut()
+            .find(|a| a.id == id)
+            .ok_or(JobError::Internal(format!(
+                "job {id} was started with no active entry"
+            )))?;
         a.stage = Stage::Running {
             run,
             workers: live.clone(),
@@ -647,37 +779,49 @@ impl Machine {
         self.queue.iter().collect()
     }
 
-    /// The placement runs of `model` use now.
-    pub fn placement(&self, model: &str) -> Option<&PlacementRecord> {
-        self.placements.get(model)
+    /// The placements in force: per model, the newest record of each worker set whose workers
+    /// were given no newer one.
+    pub fn placements(&self) -> Vec<&PlacementRecord> {
+        let mut out: Vec<&PlacementRecord> = self
+            .placements
+            .values()
+            .flatten()
+            .filter(|r| {
+                r.workers.iter().all(|w| {
+                    self.newest.get(&(r.model.clone(), w.clone())).copied() == Some(r.version)
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.model.cmp(&b.model).then(a.workers.cmp(&b.workers)));
+        out
     }
 
-    /// The models with a placement, and their records.
-    pub fn placements(&self) -> impl Iterator<Item = &PlacementRecord> {
-        self.placements.values()
+    /// What the coordinator measured of a placement's expert load (the workers of `rec`).
+    pub fn load_estimate(&self, rec: &PlacementRecord) -> Option<&Estimate> {
+        self.balancer.estimate(&rec.model, &rec.workers)
     }
 
-    /// What the coordinator measured of `model`'s expert load.
-    pub fn load_estimate(&self, model: &str) -> Option<&Estimate> {
-        self.balancer.estimate(model)
+    /// The rebalance of `rec`'s workers being loaded, if any.
+    pub fn rebalancing(&self, rec: &PlacementRecord) -> Option<&PlacementRecord> {
+        self.balancer.in_flight(&rec.model, &rec.workers)
     }
 
-    /// The rebalance of `model` being loaded, if any.
-    pub fn rebalancing(&self, model: &str) -> Option<&PlacementRecord> {
-        self.balancer.in_flight(model)
-    }
-
-    /// The workers of the run in flight (busy), by id.
+    /// The workers of the runs in flight (busy), by id.
     pub fn run_workers(&self) -> Vec<String> {
-        match self.active.as_ref().map(|a| &a.stage) {
-            Some(Stage::Running { workers, .. }) => workers.iter().map(|w| w.id.clone()).collect(),
-            _ => Vec::new(),
-        }
+        self.active
+            .iter()
+            .flat_map(|a| match &a.stage {
+                Stage::Running { workers, .. } => {
+                    workers.iter().map(|w| w.id.clone()).collect::<Vec<_>>()
+                }
+                _ => Vec::new(),
+            })
+            .collect()
     }
 
-    /// The job being run (or waiting between runs), if any.
-    pub fn running(&self) -> Option<JobId> {
-        self.active.as_ref().map(|a| a.id)
+    /// The jobs being run (or waiting between runs).
+    pub fn running(&self) -> Vec<JobId> {
+        self.active.iter().map(|a| a.id).collect()
     }
 }
 

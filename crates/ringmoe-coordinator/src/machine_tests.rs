@@ -26,6 +26,10 @@ fn workers(ids: &[&str]) -> Vec<WorkerRecord> {
 }
 
 fn machine(min_workers: usize, max_retries: u32) -> Machine {
+    machine_with_groups(min_workers, max_retries, 0)
+}
+
+fn machine_with_groups(min_workers: usize, max_retries: u32, group_workers: usize) -> Machine {
     let info = ModelInfo {
         shape: ModelShape {
             layers: 2,
@@ -39,6 +43,7 @@ fn machine(min_workers: usize, max_retries: u32) -> Machine {
             min_workers,
             retry: RetryPolicy { max_retries },
             balance: crate::balance::BalanceConfig::default(),
+            group_workers,
         },
         HashMap::from([("m".to_string(), info)]),
     )
@@ -81,6 +86,20 @@ fn lost_worker() -> JobError {
         step: WorkerStep::Run,
         message: "lost peer".into(),
     }
+}
+
+/// Every run a batch of commands starts.
+fn all_started(cmds: &[Command]) -> Vec<RunOrder> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::StartRun(o) => Some(o.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ids_of(o: &RunOrder) -> Vec<&str> {
+    o.workers.iter().map(|w| w.id.as_str()).collect()
 }
 
 /// The run a batch of commands starts.
@@ -383,7 +402,7 @@ fn cancel_while_queued_while_running_and_after_done() {
     assert!(started(&cmds).is_none(), "no worker left");
     let cmds = m.on(t, Event::Cancel(4));
     assert_eq!(persisted(&cmds, 4), vec![JobState::Cancelled]);
-    assert_eq!(m.running(), None);
+    assert!(m.running().is_empty());
 }
 
 #[test]
@@ -652,4 +671,125 @@ fn a_worker_leaving_mid_run_aborts_the_run_and_it_retries_without_it() {
     let cmds = m.on(t, Event::Cancel(1));
     assert_eq!(cmds, vec![Command::AbortRun { run: next.run }]);
     assert!(m.on(t, Event::Workers(workers(&["a"]))).is_empty());
+}
+
+#[test]
+fn with_groups_jobs_run_at_once_on_different_groups_each_with_its_placement() {
+    let t = Instant::now();
+    let mut m = machine_with_groups(1, 3, 2);
+    m.on(t, Event::Workers(workers(&["a", "b", "c", "d", "e"])));
+    // Five workers in groups of two: [a, b] and [c, d, e] (the remainder joins the last).
+    assert_eq!(
+        m.groups(&m.live_workers(t))
+            .iter()
+            .map(|g| g.len())
+            .collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    let first = started(&submit(&mut m, t, 1, 0)).unwrap();
+    let second = started(&submit(&mut m, t, 2, 0)).unwrap();
+    assert!(
+        started(&submit(&mut m, t, 3, 0)).is_none(),
+        "no third group"
+    );
+    assert_eq!(ids_of(&first), ["a", "b"]);
+    assert_eq!(ids_of(&second), ["c", "d", "e"]);
+    assert!(first.fresh && second.fresh);
+    assert_ne!(first.placement.version, second.placement.version);
+    assert_eq!(m.running(), vec![1, 2]);
+    m.on(t, Event::PlacementKnown(first.placement.clone()));
+    m.on(t, Event::PlacementKnown(second.placement.clone()));
+    // The first group frees up: the third job runs there, on that group's placement.
+    let third = started(&finish(&mut m, t, first.run)).unwrap();
+    assert_eq!((third.id, ids_of(&third)), (3, vec!["a", "b"]));
+    assert!(!third.fresh);
+    assert_eq!(third.placement, first.placement);
+    // Progress and results go to the right job.
+    let cmds = m.on(
+        t,
+        Event::Progress {
+            run: second.run,
+            state: JobState::Prefill {
+                layer: 1,
+                layers: 2,
+            },
+            report: Report::default(),
+        },
+    );
+    assert!(
+        matches!(&cmds[..], [Command::Publish { id: 2, .. }]),
+        "{cmds:?}"
+    );
+    assert_eq!(
+        persisted(&finish(&mut m, t, second.run), 2),
+        vec![JobState::Done]
+    );
+    assert_eq!(
+        persisted(&finish(&mut m, t, third.run), 3),
+        vec![JobState::Done]
+    );
+    assert!(m.running().is_empty());
+}
+
+#[test]
+fn with_groups_a_job_no_group_holds_waits_for_every_worker_and_nothing_overtakes_it() {
+    let t = Instant::now();
+    let mut m = machine_with_groups(1, 3, 2);
+    m.on(t, Event::Workers(workers(&["a", "b", "c", "d"])));
+    let small = started(&submit(&mut m, t, 1, 0)).unwrap();
+    // 3000 tokens: a group of two holds 2000, all four 4000.
+    let cmds = m.on(
+        t,
+        Event::Submitted {
+            id: 2,
+            spec: spec(0),
+            input_len: 3000,
+        },
+    );
+    assert!(started(&cmds).is_none(), "waits for the whole cluster");
+    // A small job behind it does not overtake it, although a group is free.
+    assert!(started(&submit(&mut m, t, 3, 0)).is_none());
+    let long = started(&finish(&mut m, t, small.run)).unwrap();
+    assert_eq!((long.id, ids_of(&long)), (2, vec!["a", "b", "c", "d"]));
+    let next = all_started(&finish(&mut m, t, long.run));
+    assert_eq!(next.len(), 1);
+    assert_eq!((next[0].id, ids_of(&next[0])), (3, vec!["a", "b"]));
+}
+
+#[test]
+fn with_groups_a_retried_job_waits_for_a_free_group_and_draining_workers_get_none() {
+    let t = Instant::now();
+    let mut m = machine_with_groups(1, 3, 2);
+    m.on(t, Event::Workers(workers(&["a", "b", "c", "d"])));
+    let one = started(&submit(&mut m, t, 1, 0)).unwrap();
+    let two = started(&submit(&mut m, t, 2, 0)).unwrap();
+    m.on(
+        t,
+        Event::RunFinished {
+            run: one.run,
+            result: Err(lost_worker()),
+        },
+    );
+    // b is dead: three live workers make one group, busy with job 2: the retry waits.
+    let cmds = m.on(
+        t,
+        Event::Probed {
+            run: one.run,
+            dead: vec!["b".into()],
+        },
+    );
+    assert!(started(&cmds).is_none(), "{cmds:?}");
+    assert!(matches!(
+        &persisted(&cmds, 1)[..],
+        [JobState::Retrying { .. }]
+    ));
+    let retry = started(&finish(&mut m, t, two.run)).unwrap();
+    assert_eq!((retry.id, ids_of(&retry)), (1, vec!["a", "c", "d"]));
+    finish(&mut m, t, retry.run);
+    // A draining worker is in no group.
+    let mut list = workers(&["a", "b", "c", "d"]);
+    list[3].draining = true;
+    m.on(t, Event::Workers(list));
+    let run = started(&submit(&mut m, t, 4, 0)).unwrap();
+    assert!(!ids_of(&run).contains(&"d"), "{:?}", ids_of(&run));
 }

@@ -1,7 +1,7 @@
 //! The job queue: highest priority first, then submission order (lower id first).
 //!
-//! One job runs at a time over every live worker (a long job wants all the cluster's K/V memory
-//! and compute); the rest wait here.
+//! Jobs leave it in this order for a free worker group (`--group-workers`; by default one group
+//! of every live worker, so one job at a time); the rest wait here.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};

@@ -206,6 +206,17 @@ async fn run_inner(
                     info!(model = %rec.model, version = rec.version, "publishing a placement");
                     placement::publish(m.as_ref(), rec).await?;
                     report(Event::PlacementKnown(rec.clone()));
+                } else {
+                    // The store keeps one record per model: with worker groups another group's
+                    // may have replaced this one, and a worker of this group that restarted
+                    // would never see it. Published again (its workers that hold it ack at once).
+                    let stored = m
+                        .placement(&rec.model)
+                        .await
+                        .map_err(|e| JobError::Membership(e.to_string()))?;
+                    if stored.as_ref() != Some(rec) {
+                        placement::publish(m.as_ref(), rec).await?;
+                    }
                 }
                 placement::await_acks(m.as_ref(), rec, ctx.load_timeout, &abort, id).await?;
             }
@@ -332,13 +343,15 @@ async fn run_inner(
         ctx.load_interval.max(Duration::from_millis(100)),
     );
     let (load_tx, mut load_rx) = mpsc::channel::<LoadReading>(2);
+    let worker_ids: Vec<String> = order.workers.iter().map(|w| w.id.clone()).collect();
     let failure = loop {
         let ev = tokio::select! {
             ev = rx.recv() => ev,
             _ = read_every.tick() => {
                 let (clients, model, tx) = (clients.clone(), order.spec.model.clone(), load_tx.clone());
+                let ids = worker_ids.clone();
                 tokio::spawn(async move {
-                    if let Some(r) = read_load(&clients, &model, version).await {
+                    if let Some(r) = read_load(&clients, &model, &ids, version).await {
                         let _ = tx.try_send(r);
                     }
                 }.in_current_span());
@@ -430,7 +443,7 @@ async fn run_inner(
         runs: order.attempt + 1,
     };
     let outcome = results.outcome(score)?;
-    if let Some(r) = read_load(&clients, &order.spec.model, version).await {
+    if let Some(r) = read_load(&clients, &order.spec.model, &worker_ids, version).await {
         report(Event::Load(r));
     }
     Ok(JobOutput { outcome, timings })
@@ -459,7 +472,12 @@ async fn cancel_on_workers(clients: Vec<WorkerClient>, id: u64) {
 
 /// Reads every worker's expert-load window for placement `version` of `model` (in rank order);
 /// `None` when a worker does not answer within a second or answers for another version.
-async fn read_load(clients: &[WorkerClient], model: &str, version: u64) -> Option<LoadReading> {
+async fn read_load(
+    clients: &[WorkerClient],
+    model: &str,
+    workers: &[String],
+    version: u64,
+) -> Option<LoadReading> {
     let trace = TraceHeaders::current();
     let read = on_every(clients, |r, mut c| {
         let req = trace.request(proto::ReportLoadRequest {
@@ -495,6 +513,7 @@ async fn read_load(clients: &[WorkerClient], model: &str, version: u64) -> Optio
     }
     Some(LoadReading {
         model: model.to_string(),
+        workers: workers.to_vec(),
         version,
         layers,
         experts,

@@ -141,6 +141,7 @@ impl Runtime {
                 model,
                 version,
                 ok: true,
+                ..
             } => crate::telemetry::placement(model, *version),
             Event::Load(r) => crate::telemetry::expert_imbalance(r),
             _ => {}
@@ -397,6 +398,7 @@ impl Runtime {
                 };
                 rt.apply(Event::Rebalanced {
                     model: record.model.clone(),
+                    workers: record.workers.clone(),
                     version: record.version,
                     ok,
                 })
@@ -456,17 +458,23 @@ impl Runtime {
         use ringmoe_plan::{Placement, expected_per_layer, planned_imbalance};
         let f = crate::telemetry::figures(self);
         let m = lock(&self.machine)?;
+        let now = Instant::now();
         let busy = m.run_workers();
+        // Worker groups over the schedulable workers (index = group).
+        let groups: Vec<Vec<String>> = m
+            .groups(&m.live_workers(now))
+            .into_iter()
+            .map(|g| g.into_iter().map(|w| w.id).collect())
+            .collect();
+        let group_of = |id: &str| groups.iter().position(|g| g.iter().any(|w| w == id));
         let mut expected: HashMap<String, f64> = HashMap::new();
         let mut measured: HashMap<String, f64> = HashMap::new();
         let mut loading: Vec<String> = Vec::new();
-        let mut records: Vec<&PlacementRecord> = m.placements().collect();
-        records.sort_by(|a, b| a.model.cmp(&b.model));
         let mut placements = Vec::new();
-        // The worst of the models' latest measurements.
+        // The worst of the latest measurements.
         let mut worst = 0f64;
-        for rec in records {
-            let latest = m.load_estimate(&rec.model);
+        for rec in m.placements() {
+            let latest = m.load_estimate(rec);
             let est = latest.filter(|e| e.version == rec.version);
             let p = Placement::from_json(&rec.placement).ok();
             let mut planned = 0.0;
@@ -482,7 +490,7 @@ impl Runtime {
             }
             let imbalance = latest.map_or(0.0, |e| e.imbalance);
             worst = worst.max(imbalance);
-            let to = m.rebalancing(&rec.model);
+            let to = m.rebalancing(rec);
             if let Some(to) = to {
                 // A worker is loading until it acknowledges the new version (heartbeating
                 // workers answer only when done: all of them until then).
@@ -498,19 +506,21 @@ impl Runtime {
                     }
                 }
             }
+            // The group whose workers the placement covers (a placement over every worker while
+            // there are several groups belongs to none of them: reported as group 0).
+            let group = groups.iter().position(|g| *g == rec.workers).unwrap_or(0) as u32;
             placements.push(proto::ModelPlacement {
                 model: rec.model.clone(),
                 version: rec.version,
-                group: 0,
+                group,
                 workers: rec.workers.clone(),
                 expert_imbalance: imbalance,
                 planned_imbalance: planned,
-                rebalances: m.load_estimate(&rec.model).map_or(0, |e| e.rebalances),
+                rebalances: latest.map_or(0, |e| e.rebalances),
                 rebalancing_to: to.map_or(0, |r| r.version),
                 measured_version: latest.map_or(0, |e| e.version),
             });
         }
-        let now = Instant::now();
         let workers = m
             .all_workers()
             .iter()
@@ -529,7 +539,7 @@ impl Runtime {
                     "ready"
                 }
                 .into(),
-                group: 0,
+                group: group_of(&w.id).unwrap_or(0) as u32,
                 kv_budget_bytes: w.kv_budget_bytes,
                 expected_load: expected.get(&w.id).copied().unwrap_or(0.0),
                 measured_load: measured.get(&w.id).copied().unwrap_or(0.0),

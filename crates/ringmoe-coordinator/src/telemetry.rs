@@ -172,27 +172,43 @@ pub(crate) fn rebalanced(model: &str, bytes_read: u64, secs: f64) {
     );
 }
 
-/// Workers wanted for the unfinished jobs: each job needs enough workers for its K/V
-/// (`tokens` of `kv_per_token` bytes, spread over workers of `worker_budget` bytes each), and
-/// never fewer than `min_workers`. With no worker to learn a budget from, one per job that
-/// waits.
+/// How the cluster is scaled: what `desired_workers` weighs.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Scale {
+    pub min_workers: usize,
+    /// `--group-workers` (0: one group, one job at a time).
+    pub group_workers: usize,
+    /// `--max-workers` (0: no cap).
+    pub max_workers: usize,
+}
+
+/// Workers wanted for the unfinished jobs (`jobs`: tokens of K/V and bytes per token, queued
+/// and running). Each job needs enough workers for its K/V (spread over workers of
+/// `worker_budget` bytes; one per job without a worker to learn the budget from). With one
+/// group (`group_workers` 0) jobs run one at a time, so the largest job decides; with groups of
+/// G, every job can run at once on a group of its own (at least G workers): their sum. Never
+/// fewer than `min_workers`, never more than `max_workers` (when set).
 pub(crate) fn desired_workers(
-    min_workers: usize,
+    scale: Scale,
     jobs: &[(u64, u64)],
     worker_budget: Option<u64>,
 ) -> u64 {
-    let need = jobs
-        .iter()
-        .map(|&(tokens, per_token)| match worker_budget {
-            Some(b) => {
-                let fit = (b / per_token.max(1)).max(1);
-                tokens.div_ceil(fit)
-            }
-            None => 1,
-        })
-        .max()
-        .unwrap_or(0);
-    need.max(min_workers as u64)
+    let per_job = jobs.iter().map(|&(tokens, per_token)| match worker_budget {
+        Some(b) => {
+            let fit = (b / per_token.max(1)).max(1);
+            tokens.div_ceil(fit)
+        }
+        None => 1,
+    });
+    let need = match scale.group_workers {
+        0 => per_job.max().unwrap_or(0),
+        g => per_job.map(|n| n.max(g as u64)).sum(),
+    };
+    let d = need.max(scale.min_workers as u64);
+    match scale.max_workers {
+        0 => d,
+        max => d.min(max as u64),
+    }
 }
 
 /// Registers the scrape-time gauges of `rt` (held weakly: a stopped coordinator reports
@@ -253,7 +269,15 @@ pub(crate) fn figures(rt: &Runtime) -> Figures {
         queued,
         tokens_queued,
         running,
-        desired_workers: desired_workers(rt.cfg.min_workers, &demand, budget),
+        desired_workers: desired_workers(
+            Scale {
+                min_workers: rt.cfg.min_workers,
+                group_workers: rt.cfg.group_workers,
+                max_workers: rt.cfg.max_workers,
+            },
+            &demand,
+            budget,
+        ),
         live,
         excluded,
     }
@@ -287,7 +311,7 @@ fn scrape(rt: &Runtime) {
     }
     g(
         "ringmoe_desired_workers",
-        "Workers the unfinished jobs want (K/V capacity of the largest, at least --min-workers): the autoscaling signal.",
+        "Workers the unfinished jobs want: the K/V of the largest (one group), or a group (or its K/V) for every job (--group-workers); at least --min-workers, at most --max-workers. The autoscaling signal.",
         f.desired_workers,
     );
 }
@@ -297,17 +321,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn desired_workers_follow_the_largest_job_and_the_floor() {
+    fn desired_workers_follow_the_largest_job_or_the_groups_and_the_floor() {
         // 1 KiB per token, workers of 1 MiB: 1024 tokens each.
         let per = 1024;
         let budget = Some(1 << 20);
-        assert_eq!(desired_workers(1, &[], budget), 1);
-        assert_eq!(desired_workers(2, &[(10, per)], budget), 2);
-        assert_eq!(desired_workers(1, &[(1024, per)], budget), 1);
-        assert_eq!(desired_workers(1, &[(1025, per)], budget), 2);
-        assert_eq!(desired_workers(1, &[(100, per), (5000, per)], budget), 5);
-        // No workers to learn the budget from: one, so the pool starts.
-        assert_eq!(desired_workers(0, &[(5000, per)], None), 1);
-        assert_eq!(desired_workers(0, &[], None), 0);
+        let one = |min| Scale {
+            min_workers: min,
+            ..Scale::default()
+        };
+        assert_eq!(desired_workers(one(1), &[], budget), 1);
+        assert_eq!(desired_workers(one(2), &[(10, per)], budget), 2);
+        assert_eq!(desired_workers(one(1), &[(1024, per)], budget), 1);
+        assert_eq!(desired_workers(one(1), &[(1025, per)], budget), 2);
+        assert_eq!(
+            desired_workers(one(1), &[(100, per), (5000, per)], budget),
+            5
+        );
+        assert_eq!(desired_workers(one(0), &[(5000, per)], None), 1);
+        assert_eq!(desired_workers(one(0), &[], None), 0);
+        // Groups of 2: every job its own group (a long one as many workers as its K/V needs),
+        // capped by --max-workers.
+        let groups = Scale {
+            min_workers: 1,
+            group_workers: 2,
+            max_workers: 0,
+        };
+        let three_small = [(10, per); 3];
+        assert_eq!(desired_workers(groups, &three_small, budget), 6);
+        assert_eq!(
+            desired_workers(groups, &[(10, per), (5000, per)], budget),
+            7
+        );
+        assert_eq!(desired_workers(groups, &[], budget), 1);
+        let capped = Scale {
+            max_workers: 4,
+            ..groups
+        };
+        assert_eq!(desired_workers(capped, &three_small, budget), 4);
     }
 }

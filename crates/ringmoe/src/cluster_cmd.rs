@@ -189,7 +189,7 @@ pub struct CoordinatorArgs {
     telemetry: TelemetryOpts,
 }
 
-/// Expert load balancing (`coordinator` and `serve`).
+/// Expert load balancing, worker groups and the autoscaling signal (`coordinator` and `serve`).
 #[derive(Args, Clone, Debug)]
 pub struct BalanceOpts {
     /// Republish the expert placement when the measured imbalance (busiest worker's expert
@@ -203,6 +203,15 @@ pub struct BalanceOpts {
     /// How often a running job's expert load is read (it is also read after every job).
     #[arg(long, default_value_t = 10)]
     load_interval_secs: u64,
+    /// Split the workers into groups of this many (sorted by id; the remainder joins the last
+    /// group), each with an expert placement of its own, and run jobs concurrently, one per
+    /// group; a job whose K/V no group holds waits for every worker. 0: one group of all
+    /// workers, one job at a time.
+    #[arg(long, default_value_t = 0)]
+    group_workers: usize,
+    /// The most workers the autoscaling signal (`desired_workers`) asks for; 0: no cap.
+    #[arg(long, default_value_t = 0)]
+    max_workers: usize,
 }
 
 impl BalanceOpts {
@@ -218,6 +227,8 @@ impl BalanceOpts {
             slots_per_worker: self.expert_slots_per_worker,
         };
         cfg.load_interval = Duration::from_secs(self.load_interval_secs.max(1));
+        cfg.group_workers = self.group_workers;
+        cfg.max_workers = self.max_workers;
         Ok(())
     }
 }

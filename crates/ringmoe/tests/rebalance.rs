@@ -394,3 +394,152 @@ fn sigterm_drains_a_worker_after_its_job_and_a_short_drain_timeout_retries_it() 
     ensure!(got == want, "the retried job's tokens");
     Ok(())
 }
+
+/// When the job's progress first showed a running phase, and when it finished; its tokens.
+async fn timed(mut w: Watched) -> Result<(Instant, Instant, Vec<u32>)> {
+    let mut start = None;
+    while let Some(p) = w.stream.message().await? {
+        if matches!(p.phase(), JobPhase::Prefill | JobPhase::Decode) {
+            start.get_or_insert_with(Instant::now);
+        }
+        if p.phase() == JobPhase::Done {
+            break;
+        }
+        ensure!(p.phase() != JobPhase::Failed, "job {}: {}", w.id, p.message);
+    }
+    let end = Instant::now();
+    let t = tokens(client::result(&mut w.client, w.id).await?)?;
+    Ok((start.context("never ran")?, end, t))
+}
+
+#[test]
+fn with_worker_groups_two_jobs_run_at_once_and_a_job_no_group_holds_still_runs() -> Result<()> {
+    worker_groups(&[], &[])
+}
+
+#[test]
+fn with_etcd_worker_groups_keep_a_placement_each() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let ep = etcd.endpoint();
+    let args = ["--etcd", ep.as_str(), "--cluster", "g"];
+    worker_groups(&args, &args)
+}
+
+/// Four workers in two groups: two jobs at once, a job no group holds on all four, the
+/// autoscaling signal; `coord_extra` and `worker_extra` choose the membership.
+fn worker_groups(coord_extra: &[&str], worker_extra: &[&str]) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = model_copy(dir.path())?;
+    let model = Model::load(&m, &LoadOptions::default())?;
+    let c = &model.config;
+    let per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as f64;
+    // 700 tokens of K/V per worker: a group of two holds 1400, all four 2800.
+    let gib = format!("{}", 700.0 * per_token / (1u64 << 30) as f64);
+    let mut coord = vec![
+        "--group-workers",
+        "2",
+        "--rebalance-threshold",
+        "0",
+        "--max-workers",
+        "5",
+    ];
+    coord.extend_from_slice(coord_extra);
+    let mut worker = vec!["--kv-budget-gib", gib.as_str()];
+    worker.extend_from_slice(worker_extra);
+    let cl = cluster(&m, 4, &coord, &worker)?;
+    let rt = rt()?;
+    rt.block_on(wait_for_workers(&cl.addr, 4))?;
+    let a: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % 384).collect();
+    let b: Vec<u32> = (0..200u32).map(|i| (i * 53 + 7) % 384).collect();
+    let n = 400;
+    let (_, want_a) = reference(&model, &a, n as usize)?;
+    let (_, want_b) = reference(&model, &b, n as usize)?;
+    let ((sa, ea, ta), (sb, eb, tb), running) = rt.block_on(async {
+        let submit = |ids: Vec<u32>| {
+            let addr = cl.addr.clone();
+            async move {
+                let (client, id, stream) =
+                    submit_watching(&addr, spec(proto::JobMode::Generate, n), &ids).await?;
+                anyhow::Ok(Watched {
+                    client,
+                    id,
+                    stream,
+                    phases: Vec::new(),
+                })
+            }
+        };
+        let (ja, jb) = (submit(a.clone()).await?, submit(b.clone()).await?);
+        let seen = async {
+            // The status shows both running on the two groups, every worker busy.
+            wait_status(&cl.addr, 30, "two jobs running", |s| {
+                s.running_jobs == 2 && s.workers.iter().all(|w| w.state == "busy")
+            })
+            .await
+        };
+        let (ra, rb, seen) = tokio::join!(timed(ja), timed(jb), seen);
+        anyhow::Ok((ra?, rb?, seen?))
+    })?;
+    ensure!(
+        ta == want_a && tb == want_b,
+        "tokens differ from the engine's"
+    );
+    ensure!(
+        sa < eb && sb < ea,
+        "the two jobs did not overlap: a {:?}..{:?}, b {:?}..{:?}",
+        sa,
+        ea,
+        sb,
+        eb
+    );
+    let groups: Vec<u32> = running.workers.iter().map(|w| w.group).collect();
+    ensure!(groups == [0, 0, 1, 1], "groups {groups:?}");
+    // 2000 tokens: no group holds them, all four workers do.
+    let long: Vec<u32> = (0..2000u32).map(|i| (i * 29 + 3) % 384).collect();
+    score_like_engine(&rt, &cl.addr, &model, long)?;
+    let s = rt.block_on(status(&cl.addr))?;
+    ensure!(
+        s.placements.iter().any(|p| p.workers.len() == 4),
+        "no placement over every worker: {:?}",
+        s.placements
+    );
+    // And a small one goes back to a group.
+    score_like_engine(&rt, &cl.addr, &model, a.clone())?;
+    // The autoscaling signal: three jobs at once want a group each (6 workers, capped at
+    // --max-workers 5); once they are done, the floor (--min-workers 4).
+    ensure!(rt.block_on(status(&cl.addr))?.desired_workers == 4);
+    rt.block_on(async {
+        let mut jobs = Vec::new();
+        for ids in [&a, &b, &a] {
+            jobs.push(submit_watching(&cl.addr, spec(proto::JobMode::Generate, n), ids).await?);
+        }
+        let s = status(&cl.addr).await?;
+        ensure!(
+            s.desired_workers == 5 && s.queued_jobs + s.running_jobs == 3,
+            "with three jobs: {s:?}"
+        );
+        for (mut c, id, _) in jobs {
+            client::watch(&mut c, id, |_| {}).await?;
+        }
+        wait_status(&cl.addr, 10, "the signal falling back", |s| {
+            s.desired_workers == 4 && s.running_jobs == 0
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+fn score_like_engine(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    model: &Model,
+    ids: Vec<u32>,
+) -> Result<()> {
+    let (want, _) = reference(model, &ids, 1)?;
+    let (_, got) = rt.block_on(run_job(
+        addr,
+        spec(proto::JobMode::Score, 0),
+        Input::Tokens(ids),
+    ))?;
+    check_score(scores(got)?, &want, "score")
+}
