@@ -11,9 +11,11 @@
 //! * `runtime.rs` — performs the core's commands; `service.rs` — the gRPC handlers;
 //!   `admission.rs` — upload checks; [`store`] — the job store; [`output`] — job results.
 //!
-//! Scheduling: **one job at a time over every live worker**; the rest wait in the queue,
-//! highest priority first, then in submission order. A long job wants all the cluster's K/V
-//! memory and compute, and running jobs side by side would halve both for each.
+//! Scheduling: by default **one job at a time over every live worker**; the rest wait in the
+//! queue, highest priority first, then in submission order. A long job wants all the cluster's
+//! K/V memory and compute. With `--group-workers G` the live workers form groups of G (each with
+//! a placement of its own) and jobs run concurrently, one per group, in queue order; a job no
+//! group's K/V holds waits until every worker is free, and nothing behind it overtakes it.
 
 pub mod admission;
 pub mod auth;
