@@ -109,6 +109,10 @@ pub struct CoordinatorConfig {
     pub group_workers: usize,
     /// The most workers `desired_workers` asks for (`--max-workers`; 0: no cap).
     pub max_workers: usize,
+    /// At the shutdown signal, how long a leader keeps running the jobs in flight (submissions
+    /// refused, nothing new started) before it stops and hands over (`--drain-timeout-secs`;
+    /// 0: at once — the job store keeps every job for the next leader).
+    pub drain_timeout: Duration,
 }
 
 impl CoordinatorConfig {
@@ -134,6 +138,7 @@ impl CoordinatorConfig {
             load_interval: Duration::from_secs(10),
             group_workers: 0,
             max_workers: 0,
+            drain_timeout: Duration::ZERO,
         }
     }
 }
@@ -144,12 +149,13 @@ pub async fn run_coordinator(
     cfg: CoordinatorConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
-    // `shutdown` ends the wait for leadership as well as the serving.
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // `shutdown` ends the wait for leadership at once, and the serving after the drain.
+    let (signal_tx, signal_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = signal_tx.send(true);
     });
+    let stop_rx = signal_rx.clone();
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -254,6 +260,17 @@ pub async fn run_coordinator(
     ));
     // Queue, workers and the autoscaling signal, refreshed at each scrape of /metrics.
     let _metrics = telemetry::collector(&rt);
+    // The signal drains (runs in flight finish, up to the drain timeout), then stops the servers.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        let (rt, mut signal) = (rt.clone(), signal_rx);
+        tokio::spawn(async move {
+            if signal.wait_for(|s| *s).await.is_ok() {
+                rt.drain().await;
+            }
+            let _ = stop_tx.send(true);
+        });
+    }
     rt.apply(Event::Recovered(recovered.jobs)).await;
     let c = Coordinator { rt: rt.clone() };
     let c_http = c.clone();

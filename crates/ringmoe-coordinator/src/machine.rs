@@ -19,6 +19,7 @@
 //! | `Tick` | time passed (exclusions expire); may start the next run |
 //! | `Load(reading)` | updates the model's load estimate; may `Rebalance` (see `balance.rs`) |
 //! | `Rebalanced` | every worker holds the new placement: later runs use it |
+//! | `Drain` | shutting down: no run starts any more |
 //!
 //! Runs are numbered: an event of an older run (a late progress report, the result of a run
 //! that was given up) changes nothing.
@@ -106,6 +107,8 @@ pub enum Event {
     Tick,
     /// The workers' expert load under a placement version (after a run, or during a long one).
     Load(LoadReading),
+    /// The coordinator is shutting down: no run starts any more (those in flight go on).
+    Drain,
     /// A rebalance of the placement over `workers` ended: every worker acknowledged `version`
     /// (`ok`), or it failed.
     Rebalanced {
@@ -223,6 +226,8 @@ pub struct Machine {
     issued: HashMap<String, u64>,
     balancer: Balancer,
     next_run: RunId,
+    /// Shutting down: nothing new starts.
+    draining: bool,
 }
 
 impl Machine {
@@ -240,6 +245,7 @@ impl Machine {
             issued: HashMap::new(),
             balancer: Balancer::new(cfg.balance),
             next_run: 1,
+            draining: false,
         }
     }
 
@@ -300,6 +306,7 @@ impl Machine {
             Event::RunFinished { run, result } => self.run_finished(now, run, result, &mut out),
             Event::Probed { run, dead } => self.probed(now, run, dead, &mut out),
             Event::Tick => {}
+            Event::Drain => self.draining = true,
             Event::Load(reading) => {
                 let current = self.record(&reading.model, &reading.workers).cloned();
                 let next = self.next_version(&reading.model);
@@ -591,6 +598,9 @@ impl Machine {
     /// The first job that cannot start stops the pass: nothing overtakes it, so a job waiting
     /// for the whole cluster gets it as soon as the running ones end (no starvation).
     fn schedule(&mut self, now: Instant, out: &mut Vec<Command>) {
+        if self.draining {
+            return;
+        }
         loop {
             let live = self.live_workers(now);
             let waiting = self

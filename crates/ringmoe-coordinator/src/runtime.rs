@@ -75,6 +75,8 @@ pub(crate) struct Runtime {
     /// Set when the coordinator stops (shutdown, or lost leadership): nothing more is applied,
     /// so nothing more is written to a store another leader may now own.
     stopped: std::sync::atomic::AtomicBool,
+    /// Set at the shutdown signal: submissions are refused and no run starts.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Runtime {
@@ -106,6 +108,41 @@ impl Runtime {
             submissions: crate::auth::SubmissionRate::default(),
             cfg,
             stopped: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the coordinator is draining (shutting down): it takes no new jobs.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The shutdown drain: refuse submissions, start no run, and wait for the runs in flight to
+    /// end, at most `--drain-timeout-secs` (queued jobs stay in the store for the next leader).
+    pub async fn drain(self: &Arc<Self>) {
+        let timeout = self.cfg.drain_timeout;
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.apply(Event::Drain).await;
+        let t = Instant::now();
+        let in_flight = || self.runs.lock().map_or(0, |r| r.len());
+        if !timeout.is_zero() && in_flight() > 0 {
+            info!(
+                runs = in_flight(),
+                timeout_secs = timeout.as_secs_f64(),
+                "draining: finishing the runs in flight"
+            );
+        }
+        while in_flight() > 0 && t.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match in_flight() {
+            0 => info!(secs = t.elapsed().as_secs_f64(), "drained; stopping"),
+            n => warn!(
+                runs = n,
+                "stopping with runs in flight (--drain-timeout-secs ran out): the next leader \
+                 re-runs them"
+            ),
         }
     }
 

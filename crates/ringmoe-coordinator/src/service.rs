@@ -76,6 +76,12 @@ impl Coordinator {
         span: tracing::Span,
     ) -> Result<JobId, Status> {
         let rt = &self.rt;
+        if rt.is_draining() {
+            return Err(Status::unavailable(
+                "the coordinator is shutting down and takes no new jobs; submit again in a \
+                 moment (to the next leader, or after the restart)",
+            ));
+        }
         let len = tokens.len();
         span.record("model", spec.model.as_str());
         span.record("mode", crate::telemetry::mode(&spec));

@@ -161,6 +161,11 @@ pub struct CoordinatorArgs {
     /// How long workers may take to load a placement's weights before the job fails.
     #[arg(long, default_value_t = 600)]
     load_timeout_secs: u64,
+    /// After SIGTERM, seconds to keep running the jobs in flight (new submissions refused,
+    /// nothing new started) before stopping; what is left re-runs on the next leader. Keep it
+    /// below the pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_secs: u64,
     #[command(flatten)]
     balance: BalanceOpts,
     #[command(flatten)]
@@ -514,6 +519,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     cfg.min_workers = a.min_workers;
     cfg.max_retries = a.max_retries;
     cfg.load_timeout = Duration::from_secs(a.load_timeout_secs.max(1));
+    cfg.drain_timeout = Duration::from_secs(a.drain_timeout_secs);
     a.balance.apply(&mut cfg)?;
     rt.block_on(async move {
         cfg.auth = a.auth.open()?;

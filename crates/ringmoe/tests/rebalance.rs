@@ -543,3 +543,61 @@ fn score_like_engine(
     ))?;
     check_score(scores(got)?, &want, "score")
 }
+
+#[test]
+fn sigterm_drains_the_coordinator_the_running_job_finishes_and_new_ones_are_refused() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let m = model_copy(dir.path())?;
+    let model = Model::load(&m, &LoadOptions::default())?;
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 41 + 5) % 384).collect();
+    let n = 400;
+    let (_, want) = reference(&model, &ids, n as usize)?;
+    let mut c = cluster(&m, 2, &["--drain-timeout-secs", "60"], &[])?;
+    let rt = rt()?;
+    rt.block_on(wait_for_workers(&c.addr, 2))?;
+    let job = long_generate(&rt, &c.addr, &ids, n)?;
+    sigterm(&c.coordinator)?;
+    // A submission during the drain is refused, saying why.
+    let refused = rt.block_on(async {
+        let t = Instant::now();
+        loop {
+            let r = async {
+                let mut cl = client::connect(&c.addr, 1 << 20).await?;
+                let r = client::submit(
+                    &mut cl,
+                    spec(proto::JobMode::Score, 0),
+                    Input::Tokens(ids.clone()),
+                    client::UPLOAD_CHUNK,
+                    |_| {},
+                )
+                .await;
+                anyhow::Ok(r.err())
+            }
+            .await?;
+            if let Some(e) = r {
+                return anyhow::Ok(e);
+            }
+            // Accepted: the signal had not arrived yet.
+            ensure!(t.elapsed() < Duration::from_secs(10), "never refused");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })?;
+    ensure!(
+        refused.code() == tonic::Code::Unavailable && refused.message().contains("shutting down"),
+        "{refused:?}"
+    );
+    let (phases, got) = rt.block_on(finish(job))?;
+    ensure!(got == want, "the drained job's tokens");
+    ensure!(!phases.contains(&JobPhase::Retrying), "{phases:?}");
+    let t = Instant::now();
+    while c.coordinator.child.try_wait()?.is_none() {
+        ensure!(
+            t.elapsed() < Duration::from_secs(15),
+            "the coordinator did not exit after its drain"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(c.coordinator.child.try_wait()?.is_some_and(|s| s.success()));
+    Ok(())
+}
