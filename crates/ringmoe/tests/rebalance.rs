@@ -224,6 +224,36 @@ fn with_etcd_the_rebalanced_placement_is_published_acknowledged_and_used() -> Re
     skewed_stream(&rt, &c.addr, &m)
 }
 
+#[test]
+fn under_serve_the_in_process_membership_rebalances_the_same_way() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = model_copy(dir.path())?;
+    let store = dir.path().join("store");
+    let model = format!("m={}", m.display());
+    let (_serve, addr) = start(
+        "serve",
+        &[
+            "serve",
+            "--model",
+            &model,
+            "--workers",
+            "4",
+            "--addr",
+            "127.0.0.1:0",
+            "--no-http",
+            "--no-metrics",
+            "--store",
+            store.to_str().context("path")?,
+            "--load-interval-secs",
+            "1",
+        ],
+        dir.path(),
+    )?;
+    let rt = rt()?;
+    rt.block_on(wait_for_workers(&addr, 4))?;
+    skewed_stream(&rt, &addr, &m)
+}
+
 /// A generate job being watched: every phase its progress stream showed.
 struct Watched {
     client: client::Client,
