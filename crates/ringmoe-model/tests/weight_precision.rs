@@ -7,12 +7,7 @@ use ringmoe_core::WeightPrecision;
 use ringmoe_model::{Checkpoint, LoadOptions, LogitsFor, Model, nll_of};
 use ringmoe_testkit::{fixture, max_abs_diff};
 
-const FIXTURES: [&str; 4] = [
-    "mixtral-tiny",
-    "mixtral-tiny-bf16",
-    "qwen3-moe-tiny",
-    "qwen2-moe-tiny",
-];
+use ringmoe_testkit::MODEL_FIXTURES as FIXTURES;
 
 fn load(name: &str, weights: WeightPrecision) -> Result<Model> {
     let opts = LoadOptions {

@@ -23,6 +23,15 @@ pub use proxy::Proxy;
 
 use std::path::{Path, PathBuf};
 
+/// The committed fixture models (`scripts/make_fixtures.py`), one per architecture plus a bf16
+/// checkpoint.
+pub const MODEL_FIXTURES: [&str; 4] = [
+    "mixtral-tiny",
+    "mixtral-tiny-bf16",
+    "qwen3-moe-tiny",
+    "qwen2-moe-tiny",
+];
+
 /// A fixture model directory under the workspace's `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

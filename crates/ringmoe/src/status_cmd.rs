@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use ringmoe_proto::client;
 use ringmoe_proto::proto;
@@ -33,17 +33,7 @@ pub struct StatusArgs {
 }
 
 pub fn status(a: StatusArgs) -> Result<()> {
-    let token = match &a.token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("reading --token-file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => std::env::var("RINGMOE_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty()),
-    };
+    let token = crate::submit_cmd::client_token(a.token_file.as_deref())?;
     let tls = a.tls.load(false)?;
     let s = runtime()?.block_on(async {
         let mut c = client::connect_with(

@@ -178,9 +178,9 @@ pub fn submit(a: SubmitArgs) -> Result<()> {
     ))
 }
 
-async fn submit_async(a: SubmitArgs, input: Option<Input>) -> Result<()> {
-    let max = a.limits.max_message_bytes;
-    let token = match &a.token_file {
+/// This client's bearer token: `--token-file`'s content, else `RINGMOE_TOKEN`, else none.
+pub(crate) fn client_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    Ok(match file {
         Some(f) => Some(
             std::fs::read_to_string(f)
                 .with_context(|| format!("reading --token-file {}", f.display()))?
@@ -190,7 +190,12 @@ async fn submit_async(a: SubmitArgs, input: Option<Input>) -> Result<()> {
         None => std::env::var("RINGMOE_TOKEN")
             .ok()
             .filter(|t| !t.is_empty()),
-    };
+    })
+}
+
+async fn submit_async(a: SubmitArgs, input: Option<Input>) -> Result<()> {
+    let max = a.limits.max_message_bytes;
+    let token = client_token(a.token_file.as_deref())?;
     let tls = a.tls.load(false)?;
     let mut c = client::connect_with(&a.addr, max, token.as_deref(), tls.as_ref()).await?;
     let quiet = a.json;

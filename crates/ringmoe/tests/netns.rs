@@ -17,6 +17,7 @@ use ringmoe_testkit::{
 };
 
 mod common;
+use common::procs::spec;
 use common::{reference, submit_watching};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmoe");
@@ -35,16 +36,6 @@ fn ids(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32)
         .map(|i| (i ^ seed).wrapping_mul(2_654_435_761) % 512)
         .collect()
-}
-
-fn spec(mode: proto::JobMode, max_new_tokens: u32) -> proto::JobSpec {
-    proto::JobSpec {
-        model: "m".into(),
-        mode: mode as i32,
-        max_new_tokens,
-        sampling: Some(proto::Sampling::default()),
-        ..Default::default()
-    }
 }
 
 const WORKERS: usize = 4;
