@@ -435,16 +435,25 @@ impl Worker {
             Some(local) => local.display().to_string(),
             None => confine(&self.inner.model_roots, &path)?,
         };
+        let held_already = |held: &Held| {
+            held.find(&model, placement.version).is_some_and(|l| {
+                l.path == path && l.index == index && l.placement.layers == placement.layers
+            })
+        };
+        let cached = LoadReport {
+            cached: true,
+            ..LoadReport::default()
+        };
+        // A version held already answers at once, even while another loads in the background
+        // (a run on the version in force must not wait for a rebalance's load).
+        if held_already(&*lock(&self.inner.loaded)?) {
+            return Ok(cached);
+        }
         let _one_at_a_time = self.inner.loading.lock().await;
         let base = {
             let mut held = lock(&self.inner.loaded)?;
-            if held.find(&model, placement.version).is_some_and(|l| {
-                l.path == path && l.index == index && l.placement.layers == placement.layers
-            }) {
-                return Ok(LoadReport {
-                    cached: true,
-                    ..LoadReport::default()
-                });
+            if held_already(&held) {
+                return Ok(cached);
             }
             let current = held.current.clone();
             match current {
