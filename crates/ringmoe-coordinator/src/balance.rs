@@ -19,8 +19,8 @@
 //! experts), [`ringmoe_plan::plan_balanced`] plans a placement under the slot budget
 //! (`--expert-slots-per-worker`, default ⌈E/W⌉ + 1) from the estimate. It is published only if
 //! its planned imbalance beats the current placement's, under the same estimate, by
-//! [`MIN_GAIN`]. One rebalance per model at a time; after a failed one, none for
-//! [`RETRY_AFTER`].
+//! [`MIN_GAIN`]. One rebalance per placement at a time; after one, none for [`MIN_INTERVAL`];
+//! after a failed one, none for [`RETRY_AFTER`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,6 +34,9 @@ pub const MIN_ROWS_PER_WORKER: u64 = 64;
 pub const MIN_GAIN: f64 = 0.05;
 /// After a failed rebalance, the next waits this long.
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// After a rebalance, the next of the same placement waits this long: load that swings between
+/// jobs (a prefill-heavy one, a decode-heavy one) must not move experts after every job.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How the coordinator balances expert load.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -276,6 +279,7 @@ impl Balancer {
         let rec = m.in_flight.take()?;
         if ok {
             m.estimate.rebalances += 1;
+            m.not_before = Some(now + MIN_INTERVAL);
             Some(rec)
         } else {
             m.not_before = Some(now + RETRY_AFTER);
@@ -341,10 +345,28 @@ mod tests {
         assert!((0..4).all(|w| q.hosted(0, w).len() <= 3));
         // Measured under the new placement: balanced, so nothing more happens.
         let after = reading(&q, &load);
-        assert!(b.on_reading(t, &after, Some(&done), 3).is_none());
+        assert!(
+            b.on_reading(t + MIN_INTERVAL, &after, Some(&done), 3)
+                .is_none()
+        );
+        // Within the interval after a rebalance, even a skewed reading moves nothing.
+        let skewed_again = reading(&q, &vec![vec![20, 20, 30, 30, 40, 40, 700, 900]; 2]);
+        assert!(
+            b.on_reading(t, &skewed_again, Some(&done), 3).is_none(),
+            "a second rebalance within {MIN_INTERVAL:?}"
+        );
+        assert!(
+            b.on_reading(t + MIN_INTERVAL, &skewed_again, Some(&done), 3)
+                .is_some()
+        );
+        b.finished(t + MIN_INTERVAL, "m", &cur.workers, 3, true);
+        assert!(
+            b.on_reading(t + 2 * MIN_INTERVAL, &after, Some(&done), 4)
+                .is_none()
+        );
         let est = b.estimate("m", &cur.workers).unwrap();
         assert!(est.imbalance < 1.15, "{}", est.imbalance);
-        assert_eq!((est.version, est.rebalances), (2, 1));
+        assert_eq!((est.version, est.rebalances), (2, 2));
     }
 
     #[test]
