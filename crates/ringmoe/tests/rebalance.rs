@@ -631,3 +631,56 @@ fn sigterm_drains_the_coordinator_the_running_job_finishes_and_new_ones_are_refu
     ensure!(c.coordinator.child.try_wait()?.is_some_and(|s| s.success()));
     Ok(())
 }
+
+#[test]
+fn a_worker_that_joins_is_used_by_the_next_job_and_included_in_a_later_rebalance() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let m = model_copy(dir.path())?;
+    let model = Model::load(&m, &LoadOptions::default())?;
+    let ids = skewed_ids(&model, 512, 9)?;
+    let (want, _) = reference(&model, &ids, 1)?;
+    let mut c = cluster(&m, 4, &["--load-interval-secs", "1"], &[])?;
+    let rt = rt()?;
+    rt.block_on(wait_for_workers(&c.addr, 4))?;
+    let score = |rt: &tokio::runtime::Runtime| -> Result<()> {
+        let (_, got) = rt.block_on(run_job(
+            &c.addr,
+            spec(proto::JobMode::Score, 0),
+            Input::Tokens(ids.clone()),
+        ))?;
+        check_score(scores(got)?, &want, "score")
+    };
+    score(&rt)?;
+    let first = rt.block_on(wait_status(&c.addr, 60, "a rebalance on 4", |s| {
+        s.placements.first().is_some_and(|p| p.rebalances >= 1)
+    }))?;
+    let joined = start_worker(&c.addr, 4, &[], c.dir.path())?;
+    c.workers.push(joined);
+    rt.block_on(wait_for_workers(&c.addr, 5))?;
+    // The next job runs on all five (a placement over the new worker set) and measures the
+    // newcomer's load; the skew under that placement brings a rebalance over five.
+    score(&rt)?;
+    let s = rt.block_on(wait_status(
+        &c.addr,
+        60,
+        "a rebalance over five workers",
+        |s| {
+            s.placements
+                .iter()
+                .any(|p| p.workers.len() == 5 && p.rebalances >= 1 && p.rebalancing_to == 0)
+        },
+    ))?;
+    let p = s
+        .placements
+        .iter()
+        .find(|p| p.workers.len() == 5)
+        .context("no placement over five")?;
+    ensure!(p.version > placement(&first)?.version, "{p:?}");
+    score(&rt)?;
+    let s = rt.block_on(status(&c.addr))?;
+    ensure!(
+        s.workers.len() == 5 && s.workers.iter().all(|w| w.measured_load > 0.0),
+        "every worker computes expert rows on the rebalanced placement: {s:?}"
+    );
+    Ok(())
+}
