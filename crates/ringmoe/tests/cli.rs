@@ -311,6 +311,22 @@ fn bad_inputs_exit_nonzero_with_a_message() -> Result<()> {
         !out.status.success() && err.contains("want cpu, cuda or cuda:N"),
         "{err}"
     );
+    // A rebalance threshold below perfect balance is refused at start, naming the flag.
+    let m = format!("m={model_s}");
+    let out = ringmoe(&["serve", "--model", &m, "--rebalance-threshold", "0.5"])?;
+    let err = String::from_utf8(out.stderr)?;
+    ensure!(
+        !out.status.success()
+            && err.contains("--rebalance-threshold must be 0 (off) or at least 1.0"),
+        "{err}"
+    );
+    // `status` without a coordinator says which address failed.
+    let out = ringmoe(&["status", "--addr", "127.0.0.1:1"])?;
+    let err = String::from_utf8(out.stderr)?;
+    ensure!(
+        !out.status.success() && err.contains("127.0.0.1:1") && !err.contains("panicked"),
+        "{err}"
+    );
     Ok(())
 }
 
