@@ -383,7 +383,7 @@ fn sigterm_drains_a_worker_after_its_job_and_a_short_drain_timeout_retries_it() 
     let m = model_copy(dir.path())?;
     let model = Model::load(&m, &LoadOptions::default())?;
     let ids: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 384).collect();
-    let n = 400;
+    let n = 700;
     let (_, want) = reference(&model, &ids, n as usize)?;
     // Rebalancing off: this test is about membership.
     let mut c = cluster(&m, 4, &["--rebalance-threshold", "0"], &[])?;
@@ -581,7 +581,7 @@ fn sigterm_drains_the_coordinator_the_running_job_finishes_and_new_ones_are_refu
     let m = model_copy(dir.path())?;
     let model = Model::load(&m, &LoadOptions::default())?;
     let ids: Vec<u32> = (0..200u32).map(|i| (i * 41 + 5) % 384).collect();
-    let n = 400;
+    let n = 800;
     let (_, want) = reference(&model, &ids, n as usize)?;
     let mut c = cluster(&m, 2, &["--drain-timeout-secs", "60"], &[])?;
     let rt = rt()?;
