@@ -138,6 +138,32 @@ fn reload_on_change<E: std::fmt::Display>(
 }
 
 /// The coordinator ↔ worker credential (`coordinator` and `worker`).
+/// The client's bearer token (`submit`, `status`).
+#[derive(Args, Clone, Debug)]
+pub struct ClientTokenOpts {
+    /// A file holding this client's bearer token (for a coordinator with --auth-tokens-file);
+    /// or the token itself in RINGMOE_TOKEN.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl ClientTokenOpts {
+    /// `--token-file`'s content, else `RINGMOE_TOKEN`, else none.
+    pub fn token(&self) -> Result<Option<String>> {
+        Ok(match &self.token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading --token-file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("RINGMOE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ClusterSecretOpts {
     /// A file holding the cluster's shared secret (at least 16 visible ASCII characters, e.g.

@@ -2,8 +2,6 @@
 //! expert placement of each model, measured and expected expert load, the queue and the
 //! autoscaling signal — as a table, or as JSON (`--json`, keys fixed for tools).
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::Args;
 use ringmoe_proto::client;
@@ -11,7 +9,7 @@ use ringmoe_proto::proto;
 use serde_json::json;
 
 use crate::cluster_cmd::{LimitOpts, runtime};
-use crate::security_opts::TlsOpts;
+use crate::security_opts::{ClientTokenOpts, TlsOpts};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -22,10 +20,8 @@ pub struct StatusArgs {
     /// `desired_workers`, `queued_jobs`, `queued_tokens`, `running_jobs`.
     #[arg(long)]
     json: bool,
-    /// A file holding this client's bearer token (for a coordinator with --auth-tokens-file);
-    /// or the token itself in RINGMOE_TOKEN.
-    #[arg(long)]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    token: ClientTokenOpts,
     #[command(flatten)]
     limits: LimitOpts,
     #[command(flatten)]
@@ -33,7 +29,7 @@ pub struct StatusArgs {
 }
 
 pub fn status(a: StatusArgs) -> Result<()> {
-    let token = crate::submit_cmd::client_token(a.token_file.as_deref())?;
+    let token = a.token.token()?;
     let tls = a.tls.load(false)?;
     let s = runtime()?.block_on(async {
         let mut c = client::connect_with(

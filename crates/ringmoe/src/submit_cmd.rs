@@ -12,7 +12,7 @@ use ringmoe_proto::proto::{self, JobPhase};
 
 use crate::cluster_cmd::{LimitOpts, TelemetryOpts, runtime};
 use crate::forward::read_input_ids;
-use crate::security_opts::TlsOpts;
+use crate::security_opts::{ClientTokenOpts, TlsOpts};
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum ModeArg {
@@ -79,10 +79,8 @@ pub struct SubmitArgs {
     /// Tokens (or text bytes) per upload message.
     #[arg(long, default_value_t = client::UPLOAD_CHUNK)]
     chunk: usize,
-    /// A file holding this client's bearer token (for a coordinator with
-    /// --auth-tokens-file); or the token itself in RINGMOE_TOKEN.
-    #[arg(long)]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    token: ClientTokenOpts,
     #[command(flatten)]
     limits: LimitOpts,
     #[command(flatten)]
@@ -178,24 +176,9 @@ pub fn submit(a: SubmitArgs) -> Result<()> {
     ))
 }
 
-/// This client's bearer token: `--token-file`'s content, else `RINGMOE_TOKEN`, else none.
-pub(crate) fn client_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
-    Ok(match file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("reading --token-file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => std::env::var("RINGMOE_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty()),
-    })
-}
-
 async fn submit_async(a: SubmitArgs, input: Option<Input>) -> Result<()> {
     let max = a.limits.max_message_bytes;
-    let token = client_token(a.token_file.as_deref())?;
+    let token = a.token.token()?;
     let tls = a.tls.load(false)?;
     let mut c = client::connect_with(&a.addr, max, token.as_deref(), tls.as_ref()).await?;
     let quiet = a.json;
