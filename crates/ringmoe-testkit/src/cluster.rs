@@ -67,7 +67,7 @@ const COORDINATOR_PORT: u16 = 7070;
 const WORKER_PORT: u16 = 7071;
 
 impl NsCluster {
-    /// Starts etcd and the coordinators; returns once the first serves (leads). Workers are
+    /// Starts etcd and the coordinators; returns once the first leads (and so serves). Workers are
     /// the caller's to start: [`NsCluster::start_workers`], or [`NsCluster::spawn_worker`]
     /// with a [`NsCluster::worker_command`] of its own.
     pub fn start(spec: ClusterSpec, dir: &Path) -> std::io::Result<Self> {
@@ -88,8 +88,11 @@ impl NsCluster {
         for k in 0..c.spec.coordinators {
             let p = c.spawn_coordinator(k)?;
             if k == 0 {
-                // The first serves once it leads; the others wait as standbys.
+                // The first leads before the others start, so they wait as standbys: every
+                // coordinator binds its port at once ("listening on"), but a standby started
+                // while the first still campaigns may win the election instead.
                 p.line_after("listening on ", Duration::from_secs(30))?;
+                p.log_line("elected leader", Duration::from_secs(30))?;
             }
             c.coordinators[k] = Some(p);
         }

@@ -2,7 +2,7 @@
 //! as they come (servers print the addresses they bound there).
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -12,16 +12,18 @@ pub struct Proc {
     child: Child,
     name: String,
     lines: mpsc::Receiver<String>,
+    log: PathBuf,
 }
 
 impl Proc {
     /// Starts `cmd` with stderr appended to `log_dir/NAME.log` (a restarted process's log
     /// follows its earlier life's) and stdout read line by line.
     pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> std::io::Result<Self> {
+        let path = log_dir.join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log_dir.join(format!("{name}.log")))?;
+            .open(&path)?;
         let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn()?;
         let out = child
             .stdout
@@ -38,7 +40,29 @@ impl Proc {
             child,
             name: name.to_string(),
             lines,
+            log: path,
         })
+    }
+
+    /// The first line of its log (stderr, this life's and earlier ones') containing `needle`,
+    /// waiting up to `timeout`; the error names the process and ends with its log.
+    pub fn log_line(&self, needle: &str, timeout: Duration) -> std::io::Result<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(&self.log)?;
+            if let Some(l) = log.lines().find(|l| l.contains(needle)) {
+                return Ok(l.to_string());
+            }
+            if Instant::now() >= end {
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                return Err(std::io::Error::other(format!(
+                    "{} logged no line containing {needle:?} in {timeout:?}; its log ends: {:?}",
+                    self.name,
+                    tail.into_iter().rev().collect::<Vec<_>>()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The rest of the first stdout line starting with `prefix` (earlier lines are skipped),

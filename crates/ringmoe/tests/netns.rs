@@ -313,20 +313,29 @@ fn a_leader_cut_off_from_etcd_steps_down_and_the_standby_finishes_the_job_once()
         let (_cl, id, mut s) =
             submit_watching(&c.addrs[0], spec(proto::JobMode::Score, 0), &long).await?;
         // The old leader's stream ends (with an error) when it steps down.
-        while let Ok(Some(p)) = s.message().await {
-            if p.phase() == JobPhase::Prefill {
-                c.net.isolate(1, 0)?;
-                return anyhow::Ok((id, Instant::now()));
+        let prefill = async {
+            while let Ok(Some(p)) = s.message().await {
+                if p.phase() == JobPhase::Prefill {
+                    return true;
+                }
             }
+            false
+        };
+        match tokio::time::timeout(Duration::from_secs(120), prefill).await {
+            Ok(true) => {
+                c.net.isolate(1, 0)?;
+                anyhow::Ok((id, Instant::now()))
+            }
+            Ok(false) => bail!("the job never reached prefill"),
+            Err(_) => bail!("the job did not reach prefill in 120 s"),
         }
-        bail!("the job never reached prefill")
     })?;
     let old = c.c.coordinators[0].as_mut().context("leader")?;
     let status = old.wait_exit(Duration::from_secs(10))?;
     let stepped_down = cut.elapsed();
     ensure!(status.is_some(), "the cut-off leader still runs 10 s later");
     eprintln!("the old leader exited {stepped_down:?} after losing etcd ({status:?})");
-    let got = rt.block_on(async {
+    let finish = async {
         // Connecting waits until the standby, now leader, serves.
         let mut cl = client::connect(&c.addrs[1], 64 << 20).await?;
         let last = client::watch(&mut cl, id, |_| {}).await?;
@@ -334,7 +343,10 @@ fn a_leader_cut_off_from_etcd_steps_down_and_the_standby_finishes_the_job_once()
         let l = cl.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
         ensure!(l.jobs.len() == 1, "{} jobs", l.jobs.len());
         anyhow::Ok(client::result(&mut cl, id).await?)
-    })?;
+    };
+    let got = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(300), finish).await })
+        .context("the standby did not finish the job in 300 s")??;
     let JobResult::Scores(got) = got else {
         bail!("not scores")
     };
