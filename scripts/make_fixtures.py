@@ -6,7 +6,15 @@ exactly what users download from a hub. Reference logits, router top-k ids, gree
 tokenizer ids are computed by transformers and committed; CI never runs this script.
 
 Usage:  python3 -m venv .venv-fixtures && .venv-fixtures/bin/pip install torch transformers tokenizers safetensors
-        .venv-fixtures/bin/python scripts/make_fixtures.py
+        .venv-fixtures/bin/python scripts/make_fixtures.py [--only NAME[,NAME...]]
+
+`--only` rebuilds the named models and nothing else, reusing the committed tokenizer.json (so adding
+a fixture does not rewrite the others); versions.json then gains an entry per rebuilt model.
+
+The windowed models (`qwen2-moe-window`, `mixtral-window`) have a sliding window of 16 tokens, so
+the 64- and 300-token reference prompts cross it: Qwen2-MoE windows layers 0 and 2 of 3 (its
+`max_window_layers` rule, saved as transformers 5's `layer_types`), Mixtral every layer (saved in
+the transformers-4 style, without `layer_types`).
 
 Realism: HF's default init (std 0.02) makes attention almost uniform, which hides RoPE and masking
 bugs, and gives near-tied router logits that flip experts under a different summation order. The
@@ -135,6 +143,8 @@ def to_transformers4_config(path):
         cfg["rope_scaling"] = scaling
     if cfg.get("head_dim") is None:
         cfg.pop("head_dim", None)
+    # transformers 4 had no layer_types: the window follows from sliding_window (Mixtral: every layer).
+    cfg.pop("layer_types", None)
     if "num_local_experts" in cfg and cfg["model_type"] in ("qwen3_moe", "qwen2_moe"):
         cfg["num_experts"] = cfg.pop("num_local_experts")
     cfg["transformers_version"] = "4.46.0"
@@ -181,16 +191,25 @@ class Spec:
 
 
 def main():
+    only = None
+    if len(sys.argv) == 3 and sys.argv[1] == "--only":
+        only = set(sys.argv[2].split(","))
+    elif len(sys.argv) != 1:
+        sys.exit(__doc__)
     os.makedirs(ROOT, exist_ok=True)
     torch.set_num_threads(2)
-    tok = build_tokenizer(os.path.join(ROOT, "tokenizer.json"))
+    if only is None:
+        tok = build_tokenizer(os.path.join(ROOT, "tokenizer.json"))
+    else:
+        tok = Tokenizer.from_file(os.path.join(ROOT, "tokenizer.json"))
     vocab = tok.get_vocab_size()
-    cases = [{"text": t, "ids": tok.encode(t).ids} for t in TOKENIZER_CASES]
-    # transformers' own fast tokenizer must agree with the tokenizers library on these.
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(ROOT, "tokenizer.json"))
-    for c in cases:
-        assert fast(c["text"])["input_ids"] == c["ids"], c
-    json.dump(cases, open(os.path.join(ROOT, "tokenizer_cases.json"), "w"), indent=1, ensure_ascii=False)
+    if only is None:
+        cases = [{"text": t, "ids": tok.encode(t).ids} for t in TOKENIZER_CASES]
+        # transformers' own fast tokenizer must agree with the tokenizers library on these.
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(ROOT, "tokenizer.json"))
+        for c in cases:
+            assert fast(c["text"])["input_ids"] == c["ids"], c
+        json.dump(cases, open(os.path.join(ROOT, "tokenizer_cases.json"), "w"), indent=1, ensure_ascii=False)
     gen_prompt = tok.encode("The quick brown fox").ids
 
     mixtral = Spec(
@@ -227,14 +246,51 @@ def main():
         ),
         [0, 1], 2,
     )
-    make_model("mixtral-tiny", mixtral, 11, tok, gen_prompt, v4_config=True)
-    make_model("qwen3-moe-tiny", qwen3, 23, tok, gen_prompt, shard="100KB")
-    make_model("qwen2-moe-tiny", qwen2, 37, tok, gen_prompt)
-    make_model("mixtral-tiny-bf16", mixtral, 11, tok, gen_prompt, dtype=torch.bfloat16)
-    json.dump(
-        {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "python": sys.version.split()[0]},
-        open(os.path.join(ROOT, "versions.json"), "w"), indent=1,
+    qwen2_window = Spec(
+        transformers.Qwen2MoeForCausalLM,
+        transformers.Qwen2MoeConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+            decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=1024, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=False, use_sliding_window=True, sliding_window=16, max_window_layers=3,
+        ),
+        [0, 1, 2], 2,
     )
+    assert qwen2_window.cfg.layer_types == ["sliding_attention", "full_attention", "sliding_attention"], qwen2_window.cfg.layer_types
+    mixtral_window = Spec(
+        transformers.MixtralForCausalLM,
+        transformers.MixtralConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+            max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=16,
+        ),
+        [0, 1], 2,
+    )
+    builds = {
+        "mixtral-tiny": lambda: make_model("mixtral-tiny", mixtral, 11, tok, gen_prompt, v4_config=True),
+        "qwen3-moe-tiny": lambda: make_model("qwen3-moe-tiny", qwen3, 23, tok, gen_prompt, shard="100KB"),
+        "qwen2-moe-tiny": lambda: make_model("qwen2-moe-tiny", qwen2, 37, tok, gen_prompt),
+        "mixtral-tiny-bf16": lambda: make_model("mixtral-tiny-bf16", mixtral, 11, tok, gen_prompt, dtype=torch.bfloat16),
+        "qwen2-moe-window": lambda: make_model("qwen2-moe-window", qwen2_window, 41, tok, gen_prompt),
+        "mixtral-window": lambda: make_model("mixtral-window", mixtral_window, 43, tok, gen_prompt, v4_config=True),
+    }
+    unknown = (only or set()) - set(builds)
+    if unknown:
+        sys.exit(f"unknown fixtures {sorted(unknown)}; known: {sorted(builds)}")
+    for name, build in builds.items():
+        if only is None or name in only:
+            build()
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "python": sys.version.split()[0]}
+    path = os.path.join(ROOT, "versions.json")
+    if only is not None:
+        # The other fixtures keep the versions they were made with.
+        kept = json.load(open(path))
+        kept.setdefault("rebuilt", {}).update({name: versions for name in sorted(only)})
+        versions = kept
+    json.dump(versions, open(path, "w"), indent=1)
 
 
 if __name__ == "__main__":

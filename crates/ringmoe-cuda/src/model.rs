@@ -377,15 +377,16 @@ impl CudaModel {
             return Err(invalid("forward", "no tokens".into()));
         }
         self.check_tokens(tokens)?;
-        if let Some(w) = self.config.sliding_window
+        if let Some(w) = self.config.min_window()
             && let Some(end) = positions.iter().max().map(|p| p + 1)
             && end > w
         {
             return Err(invalid(
                 "forward",
                 format!(
-                    "sequence of {end} tokens exceeds the model's sliding_window of {w}; \
-                     sliding-window attention is not implemented"
+                    "sequence of {end} tokens exceeds a layer's sliding window of {w}; \
+                     sliding-window attention is not implemented on the CUDA path (the CPU \
+                     engine runs it)"
                 ),
             ));
         }

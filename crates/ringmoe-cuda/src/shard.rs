@@ -158,12 +158,12 @@ impl CudaModel {
         }
         // Checked on the whole plan, not only this rank's positions, so every rank refuses
         // together instead of leaving the others waiting in NCCL.
-        if let Some(w) = self.config.sliding_window
+        if let Some(w) = self.config.min_window()
             && plan.len > w
         {
             return Err(invalid(format!(
-                "sequence of {} tokens exceeds the model's sliding_window of {w}; sliding-window \
-                 attention is not implemented",
+                "sequence of {} tokens exceeds a layer's sliding window of {w}; sliding-window \
+                 attention is not implemented on the CUDA path (the CPU engine runs it)",
                 plan.len
             )));
         }

@@ -100,8 +100,10 @@ pub struct ModelConfig {
     pub dense_intermediate_size: usize,
     /// `sparse_layers[l]`: layer `l` uses the MoE block (else the dense MLP).
     pub sparse_layers: Vec<bool>,
-    /// Sliding-window attention span, when the config enables it.
-    pub sliding_window: Option<usize>,
+    /// Per layer, its sliding-window span (a query at `p` sees keys `p − w + 1 ..= p`), or
+    /// `None` for full causal attention: transformers' `layer_types`, or the architecture's rule
+    /// for older configs (see [`parse_layer_windows`]).
+    pub layer_windows: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -281,7 +283,86 @@ fn parse_rope(f: &Fields<'_>, max_pos: usize) -> Result<RopeConfig> {
     })
 }
 
+/// Each layer's sliding window (`None`: full attention), as transformers 5 builds it:
+/// - `layer_types` when the config lists them (what transformers 5 saves): `"sliding_attention"`
+///   layers get `sliding_window`, `"full_attention"` layers none; any other type is refused.
+/// - Otherwise the architecture's rule from `sliding_window` (transformers 4 configs): Mixtral
+///   windows every layer when `sliding_window` is set; Qwen3-MoE every layer when
+///   `use_sliding_window` is also true; Qwen2-MoE, with `use_sliding_window`, the even-numbered
+///   layers below `max_window_layers` (default 28) — transformers' `Qwen2MoeConfig` rule, unlike
+///   dense Qwen2's "layers from `max_window_layers` on".
+fn parse_layer_windows(
+    f: &Fields<'_>,
+    architecture: Architecture,
+    num_layers: usize,
+) -> Result<Vec<Option<usize>>> {
+    let window = || -> Result<usize> {
+        match f.opt_usize("sliding_window")? {
+            Some(w) if w > 0 => Ok(w),
+            _ => Err(f.err(
+                "sliding_window",
+                "must be a positive integer when a layer uses sliding-window attention",
+            )),
+        }
+    };
+    if let Some(types) = f.present("layer_types") {
+        let Value::Array(types) = types else {
+            return Err(f.err("layer_types", format!("expected a list, got {types}")));
+        };
+        if types.len() != num_layers {
+            return Err(f.err(
+                "layer_types",
+                format!("{} entries for {num_layers} layers", types.len()),
+            ));
+        }
+        return types
+            .iter()
+            .enumerate()
+            .map(|(l, t)| match t.as_str() {
+                Some("full_attention") => Ok(None),
+                Some("sliding_attention") => window().map(Some),
+                _ => Err(f.err(
+                    "layer_types",
+                    format!(
+                        "layer {l} is {t}; supported: \"full_attention\", \"sliding_attention\""
+                    ),
+                )),
+            })
+            .collect();
+    }
+    let enabled = match architecture {
+        Architecture::Mixtral => f.opt_usize("sliding_window")?.is_some_and(|w| w > 0),
+        Architecture::Qwen3Moe | Architecture::Qwen2Moe => {
+            f.opt_bool("use_sliding_window")?.unwrap_or(false)
+        }
+    };
+    if !enabled {
+        return Ok(vec![None; num_layers]);
+    }
+    let w = window()?;
+    Ok(match architecture {
+        Architecture::Qwen2Moe => {
+            let below = f.opt_usize("max_window_layers")?.unwrap_or(28);
+            (0..num_layers)
+                .map(|l| (l % 2 == 0 && l < below).then_some(w))
+                .collect()
+        }
+        Architecture::Mixtral | Architecture::Qwen3Moe => vec![Some(w); num_layers],
+    })
+}
+
 impl ModelConfig {
+    /// Layer `l`'s sliding window, `None` for full attention (or a layer beyond the model).
+    pub fn window(&self, l: usize) -> Option<usize> {
+        self.layer_windows.get(l).copied().flatten()
+    }
+
+    /// The narrowest sliding window of any layer (`None`: every layer attends fully). Up to
+    /// that many tokens, every layer's attention is plain causal attention.
+    pub fn min_window(&self) -> Option<usize> {
+        self.layer_windows.iter().flatten().copied().min()
+    }
+
     /// Reads and validates `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         Self::from_json(&read_json(&dir.join("config.json"))?)
@@ -329,7 +410,7 @@ impl ModelConfig {
             return Err(f.err("hidden_act", format!("only silu is supported, got {act:?}")));
         }
         let dense_intermediate_size = f.opt_usize("intermediate_size")?.unwrap_or(0);
-        let (moe, sparse_layers, qkv_bias, o_bias, qk_norm, sliding_window) = match architecture {
+        let (moe, sparse_layers, qkv_bias, o_bias, qk_norm) = match architecture {
             Architecture::Mixtral => {
                 let moe = MoeConfig {
                     num_experts: f.usize("num_local_experts")?,
@@ -338,14 +419,7 @@ impl ModelConfig {
                     norm_topk_prob: true,
                     shared_expert_intermediate_size: None,
                 };
-                (
-                    moe,
-                    vec![true; num_layers],
-                    false,
-                    false,
-                    false,
-                    f.opt_usize("sliding_window")?,
-                )
+                (moe, vec![true; num_layers], false, false, false)
             }
             Architecture::Qwen3Moe | Architecture::Qwen2Moe => {
                 let num_experts = match (
@@ -400,12 +474,7 @@ impl ModelConfig {
                 } else {
                     (attention_bias, attention_bias)
                 };
-                let window = if f.opt_bool("use_sliding_window")?.unwrap_or(false) {
-                    f.opt_usize("sliding_window")?.filter(|w| *w > 0)
-                } else {
-                    None
-                };
-                (moe, sparse, qkv_bias, o_bias, !is_qwen2, window)
+                (moe, sparse, qkv_bias, o_bias, !is_qwen2)
             }
         };
         if moe.top_k == 0 || moe.top_k > moe.num_experts {
@@ -441,7 +510,7 @@ impl ModelConfig {
             moe,
             dense_intermediate_size,
             sparse_layers,
-            sliding_window,
+            layer_windows: parse_layer_windows(&f, architecture, num_layers)?,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
         };
@@ -513,6 +582,64 @@ mod tests {
             a.rope.scaling,
             RopeScaling::Yarn { factor: 4.0, .. }
         ));
+    }
+
+    #[test]
+    fn per_layer_windows_from_layer_types_or_the_architecture_rule() {
+        let qwen2 = |extra: Value| {
+            let mut v = qwen3_base();
+            v["architectures"] = json!(["Qwen2MoeForCausalLM"]);
+            v["num_experts"] = json!(8);
+            v["shared_expert_intermediate_size"] = json!(32);
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            ModelConfig::from_json(&v).map(|c| c.layer_windows)
+        };
+        // transformers 5 saves layer_types; they win over the rule.
+        let w = qwen2(json!({"use_sliding_window": true, "sliding_window": 32,
+            "max_window_layers": 1,
+            "layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"]}));
+        assert_eq!(w.unwrap(), vec![None, Some(32), None, None]);
+        // Qwen2-MoE's own rule: even layers below max_window_layers.
+        let w = qwen2(
+            json!({"use_sliding_window": true, "sliding_window": 32, "max_window_layers": 1}),
+        );
+        assert_eq!(w.unwrap(), vec![Some(32), None, None, None]);
+        let w = qwen2(json!({"use_sliding_window": true, "sliding_window": 8}));
+        assert_eq!(w.unwrap(), vec![Some(8), None, Some(8), None]);
+        let w = qwen2(
+            json!({"use_sliding_window": false, "sliding_window": 0, "layer_types": vec!["full_attention"; 4]}),
+        );
+        assert_eq!(w.unwrap(), vec![None; 4]);
+        // Qwen3-MoE windows every layer, only with use_sliding_window.
+        let mut v = qwen3_base();
+        v["num_experts"] = json!(8);
+        v["sliding_window"] = json!(16);
+        assert_eq!(
+            ModelConfig::from_json(&v).unwrap().layer_windows,
+            vec![None; 4]
+        );
+        v["use_sliding_window"] = json!(true);
+        let c = ModelConfig::from_json(&v).unwrap();
+        assert_eq!(c.layer_windows, vec![Some(16); 4]);
+        assert_eq!((c.window(3), c.window(4)), (Some(16), None));
+        // Refusals name the field and what was wrong.
+        let e = qwen2(json!({"layer_types": ["full_attention", "chunked_attention", "full_attention", "full_attention"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer_types") && e.contains("chunked_attention"),
+            "{e}"
+        );
+        let e = qwen2(json!({"layer_types": ["full_attention"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 entries for 4 layers"), "{e}");
+        let e = qwen2(json!({"use_sliding_window": true, "sliding_window": 0}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sliding_window"), "{e}");
     }
 
     #[test]

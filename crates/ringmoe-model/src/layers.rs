@@ -2,9 +2,10 @@
 //! the dense SwiGLU MLP, the sparse MoE block (with Qwen2-MoE's optional shared expert) and the
 //! pre-norm decoder layer. Everything is f32 on the device of the tensors it holds.
 
-use ringmoe_core::attention::{AttentionParams, attention_block};
+use ringmoe_core::attention::{AttentionParams, PartialAttention, attention_block};
 use ringmoe_core::gemm::Par;
 use ringmoe_core::rope::{RopeFreqs, RopeTable, apply_rope};
+use ringmoe_core::sparse::{AShape, Sparsity, attention_sparse};
 use ringmoe_core::{Tensor, WeightPrecision, Weights, ops};
 
 use crate::checkpoint::TensorSource;
@@ -138,9 +139,35 @@ pub struct Attention {
     pub params: AttentionParams,
     pub rope: RopeFreqs,
     pub eps: f32,
+    /// Sliding window: a query at `p` sees only keys `p − w + 1 ..= p` (`None`: all earlier
+    /// keys).
+    pub window: Option<usize>,
 }
 
 impl Attention {
+    /// The keys this layer's queries see on top of the causal mask: its window, if it has one.
+    pub fn window_rule(&self) -> Option<AShape> {
+        self.window.map(|local| AShape { sink: 0, local })
+    }
+
+    /// Attention of `q` (at `q_pos`) to the keys `k`/`v` (at `k_pos`) under this layer's rule:
+    /// causal, within its window if it has one. Layouts as [`attention_block`].
+    pub fn attend(
+        &self,
+        q: &[f32],
+        q_pos: &[usize],
+        k: &[f32],
+        v: &[f32],
+        k_pos: &[usize],
+    ) -> Result<PartialAttention> {
+        Ok(match self.window_rule() {
+            None => attention_block(&self.params, q, q_pos, k, v, k_pos)?,
+            Some(a) => {
+                attention_sparse(&self.params, &Sparsity::AShape(a), q, q_pos, k, v, k_pos)?.0
+            }
+        })
+    }
+
     /// Projects, normalises and rotates; `rope` holds the tokens' absolute positions.
     pub fn qkv(&self, x: &[f32], rope: &RopeTable) -> Result<Qkv> {
         let t = rope.positions;
@@ -286,18 +313,12 @@ impl DecoderLayer {
         rope: &RopeTable,
         cache: &mut LayerKv,
     ) -> Result<Option<Routing>> {
-        let params = self.attn.params;
+        let attn = &self.attn;
         self.forward_with(x, rope, |qkv| -> Result<Vec<f32>> {
             cache.append(&qkv.k, &qkv.v, positions);
-            Ok(attention_block(
-                &params,
-                &qkv.q,
-                positions,
-                &cache.k,
-                &cache.v,
-                &cache.positions,
-            )?
-            .out)
+            Ok(attn
+                .attend(&qkv.q, positions, &cache.k, &cache.v, &cache.positions)?
+                .out)
         })
     }
 

@@ -239,13 +239,6 @@ impl Model {
         }
         let start = cache.len();
         let end = start + tokens.len();
-        if let Some(w) = self.config.sliding_window
-            && end > w
-        {
-            return Err(Error::InvalidInput(format!(
-                "sequence of {end} tokens exceeds the model's sliding_window of {w}; sliding-window attention is not implemented"
-            )));
-        }
         let positions: Vec<usize> = (start..end).collect();
         let mut x = self.embed(tokens)?;
         let mut routing = Vec::new();

@@ -6,10 +6,9 @@ use ringmoe_model::{
     Checkpoint, ExpertSelection, GenerationConfig, LoadOptions, LogitsFor, Model, Sampler,
     SamplingParams, Tokenizer, generate,
 };
-use ringmoe_testkit::{fixture, max_abs_diff};
+use ringmoe_testkit::{ARCH_FIXTURES as MODELS, fixture, max_abs_diff};
 
 const LOGIT_TOL: f32 = 1e-4;
-const MODELS: [&str; 3] = ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"];
 
 struct Reference(Checkpoint);
 
@@ -88,6 +87,79 @@ fn qwen3_moe_logits_and_router_match_transformers() -> Result<()> {
 #[test]
 fn qwen2_moe_logits_and_router_match_transformers() -> Result<()> {
     check_logits_and_routing("qwen2-moe-tiny")
+}
+
+/// Qwen2-MoE with a 16-token window on layers 0 and 2 (`layer_types`), on prompts of up to 300
+/// tokens: the windowed layers attend within the window, the full layer to everything.
+#[test]
+fn qwen2_moe_sliding_window_layers_match_transformers_beyond_the_window() -> Result<()> {
+    let c = ringmoe_model::ModelConfig::from_dir(&fixture("qwen2-moe-window"))?;
+    ensure!(
+        c.layer_windows == [Some(16), None, Some(16)],
+        "{:?}",
+        c.layer_windows
+    );
+    check_logits_and_routing("qwen2-moe-window")
+}
+
+/// Mixtral with a 16-token window on every layer, from a transformers-4 style config (no
+/// `layer_types`).
+#[test]
+fn mixtral_sliding_window_matches_transformers_beyond_the_window() -> Result<()> {
+    let c = ringmoe_model::ModelConfig::from_dir(&fixture("mixtral-window"))?;
+    ensure!(
+        c.layer_windows == [Some(16), Some(16)],
+        "{:?}",
+        c.layer_windows
+    );
+    check_logits_and_routing("mixtral-window")
+}
+
+/// The windowed fixtures' references are not what full attention gives: without its windows, the
+/// same model misses them by far more than the tolerance (so the parity above tests the windows).
+#[test]
+fn the_windows_change_the_logits_beyond_the_window() -> Result<()> {
+    for name in ["qwen2-moe-window", "mixtral-window"] {
+        let dir = fixture(name);
+        let mut cfg = ringmoe_model::ModelConfig::from_dir(&dir)?;
+        cfg.layer_windows = vec![None; cfg.num_layers];
+        let full = Model::from_checkpoint(cfg, &Checkpoint::open(&dir)?, &LoadOptions::default())?;
+        let r = Reference::open(name)?;
+        let ids = r.ids("input_ids_L64")?;
+        let got = full
+            .forward(&ids, &mut full.new_cache(), LogitsFor::All)?
+            .logits;
+        let want = r.f32("logits_L64")?;
+        // Within the window the two agree; beyond it they must not.
+        let vocab = full.config.vocab_size;
+        let head = max_abs_diff(&got.as_slice()[..16 * vocab], &want[..16 * vocab]);
+        let tail = max_abs_diff(&got.as_slice()[16 * vocab..], &want[16 * vocab..]);
+        ensure!(
+            head <= LOGIT_TOL,
+            "{name}: first 16 positions differ by {head:e}"
+        );
+        ensure!(
+            tail > 100.0 * LOGIT_TOL,
+            "{name}: full attention is within {tail:e}"
+        );
+    }
+    Ok(())
+}
+
+/// Qwen2-MoE's rule without `layer_types` (a transformers-4 config) gives the layers the
+/// transformers 5 config lists.
+#[test]
+fn qwen2_moe_window_rule_equals_the_saved_layer_types() -> Result<()> {
+    let dir = fixture("qwen2-moe-window");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    let saved = ringmoe_model::ModelConfig::from_json(&v)?.layer_windows;
+    v.as_object_mut()
+        .context("config is an object")?
+        .remove("layer_types");
+    let rule = ringmoe_model::ModelConfig::from_json(&v)?.layer_windows;
+    ensure!(rule == saved, "rule {rule:?}, layer_types {saved:?}");
+    Ok(())
 }
 
 /// The bf16 checkpoint against transformers computing in f32 on the same bf16-rounded weights.

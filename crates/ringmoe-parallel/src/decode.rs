@@ -13,7 +13,7 @@
 //! shards never differ by more than one token more than they did after prefill.
 
 use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag};
-use ringmoe_core::attention::{PartialAttention, attention_block, merge_into};
+use ringmoe_core::attention::{PartialAttention, merge_into};
 use ringmoe_model::generate::Sampler;
 use ringmoe_model::{KvCache, Model};
 
@@ -161,7 +161,9 @@ impl<'a> ShardedSequence<'a> {
                 let part = if kv.is_empty() {
                     PartialAttention::empty(1, hq, d)
                 } else {
-                    attention_block(&params, &qkv.q, &[pos], &kv.k, &kv.v, &kv.positions)?
+                    layer
+                        .attn
+                        .attend(&qkv.q, &[pos], &kv.k, &kv.v, &kv.positions)?
                 };
                 let mut packed = part.out;
                 packed.extend_from_slice(&part.lse);

@@ -123,20 +123,18 @@ pub fn prefill_shard_observed(
     {
         let _layer = tracing::debug_span!("layer", job = job.id, layer = l).entered();
         let params = layer.attn.params;
+        // A sliding-window layer attends within its window whatever the job asks: the window
+        // is the model's exact rule, the job's sparse modes approximate full attention.
+        let mode = match layer.attn.window_rule() {
+            Some(a) => AttentionMode::AShape(a),
+            None => job.attention,
+        };
         let attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
             let _s = tracing::trace_span!("ring_attention").entered();
             kv.append(&qkv.k, &qkv.v, &positions);
             let tag = Tag::new(job.id, l as u32, 0, Kind::Ring);
-            let (out, stats) = ring_attention_mode(
-                comm,
-                plan,
-                &params,
-                &job.attention,
-                &qkv.q,
-                qkv.k,
-                qkv.v,
-                tag,
-            )?;
+            let (out, stats) =
+                ring_attention_mode(comm, plan, &params, &mode, &qkv.q, qkv.k, qkv.v, tag)?;
             attention.add(&stats);
             Ok(out.out)
         };

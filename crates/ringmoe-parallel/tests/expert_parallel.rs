@@ -380,6 +380,8 @@ fn expert_parallel_forward_equals_single_process_on_every_fixture() -> Result<()
         "mixtral-tiny-bf16",
         "qwen3-moe-tiny",
         "qwen2-moe-tiny",
+        "qwen2-moe-window",
+        "mixtral-window",
     ] {
         let dir = fixture(name);
         let cfg = ModelConfig::from_dir(&dir)?;
@@ -572,7 +574,7 @@ fn a_worker_with_a_quarter_of_the_experts_reads_a_quarter_of_their_bytes() -> Re
 fn generation_with_expert_parallelism_matches_transformers() -> Result<()> {
     use ringmoe_model::{GenerationConfig, Sampler, SamplingParams};
     use ringmoe_parallel::{StopRule, generate_sharded};
-    for name in ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"] {
+    for name in ARCH_FIXTURES {
         let dir = fixture(name);
         let cfg = ModelConfig::from_dir(&dir)?;
         let (prompt, want) = (

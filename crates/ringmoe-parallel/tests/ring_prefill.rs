@@ -50,7 +50,7 @@ fn distributed_logits(
 
 #[test]
 fn sharded_prefill_equals_single_process_on_every_fixture() -> Result<()> {
-    for name in ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"] {
+    for name in ARCH_FIXTURES {
         let model = Model::load(&fixture(name), &LoadOptions::default())?;
         for len in [64, 300] {
             let ids = reference_ids(name, &format!("input_ids_L{len}"))?;
@@ -162,7 +162,7 @@ fn ring_attention_equals_naive_attention() -> Result<()> {
 /// engine's) tokens, on every rank.
 #[test]
 fn generation_after_sharded_prefill_matches_transformers() -> Result<()> {
-    for name in ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny"] {
+    for name in ARCH_FIXTURES {
         let dir = fixture(name);
         let model = Model::load(&dir, &LoadOptions::default())?;
         let (prompt, want) = (

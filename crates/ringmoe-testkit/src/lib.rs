@@ -32,6 +32,17 @@ pub const MODEL_FIXTURES: [&str; 4] = [
     "qwen2-moe-tiny",
 ];
 
+/// One f32 fixture per architecture, plus the two with sliding windows of 16 tokens (their
+/// reference prompts of 64 and 300 tokens cross the window): what the "every fixture" parity
+/// tests of the single process, the ring and expert parallelism run.
+pub const ARCH_FIXTURES: [&str; 5] = [
+    "mixtral-tiny",
+    "qwen3-moe-tiny",
+    "qwen2-moe-tiny",
+    "qwen2-moe-window",
+    "mixtral-window",
+];
+
 /// A fixture model directory under the workspace's `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -17,7 +17,7 @@ pub(crate) fn load_layer(
     sel: &ExpertSelection,
 ) -> Result<DecoderLayer> {
     let p = format!("model.layers.{layer}");
-    let attn = super::attention(w, &p)?;
+    let attn = super::attention(w, &p, layer)?;
     let m = format!("{p}.block_sparse_moe");
     let moe = super::sparse_moe(
         w,

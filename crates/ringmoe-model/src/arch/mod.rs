@@ -43,8 +43,9 @@ pub(crate) fn expert_names(
     }
 }
 
-/// `{prefix}.self_attn.{q,k,v,o}_proj` (+ biases, + `q_norm`/`k_norm` as the config says).
-pub(crate) fn attention(w: &WeightLoader<'_>, prefix: &str) -> Result<Attention> {
+/// `{prefix}.self_attn.{q,k,v,o}_proj` (+ biases, + `q_norm`/`k_norm` as the config says), with
+/// layer `layer`'s sliding window.
+pub(crate) fn attention(w: &WeightLoader<'_>, prefix: &str, layer: usize) -> Result<Attention> {
     let c = w.cfg;
     let (h, d, hq, hkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
     let a = format!("{prefix}.self_attn");
@@ -78,6 +79,7 @@ pub(crate) fn attention(w: &WeightLoader<'_>, prefix: &str) -> Result<Attention>
         },
         rope: rope_freqs(&c.rope, d),
         eps: c.rms_norm_eps,
+        window: c.window(layer),
     })
 }
 

@@ -19,7 +19,7 @@ pub(crate) fn load_layer(
 ) -> Result<DecoderLayer> {
     let c = w.cfg;
     let p = format!("model.layers.{layer}");
-    let attn = super::attention(w, &p)?;
+    let attn = super::attention(w, &p, layer)?;
     let m = format!("{p}.mlp");
     let mlp = if c.sparse_layers[layer] {
         let shared_inter = c

@@ -18,7 +18,7 @@ pub(crate) fn load_layer(
     sel: &ExpertSelection,
 ) -> Result<DecoderLayer> {
     let p = format!("model.layers.{layer}");
-    let attn = super::attention(w, &p)?;
+    let attn = super::attention(w, &p, layer)?;
     let m = format!("{p}.mlp");
     let mlp = if w.cfg.sparse_layers[layer] {
         Mlp::Sparse(super::sparse_moe(

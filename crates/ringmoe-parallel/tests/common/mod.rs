@@ -1,9 +1,9 @@
 //! Helpers shared by the integration tests of this crate (each test binary uses some of them).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use anyhow::Result;
 use ringmoe_model::Checkpoint;
-pub use ringmoe_testkit::{fixture, max_abs_diff};
+pub use ringmoe_testkit::{ARCH_FIXTURES, fixture, max_abs_diff};
 
 /// Token ids `name` from a fixture's `reference.safetensors` (computed by transformers).
 pub fn reference_ids(model: &str, name: &str) -> Result<Vec<u32>> {
