@@ -293,6 +293,15 @@ impl DecoderLayer {
     }
 }
 
+/// The routed experts of a sparse layer computed here, on the experts this process holds.
+pub fn local_experts<E: From<Error>>(
+    moe: &SparseMoe,
+    x: &[f32],
+    routing: &Routing,
+) -> std::result::Result<Vec<f32>, E> {
+    moe::experts_local(x, moe.router.in_features, routing, &moe.experts).map_err(E::from)
+}
+
 /// Pre-norm decoder layer: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
@@ -331,9 +340,7 @@ impl DecoderLayer {
         rope: &RopeTable,
         attend: impl FnOnce(Qkv) -> std::result::Result<Vec<f32>, E>,
     ) -> std::result::Result<Option<Routing>, E> {
-        self.forward_parts(x, rope, attend, |moe, x, routing| {
-            moe::experts_local(x, moe.router.in_features, routing, &moe.experts).map_err(E::from)
-        })
+        self.forward_parts(x, rope, attend, local_experts)
     }
 
     /// [`Self::forward_with`] with the routed experts of a sparse layer supplied as well (see
@@ -345,18 +352,47 @@ impl DecoderLayer {
         attend: impl FnOnce(Qkv) -> std::result::Result<Vec<f32>, E>,
         experts: impl FnOnce(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
     ) -> std::result::Result<Option<Routing>, E> {
+        let qkv = self.qkv(x, rope)?;
+        let out = attend(qkv)?;
+        self.finish(x, &out, experts)
+    }
+
+    /// The attention half's input: the rotated q/k/v of `x`'s rows (`[tokens, hidden]`, one
+    /// RoPE position per row).
+    pub fn qkv(&self, x: &Tensor, rope: &RopeTable) -> Result<Qkv> {
         let rows = x.shape().first().copied().unwrap_or(0);
         if rope.positions != rows {
             return Err(Error::InvalidInput(format!(
                 "{rows} hidden rows but {} RoPE positions",
                 rope.positions
+            )));
+        }
+        let normed = ops::rms_norm(x, &self.input_norm, self.eps)?;
+        self.attn.qkv(normed.as_slice(), rope)
+    }
+
+    /// The rest of the layer on `x`'s rows given their attention output `out`
+    /// (`[rows, n_heads · head_dim]`): output projection and residual, then the MLP half (the
+    /// routed experts of a sparse layer from `experts`, as in [`Self::forward_parts`]). `x` may
+    /// be fewer rows than [`Self::qkv`] saw: the exact last-layer shortcut finishes only the
+    /// final position.
+    pub fn finish<E: From<Error>>(
+        &self,
+        x: &mut Tensor,
+        out: &[f32],
+        experts: impl FnOnce(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+    ) -> std::result::Result<Option<Routing>, E> {
+        let rows = x.shape().first().copied().unwrap_or(0);
+        let width = self.attn.params.n_heads * self.attn.params.head_dim;
+        if out.len() != rows * width {
+            return Err(Error::InvalidInput(format!(
+                "attention output of {} values for {rows} rows of {width}",
+                out.len()
             ))
             .into());
         }
-        let normed = ops::rms_norm(x, &self.input_norm, self.eps).map_err(Error::from)?;
-        let out = attend(self.attn.qkv(normed.as_slice(), rope)?)?;
         // Output projection and residual, then the MLP half of the layer.
-        let attn = self.attn.o.forward(&out, rows)?;
+        let attn = self.attn.o.forward(out, rows)?;
         ops::add_inplace(
             x,
             &Tensor::from_vec(attn, x.shape().to_vec()).map_err(Error::from)?,

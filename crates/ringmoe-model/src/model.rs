@@ -10,7 +10,7 @@ use crate::arch;
 use crate::checkpoint::{Checkpoint, TensorSource};
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
-use crate::layers::{DecoderLayer, Mlp, WeightLoader};
+use crate::layers::{DecoderLayer, Mlp, WeightLoader, local_experts};
 use crate::moe::Routing;
 use crate::{Error, Result};
 
@@ -227,6 +227,19 @@ impl Model {
         tokens: &[u32],
         cache: &mut KvCache,
     ) -> Result<(Tensor, Vec<(usize, Routing)>)> {
+        self.run_layers(tokens, cache, false)
+    }
+
+    /// [`Self::forward_hidden`] with `last_only`: the exact last-layer shortcut. The last layer
+    /// still computes (and caches) K/V for every token, but attention, the MLP and the residuals
+    /// only for the final one, which is all generation needs; the result is that one row, and
+    /// the last sparse layer's routing covers only it.
+    fn run_layers(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<(Tensor, Vec<(usize, Routing)>)> {
         if tokens.is_empty() {
             return Err(Error::InvalidInput("forward called with no tokens".into()));
         }
@@ -247,26 +260,43 @@ impl Model {
             Some(l) => l.attn.rope.table(&positions),
             None => return Err(Error::InvalidInput("model has no layers".into())),
         };
+        let n = self.layers.len();
         for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            if let Some(r) = layer.forward(&mut x, &positions, &rope, kv)? {
+            let r = if last_only && l + 1 == n {
+                let qkv = layer.qkv(&x, &rope)?;
+                kv.append(&qkv.k, &qkv.v, &positions);
+                let (t, w) = (
+                    tokens.len(),
+                    layer.attn.params.n_heads * layer.attn.params.head_dim,
+                );
+                let out = layer.attn.attend(
+                    &qkv.q[(t - 1) * w..],
+                    &positions[t - 1..],
+                    &kv.k,
+                    &kv.v,
+                    &kv.positions,
+                )?;
+                x = x.rows(t - 1, t)?;
+                layer.finish(&mut x, &out.out, local_experts::<Error>)?
+            } else {
+                layer.forward(&mut x, &positions, &rope, kv)?
+            };
+            if let Some(r) = r {
                 routing.push((l, r));
             }
         }
         Ok((x, routing))
     }
 
-    /// Forward pass returning logits for the requested positions.
+    /// Forward pass returning logits for the requested positions. [`LogitsFor::Last`] takes the
+    /// exact last-layer shortcut (see `run_layers`): the last sparse layer's routing then covers only the final position.
     pub fn forward(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
         which: LogitsFor,
     ) -> Result<ForwardOutput> {
-        let (hidden, routing) = self.forward_hidden(tokens, cache)?;
-        let rows = match which {
-            LogitsFor::All => hidden,
-            LogitsFor::Last => hidden.rows(tokens.len() - 1, tokens.len())?,
-        };
+        let (rows, routing) = self.run_layers(tokens, cache, which == LogitsFor::Last)?;
         Ok(ForwardOutput {
             logits: self.logits(&rows)?,
             routing,

@@ -237,6 +237,49 @@ fn prefill_then_decode_equals_one_shot_prefill() -> Result<()> {
     Ok(())
 }
 
+/// The exact last-layer shortcut (`LogitsFor::Last`: the last layer finishes only the final
+/// position) gives the full computation's last logits and the same K/V cache, on every fixture
+/// and length, and on a prompt that follows cached tokens.
+#[test]
+fn last_layer_shortcut_equals_the_full_computation() -> Result<()> {
+    for name in MODELS.iter().chain(&["mixtral-tiny-bf16"]) {
+        let model = Model::load(&fixture(name), &LoadOptions::default())?;
+        let r = Reference::open(name)?;
+        let vocab = model.config.vocab_size;
+        for len in [1, 7, 64, 300] {
+            let ids = r.ids(&format!("input_ids_L{len}"))?;
+            let (mut full_cache, mut short_cache) = (model.new_cache(), model.new_cache());
+            let full = model.forward(&ids, &mut full_cache, LogitsFor::All)?.logits;
+            let short = model.forward(&ids, &mut short_cache, LogitsFor::Last)?;
+            let want = &full.as_slice()[(len - 1) * vocab..];
+            let d = max_abs_diff(short.logits.as_slice(), want);
+            ensure!(d <= 1e-5, "{name} L={len}: the shortcut differs by {d:e}");
+            for (a, b) in full_cache.layers.iter().zip(&short_cache.layers) {
+                ensure!(
+                    a.positions == b.positions && a.k == b.k && a.v == b.v,
+                    "{name}: caches differ"
+                );
+            }
+            if len == 300 {
+                // A second chunk after the cached 300 tokens.
+                let more: Vec<u32> = ids[..50].to_vec();
+                let full = model
+                    .forward(&more, &mut full_cache, LogitsFor::All)?
+                    .logits;
+                let short = model
+                    .forward(&more, &mut short_cache, LogitsFor::Last)?
+                    .logits;
+                let d = max_abs_diff(short.as_slice(), &full.as_slice()[49 * vocab..]);
+                ensure!(
+                    d <= 1e-5,
+                    "{name}: after a cached prefix the shortcut differs by {d:e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn tokenizer_ids_match_transformers() -> Result<()> {
     let cases: serde_json::Value =

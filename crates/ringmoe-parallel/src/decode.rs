@@ -15,12 +15,12 @@
 use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag};
 use ringmoe_core::attention::{PartialAttention, merge_into};
 use ringmoe_model::generate::Sampler;
+use ringmoe_model::kv_cache::LayerKv;
+use ringmoe_model::layers::Attention;
 use ringmoe_model::{KvCache, Model};
 
-use crate::{
-    ExpertParallel, JobOptions, ParallelError, Result, ShardPlan, moe_parallel,
-    prefill_shard_observed,
-};
+use crate::prefill::prefill_layers;
+use crate::{ExpertParallel, JobOptions, ParallelError, Result, ShardPlan, moe_parallel};
 
 /// A sequence whose K/V cache is sharded over the ranks of a communicator.
 pub struct ShardedSequence<'a> {
@@ -54,13 +54,64 @@ pub fn owner_of_next(shard_sizes: &[usize]) -> usize {
 }
 
 /// Whichever rank holds position `pos` contributes `row`; every rank gets it.
-fn share_row(comm: &Communicator, tag: Tag, row: Option<Vec<f32>>) -> Result<Vec<f32>> {
+pub(crate) fn share_row(comm: &Communicator, tag: Tag, row: Option<Vec<f32>>) -> Result<Vec<f32>> {
     let gathered = comm.all_gather(tag, Payload::f32(row.unwrap_or_default()))?;
     gathered
         .into_iter()
         .filter_map(|p| p.into_f32())
         .find(|v| !v.is_empty())
         .ok_or_else(|| ParallelError::Invalid("no rank holds the requested row".into()))
+}
+
+/// One query at `pos` (`q`: `[n_heads, head_dim]`, the same on every rank) against the K/V
+/// sharded over the ranks: each rank's partial `(out, lse)` over its own keys, all-gathered and
+/// merged in rank order, so every rank gets the same output. Decode steps and the last-layer
+/// shortcut of a prefill.
+pub(crate) fn one_query_attention(
+    comm: &Communicator,
+    tag: Tag,
+    attn: &Attention,
+    q: &[f32],
+    pos: usize,
+    kv: &LayerKv,
+) -> Result<Vec<f32>> {
+    let (hq, d) = (attn.params.n_heads, attn.params.head_dim);
+    let part = if kv.is_empty() {
+        PartialAttention::empty(1, hq, d)
+    } else {
+        attn.attend(q, &[pos], &kv.k, &kv.v, &kv.positions)?
+    };
+    let mut packed = part.out;
+    packed.extend_from_slice(&part.lse);
+    let mut acc = PartialAttention::empty(1, hq, d);
+    let parts = comm.all_gather(
+        tag,
+        Payload {
+            shape: vec![hq * d + hq],
+            data: Data::F32(packed),
+        },
+    )?;
+    for (r, p) in parts.into_iter().enumerate() {
+        let desc = p.describe();
+        let v = p
+            .into_f32()
+            .filter(|v| v.len() == hq * d + hq)
+            .ok_or_else(|| {
+                ParallelError::Invalid(format!(
+                    "partial attention from rank {r} is {desc}, expected F32[{}]",
+                    hq * d + hq
+                ))
+            })?;
+        let (out, lse) = v.split_at(hq * d);
+        merge_into(
+            &mut acc,
+            &PartialAttention {
+                out: out.to_vec(),
+                lse: lse.to_vec(),
+            },
+        )?;
+    }
+    Ok(acc.out)
 }
 
 impl<'a> ShardedSequence<'a> {
@@ -104,14 +155,9 @@ impl<'a> ShardedSequence<'a> {
         if plan.len == 0 {
             return Err(ParallelError::Invalid("the prompt has no tokens".into()));
         }
-        let out = prefill_shard_observed(model, comm, plan, mine, job, experts, on_layer)?;
-        let last = plan.len - 1;
-        let mine = match out.positions.iter().position(|&p| p == last) {
-            Some(i) => Some(model.logits(&out.hidden.rows(i, i + 1)?)?.into_vec()),
-            None => None,
-        };
-        let tag = Tag::new(job.id, model.layers().len() as u32, 0, Kind::AllGather);
-        let logits = share_row(comm, tag, mine)?;
+        // The exact last-layer shortcut: every rank ends with the final position's hidden row.
+        let out = prefill_layers(model, comm, plan, mine, job, experts, on_layer, true)?;
+        let logits = model.logits(&out.hidden)?.into_vec();
         let shard_sizes = (0..plan.world()).map(|r| plan.positions(r).len()).collect();
         Ok((
             Self {
@@ -152,54 +198,12 @@ impl<'a> ShardedSequence<'a> {
             .zip(self.cache.layers.iter_mut())
             .enumerate()
         {
-            let params = layer.attn.params;
             let attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
                 if me == owner {
                     kv.append(&qkv.k, &qkv.v, &[pos]);
                 }
-                let (hq, d) = (params.n_heads, params.head_dim);
-                let part = if kv.is_empty() {
-                    PartialAttention::empty(1, hq, d)
-                } else {
-                    layer
-                        .attn
-                        .attend(&qkv.q, &[pos], &kv.k, &kv.v, &kv.positions)?
-                };
-                let mut packed = part.out;
-                packed.extend_from_slice(&part.lse);
                 let tag = Tag::new(self.job, l as u32, step, Kind::AllGather);
-                let mut acc = PartialAttention::empty(1, hq, d);
-                for (r, p) in comm
-                    .all_gather(
-                        tag,
-                        Payload {
-                            shape: vec![hq * d + hq],
-                            data: Data::F32(packed),
-                        },
-                    )?
-                    .into_iter()
-                    .enumerate()
-                {
-                    let desc = p.describe();
-                    let v = p
-                        .into_f32()
-                        .filter(|v| v.len() == hq * d + hq)
-                        .ok_or_else(|| {
-                            ParallelError::Invalid(format!(
-                                "partial attention from rank {r} is {desc}, expected F32[{}]",
-                                hq * d + hq
-                            ))
-                        })?;
-                    let (out, lse) = v.split_at(hq * d);
-                    merge_into(
-                        &mut acc,
-                        &PartialAttention {
-                            out: out.to_vec(),
-                            lse: lse.to_vec(),
-                        },
-                    )?;
-                }
-                Ok(acc.out)
+                one_query_attention(comm, tag, &layer.attn, &qkv.q, pos, kv)
             };
             match self.experts {
                 None => layer.forward_with(&mut x, &rope, attend)?,

@@ -6,8 +6,13 @@
 
 use ringmoe_comm::{Communicator, Kind, Tag};
 use ringmoe_core::Tensor;
+use ringmoe_core::rope::RopeTable;
+use ringmoe_model::kv_cache::LayerKv;
+use ringmoe_model::layers::{DecoderLayer, local_experts};
 use ringmoe_model::moe::Routing;
 use ringmoe_model::{KvCache, Model};
+
+use crate::decode::{one_query_attention, share_row};
 
 use crate::{
     AttentionMode, ExpertParallel, MoeStats, ParallelError, Result, RingStats, ShardPlan,
@@ -86,6 +91,31 @@ pub fn prefill_shard_observed(
     experts: Option<&ExpertParallel>,
     on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<RankPrefill> {
+    prefill_layers(model, comm, plan, tokens, job, experts, on_layer, false)
+}
+
+/// Steps (in `Kind::AllGather` tags of the last layer) of the last-layer shortcut's two
+/// collectives, apart from every step a decode or a sparse-pattern estimate uses.
+const SHORTCUT_SHARE_STEP: u32 = u32::MAX - 1;
+const SHORTCUT_MERGE_STEP: u32 = u32::MAX;
+
+/// [`prefill_shard_observed`]; with `last_only`, the exact last-layer shortcut for generation:
+/// the last layer computes and caches K/V for every token of this rank, but the final position's
+/// query (and hidden row) goes from the rank holding it to every rank, each rank attends it to
+/// its own keys, the partials are merged as in a decode step, and every rank finishes the layer
+/// for that one row. The result's `hidden` is then that row (the same on every rank), and the
+/// last sparse layer's routing covers only it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prefill_layers(
+    model: &Model,
+    comm: &Communicator,
+    plan: &ShardPlan,
+    tokens: &[u32],
+    job: JobOptions,
+    experts: Option<&ExpertParallel>,
+    on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
+    last_only: bool,
+) -> Result<RankPrefill> {
     if let Some(ep) = experts {
         ep.check(model, comm)?;
     }
@@ -115,6 +145,10 @@ pub fn prefill_shard_observed(
     let mut routing = Vec::new();
     let mut attention = RingStats::default();
     let mut moe = MoeStats::default();
+    let n_layers = model.layers().len();
+    if last_only && plan.len == 0 {
+        return Err(ParallelError::Invalid("the prompt has no tokens".into()));
+    }
     for (l, (layer, kv)) in model
         .layers()
         .iter()
@@ -122,6 +156,17 @@ pub fn prefill_shard_observed(
         .enumerate()
     {
         let _layer = tracing::debug_span!("layer", job = job.id, layer = l).entered();
+        if last_only && l + 1 == n_layers {
+            let (r, row) = finish_last_position(
+                model, layer, l, comm, plan, &positions, &x, &rope, kv, job, experts, &mut moe,
+            )?;
+            x = row;
+            if let Some(r) = r {
+                routing.push((l, r));
+            }
+            on_layer(l + 1, n_layers)?;
+            continue;
+        }
         let params = layer.attn.params;
         // A sliding-window layer attends within its window whatever the job asks: the window
         // is the model's exact rule, the job's sparse modes approximate full attention.
@@ -162,4 +207,67 @@ pub fn prefill_shard_observed(
         attention,
         moe,
     })
+}
+
+/// The last layer under the shortcut (see [`prefill_layers`]): returns the routing of the final
+/// position (a sparse layer) and its hidden row, `[1, hidden]`, the same on every rank.
+#[allow(clippy::too_many_arguments)]
+fn finish_last_position(
+    model: &Model,
+    layer: &DecoderLayer,
+    l: usize,
+    comm: &Communicator,
+    plan: &ShardPlan,
+    positions: &[usize],
+    x: &Tensor,
+    rope: &RopeTable,
+    kv: &mut LayerKv,
+    job: JobOptions,
+    experts: Option<&ExpertParallel>,
+    moe: &mut MoeStats,
+) -> Result<(Option<Routing>, Tensor)> {
+    let qkv = layer.qkv(x, rope)?;
+    kv.append(&qkv.k, &qkv.v, positions);
+    let last = plan.len - 1;
+    let w = layer.attn.params.n_heads * layer.attn.params.head_dim;
+    let h = model.config.hidden_size;
+    let mine = match positions.iter().position(|&p| p == last) {
+        Some(i) => {
+            let mut row = qkv.q[i * w..(i + 1) * w].to_vec();
+            row.extend_from_slice(x.rows(i, i + 1)?.as_slice());
+            Some(row)
+        }
+        None => None,
+    };
+    let tag = |step| Tag::new(job.id, l as u32, step, Kind::AllGather);
+    let row = share_row(comm, tag(SHORTCUT_SHARE_STEP), mine)?;
+    if row.len() != w + h {
+        return Err(ParallelError::Invalid(format!(
+            "the final position's query and hidden row hold {} values, expected {}",
+            row.len(),
+            w + h
+        )));
+    }
+    let (q, hidden) = row.split_at(w);
+    let out = one_query_attention(comm, tag(SHORTCUT_MERGE_STEP), &layer.attn, q, last, kv)?;
+    let mut x = Tensor::from_vec(hidden.to_vec(), [1, h])?;
+    let r = match experts {
+        None => layer.finish(&mut x, &out, local_experts::<ParallelError>)?,
+        Some(ep) => layer.finish(&mut x, &out, |m, xs, routing| {
+            let tag = Tag::new(job.id, l as u32, 0, Kind::Dispatch);
+            let (y, s) = moe_parallel(
+                comm,
+                ep,
+                l,
+                &m.experts,
+                xs,
+                m.router.in_features,
+                routing,
+                tag,
+            )?;
+            moe.add(&s);
+            Ok::<_, ParallelError>(y)
+        })?,
+    };
+    Ok((r, x))
 }

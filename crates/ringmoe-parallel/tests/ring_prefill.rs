@@ -158,6 +158,53 @@ fn ring_attention_equals_naive_attention() -> Result<()> {
     Ok(())
 }
 
+/// The sharded prefill of a generation (the exact last-layer shortcut: the final query attends
+/// to every rank's keys, merged as in decode, and only that row finishes the last layer) gives
+/// the full sharded computation's last logits, on every rank, and the same K/V caches.
+#[test]
+fn last_layer_shortcut_equals_the_full_sharded_computation() -> Result<()> {
+    for name in ARCH_FIXTURES {
+        let model = Model::load(&fixture(name), &LoadOptions::default())?;
+        let vocab = model.config.vocab_size;
+        for len in [7, 64, 300] {
+            let ids = reference_ids(name, &format!("input_ids_L{len}"))?;
+            for world in 1..=4 {
+                let plan = ShardPlan::new(ids.len(), world, Sharding::Zigzag)?;
+                let outs = all_ok(on_every_rank(
+                    &in_process(world, Duration::from_secs(20)),
+                    |c| -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+                        let mine = plan.tokens_for(c.rank(), &ids)?;
+                        let full = prefill_shard(&model, c, &plan, &mine, JobOptions::dense(5))?;
+                        let (seq, logits) =
+                            ShardedSequence::prefill(&model, c, &plan, &ids, JobOptions::dense(6))?;
+                        for (a, b) in full.cache.layers.iter().zip(&seq.cache.layers) {
+                            ensure!(a.positions == b.positions && a.k == b.k && a.v == b.v);
+                        }
+                        let last = match full.positions.iter().position(|&p| p == len - 1) {
+                            Some(i) => Some(model.logits(&full.hidden.rows(i, i + 1)?)?.into_vec()),
+                            None => None,
+                        };
+                        Ok((logits, last))
+                    },
+                ))?;
+                let want = outs
+                    .iter()
+                    .find_map(|(_, l)| l.clone())
+                    .ok_or_else(|| anyhow::anyhow!("no rank holds the last position"))?;
+                ensure!(want.len() == vocab);
+                for (rank, (got, _)) in outs.iter().enumerate() {
+                    let d = max_abs_diff(got, &want);
+                    ensure!(
+                        d <= 1e-5,
+                        "{name} L={len} P={world} rank {rank}: shortcut off by {d:e}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Greedy generation from a sharded prefill equals transformers' (and so the single-process
 /// engine's) tokens, on every rank.
 #[test]

@@ -3,6 +3,7 @@
 mod cluster_cmd;
 mod comm_bench;
 mod decode_bench;
+mod eval_cmd;
 mod forward;
 mod gpu_check;
 mod moe_bench;
@@ -50,6 +51,9 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Long-context evaluations: needle-in-a-haystack recall.
+    #[command(subcommand)]
+    Eval(eval_cmd::EvalCmd),
     /// Coordinator and N workers on this machine: the cluster with nothing else installed.
     Serve(cluster_cmd::ServeArgs),
     /// Submit a job to a coordinator, follow its progress and print the result.
@@ -281,6 +285,7 @@ fn main() -> Result<()> {
         Cmd::Submit(a) => submit_cmd::submit(a),
         Cmd::Health(a) => cluster_cmd::health(a),
         Cmd::Status(a) => status_cmd::status(a),
+        Cmd::Eval(c) => eval_cmd::run(c),
         Cmd::Coordinator(a) => cluster_cmd::coordinator(a),
         Cmd::Worker(a) => cluster_cmd::worker(a),
         Cmd::Token(security_opts::TokenCmd::New(a)) => security_opts::token_new(a),

@@ -43,7 +43,7 @@ fn skewed_ids(model: &Model, n: usize, seed: u32) -> Result<Vec<u32>> {
     let experts = model.config.moe.num_experts;
     let mut best = (0.0, 0u32);
     for t in 0..vocab.min(128) {
-        let out = model.forward(&[t; 32], &mut model.new_cache(), LogitsFor::Last)?;
+        let out = model.forward(&[t; 32], &mut model.new_cache(), LogitsFor::All)?;
         let per_layer: Vec<Vec<f64>> = out
             .routing
             .iter()
