@@ -13,7 +13,7 @@ The architecture carries the locality the task needs: layer 0 attends within a 3
 swamped by distant keys; layer 1 attends to everything and does the retrieval. RoPE's theta is
 1e10 so a million positions stay distinguishable.
 
-Training (CPU, seeded, resumable from OUT/train_state.pt): AdamW, a curriculum of lengths
+Training (CPU, seeded, resumable from --state, by default target/needle-train/train_state.pt): AdamW, a curriculum of lengths
 32 -> 64 -> 128 -> a mix up to 256, half the batches an induction warm-up (a random segment
 repeated, loss on the copy), and PoSE-style position jumps (log-uniform up to 2^20) so relative
 distances up to a million are seen in training without million-token sequences.
@@ -138,12 +138,16 @@ def main():
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--minutes", type=float, default=30.0, help="stop (and save) after this long")
     ap.add_argument("--out", default=ROOT)
+    ap.add_argument("--state", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target",
+                                                   "needle-train", "train_state.pt"),
+                    help="model, optimizer and RNG state, saved every 50 steps (delete it to start over)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    state_path = os.path.join(args.out, "train_state.pt")
+    state_path = args.state
+    os.makedirs(os.path.dirname(os.path.abspath(state_path)), exist_ok=True)
     log_path = os.path.join(args.out, "train_log.jsonl")
 
     torch.manual_seed(args.seed)

@@ -146,6 +146,39 @@ fn the_windows_change_the_logits_beyond_the_window() -> Result<()> {
     Ok(())
 }
 
+/// The trained needle model (`scripts/train_needle.py`: Qwen2-MoE, a 32-token window on layer
+/// 0, RoPE theta 1e10) against transformers on needle cases of up to 1000 tokens, and it
+/// answers them.
+#[test]
+fn needle_model_matches_transformers_and_finds_its_needles() -> Result<()> {
+    let name = "needle-moe";
+    let model = Model::load(&fixture(name), &LoadOptions::default())?;
+    ensure!(
+        model.config.layer_windows == [Some(32), None],
+        "{:?}",
+        model.config.layer_windows
+    );
+    let r = Reference::open(name)?;
+    for len in [64, 300, 1000] {
+        let ids = r.ids(&format!("input_ids_L{len}"))?;
+        let out = model.forward(&ids, &mut model.new_cache(), LogitsFor::All)?;
+        let want = r.f32(&format!("logits_L{len}"))?;
+        let d = max_abs_diff(out.logits.as_slice(), &want);
+        ensure!(
+            d <= LOGIT_TOL,
+            "needle L={len}: max |Δlogits| = {d:e} > {LOGIT_TOL:e}"
+        );
+        let answer = r.ids(&format!("answer_L{len}"))?;
+        let last = &out.logits.as_slice()[(len - 1) * model.config.vocab_size..];
+        let got = (0..last.len()).fold(0, |b, i| if last[i] > last[b] { i } else { b });
+        ensure!(
+            answer == [got as u32],
+            "needle L={len}: answered {got}, the needle holds {answer:?}"
+        );
+    }
+    Ok(())
+}
+
 /// Qwen2-MoE's rule without `layer_types` (a transformers-4 config) gives the layers the
 /// transformers 5 config lists.
 #[test]

@@ -30,8 +30,8 @@ use crate::security_opts::ClientTokenOpts;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCmd {
-    /// Needle-in-a-haystack recall by context length and needle depth: results.json and a
-    /// summary line per length.
+    /// Needle-in-a-haystack recall by context length and needle depth: results.json, the
+    /// heatmap niah.png and a summary line per length.
     Niah(NiahArgs),
 }
 
@@ -79,7 +79,7 @@ pub struct NiahArgs {
     weights: WeightsOpts,
     #[command(flatten)]
     token: ClientTokenOpts,
-    /// Where results.json goes.
+    /// Where results.json and niah.png go.
     #[arg(long, default_value = "niah")]
     out: PathBuf,
 }
@@ -402,8 +402,9 @@ fn niah(a: NiahArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut cells = Vec::new();
+    let mut recall = vec![vec![0.0; lengths.len()]; a.depths.len()];
     let mut id = 0u64;
-    for &len in &lengths {
+    for (li, &len) in lengths.iter().enumerate() {
         let (mut hits_l, mut n_l, mut secs_l) = (0usize, 0usize, 0f64);
         for (di, &depth) in a.depths.iter().enumerate() {
             let (mut answers, mut expected) = (Vec::new(), Vec::new());
@@ -423,6 +424,7 @@ fn niah(a: NiahArgs) -> Result<()> {
                 .zip(&expected)
                 .filter(|(a, b)| a == b)
                 .count();
+            recall[di][li] = hits as f64 / a.trials as f64;
             hits_l += hits;
             n_l += a.trials;
             secs_l += secs;
@@ -453,7 +455,19 @@ fn niah(a: NiahArgs) -> Result<()> {
     let path = a.out.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    println!("wrote {}", path.display());
+    let png = crate::heatmap::render(
+        &lengths.iter().map(|&l| show_length(l)).collect::<Vec<_>>(),
+        &a.depths.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        &recall,
+        "NEEDLE RECALL (%)",
+        &format!(
+            "{} TRIALS PER CELL, SEED {}, {:?} ATTENTION",
+            a.trials, a.seed, a.attention
+        ),
+    );
+    let img = a.out.join("niah.png");
+    std::fs::write(&img, png).with_context(|| format!("writing {}", img.display()))?;
+    println!("wrote {} and {}", path.display(), img.display());
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod decode_bench;
 mod eval_cmd;
 mod forward;
 mod gpu_check;
+mod heatmap;
 mod moe_bench;
 mod rebalance_bench;
 mod ring_bench;
