@@ -205,6 +205,42 @@ fn last_layer_shortcut_equals_the_full_sharded_computation() -> Result<()> {
     Ok(())
 }
 
+/// The trained needle model (a 32-token window on layer 0) sharded over 1–4 ranks against
+/// transformers' logits, as the single process is (`hf_parity`), and the generation prefill
+/// (last-layer shortcut) answers each needle.
+#[test]
+fn needle_model_sharded_matches_transformers() -> Result<()> {
+    let name = "needle-moe";
+    let dir = fixture(name);
+    let model = Model::load(&dir, &LoadOptions::default())?;
+    let r = ringmoe_model::Checkpoint::open_files(&dir, &[dir.join("reference.safetensors")])?;
+    for (len, tol) in [(300, 1e-4), (1000, 2.5e-4)] {
+        let ids = reference_ids(name, &format!("input_ids_L{len}"))?;
+        let want = r.load(&format!("logits_L{len}"), &[len, 256])?.into_vec();
+        let answer = reference_ids(name, &format!("answer_L{len}"))?;
+        for world in 1..=4 {
+            let comms = in_process(world, Duration::from_secs(20));
+            let got = distributed_logits(&model, &comms, &ids, Sharding::Zigzag)?;
+            let d = max_abs_diff(&got, &want);
+            ensure!(d <= tol, "needle L={len} P={world}: max |Δ| {d:e}");
+            let plan = ShardPlan::new(len, world, Sharding::Zigzag)?;
+            let firsts = all_ok(on_every_rank(&comms, |c| -> Result<u32> {
+                let (_, logits) =
+                    ShardedSequence::prefill(&model, c, &plan, &ids, JobOptions::dense(8))?;
+                Ok(
+                    (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b })
+                        as u32,
+                )
+            }))?;
+            ensure!(
+                firsts.iter().all(|f| [*f] == answer[..]),
+                "needle L={len} P={world}: answered {firsts:?}, the needle holds {answer:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Greedy generation from a sharded prefill equals transformers' (and so the single-process
 /// engine's) tokens, on every rank.
 #[test]
