@@ -365,20 +365,12 @@ fn niah(a: NiahArgs) -> Result<()> {
             let token = a.token.token()?;
             let (client, model) = rt.block_on(async {
                 let mut c = client::connect_as(addr, 64 << 20, token.as_deref()).await?;
-                let model = match &a.model_name {
-                    Some(m) => m.clone(),
-                    None => {
-                        let l = c.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
-                        match l.models.as_slice() {
-                            [one] => one.clone(),
-                            many => bail!(
-                                "the coordinator serves {} models ({}); say which with --model-name",
-                                many.len(),
-                                many.join(", ")
-                            ),
-                        }
-                    }
-                };
+                let model = crate::submit_cmd::model_to_run(
+                    &mut c,
+                    a.model_name.as_deref(),
+                    "--model-name",
+                )
+                .await?;
                 anyhow::Ok((c, model))
             })?;
             let attention = match a.attention {

@@ -350,6 +350,26 @@ async fn submit_async(a: SubmitArgs, input: Option<Input>) -> Result<()> {
     Ok(())
 }
 
+/// `named`, else the coordinator's only model; `flag` is the option that names one.
+pub(crate) async fn model_to_run(
+    c: &mut client::Client,
+    named: Option<&str>,
+    flag: &str,
+) -> Result<String> {
+    if let Some(m) = named {
+        return Ok(m.to_string());
+    }
+    let l = c.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
+    match l.models.as_slice() {
+        [one] => Ok(one.clone()),
+        many => bail!(
+            "the coordinator serves {} models ({}); say which with {flag}",
+            many.len(),
+            many.join(", ")
+        ),
+    }
+}
+
 /// Uploads `input` as a new job (the spec from `a`'s flags) with an upload progress bar;
 /// returns its id.
 async fn upload(
@@ -359,20 +379,7 @@ async fn upload(
     mp: &MultiProgress,
 ) -> Result<u64> {
     let quiet = a.json;
-    let model = match &a.model {
-        Some(m) => m.clone(),
-        None => {
-            let l = c.list_jobs(proto::ListJobsRequest {}).await?.into_inner();
-            match l.models.as_slice() {
-                [one] => one.clone(),
-                many => bail!(
-                    "the coordinator serves {} models ({}); say which with --model",
-                    many.len(),
-                    many.join(", ")
-                ),
-            }
-        }
-    };
+    let model = model_to_run(c, a.model.as_deref(), "--model").await?;
     let spec = proto::JobSpec {
         model,
         mode: match a.mode {
