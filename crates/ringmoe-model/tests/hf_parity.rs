@@ -9,6 +9,8 @@ use ringmoe_model::{
 use ringmoe_testkit::{ARCH_FIXTURES as MODELS, fixture, max_abs_diff};
 
 const LOGIT_TOL: f32 = 1e-4;
+/// The trained needle model's bound (see its test).
+const NEEDLE_TOL: f32 = 2.5e-4;
 
 struct Reference(Checkpoint);
 
@@ -159,10 +161,11 @@ fn needle_model_matches_transformers_and_finds_its_needles() -> Result<()> {
         model.config.layer_windows
     );
     let r = Reference::open(name)?;
-    // The trained model's logits span ±15 and its retrieval head is sharp: at 1000 tokens the
-    // f32 summation orders (blockwise online softmax here, SDPA there) differ by 1.5e-4, 1e-5
-    // of that range; up to 300 tokens the usual 1e-4 holds.
-    for (len, tol) in [(64, LOGIT_TOL), (300, LOGIT_TOL), (1000, 2.5e-4)] {
+    // The trained model's logits span ±15 and its retrieval head is sharp: f32 summation orders
+    // (blockwise online softmax here, SDPA there; rank merges when sharded) differ by up to
+    // 1.5e-4 at 1000 tokens, 1e-5 of that range, so its bound is 2.5e-4.
+    for len in [64, 300, 1000] {
+        let tol = NEEDLE_TOL;
         let ids = r.ids(&format!("input_ids_L{len}"))?;
         let out = model.forward(&ids, &mut model.new_cache(), LogitsFor::All)?;
         let want = r.f32(&format!("logits_L{len}"))?;

@@ -214,7 +214,8 @@ fn needle_model_sharded_matches_transformers() -> Result<()> {
     let dir = fixture(name);
     let model = Model::load(&dir, &LoadOptions::default())?;
     let r = ringmoe_model::Checkpoint::open_files(&dir, &[dir.join("reference.safetensors")])?;
-    for (len, tol) in [(300, 1e-4), (1000, 2.5e-4)] {
+    // The bound of the single-process test (hf_parity's NEEDLE_TOL: logits span ±15).
+    for (len, tol) in [(300, 2.5e-4), (1000, 2.5e-4)] {
         let ids = reference_ids(name, &format!("input_ids_L{len}"))?;
         let want = r.load(&format!("logits_L{len}"), &[len, 256])?.into_vec();
         let answer = reference_ids(name, &format!("answer_L{len}"))?;
