@@ -33,11 +33,15 @@ pub enum EvalCmd {
     /// Needle-in-a-haystack recall by context length and needle depth: results.json, the
     /// heatmap niah.png and a summary line per length.
     Niah(NiahArgs),
+    /// Per-token NLL of one long input by position (bucketed, cumulative), nll.json and the
+    /// log-log nll.png; `--synthetic L` repeats a segment across the whole length.
+    Nll(crate::eval_nll::NllArgs),
 }
 
 pub fn run(cmd: EvalCmd) -> Result<()> {
     match cmd {
         EvalCmd::Niah(a) => niah(a),
+        EvalCmd::Nll(a) => crate::eval_nll::run(a),
     }
 }
 

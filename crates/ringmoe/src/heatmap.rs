@@ -65,6 +65,97 @@ pub fn render(
     img.png()
 }
 
+/// Points `(x, y)` and the colour of their line.
+pub type Series<'a> = (&'a [(f64, f64)], [u8; 3]);
+
+/// Draws `series` (points `(x, y)` with x, y > 0, and a colour each) as lines on log-log axes,
+/// decade ticks labelled, with a title and a note under the x axis.
+pub fn render_lines(title: &str, series: &[Series<'_>], note: &str) -> Vec<u8> {
+    const LEFT: usize = 64;
+    const TOP: usize = 40;
+    const PW: usize = 480;
+    const PH: usize = 280;
+    let (w, h) = (LEFT + PW + 24, TOP + PH + 60);
+    let mut img = Image::new(w, h, [255, 255, 255]);
+    img.text(LEFT, 14, title, 2, [0, 0, 0]);
+    let pts = || {
+        series
+            .iter()
+            .flat_map(|(p, _)| p.iter())
+            .filter(|(x, y)| *x > 0.0 && *y > 0.0 && x.is_finite() && y.is_finite())
+    };
+    let range = |f: &dyn Fn(&(f64, f64)) -> f64| {
+        let (lo, hi) = pts()
+            .map(f)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(v), b.max(v))
+            });
+        if lo.is_finite() {
+            (
+                lo.log10().floor(),
+                hi.log10().ceil().max(lo.log10().floor() + 1.0),
+            )
+        } else {
+            (0.0, 1.0)
+        }
+    };
+    let (x0, x1) = range(&|p| p.0);
+    let (y0, y1) = range(&|p| p.1);
+    let px = |x: f64| LEFT as f64 + (x.log10() - x0) / (x1 - x0) * PW as f64;
+    let py = |y: f64| (TOP + PH) as f64 - (y.log10() - y0) / (y1 - y0) * PH as f64;
+    let grey = [200, 200, 200];
+    for d in x0 as i32..=x1 as i32 {
+        let x = px(10f64.powi(d)) as usize;
+        img.rect(x, TOP, 1, PH, grey);
+        let label = decade(d);
+        img.text(
+            x.saturating_sub(label.len() * 3),
+            TOP + PH + 6,
+            &label,
+            1,
+            [0, 0, 0],
+        );
+    }
+    for d in y0 as i32..=y1 as i32 {
+        let y = py(10f64.powi(d)) as usize;
+        img.rect(LEFT, y, PW, 1, grey);
+        let label = decade(d);
+        img.text(
+            LEFT.saturating_sub(6 + label.len() * 6),
+            y.saturating_sub(3),
+            &label,
+            1,
+            [0, 0, 0],
+        );
+    }
+    img.rect(LEFT, TOP, 1, PH, [0, 0, 0]);
+    img.rect(LEFT, TOP + PH, PW, 1, [0, 0, 0]);
+    for (points, c) in series {
+        let mut last: Option<(f64, f64)> = None;
+        for &(x, y) in points.iter().filter(|(x, y)| *x > 0.0 && *y > 0.0) {
+            let p = (px(x), py(y));
+            if let Some(q) = last {
+                img.line(q, p, *c);
+            }
+            last = Some(p);
+        }
+    }
+    img.text(LEFT, TOP + PH + 22, "POSITION (TOKENS)", 1, [0, 0, 0]);
+    img.text(LEFT, TOP + PH + 38, note, 1, [90, 90, 90]);
+    img.png()
+}
+
+/// `10^d` as a short label: 1, 10, 100, 1K, 10K, 100K, 1M, …; 0.1, 0.01, … below 1.
+fn decade(d: i32) -> String {
+    match d {
+        i32::MIN..=-1 => format!("{}", 10f64.powi(d)),
+        0..=2 => format!("{}", 10i64.pow(d as u32)),
+        3..=5 => format!("{}K", 10i64.pow(d as u32 - 3)),
+        6..=8 => format!("{}M", 10i64.pow(d as u32 - 6)),
+        _ => format!("1E{d}"),
+    }
+}
+
 /// Red (0) → yellow (0.5) → green (1).
 fn colour(r: f64) -> [u8; 3] {
     let r = if r.is_finite() {
@@ -99,6 +190,18 @@ impl Image {
         for y in y0..(y0 + h).min(self.h) {
             for x in x0..(x0 + w).min(self.w) {
                 self.px[y * self.w + x] = c;
+            }
+        }
+    }
+
+    /// A 2-pixel line from `a` to `b` (pixel coordinates; parts outside are clipped).
+    fn line(&mut self, a: (f64, f64), b: (f64, f64), c: [u8; 3]) {
+        let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil().max(1.0) as usize;
+        for i in 0..=steps {
+            let t = i as f64 / steps as f64;
+            let (x, y) = (a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1));
+            if x >= 0.0 && y >= 0.0 {
+                self.rect(x as usize, y as usize, 2, 2, c);
             }
         }
     }

@@ -4,6 +4,7 @@ mod cluster_cmd;
 mod comm_bench;
 mod decode_bench;
 mod eval_cmd;
+mod eval_nll;
 mod forward;
 mod gpu_check;
 mod heatmap;

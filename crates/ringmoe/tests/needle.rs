@@ -1,6 +1,7 @@
 //! The trained needle model (`tests/fixtures/needle-moe`, `scripts/train_needle.py`) through
 //! `ringmoe eval niah`: a 64K-token needle case as generate jobs through `serve --workers 4`
-//! finds the needle, and the cluster answers every case as the single process does.
+//! finds the needle, and the cluster answers every case as the single process does; `eval nll`
+//! scores the same document alike both ways.
 
 #[allow(dead_code)]
 mod common;
@@ -109,5 +110,44 @@ fn a_64k_needle_through_serve_with_4_workers_is_found_as_in_one_process() -> Res
             );
         }
     }
+    // eval nll: the same synthetic document scored as a job on the 4 workers and in one
+    // process gives the same bucketed NLL.
+    let nll = |args: &[&str], out: &Path| -> Result<Vec<f64>> {
+        let o = Command::new(env!("CARGO_BIN_EXE_ringmoe"))
+            .args(["eval", "nll", "--synthetic", "2K", "--segment", "128"])
+            .args(args)
+            .args(["--out", out.to_str().context("path")?])
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "eval nll {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ensure!(out.join("nll.png").exists(), "no nll.png");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("nll.json"))?)?;
+        ensure!(v["tokens"] == 2048, "{}", v["tokens"]);
+        v["buckets"]
+            .as_array()
+            .context("buckets")?
+            .iter()
+            .map(|b| b["mean_nll"].as_f64().context("mean_nll"))
+            .collect()
+    };
+    let remote = nll(
+        &["--addr", &addr, "--task", task_s],
+        &tmp.path().join("nll-cluster"),
+    )?;
+    let local = nll(&["--model", dir_s], &tmp.path().join("nll-local"))?;
+    ensure!(remote.len() == local.len() && !local.is_empty());
+    let d = remote
+        .iter()
+        .zip(&local)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    ensure!(
+        d <= 1e-4,
+        "bucketed NLL: cluster and one process differ by {d:e}"
+    );
     Ok(())
 }
