@@ -45,17 +45,75 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
     }
 }
 
+/// Where an evaluation runs, and how its prefill attends: the flags `eval niah` and `eval nll`
+/// share.
 #[derive(Args, Debug)]
-pub struct NiahArgs {
+pub struct EvalTarget {
     /// A model directory, run in this process.
     #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
-    model: Option<PathBuf>,
-    /// A coordinator: each case is a generate job over gRPC.
+    pub model: Option<PathBuf>,
+    /// A coordinator: the work goes to it as jobs over gRPC.
     #[arg(long)]
-    addr: Option<String>,
+    pub addr: Option<String>,
     /// With --addr: the coordinator's model to run (default: its only one).
     #[arg(long, requires = "addr")]
-    model_name: Option<String>,
+    pub model_name: Option<String>,
+    /// Prefill attention (a model's sliding-window layers keep their window whatever this says).
+    #[arg(long, value_enum, default_value = "dense")]
+    pub attention: AttentionArg,
+    #[command(flatten)]
+    pub pattern: PatternOpts,
+    #[command(flatten)]
+    pub weights: WeightsOpts,
+    #[command(flatten)]
+    pub token: ClientTokenOpts,
+}
+
+impl EvalTarget {
+    /// The job's attention mode on the wire.
+    pub fn proto_attention(&self) -> proto::AttentionMode {
+        match self.attention {
+            AttentionArg::Dense => proto::AttentionMode::Dense,
+            AttentionArg::AShape => proto::AttentionMode::AShape,
+            AttentionArg::VerticalSlash => proto::AttentionMode::VerticalSlash,
+        }
+    }
+
+    /// A client of the coordinator at `addr` and the model to run there.
+    pub async fn connect(&self, addr: &str) -> Result<(client::Client, String)> {
+        let token = self.token.token()?;
+        let mut c = client::connect_as(addr, 256 << 20, token.as_deref()).await?;
+        let model =
+            crate::submit_cmd::model_to_run(&mut c, self.model_name.as_deref(), "--model-name")
+                .await?;
+        Ok((c, model))
+    }
+}
+
+/// Submits `tokens` as a job of `spec` and waits for its result.
+pub async fn run_job(
+    c: &mut client::Client,
+    spec: proto::JobSpec,
+    tokens: &[u32],
+) -> Result<JobResult> {
+    let ack = client::submit(
+        c,
+        spec,
+        Input::Tokens(tokens.to_vec()),
+        client::UPLOAD_CHUNK,
+        |_| {},
+    )
+    .await
+    .map_err(|s| anyhow::anyhow!("submitting: {:?}: {}", s.code(), s.message()))?;
+    client::result(c, ack.job_id)
+        .await
+        .map_err(|s| anyhow::anyhow!("job {}: {:?}: {}", ack.job_id, s.code(), s.message()))
+}
+
+#[derive(Args, Debug)]
+pub struct NiahArgs {
+    #[command(flatten)]
+    target: EvalTarget,
     /// The task (needle.json); default: the model directory's.
     #[arg(long)]
     task: Option<PathBuf>,
@@ -74,15 +132,6 @@ pub struct NiahArgs {
     trials: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Prefill attention (a model's sliding-window layers keep their window whatever this says).
-    #[arg(long, value_enum, default_value = "dense")]
-    attention: AttentionArg,
-    #[command(flatten)]
-    pattern: PatternOpts,
-    #[command(flatten)]
-    weights: WeightsOpts,
-    #[command(flatten)]
-    token: ClientTokenOpts,
     /// Where results.json and niah.png go.
     #[arg(long, default_value = "niah")]
     out: PathBuf,
@@ -296,23 +345,9 @@ impl Runner {
                     priority: 0,
                     input_length: 0,
                 };
-                let ack = client::submit(
-                    client,
-                    spec,
-                    Input::Tokens(tokens.to_vec()),
-                    client::UPLOAD_CHUNK,
-                    |_| {},
-                )
-                .await
-                .map_err(|s| anyhow::anyhow!("submitting: {:?}: {}", s.code(), s.message()))?;
-                match client::result(client, ack.job_id).await.map_err(|s| {
-                    anyhow::anyhow!("job {}: {:?}: {}", ack.job_id, s.code(), s.message())
-                })? {
-                    JobResult::Tokens(t) => t
-                        .first()
-                        .copied()
-                        .with_context(|| format!("job {} generated nothing", ack.job_id)),
-                    JobResult::Scores(_) => bail!("job {} returned scores", ack.job_id),
+                match run_job(client, spec, tokens).await? {
+                    JobResult::Tokens(t) => t.first().copied().context("the job generated nothing"),
+                    JobResult::Scores(_) => bail!("the job returned scores"),
                 }
             }),
         }
@@ -343,7 +378,7 @@ fn niah(a: NiahArgs) -> Result<()> {
     for &d in &a.depths {
         ensure!((0.0..=1.0).contains(&d), "--depths: {d} is not in [0, 1]");
     }
-    let task_path = match (&a.task, &a.model) {
+    let task_path = match (&a.task, &a.target.model) {
         (Some(t), _) => t.clone(),
         (None, Some(m)) => m.join("needle.json"),
         (None, None) => bail!("--task is needed with --addr (the model's needle.json)"),
@@ -357,31 +392,17 @@ fn niah(a: NiahArgs) -> Result<()> {
             );
         }
     }
-    let mode = a.pattern.mode(a.attention);
-    let mut runner = match (&a.model, &a.addr) {
+    let t = &a.target;
+    let mut runner = match (&t.model, &t.addr) {
         (Some(dir), _) => {
-            let (model, _) = crate::load_model(dir, a.weights)?;
+            let (model, _) = crate::load_model(dir, t.weights)?;
             task.check_vocab(model.config.vocab_size)?;
-            Runner::Local(Box::new(model), mode)
+            Runner::Local(Box::new(model), t.pattern.mode(t.attention))
         }
         (None, Some(addr)) => {
             let rt = runtime()?;
-            let token = a.token.token()?;
-            let (client, model) = rt.block_on(async {
-                let mut c = client::connect_as(addr, 64 << 20, token.as_deref()).await?;
-                let model = crate::submit_cmd::model_to_run(
-                    &mut c,
-                    a.model_name.as_deref(),
-                    "--model-name",
-                )
-                .await?;
-                anyhow::Ok((c, model))
-            })?;
-            let attention = match a.attention {
-                AttentionArg::Dense => proto::AttentionMode::Dense,
-                AttentionArg::AShape => proto::AttentionMode::AShape,
-                AttentionArg::VerticalSlash => proto::AttentionMode::VerticalSlash,
-            };
+            let (client, model) = rt.block_on(t.connect(addr))?;
+            let attention = t.proto_attention();
             Runner::Cluster(Box::new(ClusterRunner {
                 rt,
                 client,
@@ -442,9 +463,9 @@ fn niah(a: NiahArgs) -> Result<()> {
     bar.finish_and_clear();
     let results = json!({
         "task": task_path.display().to_string(),
-        "model": a.model.as_ref().map(|m| m.display().to_string()),
-        "addr": a.addr,
-        "attention": format!("{:?}", a.attention),
+        "model": a.target.model.as_ref().map(|m| m.display().to_string()),
+        "addr": a.target.addr,
+        "attention": format!("{:?}", a.target.attention),
         "seed": a.seed,
         "cells": cells,
     });
@@ -458,7 +479,7 @@ fn niah(a: NiahArgs) -> Result<()> {
         "NEEDLE RECALL (%)",
         &format!(
             "{} TRIALS PER CELL, SEED {}, {:?} ATTENTION",
-            a.trials, a.seed, a.attention
+            a.trials, a.seed, a.target.attention
         ),
     );
     let img = a.out.join("niah.png");

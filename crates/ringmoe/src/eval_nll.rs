@@ -11,27 +11,19 @@ use clap::Args;
 use ringmoe_comm::in_process;
 use ringmoe_model::nll_of;
 use ringmoe_parallel::{JobOptions, ShardPlan, Sharding, prefill_shard};
-use ringmoe_proto::client::{self, Input, JobResult};
+use ringmoe_proto::client::JobResult;
 use ringmoe_proto::proto;
 use serde_json::json;
 
-use crate::WeightsOpts;
 use crate::cluster_cmd::runtime;
-use crate::eval_cmd::{SplitMix64, Task, parse_length};
-use crate::forward::{AttentionArg, PatternOpts, read_input_ids};
-use crate::security_opts::ClientTokenOpts;
+use crate::eval_cmd::{EvalTarget, SplitMix64, Task, parse_length, run_job};
+use crate::forward::read_input_ids;
 
 #[derive(Args, Debug)]
 pub struct NllArgs {
-    /// A model directory, run in this process.
-    #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
-    model: Option<PathBuf>,
-    /// A coordinator: the input is one score job over gRPC.
-    #[arg(long)]
-    addr: Option<String>,
-    /// With --addr: the coordinator's model to run (default: its only one).
-    #[arg(long, requires = "addr")]
-    model_name: Option<String>,
+    /// Where it runs (with --addr, the input is one score job).
+    #[command(flatten)]
+    target: EvalTarget,
     /// The input: a safetensors file with int64 `input_ids` [1, L].
     #[arg(
         long,
@@ -52,15 +44,6 @@ pub struct NllArgs {
     task: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Prefill attention (a model's sliding-window layers keep their window whatever this says).
-    #[arg(long, value_enum, default_value = "dense")]
-    attention: AttentionArg,
-    #[command(flatten)]
-    pattern: PatternOpts,
-    #[command(flatten)]
-    weights: WeightsOpts,
-    #[command(flatten)]
-    token: ClientTokenOpts,
     /// Where nll.json and nll.png go.
     #[arg(long, default_value = "nll")]
     out: PathBuf,
@@ -117,7 +100,7 @@ pub fn run(a: NllArgs) -> Result<()> {
     let tokens = match (&a.token_ids, &a.synthetic) {
         (Some(f), _) => read_input_ids(f)?,
         (None, Some(len)) => {
-            let path = match (&a.task, &a.model) {
+            let path = match (&a.task, &a.target.model) {
                 (Some(t), _) => t.clone(),
                 (None, Some(m)) => m.join("needle.json"),
                 (None, None) => bail!("--synthetic with --addr needs --task"),
@@ -128,14 +111,15 @@ pub fn run(a: NllArgs) -> Result<()> {
     };
     ensure!(tokens.len() >= 2, "scoring needs at least 2 tokens");
     let t = Instant::now();
-    let nll: Vec<f32> = match (&a.model, &a.addr) {
+    let tg = &a.target;
+    let nll: Vec<f32> = match (&tg.model, &tg.addr) {
         (Some(dir), _) => {
-            let (model, _) = crate::load_model(dir, a.weights)?;
+            let (model, _) = crate::load_model(dir, tg.weights)?;
             let comm = in_process(1, Duration::from_secs(24 * 3600));
             let plan = ShardPlan::new(tokens.len(), 1, Sharding::Contiguous)?;
             let job = JobOptions {
                 id: 1,
-                attention: a.pattern.mode(a.attention),
+                attention: tg.pattern.mode(tg.attention),
             };
             let out = prefill_shard(&model, &comm[0], &plan, &tokens, job)?;
             let vocab = model.config.vocab_size;
@@ -152,40 +136,17 @@ pub fn run(a: NllArgs) -> Result<()> {
         }
         (None, Some(addr)) => {
             let rt = runtime()?;
-            let token = a.token.token()?;
             rt.block_on(async {
-                let mut c = client::connect_as(addr, 256 << 20, token.as_deref()).await?;
-                let model = crate::submit_cmd::model_to_run(
-                    &mut c,
-                    a.model_name.as_deref(),
-                    "--model-name",
-                )
-                .await?;
-                let attention = match a.attention {
-                    AttentionArg::Dense => proto::AttentionMode::Dense,
-                    AttentionArg::AShape => proto::AttentionMode::AShape,
-                    AttentionArg::VerticalSlash => proto::AttentionMode::VerticalSlash,
-                };
+                let (mut c, model) = tg.connect(addr).await?;
                 let spec = proto::JobSpec {
                     model,
                     mode: proto::JobMode::Score as i32,
-                    attention: attention as i32,
+                    attention: tg.proto_attention() as i32,
                     ..Default::default()
                 };
-                let ack = client::submit(
-                    &mut c,
-                    spec,
-                    Input::Tokens(tokens.clone()),
-                    client::UPLOAD_CHUNK,
-                    |_| {},
-                )
-                .await
-                .map_err(|s| anyhow::anyhow!("submitting: {:?}: {}", s.code(), s.message()))?;
-                match client::result(&mut c, ack.job_id).await.map_err(|s| {
-                    anyhow::anyhow!("job {}: {:?}: {}", ack.job_id, s.code(), s.message())
-                })? {
+                match run_job(&mut c, spec, &tokens).await? {
                     JobResult::Scores(s) => Ok(s),
-                    JobResult::Tokens(_) => bail!("job {} returned tokens", ack.job_id),
+                    JobResult::Tokens(_) => bail!("the score job returned tokens"),
                 }
             })?
         }
@@ -212,7 +173,7 @@ pub fn run(a: NllArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let result = json!({
         "tokens": tokens.len(),
-        "attention": format!("{:?}", a.attention),
+        "attention": format!("{:?}", a.target.attention),
         "wall_secs": secs,
         "mean_nll": mean(0..n),
         "buckets": b.iter().map(|&(f, l, m)| json!({"first": f, "last": l, "mean_nll": m})).collect::<Vec<_>>(),
