@@ -331,6 +331,37 @@ impl DecoderLayer {
         })
     }
 
+    /// [`Self::forward`] finishing only the final row (the exact last-layer shortcut): every
+    /// row's K/V is cached, but attention, the MLP and the residuals run for the last position
+    /// alone, and `x` becomes that one row.
+    pub fn forward_last(
+        &self,
+        x: &mut Tensor,
+        positions: &[usize],
+        rope: &RopeTable,
+        cache: &mut LayerKv,
+    ) -> Result<Option<Routing>> {
+        let qkv = self.qkv(x, rope)?;
+        cache.append(&qkv.k, &qkv.v, positions);
+        let t = positions.len();
+        let w = self.attn.params.n_heads * self.attn.params.head_dim;
+        if t == 0 || qkv.q.len() != t * w {
+            return Err(Error::InvalidInput(format!(
+                "{} query values for {t} positions",
+                qkv.q.len()
+            )));
+        }
+        let out = self.attn.attend(
+            &qkv.q[(t - 1) * w..],
+            &positions[t - 1..],
+            &cache.k,
+            &cache.v,
+            &cache.positions,
+        )?;
+        *x = x.rows(t - 1, t)?;
+        self.finish(x, &out.out, local_experts)
+    }
+
     /// The layer with its attention core supplied by `attend`, which receives this batch's rotated
     /// q/k/v and returns the attention output `[tokens, n_heads · head_dim]` before the output
     /// projection. Ring attention plugs in here; everything else is the single-process layer.

@@ -10,7 +10,7 @@ use crate::arch;
 use crate::checkpoint::{Checkpoint, TensorSource};
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
-use crate::layers::{DecoderLayer, Mlp, WeightLoader, local_experts};
+use crate::layers::{DecoderLayer, Mlp, WeightLoader};
 use crate::moe::Routing;
 use crate::{Error, Result};
 
@@ -263,21 +263,7 @@ impl Model {
         let n = self.layers.len();
         for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let r = if last_only && l + 1 == n {
-                let qkv = layer.qkv(&x, &rope)?;
-                kv.append(&qkv.k, &qkv.v, &positions);
-                let (t, w) = (
-                    tokens.len(),
-                    layer.attn.params.n_heads * layer.attn.params.head_dim,
-                );
-                let out = layer.attn.attend(
-                    &qkv.q[(t - 1) * w..],
-                    &positions[t - 1..],
-                    &kv.k,
-                    &kv.v,
-                    &kv.positions,
-                )?;
-                x = x.rows(t - 1, t)?;
-                layer.finish(&mut x, &out.out, local_experts::<Error>)?
+                layer.forward_last(&mut x, &positions, &rope, kv)?
             } else {
                 layer.forward(&mut x, &positions, &rope, kv)?
             };
@@ -289,7 +275,8 @@ impl Model {
     }
 
     /// Forward pass returning logits for the requested positions. [`LogitsFor::Last`] takes the
-    /// exact last-layer shortcut (see `run_layers`): the last sparse layer's routing then covers only the final position.
+    /// exact last-layer shortcut ([`DecoderLayer::forward_last`]): the last sparse layer's
+    /// routing then covers only the final position.
     pub fn forward(
         &self,
         tokens: &[u32],

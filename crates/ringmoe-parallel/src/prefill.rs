@@ -8,7 +8,7 @@ use ringmoe_comm::{Communicator, Kind, Tag};
 use ringmoe_core::Tensor;
 use ringmoe_core::rope::RopeTable;
 use ringmoe_model::kv_cache::LayerKv;
-use ringmoe_model::layers::{DecoderLayer, local_experts};
+use ringmoe_model::layers::{DecoderLayer, SparseMoe, local_experts};
 use ringmoe_model::moe::Routing;
 use ringmoe_model::{KvCache, Model};
 
@@ -185,14 +185,12 @@ pub(crate) fn prefill_layers(
         };
         let r = match experts {
             None => layer.forward_with(&mut x, &rope, attend)?,
-            Some(ep) => layer.forward_parts(&mut x, &rope, attend, |m, xs, routing| {
-                let _s = tracing::trace_span!("expert_all_to_all").entered();
-                let tag = Tag::new(job.id, l as u32, 0, Kind::Dispatch);
-                let hidden = m.router.in_features;
-                let (y, s) = moe_parallel(comm, ep, l, &m.experts, xs, hidden, routing, tag)?;
-                moe.add(&s);
-                Ok(y)
-            })?,
+            Some(ep) => layer.forward_parts(
+                &mut x,
+                &rope,
+                attend,
+                parallel_experts(comm, ep, job, l, &mut moe),
+            )?,
         };
         if let Some(r) = r {
             routing.push((l, r));
@@ -253,21 +251,25 @@ fn finish_last_position(
     let mut x = Tensor::from_vec(hidden.to_vec(), [1, h])?;
     let r = match experts {
         None => layer.finish(&mut x, &out, local_experts::<ParallelError>)?,
-        Some(ep) => layer.finish(&mut x, &out, |m, xs, routing| {
-            let tag = Tag::new(job.id, l as u32, 0, Kind::Dispatch);
-            let (y, s) = moe_parallel(
-                comm,
-                ep,
-                l,
-                &m.experts,
-                xs,
-                m.router.in_features,
-                routing,
-                tag,
-            )?;
-            moe.add(&s);
-            Ok::<_, ParallelError>(y)
-        })?,
+        Some(ep) => layer.finish(&mut x, &out, parallel_experts(comm, ep, job, l, moe))?,
     };
     Ok((r, x))
+}
+
+/// Layer `l`'s routed experts over the group (`moe_parallel`), its figures added to `moe`.
+fn parallel_experts<'a>(
+    comm: &'a Communicator,
+    ep: &'a ExpertParallel,
+    job: JobOptions,
+    l: usize,
+    moe: &'a mut MoeStats,
+) -> impl FnOnce(&SparseMoe, &[f32], &Routing) -> Result<Vec<f32>> + 'a {
+    move |m, xs, routing| {
+        let _s = tracing::trace_span!("expert_all_to_all").entered();
+        let tag = Tag::new(job.id, l as u32, 0, Kind::Dispatch);
+        let hidden = m.router.in_features;
+        let (y, s) = moe_parallel(comm, ep, l, &m.experts, xs, hidden, routing, tag)?;
+        moe.add(&s);
+        Ok(y)
+    }
 }
