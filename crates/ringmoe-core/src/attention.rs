@@ -18,6 +18,10 @@ use crate::{Error, Result};
 const BQ: usize = 128;
 /// Key rows per tile.
 const BK: usize = 128;
+/// Query tiles whose results are gathered before they are copied into the output (see
+/// [`attend`]): every head of 64 tiles is plenty of tasks for the pool, and 8K query rows of
+/// buffers.
+const TILES_PER_BATCH: usize = 64;
 
 /// Head layout and scaling of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -499,91 +503,95 @@ pub(crate) fn attend<R: Rule>(
         .any(|h| rule.diagonals(h).is_some())
         .then(|| PosIndex::new(k_pos));
 
-    // One task per (head, query tile); each returns its rows of out and lse.
-    let tiles: Vec<(Vec<f32>, Vec<f32>, u64)> = (0..hq * q_tiles)
-        .into_par_iter()
-        .map(|task| {
-            let (h, qt) = (task / q_tiles, task % q_tiles);
-            let (q0, q1) = (qt * BQ, ((qt + 1) * BQ).min(lq));
-            let (qlo, qhi) = min_max(&q_pos[q0..q1]);
-            let kvh = h / group;
-            let q_view = MatRef {
-                data: &q[q0 * hq * d + h * d..],
-                rows: q1 - q0,
-                cols: d,
-                row_stride: hq * d,
-                col_stride: 1,
-            };
-            let mut rows = Rows::new(q1 - q0, d);
-            if let Some(g) = rule.gathered(h) {
-                for s in (0..g.pos.len()).step_by(BK) {
-                    let e = (s + BK).min(g.pos.len());
-                    let kind = causal.tile(h, (qlo, qhi), min_max(&g.pos[s..e]));
+    // One task per (head, query tile); each returns its rows of out and lse, which are copied
+    // into the result a batch of query tiles at a time, so the tasks' buffers never hold a
+    // second copy of a long sequence's whole output.
+    let mut res = PartialAttention::empty(lq, hq, d);
+    let mut scored = 0;
+    for batch in (0..q_tiles).step_by(TILES_PER_BATCH) {
+        let batch_tiles = TILES_PER_BATCH.min(q_tiles - batch);
+        let tiles: Vec<(Vec<f32>, Vec<f32>, u64)> = (0..hq * batch_tiles)
+            .into_par_iter()
+            .map(|task| {
+                let (h, qt) = (task / batch_tiles, batch + task % batch_tiles);
+                let (q0, q1) = (qt * BQ, ((qt + 1) * BQ).min(lq));
+                let (qlo, qhi) = min_max(&q_pos[q0..q1]);
+                let kvh = h / group;
+                let q_view = MatRef {
+                    data: &q[q0 * hq * d + h * d..],
+                    rows: q1 - q0,
+                    cols: d,
+                    row_stride: hq * d,
+                    col_stride: 1,
+                };
+                let mut rows = Rows::new(q1 - q0, d);
+                if let Some(g) = rule.gathered(h) {
+                    for s in (0..g.pos.len()).step_by(BK) {
+                        let e = (s + BK).min(g.pos.len());
+                        let kind = causal.tile(h, (qlo, qhi), min_max(&g.pos[s..e]));
+                        if kind == TileKind::Skip {
+                            continue;
+                        }
+                        rows.tile(
+                            q_view,
+                            &q_pos[q0..q1],
+                            strided(&g.k, s * d, e - s, d, d),
+                            strided(&g.v, s * d, e - s, d, d),
+                            &g.pos[s..e],
+                            p.scale,
+                            kind == TileKind::Masked,
+                            &|qp, kps: &[usize], row: &mut [f32]| {
+                                Causal(true).mask_row(0, qp, kps, row)
+                            },
+                        )?;
+                    }
+                }
+                // Tiles computed here; the pair-by-pair path leaves their pairs alone.
+                let mut tiled = vec![false; k_tiles.len()];
+                for (t, &(k0, k1, klo, khi)) in k_tiles.iter().enumerate() {
+                    let kind = rule.tile(h, (qlo, qhi), (klo, khi));
                     if kind == TileKind::Skip {
                         continue;
                     }
+                    tiled[t] = true;
+                    let start = k0 * hkv * d + kvh * d;
                     rows.tile(
                         q_view,
                         &q_pos[q0..q1],
-                        strided(&g.k, s * d, e - s, d, d),
-                        strided(&g.v, s * d, e - s, d, d),
-                        &g.pos[s..e],
+                        strided(k, start, k1 - k0, d, hkv * d),
+                        strided(v, start, k1 - k0, d, hkv * d),
+                        &k_pos[k0..k1],
                         p.scale,
                         kind == TileKind::Masked,
-                        &|qp, kps: &[usize], row: &mut [f32]| {
-                            Causal(true).mask_row(0, qp, kps, row)
-                        },
+                        &|qp, kps: &[usize], row: &mut [f32]| rule.mask_row(h, qp, kps, row),
                     )?;
                 }
-            }
-            // Tiles computed here; the pair-by-pair path leaves their pairs alone.
-            let mut tiled = vec![false; k_tiles.len()];
-            for (t, &(k0, k1, klo, khi)) in k_tiles.iter().enumerate() {
-                let kind = rule.tile(h, (qlo, qhi), (klo, khi));
-                if kind == TileKind::Skip {
-                    continue;
+                if let (Some(offsets), Some(index)) = (rule.diagonals(h), &index) {
+                    rows.diagonals(
+                        q,
+                        |r| ((q0 + r) * hq + h) * d,
+                        &q_pos[q0..q1],
+                        k,
+                        v,
+                        |j| (j * hkv + kvh) * d,
+                        offsets,
+                        index,
+                        &tiled,
+                        p.scale,
+                        &|qp, kp| rule.keep(h, qp, kp),
+                    );
                 }
-                tiled[t] = true;
-                let start = k0 * hkv * d + kvh * d;
-                rows.tile(
-                    q_view,
-                    &q_pos[q0..q1],
-                    strided(k, start, k1 - k0, d, hkv * d),
-                    strided(v, start, k1 - k0, d, hkv * d),
-                    &k_pos[k0..k1],
-                    p.scale,
-                    kind == TileKind::Masked,
-                    &|qp, kps: &[usize], row: &mut [f32]| rule.mask_row(h, qp, kps, row),
-                )?;
+                Ok(rows.finish())
+            })
+            .collect::<Result<_>>()?;
+        for (task, (acc, lse, n)) in tiles.into_iter().enumerate() {
+            let (h, qt) = (task / batch_tiles, batch + task % batch_tiles);
+            scored += n;
+            for (r, (row, &lv)) in acc.chunks(d).zip(&lse).enumerate() {
+                let t = qt * BQ + r;
+                res.out[(t * hq + h) * d..(t * hq + h + 1) * d].copy_from_slice(row);
+                res.lse[t * hq + h] = lv;
             }
-            if let (Some(offsets), Some(index)) = (rule.diagonals(h), &index) {
-                rows.diagonals(
-                    q,
-                    |r| ((q0 + r) * hq + h) * d,
-                    &q_pos[q0..q1],
-                    k,
-                    v,
-                    |j| (j * hkv + kvh) * d,
-                    offsets,
-                    index,
-                    &tiled,
-                    p.scale,
-                    &|qp, kp| rule.keep(h, qp, kp),
-                );
-            }
-            Ok(rows.finish())
-        })
-        .collect::<Result<_>>()?;
-
-    let mut res = PartialAttention::empty(lq, hq, d);
-    let mut scored = 0;
-    for (task, (acc, lse, n)) in tiles.into_iter().enumerate() {
-        let (h, qt) = (task / q_tiles, task % q_tiles);
-        scored += n;
-        for (r, (row, &lv)) in acc.chunks(d).zip(&lse).enumerate() {
-            let t = qt * BQ + r;
-            res.out[(t * hq + h) * d..(t * hq + h + 1) * d].copy_from_slice(row);
-            res.lse[t * hq + h] = lv;
         }
     }
     Ok((res, scored))

@@ -16,6 +16,18 @@ impl LayerKv {
         self.positions.extend_from_slice(positions);
     }
 
+    /// [`Self::append`] taking the buffers: into an empty cache (a prefill) they move instead of
+    /// being copied, so a long prompt's K/V is held once.
+    pub fn append_owned(&mut self, k: Vec<f32>, v: Vec<f32>, positions: &[usize]) {
+        if self.positions.is_empty() && self.k.is_empty() && self.v.is_empty() {
+            self.k = k;
+            self.v = v;
+            self.positions = positions.to_vec();
+        } else {
+            self.append(&k, &v, positions);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.positions.len()
     }

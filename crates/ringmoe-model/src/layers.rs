@@ -128,6 +128,23 @@ pub struct Qkv {
     pub v: Vec<f32>,
 }
 
+/// Rows of a batch that the row-wise parts of a layer (norms, projections, the MLP) process at a
+/// time. Their temporaries (the fused q/k/v projection, the MoE's gathered rows and
+/// intermediates: several times the hidden state per token) then stay bounded however long the
+/// sequence is; only the hidden state, q/k/v and the K/V cache grow with it.
+pub const PIECE_ROWS: usize = 4096;
+
+/// How many pieces of at most `max_rows` rows `rows` rows take (at least one).
+pub fn pieces_for(rows: usize, max_rows: usize) -> usize {
+    rows.div_ceil(max_rows.max(1)).max(1)
+}
+
+/// Rows `start..end` of the `i`-th of `pieces` near-equal contiguous pieces of `rows` rows.
+pub fn piece_range(rows: usize, pieces: usize, i: usize) -> (usize, usize) {
+    let p = pieces.max(1);
+    (i * rows / p, (i + 1) * rows / p)
+}
+
 /// Multi-head (grouped-query) self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -170,31 +187,57 @@ impl Attention {
 
     /// Projects, normalises and rotates; `rope` holds the tokens' absolute positions.
     pub fn qkv(&self, x: &[f32], rope: &RopeTable) -> Result<Qkv> {
-        let t = rope.positions;
+        let mut out = self.empty_qkv(rope.positions);
+        self.project_into(x, rope.positions, &mut out)?;
+        self.rotate(&mut out, rope)?;
+        Ok(out)
+    }
+
+    /// A [`Qkv`] with room for `tokens` tokens.
+    fn empty_qkv(&self, tokens: usize) -> Qkv {
         let (hq, hkv, d) = (
             self.params.n_heads,
             self.params.n_kv_heads,
             self.params.head_dim,
         );
-        let fused = self.qkv.forward(x, t)?;
-        let width = (hq + 2 * hkv) * d;
-        let (mut q, mut k, mut v) = (
-            Vec::with_capacity(t * hq * d),
-            Vec::with_capacity(t * hkv * d),
-            Vec::with_capacity(t * hkv * d),
+        Qkv {
+            q: Vec::with_capacity(tokens * hq * d),
+            k: Vec::with_capacity(tokens * hkv * d),
+            v: Vec::with_capacity(tokens * hkv * d),
+        }
+    }
+
+    /// Projects `rows` rows of `x` and appends their q, k and v to `out` (before norms and RoPE).
+    fn project_into(&self, x: &[f32], rows: usize, out: &mut Qkv) -> Result<()> {
+        let (hq, hkv, d) = (
+            self.params.n_heads,
+            self.params.n_kv_heads,
+            self.params.head_dim,
         );
+        let fused = self.qkv.forward(x, rows)?;
+        let width = (hq + 2 * hkv) * d;
         for row in fused.chunks(width) {
-            q.extend_from_slice(&row[..hq * d]);
-            k.extend_from_slice(&row[hq * d..(hq + hkv) * d]);
-            v.extend_from_slice(&row[(hq + hkv) * d..]);
+            out.q.extend_from_slice(&row[..hq * d]);
+            out.k.extend_from_slice(&row[hq * d..(hq + hkv) * d]);
+            out.v.extend_from_slice(&row[(hq + hkv) * d..]);
         }
+        Ok(())
+    }
+
+    /// Qwen3's per-head q/k norms, then RoPE at `rope`'s positions, in place.
+    fn rotate(&self, qkv: &mut Qkv, rope: &RopeTable) -> Result<()> {
+        let (hq, hkv, d) = (
+            self.params.n_heads,
+            self.params.n_kv_heads,
+            self.params.head_dim,
+        );
         if let Some((qn, kn)) = &self.qk_norm {
-            ops::rms_norm_chunks_inplace(&mut q, qn, self.eps)?;
-            ops::rms_norm_chunks_inplace(&mut k, kn, self.eps)?;
+            ops::rms_norm_chunks_inplace(&mut qkv.q, qn, self.eps)?;
+            ops::rms_norm_chunks_inplace(&mut qkv.k, kn, self.eps)?;
         }
-        apply_rope(&mut q, hq, d, rope)?;
-        apply_rope(&mut k, hkv, d, rope)?;
-        Ok(Qkv { q, k, v })
+        apply_rope(&mut qkv.q, hq, d, rope)?;
+        apply_rope(&mut qkv.k, hkv, d, rope)?;
+        Ok(())
     }
 }
 
@@ -324,7 +367,7 @@ impl DecoderLayer {
     ) -> Result<Option<Routing>> {
         let attn = &self.attn;
         self.forward_with(x, rope, |qkv| -> Result<Vec<f32>> {
-            cache.append(&qkv.k, &qkv.v, positions);
+            cache.append_owned(qkv.k, qkv.v, positions);
             Ok(attn
                 .attend(&qkv.q, positions, &cache.k, &cache.v, &cache.positions)?
                 .out)
@@ -341,18 +384,19 @@ impl DecoderLayer {
         rope: &RopeTable,
         cache: &mut LayerKv,
     ) -> Result<Option<Routing>> {
-        let qkv = self.qkv(x, rope)?;
-        cache.append(&qkv.k, &qkv.v, positions);
+        let Qkv { q, k, v } = self.qkv(x, rope)?;
+        cache.append_owned(k, v, positions);
         let t = positions.len();
         let w = self.attn.params.n_heads * self.attn.params.head_dim;
-        if t == 0 || qkv.q.len() != t * w {
+        if t == 0 || q.len() != t * w {
             return Err(Error::InvalidInput(format!(
                 "{} query values for {t} positions",
-                qkv.q.len()
+                q.len()
             )));
         }
+        let q = q[(t - 1) * w..].to_vec();
         let out = self.attn.attend(
-            &qkv.q[(t - 1) * w..],
+            &q,
             &positions[t - 1..],
             &cache.k,
             &cache.v,
@@ -381,7 +425,7 @@ impl DecoderLayer {
         x: &mut Tensor,
         rope: &RopeTable,
         attend: impl FnOnce(Qkv) -> std::result::Result<Vec<f32>, E>,
-        experts: impl FnOnce(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+        experts: impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
     ) -> std::result::Result<Option<Routing>, E> {
         let qkv = self.qkv(x, rope)?;
         let out = attend(qkv)?;
@@ -389,7 +433,7 @@ impl DecoderLayer {
     }
 
     /// The attention half's input: the rotated q/k/v of `x`'s rows (`[tokens, hidden]`, one
-    /// RoPE position per row).
+    /// RoPE position per row), normalised and projected [`PIECE_ROWS`] rows at a time.
     pub fn qkv(&self, x: &Tensor, rope: &RopeTable) -> Result<Qkv> {
         let rows = x.shape().first().copied().unwrap_or(0);
         if rope.positions != rows {
@@ -398,8 +442,72 @@ impl DecoderLayer {
                 rope.positions
             )));
         }
-        let normed = ops::rms_norm(x, &self.input_norm, self.eps)?;
-        self.attn.qkv(normed.as_slice(), rope)
+        let mut out = self.attn.empty_qkv(rows);
+        let pieces = pieces_for(rows, PIECE_ROWS);
+        for i in 0..pieces {
+            let (s, e) = piece_range(rows, pieces, i);
+            let normed = if pieces == 1 {
+                ops::rms_norm(x, &self.input_norm, self.eps)?
+            } else {
+                ops::rms_norm(&x.rows(s, e)?, &self.input_norm, self.eps)?
+            };
+            self.attn.project_into(normed.as_slice(), e - s, &mut out)?;
+        }
+        self.attn.rotate(&mut out, rope)?;
+        Ok(out)
+    }
+
+    /// [`Self::finish_in`] in as many pieces as [`PIECE_ROWS`] asks for `x`'s rows.
+    pub fn finish<E: From<Error>>(
+        &self,
+        x: &mut Tensor,
+        out: &[f32],
+        experts: impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+    ) -> std::result::Result<Option<Routing>, E> {
+        let rows = x.shape().first().copied().unwrap_or(0);
+        self.finish_in(x, out, pieces_for(rows, PIECE_ROWS), experts)
+    }
+
+    /// The rest of the layer (see [`Self::finish_piece`]) over `pieces` contiguous near-equal
+    /// pieces of `x`'s rows, one after the other: `experts` is called once per piece, even for
+    /// an empty one, so ranks that agree on `pieces` make the same number of expert-parallel
+    /// exchanges. Every step is row-wise, so the pieces change no result beyond the GEMMs'
+    /// summation order. Returns the routing of all rows (a sparse layer).
+    pub fn finish_in<E: From<Error>>(
+        &self,
+        x: &mut Tensor,
+        out: &[f32],
+        pieces: usize,
+        mut experts: impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+    ) -> std::result::Result<Option<Routing>, E> {
+        if pieces <= 1 {
+            return self.finish_piece(x, out, &mut experts);
+        }
+        let (rows, h) = x.dims2("finish").map_err(Error::from)?;
+        let width = self.attn.params.n_heads * self.attn.params.head_dim;
+        if out.len() != rows * width {
+            return Err(Error::InvalidInput(format!(
+                "attention output of {} values for {rows} rows of {width}",
+                out.len()
+            ))
+            .into());
+        }
+        let mut routing: Option<Routing> = None;
+        for i in 0..pieces {
+            let (s, e) = piece_range(rows, pieces, i);
+            let mut part = x.rows(s, e).map_err(Error::from)?;
+            let r = self.finish_piece(&mut part, &out[s * width..e * width], &mut experts)?;
+            x.as_mut_slice()[s * h..e * h].copy_from_slice(part.as_slice());
+            match (&mut routing, r) {
+                (Some(all), Some(r)) => {
+                    all.expert_ids.extend(r.expert_ids);
+                    all.weights.extend(r.weights);
+                }
+                (all @ None, r) => *all = r,
+                (Some(_), None) => {}
+            }
+        }
+        Ok(routing)
     }
 
     /// The rest of the layer on `x`'s rows given their attention output `out`
@@ -407,11 +515,11 @@ impl DecoderLayer {
     /// routed experts of a sparse layer from `experts`, as in [`Self::forward_parts`]). `x` may
     /// be fewer rows than [`Self::qkv`] saw: the exact last-layer shortcut finishes only the
     /// final position.
-    pub fn finish<E: From<Error>>(
+    fn finish_piece<E: From<Error>>(
         &self,
         x: &mut Tensor,
         out: &[f32],
-        experts: impl FnOnce(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+        experts: &mut impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
     ) -> std::result::Result<Option<Routing>, E> {
         let rows = x.shape().first().copied().unwrap_or(0);
         let width = self.attn.params.n_heads * self.attn.params.head_dim;

@@ -8,7 +8,7 @@ use ringmoe_comm::{Communicator, Kind, Tag};
 use ringmoe_core::Tensor;
 use ringmoe_core::rope::RopeTable;
 use ringmoe_model::kv_cache::LayerKv;
-use ringmoe_model::layers::{DecoderLayer, SparseMoe, local_experts};
+use ringmoe_model::layers::{DecoderLayer, PIECE_ROWS, SparseMoe, local_experts, pieces_for};
 use ringmoe_model::moe::Routing;
 use ringmoe_model::{KvCache, Model};
 
@@ -42,6 +42,10 @@ pub struct JobOptions {
     /// Goes into every message tag of the job.
     pub id: u64,
     pub attention: AttentionMode,
+    /// Rows per piece of the row-wise half of each layer (0: [`PIECE_ROWS`]). Every rank uses
+    /// as many pieces as the largest shard needs, so the expert-parallel exchanges line up; a
+    /// small value makes tests exercise the pieces on short sequences.
+    pub piece_rows: usize,
 }
 
 impl JobOptions {
@@ -50,7 +54,22 @@ impl JobOptions {
         Self {
             id,
             attention: AttentionMode::Dense,
+            piece_rows: 0,
         }
+    }
+
+    /// The pieces every rank splits its rows into: enough for the largest shard of `plan`.
+    pub fn pieces(&self, plan: &ShardPlan) -> usize {
+        let max_rows = if self.piece_rows == 0 {
+            PIECE_ROWS
+        } else {
+            self.piece_rows
+        };
+        let largest = (0..plan.world())
+            .map(|r| plan.positions(r).len())
+            .max()
+            .unwrap_or(0);
+        pieces_for(largest, max_rows)
     }
 }
 
@@ -146,6 +165,7 @@ pub(crate) fn prefill_layers(
     let mut attention = RingStats::default();
     let mut moe = MoeStats::default();
     let n_layers = model.layers().len();
+    let pieces = job.pieces(plan);
     if last_only && plan.len == 0 {
         return Err(ParallelError::Invalid("the prompt has no tokens".into()));
     }
@@ -174,24 +194,29 @@ pub(crate) fn prefill_layers(
             Some(a) => AttentionMode::AShape(a),
             None => job.attention,
         };
-        let attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
+        let mut attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
             let _s = tracing::trace_span!("ring_attention").entered();
-            kv.append(&qkv.k, &qkv.v, &positions);
+            // The cache takes the K/V (moved: it is empty in a prefill) and the ring reads them
+            // from there.
+            let start = kv.k.len();
+            kv.append_owned(qkv.k, qkv.v, &positions);
             let tag = Tag::new(job.id, l as u32, 0, Kind::Ring);
-            let (out, stats) =
-                ring_attention_mode(comm, plan, &params, &mode, &qkv.q, qkv.k, qkv.v, tag)?;
+            let (k, v) = (&kv.k[start..], &kv.v[start..]);
+            let (out, stats) = ring_attention_mode(comm, plan, &params, &mode, &qkv.q, k, v, tag)?;
             attention.add(&stats);
             Ok(out.out)
         };
+        let out = attend(layer.qkv(&x, &rope)?)?;
         let r = match experts {
-            None => layer.forward_with(&mut x, &rope, attend)?,
-            Some(ep) => layer.forward_parts(
+            None => layer.finish_in(&mut x, &out, pieces, local_experts::<ParallelError>)?,
+            Some(ep) => layer.finish_in(
                 &mut x,
-                &rope,
-                attend,
+                &out,
+                pieces,
                 parallel_experts(comm, ep, job, l, &mut moe),
             )?,
         };
+        drop(out);
         if let Some(r) = r {
             routing.push((l, r));
         }
@@ -224,19 +249,20 @@ fn finish_last_position(
     experts: Option<&ExpertParallel>,
     moe: &mut MoeStats,
 ) -> Result<(Option<Routing>, Tensor)> {
-    let qkv = layer.qkv(x, rope)?;
-    kv.append(&qkv.k, &qkv.v, positions);
+    let ringmoe_model::layers::Qkv { q, k, v } = layer.qkv(x, rope)?;
+    kv.append_owned(k, v, positions);
     let last = plan.len - 1;
     let w = layer.attn.params.n_heads * layer.attn.params.head_dim;
     let h = model.config.hidden_size;
     let mine = match positions.iter().position(|&p| p == last) {
         Some(i) => {
-            let mut row = qkv.q[i * w..(i + 1) * w].to_vec();
+            let mut row = q[i * w..(i + 1) * w].to_vec();
             row.extend_from_slice(x.rows(i, i + 1)?.as_slice());
             Some(row)
         }
         None => None,
     };
+    drop(q);
     let tag = |step| Tag::new(job.id, l as u32, step, Kind::AllGather);
     let row = share_row(comm, tag(SHORTCUT_SHARE_STEP), mine)?;
     if row.len() != w + h {
@@ -256,17 +282,20 @@ fn finish_last_position(
     Ok((r, x))
 }
 
-/// Layer `l`'s routed experts over the group (`moe_parallel`), its figures added to `moe`.
+/// Layer `l`'s routed experts over the group (`moe_parallel`), its figures added to `moe`. Each
+/// call (one per piece of the layer's rows) exchanges under its own tag step.
 fn parallel_experts<'a>(
     comm: &'a Communicator,
     ep: &'a ExpertParallel,
     job: JobOptions,
     l: usize,
     moe: &'a mut MoeStats,
-) -> impl FnOnce(&SparseMoe, &[f32], &Routing) -> Result<Vec<f32>> + 'a {
+) -> impl FnMut(&SparseMoe, &[f32], &Routing) -> Result<Vec<f32>> + 'a {
+    let mut piece = 0u32;
     move |m, xs, routing| {
         let _s = tracing::trace_span!("expert_all_to_all").entered();
-        let tag = Tag::new(job.id, l as u32, 0, Kind::Dispatch);
+        let tag = Tag::new(job.id, l as u32, piece, Kind::Dispatch);
+        piece += 1;
         let hidden = m.router.in_features;
         let (y, s) = moe_parallel(comm, ep, l, &m.experts, xs, hidden, routing, tag)?;
         moe.add(&s);

@@ -53,19 +53,40 @@ impl RingStats {
     }
 }
 
-/// The rows of a `[2, tokens, width]` K/V block that `keep` selects, as a new block.
-fn select_rows(kv: &[f32], tokens: usize, width: usize, keep: &[bool]) -> Payload {
+/// The rows of a K/V block (`k` and `v`: `[tokens, width]` each) that `keep` selects, as a new
+/// `[2, n, width]` block.
+fn select_rows(k: &[f32], v: &[f32], width: usize, keep: &[bool]) -> Payload {
     let n = keep.iter().filter(|&&x| x).count();
     let mut out = Vec::with_capacity(2 * n * width);
-    for half in 0..2 {
+    for half in [k, v] {
         for (t, _) in keep.iter().enumerate().filter(|&(_, &x)| x) {
-            let at = (half * tokens + t) * width;
-            out.extend_from_slice(&kv[at..at + width]);
+            out.extend_from_slice(&half[t * width..(t + 1) * width]);
         }
     }
     Payload {
         shape: vec![2, n, width],
         data: Data::F32(out),
+    }
+}
+
+/// The K/V block in hand: this rank's own (borrowed from the caller, never copied whole) or one
+/// received, `[2, tokens, width]`.
+enum Block<'a> {
+    Own(&'a [f32], &'a [f32]),
+    Received(Vec<f32>),
+}
+
+impl Block<'_> {
+    fn halves(&self) -> (&[f32], &[f32]) {
+        match self {
+            Block::Own(k, v) => (k, v),
+            Block::Received(kv) => kv.split_at(kv.len() / 2),
+        }
+    }
+
+    fn values(&self) -> usize {
+        let (k, v) = self.halves();
+        k.len() + v.len()
     }
 }
 
@@ -92,8 +113,8 @@ pub fn ring_attention(
     plan: &ShardPlan,
     params: &AttentionParams,
     q: &[f32],
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: &[f32],
+    v: &[f32],
     tag: Tag,
 ) -> Result<PartialAttention> {
     Ok(ring_attention_mode(comm, plan, params, &AttentionMode::Dense, q, k, v, tag)?.0)
@@ -119,8 +140,8 @@ pub fn ring_attention_mode(
     params: &AttentionParams,
     mode: &AttentionMode,
     q: &[f32],
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: &[f32],
+    v: &[f32],
     tag: Tag,
 ) -> Result<(PartialAttention, RingStats)> {
     let mut stats = RingStats::default();
@@ -135,7 +156,7 @@ pub fn ring_attention_mode(
     let pattern = match mode {
         AttentionMode::VerticalSlash(cfg) => {
             let t = std::time::Instant::now();
-            let p = estimate_vs(comm, plan, params, cfg, q, &k, tag)?;
+            let p = estimate_vs(comm, plan, params, cfg, q, k, tag)?;
             stats.estimate_secs = t.elapsed().as_secs_f64();
             Some(p)
         }
@@ -151,9 +172,7 @@ pub fn ring_attention_mode(
     let mut acc = PartialAttention::empty(q_pos.len(), params.n_heads, params.head_dim);
     let (next, prev) = ((me + 1) % world, (me + world - 1) % world);
     let mut block_pos = q_pos.to_vec();
-    let mut kv = k;
-    kv.extend_from_slice(&v);
-    drop(v);
+    let mut kv = Block::Own(k, v);
     for step in 0..world {
         let origin = (me + world - step) % world;
         let step_tag = Tag {
@@ -162,14 +181,15 @@ pub fn ring_attention_mode(
             ..tag
         };
         // Post what the later recipients need before computing, so the transfer overlaps.
-        let mut held = 4 * kv.len() as u64;
+        let mut held = 4 * kv.values() as u64;
         let pending = if step + 1 < world {
             let keep = mask.needed_keys(
                 params.causal,
                 &later_recipients(plan, origin, step),
                 &block_pos,
             );
-            let onward = select_rows(&kv, block_pos.len(), width, &keep);
+            let (k, v) = kv.halves();
+            let onward = select_rows(k, v, width, &keep);
             stats.bytes_sent += kv_bytes(&onward);
             held += kv_bytes(&onward);
             Some(comm.start_sendrecv(next, onward, prev, step_tag)?)
@@ -180,7 +200,7 @@ pub fn ring_attention_mode(
         let mine = mask.needed_keys(params.causal, q_pos, &block_pos);
         if mine.iter().any(|&x| x) {
             stats.blocks_computed += 1;
-            let (kb, vb) = kv.split_at(block_pos.len() * width);
+            let (kb, vb) = kv.halves();
             // Dense attention (quadratic in the block) in pieces of queries bounded by the pairs
             // they may score, checking between pieces that the group still stands (a cancelled
             // job aborts its communicator): a huge block then stops within one piece's time, not
@@ -204,6 +224,12 @@ pub fn ring_attention_mode(
                     &block_pos,
                 )?;
                 stats.pairs_scored += pairs;
+                if stats.blocks_computed == 1 && r0 == 0 && r1 == q_pos.len() {
+                    // The first block, in one piece: nothing to merge with yet, and a long
+                    // sequence's output is not held twice.
+                    acc = part;
+                    continue;
+                }
                 merge_into_rows(
                     &mut acc.out[r0 * qw..r1 * qw],
                     &mut acc.lse[r0 * hw..r1 * hw],
@@ -231,7 +257,7 @@ pub fn ring_attention_mode(
                     block.describe()
                 )));
             }
-            kv = block.into_f32().unwrap_or_default();
+            kv = Block::Received(block.into_f32().unwrap_or_default());
             block_pos = want_pos;
         } else {
             stats.peak_block_bytes = stats.peak_block_bytes.max(held);

@@ -330,7 +330,16 @@ fn ep_logits(
     seq_shards: usize,
     ep: &ExpertParallel,
 ) -> Result<(Vec<f32>, Vec<MoeStats>)> {
-    ep_logits_in(dir, comms, tokens, seq_shards, ep, WeightPrecision::Native)
+    let job = JobOptions::dense(4);
+    ep_logits_in(
+        dir,
+        comms,
+        tokens,
+        seq_shards,
+        ep,
+        WeightPrecision::Native,
+        job,
+    )
 }
 
 /// [`ep_logits`] with every worker holding its matrices as `weights`.
@@ -341,6 +350,7 @@ fn ep_logits_in(
     seq_shards: usize,
     ep: &ExpertParallel,
     weights: WeightPrecision,
+    job: JobOptions,
 ) -> Result<(Vec<f32>, Vec<MoeStats>)> {
     let world = comms.len();
     let plan = ShardPlan::with_active(tokens.len(), world, seq_shards, Sharding::Zigzag)?;
@@ -358,7 +368,7 @@ fn ep_logits_in(
     let outs = all_ok(on_every_rank(comms, |c| -> Result<(Vec<f32>, MoeStats)> {
         let r = c.rank();
         let mine = plan.tokens_for(r, tokens)?;
-        let out = prefill_shard_with(&models[r], c, &plan, &mine, JobOptions::dense(4), Some(ep))?;
+        let out = prefill_shard_with(&models[r], c, &plan, &mine, job, Some(ep))?;
         Ok((models[r].logits(&out.hidden)?.into_vec(), out.moe))
     }))?;
     let (rows, stats): (Vec<_>, Vec<_>) = outs.into_iter().unzip();
@@ -459,6 +469,56 @@ fn expert_parallel_forward_equals_single_process_on_every_fixture() -> Result<()
     Ok(())
 }
 
+/// The row-wise half of each layer in pieces (a long sequence's bounded temporaries) on short
+/// sequences: pieces of 5 rows, so every shard takes several, and with P = 1 the ranks holding
+/// no tokens still make every piece's exchange. Same logits as one piece and as one process.
+#[test]
+fn layers_in_pieces_equal_one_piece_sharded_and_expert_parallel() -> Result<()> {
+    for name in ["mixtral-tiny", "qwen2-moe-window"] {
+        let dir = fixture(name);
+        let cfg = ModelConfig::from_dir(&dir)?;
+        let model = Model::load(&dir, &LoadOptions::default())?;
+        let ids = reference_ids(name, "input_ids_L64")?;
+        let want = model
+            .forward(&ids, &mut model.new_cache(), LogitsFor::All)?
+            .logits
+            .into_vec();
+        let placement = Placement::round_robin(cfg.num_layers, cfg.moe.num_experts, 3)?;
+        for overlap in [false, true] {
+            let ep = with_overlap(&placement, overlap);
+            for seq in [3, 1] {
+                let run = |piece_rows| {
+                    let job = JobOptions {
+                        piece_rows,
+                        ..JobOptions::dense(4)
+                    };
+                    let comms = in_process(3, Duration::from_secs(20));
+                    ep_logits_in(&dir, &comms, &ids, seq, &ep, WeightPrecision::Native, job)
+                };
+                let (whole, _) = run(0)?;
+                let (pieces, stats) = run(5)?;
+                let d = max_abs_diff(&pieces, &whole);
+                ensure!(
+                    d <= 1e-5,
+                    "{name} P={seq} overlap={overlap}: pieces vs one: {d}"
+                );
+                let d = max_abs_diff(&pieces, &want);
+                ensure!(
+                    d <= 1e-4,
+                    "{name} P={seq} overlap={overlap}: vs one process: {d}"
+                );
+                let slots: u64 = stats.iter().map(|s| s.slots).sum();
+                let sparse = cfg.sparse_layers.iter().filter(|&&s| s).count() as u64;
+                ensure!(
+                    slots == sparse * (ids.len() * cfg.moe.top_k) as u64,
+                    "{name}: {slots} routing slots"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn ring_and_expert_parallelism_with_bf16_and_q8_weights_equal_single_process() -> Result<()> {
     for name in ["mixtral-tiny", "qwen2-moe-tiny"] {
@@ -480,7 +540,8 @@ fn ring_and_expert_parallelism_with_bf16_and_q8_weights_equal_single_process() -
                 for seq in [world, 1] {
                     let comms = in_process(world, Duration::from_secs(20));
                     let ep = with_overlap(&placement, world == 4);
-                    let (got, _) = ep_logits_in(&dir, &comms, &ids, seq, &ep, weights)?;
+                    let job = JobOptions::dense(4);
+                    let (got, _) = ep_logits_in(&dir, &comms, &ids, seq, &ep, weights, job)?;
                     let d = max_abs_diff(&got, &want);
                     // q8 quantises activations per block of 32: an input that differs in its
                     // last bits (ring attention's merge order) can round to the neighbouring

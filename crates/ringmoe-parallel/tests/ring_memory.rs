@@ -70,16 +70,8 @@ fn ring_attention_allocates_o_of_l_over_p_per_rank() -> Result<()> {
     let stats = on_every_rank(&comms, |c| -> Result<RingStats> {
         let (q, k, v) = &inputs[c.rank()];
         let tag = Tag::new(1, 0, 0, Kind::Ring);
-        let (out, stats) = ring_attention_mode(
-            c,
-            &plan,
-            &params,
-            &AttentionMode::Dense,
-            q,
-            k.clone(),
-            v.clone(),
-            tag,
-        )?;
+        let (out, stats) =
+            ring_attention_mode(c, &plan, &params, &AttentionMode::Dense, q, k, v, tag)?;
         drop(out);
         Ok(stats)
     })

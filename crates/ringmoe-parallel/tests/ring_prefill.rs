@@ -144,8 +144,8 @@ fn ring_attention_equals_naive_attention() -> Result<()> {
                     &plan,
                     &params,
                     &pick(&q, 32),
-                    pick(&k, 16),
-                    pick(&v, 16),
+                    &pick(&k, 16),
+                    &pick(&v, 16),
                     tag,
                 )?
                 .out)

@@ -82,8 +82,8 @@ fn ring(
                 &PARAMS,
                 &mode,
                 &pick(&x.q, wq),
-                pick(&x.k, wk),
-                pick(&x.v, wk),
+                &pick(&x.k, wk),
+                &pick(&x.v, wk),
                 Tag::new(5, 0, 0, Kind::Ring),
             )?;
             Ok((out.out, stats))
@@ -227,6 +227,7 @@ fn logits(
     let job = JobOptions {
         id: 2,
         attention: mode,
+        piece_rows: 0,
     };
     let per_rank = on_every_rank(comms, |c| -> Result<Vec<f32>> {
         let out = prefill_shard(model, c, &plan, &plan.tokens_for(c.rank(), ids)?, job)?;

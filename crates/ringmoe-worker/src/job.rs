@@ -101,6 +101,7 @@ impl JobRun<'_> {
         let job = JobOptions {
             id: self.id,
             attention,
+            piece_rows: 0,
         };
         let lead = s.rank == 0;
         // One span per layer of the prefill, with the layer's ring and all-to-all traffic.

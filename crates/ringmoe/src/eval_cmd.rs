@@ -326,6 +326,7 @@ impl Runner {
                 let job = JobOptions {
                     id,
                     attention: *attention,
+                    piece_rows: 0,
                 };
                 let (_, logits) = ShardedSequence::prefill(model, &comm[0], &plan, tokens, job)?;
                 Ok(argmax(&logits))

@@ -120,6 +120,7 @@ pub fn run(a: NllArgs) -> Result<()> {
             let job = JobOptions {
                 id: 1,
                 attention: tg.pattern.mode(tg.attention),
+                piece_rows: 0,
             };
             let out = prefill_shard(&model, &comm[0], &plan, &tokens, job)?;
             let vocab = model.config.vocab_size;

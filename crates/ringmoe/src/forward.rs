@@ -361,7 +361,11 @@ fn rank_logits(
     attention: AttentionMode,
     experts: Option<&ExpertParallel>,
 ) -> Result<RankOut> {
-    let job = JobOptions { id: 1, attention };
+    let job = JobOptions {
+        id: 1,
+        attention,
+        piece_rows: 0,
+    };
     let mine = plan.tokens_for(comm.rank(), ids)?;
     let out = prefill_shard_with(model, comm, plan, &mine, job, experts)?;
     Ok(RankOut {

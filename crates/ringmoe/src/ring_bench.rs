@@ -123,7 +123,7 @@ pub fn run(a: RingArgs) -> Result<()> {
         let stats = on_every_rank(&comms, |c| -> Result<RingStats> {
             let (q, k, v) = &inputs[c.rank()];
             let tag = Tag::new(1 + i as u64, 0, 0, Kind::Ring);
-            Ok(ring_attention_mode(c, &plan, &p, &mode, q, k.clone(), v.clone(), tag)?.1)
+            Ok(ring_attention_mode(c, &plan, &p, &mode, q, k, v, tag)?.1)
         })
         .into_iter()
         .collect::<Result<Vec<RingStats>>>()?;
@@ -231,7 +231,7 @@ fn run_rank(
         comm.barrier(Tag::new(100 + i as u64, 0, 0, Kind::Barrier))?;
         let t = Instant::now();
         let tag = Tag::new(1 + i as u64, 0, 0, Kind::Ring);
-        let (_, s) = ring_attention_mode(&comm, &plan, p, &mode, &q, k.clone(), v.clone(), tag)?;
+        let (_, s) = ring_attention_mode(&comm, &plan, p, &mode, &q, &k, &v, tag)?;
         modes.push(json!({
             "mode": format!("{mode:?}"), "wall_secs": t.elapsed().as_secs_f64(),
             "compute_secs": s.compute_secs, "wait_secs": s.wait_secs,
