@@ -7,11 +7,17 @@
 #
 # Usage: scripts/bench_niah.sh [--lengths 1M] [--depths 0.5] [--trials 1] [--workers "1 2 4"]
 #                              [--model tests/fixtures/needle-moe] [--bin target/release/ringmoe]
+#                              [--keep DIR] [--no-local] [--text]
+# --keep DIR copies every run's results.json and niah.png to DIR/local and DIR/p<P>; --no-local
+# skips the single-process run (and the comparison with it). --text also sends, per P and length,
+# one case (depth 0.5) as text through `ringmoe submit --file` (scripts/niah_text_case.py writes
+# it from the model's needle.json and tokenizer.json; the coordinator tokenizes it) and checks
+# the answer's text.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 lengths=1M depths=0.5 trials=1 workers="1 2 4"
-model=tests/fixtures/needle-moe bin=target/release/ringmoe
+model=tests/fixtures/needle-moe bin=target/release/ringmoe keep="" local=1 text=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --lengths) lengths=$2; shift 2 ;;
@@ -20,6 +26,9 @@ while [ $# -gt 0 ]; do
     --workers) workers=$2; shift 2 ;;
     --model) model=$2; shift 2 ;;
     --bin) bin=$2; shift 2 ;;
+    --keep) keep=$2; shift 2 ;;
+    --no-local) local=0; shift ;;
+    --text) text=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -41,9 +50,16 @@ listen() { # LOG
   echo "no address in $1" >&2; exit 1
 }
 
-echo "== one process"
-/usr/bin/time -f "one process: peak RSS %M KiB, %e s" \
-  "$bin" eval niah --model "$model" "${cases[@]}" --out "$work/local" 2>&1 | grep -v '^\s*$'
+save() { # RUN_DIR NAME
+  if [ -n "$keep" ]; then mkdir -p "$keep/$2" && cp "$1/results.json" "$1/niah.png" "$keep/$2/"; fi
+}
+
+if [ "$local" = 1 ]; then
+  echo "== one process"
+  /usr/bin/time -f "one process: peak RSS %M KiB, %e s" \
+    "$bin" eval niah --model "$model" "${cases[@]}" --out "$work/local" 2>&1 | grep -v '^\s*$'
+  save "$work/local" local
+fi
 
 for p in $workers; do
   echo "== coordinator + $p workers"
@@ -58,18 +74,50 @@ for p in $workers; do
     pids+=($!); wp+=($!)
   done
   "$bin" eval niah --addr "$addr" --task "$model/needle.json" "${cases[@]}" --out "$d" | grep -v '^wrote'
+  if [ "$text" = 1 ]; then
+    for l in ${lengths//,/ }; do
+      n=$(python3 -c "import sys; s=sys.argv[1]; m={'K':1<<10,'M':1<<20}; print(int(s[:-1])*m[s[-1]] if s[-1] in m else int(s))" "$l")
+      want=$(python3 scripts/niah_text_case.py "$model" "$n" 0.5 1 "$work/case.txt")
+      t0=$(date +%s.%N)
+      got=$("$bin" submit --addr "$addr" --file "$work/case.txt" --max-new-tokens 1 --json |
+        python3 -c "import json, sys; print(json.load(sys.stdin)['text'].strip())")
+      t1=$(date +%s.%N)
+      printf 'text L=%s (%s bytes): answer %s, expected %s, %.1f s end to end\n' \
+        "$l" "$(stat -c %s "$work/case.txt")" "$got" "$want" "$(echo "$t1 - $t0" | bc)"
+    done
+  fi
   for i in "${!wp[@]}"; do
     echo "worker $i: peak RSS $(awk '/VmHWM/ {print $2, $3}' "/proc/${wp[$i]}/status")"
   done
   echo "coordinator: peak RSS $(awk '/VmHWM/ {print $2, $3}' "/proc/${pids[-$((p + 1))]}/status")"
-  if ! python3 - "$work/local/results.json" "$d/results.json" <<'EOF'
+  save "$d" "p$p"
+  # Where each job's time went, as the coordinator stored it: connecting, placing and sending
+  # the shards (load), the prefill, the decode. The client's upload comes before them. The eval
+  # submits the cells in order (lengths, then depths, then trials), so job ids group by length.
+  python3 - "$d/store" "$lengths" "$depths" "$trials" <<'EOF'
+import json, pathlib, sys
+store, lengths, depths, trials = sys.argv[1:]
+files = [f for f in pathlib.Path(store).rglob("result.json") if f.parent.name.isdigit()]
+files.sort(key=lambda f: int(f.parent.name))
+per = len(depths.split(",")) * int(trials)
+for i, l in enumerate(lengths.split(",")):
+    rows = [json.loads(f.read_text())["timings"] for f in files[i * per:(i + 1) * per]]
+    if not rows:
+        break
+    med = lambda k: sorted(r[k] for r in rows)[len(rows) // 2]
+    print(f"jobs L={l}: median load {med('load_secs'):.2f} s, prefill {med('prefill_secs'):.2f} s, "
+          f"decode {med('decode_secs'):.2f} s over {len(rows)} runs")
+EOF
+  if [ "$local" = 1 ]; then
+    if ! python3 - "$work/local/results.json" "$d/results.json" <<'EOF'
 import json, sys
 a, b = (json.load(open(p)) for p in sys.argv[1:])
 key = lambda r: [(c["length"], c["depth"], c["answers"]) for c in r["cells"]]
 sys.exit(0 if key(a) == key(b) else 1)
 EOF
-  then echo "the cluster's answers differ from the single process's" >&2; exit 1; fi
-  echo "answers identical to the single process's"
+    then echo "the cluster's answers differ from the single process's" >&2; exit 1; fi
+    echo "answers identical to the single process's"
+  fi
   for q in "${wp[@]}" "${pids[-$((p + 1))]}"; do kill "$q" 2>/dev/null || true; done
   wait 2>/dev/null || true
 done

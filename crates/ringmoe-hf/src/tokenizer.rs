@@ -36,10 +36,12 @@ impl Tokenizer {
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds (BOS).
+    /// Only ids are kept, so no character offsets are computed (`encode_fast`: the same ids,
+    /// less memory for a long text).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner
-            .encode(text, add_special_tokens)
+            .encode_fast(text, add_special_tokens)
             .map_err(|e| self.err(e))?;
         Ok(enc.get_ids().to_vec())
     }
