@@ -49,13 +49,13 @@ WINDOW = 32
 TOKENS_PER_STEP = 4096
 
 
-def config():
+def config(rope_theta=1e10):
     return transformers.Qwen2MoeConfig(
         vocab_size=VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
         shared_expert_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
         decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=TASK["max_len"],
-        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e10},
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         tie_word_embeddings=False, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
@@ -153,6 +153,8 @@ def main():
                     help="PoSE position jumps are log-uniform up to 2^this (21: distances past 1M)")
     ap.add_argument("--min-jump-log2", type=float, default=0.0,
                     help="... and from 2^this (a fine-tune on far distances only)")
+    ap.add_argument("--rope-theta", type=float, default=1e10,
+                    help="RoPE base: larger keeps more frequency pairs slow enough to compare keys a million tokens apart")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -162,7 +164,7 @@ def main():
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model = transformers.Qwen2MoeForCausalLM(config())
+    model = transformers.Qwen2MoeForCausalLM(config(args.rope_theta))
     assert model.config.layer_types == ["sliding_attention", "full_attention"], model.config.layer_types
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = 100
