@@ -484,14 +484,7 @@ impl DecoderLayer {
             return self.finish_piece(x, out, &mut experts);
         }
         let (rows, h) = x.dims2("finish").map_err(Error::from)?;
-        let width = self.attn.params.n_heads * self.attn.params.head_dim;
-        if out.len() != rows * width {
-            return Err(Error::InvalidInput(format!(
-                "attention output of {} values for {rows} rows of {width}",
-                out.len()
-            ))
-            .into());
-        }
+        let width = self.attention_width(rows, out)?;
         let mut routing: Option<Routing> = None;
         for i in 0..pieces {
             let (s, e) = piece_range(rows, pieces, i);
@@ -510,6 +503,18 @@ impl DecoderLayer {
         Ok(routing)
     }
 
+    /// The width of one row of attention output, checking that `out` holds `rows` of them.
+    fn attention_width(&self, rows: usize, out: &[f32]) -> Result<usize> {
+        let width = self.attn.params.n_heads * self.attn.params.head_dim;
+        if out.len() != rows * width {
+            return Err(Error::InvalidInput(format!(
+                "attention output of {} values for {rows} rows of {width}",
+                out.len()
+            )));
+        }
+        Ok(width)
+    }
+
     /// The rest of the layer on `x`'s rows given their attention output `out`
     /// (`[rows, n_heads · head_dim]`): output projection and residual, then the MLP half (the
     /// routed experts of a sparse layer from `experts`, as in [`Self::forward_parts`]). `x` may
@@ -522,14 +527,7 @@ impl DecoderLayer {
         experts: &mut impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
     ) -> std::result::Result<Option<Routing>, E> {
         let rows = x.shape().first().copied().unwrap_or(0);
-        let width = self.attn.params.n_heads * self.attn.params.head_dim;
-        if out.len() != rows * width {
-            return Err(Error::InvalidInput(format!(
-                "attention output of {} values for {rows} rows of {width}",
-                out.len()
-            ))
-            .into());
-        }
+        self.attention_width(rows, out)?;
         // Output projection and residual, then the MLP half of the layer.
         let attn = self.attn.o.forward(out, rows)?;
         ops::add_inplace(

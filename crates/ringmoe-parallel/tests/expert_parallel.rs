@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -375,6 +375,20 @@ fn ep_logits_in(
     Ok((plan.unshard_rows(&rows, vocab)?, stats))
 }
 
+/// Fixture `name`'s directory and config, its reference prompt `input`, and the single-process
+/// logits of every position of it (what every distributed run here must reproduce).
+fn single_process(name: &str, input: &str) -> Result<(PathBuf, ModelConfig, Vec<u32>, Vec<f32>)> {
+    let dir = fixture(name);
+    let cfg = ModelConfig::from_dir(&dir)?;
+    let model = Model::load(&dir, &LoadOptions::default())?;
+    let ids = reference_ids(name, input)?;
+    let want = model
+        .forward(&ids, &mut model.new_cache(), LogitsFor::All)?
+        .logits
+        .into_vec();
+    Ok((dir, cfg, ids, want))
+}
+
 /// `placement` with two-batch overlap on or off.
 fn with_overlap(placement: &Placement, overlap: bool) -> ExpertParallel {
     ExpertParallel {
@@ -393,15 +407,8 @@ fn expert_parallel_forward_equals_single_process_on_every_fixture() -> Result<()
         "qwen2-moe-window",
         "mixtral-window",
     ] {
-        let dir = fixture(name);
-        let cfg = ModelConfig::from_dir(&dir)?;
+        let (dir, cfg, ids, want) = single_process(name, "input_ids_L64")?;
         let (layers, n) = (cfg.num_layers, cfg.moe.num_experts);
-        let model = Model::load(&dir, &LoadOptions::default())?;
-        let ids = reference_ids(name, "input_ids_L64")?;
-        let want = model
-            .forward(&ids, &mut model.new_cache(), LogitsFor::All)?
-            .logits
-            .into_vec();
         let mut cases: Vec<(String, usize, Placement, bool)> = vec![(
             "all experts on one worker".into(),
             1,
@@ -475,14 +482,7 @@ fn expert_parallel_forward_equals_single_process_on_every_fixture() -> Result<()
 #[test]
 fn layers_in_pieces_equal_one_piece_sharded_and_expert_parallel() -> Result<()> {
     for name in ["mixtral-tiny", "qwen2-moe-window"] {
-        let dir = fixture(name);
-        let cfg = ModelConfig::from_dir(&dir)?;
-        let model = Model::load(&dir, &LoadOptions::default())?;
-        let ids = reference_ids(name, "input_ids_L64")?;
-        let want = model
-            .forward(&ids, &mut model.new_cache(), LogitsFor::All)?
-            .logits
-            .into_vec();
+        let (dir, cfg, ids, want) = single_process(name, "input_ids_L64")?;
         let placement = Placement::round_robin(cfg.num_layers, cfg.moe.num_experts, 3)?;
         for overlap in [false, true] {
             let ep = with_overlap(&placement, overlap);
@@ -563,14 +563,7 @@ fn ring_and_expert_parallelism_with_bf16_and_q8_weights_equal_single_process() -
 #[test]
 fn ring_attention_and_expert_parallelism_over_tcp() -> Result<()> {
     for name in ["mixtral-tiny", "qwen3-moe-tiny"] {
-        let dir = fixture(name);
-        let cfg = ModelConfig::from_dir(&dir)?;
-        let model = Model::load(&dir, &LoadOptions::default())?;
-        let ids = reference_ids(name, "input_ids_L300")?;
-        let want = model
-            .forward(&ids, &mut model.new_cache(), LogitsFor::All)?
-            .logits
-            .into_vec();
+        let (dir, cfg, ids, want) = single_process(name, "input_ids_L300")?;
         for world in [2, 4] {
             let placement = Placement::round_robin(cfg.num_layers, cfg.moe.num_experts, world)?;
             let comms = tcp_group(world, &TcpOptions::default(), Duration::from_secs(20))?;
