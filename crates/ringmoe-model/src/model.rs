@@ -267,6 +267,10 @@ impl Model {
             } else {
                 layer.forward(&mut x, &positions, &rope, kv)?
             };
+            // A sliding-window layer keeps only what later tokens can see.
+            if let Some(w) = layer.attn.window {
+                kv.trim_to_window(end, w);
+            }
             if let Some(r) = r {
                 routing.push((l, r));
             }

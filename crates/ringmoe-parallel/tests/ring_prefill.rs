@@ -19,7 +19,9 @@ use ringmoe_parallel::{
 };
 
 /// Logits `[L, vocab]` from a prefill sharded over `comms`, gathered back into sequence order.
-/// Also checks that every rank's KV cache holds exactly its own tokens.
+/// Also checks that every rank's KV cache holds exactly its own tokens: all of them in a full
+/// attention layer; in a sliding-window layer all of them while the rank holds at most twice the
+/// window, else those the next queries can still see (positions past `L − window`).
 fn distributed_logits(
     model: &Model,
     comms: &[Communicator],
@@ -32,13 +34,23 @@ fn distributed_logits(
         let r = c.rank();
         let mine = plan.tokens_for(r, tokens)?;
         let out = prefill_shard(model, c, &plan, &mine, JobOptions::dense(9))?;
-        for layer in &out.cache.layers {
+        for (l, layer) in out.cache.layers.iter().enumerate() {
+            let own = plan.positions(r);
+            let want: Vec<usize> = match model.layers()[l].attn.window {
+                Some(w) if own.len() > 2 * w => own
+                    .iter()
+                    .copied()
+                    .filter(|&p| p + w > tokens.len())
+                    .collect(),
+                _ => own.to_vec(),
+            };
             ensure!(
-                layer.positions == plan.positions(r),
-                "rank {r} cached foreign positions"
+                layer.positions == want,
+                "rank {r} layer {l} cached {:?}, expected {want:?}",
+                layer.positions
             );
             ensure!(
-                layer.k.len() == mine.len() * kv_width,
+                layer.k.len() == want.len() * kv_width && layer.v.len() == layer.k.len(),
                 "rank {r} holds {} K values",
                 layer.k.len()
             );
