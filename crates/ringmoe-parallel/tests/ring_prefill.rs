@@ -254,6 +254,53 @@ fn needle_model_sharded_matches_transformers() -> Result<()> {
     Ok(())
 }
 
+/// Sharded decode on the sliding-window fixtures for longer than twice the window: every step's
+/// logits equal the single-process decode's, and each rank's windowed layers stay trimmed.
+#[test]
+fn sharded_decode_past_the_window_keeps_the_windowed_cache_small() -> Result<()> {
+    for name in ["qwen2-moe-window", "mixtral-window"] {
+        let model = Model::load(&fixture(name), &LoadOptions::default())?;
+        let ids = reference_ids(name, "input_ids_L300")?;
+        let (prompt, steps) = (&ids[..64], &ids[64..164]);
+        let mut cache = model.new_cache();
+        model.forward(prompt, &mut cache, LogitsFor::Last)?;
+        let mut want = Vec::with_capacity(steps.len());
+        for &t in steps {
+            want.push(
+                model
+                    .forward(&[t], &mut cache, LogitsFor::Last)?
+                    .logits
+                    .into_vec(),
+            );
+        }
+        for world in [2, 3] {
+            let plan = ShardPlan::new(prompt.len(), world, Sharding::Zigzag)?;
+            all_ok(on_every_rank(
+                &in_process(world, Duration::from_secs(20)),
+                |c| -> Result<()> {
+                    let (mut seq, _) =
+                        ShardedSequence::prefill(&model, c, &plan, prompt, JobOptions::dense(7))?;
+                    for (i, (&t, w)) in steps.iter().zip(&want).enumerate() {
+                        let d = max_abs_diff(&seq.decode(t)?, w);
+                        ensure!(d <= 1e-4, "{name} P={world} step {i}: max |Δ| {d}");
+                        for (l, kv) in seq.cache.layers.iter().enumerate() {
+                            if let Some(win) = model.layers()[l].attn.window {
+                                ensure!(
+                                    kv.len() <= 2 * win,
+                                    "{name} P={world} step {i} layer {l}: {} keys held",
+                                    kv.len()
+                                );
+                            }
+                        }
+                    }
+                    Ok(())
+                },
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 /// Greedy generation from a sharded prefill equals transformers' (and so the single-process
 /// engine's) tokens, on every rank.
 #[test]
