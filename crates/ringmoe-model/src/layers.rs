@@ -167,6 +167,14 @@ impl Attention {
         self.window.map(|local| AShape { sink: 0, local })
     }
 
+    /// Drops from `kv` the keys this layer's window hides from every query at `next` or later
+    /// (see [`LayerKv::trim_to_window`]); a full-attention layer keeps everything.
+    pub fn trim_cache(&self, kv: &mut LayerKv, next: usize) {
+        if let Some(w) = self.window {
+            kv.trim_to_window(next, w);
+        }
+    }
+
     /// Attention of `q` (at `q_pos`) to the keys `k`/`v` (at `k_pos`) under this layer's rule:
     /// causal, within its window if it has one. Layouts as [`attention_block`].
     pub fn attend(

@@ -268,9 +268,7 @@ impl Model {
                 layer.forward(&mut x, &positions, &rope, kv)?
             };
             // A sliding-window layer keeps only what later tokens can see.
-            if let Some(w) = layer.attn.window {
-                kv.trim_to_window(end, w);
-            }
+            layer.attn.trim_cache(kv, end);
             if let Some(r) = r {
                 routing.push((l, r));
             }

@@ -218,9 +218,7 @@ impl<'a> ShardedSequence<'a> {
         self.next_position += 1;
         // A sliding-window layer keeps only the keys later steps can see (as after the prefill).
         for (layer, kv) in model.layers().iter().zip(self.cache.layers.iter_mut()) {
-            if let Some(w) = layer.attn.window {
-                kv.trim_to_window(self.next_position, w);
-            }
+            layer.attn.trim_cache(kv, self.next_position);
         }
         Ok(model.logits(&x)?.into_vec())
     }

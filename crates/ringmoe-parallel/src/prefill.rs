@@ -176,18 +176,12 @@ pub(crate) fn prefill_layers(
         .enumerate()
     {
         let _layer = tracing::debug_span!("layer", job = job.id, layer = l).entered();
-        // A sliding-window layer keeps only the keys later tokens (decode) can see.
-        let trim = |kv: &mut LayerKv| {
-            if let Some(w) = layer.attn.window {
-                kv.trim_to_window(plan.len, w);
-            }
-        };
         if last_only && l + 1 == n_layers {
             let (r, row) = finish_last_position(
                 model, layer, l, comm, plan, &positions, &x, &rope, kv, job, experts, &mut moe,
             )?;
             x = row;
-            trim(kv);
+            layer.attn.trim_cache(kv, plan.len);
             if let Some(r) = r {
                 routing.push((l, r));
             }
@@ -224,7 +218,8 @@ pub(crate) fn prefill_layers(
             )?,
         };
         drop(out);
-        trim(kv);
+        // A sliding-window layer keeps only the keys later tokens (decode) can see.
+        layer.attn.trim_cache(kv, plan.len);
         if let Some(r) = r {
             routing.push((l, r));
         }
