@@ -6,6 +6,7 @@
 //! about networking, tokio or model files.
 
 pub mod attention;
+pub mod backend;
 pub mod dtype;
 pub mod error;
 pub mod gemm;
@@ -22,6 +23,7 @@ pub use attention::{
     AttentionParams, PartialAttention, attention_block, merge, merge_into, merge_into_rows,
     naive_attention,
 };
+pub use backend::{Backend, Cpu, Sim};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use tensor::{Device, Tensor};

@@ -10,6 +10,56 @@ use crate::{Error, Result, Tensor};
 /// Rows processed per rayon task; small rows are cheap, so tasks batch many.
 const ROWS_PER_TASK: usize = 16;
 
+/// The MoE combine: `out[t] = Σ_j weights[t·k + j] · src[rows[t·k + j]]` over `[rows, width]`
+/// rows `src`, the terms added in the order given (the caller decides it: increasing expert id,
+/// see `ringmoe_model::moe::combine_plan`). A row index equal to the row count of `src` is a
+/// dropped slot and contributes nothing. Returns `[rows.len() / k, width]` values.
+pub fn weighted_row_sum(
+    src: &[f32],
+    width: usize,
+    rows: &[usize],
+    weights: &[f32],
+    k: usize,
+) -> Result<Vec<f32>> {
+    if rows.is_empty() && weights.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = src.len() / width.max(1);
+    if k == 0
+        || width == 0
+        || src.len() != n * width
+        || rows.len() != weights.len()
+        || !rows.len().is_multiple_of(k)
+        || rows.iter().any(|&r| r > n)
+    {
+        return Err(Error::InvalidArgument {
+            op: "weighted_row_sum",
+            msg: format!(
+                "{} row indices and {} weights (top-{k}) into {n} rows of width {width} \
+                 ({} values)",
+                rows.len(),
+                weights.len(),
+                src.len()
+            ),
+        });
+    }
+    let mut out = vec![0f32; rows.len() / k * width];
+    out.par_chunks_mut(width).enumerate().for_each(|(t, acc)| {
+        for (&row, &w) in rows[t * k..(t + 1) * k]
+            .iter()
+            .zip(&weights[t * k..(t + 1) * k])
+        {
+            if row == n {
+                continue;
+            }
+            for (a, y) in acc.iter_mut().zip(&src[row * width..(row + 1) * width]) {
+                *a += y * w;
+            }
+        }
+    });
+    Ok(out)
+}
+
 /// `y = w ⊙ x / sqrt(mean(x²) + eps)` over the last dimension of a `[rows, dim]` tensor.
 pub fn rms_norm(x: &Tensor, weight: &[f32], eps: f32) -> Result<Tensor> {
     let dim = *x.shape().last().unwrap_or(&0);

@@ -147,15 +147,7 @@ pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
     );
     let y = tensor(&[tokens * top, hidden], 42, 1.0)?;
     let want = moe::combine(y.as_slice(), hidden, &plan, &routing)?;
-    let (mut rows_of, mut ws_of) = (Vec::new(), Vec::new());
-    for t in 0..tokens {
-        let mut slots: Vec<usize> = (t * top..(t + 1) * top).collect();
-        slots.sort_by_key(|&s| routing.expert_ids[s]);
-        for s in slots {
-            rows_of.push(plan.row_of_slot[s] as usize);
-            ws_of.push(routing.weights[s]);
-        }
-    }
+    let (rows_of, ws_of) = moe::combine_plan(&routing, |s| plan.row_of_slot[s] as usize);
     let got = b.combine(&b.upload(&y)?, &rows_of, &ws_of, top)?;
     push("MoE combine", b.download(&got)?.as_slice(), &want, 1e-5);
 

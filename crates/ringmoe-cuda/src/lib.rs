@@ -37,11 +37,9 @@ pub mod check;
 #[cfg(not(feature = "cuda"))]
 pub use stub::check;
 #[cfg(feature = "cuda")]
-mod device;
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-mod dispatch;
+mod backend;
 #[cfg(feature = "cuda")]
-mod expert;
+mod device;
 #[cfg(feature = "cuda")]
 mod model;
 pub mod report;
@@ -144,6 +142,17 @@ pub type Result<T> = std::result::Result<T, CudaError>;
 impl From<ringmoe_parallel::PlanError> for CudaError {
     fn from(e: ringmoe_parallel::PlanError) -> Self {
         Self::Parallel(e.into())
+    }
+}
+
+/// A device failure inside the generic distributed code (`ringmoe-parallel`, written over
+/// [`ringmoe_core::Backend`]) is that code's `Device` error.
+impl From<CudaError> for ringmoe_parallel::ParallelError {
+    fn from(e: CudaError) -> Self {
+        match e {
+            CudaError::Parallel(p) => p,
+            other => Self::Device(Box::new(other)),
+        }
     }
 }
 

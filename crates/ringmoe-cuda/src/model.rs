@@ -23,10 +23,10 @@ use ringmoe_model::{
 };
 
 use ringmoe_comm::nccl::NcclCommunicator;
-use ringmoe_parallel::{ExpertParallel, MoeStats};
+use ringmoe_comm::{Kind, Tag};
+use ringmoe_parallel::{ExpertParallel, MoeStats, moe_parallel_on};
 
 use crate::device::{CudaBackend, DeviceKv, DeviceRope, DeviceTensor, DeviceWeight};
-use crate::expert::{ExpertRef, moe_parallel};
 use crate::{CudaError, Precision, Result};
 
 /// Final hidden states, each sparse layer's routing, the expert-parallel figures.
@@ -618,17 +618,23 @@ impl CudaModel {
         let mut y = match ep {
             None => self.experts(x, &routing, m)?,
             Some((comm, ep)) => {
-                let refs: Vec<Option<ExpertRef<'_>>> = m
-                    .experts
-                    .iter()
-                    .map(|e| {
-                        e.as_ref().map(|e| ExpertRef {
-                            gate_up: &e.gate_up,
-                            down: &e.down,
-                        })
-                    })
-                    .collect();
-                let (y, s) = moe_parallel(&self.b, comm, ep, l, &refs, x, &routing)?;
+                let loaded = |e: usize| m.experts.get(e).is_some_and(Option::is_some);
+                let mut compute = |rows: &DeviceTensor,
+                                   groups: &[(usize, usize)]|
+                 -> ringmoe_parallel::Result<DeviceTensor> {
+                    Ok(self.grouped_experts(rows, groups, m)?)
+                };
+                let (y, s) = moe_parallel_on(
+                    b,
+                    comm,
+                    ep,
+                    (l, m.experts.len()),
+                    &loaded,
+                    x,
+                    &routing,
+                    Tag::new(0, l as u32, 0, Kind::Dispatch),
+                    &mut compute,
+                )?;
                 stats.add(&s);
                 y
             }
@@ -641,16 +647,19 @@ impl CudaModel {
         Ok((y, routing))
     }
 
-    /// plan → gather → grouped gate/up GEMM → SwiGLU → grouped down GEMM → combine, every
-    /// routed expert on this GPU.
-    fn experts(&self, x: &DeviceTensor, routing: &Routing, m: &DevMoe) -> Result<DeviceTensor> {
+    /// Rows grouped per expert (`groups`: `(expert, rows)` in row order) through their experts'
+    /// grouped gate/up GEMM, SwiGLU and grouped down GEMM; results in the same row order.
+    fn grouped_experts(
+        &self,
+        rows: &DeviceTensor,
+        groups: &[(usize, usize)],
+        m: &DevMoe,
+    ) -> Result<DeviceTensor> {
         let b = &*self.b;
-        let plan = moe::plan(routing, m.experts.len())?;
-        let groups = plan.groups();
         let mut gate_up = Vec::with_capacity(groups.len());
         let mut down = Vec::with_capacity(groups.len());
-        for &(e, _) in &groups {
-            let w = m.experts[e].as_ref().ok_or_else(|| {
+        for &(e, _) in groups {
+            let w = m.experts.get(e).and_then(Option::as_ref).ok_or_else(|| {
                 invalid(
                     "moe",
                     format!("expert {e} is routed to but not loaded on this GPU"),
@@ -660,24 +669,22 @@ impl CudaModel {
             down.push(&w.down);
         }
         let counts: Vec<usize> = groups.iter().map(|g| g.1).collect();
+        let gu = b.grouped_linear(rows, &counts, &gate_up)?;
+        b.grouped_linear(&b.swiglu(&gu)?, &counts, &down)
+    }
+
+    /// plan → gather → grouped gate/up GEMM → SwiGLU → grouped down GEMM → combine, every
+    /// routed expert on this GPU.
+    fn experts(&self, x: &DeviceTensor, routing: &Routing, m: &DevMoe) -> Result<DeviceTensor> {
+        let b = &*self.b;
+        let plan = moe::plan(routing, m.experts.len())?;
+        let groups = plan.groups();
         let token_of_row: Vec<usize> = (0..plan.slot_of_row.len())
             .map(|r| plan.token_of_row(r))
             .collect();
         let xg = b.gather_rows(x, &token_of_row)?;
-        let gu = b.grouped_linear(&xg, &counts, &gate_up)?;
-        let yg = b.grouped_linear(&b.swiglu(&gu)?, &counts, &down)?;
-        // Each token's contributions in increasing expert id, the CPU's (and transformers') order.
-        let k = routing.top_k;
-        let mut rows = Vec::with_capacity(routing.expert_ids.len());
-        let mut ws = Vec::with_capacity(routing.expert_ids.len());
-        for t in 0..routing.tokens() {
-            let mut slots: Vec<usize> = (t * k..(t + 1) * k).collect();
-            slots.sort_by_key(|&s| routing.expert_ids[s]);
-            for s in slots {
-                rows.push(plan.row_of_slot[s] as usize);
-                ws.push(routing.weights[s]);
-            }
-        }
-        b.combine(&yg, &rows, &ws, k)
+        let yg = self.grouped_experts(&xg, &groups, m)?;
+        let (rows, ws) = moe::combine_plan(routing, |s| plan.row_of_slot[s] as usize);
+        b.combine(&yg, &rows, &ws, routing.top_k)
     }
 }

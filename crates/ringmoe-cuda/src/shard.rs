@@ -78,40 +78,6 @@ pub(crate) fn sharded_attention(
     Ok(acc)
 }
 
-/// Checks that a placement fits the model and the group, and that this GPU holds every expert
-/// the placement puts on this rank.
-pub(crate) fn check_placement(
-    model: &CudaModel,
-    ep: &ExpertParallel,
-    comm: &NcclCommunicator,
-) -> Result<()> {
-    let p = &ep.placement;
-    p.check_shape(
-        model.config.num_layers,
-        model.config.moe.num_experts,
-        comm.world_size(),
-    )?;
-    let me = comm.rank();
-    for (l, loaded) in model.loaded_experts() {
-        if let Some(e) = p.hosted(l, me).into_iter().find(|e| !loaded.contains(e)) {
-            return Err(invalid(format!(
-                "placement version {} puts expert {e} of layer {l} on worker {me}, but this GPU \
-                 did not load it (loaded: {loaded:?}); load the worker with the placement's \
-                 selection",
-                p.version
-            )));
-        }
-    }
-    if let Some(f) = ep.capacity_factor
-        && !(f.is_finite() && f > 0.0)
-    {
-        return Err(invalid(format!(
-            "capacity factor must be a positive number, got {f}"
-        )));
-    }
-    Ok(())
-}
-
 impl CudaModel {
     /// Runs this rank's shard (`tokens` = the tokens at `plan.positions(comm.rank())`) through
     /// the model: ring attention over `comm` in every layer, the routed experts
@@ -128,7 +94,12 @@ impl CudaModel {
         on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<CudaRankPrefill> {
         if let Some(ep) = ep {
-            check_placement(self, ep, comm)?;
+            ep.check_loaded(
+                (self.config.num_layers, self.config.moe.num_experts),
+                comm.world_size(),
+                comm.rank(),
+                &self.loaded_experts(),
+            )?;
         }
         if plan.world() != comm.world_size() {
             return Err(invalid(format!(

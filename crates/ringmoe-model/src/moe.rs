@@ -321,24 +321,33 @@ pub fn combine_rows(
             row_of_slot.len()
         )));
     }
-    let mut out = vec![0f32; tokens * hidden];
-    out.par_chunks_mut(hidden).enumerate().for_each(|(t, acc)| {
-        let mut slots: Vec<usize> = (t * k..(t + 1) * k)
-            .filter(|&s| keep.is_none_or(|m| m[s]))
-            .collect();
+    let (order, weights) = combine_plan(routing, |s| match keep {
+        Some(m) if !m[s] => rows,
+        _ => row_of_slot[s] as usize,
+    });
+    Ok(ringmoe_core::ops::weighted_row_sum(
+        expert_out, hidden, &order, &weights, k,
+    )?)
+}
+
+/// The order every MoE combine sums a token's expert outputs in — increasing expert id, the
+/// order transformers' per-expert `index_add_` uses — decided here once for the host and device
+/// paths: for each token, its slots sorted by expert, as the rows to read (`row_of(slot)`; the
+/// row count of the source marks a dropped slot) and their gate weights, ready for
+/// [`ringmoe_core::ops::weighted_row_sum`] or `Backend::combine`.
+pub fn combine_plan(routing: &Routing, row_of: impl Fn(usize) -> usize) -> (Vec<usize>, Vec<f32>) {
+    let k = routing.top_k;
+    let mut rows = Vec::with_capacity(routing.expert_ids.len());
+    let mut weights = Vec::with_capacity(routing.expert_ids.len());
+    for t in 0..routing.tokens() {
+        let mut slots: Vec<usize> = (t * k..(t + 1) * k).collect();
         slots.sort_by_key(|&s| routing.expert_ids[s]);
         for s in slots {
-            let w = routing.weights[s];
-            let row = row_of_slot[s] as usize;
-            for (a, y) in acc
-                .iter_mut()
-                .zip(&expert_out[row * hidden..(row + 1) * hidden])
-            {
-                *a += y * w;
-            }
+            rows.push(row_of(s));
+            weights.push(routing.weights[s]);
         }
-    });
-    Ok(out)
+    }
+    (rows, weights)
 }
 
 /// route → plan → gather → compute → combine on one process: the single-process MoE block.

@@ -1,19 +1,25 @@
 //! Expert parallelism: the routed experts of a sparse layer run on the workers that host them.
 //!
-//! On every rank, for each micro-batch of its tokens:
-//! 1. **Dispatch.** Each routing slot (token, k-th choice) goes to one replica of its expert
+//! Written once ([`moe_parallel_on`]) over any [`Backend`] and [`Collective`]: the host path
+//! ([`moe_parallel`]: the CPU backend over the TCP or in-process communicator) and the GPU path
+//! (`ringmoe-cuda`: device buffers over NCCL) run this code with the one protocol of
+//! [`crate::dispatch`]. On every rank, for one sparse layer:
+//! 1. **Assign.** Each routing slot (token, k-th choice) goes to one replica of its expert
 //!    ([`Placement::choose`]); slots past an optional per-expert capacity are dropped and counted.
-//!    The rows for each worker are packed grouped by expert (ascending) and in token order within
-//!    an expert, behind a header `[version lo, version hi, experts, count per expert]` (u32 bit
-//!    patterns in the f32 frame), and exchanged with `all_to_all_v`. The gate weight stays with
-//!    the token's owner, which applies it in the combine: sending it would cost a value per row
-//!    and change nothing.
-//! 2. **Compute.** A receiver checks each frame (placement version, expert count, row count, that
-//!    it hosts every expert named) and runs one grouped GEMM pass per local expert over the rows
-//!    of all sources together, then returns each source its rows in the order they came.
-//! 3. **Combine.** The owner puts the returned rows back in slot order and sums each token's
-//!    expert outputs times their gate weights in increasing expert id, the order of the
-//!    single-process [`ringmoe_model::moe::combine`]. A rank's own rows never touch the network.
+//! 2. **Header.** One all-to-all of `u32` words: to every peer `[version lo, version hi,
+//!    experts, counts of micro-batch 0 per expert, counts of micro-batch 1 …]`. Each receiver
+//!    checks every header (placement version, expert count, that it hosts and loaded every
+//!    expert named) before any row moves; the counts size every receive (NCCL needs them).
+//! 3. **Dispatch.** Per micro-batch, the rows for each worker, grouped by expert (ascending) and
+//!    in token order within an expert, go out in one all-to-all. The gate weight stays with the
+//!    token's owner, which applies it in the combine: sending it would cost a value per row and
+//!    change nothing.
+//! 4. **Compute.** A receiver permutes the rows of all sources expert-major (sources in rank
+//!    order within an expert), runs its local experts over them in one grouped pass, permutes
+//!    the results back and returns each source its rows in the order they came.
+//! 5. **Combine.** The owner sums each token's expert outputs times their gate weights in
+//!    increasing expert id ([`ringmoe_model::moe::combine_plan`], the order of the
+//!    single-process combine); a dropped slot reads nothing.
 //!
 //! With `overlap`, a rank's tokens are split into two micro-batches, both dispatches are posted
 //! before either is waited for, and batch A's results are posted back before batch B is computed,
@@ -24,12 +30,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag};
+use ringmoe_comm::{Communicator, Kind, Tag};
+use ringmoe_core::{Backend, Cpu, Tensor};
 use ringmoe_model::Model;
 use ringmoe_model::layers::Mlp;
-use ringmoe_model::moe::{ExpertSet, Routing, combine_rows, expert_compute};
+use ringmoe_model::moe::{ExpertSet, Routing, expert_compute};
 
-use crate::{LoadTracker, ParallelError, Placement, Result};
+use crate::dispatch::{ExchangePlan, expert_major, parse_headers};
+use crate::{Collective, LoadTracker, ParallelError, Placement, Result};
 
 /// How a rank runs the routed experts of every sparse layer in a distributed forward.
 #[derive(Debug, Clone)]
@@ -59,28 +67,44 @@ impl ExpertParallel {
     /// Checks that the placement fits the model and the group, and that this rank's model holds
     /// every expert the placement puts on it.
     pub fn check(&self, model: &Model, comm: &Communicator) -> Result<()> {
-        let p = &self.placement;
-        p.check_shape(
-            model.config.num_layers,
-            model.config.moe.num_experts,
+        let loaded: Vec<(usize, Vec<usize>)> = model
+            .layers()
+            .iter()
+            .enumerate()
+            .filter_map(|(l, layer)| match &layer.mlp {
+                Mlp::Sparse(m) => Some((l, m.experts.loaded())),
+                Mlp::Dense(_) => None,
+            })
+            .collect();
+        self.check_loaded(
+            (model.config.num_layers, model.config.moe.num_experts),
             comm.world_size(),
-        )?;
-        let me = comm.rank();
-        for (l, layer) in model.layers().iter().enumerate() {
-            if let Mlp::Sparse(m) = &layer.mlp {
-                for e in p.hosted(l, me) {
-                    if m.experts.get(e).is_err() {
-                        return Err(ParallelError::Plan(ringmoe_plan::PlanError::Placement(
-                            format!(
-                                "placement version {} puts expert {e} of layer {l} on worker {me}, \
-                             but this worker did not load it (loaded: {:?}); load the worker with \
-                             the placement's selection",
-                                p.version,
-                                m.experts.loaded()
-                            ),
-                        )));
-                    }
-                }
+            comm.rank(),
+            &loaded,
+        )
+    }
+
+    /// [`Self::check`] for any backend's model: `(layers, experts)` of the model, the group's
+    /// size, this rank, and the experts this rank loaded per sparse layer.
+    pub fn check_loaded(
+        &self,
+        (layers, experts): (usize, usize),
+        world: usize,
+        me: usize,
+        loaded: &[(usize, Vec<usize>)],
+    ) -> Result<()> {
+        let p = &self.placement;
+        p.check_shape(layers, experts, world)?;
+        for (l, have) in loaded {
+            if let Some(e) = p.hosted(*l, me).into_iter().find(|e| !have.contains(e)) {
+                return Err(ParallelError::Plan(ringmoe_plan::PlanError::Placement(
+                    format!(
+                        "placement version {} puts expert {e} of layer {l} on worker {me}, but \
+                         this worker did not load it (loaded: {have:?}); load the worker with \
+                         the placement's selection",
+                        p.version
+                    ),
+                )));
             }
         }
         if let Some(f) = self.capacity_factor
@@ -127,22 +151,11 @@ impl MoeStats {
 
 /// Marks a dropped slot in the destination list of [`assign_slots`].
 pub const DROPPED: u32 = u32::MAX;
-/// Header words before the per-expert counts.
-const HEADER: usize = 3;
 
-fn word(x: u32) -> f32 {
-    f32::from_bits(x)
-}
-
-fn bad_frame(me: usize, from: usize, layer: usize, msg: String) -> ParallelError {
-    ParallelError::Dispatch(format!(
-        "worker {me}, layer {layer}: frame from rank {from}: {msg}"
-    ))
-}
-
-/// One MoE layer's routed experts over the group: dispatch, compute, combine. Returns the
-/// gate-weighted expert output of this rank's tokens (`[tokens, hidden]`). Every rank calls this
-/// for the same layer and tag.
+/// One MoE layer's routed experts over the group on the host: [`moe_parallel_on`] with the CPU
+/// backend, `x` being `[tokens, hidden]` rows and `experts` this rank's experts of the layer.
+/// Returns the gate-weighted expert output of this rank's tokens (`[tokens, hidden]`). Every
+/// rank calls this for the same layer and tag.
 #[allow(clippy::too_many_arguments)]
 pub fn moe_parallel(
     comm: &Communicator,
@@ -154,62 +167,173 @@ pub fn moe_parallel(
     routing: &Routing,
     tag: Tag,
 ) -> Result<(Vec<f32>, MoeStats)> {
-    let (tokens, k) = (routing.tokens(), routing.top_k);
+    let tokens = routing.tokens();
     if x.len() != tokens * hidden {
         return Err(ParallelError::Dispatch(format!(
             "layer {layer}: {} input values for {tokens} tokens of hidden size {hidden}",
             x.len()
         )));
     }
-    let layer_ctx = Layer {
+    let x = Tensor::from_vec(x.to_vec(), [tokens, hidden])?;
+    let loaded = |e: usize| experts.get(e).is_ok();
+    let mut compute = |rows: &Tensor, groups: &[(usize, usize)]| -> Result<Tensor> {
+        let y = expert_compute(rows.as_slice(), hidden, groups, experts)?;
+        Ok(Tensor::from_vec(y, rows.shape().to_vec())?)
+    };
+    let (y, stats) = moe_parallel_on(
+        &Cpu,
         comm,
         ep,
-        layer,
-        experts,
-        hidden,
-    };
+        (layer, experts.experts.len()),
+        &loaded,
+        &x,
+        routing,
+        tag,
+        &mut compute,
+    )?;
+    Ok((y.into_vec(), stats))
+}
+
+/// This rank's experts over rows grouped per expert: `(rows, groups)` where `groups` lists
+/// `(expert, rows)` in row order; the results in the same row order.
+pub type ExpertCompute<'a, B> =
+    dyn FnMut(&<B as Backend>::Act, &[(usize, usize)]) -> Result<<B as Backend>::Act> + 'a;
+
+/// One MoE layer's routed experts over the group, on any backend: assign, header, dispatch,
+/// compute, combine (see the module doc). `(layer, n)`: the layer and its expert count;
+/// `loaded(e)`: whether this rank holds expert `e`; `x`: this rank's `[tokens, hidden]` rows;
+/// `compute(rows, groups)`: this rank's experts over rows grouped per expert (`groups` lists
+/// `(expert, rows)` in row order), results in the same order. Returns the gate-weighted expert
+/// output of this rank's tokens and the layer's figures (`compute_secs` is the time `compute`
+/// took to return, which on an asynchronous device is the time to enqueue it).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_parallel_on<B, C>(
+    b: &B,
+    comm: &C,
+    ep: &ExpertParallel,
+    (layer, n): (usize, usize),
+    loaded: &dyn Fn(usize) -> bool,
+    x: &B::Act,
+    routing: &Routing,
+    tag: Tag,
+    compute: &mut ExpertCompute<'_, B>,
+) -> Result<(B::Act, MoeStats)>
+where
+    B: Backend,
+    C: Collective<B>,
+    ParallelError: From<B::Error>,
+{
+    let (tokens, hidden) = b.dims(x)?;
+    let (world, me, k) = (comm.world_size(), comm.rank(), routing.top_k);
+    if routing.tokens() != tokens || routing.weights.len() != routing.expert_ids.len() {
+        return Err(ParallelError::Dispatch(format!(
+            "layer {layer}: routing of {} slots (top-{k}) for {tokens} rows of input",
+            routing.expert_ids.len()
+        )));
+    }
+    let dest = assign_slots(ep, layer, n, routing, me)?;
     let mut stats = MoeStats {
         slots: (tokens * k) as u64,
+        dropped: dest.iter().filter(|&&d| d == DROPPED).count() as u64,
         ..MoeStats::default()
     };
-    let dest = layer_ctx.assign(routing)?;
-    stats.dropped = dest.iter().filter(|&&d| d == DROPPED).count() as u64;
-    let batches: Vec<(usize, usize)> = if ep.overlap {
-        vec![(0, tokens / 2), (tokens / 2, tokens)]
-    } else {
-        vec![(0, tokens)]
-    };
-    let micro = |b: usize, kind: Kind| Tag {
-        step: tag.step.wrapping_mul(2).wrapping_add(b as u32),
+    let plan = ExchangePlan::new(routing, &dest, world, ep.overlap);
+    let nb = plan.batches.len();
+    // Tag steps: the header, then each micro-batch's dispatch and combine.
+    let step = |i: usize, kind: Kind| Tag {
+        step: tag.step.wrapping_mul(3).wrapping_add(i as u32),
         kind,
         ..tag
     };
-    // Post every micro-batch's dispatch, then serve and post back each in turn.
-    let mut orders = Vec::with_capacity(batches.len());
-    let mut pending = Vec::with_capacity(batches.len());
-    for (b, &(s, e)) in batches.iter().enumerate() {
-        let (sends, order) = layer_ctx.pack(x, routing, &dest, (s, e), &mut stats);
-        pending.push(comm.start_all_to_all_v(micro(b, Kind::Dispatch), sends)?);
-        orders.push(order);
+
+    // Headers: what every source sends this rank, per batch and expert.
+    let width = plan.header_width(n);
+    let t = Instant::now();
+    let got = comm.exchange_words(
+        b,
+        step(0, Kind::Dispatch),
+        &plan.header(ep.placement.version, n, routing),
+        width,
+    )?;
+    stats.wait_secs += t.elapsed().as_secs_f64();
+    stats.bytes_sent += ((world - 1) * width * 4) as u64;
+    // recv[batch][source][expert]: rows this rank computes.
+    let recv = parse_headers(&ep.placement, layer, me, n, loaded, &got, nb)?;
+
+    // Dispatch every batch.
+    let mut flights = Vec::with_capacity(nb);
+    for (bi, counts) in recv.iter().enumerate() {
+        let send = b.gather_rows(x, &plan.send_tokens(bi))?;
+        let send_rows = plan.send_rows(bi);
+        let recv_rows: Vec<usize> = counts.iter().map(|c| c.iter().sum()).collect();
+        for (w, &r) in send_rows.iter().enumerate() {
+            if w != me {
+                stats.rows_remote += r as u64;
+                stats.bytes_sent += (r * hidden * 4) as u64;
+            }
+        }
+        let f = comm.start_rows(
+            b,
+            step(1 + bi, Kind::Dispatch),
+            send,
+            &send_rows,
+            &recv_rows,
+        )?;
+        flights.push((f, send_rows, recv_rows));
     }
-    let mut back = Vec::with_capacity(batches.len());
-    for (b, p) in pending.into_iter().enumerate() {
+
+    // Compute each batch as its rows arrive and post the results back.
+    let mut returns = Vec::with_capacity(nb);
+    for (bi, (f, send_rows, recv_rows)) in flights.into_iter().enumerate() {
         let t = Instant::now();
-        let frames = comm.wait_all_to_all_v(p)?;
+        let incoming = comm.finish_rows(b, f)?;
         stats.wait_secs += t.elapsed().as_secs_f64();
-        let results = layer_ctx.serve(frames, &mut stats)?;
-        back.push(comm.start_all_to_all_v(micro(b, Kind::Combine), results)?);
+        let results = if recv_rows.iter().sum::<usize>() == 0 {
+            b.zeros(0, hidden)?
+        } else {
+            let em = expert_major(&recv[bi]);
+            for &(e, total) in &em.groups {
+                ep.load.record(layer, e, me, total as u64);
+            }
+            let xg = b.gather_rows(&incoming, &em.perm)?;
+            drop(incoming);
+            let t = Instant::now();
+            let yg = compute(&xg, &em.groups)?;
+            stats.compute_secs += t.elapsed().as_secs_f64();
+            stats.rows_computed += em.perm.len() as u64;
+            // Back to arrival order.
+            b.gather_rows(&yg, &em.inverse)?
+        };
+        for (w, &r) in recv_rows.iter().enumerate() {
+            if w != me {
+                stats.bytes_sent += (r * hidden * 4) as u64;
+            }
+        }
+        let f = comm.start_rows(
+            b,
+            step(1 + bi, Kind::Combine),
+            results,
+            &recv_rows,
+            &send_rows,
+        )?;
+        returns.push(f);
     }
-    let mut y = vec![0f32; tokens * k * hidden];
-    for (p, order) in back.into_iter().zip(&orders) {
+
+    // Combine each batch, in increasing expert id per token.
+    let mut outs = Vec::with_capacity(nb);
+    for (bi, f) in returns.into_iter().enumerate() {
         let t = Instant::now();
-        let frames = comm.wait_all_to_all_v(p)?;
+        let back = comm.finish_rows(b, f)?;
         stats.wait_secs += t.elapsed().as_secs_f64();
-        layer_ctx.unpack(frames, order, &mut y)?;
+        let (rows, ws) = plan.combine_rows(bi, routing);
+        outs.push(b.combine(&back, &rows, &ws, k)?);
     }
-    let keep: Vec<bool> = dest.iter().map(|&d| d != DROPPED).collect();
-    let identity: Vec<u32> = (0..(tokens * k) as u32).collect();
-    let out = combine_rows(&y, hidden, &identity, routing, Some(&keep))?;
+    let out = if outs.len() == 1 {
+        outs.pop()
+            .ok_or_else(|| ParallelError::Dispatch("no micro-batch".into()))?
+    } else {
+        b.concat_rows(&outs)?
+    };
     Ok((out, stats))
 }
 
@@ -261,244 +385,4 @@ pub fn check_version(placement: &Placement, me: usize, peer: usize, theirs: u64)
         });
     }
     Ok(())
-}
-
-/// What the steps of one layer share.
-struct Layer<'a> {
-    comm: &'a Communicator,
-    ep: &'a ExpertParallel,
-    layer: usize,
-    experts: &'a ExpertSet,
-    hidden: usize,
-}
-
-impl Layer<'_> {
-    fn num_experts(&self) -> usize {
-        self.experts.experts.len()
-    }
-
-    /// The worker of every routing slot (or [`DROPPED`]).
-    fn assign(&self, routing: &Routing) -> Result<Vec<u32>> {
-        assign_slots(
-            self.ep,
-            self.layer,
-            self.num_experts(),
-            routing,
-            self.comm.rank(),
-        )
-    }
-
-    /// The frames of tokens `s..e` for every worker, and the slots each frame's rows belong to.
-    fn pack(
-        &self,
-        x: &[f32],
-        routing: &Routing,
-        dest: &[u32],
-        (s, e): (usize, usize),
-        stats: &mut MoeStats,
-    ) -> (Vec<Payload>, Vec<Vec<u32>>) {
-        let (world, me, h, n, k) = (
-            self.comm.world_size(),
-            self.comm.rank(),
-            self.hidden,
-            self.num_experts(),
-            routing.top_k,
-        );
-        let expert_of = |slot: u32| routing.expert_ids[slot as usize] as usize;
-        let mut order: Vec<Vec<u32>> = vec![Vec::new(); world];
-        for slot in (s * k) as u32..(e * k) as u32 {
-            let d = dest[slot as usize];
-            if d != DROPPED {
-                order[d as usize].push(slot);
-            }
-        }
-        let version = self.ep.placement.version;
-        let sends = order
-            .iter_mut()
-            .enumerate()
-            .map(|(w, slots)| {
-                // Stable: token order within an expert.
-                slots.sort_by_key(|&slot| expert_of(slot));
-                let mut frame = Vec::with_capacity(HEADER + n + slots.len() * h);
-                frame.extend([
-                    word(version as u32),
-                    word((version >> 32) as u32),
-                    word(n as u32),
-                ]);
-                let mut counts = vec![0u32; n];
-                for &slot in slots.iter() {
-                    counts[expert_of(slot)] += 1;
-                }
-                frame.extend(counts.into_iter().map(word));
-                for &slot in slots.iter() {
-                    let t = slot as usize / k;
-                    frame.extend_from_slice(&x[t * h..(t + 1) * h]);
-                }
-                if w != me {
-                    stats.rows_remote += slots.len() as u64;
-                    stats.bytes_sent += (frame.len() * 4) as u64;
-                }
-                Payload {
-                    shape: vec![frame.len()],
-                    data: Data::F32(frame),
-                }
-            })
-            .collect();
-        (sends, order)
-    }
-
-    /// Checks every source's frame, runs the local experts over all their rows and returns each
-    /// source its results in its own row order.
-    fn serve(&self, frames: Vec<Payload>, stats: &mut MoeStats) -> Result<Vec<Payload>> {
-        let (me, h, n, l) = (
-            self.comm.rank(),
-            self.hidden,
-            self.num_experts(),
-            self.layer,
-        );
-        let placement = &self.ep.placement;
-        // Per source: rows per expert and the rows themselves.
-        let mut parsed: Vec<(Vec<usize>, Vec<f32>)> = Vec::with_capacity(frames.len());
-        for (from, p) in frames.into_iter().enumerate() {
-            let desc = p.describe();
-            let v = p
-                .into_f32()
-                .ok_or_else(|| bad_frame(me, from, l, format!("expected F32, got {desc}")))?;
-            if v.len() < HEADER {
-                return Err(bad_frame(
-                    me,
-                    from,
-                    l,
-                    format!("{desc} is shorter than its header"),
-                ));
-            }
-            let theirs = v[0].to_bits() as u64 | ((v[1].to_bits() as u64) << 32);
-            check_version(placement, me, from, theirs)?;
-            let experts = v[2].to_bits() as usize;
-            if experts != n || v.len() < HEADER + n {
-                return Err(bad_frame(
-                    me,
-                    from,
-                    l,
-                    format!("header names {experts} experts, the layer has {n}"),
-                ));
-            }
-            let counts: Vec<usize> = v[HEADER..HEADER + n]
-                .iter()
-                .map(|c| c.to_bits() as usize)
-                .collect();
-            let rows: usize = counts.iter().sum();
-            if v.len() != HEADER + n + rows * h {
-                return Err(bad_frame(
-                    me,
-                    from,
-                    l,
-                    format!(
-                        "header counts {rows} rows of {h}, the frame carries {} values",
-                        v.len() - HEADER - n
-                    ),
-                ));
-            }
-            for (e, &c) in counts.iter().enumerate() {
-                if c > 0 && (!placement.hosts(l, e, me) || self.experts.get(e).is_err()) {
-                    return Err(bad_frame(
-                        me,
-                        from,
-                        l,
-                        format!(
-                            "{c} rows for expert {e}, which this worker does not host                              (placement version {} hosts it on workers {:?})",
-                            placement.version,
-                            placement
-                                .replicas(l, e)
-                                .map(|rs| rs.iter().map(|r| r.worker).collect::<Vec<_>>())
-                                .unwrap_or_default()
-                        ),
-                    ));
-                }
-            }
-            // The rows stay in the received buffer, after the header (no copy).
-            parsed.push((counts, v));
-        }
-        // Where each (source, expert) run starts in its source's frame.
-        let body = HEADER + n;
-        let starts: Vec<Vec<usize>> = parsed
-            .iter()
-            .map(|(c, _)| {
-                c.iter()
-                    .scan(body, |acc, &x| {
-                        let s = *acc;
-                        *acc += x * h;
-                        Some(s)
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut groups = Vec::new();
-        let rows_in: usize = parsed.iter().map(|(c, _)| c.iter().sum::<usize>()).sum();
-        let mut input = Vec::with_capacity(rows_in * h);
-        for e in 0..n {
-            let total: usize = parsed.iter().map(|(c, _)| c[e]).sum();
-            if total == 0 {
-                continue;
-            }
-            groups.push((e, total));
-            for ((c, rows), st) in parsed.iter().zip(&starts) {
-                input.extend_from_slice(&rows[st[e]..st[e] + c[e] * h]);
-            }
-            self.ep.load.record(l, e, me, total as u64);
-        }
-        let t = Instant::now();
-        let y = expert_compute(&input, h, &groups, self.experts)?;
-        stats.compute_secs += t.elapsed().as_secs_f64();
-        stats.rows_computed += groups.iter().map(|g| g.1 as u64).sum::<u64>();
-        // Hand each source back its rows: expert by expert, sources in order within an expert.
-        let mut out: Vec<Vec<f32>> = parsed
-            .iter()
-            .map(|(c, _)| Vec::with_capacity(c.iter().sum::<usize>() * h))
-            .collect();
-        let mut at = 0;
-        for &(e, _) in &groups {
-            for ((c, _), o) in parsed.iter().zip(out.iter_mut()) {
-                o.extend_from_slice(&y[at * h..(at + c[e]) * h]);
-                at += c[e];
-            }
-        }
-        Ok(out
-            .into_iter()
-            .enumerate()
-            .map(|(w, o)| {
-                if w != me {
-                    stats.bytes_sent += (o.len() * 4) as u64;
-                }
-                Payload {
-                    shape: vec![o.len() / h.max(1), h],
-                    data: Data::F32(o),
-                }
-            })
-            .collect())
-    }
-
-    /// Writes the rows each worker returned into slot order.
-    fn unpack(&self, frames: Vec<Payload>, order: &[Vec<u32>], y: &mut [f32]) -> Result<()> {
-        let (me, h, l) = (self.comm.rank(), self.hidden, self.layer);
-        for (w, (p, slots)) in frames.into_iter().zip(order).enumerate() {
-            let desc = p.describe();
-            let v = p
-                .into_f32()
-                .filter(|v| v.len() == slots.len() * h)
-                .ok_or_else(|| {
-                    bad_frame(
-                        me,
-                        w,
-                        l,
-                        format!("results are {desc}, expected F32[{}, {h}]", slots.len()),
-                    )
-                })?;
-            for (row, &slot) in v.chunks_exact(h.max(1)).zip(slots) {
-                let s = slot as usize;
-                y[s * h..(s + 1) * h].copy_from_slice(row);
-            }
-        }
-        Ok(())
-    }
 }

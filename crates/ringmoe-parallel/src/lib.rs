@@ -4,7 +4,9 @@
 //! parallelism: each rank hosts the experts a versioned [`Placement`] gives it, and routed tokens
 //! move to them and back by all-to-all ([`moe_parallel`]).
 
+pub mod collective;
 pub mod decode;
+pub mod dispatch;
 pub use ringmoe_plan::{
     LoadSnapshot, LoadTracker, Placement, PlanError, Replica, ShardPlan, Sharding,
 };
@@ -17,9 +19,13 @@ pub mod prefill;
 pub mod ring;
 pub mod sparse;
 
+pub use collective::{Collective, HostRows};
 pub use decode::{ShardedSequence, StopRule, generate_sharded, owner_of_next};
 pub use error::{ParallelError, Result};
-pub use expert::{DROPPED, ExpertParallel, MoeStats, assign_slots, check_version, moe_parallel};
+pub use expert::{
+    DROPPED, ExpertCompute, ExpertParallel, MoeStats, assign_slots, check_version, moe_parallel,
+    moe_parallel_on,
+};
 pub use prefill::{
     JobOptions, RankPrefill, prefill_shard, prefill_shard_observed, prefill_shard_with,
 };

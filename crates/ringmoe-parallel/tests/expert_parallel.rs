@@ -243,8 +243,92 @@ fn capacity_drops_late_rows_and_counts_them() -> Result<()> {
     Ok(())
 }
 
-/// Rank 1 sends rank 0 a hand-made frame; rank 0 must refuse it with `expect` in the message.
-fn refused_frame(frame: Vec<f32>, version0: u64, expect: &str) -> Result<()> {
+/// The expert-parallel layer on the simulated device backend (every row through an explicit
+/// upload or download, as on a GPU) equals the host backend bit for bit: the orchestration the
+/// CUDA path runs, exercised without a GPU.
+#[test]
+fn the_simulated_device_dispatches_exactly_like_the_host() -> Result<()> {
+    use ringmoe_core::{Backend, Sim, Tensor};
+    use ringmoe_model::moe::expert_compute;
+    use ringmoe_parallel::moe_parallel_on;
+
+    let (n, k) = (6, 2);
+    let all = random_experts(n, 21)?;
+    for world in [1, 2, 3] {
+        let inputs = rank_inputs(world, n, k, 60 + world as u64, 0.7);
+        let base = Placement::round_robin(1, n, world)?;
+        let hot = base.replicate_hot(&[vec![50, 9, 1, 1, 1, 1]], 2)?;
+        for placement in [base, hot] {
+            for (overlap, capacity) in [(false, None), (true, None), (true, Some(0.6))] {
+                let ep = ExpertParallel {
+                    overlap,
+                    capacity_factor: capacity,
+                    ..ExpertParallel::new(placement.clone())
+                };
+                let comms = in_process(world, Duration::from_secs(20));
+                let host = run_layer(&comms, &all, &ep, &inputs)?;
+                let comms = in_process(world, Duration::from_secs(20));
+                let sim = all_ok(on_every_rank(&comms, |c| -> Result<(Vec<f32>, MoeStats)> {
+                    let r = c.rank();
+                    let set = hosted_set(&all, &ep.placement, r);
+                    let (x, routing) = &inputs[r];
+                    let x =
+                        Sim.upload(&Tensor::from_vec(x.clone(), [routing.tokens(), HIDDEN])?)?;
+                    let mut compute = |rows: &<Sim as Backend>::Act,
+                                       groups: &[(usize, usize)]|
+                     -> ringmoe_parallel::Result<<Sim as Backend>::Act> {
+                        let h = Sim.download(rows)?;
+                        let y = expert_compute(h.as_slice(), HIDDEN, groups, &set)?;
+                        Ok(Sim.upload(&Tensor::from_vec(y, h.shape().to_vec())?)?)
+                    };
+                    let loaded = |e: usize| set.get(e).is_ok();
+                    let tag = Tag::new(5, 0, 0, Kind::Dispatch);
+                    let (y, stats) = moe_parallel_on(
+                        &Sim,
+                        c,
+                        &ep,
+                        (0, n),
+                        &loaded,
+                        &x,
+                        routing,
+                        tag,
+                        &mut compute,
+                    )?;
+                    Ok((Sim.download(&y)?.into_vec(), stats))
+                }))?;
+                for (r, ((h, hs), (d, ds))) in host.iter().zip(&sim).enumerate() {
+                    ensure!(
+                        h == d,
+                        "W={world} overlap={overlap} capacity={capacity:?} rank {r}: the \
+                         simulated device differs from the host"
+                    );
+                    ensure!(
+                        (
+                            hs.slots,
+                            hs.rows_remote,
+                            hs.dropped,
+                            hs.rows_computed,
+                            hs.bytes_sent
+                        ) == (
+                            ds.slots,
+                            ds.rows_remote,
+                            ds.dropped,
+                            ds.rows_computed,
+                            ds.bytes_sent
+                        ),
+                        "rank {r}: figures differ: {hs:?} vs {ds:?}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rank 1 sends rank 0 a hand-made header (`[version lo, version hi, experts, rows per
+/// expert]`, the dispatch protocol's words) and then `rows`; rank 0 must refuse them with
+/// `expect` in the message.
+fn refused_frame(header: Vec<u32>, rows: Vec<f32>, version0: u64, expect: &str) -> Result<()> {
     let (n, world) = (4, 2);
     let all = random_experts(n, 1)?;
     let placement = Placement {
@@ -265,25 +349,24 @@ fn refused_frame(frame: Vec<f32>, version0: u64, expect: &str) -> Result<()> {
                 .to_string();
             ensure!(err.contains(expect), "{err}");
         } else {
-            let header = |n: u32| f32::from_bits(n);
-            let sends = vec![
+            let words = |w: Vec<u32>| Payload {
+                shape: vec![w.len()],
+                data: Data::I32(w.into_iter().map(|x| x as i32).collect()),
+            };
+            let own = words([1, 0, n as u32].into_iter().chain([0; 4]).collect());
+            c.all_to_all_v(tag, vec![words(header.clone()), own])?;
+            // The rows go out unawaited: rank 0 may refuse before it sends its own.
+            let rows = vec![
                 Payload {
-                    shape: vec![frame.len()],
-                    data: Data::F32(frame.clone()),
+                    shape: vec![rows.len()],
+                    data: Data::F32(rows.clone()),
                 },
                 Payload {
-                    shape: vec![3 + n],
-                    data: Data::F32(
-                        [1, 0, n as u32]
-                            .into_iter()
-                            .chain([0; 4])
-                            .map(header)
-                            .collect(),
-                    ),
+                    shape: vec![0],
+                    data: Data::F32(Vec::new()),
                 },
             ];
-            // Rank 0 gives up on the frame; whatever happens to the rest is fine.
-            let _ = c.all_to_all_v(tag, sends);
+            let _ = c.start_all_to_all_v(Tag { step: 1, ..tag }, rows);
         }
         Ok(())
     });
@@ -292,29 +375,37 @@ fn refused_frame(frame: Vec<f32>, version0: u64, expect: &str) -> Result<()> {
 
 #[test]
 fn malformed_frames_and_stale_placements_are_refused() -> Result<()> {
-    let w = |n: u32| f32::from_bits(n);
     let row = |v: f32| vec![v; HIDDEN];
     // Expert 0 is worker 0's, expert 3 worker 1's: a row for expert 3 is not rank 0's to compute.
-    let mut wrong_host = vec![w(1), w(0), w(4), w(0), w(0), w(0), w(1)];
-    wrong_host.extend(row(0.5));
     refused_frame(
-        wrong_host,
+        vec![1, 0, 4, 0, 0, 0, 1],
+        row(0.5),
         1,
         "rows for expert 3, which this worker does not host",
     )?;
-    // A frame sent with another placement version.
-    let mut stale = vec![w(1), w(0), w(4), w(1), w(0), w(0), w(0)];
-    stale.extend(row(0.5));
+    // A header sent with another placement version.
     refused_frame(
-        stale,
+        vec![1, 0, 4, 1, 0, 0, 0],
+        row(0.5),
         2,
         "placement version 2 but rank 1 dispatched with version 1",
     )?;
     // A header for a layer of 99 experts.
-    refused_frame(vec![w(1), w(0), w(99)], 1, "header names 99 experts")?;
+    refused_frame(
+        vec![1, 0, 99, 0, 0, 0, 0],
+        Vec::new(),
+        1,
+        "header names 99 experts",
+    )?;
+    // A header of the wrong length.
+    refused_frame(vec![1, 0, 4], Vec::new(), 1, "expected I32[7]")?;
     // Counts that promise more rows than the frame carries.
-    let short = vec![w(1), w(0), w(4), w(2), w(0), w(0), w(0)];
-    refused_frame(short, 1, "header counts 2 rows")?;
+    refused_frame(
+        vec![1, 0, 4, 2, 0, 0, 0],
+        row(0.5),
+        1,
+        "header counts 2 rows",
+    )?;
     Ok(())
 }
 

@@ -1,17 +1,21 @@
-//! The host bookkeeping of the device expert dispatch (`expert.rs`): which slots go where, the
-//! header words, the expert-major permutation of received rows and the combine's row indices.
-//! Pure index arithmetic with no CUDA in it, so it is compiled and tested in every build; the
-//! tests below run a whole expert-parallel layer over simulated ranks with it.
+//! The expert dispatch protocol, one for every backend and transport: which slots go to which
+//! worker in which order, the header words every worker sends every other before the rows (and
+//! the checks a receiver makes on them), the expert-major permutation of received rows and the
+//! combine's row indices. Pure index arithmetic on the host; [`crate::moe_parallel_on`] moves the
+//! rows with it on any [`ringmoe_core::Backend`] over any [`crate::Collective`]. The tests below
+//! also run a whole expert-parallel layer over simulated ranks with it.
 
-use ringmoe_model::moe::Routing;
-use ringmoe_parallel::{DROPPED, ParallelError, Placement, check_version};
+use ringmoe_model::moe::{Routing, combine_plan};
+
+use crate::{DROPPED, ParallelError, Placement, check_version};
 
 /// Words before the per-batch counts in a header: placement version (low, high), experts.
-pub(crate) const HEADER: usize = 3;
+pub const HEADER: usize = 3;
 
-/// One layer's dispatch on one rank.
+/// One layer's dispatch on one rank (not `ringmoe_model::moe::DispatchPlan`, the single-process
+/// grouping of slots by expert).
 #[derive(Debug)]
-pub(crate) struct DispatchPlan {
+pub struct ExchangePlan {
     /// Token ranges of the micro-batches (two with overlap, else one).
     pub batches: Vec<(usize, usize)>,
     /// `orders[b][w]`: the slots of batch `b` sent to worker `w`, grouped by expert ascending,
@@ -20,7 +24,7 @@ pub(crate) struct DispatchPlan {
     top_k: usize,
 }
 
-impl DispatchPlan {
+impl ExchangePlan {
     /// `dest[slot]` is the worker of every slot (or [`DROPPED`]), from `assign_slots`.
     pub fn new(routing: &Routing, dest: &[u32], world: usize, overlap: bool) -> Self {
         let (tokens, k) = (routing.tokens(), routing.top_k);
@@ -101,24 +105,19 @@ impl DispatchPlan {
         for (r, &slot) in self.orders[b].iter().flatten().enumerate() {
             row_of_slot[slot as usize - s * k] = r;
         }
-        let mut rows = Vec::with_capacity((e - s) * k);
-        let mut ws = Vec::with_capacity((e - s) * k);
-        for t in s..e {
-            let mut slots: Vec<usize> = (t * k..(t + 1) * k).collect();
-            slots.sort_by_key(|&slot| routing.expert_ids[slot]);
-            for slot in slots {
-                rows.push(row_of_slot[slot - s * k]);
-                ws.push(routing.weights[slot]);
-            }
-        }
-        (rows, ws)
+        let batch = Routing {
+            top_k: k,
+            expert_ids: routing.expert_ids[s * k..e * k].to_vec(),
+            weights: routing.weights[s * k..e * k].to_vec(),
+        };
+        combine_plan(&batch, |slot| row_of_slot[slot])
     }
 }
 
 /// Parses and checks every source's header (`got`: `width` words per source): returns
 /// `recv[batch][source][expert]` row counts. Refuses another placement version, another expert
 /// count, and rows for an expert this worker does not host or did not load (`loaded(e)`).
-pub(crate) fn parse_headers(
+pub fn parse_headers(
     placement: &Placement,
     layer: usize,
     me: usize,
@@ -140,7 +139,7 @@ pub(crate) fn parse_headers(
         if h[2] as usize != experts {
             return Err(bad(
                 from,
-                format!("names {} experts, the layer has {experts}", h[2]),
+                format!("header names {} experts, the layer has {experts}", h[2]),
             ));
         }
         for (b, counts) in h[HEADER..]
@@ -170,7 +169,7 @@ pub(crate) fn parse_headers(
 /// expert-major order, sources in rank order within an expert — the order the grouped GEMM
 /// takes and the host path computes in.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct ExpertMajor {
+pub struct ExpertMajor {
     /// `perm[i]`: the received row of the i-th expert-major row.
     pub perm: Vec<usize>,
     /// `(expert, rows)` of every expert with rows, ascending.
@@ -179,7 +178,7 @@ pub(crate) struct ExpertMajor {
     pub inverse: Vec<usize>,
 }
 
-pub(crate) fn expert_major(counts: &[Vec<usize>]) -> ExpertMajor {
+pub fn expert_major(counts: &[Vec<usize>]) -> ExpertMajor {
     let experts = counts.first().map_or(0, Vec::len);
     let mut start = vec![vec![0usize; experts]; counts.len()];
     let mut at = 0;
@@ -215,7 +214,8 @@ pub(crate) fn expert_major(counts: &[Vec<usize>]) -> ExpertMajor {
 #[cfg(test)]
 mod tests {
     use ringmoe_core::testing::{XorShift, rand_vec};
-    use ringmoe_parallel::{ExpertParallel, assign_slots};
+
+    use crate::{ExpertParallel, assign_slots};
 
     use super::*;
 
@@ -262,10 +262,10 @@ mod tests {
         experts: usize,
     ) -> Result<Vec<Vec<f32>>, ParallelError> {
         let world = xs.len();
-        let plans: Vec<DispatchPlan> = (0..world)
+        let plans: Vec<ExchangePlan> = (0..world)
             .map(|r| -> Result<_, ParallelError> {
                 let dest = assign_slots(ep, 0, experts, &routings[r], r)?;
-                Ok(DispatchPlan::new(&routings[r], &dest, world, ep.overlap))
+                Ok(ExchangePlan::new(&routings[r], &dest, world, ep.overlap))
             })
             .collect::<Result<_, _>>()?;
         let nb = plans[0].batches.len();
@@ -427,7 +427,7 @@ mod tests {
         };
         let ep = ExpertParallel::new(placement.clone());
         let dest = assign_slots(&ep, 0, 4, &routing, 0).unwrap();
-        let plan = DispatchPlan::new(&routing, &dest, 2, false);
+        let plan = ExchangePlan::new(&routing, &dest, 2, false);
         let words = plan.header(placement.version, 4, &routing);
         let w = plan.header_width(4);
         // Worker 1 receives rank 0's header for it: expert 1 only (round-robin hosts 1 and 3).
@@ -451,7 +451,7 @@ mod tests {
         let mut wrong = to_1;
         wrong[2] = 5;
         let e = parse_headers(&placement, 0, 1, 4, |_| true, &wrong, 1).unwrap_err();
-        assert!(e.to_string().contains("names 5 experts"), "{e}");
+        assert!(e.to_string().contains("header names 5 experts"), "{e}");
     }
 
     #[test]

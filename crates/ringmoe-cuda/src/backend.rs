@@ -1,0 +1,172 @@
+//! The CUDA backend under the generic distributed code: [`CudaBackend`] as a
+//! [`ringmoe_core::Backend`] (activations are [`DeviceTensor`]s) and the NCCL group as a
+//! [`ringmoe_parallel::Collective`] on them, so `ringmoe_parallel::moe_parallel_on` — the one
+//! expert dispatch — runs on GPUs as it does on the host.
+
+use cudarc::driver::CudaSlice;
+use ringmoe_comm::Tag;
+use ringmoe_comm::nccl::{NcclCommunicator, Pending};
+use ringmoe_core::{Backend, Tensor};
+use ringmoe_parallel::{Collective, ParallelError};
+
+use crate::device::{CudaBackend, DeviceTensor};
+use crate::{CudaError, Result};
+
+impl Backend for CudaBackend {
+    type Act = DeviceTensor;
+    type Error = CudaError;
+
+    fn dims(&self, a: &DeviceTensor) -> Result<(usize, usize)> {
+        a.dims2("dims")
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<DeviceTensor> {
+        t.dims2("upload")?;
+        CudaBackend::upload(self, t)
+    }
+
+    fn download(&self, a: &DeviceTensor) -> Result<Tensor> {
+        CudaBackend::download(self, a)
+    }
+
+    fn zeros(&self, rows: usize, width: usize) -> Result<DeviceTensor> {
+        CudaBackend::zeros(self, vec![rows, width])
+    }
+
+    fn gather_rows(&self, a: &DeviceTensor, idx: &[usize]) -> Result<DeviceTensor> {
+        CudaBackend::gather_rows(self, a, idx)
+    }
+
+    fn rows(&self, a: &DeviceTensor, start: usize, end: usize) -> Result<DeviceTensor> {
+        CudaBackend::rows(self, a, start, end)
+    }
+
+    fn concat_rows(&self, parts: &[DeviceTensor]) -> Result<DeviceTensor> {
+        CudaBackend::concat_rows(self, parts)
+    }
+
+    /// The combine kernel reads every index; dropped slots (index = rows) read a zero row
+    /// appended for them.
+    fn combine(
+        &self,
+        src: &DeviceTensor,
+        rows: &[usize],
+        weights: &[f32],
+        k: usize,
+    ) -> Result<DeviceTensor> {
+        let (n, width) = src.dims2("combine")?;
+        if rows.contains(&n) {
+            let padded = self.concat_rows(&[self.rows(src, 0, n)?, self.zeros(vec![1, width])?])?;
+            CudaBackend::combine(self, &padded, rows, weights, k)
+        } else {
+            CudaBackend::combine(self, src, rows, weights, k)
+        }
+    }
+}
+
+/// Rows in flight on the NCCL stream: the send buffer must live until the transfer is done.
+#[derive(Debug)]
+pub struct NcclRows {
+    _send: DeviceTensor,
+    incoming: DeviceTensor,
+    pending: Pending,
+}
+
+fn counts(
+    comm: &NcclCommunicator,
+    what: &str,
+    c: &[usize],
+) -> std::result::Result<(), ParallelError> {
+    if c.len() != comm.world_size() {
+        return Err(ParallelError::Invalid(format!(
+            "{} {what} counts for an NCCL group of {}",
+            c.len(),
+            comm.world_size()
+        )));
+    }
+    Ok(())
+}
+
+/// NCCL orders exchanges by call order on every rank; tags are not needed.
+impl Collective<CudaBackend> for NcclCommunicator {
+    type Rows = NcclRows;
+
+    fn rank(&self) -> usize {
+        NcclCommunicator::rank(self)
+    }
+
+    fn world_size(&self) -> usize {
+        NcclCommunicator::world_size(self)
+    }
+
+    fn exchange_words(
+        &self,
+        b: &CudaBackend,
+        _tag: Tag,
+        words: &[u32],
+        width: usize,
+    ) -> std::result::Result<Vec<u32>, ParallelError> {
+        let world = NcclCommunicator::world_size(self);
+        if words.len() != world * width {
+            return Err(ParallelError::Invalid(format!(
+                "{} words for {world} ranks of {width}",
+                words.len()
+            )));
+        }
+        let sent: CudaSlice<u32> = b.upload_words(words)?;
+        let mut got = b.zero_words(world * width)?;
+        let equal = vec![width; world];
+        let pending = self.start_all_to_all_v(&sent, &equal, &mut got, &equal)?;
+        self.finish(pending)?;
+        let mut got = b.download_words(&got)?;
+        got.truncate(world * width);
+        Ok(got)
+    }
+
+    fn start_rows(
+        &self,
+        b: &CudaBackend,
+        _tag: Tag,
+        send: DeviceTensor,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> std::result::Result<NcclRows, ParallelError> {
+        counts(self, "send", send_rows)?;
+        counts(self, "receive", recv_rows)?;
+        let (rows, width) = send.dims2("all_to_all rows")?;
+        if send_rows.iter().sum::<usize>() != rows {
+            return Err(ParallelError::Invalid(format!(
+                "{rows} rows to send, counts for {}",
+                send_rows.iter().sum::<usize>()
+            )));
+        }
+        let mut incoming = b.zeros(vec![recv_rows.iter().sum(), width])?;
+        let send_counts: Vec<usize> = send_rows.iter().map(|r| r * width).collect();
+        let recv_counts: Vec<usize> = recv_rows.iter().map(|r| r * width).collect();
+        let pending = self.start_all_to_all_v(
+            send.buffer(),
+            &send_counts,
+            incoming.buffer_mut(),
+            &recv_counts,
+        )?;
+        Ok(NcclRows {
+            _send: send,
+            incoming,
+            pending,
+        })
+    }
+
+    fn finish_rows(
+        &self,
+        _b: &CudaBackend,
+        rows: NcclRows,
+    ) -> std::result::Result<DeviceTensor, ParallelError> {
+        let NcclRows {
+            _send,
+            incoming,
+            pending,
+        } = rows;
+        self.finish(pending)?;
+        Ok(incoming)
+    }
+}

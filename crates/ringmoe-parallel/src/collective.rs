@@ -1,0 +1,182 @@
+//! The collectives the distributed forward needs, over a backend's own buffers: the host
+//! [`Communicator`] (TCP or in-process; buffers cross it as host payloads) and, in
+//! `ringmoe-cuda`, NCCL on device buffers implement [`Collective`], so expert parallelism is
+//! written once ([`crate::moe_parallel_on`]).
+//!
+//! Tags name each exchange for the host transports (which match messages by tag); NCCL orders
+//! them by call order on every rank instead and ignores them.
+
+use ringmoe_comm::{Communicator, Data, Payload, Tag};
+use ringmoe_core::{Backend, Tensor};
+
+use crate::{ParallelError, Result};
+
+/// All-to-all exchanges among the ranks of a group, on `B`'s buffers. Every rank makes the same
+/// calls in the same order.
+pub trait Collective<B: Backend> {
+    /// An all-to-all of rows in flight.
+    type Rows;
+
+    fn rank(&self) -> usize;
+
+    fn world_size(&self) -> usize;
+
+    /// A blocking all-to-all of `width` words per peer: `words[w·width..(w+1)·width]` goes to
+    /// rank `w`; returns what every source sent here, source `s` at `s·width`.
+    fn exchange_words(&self, b: &B, tag: Tag, words: &[u32], width: usize) -> Result<Vec<u32>>;
+
+    /// Starts an all-to-all of rows: `send` holds `send_rows[w]` rows for each rank `w`, back to
+    /// back; `recv_rows[s]` rows are expected from each source `s` (both known to both sides,
+    /// from the words exchanged before).
+    fn start_rows(
+        &self,
+        b: &B,
+        tag: Tag,
+        send: B::Act,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<Self::Rows>;
+
+    /// Waits for [`Self::start_rows`]: every source's rows back to back, in rank order. A source
+    /// that sent another number of rows than expected is an error naming it.
+    fn finish_rows(&self, b: &B, rows: Self::Rows) -> Result<B::Act>;
+}
+
+/// [`Collective::Rows`] of the host communicator.
+#[derive(Debug)]
+pub struct HostRows {
+    pending: ringmoe_comm::PendingAllToAll,
+    recv_rows: Vec<usize>,
+    width: usize,
+    tag: Tag,
+}
+
+fn counts_for(world: usize, what: &str, counts: &[usize]) -> Result<()> {
+    if counts.len() != world {
+        return Err(ParallelError::Invalid(format!(
+            "{} {what} counts for a group of {world}",
+            counts.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Over the host transports a backend's buffers travel as host payloads: downloaded before
+/// they are sent and uploaded when they arrive (moves, for the [`ringmoe_core::Cpu`] backend).
+impl<B: Backend> Collective<B> for Communicator
+where
+    ParallelError: From<B::Error>,
+{
+    type Rows = HostRows;
+
+    fn rank(&self) -> usize {
+        Communicator::rank(self)
+    }
+
+    fn world_size(&self) -> usize {
+        Communicator::world_size(self)
+    }
+
+    fn exchange_words(&self, _b: &B, tag: Tag, words: &[u32], width: usize) -> Result<Vec<u32>> {
+        let world = Communicator::world_size(self);
+        if words.len() != world * width {
+            return Err(ParallelError::Invalid(format!(
+                "{} words for {world} ranks of {width}",
+                words.len()
+            )));
+        }
+        let sends = words
+            .chunks(width.max(1))
+            .map(|w| Payload {
+                shape: vec![w.len()],
+                data: Data::I32(w.iter().map(|&x| x as i32).collect()),
+            })
+            .chain(std::iter::repeat_with(|| Payload {
+                shape: vec![0],
+                data: Data::I32(Vec::new()),
+            }))
+            .take(world)
+            .collect();
+        let got = self.all_to_all_v(tag, sends)?;
+        let mut out = Vec::with_capacity(world * width);
+        for (from, p) in got.into_iter().enumerate() {
+            let desc = p.describe();
+            match p.data {
+                Data::I32(v) if v.len() == width => out.extend(v.into_iter().map(|x| x as u32)),
+                _ => {
+                    return Err(ParallelError::Dispatch(format!(
+                        "rank {}: {tag}: header from rank {from} is {desc}, expected I32[{width}]",
+                        Communicator::rank(self)
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn start_rows(
+        &self,
+        b: &B,
+        tag: Tag,
+        send: B::Act,
+        send_rows: &[usize],
+        recv_rows: &[usize],
+    ) -> Result<HostRows> {
+        let world = Communicator::world_size(self);
+        counts_for(world, "send", send_rows)?;
+        counts_for(world, "receive", recv_rows)?;
+        let (rows, width) = b.dims(&send)?;
+        if send_rows.iter().sum::<usize>() != rows {
+            return Err(ParallelError::Invalid(format!(
+                "{rows} rows to send, counts for {}",
+                send_rows.iter().sum::<usize>()
+            )));
+        }
+        let host = b.download_owned(send)?.into_vec();
+        let mut sends = Vec::with_capacity(world);
+        let mut at = 0;
+        for &n in send_rows {
+            sends.push(Payload {
+                shape: vec![n, width],
+                data: Data::F32(host[at * width..(at + n) * width].to_vec()),
+            });
+            at += n;
+        }
+        Ok(HostRows {
+            pending: self.start_all_to_all_v(tag, sends)?,
+            recv_rows: recv_rows.to_vec(),
+            width,
+            tag,
+        })
+    }
+
+    fn finish_rows(&self, b: &B, rows: HostRows) -> Result<B::Act> {
+        let HostRows {
+            pending,
+            recv_rows,
+            width,
+            tag,
+        } = rows;
+        let frames = self.wait_all_to_all_v(pending)?;
+        let total: usize = recv_rows.iter().sum();
+        let mut out = Vec::with_capacity(total * width);
+        for (from, (p, &n)) in frames.into_iter().zip(&recv_rows).enumerate() {
+            let desc = p.describe();
+            match p.into_f32() {
+                Some(v) if v.len() == n * width => out.extend_from_slice(&v),
+                got => {
+                    return Err(ParallelError::Dispatch(format!(
+                        "rank {}: {tag}: frame from rank {from}: header counts {n} rows of \
+                         {width}, the frame carries {}",
+                        Communicator::rank(self),
+                        match got {
+                            Some(v) => format!("{} values", v.len()),
+                            None => desc,
+                        }
+                    )));
+                }
+            }
+        }
+        Ok(b.upload_owned(Tensor::from_vec(out, [total, width])?)?)
+    }
+}
