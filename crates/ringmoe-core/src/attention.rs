@@ -616,15 +616,20 @@ pub fn merge_into(acc: &mut PartialAttention, b: &PartialAttention) -> Result<()
 /// [`merge_into`] on a run of an accumulator's rows (`out`, `lse`: the same rows of a larger
 /// [`PartialAttention`]), so a query block computed in pieces merges piece by piece.
 pub fn merge_into_rows(out: &mut [f32], lse: &mut [f32], b: &PartialAttention) -> Result<()> {
+    merge_slices(out, lse, &b.out, &b.lse)
+}
+
+/// [`merge_into_rows`] with the other partial result as slices (`b_out`, `b_lse`).
+pub fn merge_slices(out: &mut [f32], lse: &mut [f32], b_out: &[f32], b_lse: &[f32]) -> Result<()> {
     let rows = lse.len();
-    if b.lse.len() != rows
-        || out.len() != b.out.len()
+    if b_lse.len() != rows
+        || out.len() != b_out.len()
         || (rows > 0 && !out.len().is_multiple_of(rows))
     {
         return Err(Error::ShapeMismatch {
             op: "merge",
             expected: vec![rows, out.len()],
-            got: vec![b.lse.len(), b.out.len()],
+            got: vec![b_lse.len(), b_out.len()],
         });
     }
     if rows == 0 {
@@ -633,7 +638,7 @@ pub fn merge_into_rows(out: &mut [f32], lse: &mut [f32], b: &PartialAttention) -
     let d = out.len() / rows;
     out.par_chunks_mut(d)
         .zip(lse.par_iter_mut())
-        .zip(b.out.par_chunks(d).zip(b.lse.par_iter()))
+        .zip(b_out.par_chunks(d).zip(b_lse.par_iter()))
         .for_each(|((oa, la), (ob, &lb))| {
             let m = la.max(lb);
             if m == f32::NEG_INFINITY {

@@ -6,7 +6,25 @@
 //! Activations are row-major `[rows, width]` f32 matrices. Host-side bookkeeping (routing,
 //! dispatch plans, headers) stays on the host; only rows move through these operations.
 
+use crate::attention::{AttentionParams, PartialAttention, merge_slices};
+use crate::sparse::{Sparsity, attention_sparse};
 use crate::{Error, Result, Tensor, ops};
+
+/// A K/V block for attention: K and V `[n, width]` apart, or packed one after the other
+/// (`[2n, width]`, K first), as blocks travel between ranks.
+#[derive(Debug)]
+pub enum KvRef<'a, A> {
+    Split(&'a A, &'a A),
+    Packed(&'a A),
+}
+
+/// A partial attention result on a backend: `out` `[rows, n_heads·head_dim]` and `lse`
+/// `[rows, n_heads]` (see [`crate::PartialAttention`]).
+#[derive(Debug)]
+pub struct Partial<A> {
+    pub out: A,
+    pub lse: A,
+}
 
 /// A place activations live and the row operations on them.
 pub trait Backend {
@@ -56,7 +74,98 @@ pub trait Backend {
         weights: &[f32],
         k: usize,
     ) -> std::result::Result<Self::Act, Self::Error>;
+
+    /// `[rows, width]` filled with `value`.
+    fn filled(
+        &self,
+        rows: usize,
+        width: usize,
+        value: f32,
+    ) -> std::result::Result<Self::Act, Self::Error> {
+        let mut t = Tensor::zeros([rows, width]);
+        t.as_mut_slice().fill(value);
+        self.upload(&t)
+    }
+
+    /// The rows `idx` of a K/V block, packed (`[2·idx.len(), width]`, K first): what a rank
+    /// passes on in a ring step.
+    fn pack_kv_rows(
+        &self,
+        kv: KvRef<'_, Self::Act>,
+        idx: &[usize],
+    ) -> std::result::Result<Self::Act, Self::Error> {
+        match kv {
+            KvRef::Split(k, v) => {
+                self.concat_rows(&[self.gather_rows(k, idx)?, self.gather_rows(v, idx)?])
+            }
+            KvRef::Packed(kv) => {
+                let n = self.dims(kv)?.0 / 2;
+                let both: Vec<usize> = idx
+                    .iter()
+                    .copied()
+                    .chain(idx.iter().map(|i| i + n))
+                    .collect();
+                self.gather_rows(kv, &both)
+            }
+        }
+    }
+
+    /// Blockwise attention of `q` (`[rows, n_heads·head_dim]` at `q_pos`) over a K/V block at
+    /// `k_pos` under the causal mask by position and `mask`: the partial `(out, lse)` and the
+    /// (query, key) pairs scored, summed over heads.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        p: &AttentionParams,
+        mask: &Sparsity<'_>,
+        q: &Self::Act,
+        q_pos: &[usize],
+        kv: KvRef<'_, Self::Act>,
+        k_pos: &[usize],
+    ) -> std::result::Result<(Partial<Self::Act>, u64), Self::Error>;
+
+    /// Merges `part` exactly into rows `r0..` of `acc` (the same queries over other keys).
+    fn merge_rows(
+        &self,
+        acc: &mut Partial<Self::Act>,
+        r0: usize,
+        part: &Partial<Self::Act>,
+    ) -> std::result::Result<(), Self::Error>;
+
+    /// How many query rows one attention call against `keys` keys should take, so that a long
+    /// call can be interrupted between pieces; `usize::MAX`: one call for all.
+    fn attention_rows_per_piece(&self, _keys: usize) -> usize {
+        usize::MAX
+    }
+
+    /// The values of `a` when they are in host memory already (the host backend), else `None`.
+    fn host_slice<'a>(&self, _a: &'a Self::Act) -> Option<&'a [f32]> {
+        None
+    }
 }
+
+/// The K and V halves of a block as host slices.
+fn host_halves<'a>(kv: &KvRef<'a, Tensor>) -> (&'a [f32], &'a [f32]) {
+    match kv {
+        KvRef::Split(k, v) => (k.as_slice(), v.as_slice()),
+        KvRef::Packed(kv) => kv.as_slice().split_at(kv.elem_count() / 2),
+    }
+}
+
+fn host_partial(
+    p: &AttentionParams,
+    rows: usize,
+    part: PartialAttention,
+) -> Result<Partial<Tensor>> {
+    Ok(Partial {
+        out: Tensor::from_vec(part.out, [rows, p.n_heads * p.head_dim])?,
+        lse: Tensor::from_vec(part.lse, [rows, p.n_heads])?,
+    })
+}
+
+/// Query-key pairs one piece of a ring step may score on the host: about a second of one
+/// core's work on a small model, far more than the per-piece overhead.
+const PAIRS_PER_PIECE: usize = 1 << 26;
 
 /// The host: activations are [`Tensor`]s, the operations this crate's kernels.
 #[derive(Debug, Clone, Copy, Default)]
@@ -150,6 +259,55 @@ impl Backend for Cpu {
         let tokens = out.len() / w.max(1);
         Tensor::from_vec(out, [tokens, w])
     }
+
+    fn filled(&self, rows: usize, width: usize, value: f32) -> Result<Tensor> {
+        Tensor::from_vec(vec![value; rows * width], [rows, width])
+    }
+
+    fn attend(
+        &self,
+        p: &AttentionParams,
+        mask: &Sparsity<'_>,
+        q: &Tensor,
+        q_pos: &[usize],
+        kv: KvRef<'_, Tensor>,
+        k_pos: &[usize],
+    ) -> Result<(Partial<Tensor>, u64)> {
+        let (k, v) = host_halves(&kv);
+        let (part, pairs) = attention_sparse(p, mask, q.as_slice(), q_pos, k, v, k_pos)?;
+        Ok((host_partial(p, q_pos.len(), part)?, pairs))
+    }
+
+    fn merge_rows(
+        &self,
+        acc: &mut Partial<Tensor>,
+        r0: usize,
+        part: &Partial<Tensor>,
+    ) -> Result<()> {
+        let (rows, hq) = width_of(&part.lse, "merge_rows")?;
+        let qw = width_of(&part.out, "merge_rows")?.1;
+        let (acc_rows, _) = width_of(&acc.lse, "merge_rows")?;
+        if r0 + rows > acc_rows {
+            return Err(Error::InvalidArgument {
+                op: "merge_rows",
+                msg: format!("rows {r0}..{} of {acc_rows}", r0 + rows),
+            });
+        }
+        merge_slices(
+            &mut acc.out.as_mut_slice()[r0 * qw..(r0 + rows) * qw],
+            &mut acc.lse.as_mut_slice()[r0 * hq..(r0 + rows) * hq],
+            part.out.as_slice(),
+            part.lse.as_slice(),
+        )
+    }
+
+    fn attention_rows_per_piece(&self, keys: usize) -> usize {
+        (PAIRS_PER_PIECE / keys.max(1)).max(256)
+    }
+
+    fn host_slice<'a>(&self, a: &'a Tensor) -> Option<&'a [f32]> {
+        Some(a.as_slice())
+    }
 }
 
 /// A simulated device: the CPU's arithmetic behind an opaque buffer that only [`Backend::upload`]
@@ -203,6 +361,54 @@ impl Backend for Sim {
         k: usize,
     ) -> Result<SimBuffer> {
         Cpu.combine(&src.0, rows, weights, k).map(SimBuffer)
+    }
+
+    fn attend(
+        &self,
+        p: &AttentionParams,
+        mask: &Sparsity<'_>,
+        q: &SimBuffer,
+        q_pos: &[usize],
+        kv: KvRef<'_, SimBuffer>,
+        k_pos: &[usize],
+    ) -> Result<(Partial<SimBuffer>, u64)> {
+        let kv = match kv {
+            KvRef::Split(k, v) => KvRef::Split(&k.0, &v.0),
+            KvRef::Packed(kv) => KvRef::Packed(&kv.0),
+        };
+        let (part, pairs) = Cpu.attend(p, mask, &q.0, q_pos, kv, k_pos)?;
+        Ok((
+            Partial {
+                out: SimBuffer(part.out),
+                lse: SimBuffer(part.lse),
+            },
+            pairs,
+        ))
+    }
+
+    fn merge_rows(
+        &self,
+        acc: &mut Partial<SimBuffer>,
+        r0: usize,
+        part: &Partial<SimBuffer>,
+    ) -> Result<()> {
+        let mut host = Partial {
+            out: std::mem::replace(&mut acc.out.0, Tensor::zeros([0])),
+            lse: std::mem::replace(&mut acc.lse.0, Tensor::zeros([0])),
+        };
+        let part = Partial {
+            out: part.out.0.clone(),
+            lse: part.lse.0.clone(),
+        };
+        let r = Cpu.merge_rows(&mut host, r0, &part);
+        acc.out.0 = host.out;
+        acc.lse.0 = host.lse;
+        r
+    }
+
+    /// Small pieces, so tests of the generic ring on the simulated device merge piece by piece.
+    fn attention_rows_per_piece(&self, _keys: usize) -> usize {
+        3
     }
 }
 

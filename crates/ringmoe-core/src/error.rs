@@ -25,9 +25,6 @@ pub enum Error {
 
     #[error("invalid argument to {op}: {msg}")]
     InvalidArgument { op: &'static str, msg: String },
-
-    #[error("device {device} is not available: ringmoe was not compiled with CUDA support")]
-    CudaNotCompiled { device: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

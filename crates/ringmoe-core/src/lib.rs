@@ -23,8 +23,8 @@ pub use attention::{
     AttentionParams, PartialAttention, attention_block, merge, merge_into, merge_into_rows,
     naive_attention,
 };
-pub use backend::{Backend, Cpu, Sim};
+pub use backend::{Backend, Cpu, KvRef, Partial, Sim};
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use tensor::{Device, Tensor};
+pub use tensor::Tensor;
 pub use weights::{WeightFormat, WeightPrecision, Weights};

@@ -1,27 +1,7 @@
-//! The tensor type: a shape plus storage on a device. Model code never looks at the device.
+//! The host tensor type: a shape plus f32 storage. Where activations live is a
+//! [`crate::Backend`]'s business; this is the CPU's (and every host transfer's) form.
 
 use crate::{Error, Result};
-
-/// Where a tensor lives. Model code receives a `Device` and passes it down; only kernels match on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Device {
-    #[default]
-    Cpu,
-    /// An NVIDIA GPU by ordinal. Without the `cuda` feature every operation on it is an error.
-    Cuda(usize),
-}
-
-impl Device {
-    /// Checks that this device can hold tensors in this build.
-    pub fn ensure_available(self) -> Result<()> {
-        match self {
-            Device::Cpu => Ok(()),
-            Device::Cuda(i) => Err(Error::CudaNotCompiled {
-                device: format!("cuda:{i}"),
-            }),
-        }
-    }
-}
 
 /// A dense, row-major f32 tensor. Compute is f32 on the CPU; lower precision lives only in checkpoints.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,10 +37,6 @@ impl Tensor {
 
     pub fn shape(&self) -> &[usize] {
         &self.shape
-    }
-
-    pub fn device(&self) -> Device {
-        Device::Cpu
     }
 
     pub fn elem_count(&self) -> usize {

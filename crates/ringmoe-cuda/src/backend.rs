@@ -6,7 +6,9 @@
 use cudarc::driver::CudaSlice;
 use ringmoe_comm::Tag;
 use ringmoe_comm::nccl::{NcclCommunicator, Pending};
-use ringmoe_core::{Backend, Tensor};
+use ringmoe_core::attention::AttentionParams;
+use ringmoe_core::sparse::Sparsity;
+use ringmoe_core::{Backend, KvRef, Partial, Tensor};
 use ringmoe_parallel::{Collective, ParallelError};
 
 use crate::device::{CudaBackend, DeviceTensor};
@@ -62,6 +64,74 @@ impl Backend for CudaBackend {
             CudaBackend::combine(self, src, rows, weights, k)
         }
     }
+
+    fn filled(&self, rows: usize, width: usize, value: f32) -> Result<DeviceTensor> {
+        let t = Tensor::from_vec(vec![value; rows * width], [rows, width])?;
+        CudaBackend::upload(self, &t)
+    }
+
+    /// Dense causal attention only: the sparse prefill patterns run on the host backend.
+    fn attend(
+        &self,
+        p: &AttentionParams,
+        mask: &Sparsity<'_>,
+        q: &DeviceTensor,
+        q_pos: &[usize],
+        kv: KvRef<'_, DeviceTensor>,
+        k_pos: &[usize],
+    ) -> Result<(Partial<DeviceTensor>, u64)> {
+        if !matches!(mask, Sparsity::Dense) {
+            return Err(CudaError::Invalid {
+                op: "attention",
+                msg: "sparse attention patterns are not implemented on the CUDA path (the CPU \
+                      engine runs them)"
+                    .into(),
+            });
+        }
+        let (out, lse) = match kv {
+            KvRef::Split(k, v) => self.attention(p, q, q_pos, k, v, k_pos)?,
+            KvRef::Packed(kv) => self.attention_packed(p, q, q_pos, kv, k_pos)?,
+        };
+        let rows = q_pos.len();
+        let out = out.reshape(vec![rows, p.n_heads * p.head_dim])?;
+        let lse = lse.reshape(vec![rows, p.n_heads])?;
+        Ok((Partial { out, lse }, scored_pairs(p, q_pos, k_pos)))
+    }
+
+    /// Whole accumulators only (this backend attends in one piece).
+    fn merge_rows(
+        &self,
+        acc: &mut Partial<DeviceTensor>,
+        r0: usize,
+        part: &Partial<DeviceTensor>,
+    ) -> Result<()> {
+        if r0 != 0 || part.lse.len() != acc.lse.len() {
+            return Err(CudaError::Invalid {
+                op: "merge_attention",
+                msg: format!(
+                    "a piece at row {r0} of {:?} rows into {:?}: the CUDA backend merges whole \
+                     results",
+                    part.lse.shape(),
+                    acc.lse.shape()
+                ),
+            });
+        }
+        self.merge_attention(&mut acc.out, &mut acc.lse, &part.out, &part.lse)
+    }
+}
+
+/// (query, key) pairs the causal mask lets `q_pos` score against `k_pos`, times the heads.
+fn scored_pairs(p: &AttentionParams, q_pos: &[usize], k_pos: &[usize]) -> u64 {
+    if !p.causal {
+        return (q_pos.len() * k_pos.len() * p.n_heads) as u64;
+    }
+    let mut keys = k_pos.to_vec();
+    keys.sort_unstable();
+    let seen: usize = q_pos
+        .iter()
+        .map(|&q| keys.partition_point(|&k| k <= q))
+        .sum();
+    (seen * p.n_heads) as u64
 }
 
 /// Rows in flight on the NCCL stream: the send buffer must live until the transfer is done.
@@ -85,6 +155,14 @@ fn counts(
         )));
     }
     Ok(())
+}
+
+/// A ring step in flight on the NCCL stream.
+#[derive(Debug)]
+pub struct NcclStep {
+    _send: DeviceTensor,
+    incoming: DeviceTensor,
+    pending: Pending,
 }
 
 /// NCCL orders exchanges by call order on every rank; tags are not needed.
@@ -166,6 +244,42 @@ impl Collective<CudaBackend> for NcclCommunicator {
             incoming,
             pending,
         } = rows;
+        self.finish(pending)?;
+        Ok(incoming)
+    }
+
+    type Step = NcclStep;
+
+    fn start_sendrecv(
+        &self,
+        b: &CudaBackend,
+        _tag: Tag,
+        to: usize,
+        send: DeviceTensor,
+        from: usize,
+        recv_rows: usize,
+    ) -> std::result::Result<NcclStep, ParallelError> {
+        let width = send.dims2("sendrecv")?.1;
+        let mut incoming = b.zeros(vec![recv_rows, width])?;
+        let pending =
+            NcclCommunicator::start_sendrecv(self, to, send.buffer(), from, incoming.buffer_mut())?;
+        Ok(NcclStep {
+            _send: send,
+            incoming,
+            pending,
+        })
+    }
+
+    fn finish_sendrecv(
+        &self,
+        _b: &CudaBackend,
+        step: NcclStep,
+    ) -> std::result::Result<DeviceTensor, ParallelError> {
+        let NcclStep {
+            _send,
+            incoming,
+            pending,
+        } = step;
         self.finish(pending)?;
         Ok(incoming)
     }

@@ -298,19 +298,21 @@ pub fn kernels(b: &CudaBackend) -> Result<Vec<Check>> {
     Ok(out)
 }
 
-/// Ring attention over NCCL with `shards.len()` ranks as threads, rank `r` on GPU `r` (a single
-/// GPU runs P = 1; NCCL cannot put two ranks on one GPU): rank `r` holds the queries and K/V at
-/// positions `shards[r]` of a random causal sequence. Each rank's `(out, lse)` is checked against
+/// Ring attention over NCCL with `plan.world()` ranks as threads, rank `r` on GPU `r` (a single
+/// GPU runs P = 1; NCCL cannot put two ranks on one GPU), through the generic ring
+/// (`ringmoe_parallel::ring_attention_on`): rank `r` holds the queries and K/V at positions
+/// `plan.positions(r)` of a random causal sequence. Each rank's `(out, lse)` is checked against
 /// the CPU's attention of its queries over the whole sequence; also returns each rank's time
 /// for one ring pass (after a warm-up).
 pub fn ring_nccl(
-    shards: &[Vec<usize>],
+    plan: &ringmoe_parallel::ShardPlan,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
 ) -> Result<(Vec<Check>, Vec<f64>)> {
-    let world = shards.len();
-    let len: usize = shards.iter().map(Vec::len).sum();
+    let world = plan.world();
+    let len = plan.len;
+    let shards: Vec<Vec<usize>> = (0..world).map(|r| plan.positions(r).to_vec()).collect();
     let p = causal(heads, kv_heads, head_dim);
     let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
     let q = rand_vec(len * qw, 70, 1.0);
@@ -327,13 +329,18 @@ pub fn ring_nccl(
     let results = on_gpu_ranks(world, |r, b, comm| {
         let pos = &shards[r];
         let n = pos.len();
-        let dq = b.upload(&rows(&q, qw, pos, vec![n, heads, head_dim])?)?;
-        let dk = b.upload(&rows(&k, kw, pos, vec![n, kv_heads, head_dim])?)?;
-        let dv = b.upload(&rows(&v, kw, pos, vec![n, kv_heads, head_dim])?)?;
-        crate::ring::ring_attention(b, comm, &p, &dq, pos, &dk, &dv, shards)?;
+        let dq = b.upload(&rows(&q, qw, pos, vec![n, qw])?)?;
+        let dk = b.upload(&rows(&k, kw, pos, vec![n, kw])?)?;
+        let dv = b.upload(&rows(&v, kw, pos, vec![n, kw])?)?;
+        let tag = ringmoe_comm::Tag::new(0, 0, 0, ringmoe_comm::Kind::Ring);
+        let dense = ringmoe_parallel::AttentionMode::Dense;
+        let ring =
+            |own| ringmoe_parallel::ring_attention_on(&**b, comm, plan, &p, &dense, &dq, own, tag);
+        let own = ring((dk, dv))?.own;
         b.synchronize()?;
         let t = Instant::now();
-        let (o, l) = crate::ring::ring_attention(b, comm, &p, &dq, pos, &dk, &dv, shards)?;
+        let part = ring(own)?.part;
+        let (o, l) = (part.out, part.lse);
         b.synchronize()?;
         let secs = t.elapsed().as_secs_f64();
         Ok((b.download(&o)?, b.download(&l)?, secs))

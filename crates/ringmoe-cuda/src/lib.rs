@@ -22,8 +22,9 @@
 //! [`CudaError::NotCompiled`], so no other crate needs `cfg`.
 //!
 //! On top of the kernels: [`CudaModel`] (a checkpoint's forward pass on one GPU, uploading only the
-//! experts a placement selects) and [`ring::ring_attention`] (ring attention over NCCL on device
-//! buffers, transfers overlapping the attention kernel).
+//! experts a placement selects); the ring attention and the expert dispatch it runs over NCCL
+//! are `ringmoe-parallel`'s generic ones, this crate supplying the backend and the collective
+//! (`backend.rs`).
 //!
 //! For a group of GPUs: [`CudaModel::prefill_shard`] (ring attention and, optionally, expert
 //! parallelism over NCCL) and [`CudaShardedSequence`] (decode over the sharded cache), which the
@@ -43,8 +44,6 @@ mod device;
 #[cfg(feature = "cuda")]
 mod model;
 pub mod report;
-#[cfg(feature = "cuda")]
-pub mod ring;
 #[cfg(feature = "cuda")]
 mod shard;
 #[cfg(not(feature = "cuda"))]

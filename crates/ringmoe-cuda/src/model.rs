@@ -24,7 +24,9 @@ use ringmoe_model::{
 
 use ringmoe_comm::nccl::NcclCommunicator;
 use ringmoe_comm::{Kind, Tag};
-use ringmoe_parallel::{ExpertParallel, MoeStats, moe_parallel_on};
+use ringmoe_parallel::{
+    AttentionMode, ExpertParallel, MoeStats, ShardPlan, moe_parallel_on, ring_attention_on,
+};
 
 use crate::device::{CudaBackend, DeviceKv, DeviceRope, DeviceTensor, DeviceWeight};
 use crate::{CudaError, Precision, Result};
@@ -36,9 +38,9 @@ pub(crate) type LayersOut = (DeviceTensor, Vec<(usize, Routing)>, MoeStats);
 pub(crate) enum Attend<'a> {
     /// One GPU: append the new K/V to the cache and attend to everything cached.
     Cached,
-    /// Context-parallel prefill: append this rank's K/V, then ring attention over the group,
-    /// `blocks[r]` being the positions rank `r` holds.
-    Ring(&'a [Vec<usize>]),
+    /// Context-parallel prefill: append this rank's K/V, then ring attention over the group
+    /// (`ringmoe_parallel::ring_attention_on`), the sequence sharded by the plan.
+    Ring(&'a ShardPlan),
     /// A decode step over a sharded cache: the new K/V is appended here when `own`; each rank's
     /// partial `(out, lse)` over its own cache is all-gathered and merged in rank order.
     Sharded { own: bool },
@@ -548,9 +550,14 @@ impl CudaModel {
                 b.kv_append(kv, &k, &v, positions)?;
                 b.attention_cached(&p, &q, positions, kv)?.0
             }
-            (Attend::Ring(blocks), Some(g)) => {
+            (Attend::Ring(plan), Some(g)) => {
                 b.kv_append(kv, &k, &v, positions)?;
-                crate::ring::ring_attention(b, g.comm, &p, &q, positions, &k, &v, blocks)?.0
+                let own = (k.reshape(vec![t, hkv * d])?, v.reshape(vec![t, hkv * d])?);
+                let q = q.reshape(vec![t, hq * d])?;
+                let tag = Tag::new(0, l as u32, 0, Kind::Ring);
+                ring_attention_on(b, g.comm, plan, &p, &AttentionMode::Dense, &q, own, tag)?
+                    .part
+                    .out
             }
             (Attend::Sharded { own }, Some(g)) => {
                 if *own {

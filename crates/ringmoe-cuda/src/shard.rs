@@ -144,7 +144,7 @@ impl CudaModel {
             tokens,
             &positions,
             &mut cache,
-            &Attend::Ring(&blocks),
+            &Attend::Ring(plan),
             Some(&group),
             on_layer,
         )?;

@@ -148,7 +148,7 @@ pub mod check {
     use crate::{CudaBackend, CudaError, Precision, Result};
 
     pub fn ring_nccl(
-        _shards: &[Vec<usize>],
+        _plan: &ringmoe_parallel::ShardPlan,
         _heads: usize,
         _kv_heads: usize,
         _head_dim: usize,

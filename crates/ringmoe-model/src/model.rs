@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use ringmoe_core::gemm::Par;
-use ringmoe_core::{Device, Tensor, WeightPrecision, Weights, ops};
+use ringmoe_core::{Tensor, WeightPrecision, Weights, ops};
 
 use crate::arch;
 use crate::checkpoint::{Checkpoint, TensorSource};
@@ -19,7 +19,6 @@ pub use ringmoe_plan::ExpertSelection;
 /// Options for [`Model::load`].
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    pub device: Device,
     pub experts: ExpertSelection,
     /// The precision matrices are held in (`--weights`); norms, biases and routers stay f32.
     pub weights: WeightPrecision,
@@ -73,7 +72,6 @@ impl Model {
         ckpt: &dyn TensorSource,
         opts: &LoadOptions,
     ) -> Result<Self> {
-        opts.device.ensure_available()?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         let g = load_parts(
             &cfg,

@@ -40,6 +40,45 @@ pub trait Collective<B: Backend> {
     /// Waits for [`Self::start_rows`]: every source's rows back to back, in rank order. A source
     /// that sent another number of rows than expected is an error naming it.
     fn finish_rows(&self, b: &B, rows: Self::Rows) -> Result<B::Act>;
+
+    /// A ring step in flight.
+    type Step;
+
+    /// Starts one ring step: `send` (`[rows, width]`) to rank `to`, `recv_rows` rows of the
+    /// same width expected from rank `from`.
+    fn start_sendrecv(
+        &self,
+        b: &B,
+        tag: Tag,
+        to: usize,
+        send: B::Act,
+        from: usize,
+        recv_rows: usize,
+    ) -> Result<Self::Step>;
+
+    /// Waits for [`Self::start_sendrecv`]: the rows from `from`.
+    fn finish_sendrecv(&self, b: &B, step: Self::Step) -> Result<B::Act>;
+
+    /// Fails once the group is broken or aborted (a cancelled job), so long computations can stop
+    /// between pieces.
+    fn ensure_live(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The host communicator under this group, when there is one (collectives on small host
+    /// data, such as the vertical-slash estimate).
+    fn host(&self) -> Option<&Communicator> {
+        None
+    }
+}
+
+/// [`Collective::Step`] of the host communicator.
+#[derive(Debug)]
+pub struct HostStep {
+    pending: ringmoe_comm::PendingRecv,
+    from: usize,
+    rows: usize,
+    width: usize,
 }
 
 /// [`Collective::Rows`] of the host communicator.
@@ -178,5 +217,56 @@ where
             }
         }
         Ok(b.upload_owned(Tensor::from_vec(out, [total, width])?)?)
+    }
+
+    type Step = HostStep;
+
+    fn start_sendrecv(
+        &self,
+        b: &B,
+        tag: Tag,
+        to: usize,
+        send: B::Act,
+        from: usize,
+        recv_rows: usize,
+    ) -> Result<HostStep> {
+        let (rows, width) = b.dims(&send)?;
+        let payload = Payload {
+            shape: vec![rows, width],
+            data: Data::F32(b.download_owned(send)?.into_vec()),
+        };
+        Ok(HostStep {
+            pending: Communicator::start_sendrecv(self, to, payload, from, tag)?,
+            from,
+            rows: recv_rows,
+            width,
+        })
+    }
+
+    fn finish_sendrecv(&self, b: &B, step: HostStep) -> Result<B::Act> {
+        let HostStep {
+            pending,
+            from,
+            rows,
+            width,
+        } = step;
+        let block = self.wait(pending)?;
+        if block.shape != [rows, width] || block.dtype() != ringmoe_core::DType::F32 {
+            return Err(ParallelError::Invalid(format!(
+                "rank {}: block from rank {from} is {}, expected F32[{rows}, {width}]",
+                Communicator::rank(self),
+                block.describe()
+            )));
+        }
+        let v = block.into_f32().unwrap_or_default();
+        Ok(b.upload_owned(Tensor::from_vec(v, [rows, width])?)?)
+    }
+
+    fn ensure_live(&self) -> Result<()> {
+        Ok(Communicator::ensure_live(self)?)
+    }
+
+    fn host(&self) -> Option<&Communicator> {
+        Some(self)
     }
 }

@@ -19,7 +19,7 @@ pub mod prefill;
 pub mod ring;
 pub mod sparse;
 
-pub use collective::{Collective, HostRows};
+pub use collective::{Collective, HostRows, HostStep};
 pub use decode::{ShardedSequence, StopRule, generate_sharded, owner_of_next};
 pub use error::{ParallelError, Result};
 pub use expert::{
@@ -29,5 +29,5 @@ pub use expert::{
 pub use prefill::{
     JobOptions, RankPrefill, prefill_shard, prefill_shard_observed, prefill_shard_with,
 };
-pub use ring::{RingStats, ring_attention, ring_attention_mode};
+pub use ring::{RingOutput, RingStats, ring_attention, ring_attention_mode, ring_attention_on};
 pub use sparse::AttentionMode;

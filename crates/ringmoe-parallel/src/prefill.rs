@@ -5,8 +5,8 @@
 //! single-process layer on the rank's own tokens. Each rank keeps the K/V of its own tokens only.
 
 use ringmoe_comm::{Communicator, Kind, Tag};
-use ringmoe_core::Tensor;
 use ringmoe_core::rope::RopeTable;
+use ringmoe_core::{Cpu, Tensor};
 use ringmoe_model::kv_cache::LayerKv;
 use ringmoe_model::layers::{DecoderLayer, PIECE_ROWS, SparseMoe, local_experts, pieces_for};
 use ringmoe_model::moe::Routing;
@@ -16,7 +16,7 @@ use crate::decode::{one_query_attention, share_row};
 
 use crate::{
     AttentionMode, ExpertParallel, MoeStats, ParallelError, Result, RingStats, ShardPlan,
-    moe_parallel, ring_attention_mode,
+    moe_parallel, ring_attention_on,
 };
 
 /// What a rank holds after prefill.
@@ -197,15 +197,21 @@ pub(crate) fn prefill_layers(
         };
         let mut attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
             let _s = tracing::trace_span!("ring_attention").entered();
-            // The cache takes the K/V (moved: it is empty in a prefill) and the ring reads them
-            // from there.
-            let start = kv.k.len();
-            kv.append_owned(qkv.k, qkv.v, &positions);
+            // The K/V move into the ring and back out into the cache: held once.
+            let rows = positions.len();
+            let width = params.n_kv_heads * params.head_dim;
+            let q = Tensor::from_vec(qkv.q, [rows, params.n_heads * params.head_dim])?;
+            let own = (
+                Tensor::from_vec(qkv.k, [rows, width])?,
+                Tensor::from_vec(qkv.v, [rows, width])?,
+            );
             let tag = Tag::new(job.id, l as u32, 0, Kind::Ring);
-            let (k, v) = (&kv.k[start..], &kv.v[start..]);
-            let (out, stats) = ring_attention_mode(comm, plan, &params, &mode, &qkv.q, k, v, tag)?;
-            attention.add(&stats);
-            Ok(out.out)
+            let ring = ring_attention_on(&Cpu, comm, plan, &params, &mode, &q, own, tag)?;
+            drop(q);
+            let (k, v) = ring.own;
+            kv.append_owned(k.into_vec(), v.into_vec(), &positions);
+            attention.add(&ring.stats);
+            Ok(ring.part.out.into_vec())
         };
         let out = attend(layer.qkv(&x, &rope)?)?;
         let r = match experts {

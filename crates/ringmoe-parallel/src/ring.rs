@@ -11,12 +11,13 @@
 //! sharding the causal mask alone trims blocks, with A-shape most keys never travel. A rank skips
 //! a block none of its queries scores without computing.
 
-use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag};
-use ringmoe_core::attention::{AttentionParams, PartialAttention, merge_into_rows};
-use ringmoe_core::sparse::{Sparsity, attention_sparse};
+use ringmoe_comm::{Communicator, Kind, Tag};
+use ringmoe_core::attention::{AttentionParams, PartialAttention};
+use ringmoe_core::sparse::Sparsity;
+use ringmoe_core::{Backend, Cpu, KvRef, Partial, Tensor};
 
 use crate::sparse::{AttentionMode, estimate_vs};
-use crate::{ParallelError, Result, ShardPlan};
+use crate::{Collective, ParallelError, Result, ShardPlan};
 
 /// Where one rank's ring attention spent its time, and what it moved and computed.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -53,43 +54,6 @@ impl RingStats {
     }
 }
 
-/// The rows of a K/V block (`k` and `v`: `[tokens, width]` each) that `keep` selects, as a new
-/// `[2, n, width]` block.
-fn select_rows(k: &[f32], v: &[f32], width: usize, keep: &[bool]) -> Payload {
-    let n = keep.iter().filter(|&&x| x).count();
-    let mut out = Vec::with_capacity(2 * n * width);
-    for half in [k, v] {
-        for (t, _) in keep.iter().enumerate().filter(|&(_, &x)| x) {
-            out.extend_from_slice(&half[t * width..(t + 1) * width]);
-        }
-    }
-    Payload {
-        shape: vec![2, n, width],
-        data: Data::F32(out),
-    }
-}
-
-/// The K/V block in hand: this rank's own (borrowed from the caller, never copied whole) or one
-/// received, `[2, tokens, width]`.
-enum Block<'a> {
-    Own(&'a [f32], &'a [f32]),
-    Received(Vec<f32>),
-}
-
-impl Block<'_> {
-    fn halves(&self) -> (&[f32], &[f32]) {
-        match self {
-            Block::Own(k, v) => (k, v),
-            Block::Received(kv) => kv.split_at(kv.len() / 2),
-        }
-    }
-
-    fn values(&self) -> usize {
-        let (k, v) = self.halves();
-        k.len() + v.len()
-    }
-}
-
 fn filter_positions(pos: &[usize], keep: &[bool]) -> Vec<usize> {
     pos.iter()
         .zip(keep)
@@ -122,17 +86,8 @@ pub fn ring_attention(
 
 /// Ring attention under an attention mode: dense, or one of the sparse prefill patterns. Every
 /// rank must pass the same mode. With vertical-slash the pattern is estimated first (three small
-/// Query-key pairs one piece of a ring step may score: about a second of one core's work on a
-/// small model, and far more work than the per-piece overhead.
-const PAIRS_PER_PIECE: usize = 1 << 26;
-
-/// Queries per piece against a block of `keys` keys: all of them for ordinary blocks, fewer
-/// (never under 256, so each piece still feeds every core) when the block is huge.
-fn query_rows_per_piece(keys: usize) -> usize {
-    (PAIRS_PER_PIECE / keys.max(1)).max(256)
-}
-
-/// all-gathers; see [`crate::sparse`]).
+/// all-gathers; see [`crate::sparse`]). The host form of [`ring_attention_on`]: `q`, `k`, `v` as
+/// slices (copied into the CPU backend's tensors; the prefill hands its buffers over instead).
 #[allow(clippy::too_many_arguments)]
 pub fn ring_attention_mode(
     comm: &Communicator,
@@ -144,6 +99,77 @@ pub fn ring_attention_mode(
     v: &[f32],
     tag: Tag,
 ) -> Result<(PartialAttention, RingStats)> {
+    let rows = plan.positions(comm.rank()).len();
+    let width = params.n_kv_heads * params.head_dim;
+    let qw = params.n_heads * params.head_dim;
+    let shaped = |x: &[f32], w: usize, what: &str| -> Result<Tensor> {
+        if x.len() != rows * w {
+            return Err(ParallelError::Invalid(format!(
+                "rank {}: {what} holds {} values for {rows} positions of width {w}",
+                comm.rank(),
+                x.len()
+            )));
+        }
+        Ok(Tensor::from_vec(x.to_vec(), [rows, w])?)
+    };
+    let q = shaped(q, qw, "q")?;
+    let own = (shaped(k, width, "k")?, shaped(v, width, "v")?);
+    let RingOutput { part, stats, .. } =
+        ring_attention_on(&Cpu, comm, plan, params, mode, &q, own, tag)?;
+    Ok((
+        PartialAttention {
+            out: part.out.into_vec(),
+            lse: part.lse.into_vec(),
+        },
+        stats,
+    ))
+}
+
+/// What [`ring_attention_on`] returns: this rank's `(out, lse)`, its own K/V handed back, and
+/// the figures.
+#[derive(Debug)]
+pub struct RingOutput<A> {
+    pub part: Partial<A>,
+    pub own: (A, A),
+    pub stats: RingStats,
+}
+
+/// The K/V block in hand: this rank's own (`own`, handed back at the end) or one received,
+/// packed `[2·tokens, width]`.
+enum Held<A> {
+    Own,
+    Received(A),
+}
+
+/// The block in hand as attention reads it.
+fn kv<'a, A>(h: &'a Held<A>, own: &'a (A, A)) -> KvRef<'a, A> {
+    match h {
+        Held::Own => KvRef::Split(&own.0, &own.1),
+        Held::Received(a) => KvRef::Packed(a),
+    }
+}
+
+/// Ring attention on any backend over any collective: this rank's queries `q` (`[tokens,
+/// n_heads·head_dim]` at its positions in `plan`) over every rank's keys, `own` being this
+/// rank's K and V (`[tokens, n_kv_heads·head_dim]` each; handed back with the result, never
+/// copied whole). Returns this rank's `(out, lse)`, `own`, and the figures. Every rank must pass
+/// the same plan and mode.
+#[allow(clippy::too_many_arguments)]
+pub fn ring_attention_on<B, C>(
+    b: &B,
+    comm: &C,
+    plan: &ShardPlan,
+    params: &AttentionParams,
+    mode: &AttentionMode,
+    q: &B::Act,
+    own: (B::Act, B::Act),
+    tag: Tag,
+) -> Result<RingOutput<B::Act>>
+where
+    B: Backend,
+    C: Collective<B>,
+    ParallelError: From<B::Error>,
+{
     let mut stats = RingStats::default();
     let (me, world) = (comm.rank(), comm.world_size());
     if plan.world() != world {
@@ -156,7 +182,29 @@ pub fn ring_attention_mode(
     let pattern = match mode {
         AttentionMode::VerticalSlash(cfg) => {
             let t = std::time::Instant::now();
-            let p = estimate_vs(comm, plan, params, cfg, q, k, tag)?;
+            let host = comm.host().ok_or_else(|| {
+                ParallelError::Invalid(
+                    "vertical-slash sparse attention estimates its pattern over the host \
+                     communicator, which this group does not have"
+                        .into(),
+                )
+            })?;
+            let (qd, kd);
+            let qs = match b.host_slice(q) {
+                Some(s) => s,
+                None => {
+                    qd = b.download(q)?;
+                    qd.as_slice()
+                }
+            };
+            let ks = match b.host_slice(&own.0) {
+                Some(s) => s,
+                None => {
+                    kd = b.download(&own.0)?;
+                    kd.as_slice()
+                }
+            };
+            let p = estimate_vs(host, plan, params, cfg, qs, ks, tag)?;
             stats.estimate_secs = t.elapsed().as_secs_f64();
             Some(p)
         }
@@ -168,11 +216,11 @@ pub fn ring_attention_mode(
         _ => Sparsity::Dense,
     };
     let width = params.n_kv_heads * params.head_dim;
-    let kv_bytes = |p: &Payload| p.byte_len() as u64;
-    let mut acc = PartialAttention::empty(q_pos.len(), params.n_heads, params.head_dim);
+    let rows_of = |a: &B::Act| -> Result<usize> { Ok(b.dims(a)?.0) };
+    let mut acc: Option<Partial<B::Act>> = None;
     let (next, prev) = ((me + 1) % world, (me + world - 1) % world);
     let mut block_pos = q_pos.to_vec();
-    let mut kv = Block::Own(k, v);
+    let mut held_block = Held::Own;
     for step in 0..world {
         let origin = (me + world - step) % world;
         let step_tag = Tag {
@@ -180,19 +228,32 @@ pub fn ring_attention_mode(
             kind: Kind::Ring,
             ..tag
         };
+        let mut held = 4 * match &held_block {
+            Held::Own => (rows_of(&own.0)? + rows_of(&own.1)?) * width,
+            Held::Received(a) => rows_of(a)? * width,
+        } as u64;
         // Post what the later recipients need before computing, so the transfer overlaps.
-        let mut held = 4 * kv.values() as u64;
         let pending = if step + 1 < world {
             let keep = mask.needed_keys(
                 params.causal,
                 &later_recipients(plan, origin, step),
                 &block_pos,
             );
-            let (k, v) = kv.halves();
-            let onward = select_rows(k, v, width, &keep);
-            stats.bytes_sent += kv_bytes(&onward);
-            held += kv_bytes(&onward);
-            Some(comm.start_sendrecv(next, onward, prev, step_tag)?)
+            let idx: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
+            let onward = b.pack_kv_rows(kv(&held_block, &own), &idx)?;
+            let bytes = (4 * 2 * idx.len() * width) as u64;
+            stats.bytes_sent += bytes;
+            held += bytes;
+            // What arrives: the keys of the previous rank's block its later recipients need.
+            let from = (origin + world - 1) % world;
+            let full = plan.positions(from);
+            let keep = mask.needed_keys(params.causal, &later_recipients(plan, from, step), full);
+            let want_pos = filter_positions(full, &keep);
+            let rows = 2 * want_pos.len();
+            Some((
+                comm.start_sendrecv(b, step_tag, next, onward, prev, rows)?,
+                want_pos,
+            ))
         } else {
             None
         };
@@ -200,68 +261,83 @@ pub fn ring_attention_mode(
         let mine = mask.needed_keys(params.causal, q_pos, &block_pos);
         if mine.iter().any(|&x| x) {
             stats.blocks_computed += 1;
-            let (kb, vb) = kv.halves();
             // Dense attention (quadratic in the block) in pieces of queries bounded by the pairs
             // they may score, checking between pieces that the group still stands (a cancelled
             // job aborts its communicator): a huge block then stops within one piece's time, not
             // one block's. Sparse patterns score a bounded number of keys per query and gather
             // their columns per call, so they run as one piece.
             let rows = match mask {
-                Sparsity::Dense => query_rows_per_piece(block_pos.len()),
+                Sparsity::Dense => b.attention_rows_per_piece(block_pos.len()),
                 _ => q_pos.len().max(1),
-            };
-            let (qw, hw) = (params.n_heads * params.head_dim, params.n_heads);
+            }
+            .max(1);
             for r0 in (0..q_pos.len()).step_by(rows) {
                 comm.ensure_live()?;
                 let r1 = (r0 + rows).min(q_pos.len());
-                let (part, pairs) = attention_sparse(
+                let whole = r0 == 0 && r1 == q_pos.len();
+                let piece;
+                let qp = if whole {
+                    q
+                } else {
+                    piece = b.rows(q, r0, r1)?;
+                    &piece
+                };
+                let (part, pairs) = b.attend(
                     params,
                     &mask,
-                    &q[r0 * qw..r1 * qw],
+                    qp,
                     &q_pos[r0..r1],
-                    kb,
-                    vb,
+                    kv(&held_block, &own),
                     &block_pos,
                 )?;
                 stats.pairs_scored += pairs;
-                if stats.blocks_computed == 1 && r0 == 0 && r1 == q_pos.len() {
+                match &mut acc {
                     // The first block, in one piece: nothing to merge with yet, and a long
                     // sequence's output is not held twice.
-                    acc = part;
-                    continue;
+                    None if whole => acc = Some(part),
+                    Some(a) => b.merge_rows(a, r0, &part)?,
+                    None => {
+                        let mut a = empty_partial(b, params, q_pos.len())?;
+                        b.merge_rows(&mut a, r0, &part)?;
+                        acc = Some(a);
+                    }
                 }
-                merge_into_rows(
-                    &mut acc.out[r0 * qw..r1 * qw],
-                    &mut acc.lse[r0 * hw..r1 * hw],
-                    &part,
-                )?;
             }
         } else {
             stats.blocks_skipped += 1;
         }
         stats.compute_secs += t.elapsed().as_secs_f64();
-        if let Some(p) = pending {
-            let from = (origin + world - 1) % world;
-            let full = plan.positions(from);
-            let keep = mask.needed_keys(params.causal, &later_recipients(plan, from, step), full);
-            let want_pos = filter_positions(full, &keep);
-            let want = [2, want_pos.len(), width];
+        if let Some((p, want_pos)) = pending {
             let t = std::time::Instant::now();
-            let block = comm.wait(p)?;
+            let block = comm.finish_sendrecv(b, p)?;
             stats.wait_secs += t.elapsed().as_secs_f64();
-            held += kv_bytes(&block);
+            held += (4 * rows_of(&block)? * width) as u64;
             stats.peak_block_bytes = stats.peak_block_bytes.max(held);
-            if block.shape != want || block.dtype() != ringmoe_core::DType::F32 {
-                return Err(ParallelError::Invalid(format!(
-                    "rank {me}: K/V block from rank {from} is {}, expected F32{want:?}",
-                    block.describe()
-                )));
-            }
-            kv = Block::Received(block.into_f32().unwrap_or_default());
+            held_block = Held::Received(block);
             block_pos = want_pos;
         } else {
             stats.peak_block_bytes = stats.peak_block_bytes.max(held);
         }
     }
-    Ok((acc, stats))
+    let acc = match acc {
+        Some(a) => a,
+        None => empty_partial(b, params, q_pos.len())?,
+    };
+    Ok(RingOutput {
+        part: acc,
+        own,
+        stats,
+    })
+}
+
+/// The neutral element of the merge for `rows` queries: no keys seen (`out` 0, `lse` −∞).
+fn empty_partial<B: Backend>(
+    b: &B,
+    params: &AttentionParams,
+    rows: usize,
+) -> std::result::Result<Partial<B::Act>, B::Error> {
+    Ok(Partial {
+        out: b.zeros(rows, params.n_heads * params.head_dim)?,
+        lse: b.filled(rows, params.n_heads, f32::NEG_INFINITY)?,
+    })
 }

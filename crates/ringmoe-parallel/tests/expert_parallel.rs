@@ -450,7 +450,6 @@ fn ep_logits_in(
             let opts = LoadOptions {
                 experts: ep.placement.selection(w),
                 weights,
-                ..Default::default()
             };
             Model::load(dir, &opts)
         })

@@ -293,3 +293,89 @@ fn sparse_prefill_of_the_fixture_models_is_shard_count_independent() -> Result<(
     }
     Ok(())
 }
+
+/// The generic ring on the simulated device (every block through explicit uploads and
+/// downloads, queries in pieces of 3 rows merged piece by piece) computes what the host ring
+/// computes, moves the same bytes and skips the same blocks: the orchestration the CUDA path
+/// runs, exercised without a GPU.
+#[test]
+fn the_ring_on_the_simulated_device_equals_the_host_ring() -> Result<()> {
+    use ringmoe_core::{Backend, Sim, Tensor};
+    use ringmoe_parallel::ring_attention_on;
+
+    let x = inputs(300, 9);
+    let (wq, wk) = (
+        PARAMS.n_heads * PARAMS.head_dim,
+        PARAMS.n_kv_heads * PARAMS.head_dim,
+    );
+    let modes = [
+        AttentionMode::Dense,
+        AttentionMode::AShape(AShape { sink: 4, local: 40 }),
+        AttentionMode::VerticalSlash(vs_small()),
+    ];
+    for world in [1, 2, 3, 4] {
+        for kind in [Sharding::Zigzag, Sharding::Contiguous] {
+            for mode in modes {
+                let (host, host_stats) = ring(&x, world, kind, mode)?;
+                let plan = ShardPlan::new(x.len, world, kind)?;
+                let per_rank = on_every_rank(
+                    &in_process(world, Duration::from_secs(30)),
+                    |c| -> Result<(Vec<f32>, RingStats)> {
+                        let rows = plan.positions(c.rank()).len();
+                        let pick = |src: &[f32], w: usize| -> Result<_> {
+                            let v: Vec<f32> = plan
+                                .positions(c.rank())
+                                .iter()
+                                .flat_map(|&p| src[p * w..(p + 1) * w].to_vec())
+                                .collect();
+                            Ok(Sim.upload(&Tensor::from_vec(v, [rows, w])?)?)
+                        };
+                        let own = (pick(&x.k, wk)?, pick(&x.v, wk)?);
+                        let ringmoe_parallel::RingOutput {
+                            part,
+                            own: back,
+                            stats,
+                        } = ring_attention_on(
+                            &Sim,
+                            c,
+                            &plan,
+                            &PARAMS,
+                            &mode,
+                            &pick(&x.q, wq)?,
+                            own,
+                            Tag::new(5, 0, 0, Kind::Ring),
+                        )?;
+                        ensure!(back.0 == pick(&x.k, wk)?, "the own K came back changed");
+                        Ok((Sim.download(&part.out)?.into_vec(), stats))
+                    },
+                )
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?;
+                let (outs, stats): (Vec<_>, Vec<_>) = per_rank.into_iter().unzip();
+                let sim = plan.unshard_rows(&outs, wq)?;
+                let d = max_abs_diff(&sim, &host);
+                ensure!(
+                    d <= 1e-5,
+                    "W={world} {kind:?} {mode:?}: the simulated device differs by {d}"
+                );
+                for (h, s) in host_stats.iter().zip(&stats) {
+                    ensure!(
+                        (
+                            h.bytes_sent,
+                            h.blocks_computed,
+                            h.blocks_skipped,
+                            h.peak_block_bytes
+                        ) == (
+                            s.bytes_sent,
+                            s.blocks_computed,
+                            s.blocks_skipped,
+                            s.peak_block_bytes
+                        ),
+                        "W={world} {kind:?} {mode:?}: figures differ: {h:?} vs {s:?}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -518,7 +518,6 @@ impl Worker {
                     let opts = LoadOptions {
                         experts: sel,
                         weights,
-                        ..LoadOptions::default()
                     };
                     let cfg = ModelConfig::from_dir(dir).map_err(|e| e.to_string())?;
                     let ckpt = ringmoe_model::Checkpoint::open(dir).map_err(|e| e.to_string())?;

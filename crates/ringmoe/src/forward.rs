@@ -385,7 +385,6 @@ fn load_worker(
     let opts = LoadOptions {
         experts: placement.map_or(ExpertSelection::All, |p| p.selection(worker)),
         weights: weights.weights,
-        ..Default::default()
     };
     Model::load(dir, &opts).with_context(|| format!("loading model from {}", dir.display()))
 }

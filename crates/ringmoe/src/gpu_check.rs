@@ -90,10 +90,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
             .with_context(|| format!("fixture models in {}", a.fixtures.display()))?,
     );
     let plan = ShardPlan::new(a.ring_tokens, a.ring_ranks, Sharding::Zigzag)?;
-    let shards: Vec<Vec<usize>> = (0..a.ring_ranks)
-        .map(|r| plan.positions(r).to_vec())
-        .collect();
-    let (ring_checks, ring_secs) = check::ring_nccl(&shards, 16, 4, 128).context(
+    let (ring_checks, ring_secs) = check::ring_nccl(&plan, 16, 4, 128).context(
         "ring attention over NCCL (needs libnccl.so on LD_LIBRARY_PATH; scripts/gpu-check.sh links it)",
     )?;
     checks.extend(ring_checks);

@@ -67,7 +67,6 @@ pub fn run(a: RebalanceArgs) -> Result<()> {
     let opts = |experts| LoadOptions {
         experts,
         weights: a.weights.weights,
-        ..LoadOptions::default()
     };
     // The file cache warm for both ways, read through a small buffer (no heap the loads below
     // could reuse, so the RSS figures are the weights').
