@@ -47,6 +47,13 @@ pub trait Backend {
     fn download_owned(&self, a: Self::Act) -> std::result::Result<Tensor, Self::Error> {
         self.download(&a)
     }
+    /// The same values as `[rows, width]` (the element count must match).
+    fn reshape(
+        &self,
+        a: Self::Act,
+        rows: usize,
+        width: usize,
+    ) -> std::result::Result<Self::Act, Self::Error>;
     /// `[rows, width]` zeros.
     fn zeros(&self, rows: usize, width: usize) -> std::result::Result<Self::Act, Self::Error>;
     /// Rows `idx` of `a`, in that order (indices may repeat).
@@ -201,6 +208,10 @@ impl Backend for Cpu {
         Ok(a)
     }
 
+    fn reshape(&self, a: Tensor, rows: usize, width: usize) -> Result<Tensor> {
+        a.reshape([rows, width])
+    }
+
     fn zeros(&self, rows: usize, width: usize) -> Result<Tensor> {
         Ok(Tensor::zeros([rows, width]))
     }
@@ -334,6 +345,10 @@ impl Backend for Sim {
 
     fn download(&self, a: &SimBuffer) -> Result<Tensor> {
         Ok(a.0.clone())
+    }
+
+    fn reshape(&self, a: SimBuffer, rows: usize, width: usize) -> Result<SimBuffer> {
+        Cpu.reshape(a.0, rows, width).map(SimBuffer)
     }
 
     fn zeros(&self, rows: usize, width: usize) -> Result<SimBuffer> {

@@ -31,6 +31,10 @@ impl Backend for CudaBackend {
         CudaBackend::download(self, a)
     }
 
+    fn reshape(&self, a: DeviceTensor, rows: usize, width: usize) -> Result<DeviceTensor> {
+        a.reshape(vec![rows, width])
+    }
+
     fn zeros(&self, rows: usize, width: usize) -> Result<DeviceTensor> {
         CudaBackend::zeros(self, vec![rows, width])
     }
@@ -249,6 +253,18 @@ impl Collective<CudaBackend> for NcclCommunicator {
     }
 
     type Step = NcclStep;
+
+    fn all_gather(
+        &self,
+        b: &CudaBackend,
+        _tag: Tag,
+        send: &DeviceTensor,
+    ) -> std::result::Result<DeviceTensor, ParallelError> {
+        let (rows, width) = send.dims2("all_gather")?;
+        let mut all = b.zeros(vec![NcclCommunicator::world_size(self) * rows, width])?;
+        NcclCommunicator::all_gather(self, send.buffer(), all.buffer_mut())?;
+        Ok(all)
+    }
 
     fn start_sendrecv(
         &self,

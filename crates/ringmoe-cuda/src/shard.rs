@@ -7,9 +7,10 @@
 //! single-process engine within the device tolerances.
 
 use ringmoe_comm::nccl::NcclCommunicator;
-use ringmoe_core::AttentionParams;
+use ringmoe_comm::{Kind, Tag};
+use ringmoe_core::{AttentionParams, Backend, Partial};
 use ringmoe_model::moe::Routing;
-use ringmoe_parallel::{ExpertParallel, MoeStats, ShardPlan};
+use ringmoe_parallel::{ExpertParallel, MoeStats, ShardPlan, merge_over_ranks};
 
 use crate::device::{CudaBackend, DeviceKv, DeviceTensor};
 use crate::model::{Attend, CudaKvCache, CudaModel, Group};
@@ -38,8 +39,8 @@ pub struct CudaRankPrefill {
 }
 
 /// The partial attention of the queries at `q_pos` over this rank's cache, all-gathered over
-/// the group and merged in rank order (identical on every rank). A rank with an empty cache
-/// contributes `(0, -inf)`, which the merge ignores.
+/// the group and merged in rank order (`ringmoe_parallel::merge_over_ranks`, identical on every
+/// rank). A rank with an empty cache contributes `(0, -inf)`, which the merge ignores.
 pub(crate) fn sharded_attention(
     b: &CudaBackend,
     comm: &NcclCommunicator,
@@ -48,34 +49,21 @@ pub(crate) fn sharded_attention(
     q_pos: &[usize],
     kv: &DeviceKv,
 ) -> Result<DeviceTensor> {
-    let (rows, d) = (q_pos.len() * p.n_heads, p.head_dim);
-    let (out, lse) = if kv.is_empty() {
-        (
-            b.zeros(vec![rows * d, 1])?,
-            b.upload_vec(&vec![f32::NEG_INFINITY; rows])?,
-        )
+    let (rows, qw) = (q_pos.len(), p.n_heads * p.head_dim);
+    let part = if kv.is_empty() {
+        Partial {
+            out: b.zeros(vec![rows, qw])?,
+            lse: Backend::filled(b, rows, p.n_heads, f32::NEG_INFINITY)?,
+        }
     } else {
-        b.attention_cached(p, q, q_pos, kv)?
+        let (out, lse) = b.attention_cached(p, q, q_pos, kv)?;
+        Partial {
+            out: out.reshape(vec![rows, qw])?,
+            lse: lse.reshape(vec![rows, p.n_heads])?,
+        }
     };
-    let width = rows * d + rows;
-    let mine = b.concat_rows(&[out.reshape(vec![rows * d, 1])?, lse.reshape(vec![rows, 1])?])?;
-    let world = comm.world_size();
-    let mut all = b.zeros(vec![world * width, 1])?;
-    comm.all_gather(mine.buffer(), all.buffer_mut())?;
-    let part = |r: usize| -> Result<(DeviceTensor, DeviceTensor)> {
-        let at = r * width;
-        Ok((
-            b.rows(&all, at, at + rows * d)?.reshape(vec![rows, d])?,
-            b.rows(&all, at + rows * d, at + width)?
-                .reshape(vec![rows])?,
-        ))
-    };
-    let (mut acc, mut acc_lse) = part(0)?;
-    for r in 1..world {
-        let (o, l) = part(r)?;
-        b.merge_attention(&mut acc, &mut acc_lse, &o, &l)?;
-    }
-    Ok(acc)
+    let tag = Tag::new(0, 0, 0, Kind::AllGather);
+    Ok(merge_over_ranks(b, comm, tag, part)?)
 }
 
 impl CudaModel {

@@ -59,6 +59,10 @@ pub trait Collective<B: Backend> {
     /// Waits for [`Self::start_sendrecv`]: the rows from `from`.
     fn finish_sendrecv(&self, b: &B, step: Self::Step) -> Result<B::Act>;
 
+    /// A blocking all-gather: every rank's `send` (`[rows, width]`, the same shape on every
+    /// rank), in rank order, `[world·rows, width]`.
+    fn all_gather(&self, b: &B, tag: Tag, send: &B::Act) -> Result<B::Act>;
+
     /// Fails once the group is broken or aborted (a cancelled job), so long computations can stop
     /// between pieces.
     fn ensure_live(&self) -> Result<()> {
@@ -260,6 +264,31 @@ where
         }
         let v = block.into_f32().unwrap_or_default();
         Ok(b.upload_owned(Tensor::from_vec(v, [rows, width])?)?)
+    }
+
+    fn all_gather(&self, b: &B, tag: Tag, send: &B::Act) -> Result<B::Act> {
+        let (rows, width) = b.dims(send)?;
+        let payload = Payload {
+            shape: vec![rows, width],
+            data: Data::F32(b.download(send)?.into_vec()),
+        };
+        let parts = Communicator::all_gather(self, tag, payload)?;
+        let world = parts.len();
+        let mut all = Vec::with_capacity(world * rows * width);
+        for (from, p) in parts.into_iter().enumerate() {
+            let desc = p.describe();
+            match p.into_f32() {
+                Some(v) if v.len() == rows * width => all.extend_from_slice(&v),
+                _ => {
+                    return Err(ParallelError::Invalid(format!(
+                        "rank {}: {tag}: rank {from} contributed {desc}, expected F32[{rows}, \
+                         {width}]",
+                        Communicator::rank(self)
+                    )));
+                }
+            }
+        }
+        Ok(b.upload_owned(Tensor::from_vec(all, [world * rows, width])?)?)
     }
 
     fn ensure_live(&self) -> Result<()> {

@@ -12,15 +12,18 @@
 //! Every rank evaluates the same rule on the same shard sizes, so they agree without messages, and
 //! shards never differ by more than one token more than they did after prefill.
 
-use ringmoe_comm::{Communicator, Data, Kind, Payload, Tag};
-use ringmoe_core::attention::{PartialAttention, merge_into};
+use ringmoe_comm::{Communicator, Kind, Payload, Tag};
+use ringmoe_core::attention::PartialAttention;
+use ringmoe_core::{Backend, Cpu, Partial, Tensor};
 use ringmoe_model::generate::Sampler;
 use ringmoe_model::kv_cache::LayerKv;
 use ringmoe_model::layers::Attention;
 use ringmoe_model::{KvCache, Model};
 
 use crate::prefill::prefill_layers;
-use crate::{ExpertParallel, JobOptions, ParallelError, Result, ShardPlan, moe_parallel};
+use crate::{
+    Collective, ExpertParallel, JobOptions, ParallelError, Result, ShardPlan, moe_parallel,
+};
 
 /// A sequence whose K/V cache is sharded over the ranks of a communicator.
 pub struct ShardedSequence<'a> {
@@ -81,37 +84,49 @@ pub(crate) fn one_query_attention(
     } else {
         attn.attend(q, &[pos], &kv.k, &kv.v, &kv.positions)?
     };
-    let mut packed = part.out;
-    packed.extend_from_slice(&part.lse);
-    let mut acc = PartialAttention::empty(1, hq, d);
-    let parts = comm.all_gather(
-        tag,
-        Payload {
-            shape: vec![hq * d + hq],
-            data: Data::F32(packed),
-        },
-    )?;
-    for (r, p) in parts.into_iter().enumerate() {
-        let desc = p.describe();
-        let v = p
-            .into_f32()
-            .filter(|v| v.len() == hq * d + hq)
-            .ok_or_else(|| {
-                ParallelError::Invalid(format!(
-                    "partial attention from rank {r} is {desc}, expected F32[{}]",
-                    hq * d + hq
-                ))
-            })?;
-        let (out, lse) = v.split_at(hq * d);
-        merge_into(
-            &mut acc,
-            &PartialAttention {
-                out: out.to_vec(),
-                lse: lse.to_vec(),
-            },
-        )?;
+    let part = Partial {
+        out: Tensor::from_vec(part.out, [1, hq * d])?,
+        lse: Tensor::from_vec(part.lse, [1, hq])?,
+    };
+    Ok(merge_over_ranks(&Cpu, comm, tag, part)?.into_vec())
+}
+
+/// Every rank's partial attention of the same queries over its own keys (`part`: `out`
+/// `[rows, n_heads·head_dim]`, `lse` `[rows, n_heads]`), all-gathered and merged in rank order,
+/// so every rank gets bit-identical output: attention over a sharded cache, on any backend.
+pub fn merge_over_ranks<B, C>(b: &B, comm: &C, tag: Tag, part: Partial<B::Act>) -> Result<B::Act>
+where
+    B: Backend,
+    C: Collective<B>,
+    ParallelError: From<B::Error>,
+{
+    let (rows, qw) = b.dims(&part.out)?;
+    let (lse_rows, hq) = b.dims(&part.lse)?;
+    if lse_rows != rows {
+        return Err(ParallelError::Invalid(format!(
+            "partial attention of {rows} output rows with {lse_rows} lse rows"
+        )));
     }
-    Ok(acc.out)
+    let packed = b.concat_rows(&[
+        b.reshape(part.out, rows * qw, 1)?,
+        b.reshape(part.lse, rows * hq, 1)?,
+    ])?;
+    let all = comm.all_gather(b, tag, &packed)?;
+    let width = rows * (qw + hq);
+    let mut acc: Option<Partial<B::Act>> = None;
+    for r in 0..comm.world_size() {
+        let at = r * width;
+        let p = Partial {
+            out: b.reshape(b.rows(&all, at, at + rows * qw)?, rows, qw)?,
+            lse: b.reshape(b.rows(&all, at + rows * qw, at + width)?, rows, hq)?,
+        };
+        match &mut acc {
+            None => acc = Some(p),
+            Some(a) => b.merge_rows(a, 0, &p)?,
+        }
+    }
+    acc.map(|a| a.out)
+        .ok_or_else(|| ParallelError::Invalid("a group of no ranks".into()))
 }
 
 impl<'a> ShardedSequence<'a> {

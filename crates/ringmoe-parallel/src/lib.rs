@@ -20,7 +20,7 @@ pub mod ring;
 pub mod sparse;
 
 pub use collective::{Collective, HostRows, HostStep};
-pub use decode::{ShardedSequence, StopRule, generate_sharded, owner_of_next};
+pub use decode::{ShardedSequence, StopRule, generate_sharded, merge_over_ranks, owner_of_next};
 pub use error::{ParallelError, Result};
 pub use expert::{
     DROPPED, ExpertCompute, ExpertParallel, MoeStats, assign_slots, check_version, moe_parallel,

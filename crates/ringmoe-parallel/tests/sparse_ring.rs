@@ -379,3 +379,69 @@ fn the_ring_on_the_simulated_device_equals_the_host_ring() -> Result<()> {
     }
     Ok(())
 }
+
+/// Attention over a sharded cache (what decode steps and the last-layer shortcut do): each
+/// rank's partial over its own keys, merged over the ranks by `merge_over_ranks`, on the host
+/// and on the simulated device, equals attention over the whole sequence, on every rank.
+#[test]
+fn merging_a_sharded_cache_on_the_simulated_device_equals_one_attention() -> Result<()> {
+    use ringmoe_core::{Backend, Cpu, Partial, Sim, Tensor};
+    use ringmoe_parallel::merge_over_ranks;
+
+    let x = inputs(200, 17);
+    let (wq, wk) = (
+        PARAMS.n_heads * PARAMS.head_dim,
+        PARAMS.n_kv_heads * PARAMS.head_dim,
+    );
+    // Three queries after the sequence, the same on every rank.
+    let q = rand_vec(3 * wq, 18, 1.0);
+    let q_pos = [200, 201, 202];
+    let all: Vec<usize> = (0..x.len).collect();
+    let want = attention_sparse(&PARAMS, &Sparsity::Dense, &q, &q_pos, &x.k, &x.v, &all)?.0;
+    for world in [1, 2, 3, 5] {
+        let plan = ShardPlan::new(x.len, world, Sharding::Zigzag)?;
+        let outs = on_every_rank(
+            &in_process(world, Duration::from_secs(30)),
+            |c| -> Result<(Vec<f32>, Vec<f32>)> {
+                let pos = plan.positions(c.rank());
+                let pick = |src: &[f32]| -> Vec<f32> {
+                    pos.iter()
+                        .flat_map(|&p| src[p * wk..(p + 1) * wk].to_vec())
+                        .collect()
+                };
+                let (k, v) = (pick(&x.k), pick(&x.v));
+                let part = attention_sparse(&PARAMS, &Sparsity::Dense, &q, &q_pos, &k, &v, pos)?.0;
+                let shaped = |o: &[f32], l: &[f32]| -> Result<Partial<Tensor>> {
+                    Ok(Partial {
+                        out: Tensor::from_vec(o.to_vec(), [3, wq])?,
+                        lse: Tensor::from_vec(l.to_vec(), [3, PARAMS.n_heads])?,
+                    })
+                };
+                let tag = |step| Tag::new(6, 0, step, Kind::AllGather);
+                let host = merge_over_ranks(&Cpu, c, tag(0), shaped(&part.out, &part.lse)?)?;
+                let h = shaped(&part.out, &part.lse)?;
+                let on_sim = Partial {
+                    out: Sim.upload(&h.out)?,
+                    lse: Sim.upload(&h.lse)?,
+                };
+                let sim = merge_over_ranks(&Sim, c, tag(1), on_sim)?;
+                Ok((host.into_vec(), Sim.download(&sim)?.into_vec()))
+            },
+        )
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+        for (r, (host, sim)) in outs.iter().enumerate() {
+            ensure!(
+                host == sim,
+                "W={world} rank {r}: the simulated device differs"
+            );
+            ensure!(
+                host == &outs[0].0,
+                "W={world}: rank {r} differs from rank 0"
+            );
+            let d = max_abs_diff(host, &want.out);
+            ensure!(d <= 1e-5, "W={world} rank {r}: {d} from one attention");
+        }
+    }
+    Ok(())
+}
