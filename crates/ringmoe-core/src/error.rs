@@ -25,6 +25,11 @@ pub enum Error {
 
     #[error("invalid argument to {op}: {msg}")]
     InvalidArgument { op: &'static str, msg: String },
+
+    /// A device backend's failure (the CUDA backend's own error, boxed: this crate cannot
+    /// name it).
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod gemm;
 pub mod gemv;
+pub mod kv;
 pub mod ops;
 pub mod rope;
 pub mod simd;
@@ -23,7 +24,7 @@ pub use attention::{
     AttentionParams, PartialAttention, attention_block, merge, merge_into, merge_into_rows,
     naive_attention,
 };
-pub use backend::{Backend, Cpu, KvRef, Partial, Sim};
+pub use backend::{Backend, Cpu, ExpertGroup, KvRef, KvStore, Partial, Sim, Stored};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use tensor::Tensor;

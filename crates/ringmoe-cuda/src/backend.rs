@@ -3,52 +3,289 @@
 //! [`ringmoe_parallel::Collective`] on them, so `ringmoe_parallel::moe_parallel_on` — the one
 //! expert dispatch — runs on GPUs as it does on the host.
 
+use std::sync::Arc;
+
 use cudarc::driver::CudaSlice;
 use ringmoe_comm::Tag;
 use ringmoe_comm::nccl::{NcclCommunicator, Pending};
 use ringmoe_core::attention::AttentionParams;
+use ringmoe_core::rope::RopeTable;
 use ringmoe_core::sparse::Sparsity;
-use ringmoe_core::{Backend, KvRef, Partial, Tensor};
+use ringmoe_core::{
+    Backend, ExpertGroup, KvRef, KvStore, Partial, Stored, Tensor, WeightPrecision, Weights,
+};
 use ringmoe_parallel::{Collective, ParallelError};
 
-use crate::device::{CudaBackend, DeviceTensor};
-use crate::{CudaError, Result};
+use crate::device::{CudaBackend, DeviceKv, DeviceRope, DeviceTensor, DeviceWeight};
+use crate::{CudaError, Precision};
+
+/// This backend's operations report their errors as the generic code's: the CUDA error, boxed.
+type Result<T> = ringmoe_core::Result<T>;
+
+fn dev(e: CudaError) -> ringmoe_core::Error {
+    match e {
+        CudaError::Core(c) => c,
+        other => ringmoe_core::Error::Device(Box::new(other)),
+    }
+}
+
+trait Dev<T> {
+    fn dev(self) -> Result<T>;
+}
+
+impl<T> Dev<T> for crate::Result<T> {
+    fn dev(self) -> Result<T> {
+        self.map_err(dev)
+    }
+}
+
+/// A weight matrix on the GPU, shared by the models that hold it.
+#[derive(Debug, Clone)]
+pub struct CudaWeight(pub Arc<DeviceWeight>);
+
+impl Stored for CudaWeight {
+    fn bytes(&self) -> usize {
+        self.0.bytes()
+    }
+}
+
+/// An f32 vector on the GPU (norm weights, biases).
+#[derive(Debug, Clone)]
+pub struct CudaVector(pub Arc<DeviceTensor>);
+
+impl Stored for CudaVector {
+    fn bytes(&self) -> usize {
+        4 * self.0.len()
+    }
+}
+
+impl KvStore for DeviceKv {
+    fn positions(&self) -> &[usize] {
+        DeviceKv::positions(self)
+    }
+
+    fn bytes(&self) -> usize {
+        DeviceKv::bytes(self)
+    }
+}
+
+/// The device precision of a matrix loaded with the host's `--weights` choice: f32 stays f32
+/// (the parity path), everything else is served in bf16; q8 is a CPU format.
+pub fn device_precision(w: WeightPrecision) -> crate::Result<Precision> {
+    match w {
+        WeightPrecision::F32 => Ok(Precision::F32),
+        WeightPrecision::Native | WeightPrecision::BF16 => Ok(Precision::Bf16),
+        WeightPrecision::Q8 => Err(CudaError::Invalid {
+            op: "load",
+            msg: "q8 weights are a CPU format; load GPU models as bf16 or f32".into(),
+        }),
+    }
+}
+
+/// The `--weights` choice that loads a model in device precision `p`.
+pub fn host_precision(p: Precision) -> WeightPrecision {
+    match p {
+        Precision::F32 => WeightPrecision::F32,
+        Precision::Bf16 => WeightPrecision::BF16,
+    }
+}
+
+fn no_window() -> ringmoe_core::Error {
+    dev(CudaError::Invalid {
+        op: "attention",
+        msg: "sliding-window and sparse attention are not implemented on the CUDA path (the CPU \
+              engine runs them)"
+            .into(),
+    })
+}
 
 impl Backend for CudaBackend {
     type Act = DeviceTensor;
-    type Error = CudaError;
+    type Weight = CudaWeight;
+    type Vector = CudaVector;
+    type Kv = DeviceKv;
+    type Rope = DeviceRope;
+
+    fn weight(&self, w: Weights, precision: WeightPrecision, exact: bool) -> Result<CudaWeight> {
+        let p = if exact {
+            Precision::F32
+        } else {
+            device_precision(precision).dev()?
+        };
+        let d = self
+            .upload_weight(&w.to_f32(), w.rows(), w.cols(), p)
+            .dev()?;
+        Ok(CudaWeight(Arc::new(d)))
+    }
+
+    fn vector(&self, v: Vec<f32>) -> Result<CudaVector> {
+        Ok(CudaVector(Arc::new(self.upload_vec(&v).dev()?)))
+    }
+
+    fn linear(
+        &self,
+        x: &DeviceTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaVector>,
+    ) -> Result<DeviceTensor> {
+        let mut y = CudaBackend::linear(self, x, &w.0).dev()?;
+        if let Some(b) = bias {
+            self.add_bias(&mut y, &b.0).dev()?;
+        }
+        Ok(y)
+    }
+
+    fn weight_rows(&self, w: &CudaWeight, ids: &[usize]) -> Result<DeviceTensor> {
+        self.gather_weight_rows(&w.0, ids).dev()
+    }
+
+    fn rms_norm(&self, x: &DeviceTensor, w: &CudaVector, eps: f32) -> Result<DeviceTensor> {
+        CudaBackend::rms_norm(self, x, &w.0, eps).dev()
+    }
+
+    fn rms_norm_chunks(&self, x: &mut DeviceTensor, w: &CudaVector, eps: f32) -> Result<()> {
+        let d = w.0.len();
+        let (rows, width) = x.dims2("rms_norm_chunks").dev()?;
+        if d == 0 || width % d != 0 {
+            return Err(dev(CudaError::Invalid {
+                op: "rms_norm_chunks",
+                msg: format!("rows of {width} in chunks of {d}"),
+            }));
+        }
+        let flat = std::mem::replace(x, self.zeros(vec![0, width]).dev()?)
+            .reshape(vec![rows * width / d, d])
+            .dev()?;
+        *x = CudaBackend::rms_norm(self, &flat, &w.0, eps)
+            .dev()?
+            .reshape(vec![rows, width])
+            .dev()?;
+        Ok(())
+    }
+
+    fn split_qkv(
+        &self,
+        fused: &DeviceTensor,
+        q: usize,
+        kv: usize,
+    ) -> Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+        Ok((
+            self.columns(fused, 0, q).dev()?,
+            self.columns(fused, q, kv).dev()?,
+            self.columns(fused, q + kv, kv).dev()?,
+        ))
+    }
+
+    fn rope_table(&self, t: RopeTable) -> Result<DeviceRope> {
+        CudaBackend::rope_table(self, &t).dev()
+    }
+
+    fn rope(
+        &self,
+        x: &mut DeviceTensor,
+        heads: usize,
+        head_dim: usize,
+        t: &DeviceRope,
+    ) -> Result<()> {
+        self.rope_with(x, heads, head_dim, t).dev()
+    }
+
+    fn swiglu(&self, gate_up: &DeviceTensor) -> Result<DeviceTensor> {
+        CudaBackend::swiglu(self, gate_up).dev()
+    }
+
+    fn add_inplace(&self, x: &mut DeviceTensor, y: &DeviceTensor) -> Result<()> {
+        CudaBackend::add_inplace(self, x, y).dev()
+    }
+
+    fn add_gated(&self, y: &mut DeviceTensor, s: &DeviceTensor, gate: &DeviceTensor) -> Result<()> {
+        CudaBackend::add_gated(self, y, s, gate).dev()
+    }
+
+    fn set_rows(&self, x: &mut DeviceTensor, r0: usize, part: &DeviceTensor) -> Result<()> {
+        self.copy_rows_into(x, r0, part).dev()
+    }
+
+    fn grouped_mlp(
+        &self,
+        x: &DeviceTensor,
+        groups: &[ExpertGroup<'_, CudaWeight>],
+    ) -> Result<DeviceTensor> {
+        let counts: Vec<usize> = groups.iter().map(|g| g.0).collect();
+        let gate_up: Vec<&DeviceWeight> = groups.iter().map(|g| &*g.1.0.0).collect();
+        let down: Vec<&DeviceWeight> = groups.iter().map(|g| &*g.1.1.0).collect();
+        let gu = self.grouped_linear(x, &counts, &gate_up).dev()?;
+        let act = CudaBackend::swiglu(self, &gu).dev()?;
+        self.grouped_linear(&act, &counts, &down).dev()
+    }
+
+    fn new_kv(&self, width: usize) -> Result<DeviceKv> {
+        CudaBackend::new_kv(self, width).dev()
+    }
+
+    fn kv_append(
+        &self,
+        kv: &mut DeviceKv,
+        k: DeviceTensor,
+        v: DeviceTensor,
+        positions: &[usize],
+    ) -> Result<()> {
+        CudaBackend::kv_append(self, kv, &k, &v, positions).dev()
+    }
+
+    fn kv_trim(&self, _kv: &mut DeviceKv, _next: usize, _window: usize) -> Result<()> {
+        Err(no_window())
+    }
+
+    fn attend_cached(
+        &self,
+        p: &AttentionParams,
+        mask: &Sparsity<'_>,
+        q: &DeviceTensor,
+        q_pos: &[usize],
+        kv: &DeviceKv,
+    ) -> Result<Partial<DeviceTensor>> {
+        if !matches!(mask, Sparsity::Dense) {
+            return Err(no_window());
+        }
+        let (out, lse) = self.attention_cached(p, q, q_pos, kv).dev()?;
+        let rows = q_pos.len();
+        Ok(Partial {
+            out: out.reshape(vec![rows, p.n_heads * p.head_dim]).dev()?,
+            lse: lse.reshape(vec![rows, p.n_heads]).dev()?,
+        })
+    }
 
     fn dims(&self, a: &DeviceTensor) -> Result<(usize, usize)> {
-        a.dims2("dims")
+        a.dims2("dims").dev()
     }
 
     fn upload(&self, t: &Tensor) -> Result<DeviceTensor> {
         t.dims2("upload")?;
-        CudaBackend::upload(self, t)
+        CudaBackend::upload(self, t).dev()
     }
 
     fn download(&self, a: &DeviceTensor) -> Result<Tensor> {
-        CudaBackend::download(self, a)
+        CudaBackend::download(self, a).dev()
     }
 
     fn reshape(&self, a: DeviceTensor, rows: usize, width: usize) -> Result<DeviceTensor> {
-        a.reshape(vec![rows, width])
+        a.reshape(vec![rows, width]).dev()
     }
 
     fn zeros(&self, rows: usize, width: usize) -> Result<DeviceTensor> {
-        CudaBackend::zeros(self, vec![rows, width])
+        CudaBackend::zeros(self, vec![rows, width]).dev()
     }
 
     fn gather_rows(&self, a: &DeviceTensor, idx: &[usize]) -> Result<DeviceTensor> {
-        CudaBackend::gather_rows(self, a, idx)
+        CudaBackend::gather_rows(self, a, idx).dev()
     }
 
     fn rows(&self, a: &DeviceTensor, start: usize, end: usize) -> Result<DeviceTensor> {
-        CudaBackend::rows(self, a, start, end)
+        CudaBackend::rows(self, a, start, end).dev()
     }
 
     fn concat_rows(&self, parts: &[DeviceTensor]) -> Result<DeviceTensor> {
-        CudaBackend::concat_rows(self, parts)
+        CudaBackend::concat_rows(self, parts).dev()
     }
 
     /// The combine kernel reads every index; dropped slots (index = rows) read a zero row
@@ -60,18 +297,25 @@ impl Backend for CudaBackend {
         weights: &[f32],
         k: usize,
     ) -> Result<DeviceTensor> {
-        let (n, width) = src.dims2("combine")?;
+        let (n, width) = src.dims2("combine").dev()?;
         if rows.contains(&n) {
-            let padded = self.concat_rows(&[self.rows(src, 0, n)?, self.zeros(vec![1, width])?])?;
-            CudaBackend::combine(self, &padded, rows, weights, k)
+            let padded = CudaBackend::concat_rows(
+                self,
+                &[
+                    CudaBackend::rows(self, src, 0, n).dev()?,
+                    CudaBackend::zeros(self, vec![1, width]).dev()?,
+                ],
+            )
+            .dev()?;
+            CudaBackend::combine(self, &padded, rows, weights, k).dev()
         } else {
-            CudaBackend::combine(self, src, rows, weights, k)
+            CudaBackend::combine(self, src, rows, weights, k).dev()
         }
     }
 
     fn filled(&self, rows: usize, width: usize, value: f32) -> Result<DeviceTensor> {
         let t = Tensor::from_vec(vec![value; rows * width], [rows, width])?;
-        CudaBackend::upload(self, &t)
+        CudaBackend::upload(self, &t).dev()
     }
 
     /// Dense causal attention only: the sparse prefill patterns run on the host backend.
@@ -85,20 +329,15 @@ impl Backend for CudaBackend {
         k_pos: &[usize],
     ) -> Result<(Partial<DeviceTensor>, u64)> {
         if !matches!(mask, Sparsity::Dense) {
-            return Err(CudaError::Invalid {
-                op: "attention",
-                msg: "sparse attention patterns are not implemented on the CUDA path (the CPU \
-                      engine runs them)"
-                    .into(),
-            });
+            return Err(no_window());
         }
         let (out, lse) = match kv {
-            KvRef::Split(k, v) => self.attention(p, q, q_pos, k, v, k_pos)?,
-            KvRef::Packed(kv) => self.attention_packed(p, q, q_pos, kv, k_pos)?,
+            KvRef::Split(k, v) => self.attention(p, q, q_pos, k, v, k_pos).dev()?,
+            KvRef::Packed(kv) => self.attention_packed(p, q, q_pos, kv, k_pos).dev()?,
         };
         let rows = q_pos.len();
-        let out = out.reshape(vec![rows, p.n_heads * p.head_dim])?;
-        let lse = lse.reshape(vec![rows, p.n_heads])?;
+        let out = out.reshape(vec![rows, p.n_heads * p.head_dim]).dev()?;
+        let lse = lse.reshape(vec![rows, p.n_heads]).dev()?;
         Ok((Partial { out, lse }, scored_pairs(p, q_pos, k_pos)))
     }
 
@@ -110,7 +349,7 @@ impl Backend for CudaBackend {
         part: &Partial<DeviceTensor>,
     ) -> Result<()> {
         if r0 != 0 || part.lse.len() != acc.lse.len() {
-            return Err(CudaError::Invalid {
+            return Err(dev(CudaError::Invalid {
                 op: "merge_attention",
                 msg: format!(
                     "a piece at row {r0} of {:?} rows into {:?}: the CUDA backend merges whole \
@@ -118,9 +357,10 @@ impl Backend for CudaBackend {
                     part.lse.shape(),
                     acc.lse.shape()
                 ),
-            });
+            }));
         }
         self.merge_attention(&mut acc.out, &mut acc.lse, &part.out, &part.lse)
+            .dev()
     }
 }
 

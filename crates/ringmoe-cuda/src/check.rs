@@ -13,7 +13,7 @@ use ringmoe_core::{AttentionParams, Tensor, attention_block};
 use ringmoe_model::{Checkpoint, ExpertSelection, LogitsFor, ModelConfig, TensorSource, moe};
 
 pub use crate::report::{AttentionTiming, Check, ModelTiming};
-use crate::{CudaBackend, CudaModel, Precision, Result};
+use crate::{CudaBackend, Precision, Result};
 use ringmoe_comm::nccl::NcclCommunicator;
 
 /// `max |a − b| / max |b|`.
@@ -409,13 +409,13 @@ pub fn fixtures(b: &Arc<CudaBackend>, dir: &Path) -> Result<Vec<Check>> {
         };
         for precision in [Precision::F32, Precision::Bf16] {
             let tol = logits_tolerance(precision);
-            let model = CudaModel::load(b.clone(), &mdir, &ExpertSelection::All, precision)?;
+            let model = crate::load_model(b.clone(), &mdir, &ExpertSelection::All, precision)?;
             let vocab = model.config.vocab_size;
             let (mut routes, mut differ) = (0usize, 0usize);
             for len in [1, 7, 64, 300] {
                 let tokens = ids(len)?;
                 let want = f32s(&format!("logits_L{len}"))?;
-                let mut cache = model.new_cache()?;
+                let mut cache = model.try_new_cache()?;
                 let got = model.forward(&tokens, &mut cache, LogitsFor::All)?;
                 out.push(Check {
                     name: format!("{name} {precision:?} logits L={len}"),
@@ -440,7 +440,7 @@ pub fn fixtures(b: &Arc<CudaBackend>, dir: &Path) -> Result<Vec<Check>> {
                 };
                 if len == 64 {
                     // Prefill 48, then decode 16 tokens one at a time through the cache.
-                    let mut cache = model.new_cache()?;
+                    let mut cache = model.try_new_cache()?;
                     let mut got = model
                         .forward(&tokens[..48], &mut cache, LogitsFor::Last)?
                         .logits
@@ -485,13 +485,25 @@ pub fn model_timing(
     tokens: &[usize],
     iters: usize,
 ) -> Result<Vec<ModelTiming>> {
-    let model = CudaModel::from_source(
+    let model = crate::model_from_source(
         b.clone(),
         cfg.clone(),
         src,
         &ExpertSelection::All,
         precision,
     )?;
+    let moe_layer = |layer: usize, x: &crate::DeviceTensor| -> Result<()> {
+        match model.layers().get(layer).map(|l| &l.mlp) {
+            Some(ringmoe_model::layers::Mlp::Sparse(m)) => {
+                m.forward(&**b, x)?;
+                Ok(())
+            }
+            _ => Err(crate::CudaError::Invalid {
+                op: "moe_layer",
+                msg: format!("layer {layer} is not a sparse layer of this model"),
+            }),
+        }
+    };
     let sparse = cfg.sparse_layers.iter().position(|&s| s).unwrap_or(0);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -502,16 +514,16 @@ pub fn model_timing(
         let ids: Vec<u32> = (0..n as u64)
             .map(|i| (i.wrapping_mul(2_654_435_761) % cfg.vocab_size as u64) as u32)
             .collect();
-        let x = model.upload(&tensor(&[n, cfg.hidden_size], 60, 1.0)?)?;
+        let x = b.upload(&tensor(&[n, cfg.hidden_size], 60, 1.0)?)?;
         let mut prefill = Vec::new();
         let mut moe = Vec::new();
         for i in 0..=iters.max(1) {
             let t = Instant::now();
-            model.forward(&ids, &mut model.new_cache()?, LogitsFor::Last)?;
+            model.forward(&ids, &mut model.try_new_cache()?, LogitsFor::Last)?;
             b.synchronize()?;
             let p = t.elapsed().as_secs_f64();
             let t = Instant::now();
-            model.moe_layer(sparse, &x)?;
+            moe_layer(sparse, &x)?;
             b.synchronize()?;
             let m = t.elapsed().as_secs_f64();
             if i > 0 {
@@ -613,7 +625,9 @@ fn on_gpu_ranks<T: Send>(
 /// sharded prefill and 15 decode steps over the sharded cache. F32 weights, so the tolerance is the
 /// f32 path's. `world = 1` runs every collective as a self-exchange through NCCL.
 pub fn distributed(dir: &Path, world: usize) -> Result<Vec<Check>> {
-    use ringmoe_parallel::{ExpertParallel, Placement, ShardPlan, Sharding};
+    use ringmoe_parallel::{
+        ExpertParallel, JobOptions, Placement, ShardPlan, Sharding, prefill_shard_with,
+    };
 
     let mut out = Vec::new();
     let tol = logits_tolerance(Precision::F32);
@@ -634,7 +648,8 @@ pub fn distributed(dir: &Path, world: usize) -> Result<Vec<Check>> {
         let placement = Placement::round_robin(cfg.num_layers, cfg.moe.num_experts, world)?;
         // Per rank: (positions, prefill logits) for each overlap setting, and decode logits.
         let results = on_gpu_ranks(world, |r, b, comm| {
-            let model = CudaModel::load(b.clone(), &mdir, &placement.selection(r), Precision::F32)?;
+            let model =
+                crate::load_model(b.clone(), &mdir, &placement.selection(r), Precision::F32)?;
             let plan = ShardPlan::new(tokens.len(), world, Sharding::Zigzag)?;
             let mine = plan.tokens_for(r, &tokens)?;
             let mut prefills = Vec::new();
@@ -643,9 +658,9 @@ pub fn distributed(dir: &Path, world: usize) -> Result<Vec<Check>> {
                     overlap,
                     ..ExpertParallel::new(placement.clone())
                 };
-                let o = model.prefill_shard(comm, &plan, &mine, Some(&ep), &mut |_, _| Ok(()))?;
-                let n = o.positions.len();
-                let logits = model.logits_of_rows(&o.hidden, 0, n)?.into_vec();
+                let job = JobOptions::dense(0);
+                let o = prefill_shard_with(&model, comm, &plan, &mine, job, Some(&ep))?;
+                let logits = model.logits(&o.hidden)?.into_vec();
                 prefills.push((o.positions, logits));
             }
             let ep = ExpertParallel::new(placement.clone());
@@ -656,6 +671,7 @@ pub fn distributed(dir: &Path, world: usize) -> Result<Vec<Check>> {
                 comm,
                 &plan,
                 &mine,
+                JobOptions::dense(0),
                 Some(&ep),
                 &mut |_, _| Ok(()),
             )?;

@@ -931,6 +931,32 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// Rows `r0..` of `[rows, cols]` x overwritten by `part` (device copy).
+    pub(crate) fn copy_rows_into(
+        &self,
+        x: &mut DeviceTensor,
+        r0: usize,
+        part: &DeviceTensor,
+    ) -> Result<()> {
+        let (rows, cols) = x.dims2("set_rows")?;
+        let (n, pc) = part.dims2("set_rows")?;
+        if pc != cols || r0 + n > rows {
+            return Err(invalid(
+                "set_rows",
+                format!("{n} rows of {pc} at row {r0} of [{rows}, {cols}]"),
+            ));
+        }
+        if n * cols > 0 {
+            self.stream
+                .memcpy_dtod(
+                    &part.data.slice(..n * cols),
+                    &mut x.data.slice_mut(r0 * cols..(r0 + n) * cols),
+                )
+                .map_err(driver)?;
+        }
+        Ok(())
+    }
+
     /// The `[rows_i, cols]` tensors stacked in order → `[Σ rows_i, cols]` (device copies).
     pub fn concat_rows(&self, parts: &[DeviceTensor]) -> Result<DeviceTensor> {
         let cols = match parts.first() {

@@ -21,14 +21,11 @@
 //! Without the feature the same types exist and every constructor returns
 //! [`CudaError::NotCompiled`], so no other crate needs `cfg`.
 //!
-//! On top of the kernels: [`CudaModel`] (a checkpoint's forward pass on one GPU, uploading only the
-//! experts a placement selects); the ring attention and the expert dispatch it runs over NCCL
-//! are `ringmoe-parallel`'s generic ones, this crate supplying the backend and the collective
-//! (`backend.rs`).
-//!
-//! For a group of GPUs: [`CudaModel::prefill_shard`] (ring attention and, optionally, expert
-//! parallelism over NCCL) and [`CudaShardedSequence`] (decode over the sharded cache), which the
-//! cluster's GPU workers run.
+//! This crate holds no model, sharding or dispatch logic of its own: [`CudaBackend`] implements
+//! `ringmoe_core::Backend` and the NCCL communicator `ringmoe_parallel::Collective`
+//! (`backend.rs`), and the one model (`ringmoe_model::Model<B>`), ring attention, sharded decode
+//! and expert parallelism (`ringmoe-parallel`) run on them as they run on the CPU. [`CudaModel`]
+//! and [`CudaShardedSequence`] are those generic types on this backend.
 //!
 //! Status: compile-checked in CI; not yet run on a GPU (see docs/performance.md for the GPU
 //! checks still owed).
@@ -41,27 +38,58 @@ pub use stub::check;
 mod backend;
 #[cfg(feature = "cuda")]
 mod device;
-#[cfg(feature = "cuda")]
-mod model;
 pub mod report;
-#[cfg(feature = "cuda")]
-mod shard;
 #[cfg(not(feature = "cuda"))]
 mod stub;
 
 #[cfg(feature = "cuda")]
+pub use backend::{CudaVector, CudaWeight, device_precision, host_precision};
+#[cfg(feature = "cuda")]
 pub use device::{
     CudaBackend, DeviceKv, DeviceRope, DeviceTensor, DeviceWeight, available, compile_kernels,
 };
-#[cfg(feature = "cuda")]
-pub use model::{CudaKvCache, CudaModel};
-#[cfg(feature = "cuda")]
-pub use shard::{CudaRankPrefill, CudaShardedSequence};
 #[cfg(not(feature = "cuda"))]
-pub use stub::{
-    CudaBackend, CudaKvCache, CudaModel, CudaRankPrefill, CudaShardedSequence, DeviceTensor,
-    DeviceWeight, available, compile_kernels,
-};
+pub use stub::{CudaBackend, DeviceTensor, available, compile_kernels, host_precision};
+
+/// The model on one GPU: `ringmoe_model::Model` on the CUDA backend.
+pub type CudaModel = ringmoe_model::Model<CudaBackend>;
+/// A K/V cache in device memory.
+pub type CudaKvCache = ringmoe_model::KvCache<CudaBackend>;
+/// What a GPU rank holds after a sharded prefill.
+pub type CudaRankPrefill = ringmoe_parallel::RankPrefill<CudaBackend>;
+/// A sequence whose K/V cache is sharded over the GPUs of an NCCL group.
+pub type CudaShardedSequence<'a> =
+    ringmoe_parallel::ShardedSequence<'a, CudaBackend, ringmoe_comm::nccl::NcclCommunicator>;
+
+/// Loads `DIR/config.json` and the weights `experts` selects from `DIR`'s safetensors onto `b`'s
+/// GPU, the large matrices in `precision` (the host reads one layer at a time).
+pub fn load_model(
+    b: std::sync::Arc<CudaBackend>,
+    dir: &std::path::Path,
+    experts: &ringmoe_model::ExpertSelection,
+    precision: Precision,
+) -> Result<CudaModel> {
+    let opts = ringmoe_model::LoadOptions {
+        experts: experts.clone(),
+        weights: host_precision(precision),
+    };
+    Ok(CudaModel::load_on(b, dir, &opts)?)
+}
+
+/// [`load_model`] from any tensor source (random weights for benches).
+pub fn model_from_source(
+    b: std::sync::Arc<CudaBackend>,
+    cfg: ringmoe_model::ModelConfig,
+    src: &dyn ringmoe_model::TensorSource,
+    experts: &ringmoe_model::ExpertSelection,
+    precision: Precision,
+) -> Result<CudaModel> {
+    let opts = ringmoe_model::LoadOptions {
+        experts: experts.clone(),
+        weights: host_precision(precision),
+    };
+    Ok(CudaModel::from_source_on(b, cfg, src, &opts)?)
+}
 
 /// The precision of the large weight matrices on the device (projections, experts, embedding,
 /// lm_head). Norms, biases and the router stay f32 either way, and every GEMM accumulates in f32.

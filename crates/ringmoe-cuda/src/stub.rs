@@ -1,7 +1,15 @@
 //! The CUDA backend's types in a build without the `cuda` feature: nothing can be constructed,
 //! every entry point says why.
 
-use ringmoe_core::Tensor;
+use ringmoe_comm::Tag;
+use ringmoe_comm::nccl::NcclCommunicator;
+use ringmoe_core::attention::AttentionParams;
+use ringmoe_core::rope::RopeTable;
+use ringmoe_core::sparse::Sparsity;
+use ringmoe_core::{
+    Backend, ExpertGroup, KvRef, KvStore, Partial, Stored, Tensor, WeightPrecision, Weights,
+};
+use ringmoe_parallel::Collective;
 
 use crate::{CudaError, Result};
 
@@ -17,97 +25,276 @@ pub fn compile_kernels(_major: i32, _minor: i32) -> Result<Vec<String>> {
 #[derive(Debug)]
 pub struct CudaBackend(());
 
-#[derive(Debug)]
-pub struct DeviceTensor(());
+/// Device values, which cannot exist without the `cuda` feature.
+#[derive(Debug, Clone)]
+pub enum DeviceTensor {}
 
-#[derive(Debug)]
-pub struct DeviceWeight(());
-
-#[derive(Debug)]
-pub struct CudaKvCache(());
-
-/// Cannot be constructed without the `cuda` feature.
-#[derive(Debug)]
-pub struct CudaModel {
-    pub config: ringmoe_model::ModelConfig,
-    _none: std::convert::Infallible,
-}
-
-/// What a rank holds after a GPU prefill (never, without the `cuda` feature).
-#[derive(Debug)]
-pub struct CudaRankPrefill {
-    pub positions: Vec<usize>,
-    pub hidden: DeviceTensor,
-    pub cache: CudaKvCache,
-    pub routing: Vec<(usize, ringmoe_model::moe::Routing)>,
-    pub moe: ringmoe_parallel::MoeStats,
-}
-
-/// Cannot be constructed without the `cuda` feature.
-#[derive(Debug)]
-pub struct CudaShardedSequence<'a>(std::marker::PhantomData<&'a ()>);
-
-impl<'a> CudaShardedSequence<'a> {
-    pub fn prefill_shard(
-        _model: &'a CudaModel,
-        _comm: &'a ringmoe_comm::nccl::NcclCommunicator,
-        _plan: &ringmoe_parallel::ShardPlan,
-        _mine: &[u32],
-        _ep: Option<&'a ringmoe_parallel::ExpertParallel>,
-        _on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
-    ) -> Result<(Self, Vec<f32>)> {
-        Err(CudaError::NotCompiled)
-    }
-
-    pub fn decode(&mut self, _token: u32) -> Result<Vec<f32>> {
-        Err(CudaError::NotCompiled)
+impl Stored for DeviceTensor {
+    fn bytes(&self) -> usize {
+        match *self {}
     }
 }
 
-impl CudaModel {
-    pub fn precision(&self) -> crate::Precision {
-        crate::Precision::default()
+impl KvStore for DeviceTensor {
+    fn positions(&self) -> &[usize] {
+        match *self {}
     }
 
-    pub fn weight_bytes(&self) -> usize {
+    fn bytes(&self) -> usize {
+        match *self {}
+    }
+}
+
+/// The `--weights` choice that loads a model in device precision `p`.
+pub fn host_precision(p: crate::Precision) -> WeightPrecision {
+    match p {
+        crate::Precision::F32 => WeightPrecision::F32,
+        crate::Precision::Bf16 => WeightPrecision::BF16,
+    }
+}
+
+fn nc<T>() -> ringmoe_core::Result<T> {
+    Err(ringmoe_core::Error::Device(Box::new(
+        CudaError::NotCompiled,
+    )))
+}
+
+/// Every operation fails: nothing of this backend can be constructed without the feature.
+impl Backend for CudaBackend {
+    type Act = DeviceTensor;
+    type Weight = DeviceTensor;
+    type Vector = DeviceTensor;
+    type Kv = DeviceTensor;
+    type Rope = DeviceTensor;
+
+    fn weight(
+        &self,
+        _: Weights,
+        _: WeightPrecision,
+        _: bool,
+    ) -> ringmoe_core::Result<DeviceTensor> {
+        nc()
+    }
+    fn vector(&self, _: Vec<f32>) -> ringmoe_core::Result<DeviceTensor> {
+        nc()
+    }
+    fn linear(
+        &self,
+        x: &DeviceTensor,
+        _: &DeviceTensor,
+        _: Option<&DeviceTensor>,
+    ) -> ringmoe_core::Result<DeviceTensor> {
+        match *x {}
+    }
+    fn weight_rows(&self, w: &DeviceTensor, _: &[usize]) -> ringmoe_core::Result<DeviceTensor> {
+        match *w {}
+    }
+    fn rms_norm(
+        &self,
+        x: &DeviceTensor,
+        _: &DeviceTensor,
+        _: f32,
+    ) -> ringmoe_core::Result<DeviceTensor> {
+        match *x {}
+    }
+    fn rms_norm_chunks(
+        &self,
+        x: &mut DeviceTensor,
+        _: &DeviceTensor,
+        _: f32,
+    ) -> ringmoe_core::Result<()> {
+        match *x {}
+    }
+    fn split_qkv(
+        &self,
+        x: &DeviceTensor,
+        _: usize,
+        _: usize,
+    ) -> ringmoe_core::Result<(DeviceTensor, DeviceTensor, DeviceTensor)> {
+        match *x {}
+    }
+    fn rope_table(&self, _: RopeTable) -> ringmoe_core::Result<DeviceTensor> {
+        nc()
+    }
+    fn rope(
+        &self,
+        x: &mut DeviceTensor,
+        _: usize,
+        _: usize,
+        _: &DeviceTensor,
+    ) -> ringmoe_core::Result<()> {
+        match *x {}
+    }
+    fn swiglu(&self, x: &DeviceTensor) -> ringmoe_core::Result<DeviceTensor> {
+        match *x {}
+    }
+    fn add_inplace(&self, x: &mut DeviceTensor, _: &DeviceTensor) -> ringmoe_core::Result<()> {
+        match *x {}
+    }
+    fn add_gated(
+        &self,
+        x: &mut DeviceTensor,
+        _: &DeviceTensor,
+        _: &DeviceTensor,
+    ) -> ringmoe_core::Result<()> {
+        match *x {}
+    }
+    fn set_rows(
+        &self,
+        x: &mut DeviceTensor,
+        _: usize,
+        _: &DeviceTensor,
+    ) -> ringmoe_core::Result<()> {
+        match *x {}
+    }
+    fn grouped_mlp(
+        &self,
+        x: &DeviceTensor,
+        _: &[ExpertGroup<'_, DeviceTensor>],
+    ) -> ringmoe_core::Result<DeviceTensor> {
+        match *x {}
+    }
+    fn new_kv(&self, _: usize) -> ringmoe_core::Result<DeviceTensor> {
+        nc()
+    }
+    fn kv_append(
+        &self,
+        kv: &mut DeviceTensor,
+        _: DeviceTensor,
+        _: DeviceTensor,
+        _: &[usize],
+    ) -> ringmoe_core::Result<()> {
+        match *kv {}
+    }
+    fn kv_trim(&self, kv: &mut DeviceTensor, _: usize, _: usize) -> ringmoe_core::Result<()> {
+        match *kv {}
+    }
+    fn attend_cached(
+        &self,
+        _: &AttentionParams,
+        _: &Sparsity<'_>,
+        q: &DeviceTensor,
+        _: &[usize],
+        _: &DeviceTensor,
+    ) -> ringmoe_core::Result<Partial<DeviceTensor>> {
+        match *q {}
+    }
+    fn dims(&self, a: &DeviceTensor) -> ringmoe_core::Result<(usize, usize)> {
+        match *a {}
+    }
+    fn upload(&self, _: &Tensor) -> ringmoe_core::Result<DeviceTensor> {
+        nc()
+    }
+    fn download(&self, a: &DeviceTensor) -> ringmoe_core::Result<Tensor> {
+        match *a {}
+    }
+    fn reshape(&self, a: DeviceTensor, _: usize, _: usize) -> ringmoe_core::Result<DeviceTensor> {
+        match a {}
+    }
+    fn zeros(&self, _: usize, _: usize) -> ringmoe_core::Result<DeviceTensor> {
+        nc()
+    }
+    fn gather_rows(&self, a: &DeviceTensor, _: &[usize]) -> ringmoe_core::Result<DeviceTensor> {
+        match *a {}
+    }
+    fn rows(&self, a: &DeviceTensor, _: usize, _: usize) -> ringmoe_core::Result<DeviceTensor> {
+        match *a {}
+    }
+    fn concat_rows(&self, _: &[DeviceTensor]) -> ringmoe_core::Result<DeviceTensor> {
+        nc()
+    }
+    fn combine(
+        &self,
+        a: &DeviceTensor,
+        _: &[usize],
+        _: &[f32],
+        _: usize,
+    ) -> ringmoe_core::Result<DeviceTensor> {
+        match *a {}
+    }
+    fn attend(
+        &self,
+        _: &AttentionParams,
+        _: &Sparsity<'_>,
+        q: &DeviceTensor,
+        _: &[usize],
+        _: KvRef<'_, DeviceTensor>,
+        _: &[usize],
+    ) -> ringmoe_core::Result<(Partial<DeviceTensor>, u64)> {
+        match *q {}
+    }
+    fn merge_rows(
+        &self,
+        acc: &mut Partial<DeviceTensor>,
+        _: usize,
+        _: &Partial<DeviceTensor>,
+    ) -> ringmoe_core::Result<()> {
+        match acc.out {}
+    }
+}
+
+/// Every collective fails: no NCCL group can be formed without the feature.
+impl Collective<CudaBackend> for NcclCommunicator {
+    type Rows = DeviceTensor;
+    type Step = DeviceTensor;
+
+    fn rank(&self) -> usize {
         0
     }
-
-    pub fn prefill_shard(
+    fn world_size(&self) -> usize {
+        0
+    }
+    fn exchange_words(
         &self,
-        _comm: &ringmoe_comm::nccl::NcclCommunicator,
-        _plan: &ringmoe_parallel::ShardPlan,
-        _tokens: &[u32],
-        _ep: Option<&ringmoe_parallel::ExpertParallel>,
-        _on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
-    ) -> Result<CudaRankPrefill> {
-        Err(CudaError::NotCompiled)
+        _: &CudaBackend,
+        _: Tag,
+        _: &[u32],
+        _: usize,
+    ) -> ringmoe_parallel::Result<Vec<u32>> {
+        Err(CudaError::NotCompiled.into())
     }
-
-    pub fn logits_of_rows(
+    fn start_rows(
         &self,
-        _hidden: &DeviceTensor,
-        _start: usize,
-        _end: usize,
-    ) -> Result<Tensor> {
-        Err(CudaError::NotCompiled)
+        _: &CudaBackend,
+        _: Tag,
+        send: DeviceTensor,
+        _: &[usize],
+        _: &[usize],
+    ) -> ringmoe_parallel::Result<DeviceTensor> {
+        match send {}
     }
-
-    pub fn load(
-        _b: std::sync::Arc<CudaBackend>,
-        _dir: &std::path::Path,
-        _experts: &ringmoe_model::ExpertSelection,
-        _precision: crate::Precision,
-    ) -> Result<Self> {
-        Err(CudaError::NotCompiled)
+    fn finish_rows(
+        &self,
+        _: &CudaBackend,
+        rows: DeviceTensor,
+    ) -> ringmoe_parallel::Result<DeviceTensor> {
+        match rows {}
     }
-
-    pub fn prefill(&self, _tokens: &[u32]) -> Result<Tensor> {
-        Err(CudaError::NotCompiled)
+    fn start_sendrecv(
+        &self,
+        _: &CudaBackend,
+        _: Tag,
+        _: usize,
+        send: DeviceTensor,
+        _: usize,
+        _: usize,
+    ) -> ringmoe_parallel::Result<DeviceTensor> {
+        match send {}
     }
-
-    pub fn score(&self, _tokens: &[u32]) -> Result<Vec<f32>> {
-        Err(CudaError::NotCompiled)
+    fn finish_sendrecv(
+        &self,
+        _: &CudaBackend,
+        step: DeviceTensor,
+    ) -> ringmoe_parallel::Result<DeviceTensor> {
+        match step {}
+    }
+    fn all_gather(
+        &self,
+        _: &CudaBackend,
+        _: Tag,
+        send: &DeviceTensor,
+    ) -> ringmoe_parallel::Result<DeviceTensor> {
+        match *send {}
     }
 }
 
@@ -124,15 +311,7 @@ impl CudaBackend {
         &self,
         _comm: &ringmoe_comm::Communicator,
         _timeout: std::time::Duration,
-    ) -> Result<ringmoe_comm::nccl::NcclCommunicator> {
-        Err(CudaError::NotCompiled)
-    }
-
-    pub fn upload(&self, _t: &Tensor) -> Result<DeviceTensor> {
-        Err(CudaError::NotCompiled)
-    }
-
-    pub fn download(&self, _t: &DeviceTensor) -> Result<Tensor> {
+    ) -> Result<NcclCommunicator> {
         Err(CudaError::NotCompiled)
     }
 }

@@ -1,41 +1,60 @@
 //! The building blocks the architecture files assemble: linear layers, attention with a KV cache,
 //! the dense SwiGLU MLP, the sparse MoE block (with Qwen2-MoE's optional shared expert) and the
-//! pre-norm decoder layer. Everything is f32 on the device of the tensors it holds.
+//! pre-norm decoder layer — written once over a [`Backend`]: the host loads every layer as
+//! `DecoderLayer<Cpu>` ([`Cpu`] is the default backend), [`DecoderLayer::into_backend`] moves it to
+//! another (the CUDA backend uploads it), and the forward pass is the same code on both.
 
-use ringmoe_core::attention::{AttentionParams, PartialAttention, attention_block};
-use ringmoe_core::gemm::Par;
-use ringmoe_core::rope::{RopeFreqs, RopeTable, apply_rope};
-use ringmoe_core::sparse::{AShape, Sparsity, attention_sparse};
-use ringmoe_core::{Tensor, WeightPrecision, Weights, ops};
+use ringmoe_core::attention::AttentionParams;
+use ringmoe_core::rope::{RopeFreqs, RopeTable};
+use ringmoe_core::sparse::{AShape, Sparsity};
+use ringmoe_core::{Backend, Cpu, Partial, Stored, Tensor, WeightPrecision, Weights};
 
 use crate::checkpoint::TensorSource;
 use crate::config::ModelConfig;
-use crate::kv_cache::LayerKv;
 use crate::moe::{self, ExpertSet, ExpertWeights, Routing, TopKNorm};
 use crate::{Error, Result};
 
 /// `y = x Wᵀ (+ b)` with HF's `[out, in]` weight layout.
 #[derive(Debug, Clone)]
-pub struct Linear {
+pub struct Linear<B: Backend = Cpu> {
     /// `[out_features, in_features]` in the load's weight precision (routers: always f32).
-    pub weight: Weights,
+    pub weight: B::Weight,
     pub out_features: usize,
     pub in_features: usize,
-    pub bias: Option<Vec<f32>>,
+    pub bias: Option<B::Vector>,
 }
 
-impl Linear {
+impl<B: Backend> Linear<B> {
     /// Bytes held: the matrix in its precision, the bias in f32.
     pub fn bytes(&self) -> usize {
-        self.weight.bytes() + self.bias.as_ref().map_or(0, |b| 4 * b.len())
+        self.weight.bytes() + self.bias.as_ref().map_or(0, Stored::bytes)
     }
 
-    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut y = self.weight.matmul_nt(x, rows, Par::Rayon)?;
-        if let Some(b) = &self.bias {
-            ops::add_bias_rows(&mut y, b)?;
-        }
-        Ok(y)
+    pub fn forward(&self, b: &B, x: &B::Act) -> ringmoe_core::Result<B::Act> {
+        b.linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+impl Linear<Cpu> {
+    /// The layer on `rows` host rows (`[rows, in]`).
+    pub fn forward_host(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let x = Tensor::from_vec(x.to_vec(), [rows, self.in_features])?;
+        Ok(self.forward(&Cpu, &x)?.into_vec())
+    }
+
+    /// The same layer on backend `b`; `exact` keeps the matrix in f32 there.
+    pub fn into_backend<B: Backend>(
+        self,
+        b: &B,
+        precision: WeightPrecision,
+        exact: bool,
+    ) -> ringmoe_core::Result<Linear<B>> {
+        Ok(Linear {
+            weight: b.weight(self.weight, precision, exact)?,
+            out_features: self.out_features,
+            in_features: self.in_features,
+            bias: self.bias.map(|v| b.vector(v)).transpose()?,
+        })
     }
 }
 
@@ -120,12 +139,12 @@ impl WeightLoader<'_> {
 }
 
 /// Queries, keys and values of a batch of tokens after norms and RoPE:
-/// `q` is `[tokens, n_heads, head_dim]`, `k`/`v` are `[tokens, n_kv_heads, head_dim]`.
-#[derive(Debug, Clone)]
-pub struct Qkv {
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+/// `q` is `[tokens, n_heads · head_dim]`, `k`/`v` are `[tokens, n_kv_heads · head_dim]`.
+#[derive(Debug)]
+pub struct Qkv<A = Tensor> {
+    pub q: A,
+    pub k: A,
+    pub v: A,
 }
 
 /// Rows of a batch that the row-wise parts of a layer (norms, projections, the MLP) process at a
@@ -147,12 +166,12 @@ pub fn piece_range(rows: usize, pieces: usize, i: usize) -> (usize, usize) {
 
 /// Multi-head (grouped-query) self-attention.
 #[derive(Debug, Clone)]
-pub struct Attention {
+pub struct Attention<B: Backend = Cpu> {
     /// q, k and v projections fused row-wise.
-    pub qkv: Linear,
-    pub o: Linear,
+    pub qkv: Linear<B>,
+    pub o: Linear<B>,
     /// Qwen3-MoE's per-head RMSNorm weights for q and k (applied before RoPE).
-    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub qk_norm: Option<(B::Vector, B::Vector)>,
     pub params: AttentionParams,
     pub rope: RopeFreqs,
     pub eps: f32,
@@ -161,145 +180,181 @@ pub struct Attention {
     pub window: Option<usize>,
 }
 
-impl Attention {
+impl<B: Backend> Attention<B> {
     /// The keys this layer's queries see on top of the causal mask: its window, if it has one.
     pub fn window_rule(&self) -> Option<AShape> {
         self.window.map(|local| AShape { sink: 0, local })
     }
 
-    /// Drops from `kv` the keys this layer's window hides from every query at `next` or later
-    /// (see [`LayerKv::trim_to_window`]); a full-attention layer keeps everything.
-    pub fn trim_cache(&self, kv: &mut LayerKv, next: usize) {
-        if let Some(w) = self.window {
-            kv.trim_to_window(next, w);
+    /// [`Self::window_rule`] as an attention mask.
+    pub fn mask(&self) -> Sparsity<'static> {
+        match self.window_rule() {
+            Some(a) => Sparsity::AShape(a),
+            None => Sparsity::Dense,
         }
     }
 
-    /// Attention of `q` (at `q_pos`) to the keys `k`/`v` (at `k_pos`) under this layer's rule:
-    /// causal, within its window if it has one. Layouts as [`attention_block`].
+    /// Drops from `kv` the keys this layer's window hides from every query at `next` or later
+    /// (see [`ringmoe_core::kv::LayerKv::trim_to_window`]); a full-attention layer keeps
+    /// everything.
+    pub fn trim_cache(&self, b: &B, kv: &mut B::Kv, next: usize) -> ringmoe_core::Result<()> {
+        match self.window {
+            Some(w) => b.kv_trim(kv, next, w),
+            None => Ok(()),
+        }
+    }
+
+    /// Attention of `q` (at `q_pos`) to everything in `kv` under this layer's rule: causal,
+    /// within its window if it has one.
     pub fn attend(
         &self,
-        q: &[f32],
+        b: &B,
+        q: &B::Act,
         q_pos: &[usize],
-        k: &[f32],
-        v: &[f32],
-        k_pos: &[usize],
-    ) -> Result<PartialAttention> {
-        Ok(match self.window_rule() {
-            None => attention_block(&self.params, q, q_pos, k, v, k_pos)?,
-            Some(a) => {
-                attention_sparse(&self.params, &Sparsity::AShape(a), q, q_pos, k, v, k_pos)?.0
-            }
-        })
+        kv: &B::Kv,
+    ) -> ringmoe_core::Result<Partial<B::Act>> {
+        b.attend_cached(&self.params, &self.mask(), q, q_pos, kv)
     }
 
-    /// Projects, normalises and rotates; `rope` holds the tokens' absolute positions.
-    pub fn qkv(&self, x: &[f32], rope: &RopeTable) -> Result<Qkv> {
-        let mut out = self.empty_qkv(rope.positions);
-        self.project_into(x, rope.positions, &mut out)?;
-        self.rotate(&mut out, rope)?;
-        Ok(out)
-    }
-
-    /// A [`Qkv`] with room for `tokens` tokens.
-    fn empty_qkv(&self, tokens: usize) -> Qkv {
+    /// Projects `rows` normalised rows into q, k and v (before norms and RoPE).
+    fn project(&self, b: &B, x: &B::Act) -> ringmoe_core::Result<Qkv<B::Act>> {
         let (hq, hkv, d) = (
             self.params.n_heads,
             self.params.n_kv_heads,
             self.params.head_dim,
         );
-        Qkv {
-            q: Vec::with_capacity(tokens * hq * d),
-            k: Vec::with_capacity(tokens * hkv * d),
-            v: Vec::with_capacity(tokens * hkv * d),
-        }
-    }
-
-    /// Projects `rows` rows of `x` and appends their q, k and v to `out` (before norms and RoPE).
-    fn project_into(&self, x: &[f32], rows: usize, out: &mut Qkv) -> Result<()> {
-        let (hq, hkv, d) = (
-            self.params.n_heads,
-            self.params.n_kv_heads,
-            self.params.head_dim,
-        );
-        let fused = self.qkv.forward(x, rows)?;
-        let width = (hq + 2 * hkv) * d;
-        for row in fused.chunks(width) {
-            out.q.extend_from_slice(&row[..hq * d]);
-            out.k.extend_from_slice(&row[hq * d..(hq + hkv) * d]);
-            out.v.extend_from_slice(&row[(hq + hkv) * d..]);
-        }
-        Ok(())
+        let fused = self.qkv.forward(b, x)?;
+        let (q, k, v) = b.split_qkv(&fused, hq * d, hkv * d)?;
+        Ok(Qkv { q, k, v })
     }
 
     /// Qwen3's per-head q/k norms, then RoPE at `rope`'s positions, in place.
-    fn rotate(&self, qkv: &mut Qkv, rope: &RopeTable) -> Result<()> {
+    fn rotate(&self, b: &B, qkv: &mut Qkv<B::Act>, rope: &B::Rope) -> ringmoe_core::Result<()> {
         let (hq, hkv, d) = (
             self.params.n_heads,
             self.params.n_kv_heads,
             self.params.head_dim,
         );
         if let Some((qn, kn)) = &self.qk_norm {
-            ops::rms_norm_chunks_inplace(&mut qkv.q, qn, self.eps)?;
-            ops::rms_norm_chunks_inplace(&mut qkv.k, kn, self.eps)?;
+            b.rms_norm_chunks(&mut qkv.q, qn, self.eps)?;
+            b.rms_norm_chunks(&mut qkv.k, kn, self.eps)?;
         }
-        apply_rope(&mut qkv.q, hq, d, rope)?;
-        apply_rope(&mut qkv.k, hkv, d, rope)?;
+        b.rope(&mut qkv.q, hq, d, rope)?;
+        b.rope(&mut qkv.k, hkv, d, rope)?;
         Ok(())
+    }
+}
+
+impl Attention<Cpu> {
+    /// Attention of host `q` (at `q_pos`) to the keys `k`/`v` (at `k_pos`) under this layer's
+    /// rule. Layouts as [`ringmoe_core::attention_block`].
+    pub fn attend_host(
+        &self,
+        q: &[f32],
+        q_pos: &[usize],
+        k: &[f32],
+        v: &[f32],
+        k_pos: &[usize],
+    ) -> Result<ringmoe_core::PartialAttention> {
+        Ok(match self.window_rule() {
+            None => ringmoe_core::attention_block(&self.params, q, q_pos, k, v, k_pos)?,
+            Some(a) => {
+                ringmoe_core::sparse::attention_sparse(
+                    &self.params,
+                    &Sparsity::AShape(a),
+                    q,
+                    q_pos,
+                    k,
+                    v,
+                    k_pos,
+                )?
+                .0
+            }
+        })
+    }
+
+    fn into_backend<B: Backend>(
+        self,
+        b: &B,
+        precision: WeightPrecision,
+    ) -> ringmoe_core::Result<Attention<B>> {
+        Ok(Attention {
+            qkv: self.qkv.into_backend(b, precision, false)?,
+            o: self.o.into_backend(b, precision, false)?,
+            qk_norm: match self.qk_norm {
+                Some((q, k)) => Some((b.vector(q)?, b.vector(k)?)),
+                None => None,
+            },
+            params: self.params,
+            rope: self.rope,
+            eps: self.eps,
+            window: self.window,
+        })
     }
 }
 
 /// Dense SwiGLU MLP (layers listed in `mlp_only_layers`, and Qwen2-MoE's shared expert).
 #[derive(Debug, Clone)]
-pub struct DenseMlp(pub ExpertWeights);
+pub struct DenseMlp<B: Backend = Cpu>(pub ExpertWeights<B>);
+
+impl<B: Backend> DenseMlp<B> {
+    pub fn forward(&self, b: &B, x: &B::Act) -> ringmoe_core::Result<B::Act> {
+        self.0.forward_on(b, x)
+    }
+}
 
 /// The sparse MoE block.
 #[derive(Debug, Clone)]
-pub struct SparseMoe {
-    pub router: Linear,
-    pub experts: ExpertSet,
+pub struct SparseMoe<B: Backend = Cpu> {
+    pub router: Linear<B>,
+    pub experts: ExpertSet<B>,
     pub top_k: usize,
     pub norm: TopKNorm,
     /// Qwen2-MoE: `sigmoid(x·w_gate) · shared(x)` added to the routed output.
-    pub shared: Option<(DenseMlp, Linear)>,
+    pub shared: Option<(DenseMlp<B>, Linear<B>)>,
 }
 
-impl SparseMoe {
-    pub fn forward(&self, x: &[f32], rows: usize) -> Result<(Vec<f32>, Routing)> {
-        self.forward_routed(x, rows, |x, routing| {
-            moe::experts_local(x, self.router.in_features, routing, &self.experts)
+impl<B: Backend> SparseMoe<B> {
+    /// The block with every routed expert on this process.
+    pub fn forward(&self, b: &B, x: &B::Act) -> Result<(B::Act, Routing)> {
+        self.forward_routed(b, x, |x, routing| {
+            local_experts::<B, Error>(b, self, x, routing)
         })
     }
 
     /// The block with the routed experts supplied by `experts`, which gets the normalised input
     /// (`[rows, hidden]`) and its routing and returns the gate-weighted sum of each token's expert
     /// outputs. Expert parallelism plugs in here; the router and the shared expert stay local.
+    /// The router's logits come to the host, where the top-k is taken.
     pub fn forward_routed<E: From<Error>>(
         &self,
-        x: &[f32],
-        rows: usize,
-        experts: impl FnOnce(&[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
-    ) -> std::result::Result<(Vec<f32>, Routing), E> {
+        b: &B,
+        x: &B::Act,
+        experts: impl FnOnce(&B::Act, &Routing) -> std::result::Result<B::Act, E>,
+    ) -> std::result::Result<(B::Act, Routing), E> {
         let hidden = self.router.in_features;
-        let logits = self.router.forward(x, rows)?;
-        let routing = moe::route(&logits, self.experts.experts.len(), self.top_k, self.norm)?;
+        let (rows, _) = b.dims(x).map_err(Error::from)?;
+        let logits = b
+            .download(&self.router.forward(b, x).map_err(Error::from)?)
+            .map_err(Error::from)?;
+        let routing = moe::route(
+            logits.as_slice(),
+            self.experts.experts.len(),
+            self.top_k,
+            self.norm,
+        )?;
         let mut y = experts(x, &routing)?;
-        if y.len() != rows * hidden {
+        let got = b.dims(&y).map_err(Error::from)?;
+        if got != (rows, hidden) {
             return Err(Error::InvalidInput(format!(
-                "routed experts returned {} values for {rows} rows of hidden size {hidden}",
-                y.len()
+                "routed experts returned {got:?} for {rows} rows of hidden size {hidden}"
             ))
             .into());
         }
         if let Some((mlp, gate)) = &self.shared {
-            let s = mlp.0.forward(x, rows)?;
-            let g = gate.forward(x, rows)?;
-            for ((yr, sr), &gv) in y.chunks_mut(hidden).zip(s.chunks(hidden)).zip(&g) {
-                let gv = ops::sigmoid(gv);
-                for (a, b) in yr.iter_mut().zip(sr) {
-                    *a += gv * b;
-                }
-            }
+            let s = mlp.forward(b, x).map_err(Error::from)?;
+            let g = gate.forward(b, x).map_err(Error::from)?;
+            b.add_gated(&mut y, &s, &g).map_err(Error::from)?;
         }
         Ok((y, routing))
     }
@@ -308,19 +363,16 @@ impl SparseMoe {
 // One per layer, built once at load and never moved on a hot path: boxing buys nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
-pub enum Mlp {
-    Dense(DenseMlp),
-    Sparse(SparseMoe),
+pub enum Mlp<B: Backend = Cpu> {
+    Dense(DenseMlp<B>),
+    Sparse(SparseMoe<B>),
 }
 
-impl DecoderLayer {
+impl<B: Backend> DecoderLayer<B> {
     /// Bytes of weights this layer holds (only the experts loaded), in their precisions.
     pub fn weight_bytes(&self) -> usize {
         let a = &self.attn;
-        let norms = a
-            .qk_norm
-            .as_ref()
-            .map_or(0, |(q, k)| 4 * (q.len() + k.len()));
+        let norms = a.qk_norm.as_ref().map_or(0, |(q, k)| q.bytes() + k.bytes());
         let mlp = match &self.mlp {
             Mlp::Dense(m) => m.0.bytes(),
             Mlp::Sparse(m) => {
@@ -339,46 +391,102 @@ impl DecoderLayer {
         a.qkv.bytes()
             + a.o.bytes()
             + norms
-            + 4 * (self.input_norm.len() + self.post_attn_norm.len())
+            + self.input_norm.bytes()
+            + self.post_attn_norm.bytes()
             + mlp
     }
 }
 
-/// The routed experts of a sparse layer computed here, on the experts this process holds.
-pub fn local_experts<E: From<Error>>(
-    moe: &SparseMoe,
-    x: &[f32],
+/// The routed experts of a sparse layer computed here, on the experts this process holds:
+/// plan → gather → grouped expert MLPs → combine in increasing expert id.
+pub fn local_experts<B: Backend, E: From<Error>>(
+    b: &B,
+    m: &SparseMoe<B>,
+    x: &B::Act,
     routing: &Routing,
-) -> std::result::Result<Vec<f32>, E> {
-    moe::experts_local(x, moe.router.in_features, routing, &moe.experts).map_err(E::from)
+) -> std::result::Result<B::Act, E> {
+    let go = || -> Result<B::Act> {
+        let plan = moe::plan(routing, m.experts.experts.len())?;
+        let token_of_row: Vec<usize> = (0..plan.slot_of_row.len())
+            .map(|r| plan.token_of_row(r))
+            .collect();
+        let rows = b.gather_rows(x, &token_of_row)?;
+        let groups = m.experts.groups(&plan.groups())?;
+        let y = b.grouped_mlp(&rows, &groups)?;
+        let (order, weights) = moe::combine_plan(routing, |s| plan.row_of_slot[s] as usize);
+        Ok(b.combine(&y, &order, &weights, routing.top_k)?)
+    };
+    go().map_err(E::from)
 }
 
 /// Pre-norm decoder layer: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
 #[derive(Debug, Clone)]
-pub struct DecoderLayer {
-    pub input_norm: Vec<f32>,
-    pub attn: Attention,
-    pub post_attn_norm: Vec<f32>,
-    pub mlp: Mlp,
+pub struct DecoderLayer<B: Backend = Cpu> {
+    pub input_norm: B::Vector,
+    pub attn: Attention<B>,
+    pub post_attn_norm: B::Vector,
+    pub mlp: Mlp<B>,
     pub eps: f32,
 }
 
-impl DecoderLayer {
+impl DecoderLayer<Cpu> {
+    /// The same layer on backend `b` (uploaded there), matrices in `precision` except the
+    /// routers and gates, which stay f32.
+    pub fn into_backend<B: Backend>(
+        self,
+        b: &B,
+        precision: WeightPrecision,
+    ) -> ringmoe_core::Result<DecoderLayer<B>> {
+        let mlp = match self.mlp {
+            Mlp::Dense(m) => Mlp::Dense(DenseMlp(m.0.into_backend(b, precision)?)),
+            Mlp::Sparse(m) => Mlp::Sparse(SparseMoe {
+                router: m.router.into_backend(b, precision, true)?,
+                experts: m.experts.into_backend(b, precision)?,
+                top_k: m.top_k,
+                norm: m.norm,
+                shared: match m.shared {
+                    Some((s, g)) => Some((
+                        DenseMlp(s.0.into_backend(b, precision)?),
+                        g.into_backend(b, precision, true)?,
+                    )),
+                    None => None,
+                },
+            }),
+        };
+        Ok(DecoderLayer {
+            input_norm: b.vector(self.input_norm)?,
+            attn: self.attn.into_backend(b, precision)?,
+            post_attn_norm: b.vector(self.post_attn_norm)?,
+            mlp,
+            eps: self.eps,
+        })
+    }
+}
+
+/// What a layer's routed experts are, for [`DecoderLayer::forward_parts`]: given the sparse block,
+/// the normalised rows of one piece and their routing, the gate-weighted expert output.
+pub type Experts<'a, B, E> = dyn FnMut(
+        &SparseMoe<B>,
+        &<B as Backend>::Act,
+        &Routing,
+    ) -> std::result::Result<<B as Backend>::Act, E>
+    + 'a;
+
+impl<B: Backend> DecoderLayer<B> {
     /// Runs the layer on `x` (`[tokens, hidden]`) in place over a KV cache: the new tokens attend
     /// to the cached ones and to themselves. Returns the routing when the layer is sparse.
     pub fn forward(
         &self,
-        x: &mut Tensor,
+        b: &B,
+        x: &mut B::Act,
         positions: &[usize],
-        rope: &RopeTable,
-        cache: &mut LayerKv,
+        rope: &B::Rope,
+        cache: &mut B::Kv,
     ) -> Result<Option<Routing>> {
         let attn = &self.attn;
-        self.forward_with(x, rope, |qkv| -> Result<Vec<f32>> {
-            cache.append_owned(qkv.k, qkv.v, positions);
-            Ok(attn
-                .attend(&qkv.q, positions, &cache.k, &cache.v, &cache.positions)?
-                .out)
+        self.forward_with(b, x, rope, |qkv| -> Result<B::Act> {
+            b.kv_append(cache, qkv.k, qkv.v, positions)?;
+            Ok(attn.attend(b, &qkv.q, positions, cache)?.out)
         })
     }
 
@@ -387,31 +495,27 @@ impl DecoderLayer {
     /// alone, and `x` becomes that one row.
     pub fn forward_last(
         &self,
-        x: &mut Tensor,
+        b: &B,
+        x: &mut B::Act,
         positions: &[usize],
-        rope: &RopeTable,
-        cache: &mut LayerKv,
+        rope: &B::Rope,
+        cache: &mut B::Kv,
     ) -> Result<Option<Routing>> {
-        let Qkv { q, k, v } = self.qkv(x, rope)?;
-        cache.append_owned(k, v, positions);
+        let Qkv { q, k, v } = self.qkv(b, x, rope)?;
+        b.kv_append(cache, k, v, positions)?;
         let t = positions.len();
-        let w = self.attn.params.n_heads * self.attn.params.head_dim;
-        if t == 0 || q.len() != t * w {
+        if t == 0 || b.dims(&q)?.0 != t {
             return Err(Error::InvalidInput(format!(
-                "{} query values for {t} positions",
-                q.len()
+                "{:?} queries for {t} positions",
+                b.dims(&q)?
             )));
         }
-        let q = q[(t - 1) * w..].to_vec();
-        let out = self.attn.attend(
-            &q,
-            &positions[t - 1..],
-            &cache.k,
-            &cache.v,
-            &cache.positions,
-        )?;
-        *x = x.rows(t - 1, t)?;
-        self.finish(x, &out.out, local_experts)
+        let q = b.rows(&q, t - 1, t)?;
+        let out = self.attn.attend(b, &q, &positions[t - 1..], cache)?;
+        *x = b.rows(x, t - 1, t)?;
+        self.finish(b, x, &out.out, &mut |m, x, r| {
+            local_experts::<B, Error>(b, m, x, r)
+        })
     }
 
     /// The layer with its attention core supplied by `attend`, which receives this batch's rotated
@@ -419,61 +523,77 @@ impl DecoderLayer {
     /// projection. Ring attention plugs in here; everything else is the single-process layer.
     pub fn forward_with<E: From<Error>>(
         &self,
-        x: &mut Tensor,
-        rope: &RopeTable,
-        attend: impl FnOnce(Qkv) -> std::result::Result<Vec<f32>, E>,
+        b: &B,
+        x: &mut B::Act,
+        rope: &B::Rope,
+        attend: impl FnOnce(Qkv<B::Act>) -> std::result::Result<B::Act, E>,
     ) -> std::result::Result<Option<Routing>, E> {
-        self.forward_parts(x, rope, attend, local_experts)
+        self.forward_parts(b, x, rope, attend, &mut |m, x, r| {
+            local_experts::<B, E>(b, m, x, r)
+        })
     }
 
     /// [`Self::forward_with`] with the routed experts of a sparse layer supplied as well (see
     /// [`SparseMoe::forward_routed`]); `experts` is not called for a dense-MLP layer.
     pub fn forward_parts<E: From<Error>>(
         &self,
-        x: &mut Tensor,
-        rope: &RopeTable,
-        attend: impl FnOnce(Qkv) -> std::result::Result<Vec<f32>, E>,
-        experts: impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+        b: &B,
+        x: &mut B::Act,
+        rope: &B::Rope,
+        attend: impl FnOnce(Qkv<B::Act>) -> std::result::Result<B::Act, E>,
+        experts: &mut Experts<'_, B, E>,
     ) -> std::result::Result<Option<Routing>, E> {
-        let qkv = self.qkv(x, rope)?;
+        let qkv = self.qkv(b, x, rope)?;
         let out = attend(qkv)?;
-        self.finish(x, &out, experts)
+        self.finish(b, x, &out, experts)
     }
 
     /// The attention half's input: the rotated q/k/v of `x`'s rows (`[tokens, hidden]`, one
     /// RoPE position per row), normalised and projected [`PIECE_ROWS`] rows at a time.
-    pub fn qkv(&self, x: &Tensor, rope: &RopeTable) -> Result<Qkv> {
-        let rows = x.shape().first().copied().unwrap_or(0);
-        if rope.positions != rows {
-            return Err(Error::InvalidInput(format!(
-                "{rows} hidden rows but {} RoPE positions",
-                rope.positions
-            )));
-        }
-        let mut out = self.attn.empty_qkv(rows);
+    pub fn qkv(&self, b: &B, x: &B::Act, rope: &B::Rope) -> Result<Qkv<B::Act>> {
+        let rows = b.dims(x)?.0;
         let pieces = pieces_for(rows, PIECE_ROWS);
+        let mut parts = Vec::with_capacity(pieces);
         for i in 0..pieces {
             let (s, e) = piece_range(rows, pieces, i);
             let normed = if pieces == 1 {
-                ops::rms_norm(x, &self.input_norm, self.eps)?
+                b.rms_norm(x, &self.input_norm, self.eps)?
             } else {
-                ops::rms_norm(&x.rows(s, e)?, &self.input_norm, self.eps)?
+                b.rms_norm(&b.rows(x, s, e)?, &self.input_norm, self.eps)?
             };
-            self.attn.project_into(normed.as_slice(), e - s, &mut out)?;
+            parts.push(self.attn.project(b, &normed)?);
         }
-        self.attn.rotate(&mut out, rope)?;
+        let mut out = if parts.len() == 1 {
+            parts
+                .pop()
+                .ok_or_else(|| Error::InvalidInput("no pieces".into()))?
+        } else {
+            let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+            for p in parts {
+                qs.push(p.q);
+                ks.push(p.k);
+                vs.push(p.v);
+            }
+            Qkv {
+                q: b.concat_rows_owned(qs)?,
+                k: b.concat_rows_owned(ks)?,
+                v: b.concat_rows_owned(vs)?,
+            }
+        };
+        self.attn.rotate(b, &mut out, rope)?;
         Ok(out)
     }
 
     /// [`Self::finish_in`] in as many pieces as [`PIECE_ROWS`] asks for `x`'s rows.
     pub fn finish<E: From<Error>>(
         &self,
-        x: &mut Tensor,
-        out: &[f32],
-        experts: impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+        b: &B,
+        x: &mut B::Act,
+        out: &B::Act,
+        experts: &mut Experts<'_, B, E>,
     ) -> std::result::Result<Option<Routing>, E> {
-        let rows = x.shape().first().copied().unwrap_or(0);
-        self.finish_in(x, out, pieces_for(rows, PIECE_ROWS), experts)
+        let rows = b.dims(x).map_err(Error::from)?.0;
+        self.finish_in(b, x, out, pieces_for(rows, PIECE_ROWS), experts)
     }
 
     /// The rest of the layer (see [`Self::finish_piece`]) over `pieces` contiguous near-equal
@@ -483,22 +603,24 @@ impl DecoderLayer {
     /// summation order. Returns the routing of all rows (a sparse layer).
     pub fn finish_in<E: From<Error>>(
         &self,
-        x: &mut Tensor,
-        out: &[f32],
+        b: &B,
+        x: &mut B::Act,
+        out: &B::Act,
         pieces: usize,
-        mut experts: impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+        experts: &mut Experts<'_, B, E>,
     ) -> std::result::Result<Option<Routing>, E> {
         if pieces <= 1 {
-            return self.finish_piece(x, out, &mut experts);
+            return self.finish_piece(b, x, out, experts);
         }
-        let (rows, h) = x.dims2("finish").map_err(Error::from)?;
-        let width = self.attention_width(rows, out)?;
+        let rows = b.dims(x).map_err(Error::from)?.0;
+        self.attention_width(b, rows, out)?;
         let mut routing: Option<Routing> = None;
         for i in 0..pieces {
             let (s, e) = piece_range(rows, pieces, i);
-            let mut part = x.rows(s, e).map_err(Error::from)?;
-            let r = self.finish_piece(&mut part, &out[s * width..e * width], &mut experts)?;
-            x.as_mut_slice()[s * h..e * h].copy_from_slice(part.as_slice());
+            let mut part = b.rows(x, s, e).map_err(Error::from)?;
+            let piece_out = b.rows(out, s, e).map_err(Error::from)?;
+            let r = self.finish_piece(b, &mut part, &piece_out, experts)?;
+            b.set_rows(x, s, &part).map_err(Error::from)?;
             match (&mut routing, r) {
                 (Some(all), Some(r)) => {
                     all.expert_ids.extend(r.expert_ids);
@@ -511,16 +633,16 @@ impl DecoderLayer {
         Ok(routing)
     }
 
-    /// The width of one row of attention output, checking that `out` holds `rows` of them.
-    fn attention_width(&self, rows: usize, out: &[f32]) -> Result<usize> {
+    /// Checks that `out` holds `rows` rows of attention output.
+    fn attention_width(&self, b: &B, rows: usize, out: &B::Act) -> Result<()> {
         let width = self.attn.params.n_heads * self.attn.params.head_dim;
-        if out.len() != rows * width {
+        let got = b.dims(out)?;
+        if got != (rows, width) {
             return Err(Error::InvalidInput(format!(
-                "attention output of {} values for {rows} rows of {width}",
-                out.len()
+                "attention output of {got:?} for {rows} rows of {width}"
             )));
         }
-        Ok(width)
+        Ok(())
     }
 
     /// The rest of the layer on `x`'s rows given their attention output `out`
@@ -530,33 +652,40 @@ impl DecoderLayer {
     /// final position.
     fn finish_piece<E: From<Error>>(
         &self,
-        x: &mut Tensor,
-        out: &[f32],
-        experts: &mut impl FnMut(&SparseMoe, &[f32], &Routing) -> std::result::Result<Vec<f32>, E>,
+        b: &B,
+        x: &mut B::Act,
+        out: &B::Act,
+        experts: &mut Experts<'_, B, E>,
     ) -> std::result::Result<Option<Routing>, E> {
-        let rows = x.shape().first().copied().unwrap_or(0);
-        self.attention_width(rows, out)?;
+        let rows = b.dims(x).map_err(Error::from)?.0;
+        self.attention_width(b, rows, out)?;
+        let go = |e: ringmoe_core::Error| E::from(Error::from(e));
         // Output projection and residual, then the MLP half of the layer.
-        let attn = self.attn.o.forward(out, rows)?;
-        ops::add_inplace(
-            x,
-            &Tensor::from_vec(attn, x.shape().to_vec()).map_err(Error::from)?,
-        )
-        .map_err(Error::from)?;
-        let normed = ops::rms_norm(x, &self.post_attn_norm, self.eps).map_err(Error::from)?;
+        let attn = self.attn.o.forward(b, out).map_err(go)?;
+        b.add_inplace(x, &attn).map_err(go)?;
+        drop(attn);
+        let normed = b.rms_norm(x, &self.post_attn_norm, self.eps).map_err(go)?;
         let (y, routing) = match &self.mlp {
-            Mlp::Dense(m) => (m.0.forward(normed.as_slice(), rows)?, None),
+            Mlp::Dense(m) => (m.forward(b, &normed).map_err(go)?, None),
             Mlp::Sparse(m) => {
-                let (y, r) =
-                    m.forward_routed(normed.as_slice(), rows, |x, routing| experts(m, x, routing))?;
+                let (y, r) = m.forward_routed(b, &normed, |x, routing| experts(m, x, routing))?;
                 (y, Some(r))
             }
         };
-        ops::add_inplace(
-            x,
-            &Tensor::from_vec(y, x.shape().to_vec()).map_err(Error::from)?,
-        )
-        .map_err(Error::from)?;
+        b.add_inplace(x, &y).map_err(go)?;
         Ok(routing)
+    }
+}
+
+impl DecoderLayer<Cpu> {
+    /// Rows of a host RoPE table are the tokens' positions; see [`Self::forward`].
+    pub fn forward_host(
+        &self,
+        x: &mut Tensor,
+        positions: &[usize],
+        rope: &RopeTable,
+        cache: &mut ringmoe_core::kv::LayerKv,
+    ) -> Result<Option<Routing>> {
+        self.forward(&Cpu, x, positions, rope, cache)
     }
 }

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use ringmoe_core::gemm::Par;
-use ringmoe_core::{Tensor, WeightPrecision, Weights, ops};
+use std::sync::Arc;
+
+use ringmoe_core::{Backend, Cpu, Stored, Tensor, WeightPrecision, Weights};
 
 use crate::arch;
 use crate::checkpoint::{Checkpoint, TensorSource};
@@ -24,6 +25,9 @@ pub struct LoadOptions {
     pub weights: WeightPrecision,
 }
 
+/// Each sparse layer's routing, by layer index.
+pub type LayerRouting = Vec<(usize, Routing)>;
+
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsFor {
@@ -40,17 +44,31 @@ pub struct ForwardOutput {
     pub routing: Vec<(usize, Routing)>,
 }
 
-/// A loaded model. Cloning is cheap: the weights are shared.
-#[derive(Clone)]
-pub struct Model {
+/// A loaded model on backend `B` (the CPU by default). Cloning is cheap: the host weights are
+/// shared, and the backend is behind an `Arc`.
+pub struct Model<B: Backend = Cpu> {
+    b: Arc<B>,
     pub config: ModelConfig,
-    embed: Weights,
-    layers: Vec<DecoderLayer>,
-    norm: Vec<f32>,
-    lm_head: Weights,
+    embed: B::Weight,
+    layers: Vec<DecoderLayer<B>>,
+    norm: B::Vector,
+    lm_head: B::Weight,
 }
 
-impl std::fmt::Debug for Model {
+impl<B: Backend + Clone> Clone for Model<B> {
+    fn clone(&self) -> Self {
+        Self {
+            b: self.b.clone(),
+            config: self.config.clone(),
+            embed: self.embed.clone(),
+            layers: self.layers.clone(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Model<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Model")
             .field("config", &self.config)
@@ -58,12 +76,10 @@ impl std::fmt::Debug for Model {
     }
 }
 
-impl Model {
+impl Model<Cpu> {
     /// Loads `DIR/config.json` and the weights the options select from `DIR`'s safetensors.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let cfg = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(cfg, &ckpt, opts)
+        Self::load_on(Arc::new(Cpu), dir, opts)
     }
 
     /// Builds the model from any tensor source (a [`Checkpoint`], or random weights for benches).
@@ -72,31 +88,52 @@ impl Model {
         ckpt: &dyn TensorSource,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        Self::from_source_on(Arc::new(Cpu), cfg, ckpt, opts)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// [`Model::load`] onto backend `b`.
+    pub fn load_on(b: Arc<B>, dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_source_on(b, cfg, &ckpt, opts)
+    }
+
+    /// [`Model::from_checkpoint`] onto backend `b`: the host reads one layer at a time and
+    /// hands it to the backend (which uploads it, or, on the CPU, keeps it as it is).
+    pub fn from_source_on(
+        b: Arc<B>,
+        cfg: ModelConfig,
+        ckpt: &dyn TensorSource,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        let g = load_parts(
-            &cfg,
-            ckpt,
-            &opts.experts,
-            opts.weights,
-            |_, layer| -> Result<()> {
-                layers.push(layer);
-                Ok(())
-            },
-        )?;
+        let p = opts.weights;
+        let g = load_parts(&cfg, ckpt, &opts.experts, p, |_, layer| -> Result<()> {
+            layers.push(layer.into_backend(&*b, p)?);
+            Ok(())
+        })?;
         Ok(Self {
+            embed: b.weight(g.embed, p, false)?,
+            lm_head: b.weight(g.lm_head, p, false)?,
+            norm: b.vector(g.norm)?,
+            b,
             config: cfg,
-            embed: g.embed,
             layers,
-            norm: g.norm,
-            lm_head: g.lm_head,
         })
+    }
+
+    /// The backend the model lives on.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.b
     }
 
     /// Bytes of weights held in memory, each matrix in the precision it is held in.
     pub fn weight_bytes(&self) -> usize {
         self.embed.bytes()
             + self.lm_head.bytes()
-            + 4 * self.norm.len()
+            + self.norm.bytes()
             + self
                 .layers
                 .iter()
@@ -109,7 +146,7 @@ impl Model {
     /// at their mean size. What a memory-bound decode streams per token.
     pub fn decode_bytes_per_token(&self) -> usize {
         let mut bytes = self.lm_head.bytes()
-            + 4 * self.norm.len()
+            + self.norm.bytes()
             + self.embed.bytes() / self.config.vocab_size.max(1);
         for l in &self.layers {
             bytes += l.weight_bytes();
@@ -127,6 +164,177 @@ impl Model {
             }
         }
         bytes
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer<B>] {
+        &self.layers
+    }
+
+    /// An empty K/V cache on the backend (on the CPU, [`Model::new_cache`] cannot fail).
+    pub fn try_new_cache(&self) -> Result<KvCache<B>> {
+        let w = self.config.num_kv_heads * self.config.head_dim;
+        Ok(KvCache {
+            layers: (0..self.layers.len())
+                .map(|_| self.b.new_kv(w))
+                .collect::<std::result::Result<_, _>>()?,
+        })
+    }
+
+    /// Checks token ids against the vocabulary.
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            Some(position) => Err(Error::TokenOutOfRange {
+                id: tokens[position],
+                position,
+                vocab,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Embedding rows of `tokens`, `[tokens, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<B::Act> {
+        self.check_tokens(tokens)?;
+        let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+        Ok(self.b.weight_rows(&self.embed, &ids)?)
+    }
+
+    /// Final norm and lm_head on `hidden` rows (`[rows, hidden]`), giving `[rows, vocab]` on
+    /// the host.
+    pub fn logits(&self, hidden: &B::Act) -> Result<Tensor> {
+        let b = &*self.b;
+        let normed = b.rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        Ok(b.download(&b.linear(&normed, &self.lm_head, None)?)?)
+    }
+
+    /// Runs the decoder stack on `tokens`, which follow the cached ones, and returns the final
+    /// hidden states (before the final norm) plus the routing of each sparse layer.
+    pub fn forward_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+    ) -> Result<(B::Act, LayerRouting)> {
+        self.run_layers(tokens, cache, false)
+    }
+
+    /// [`Self::forward_hidden`] with `last_only`: the exact last-layer shortcut. The last layer
+    /// still computes (and caches) K/V for every token, but attention, the MLP and the residuals
+    /// only for the final one, which is all generation needs; the result is that one row, and
+    /// the last sparse layer's routing covers only it.
+    fn run_layers(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        last_only: bool,
+    ) -> Result<(B::Act, LayerRouting)> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("forward called with no tokens".into()));
+        }
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::InvalidInput(format!(
+                "KV cache has {} layers, model {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let b = &*self.b;
+        let start = cache.len();
+        let end = start + tokens.len();
+        let positions: Vec<usize> = (start..end).collect();
+        let mut x = self.embed(tokens)?;
+        let mut routing = Vec::new();
+        // Every layer shares one RoPE configuration, so the table is computed once per forward.
+        let rope = match self.layers.first() {
+            Some(l) => b.rope_table(l.attn.rope.table(&positions))?,
+            None => return Err(Error::InvalidInput("model has no layers".into())),
+        };
+        let n = self.layers.len();
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let r = if last_only && l + 1 == n {
+                layer.forward_last(b, &mut x, &positions, &rope, kv)?
+            } else {
+                layer.forward(b, &mut x, &positions, &rope, kv)?
+            };
+            // A sliding-window layer keeps only what later tokens can see.
+            layer.attn.trim_cache(b, kv, end)?;
+            if let Some(r) = r {
+                routing.push((l, r));
+            }
+        }
+        Ok((x, routing))
+    }
+
+    /// Forward pass returning logits for the requested positions. [`LogitsFor::Last`] takes the
+    /// exact last-layer shortcut ([`DecoderLayer::forward_last`]): the last sparse layer's
+    /// routing then covers only the final position.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        which: LogitsFor,
+    ) -> Result<ForwardOutput> {
+        let (rows, routing) = self.run_layers(tokens, cache, which == LogitsFor::Last)?;
+        Ok(ForwardOutput {
+            logits: self.logits(&rows)?,
+            routing,
+        })
+    }
+
+    /// A fresh prefill of `tokens`: the logits of the last position, `[1, vocab]`.
+    pub fn prefill(&self, tokens: &[u32]) -> Result<Tensor> {
+        let mut cache = self.try_new_cache()?;
+        Ok(self.forward(tokens, &mut cache, LogitsFor::Last)?.logits)
+    }
+
+    /// Negative log-likelihood of each token given its prefix (`tokens.len() − 1` values), with
+    /// lm_head applied in chunks so a long sequence never holds `[L, vocab]` logits at once.
+    pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() < 2 {
+            return Err(Error::InvalidInput(format!(
+                "scoring needs at least 2 tokens, got {}",
+                tokens.len()
+            )));
+        }
+        let mut cache = self.try_new_cache()?;
+        let (hidden, _) = self.forward_hidden(tokens, &mut cache)?;
+        self.nll_of_rows(&hidden, tokens, 0)
+    }
+
+    /// The NLL of `tokens[first + i + 1]` under hidden row `i` for every row of `hidden` that has
+    /// a next token, lm_head applied 512 rows at a time.
+    pub fn nll_of_rows(&self, hidden: &B::Act, tokens: &[u32], first: usize) -> Result<Vec<f32>> {
+        let rows = self.b.dims(hidden)?.0;
+        let n = rows.min(tokens.len().saturating_sub(first + 1));
+        let mut nll = Vec::with_capacity(n);
+        const CHUNK: usize = 512;
+        for s in (0..n).step_by(CHUNK) {
+            let e = (s + CHUNK).min(n);
+            let logits = self.logits(&self.b.rows(hidden, s, e)?)?;
+            for (i, row) in logits.as_slice().chunks(self.config.vocab_size).enumerate() {
+                nll.push(nll_of(row, tokens[first + s + i + 1] as usize));
+            }
+        }
+        Ok(nll)
+    }
+
+    /// Experts held per sparse layer (for load reports and tests).
+    pub fn loaded_experts(&self) -> Vec<(usize, Vec<usize>)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, layer)| match &layer.mlp {
+                Mlp::Sparse(m) => Some((l, m.experts.loaded())),
+                Mlp::Dense(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl Model<Cpu> {
+    /// An empty host K/V cache.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
     }
 
     /// The same model holding the routed experts `sel` selects (in `precision`, read from
@@ -172,158 +380,6 @@ impl Model {
             }
         }
         Ok((next, delta))
-    }
-
-    pub fn layers(&self) -> &[DecoderLayer] {
-        &self.layers
-    }
-
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
-    }
-
-    /// Checks token ids against the vocabulary.
-    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
-        let vocab = self.config.vocab_size;
-        match tokens.iter().position(|&t| t as usize >= vocab) {
-            Some(position) => Err(Error::TokenOutOfRange {
-                id: tokens[position],
-                position,
-                vocab,
-            }),
-            None => Ok(()),
-        }
-    }
-
-    /// Embedding rows of `tokens`, `[tokens, hidden]`.
-    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        self.check_tokens(tokens)?;
-        let h = self.config.hidden_size;
-        let mut data = vec![0f32; tokens.len() * h];
-        for (row, &t) in data.chunks_mut(h.max(1)).zip(tokens) {
-            self.embed.decode_rows(t as usize, t as usize + 1, row)?;
-        }
-        Ok(Tensor::from_vec(data, [tokens.len(), h])?)
-    }
-
-    /// Final norm and lm_head on `hidden` rows (`[rows, hidden]`), giving `[rows, vocab]`.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let (rows, _) = hidden.dims2("logits")?;
-        let normed = ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
-        let v = self.config.vocab_size;
-        Ok(Tensor::from_vec(
-            self.lm_head
-                .matmul_nt(normed.as_slice(), rows, Par::Rayon)?,
-            [rows, v],
-        )?)
-    }
-
-    /// Runs the decoder stack on `tokens`, which follow the cached ones, and returns the final
-    /// hidden states (before the final norm) plus the routing of each sparse layer.
-    pub fn forward_hidden(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-    ) -> Result<(Tensor, Vec<(usize, Routing)>)> {
-        self.run_layers(tokens, cache, false)
-    }
-
-    /// [`Self::forward_hidden`] with `last_only`: the exact last-layer shortcut. The last layer
-    /// still computes (and caches) K/V for every token, but attention, the MLP and the residuals
-    /// only for the final one, which is all generation needs; the result is that one row, and
-    /// the last sparse layer's routing covers only it.
-    fn run_layers(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        last_only: bool,
-    ) -> Result<(Tensor, Vec<(usize, Routing)>)> {
-        if tokens.is_empty() {
-            return Err(Error::InvalidInput("forward called with no tokens".into()));
-        }
-        if cache.layers.len() != self.layers.len() {
-            return Err(Error::InvalidInput(format!(
-                "KV cache has {} layers, model {}",
-                cache.layers.len(),
-                self.layers.len()
-            )));
-        }
-        let start = cache.len();
-        let end = start + tokens.len();
-        let positions: Vec<usize> = (start..end).collect();
-        let mut x = self.embed(tokens)?;
-        let mut routing = Vec::new();
-        // Every layer shares one RoPE configuration, so the table is computed once per forward.
-        let rope = match self.layers.first() {
-            Some(l) => l.attn.rope.table(&positions),
-            None => return Err(Error::InvalidInput("model has no layers".into())),
-        };
-        let n = self.layers.len();
-        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let r = if last_only && l + 1 == n {
-                layer.forward_last(&mut x, &positions, &rope, kv)?
-            } else {
-                layer.forward(&mut x, &positions, &rope, kv)?
-            };
-            // A sliding-window layer keeps only what later tokens can see.
-            layer.attn.trim_cache(kv, end);
-            if let Some(r) = r {
-                routing.push((l, r));
-            }
-        }
-        Ok((x, routing))
-    }
-
-    /// Forward pass returning logits for the requested positions. [`LogitsFor::Last`] takes the
-    /// exact last-layer shortcut ([`DecoderLayer::forward_last`]): the last sparse layer's
-    /// routing then covers only the final position.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        which: LogitsFor,
-    ) -> Result<ForwardOutput> {
-        let (rows, routing) = self.run_layers(tokens, cache, which == LogitsFor::Last)?;
-        Ok(ForwardOutput {
-            logits: self.logits(&rows)?,
-            routing,
-        })
-    }
-
-    /// Negative log-likelihood of each token given its prefix (`tokens.len() − 1` values), with
-    /// lm_head applied in chunks so a long sequence never holds `[L, vocab]` logits at once.
-    pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if tokens.len() < 2 {
-            return Err(Error::InvalidInput(format!(
-                "scoring needs at least 2 tokens, got {}",
-                tokens.len()
-            )));
-        }
-        let mut cache = self.new_cache();
-        let (hidden, _) = self.forward_hidden(tokens, &mut cache)?;
-        let n = tokens.len() - 1;
-        let mut nll = Vec::with_capacity(n);
-        const CHUNK: usize = 512;
-        for s in (0..n).step_by(CHUNK) {
-            let e = (s + CHUNK).min(n);
-            let logits = self.logits(&hidden.rows(s, e)?)?;
-            for (i, row) in logits.as_slice().chunks(self.config.vocab_size).enumerate() {
-                nll.push(nll_of(row, tokens[s + i + 1] as usize));
-            }
-        }
-        Ok(nll)
-    }
-
-    /// Experts held per sparse layer (for load reports and tests).
-    pub fn loaded_experts(&self) -> Vec<(usize, Vec<usize>)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .filter_map(|(l, layer)| match &layer.mlp {
-                Mlp::Sparse(m) => Some((l, m.experts.loaded())),
-                Mlp::Dense(_) => None,
-            })
-            .collect()
     }
 }
 

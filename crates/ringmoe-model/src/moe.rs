@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 use ringmoe_core::gemm::Par;
-use ringmoe_core::{Weights, ops};
+use ringmoe_core::{Backend, Cpu, Stored, Tensor, WeightPrecision, Weights, ops};
 
 use crate::{Error, Result};
 
@@ -159,17 +159,26 @@ pub fn gather_rows(x: &[f32], hidden: usize, plan: &DispatchPlan) -> Vec<f32> {
 
 /// One SwiGLU expert: `down(silu(gate(x)) ⊙ up(x))`, with gate and up fused row-wise as
 /// `gate_up = [gate; up]` (`[2·intermediate, hidden]`) so one GEMM computes both.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExpertWeights {
+#[derive(Debug, Clone)]
+pub struct ExpertWeights<B: Backend = Cpu> {
     pub hidden: usize,
     pub intermediate: usize,
     /// `[2·intermediate, hidden]`.
-    pub gate_up: Weights,
+    pub gate_up: B::Weight,
     /// `[hidden, intermediate]`.
-    pub down: Weights,
+    pub down: B::Weight,
 }
 
-impl ExpertWeights {
+impl PartialEq for ExpertWeights<Cpu> {
+    fn eq(&self, o: &Self) -> bool {
+        self.hidden == o.hidden
+            && self.intermediate == o.intermediate
+            && self.gate_up == o.gate_up
+            && self.down == o.down
+    }
+}
+
+impl ExpertWeights<Cpu> {
     /// An expert from f32 matrices (benchmarks and tests build experts this way).
     pub fn from_f32(
         hidden: usize,
@@ -198,6 +207,28 @@ impl ExpertWeights {
         Ok(self.down.matmul_nt(&act, rows, par)?)
     }
 
+    /// The same expert on backend `b`, matrices in `precision`.
+    pub fn into_backend<B: Backend>(
+        self,
+        b: &B,
+        precision: WeightPrecision,
+    ) -> ringmoe_core::Result<ExpertWeights<B>> {
+        Ok(ExpertWeights {
+            hidden: self.hidden,
+            intermediate: self.intermediate,
+            gate_up: b.weight(self.gate_up, precision, false)?,
+            down: b.weight(self.down, precision, false)?,
+        })
+    }
+}
+
+impl<B: Backend> ExpertWeights<B> {
+    /// The expert on `[rows, hidden]` rows on its backend.
+    pub fn forward_on(&self, b: &B, x: &B::Act) -> ringmoe_core::Result<B::Act> {
+        let gu = b.linear(x, &self.gate_up, None)?;
+        b.linear(&b.swiglu(&gu)?, &self.down, None)
+    }
+
     /// Bytes of weights held, in their stored precision.
     pub fn bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()
@@ -205,14 +236,41 @@ impl ExpertWeights {
 }
 
 /// The experts of one layer that this process holds; the rest are `None`.
-#[derive(Debug, Clone, Default)]
-pub struct ExpertSet {
+#[derive(Debug, Clone)]
+pub struct ExpertSet<B: Backend = Cpu> {
     pub layer: usize,
-    pub experts: Vec<Option<ExpertWeights>>,
+    pub experts: Vec<Option<ExpertWeights<B>>>,
 }
 
-impl ExpertSet {
-    pub fn get(&self, expert: usize) -> Result<&ExpertWeights> {
+impl Default for ExpertSet<Cpu> {
+    fn default() -> Self {
+        Self {
+            layer: 0,
+            experts: Vec::new(),
+        }
+    }
+}
+
+impl ExpertSet<Cpu> {
+    /// The same experts on backend `b`.
+    pub fn into_backend<B: Backend>(
+        self,
+        b: &B,
+        precision: WeightPrecision,
+    ) -> ringmoe_core::Result<ExpertSet<B>> {
+        Ok(ExpertSet {
+            layer: self.layer,
+            experts: self
+                .experts
+                .into_iter()
+                .map(|e| e.map(|e| e.into_backend(b, precision)).transpose())
+                .collect::<std::result::Result<_, _>>()?,
+        })
+    }
+}
+
+impl<B: Backend> ExpertSet<B> {
+    pub fn get(&self, expert: usize) -> Result<&ExpertWeights<B>> {
         self.experts
             .get(expert)
             .and_then(Option::as_ref)
@@ -232,10 +290,26 @@ impl ExpertSet {
             .map(|(i, _)| i)
             .collect()
     }
+
+    /// `(rows, (gate_up, down))` of each `(expert, rows)` group, for `Backend::grouped_mlp`; an
+    /// expert not held here is an error naming it.
+    pub fn groups(
+        &self,
+        groups: &[(usize, usize)],
+    ) -> Result<Vec<ringmoe_core::ExpertGroup<'_, B::Weight>>> {
+        groups
+            .iter()
+            .map(|&(e, n)| {
+                let w = self.get(e)?;
+                Ok((n, (&w.gate_up, &w.down)))
+            })
+            .collect()
+    }
 }
 
 /// Runs each expert over its contiguous group of rows. `groups` lists `(expert, rows)` in the
 /// order the rows appear in `x_rows` (`[Σ rows, hidden]`); the result has the same row order.
+/// The host form of `Backend::grouped_mlp`.
 pub fn expert_compute(
     x_rows: &[f32],
     hidden: usize,
@@ -249,38 +323,8 @@ pub fn expert_compute(
             x_rows.len()
         )));
     }
-    // Experts run side by side on the rayon pool, each GEMM single-threaded: with several busy
-    // experts this keeps every core on its own packed weights instead of splitting each GEMM.
-    // A lone busy expert (decode, or a skewed batch) gets the whole pool inside its GEMMs.
-    let busy = groups.iter().filter(|g| g.1 > 0).count();
-    let par = if busy >= rayon::current_num_threads() {
-        Par::Serial
-    } else {
-        Par::Rayon
-    };
-    let mut out = vec![0f32; total * hidden];
-    let mut chunks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(groups.len());
-    let mut rest = out.as_mut_slice();
-    let mut start = 0;
-    for &(e, n) in groups {
-        let (head, tail) = rest.split_at_mut(n * hidden);
-        chunks.push((e, start, head));
-        rest = tail;
-        start += n;
-    }
-    chunks
-        .into_par_iter()
-        .try_for_each(|(e, start, dst)| -> Result<()> {
-            let n = dst.len() / hidden.max(1);
-            let y = experts.get(e)?.forward_with(
-                &x_rows[start * hidden..(start + n) * hidden],
-                n,
-                par,
-            )?;
-            dst.copy_from_slice(&y);
-            Ok(())
-        })?;
-    Ok(out)
+    let x = Tensor::from_vec(x_rows.to_vec(), [total, hidden])?;
+    Ok(Cpu.grouped_mlp(&x, &experts.groups(groups)?)?.into_vec())
 }
 
 /// Weighted sum of each token's expert outputs (`[tokens, hidden]`). A token's contributions are

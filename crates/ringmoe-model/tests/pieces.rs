@@ -4,6 +4,7 @@
 
 use anyhow::{Result, ensure};
 use ringmoe_core::testing::rand_vec;
+use ringmoe_core::{Cpu, Tensor};
 use ringmoe_model::layers::{PIECE_ROWS, local_experts, piece_range, pieces_for};
 use ringmoe_model::{LoadOptions, LogitsFor, Model};
 use ringmoe_testkit::{ARCH_FIXTURES, fixture, max_abs_diff};
@@ -57,16 +58,19 @@ fn a_layer_finished_in_pieces_equals_one_piece_on_every_fixture() -> Result<()> 
             .enumerate()
         {
             let rope = layer.attn.rope.table(&positions);
-            let qkv = layer.qkv(&x, &rope)?;
-            kv.append(&qkv.k, &qkv.v, &positions);
+            let qkv = layer.qkv(&Cpu, &x, &rope)?;
+            kv.append(qkv.k.as_slice(), qkv.v.as_slice(), &positions);
             let out = layer
                 .attn
-                .attend(&qkv.q, &positions, &kv.k, &kv.v, &kv.positions)?
+                .attend_host(qkv.q.as_slice(), &positions, &kv.k, &kv.v, &kv.positions)?
                 .out;
+            let out = Tensor::from_vec(out, qkv.q.shape().to_vec())?;
+            let mut local =
+                |m: &_, x: &_, r: &_| local_experts::<Cpu, ringmoe_model::Error>(&Cpu, m, x, r);
             let mut one = x.clone();
-            let r1 = layer.finish_in(&mut one, &out, 1, local_experts::<ringmoe_model::Error>)?;
+            let r1 = layer.finish_in(&Cpu, &mut one, &out, 1, &mut local)?;
             let mut seven = x.clone();
-            let r7 = layer.finish_in(&mut seven, &out, 7, local_experts::<ringmoe_model::Error>)?;
+            let r7 = layer.finish_in(&Cpu, &mut seven, &out, 7, &mut local)?;
             let d = max_abs_diff(one.as_slice(), seven.as_slice());
             // The GEMMs sum in another order for other row counts: float noise only.
             ensure!(d <= 1e-5, "{name} layer {l}: 7 pieces vs 1: max |Δ| {d}");

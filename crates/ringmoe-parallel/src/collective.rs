@@ -106,10 +106,7 @@ fn counts_for(world: usize, what: &str, counts: &[usize]) -> Result<()> {
 
 /// Over the host transports a backend's buffers travel as host payloads: downloaded before
 /// they are sent and uploaded when they arrive (moves, for the [`ringmoe_core::Cpu`] backend).
-impl<B: Backend> Collective<B> for Communicator
-where
-    ParallelError: From<B::Error>,
-{
+impl<B: Backend> Collective<B> for Communicator {
     type Rows = HostRows;
 
     fn rank(&self) -> usize {

@@ -12,25 +12,23 @@
 //! Every rank evaluates the same rule on the same shard sizes, so they agree without messages, and
 //! shards never differ by more than one token more than they did after prefill.
 
-use ringmoe_comm::{Communicator, Kind, Payload, Tag};
-use ringmoe_core::attention::PartialAttention;
-use ringmoe_core::{Backend, Cpu, Partial, Tensor};
+use ringmoe_comm::{Kind, Tag};
+use ringmoe_core::KvStore;
+use ringmoe_core::{Backend, Cpu, Partial};
 use ringmoe_model::generate::Sampler;
-use ringmoe_model::kv_cache::LayerKv;
-use ringmoe_model::layers::Attention;
+use ringmoe_model::layers::{Attention, local_experts};
 use ringmoe_model::{KvCache, Model};
 
-use crate::prefill::prefill_layers;
-use crate::{
-    Collective, ExpertParallel, JobOptions, ParallelError, Result, ShardPlan, moe_parallel,
-};
+use crate::prefill::{expert_layer, prefill_layers};
+use crate::{Collective, ExpertParallel, JobOptions, ParallelError, Result, ShardPlan};
 
-/// A sequence whose K/V cache is sharded over the ranks of a communicator.
-pub struct ShardedSequence<'a> {
-    model: &'a Model,
-    comm: &'a Communicator,
+/// A sequence whose K/V cache is sharded over the ranks of a group, on backend `B` over
+/// collective `C` (the host: the CPU over a [`ringmoe_comm::Communicator`]).
+pub struct ShardedSequence<'a, B: Backend = Cpu, C: Collective<B> = ringmoe_comm::Communicator> {
+    model: &'a Model<B>,
+    comm: &'a C,
     /// This rank's K/V (its own tokens only).
-    pub cache: KvCache,
+    pub cache: KvCache<B>,
     /// Cached tokens per rank, identical on every rank.
     pub shard_sizes: Vec<usize>,
     next_position: usize,
@@ -39,7 +37,7 @@ pub struct ShardedSequence<'a> {
     experts: Option<&'a ExpertParallel>,
 }
 
-impl std::fmt::Debug for ShardedSequence<'_> {
+impl<B: Backend, C: Collective<B>> std::fmt::Debug for ShardedSequence<'_, B, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardedSequence")
             .field("shard_sizes", &self.shard_sizes)
@@ -49,46 +47,59 @@ impl std::fmt::Debug for ShardedSequence<'_> {
 }
 
 /// The rank that stores a new token's K/V given every rank's cached tokens: the fewest, lowest
-/// rank on ties. Every rank (host or device path) evaluates this on the same sizes, so they agree
-/// without messages.
+/// rank on ties. Every rank evaluates this on the same sizes, so they agree without messages.
 pub fn owner_of_next(shard_sizes: &[usize]) -> usize {
     let min = shard_sizes.iter().copied().min().unwrap_or(0);
     shard_sizes.iter().position(|&s| s == min).unwrap_or(0)
 }
 
-/// Whichever rank holds position `pos` contributes `row`; every rank gets it.
-pub(crate) fn share_row(comm: &Communicator, tag: Tag, row: Option<Vec<f32>>) -> Result<Vec<f32>> {
-    let gathered = comm.all_gather(tag, Payload::f32(row.unwrap_or_default()))?;
-    gathered
-        .into_iter()
-        .filter_map(|p| p.into_f32())
-        .find(|v| !v.is_empty())
-        .ok_or_else(|| ParallelError::Invalid("no rank holds the requested row".into()))
+/// Rank `holder`'s `row` (`[width, 1]`; `None` on every other rank), on every rank: each rank
+/// contributes a row (zeros unless it holds it) to one all-gather and takes the holder's.
+pub(crate) fn share_row<B: Backend, C: Collective<B>>(
+    b: &B,
+    comm: &C,
+    tag: Tag,
+    holder: usize,
+    row: Option<B::Act>,
+    width: usize,
+) -> Result<B::Act> {
+    let mine = match row {
+        Some(r) => r,
+        None => b.zeros(width, 1)?,
+    };
+    if b.dims(&mine)? != (width, 1) {
+        return Err(ParallelError::Invalid(format!(
+            "a shared row of {:?}, expected [{width}, 1]",
+            b.dims(&mine)?
+        )));
+    }
+    let all = comm.all_gather(b, tag, &mine)?;
+    Ok(b.rows(&all, holder * width, (holder + 1) * width)?)
 }
 
-/// One query at `pos` (`q`: `[n_heads, head_dim]`, the same on every rank) against the K/V
-/// sharded over the ranks: each rank's partial `(out, lse)` over its own keys, all-gathered and
-/// merged in rank order, so every rank gets the same output. Decode steps and the last-layer
-/// shortcut of a prefill.
-pub(crate) fn one_query_attention(
-    comm: &Communicator,
+/// One query at `pos` (`q`: `[1, n_heads·head_dim]`, the same on every rank) against the K/V
+/// sharded over the ranks: each rank's partial `(out, lse)` over its own keys, merged over the
+/// ranks in rank order ([`merge_over_ranks`]), so every rank gets the same output. Decode steps
+/// and the last-layer shortcut of a prefill.
+pub(crate) fn one_query_attention<B: Backend, C: Collective<B>>(
+    b: &B,
+    comm: &C,
     tag: Tag,
-    attn: &Attention,
-    q: &[f32],
+    attn: &Attention<B>,
+    q: &B::Act,
     pos: usize,
-    kv: &LayerKv,
-) -> Result<Vec<f32>> {
+    kv: &B::Kv,
+) -> Result<B::Act> {
     let (hq, d) = (attn.params.n_heads, attn.params.head_dim);
-    let part = if kv.is_empty() {
-        PartialAttention::empty(1, hq, d)
+    let part = if kv.positions().is_empty() {
+        Partial {
+            out: b.zeros(1, hq * d)?,
+            lse: b.filled(1, hq, f32::NEG_INFINITY)?,
+        }
     } else {
-        attn.attend(q, &[pos], &kv.k, &kv.v, &kv.positions)?
+        attn.attend(b, q, &[pos], kv)?
     };
-    let part = Partial {
-        out: Tensor::from_vec(part.out, [1, hq * d])?,
-        lse: Tensor::from_vec(part.lse, [1, hq])?,
-    };
-    Ok(merge_over_ranks(&Cpu, comm, tag, part)?.into_vec())
+    merge_over_ranks(b, comm, tag, part)
 }
 
 /// Every rank's partial attention of the same queries over its own keys (`part`: `out`
@@ -98,7 +109,6 @@ pub fn merge_over_ranks<B, C>(b: &B, comm: &C, tag: Tag, part: Partial<B::Act>) 
 where
     B: Backend,
     C: Collective<B>,
-    ParallelError: From<B::Error>,
 {
     let (rows, qw) = b.dims(&part.out)?;
     let (lse_rows, hq) = b.dims(&part.lse)?;
@@ -129,12 +139,12 @@ where
         .ok_or_else(|| ParallelError::Invalid("a group of no ranks".into()))
 }
 
-impl<'a> ShardedSequence<'a> {
+impl<'a, B: Backend, C: Collective<B>> ShardedSequence<'a, B, C> {
     /// Prefills `tokens` (the whole prompt, known to every rank) sharded by `plan`; returns the
     /// sequence and the logits of the last prompt position, on every rank.
     pub fn prefill(
-        model: &'a Model,
-        comm: &'a Communicator,
+        model: &'a Model<B>,
+        comm: &'a C,
         plan: &ShardPlan,
         tokens: &[u32],
         job: JobOptions,
@@ -144,8 +154,8 @@ impl<'a> ShardedSequence<'a> {
 
     /// [`Self::prefill`] with the routed experts expert-parallel (prefill and every decode step).
     pub fn prefill_with(
-        model: &'a Model,
-        comm: &'a Communicator,
+        model: &'a Model<B>,
+        comm: &'a C,
         plan: &ShardPlan,
         tokens: &[u32],
         job: JobOptions,
@@ -157,10 +167,10 @@ impl<'a> ShardedSequence<'a> {
 
     /// [`Self::prefill_with`] when this rank knows only its own shard (`mine` = the tokens at
     /// `plan.positions(rank)`), as a cluster worker does; `on_layer` as in
-    /// [`prefill_shard_observed`].
+    /// [`crate::prefill_shard_observed`].
     pub fn prefill_shard(
-        model: &'a Model,
-        comm: &'a Communicator,
+        model: &'a Model<B>,
+        comm: &'a C,
         plan: &ShardPlan,
         mine: &[u32],
         job: JobOptions,
@@ -197,6 +207,7 @@ impl<'a> ShardedSequence<'a> {
     /// Feeds one token (the same on every rank) and returns the next logits, on every rank.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
         let (me, model, comm) = (self.comm.rank(), self.model, self.comm);
+        let b = &**model.backend();
         let owner = self.owner_of_next();
         let pos = self.next_position;
         self.steps += 1;
@@ -205,7 +216,7 @@ impl<'a> ShardedSequence<'a> {
             .layers()
             .first()
             .ok_or_else(|| ParallelError::Invalid("model has no layers".into()))?;
-        let rope = first.attn.rope.table(&[pos]);
+        let rope = b.rope_table(first.attn.rope.table(&[pos]))?;
         let mut x = model.embed(&[token])?;
         for (l, (layer, kv)) in model
             .layers()
@@ -213,27 +224,30 @@ impl<'a> ShardedSequence<'a> {
             .zip(self.cache.layers.iter_mut())
             .enumerate()
         {
-            let attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
+            let attend = |qkv: ringmoe_model::layers::Qkv<B::Act>| -> Result<B::Act> {
                 if me == owner {
-                    kv.append(&qkv.k, &qkv.v, &[pos]);
+                    b.kv_append(kv, qkv.k, qkv.v, &[pos])?;
                 }
                 let tag = Tag::new(self.job, l as u32, step, Kind::AllGather);
-                one_query_attention(comm, tag, &layer.attn, &qkv.q, pos, kv)
+                one_query_attention(b, comm, tag, &layer.attn, &qkv.q, pos, kv)
             };
             match self.experts {
-                None => layer.forward_with(&mut x, &rope, attend)?,
-                Some(ep) => layer.forward_parts(&mut x, &rope, attend, |m, xs, routing| {
-                    let tag = Tag::new(self.job, l as u32, step, Kind::Dispatch);
-                    let hidden = m.router.in_features;
-                    Ok(moe_parallel(comm, ep, l, &m.experts, xs, hidden, routing, tag)?.0)
+                None => layer.forward_parts(b, &mut x, &rope, attend, &mut |m, xs, r| {
+                    local_experts::<B, ParallelError>(b, m, xs, r)
                 })?,
+                Some(ep) => {
+                    layer.forward_parts(b, &mut x, &rope, attend, &mut |m, xs, routing| {
+                        let tag = Tag::new(self.job, l as u32, step, Kind::Dispatch);
+                        Ok(expert_layer(b, comm, ep, l, m, xs, routing, tag)?.0)
+                    })?
+                }
             };
         }
         self.shard_sizes[owner] += 1;
         self.next_position += 1;
         // A sliding-window layer keeps only the keys later steps can see (as after the prefill).
         for (layer, kv) in model.layers().iter().zip(self.cache.layers.iter_mut()) {
-            layer.attn.trim_cache(kv, self.next_position);
+            layer.attn.trim_cache(b, kv, self.next_position)?;
         }
         Ok(model.logits(&x)?.into_vec())
     }
@@ -250,9 +264,9 @@ pub struct StopRule<'e> {
 /// `stop`. Every rank calls this with the same
 /// arguments (and an identically seeded sampler) and gets the same tokens.
 #[allow(clippy::too_many_arguments)]
-pub fn generate_sharded(
-    model: &Model,
-    comm: &Communicator,
+pub fn generate_sharded<B: Backend, C: Collective<B>>(
+    model: &Model<B>,
+    comm: &C,
     plan: &ShardPlan,
     prompt: &[u32],
     stop: StopRule<'_>,
@@ -265,7 +279,8 @@ pub fn generate_sharded(
     if max_new_tokens == 0 {
         return Ok(out);
     }
-    let (mut seq, logits) = ShardedSequence::prefill_with(model, comm, plan, prompt, job, experts)?;
+    let (mut seq, logits) =
+        ShardedSequence::<B, C>::prefill_with(model, comm, plan, prompt, job, experts)?;
     let mut next = sampler.sample(&logits);
     loop {
         out.push(next);

@@ -33,7 +33,6 @@ use std::time::Instant;
 use ringmoe_comm::{Communicator, Kind, Tag};
 use ringmoe_core::{Backend, Cpu, Tensor};
 use ringmoe_model::Model;
-use ringmoe_model::layers::Mlp;
 use ringmoe_model::moe::{ExpertSet, Routing, expert_compute};
 
 use crate::dispatch::{ExchangePlan, expert_major, parse_headers};
@@ -66,21 +65,12 @@ impl ExpertParallel {
 
     /// Checks that the placement fits the model and the group, and that this rank's model holds
     /// every expert the placement puts on it.
-    pub fn check(&self, model: &Model, comm: &Communicator) -> Result<()> {
-        let loaded: Vec<(usize, Vec<usize>)> = model
-            .layers()
-            .iter()
-            .enumerate()
-            .filter_map(|(l, layer)| match &layer.mlp {
-                Mlp::Sparse(m) => Some((l, m.experts.loaded())),
-                Mlp::Dense(_) => None,
-            })
-            .collect();
+    pub fn check<B: Backend, C: Collective<B>>(&self, model: &Model<B>, comm: &C) -> Result<()> {
         self.check_loaded(
             (model.config.num_layers, model.config.moe.num_experts),
             comm.world_size(),
             comm.rank(),
-            &loaded,
+            &model.loaded_experts(),
         )
     }
 
@@ -221,7 +211,6 @@ pub fn moe_parallel_on<B, C>(
 where
     B: Backend,
     C: Collective<B>,
-    ParallelError: From<B::Error>,
 {
     let (tokens, hidden) = b.dims(x)?;
     let (world, me, k) = (comm.world_size(), comm.rank(), routing.top_k);

@@ -4,30 +4,28 @@
 //! ([`ExpertParallel`]); everything else (norms, projections, router, shared expert) is the
 //! single-process layer on the rank's own tokens. Each rank keeps the K/V of its own tokens only.
 
-use ringmoe_comm::{Communicator, Kind, Tag};
-use ringmoe_core::rope::RopeTable;
-use ringmoe_core::{Cpu, Tensor};
-use ringmoe_model::kv_cache::LayerKv;
-use ringmoe_model::layers::{DecoderLayer, PIECE_ROWS, SparseMoe, local_experts, pieces_for};
+use ringmoe_comm::{Kind, Tag};
+use ringmoe_core::{Backend, Cpu};
+use ringmoe_model::layers::{DecoderLayer, PIECE_ROWS, local_experts, pieces_for};
 use ringmoe_model::moe::Routing;
 use ringmoe_model::{KvCache, Model};
 
 use crate::decode::{one_query_attention, share_row};
 
 use crate::{
-    AttentionMode, ExpertParallel, MoeStats, ParallelError, Result, RingStats, ShardPlan,
-    moe_parallel, ring_attention_on,
+    AttentionMode, Collective, ExpertParallel, MoeStats, ParallelError, Result, RingStats,
+    ShardPlan, moe_parallel_on, ring_attention_on,
 };
 
 /// What a rank holds after prefill.
 #[derive(Debug)]
-pub struct RankPrefill {
+pub struct RankPrefill<B: Backend = Cpu> {
     /// Absolute positions of this rank's tokens.
     pub positions: Vec<usize>,
     /// Final hidden states of those tokens (before the final norm), `[tokens, hidden]`.
-    pub hidden: Tensor,
+    pub hidden: B::Act,
     /// K/V of this rank's tokens only, per layer.
-    pub cache: KvCache,
+    pub cache: KvCache<B>,
     /// Routing of this rank's tokens in each sparse layer.
     pub routing: Vec<(usize, Routing)>,
     /// Ring attention figures summed over the layers.
@@ -75,41 +73,41 @@ impl JobOptions {
 
 /// Runs this rank's shard (`tokens` = the tokens at `plan.positions(comm.rank())`) through the
 /// model. Every rank of `comm` must call this with the same plan and job.
-pub fn prefill_shard(
-    model: &Model,
-    comm: &Communicator,
+pub fn prefill_shard<B: Backend, C: Collective<B>>(
+    model: &Model<B>,
+    comm: &C,
     plan: &ShardPlan,
     tokens: &[u32],
     job: JobOptions,
-) -> Result<RankPrefill> {
+) -> Result<RankPrefill<B>> {
     prefill_shard_with(model, comm, plan, tokens, job, None)
 }
 
 /// [`prefill_shard`] with the routed experts run expert-parallel when `experts` is given: then
 /// this rank's model holds only the experts the placement puts on it.
-pub fn prefill_shard_with(
-    model: &Model,
-    comm: &Communicator,
+pub fn prefill_shard_with<B: Backend, C: Collective<B>>(
+    model: &Model<B>,
+    comm: &C,
     plan: &ShardPlan,
     tokens: &[u32],
     job: JobOptions,
     experts: Option<&ExpertParallel>,
-) -> Result<RankPrefill> {
+) -> Result<RankPrefill<B>> {
     prefill_shard_observed(model, comm, plan, tokens, job, experts, &mut |_, _| Ok(()))
 }
 
 /// [`prefill_shard_with`] calling `on_layer(layers_done, layers)` after every layer. An error
 /// from `on_layer` (a cancelled job, say) stops the prefill and is returned; the other ranks
 /// then fail on their next collective with this rank.
-pub fn prefill_shard_observed(
-    model: &Model,
-    comm: &Communicator,
+pub fn prefill_shard_observed<B: Backend, C: Collective<B>>(
+    model: &Model<B>,
+    comm: &C,
     plan: &ShardPlan,
     tokens: &[u32],
     job: JobOptions,
     experts: Option<&ExpertParallel>,
     on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
-) -> Result<RankPrefill> {
+) -> Result<RankPrefill<B>> {
     prefill_layers(model, comm, plan, tokens, job, experts, on_layer, false)
 }
 
@@ -125,16 +123,16 @@ const SHORTCUT_MERGE_STEP: u32 = u32::MAX;
 /// for that one row. The result's `hidden` is then that row (the same on every rank), and the
 /// last sparse layer's routing covers only it.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn prefill_layers(
-    model: &Model,
-    comm: &Communicator,
+pub(crate) fn prefill_layers<B: Backend, C: Collective<B>>(
+    model: &Model<B>,
+    comm: &C,
     plan: &ShardPlan,
     tokens: &[u32],
     job: JobOptions,
     experts: Option<&ExpertParallel>,
     on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
     last_only: bool,
-) -> Result<RankPrefill> {
+) -> Result<RankPrefill<B>> {
     if let Some(ep) = experts {
         ep.check(model, comm)?;
     }
@@ -154,13 +152,14 @@ pub(crate) fn prefill_layers(
             positions.len()
         )));
     }
+    let b = &**model.backend();
     let first = model
         .layers()
         .first()
         .ok_or_else(|| ParallelError::Invalid("model has no layers".into()))?;
-    let rope = first.attn.rope.table(&positions);
+    let rope = b.rope_table(first.attn.rope.table(&positions))?;
     let mut x = model.embed(tokens)?;
-    let mut cache = model.new_cache();
+    let mut cache = model.try_new_cache()?;
     let mut routing = Vec::new();
     let mut attention = RingStats::default();
     let mut moe = MoeStats::default();
@@ -181,7 +180,7 @@ pub(crate) fn prefill_layers(
                 model, layer, l, comm, plan, &positions, &x, &rope, kv, job, experts, &mut moe,
             )?;
             x = row;
-            layer.attn.trim_cache(kv, plan.len);
+            layer.attn.trim_cache(b, kv, plan.len)?;
             if let Some(r) = r {
                 routing.push((l, r));
             }
@@ -195,37 +194,34 @@ pub(crate) fn prefill_layers(
             Some(a) => AttentionMode::AShape(a),
             None => job.attention,
         };
-        let mut attend = |qkv: ringmoe_model::layers::Qkv| -> Result<Vec<f32>> {
+        let mut attend = |qkv: ringmoe_model::layers::Qkv<B::Act>| -> Result<B::Act> {
             let _s = tracing::trace_span!("ring_attention").entered();
             // The K/V move into the ring and back out into the cache: held once.
-            let rows = positions.len();
-            let width = params.n_kv_heads * params.head_dim;
-            let q = Tensor::from_vec(qkv.q, [rows, params.n_heads * params.head_dim])?;
-            let own = (
-                Tensor::from_vec(qkv.k, [rows, width])?,
-                Tensor::from_vec(qkv.v, [rows, width])?,
-            );
             let tag = Tag::new(job.id, l as u32, 0, Kind::Ring);
-            let ring = ring_attention_on(&Cpu, comm, plan, &params, &mode, &q, own, tag)?;
-            drop(q);
+            let own = (qkv.k, qkv.v);
+            let ring = ring_attention_on(b, comm, plan, &params, &mode, &qkv.q, own, tag)?;
+            drop(qkv.q);
             let (k, v) = ring.own;
-            kv.append_owned(k.into_vec(), v.into_vec(), &positions);
+            b.kv_append(kv, k, v, &positions)?;
             attention.add(&ring.stats);
-            Ok(ring.part.out.into_vec())
+            Ok(ring.part.out)
         };
-        let out = attend(layer.qkv(&x, &rope)?)?;
+        let out = attend(layer.qkv(b, &x, &rope)?)?;
         let r = match experts {
-            None => layer.finish_in(&mut x, &out, pieces, local_experts::<ParallelError>)?,
+            None => layer.finish_in(b, &mut x, &out, pieces, &mut |m, xs, r| {
+                local_experts::<B, ParallelError>(b, m, xs, r)
+            })?,
             Some(ep) => layer.finish_in(
+                b,
                 &mut x,
                 &out,
                 pieces,
-                parallel_experts(comm, ep, job, l, &mut moe),
+                &mut parallel_experts(b, comm, ep, job, l, &mut moe),
             )?,
         };
         drop(out);
         // A sliding-window layer keeps only the keys later tokens (decode) can see.
-        layer.attn.trim_cache(kv, plan.len);
+        layer.attn.trim_cache(b, kv, plan.len)?;
         if let Some(r) = r {
             routing.push((l, r));
         }
@@ -244,70 +240,107 @@ pub(crate) fn prefill_layers(
 /// The last layer under the shortcut (see [`prefill_layers`]): returns the routing of the final
 /// position (a sparse layer) and its hidden row, `[1, hidden]`, the same on every rank.
 #[allow(clippy::too_many_arguments)]
-fn finish_last_position(
-    model: &Model,
-    layer: &DecoderLayer,
+fn finish_last_position<B: Backend, C: Collective<B>>(
+    model: &Model<B>,
+    layer: &DecoderLayer<B>,
     l: usize,
-    comm: &Communicator,
+    comm: &C,
     plan: &ShardPlan,
     positions: &[usize],
-    x: &Tensor,
-    rope: &RopeTable,
-    kv: &mut LayerKv,
+    x: &B::Act,
+    rope: &B::Rope,
+    kv: &mut B::Kv,
     job: JobOptions,
     experts: Option<&ExpertParallel>,
     moe: &mut MoeStats,
-) -> Result<(Option<Routing>, Tensor)> {
-    let ringmoe_model::layers::Qkv { q, k, v } = layer.qkv(x, rope)?;
-    kv.append_owned(k, v, positions);
+) -> Result<(Option<Routing>, B::Act)> {
+    let b = &**model.backend();
+    let ringmoe_model::layers::Qkv { q, k, v } = layer.qkv(b, x, rope)?;
+    b.kv_append(kv, k, v, positions)?;
     let last = plan.len - 1;
     let w = layer.attn.params.n_heads * layer.attn.params.head_dim;
     let h = model.config.hidden_size;
+    let holder = holder_of(plan, last)?;
     let mine = match positions.iter().position(|&p| p == last) {
-        Some(i) => {
-            let mut row = q[i * w..(i + 1) * w].to_vec();
-            row.extend_from_slice(x.rows(i, i + 1)?.as_slice());
-            Some(row)
-        }
+        Some(i) => Some(b.concat_rows_owned(vec![
+            b.reshape(b.rows(&q, i, i + 1)?, w, 1)?,
+            b.reshape(b.rows(x, i, i + 1)?, h, 1)?,
+        ])?),
         None => None,
     };
     drop(q);
     let tag = |step| Tag::new(job.id, l as u32, step, Kind::AllGather);
-    let row = share_row(comm, tag(SHORTCUT_SHARE_STEP), mine)?;
-    if row.len() != w + h {
-        return Err(ParallelError::Invalid(format!(
-            "the final position's query and hidden row hold {} values, expected {}",
-            row.len(),
-            w + h
-        )));
-    }
-    let (q, hidden) = row.split_at(w);
-    let out = one_query_attention(comm, tag(SHORTCUT_MERGE_STEP), &layer.attn, q, last, kv)?;
-    let mut x = Tensor::from_vec(hidden.to_vec(), [1, h])?;
+    let row = share_row(b, comm, tag(SHORTCUT_SHARE_STEP), holder, mine, w + h)?;
+    let q = b.reshape(b.rows(&row, 0, w)?, 1, w)?;
+    let mut x = b.reshape(b.rows(&row, w, w + h)?, 1, h)?;
+    let out = one_query_attention(b, comm, tag(SHORTCUT_MERGE_STEP), &layer.attn, &q, last, kv)?;
     let r = match experts {
-        None => layer.finish(&mut x, &out, local_experts::<ParallelError>)?,
-        Some(ep) => layer.finish(&mut x, &out, parallel_experts(comm, ep, job, l, moe))?,
+        None => layer.finish(b, &mut x, &out, &mut |m, xs, r| {
+            local_experts::<B, ParallelError>(b, m, xs, r)
+        })?,
+        Some(ep) => layer.finish(
+            b,
+            &mut x,
+            &out,
+            &mut parallel_experts(b, comm, ep, job, l, moe),
+        )?,
     };
     Ok((r, x))
 }
 
-/// Layer `l`'s routed experts over the group (`moe_parallel`), its figures added to `moe`. Each
-/// call (one per piece of the layer's rows) exchanges under its own tag step.
-fn parallel_experts<'a>(
-    comm: &'a Communicator,
+/// Layer `l`'s routed experts over the group (`moe_parallel_on`), its figures added to `moe`.
+/// Each call (one per piece of the layer's rows) exchanges under its own tag step.
+fn parallel_experts<'a, B: Backend, C: Collective<B>>(
+    b: &'a B,
+    comm: &'a C,
     ep: &'a ExpertParallel,
     job: JobOptions,
     l: usize,
     moe: &'a mut MoeStats,
-) -> impl FnMut(&SparseMoe, &[f32], &Routing) -> Result<Vec<f32>> + 'a {
+) -> impl FnMut(&ringmoe_model::layers::SparseMoe<B>, &B::Act, &Routing) -> Result<B::Act> + 'a {
     let mut piece = 0u32;
     move |m, xs, routing| {
         let _s = tracing::trace_span!("expert_all_to_all").entered();
         let tag = Tag::new(job.id, l as u32, piece, Kind::Dispatch);
         piece += 1;
-        let hidden = m.router.in_features;
-        let (y, s) = moe_parallel(comm, ep, l, &m.experts, xs, hidden, routing, tag)?;
+        let (y, s) = expert_layer(b, comm, ep, l, m, xs, routing, tag)?;
         moe.add(&s);
         Ok(y)
     }
+}
+
+/// One sparse layer's routed experts over the group with this rank's experts of `m`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn expert_layer<B: Backend, C: Collective<B>>(
+    b: &B,
+    comm: &C,
+    ep: &ExpertParallel,
+    l: usize,
+    m: &ringmoe_model::layers::SparseMoe<B>,
+    xs: &B::Act,
+    routing: &Routing,
+    tag: Tag,
+) -> Result<(B::Act, MoeStats)> {
+    let loaded = |e: usize| m.experts.get(e).is_ok();
+    let mut compute = |rows: &B::Act, groups: &[(usize, usize)]| -> Result<B::Act> {
+        Ok(b.grouped_mlp(rows, &m.experts.groups(groups)?)?)
+    };
+    moe_parallel_on(
+        b,
+        comm,
+        ep,
+        (l, m.experts.experts.len()),
+        &loaded,
+        xs,
+        routing,
+        tag,
+        &mut compute,
+    )
+}
+
+/// The rank of `plan` holding position `pos`.
+pub(crate) fn holder_of(plan: &ShardPlan, pos: usize) -> Result<usize> {
+    (0..plan.world())
+        .find(|&r| plan.positions(r).contains(&pos))
+        .ok_or_else(|| ParallelError::Invalid(format!("no rank holds position {pos}")))
 }

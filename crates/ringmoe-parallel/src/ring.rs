@@ -168,7 +168,6 @@ pub fn ring_attention_on<B, C>(
 where
     B: Backend,
     C: Collective<B>,
-    ParallelError: From<B::Error>,
 {
     let mut stats = RingStats::default();
     let (me, world) = (comm.rank(), comm.world_size());
@@ -335,7 +334,7 @@ fn empty_partial<B: Backend>(
     b: &B,
     params: &AttentionParams,
     rows: usize,
-) -> std::result::Result<Partial<B::Act>, B::Error> {
+) -> ringmoe_core::Result<Partial<B::Act>> {
     Ok(Partial {
         out: b.zeros(rows, params.n_heads * params.head_dim)?,
         lse: b.filled(rows, params.n_heads, f32::NEG_INFINITY)?,

@@ -5,6 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use ringmoe_core::Backend;
+use ringmoe_parallel::Collective;
+
 use crate::*;
 
 /// A GPU backend's error as the distributed forward's: cancellations, collective failures and
@@ -93,7 +96,6 @@ impl JobRun<'_> {
         timeout: Duration,
     ) -> Result<(), ParallelError> {
         let s = self.shard;
-        let plan = &s.plan;
         let ep = ExpertParallel {
             load: self.loaded.load.clone(),
             ..ExpertParallel::new(self.loaded.placement.clone())
@@ -125,35 +127,10 @@ impl JobRun<'_> {
             .ok()
             .filter(|m| matches!(m, proto::JobMode::Score | proto::JobMode::Generate))
             .ok_or_else(|| ParallelError::Invalid(format!("unknown job mode {}", r.mode)))?;
+        // The backend was picked once, when the model was loaded; the job runs the same code
+        // on either.
         match &self.loaded.model {
-            Engine::Cpu(model) => match mode {
-                proto::JobMode::Score => {
-                    let out = prefill_shard_observed(
-                        model,
-                        comm,
-                        plan,
-                        &s.tokens,
-                        job,
-                        Some(&ep),
-                        &mut on_layer,
-                    )?;
-                    self.scores(model.config.vocab_size, &out.positions, |a, b| {
-                        Ok(model.logits(&out.hidden.rows(a, b)?)?)
-                    })
-                }
-                _ => {
-                    let (mut seq, logits) = ShardedSequence::prefill_shard(
-                        model,
-                        comm,
-                        plan,
-                        &s.tokens,
-                        job,
-                        Some(&ep),
-                        &mut on_layer,
-                    )?;
-                    self.generate(r, logits, |t| seq.decode(t))
-                }
-            },
+            Engine::Cpu(model) => self.run_on(&**model, comm, job, &ep, r, mode, &mut on_layer),
             Engine::Cuda(model) => {
                 if attention != ringmoe_parallel::AttentionMode::Dense {
                     return Err(ParallelError::Invalid(format!(
@@ -164,30 +141,46 @@ impl JobRun<'_> {
                     ParallelError::Invalid("a GPU model on a worker with no GPU opened".into())
                 })?;
                 let nccl = b.join_nccl(comm, timeout).map_err(from_cuda)?;
-                let mut on_layer =
-                    |done: usize, layers: usize| on_layer(done, layers).map_err(CudaError::from);
-                match mode {
-                    proto::JobMode::Score => {
-                        let out = model
-                            .prefill_shard(&nccl, plan, &s.tokens, Some(&ep), &mut on_layer)
-                            .map_err(from_cuda)?;
-                        self.scores(model.config.vocab_size, &out.positions, |a, b| {
-                            model.logits_of_rows(&out.hidden, a, b).map_err(from_cuda)
-                        })
-                    }
-                    _ => {
-                        let (mut seq, logits) = CudaShardedSequence::prefill_shard(
-                            model,
-                            &nccl,
-                            plan,
-                            &s.tokens,
-                            Some(&ep),
-                            &mut on_layer,
-                        )
-                        .map_err(from_cuda)?;
-                        self.generate(r, logits, |t| seq.decode(t).map_err(from_cuda))
-                    }
-                }
+                self.run_on(&**model, &nccl, job, &ep, r, mode, &mut on_layer)
+            }
+        }
+    }
+
+    /// The job on a model of any backend over a collective on it: a scored prefill, or a
+    /// prefill and decode steps.
+    #[allow(clippy::too_many_arguments)]
+    fn run_on<B: Backend, C: Collective<B>>(
+        &self,
+        model: &Model<B>,
+        comm: &C,
+        job: JobOptions,
+        ep: &ExpertParallel,
+        r: &proto::RunJobRequest,
+        mode: proto::JobMode,
+        on_layer: &mut dyn FnMut(usize, usize) -> Result<(), ParallelError>,
+    ) -> Result<(), ParallelError> {
+        let s = self.shard;
+        let plan = &s.plan;
+        match mode {
+            proto::JobMode::Score => {
+                let out =
+                    prefill_shard_observed(model, comm, plan, &s.tokens, job, Some(ep), on_layer)?;
+                let b = &**model.backend();
+                self.scores(model.config.vocab_size, &out.positions, |a, e| {
+                    Ok(model.logits(&b.rows(&out.hidden, a, e)?)?)
+                })
+            }
+            _ => {
+                let (mut seq, logits) = ShardedSequence::prefill_shard(
+                    model,
+                    comm,
+                    plan,
+                    &s.tokens,
+                    job,
+                    Some(ep),
+                    on_layer,
+                )?;
+                self.generate(r, logits, |t| seq.decode(t))
             }
         }
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use ringmoe_comm::TcpOptions;
 use ringmoe_core::WeightPrecision;
-use ringmoe_cuda::{CudaBackend, CudaError, CudaModel, CudaShardedSequence, Precision};
+use ringmoe_cuda::{CudaBackend, CudaError, CudaModel, Precision};
 use ringmoe_model::generate::SamplingParams;
 use ringmoe_model::model::nll_of;
 use ringmoe_model::{LoadOptions, Model, ModelConfig, Sampler};
@@ -524,7 +524,7 @@ impl Worker {
                     let m = Model::from_checkpoint(cfg, &ckpt, &opts).map_err(|e| e.to_string())?;
                     Ok((Engine::Cpu(Arc::new(m)), ckpt.bytes_read()))
                 }
-                (None, Some((b, precision))) => CudaModel::load(b, dir, &sel, precision)
+                (None, Some((b, precision))) => ringmoe_cuda::load_model(b, dir, &sel, precision)
                     .map(|m| {
                         let bytes = m.weight_bytes() as u64;
                         (Engine::Cuda(Arc::new(m)), bytes)
@@ -541,9 +541,9 @@ impl Worker {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let secs = t.elapsed().as_secs_f64();
         let weight_bytes = loaded_model.weight_bytes();
-        let precision = match &loaded_model {
-            Engine::Cpu(_) => self.inner.weights.to_string(),
-            Engine::Cuda(m) => format!("{:?}", m.precision()).to_lowercase(),
+        let precision = match (&loaded_model, &self.inner.gpu) {
+            (Engine::Cuda(_), Some((_, p))) => format!("{p:?}").to_lowercase(),
+            _ => self.inner.weights.to_string(),
         };
         telemetry::weight_bytes(&self.inner.id, &precision, weight_bytes as u64);
         telemetry::placement_load(&self.inner.id, incremental, bytes_read, secs);

@@ -24,8 +24,8 @@ use clap::{Args, Parser, Subcommand};
 use ringmoe_core::WeightPrecision;
 use ringmoe_core::testing::{XorShift, rand_vec};
 use ringmoe_model::{
-    ExpertSelection, GenerationConfig, LoadOptions, LogitsFor, Model, ModelConfig, Sampler,
-    SamplingParams, TextStream, Tokenizer, generate,
+    ExpertSelection, GenerationConfig, LoadOptions, Model, ModelConfig, Sampler, SamplingParams,
+    TextStream, Tokenizer, generate,
 };
 
 #[derive(Parser)]
@@ -155,7 +155,7 @@ impl Engine {
             DeviceArg::Cuda(i) => {
                 let b = std::sync::Arc::new(ringmoe_cuda::CudaBackend::new(i)?);
                 Self::Cuda(Box::new(
-                    ringmoe_cuda::CudaModel::load(b, dir, &ExpertSelection::All, precision)
+                    ringmoe_cuda::load_model(b, dir, &ExpertSelection::All, precision)
                         .with_context(|| format!("loading model from {}", dir.display()))?,
                 ))
             }
@@ -171,13 +171,9 @@ impl Engine {
 
     fn prefill(&self, ids: &[u32]) -> Result<()> {
         match self {
-            Self::Cpu(m) => {
-                m.forward(ids, &mut m.new_cache(), LogitsFor::Last)?;
-            }
-            Self::Cuda(m) => {
-                m.prefill(ids)?;
-            }
-        }
+            Self::Cpu(m) => m.prefill(ids)?,
+            Self::Cuda(m) => m.prefill(ids)?,
+        };
         Ok(())
     }
 }
