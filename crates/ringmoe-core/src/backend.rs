@@ -265,6 +265,30 @@ fn host_partial(
 /// core's work on a small model, far more than the per-piece overhead.
 const PAIRS_PER_PIECE: usize = 1 << 26;
 
+/// `[Σ rows, width]` of host matrices to stack, all of one width.
+fn concat_shape(parts: &[Tensor]) -> Result<(usize, usize)> {
+    let Some(first) = parts.first() else {
+        return Err(Error::InvalidArgument {
+            op: "concat_rows",
+            msg: "no parts".into(),
+        });
+    };
+    let w = width_of(first, "concat_rows")?.1;
+    let mut rows = 0;
+    for p in parts {
+        let (r, pw) = width_of(p, "concat_rows")?;
+        if pw != w {
+            return Err(Error::ShapeMismatch {
+                op: "concat_rows",
+                expected: vec![r, w],
+                got: p.shape().to_vec(),
+            });
+        }
+        rows += r;
+    }
+    Ok((rows, w))
+}
+
 /// The host: activations are [`Tensor`]s, the operations this crate's kernels.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
@@ -532,25 +556,7 @@ impl Backend for Cpu {
     }
 
     fn concat_rows(&self, parts: &[Tensor]) -> Result<Tensor> {
-        let Some(first) = parts.first() else {
-            return Err(Error::InvalidArgument {
-                op: "concat_rows",
-                msg: "no parts".into(),
-            });
-        };
-        let w = width_of(first, "concat_rows")?.1;
-        let mut rows = 0;
-        for p in parts {
-            let (r, pw) = width_of(p, "concat_rows")?;
-            if pw != w {
-                return Err(Error::ShapeMismatch {
-                    op: "concat_rows",
-                    expected: vec![r, w],
-                    got: p.shape().to_vec(),
-                });
-            }
-            rows += r;
-        }
+        let (rows, w) = concat_shape(parts)?;
         let mut out = Vec::with_capacity(rows * w);
         for p in parts {
             out.extend_from_slice(p.as_slice());
@@ -558,26 +564,9 @@ impl Backend for Cpu {
         Tensor::from_vec(out, [rows, w])
     }
 
+    /// Each part is dropped once copied.
     fn concat_rows_owned(&self, parts: Vec<Tensor>) -> Result<Tensor> {
-        let Some(first) = parts.first() else {
-            return Err(Error::InvalidArgument {
-                op: "concat_rows",
-                msg: "no parts".into(),
-            });
-        };
-        let w = width_of(first, "concat_rows")?.1;
-        let mut rows = 0;
-        for p in &parts {
-            let (r, pw) = width_of(p, "concat_rows")?;
-            if pw != w {
-                return Err(Error::ShapeMismatch {
-                    op: "concat_rows",
-                    expected: vec![r, w],
-                    got: p.shape().to_vec(),
-                });
-            }
-            rows += r;
-        }
+        let (rows, w) = concat_shape(&parts)?;
         let mut out = Vec::with_capacity(rows * w);
         for p in parts {
             out.extend_from_slice(p.as_slice());

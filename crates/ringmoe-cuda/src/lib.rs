@@ -69,11 +69,22 @@ pub fn load_model(
     experts: &ringmoe_model::ExpertSelection,
     precision: Precision,
 ) -> Result<CudaModel> {
-    let opts = ringmoe_model::LoadOptions {
+    Ok(CudaModel::load_on(
+        b,
+        dir,
+        &load_options(experts, precision),
+    )?)
+}
+
+/// What the host loader reads for a GPU model: the experts selected, matrices in `precision`.
+fn load_options(
+    experts: &ringmoe_model::ExpertSelection,
+    precision: Precision,
+) -> ringmoe_model::LoadOptions {
+    ringmoe_model::LoadOptions {
         experts: experts.clone(),
         weights: host_precision(precision),
-    };
-    Ok(CudaModel::load_on(b, dir, &opts)?)
+    }
 }
 
 /// [`load_model`] from any tensor source (random weights for benches).
@@ -84,11 +95,12 @@ pub fn model_from_source(
     experts: &ringmoe_model::ExpertSelection,
     precision: Precision,
 ) -> Result<CudaModel> {
-    let opts = ringmoe_model::LoadOptions {
-        experts: experts.clone(),
-        weights: host_precision(precision),
-    };
-    Ok(CudaModel::from_source_on(b, cfg, src, &opts)?)
+    Ok(CudaModel::from_source_on(
+        b,
+        cfg,
+        src,
+        &load_options(experts, precision),
+    )?)
 }
 
 /// The precision of the large weight matrices on the device (projections, experts, embedding,

@@ -45,13 +45,13 @@ impl<B: Backend> KvCache<B> {
 mod tests {
     use super::*;
 
+    /// `width` zeros per key at each position.
     fn layer(positions: &[usize], width: usize) -> LayerKv {
-        let mut kv = LayerKv::default();
-        for &p in positions {
-            let row: Vec<f32> = (0..width).map(|j| (p * 10 + j) as f32).collect();
-            kv.append(&row, &row, &[p]);
+        LayerKv {
+            k: vec![0.0; positions.len() * width],
+            v: vec![0.0; positions.len() * width],
+            positions: positions.to_vec(),
         }
-        kv
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! another (the CUDA backend uploads it), and the forward pass is the same code on both.
 
 use ringmoe_core::attention::AttentionParams;
-use ringmoe_core::rope::{RopeFreqs, RopeTable};
+use ringmoe_core::rope::RopeFreqs;
 use ringmoe_core::sparse::{AShape, Sparsity};
 use ringmoe_core::{Backend, Cpu, Partial, Stored, Tensor, WeightPrecision, Weights};
 
@@ -36,12 +36,6 @@ impl<B: Backend> Linear<B> {
 }
 
 impl Linear<Cpu> {
-    /// The layer on `rows` host rows (`[rows, in]`).
-    pub fn forward_host(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let x = Tensor::from_vec(x.to_vec(), [rows, self.in_features])?;
-        Ok(self.forward(&Cpu, &x)?.into_vec())
-    }
-
     /// The same layer on backend `b`; `exact` keeps the matrix in f32 there.
     pub fn into_backend<B: Backend>(
         self,
@@ -246,33 +240,6 @@ impl<B: Backend> Attention<B> {
 }
 
 impl Attention<Cpu> {
-    /// Attention of host `q` (at `q_pos`) to the keys `k`/`v` (at `k_pos`) under this layer's
-    /// rule. Layouts as [`ringmoe_core::attention_block`].
-    pub fn attend_host(
-        &self,
-        q: &[f32],
-        q_pos: &[usize],
-        k: &[f32],
-        v: &[f32],
-        k_pos: &[usize],
-    ) -> Result<ringmoe_core::PartialAttention> {
-        Ok(match self.window_rule() {
-            None => ringmoe_core::attention_block(&self.params, q, q_pos, k, v, k_pos)?,
-            Some(a) => {
-                ringmoe_core::sparse::attention_sparse(
-                    &self.params,
-                    &Sparsity::AShape(a),
-                    q,
-                    q_pos,
-                    k,
-                    v,
-                    k_pos,
-                )?
-                .0
-            }
-        })
-    }
-
     fn into_backend<B: Backend>(
         self,
         b: &B,
@@ -674,18 +641,5 @@ impl<B: Backend> DecoderLayer<B> {
         };
         b.add_inplace(x, &y).map_err(go)?;
         Ok(routing)
-    }
-}
-
-impl DecoderLayer<Cpu> {
-    /// Rows of a host RoPE table are the tokens' positions; see [`Self::forward`].
-    pub fn forward_host(
-        &self,
-        x: &mut Tensor,
-        positions: &[usize],
-        rope: &RopeTable,
-        cache: &mut ringmoe_core::kv::LayerKv,
-    ) -> Result<Option<Routing>> {
-        self.forward(&Cpu, x, positions, rope, cache)
     }
 }

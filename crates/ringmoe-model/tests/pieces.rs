@@ -3,8 +3,8 @@
 //! the same prompt fed in short forwards over the cache.
 
 use anyhow::{Result, ensure};
+use ringmoe_core::Cpu;
 use ringmoe_core::testing::rand_vec;
-use ringmoe_core::{Cpu, Tensor};
 use ringmoe_model::layers::{PIECE_ROWS, local_experts, piece_range, pieces_for};
 use ringmoe_model::{LoadOptions, LogitsFor, Model};
 use ringmoe_testkit::{ARCH_FIXTURES, fixture, max_abs_diff};
@@ -60,11 +60,7 @@ fn a_layer_finished_in_pieces_equals_one_piece_on_every_fixture() -> Result<()> 
             let rope = layer.attn.rope.table(&positions);
             let qkv = layer.qkv(&Cpu, &x, &rope)?;
             kv.append(qkv.k.as_slice(), qkv.v.as_slice(), &positions);
-            let out = layer
-                .attn
-                .attend_host(qkv.q.as_slice(), &positions, &kv.k, &kv.v, &kv.positions)?
-                .out;
-            let out = Tensor::from_vec(out, qkv.q.shape().to_vec())?;
+            let out = layer.attn.attend(&Cpu, &qkv.q, &positions, kv)?.out;
             let mut local =
                 |m: &_, x: &_, r: &_| local_experts::<Cpu, ringmoe_model::Error>(&Cpu, m, x, r);
             let mut one = x.clone();
