@@ -90,6 +90,17 @@ pub fn host_precision(p: Precision) -> WeightPrecision {
     }
 }
 
+/// Whether `mask` changes nothing for queries at `q_pos`: dense, or a sliding window (no sinks)
+/// longer than every query's position, so every earlier key is inside it. Such a window runs as
+/// dense attention here; anything else is refused.
+fn as_dense(mask: &Sparsity<'_>, q_pos: &[usize]) -> bool {
+    match mask {
+        Sparsity::Dense => true,
+        Sparsity::AShape(a) => a.sink == 0 && q_pos.iter().all(|&q| q < a.local),
+        Sparsity::VerticalSlash(_) => false,
+    }
+}
+
 fn no_window() -> ringmoe_core::Error {
     dev(CudaError::Invalid {
         op: "attention",
@@ -232,8 +243,14 @@ impl Backend for CudaBackend {
         CudaBackend::kv_append(self, kv, &k, &v, positions).dev()
     }
 
-    fn kv_trim(&self, _kv: &mut DeviceKv, _next: usize, _window: usize) -> Result<()> {
-        Err(no_window())
+    /// A window holding everything it will ever need to is left alone (as the host's rule
+    /// does below twice the window); trimming a longer one is not implemented here.
+    fn kv_trim(&self, kv: &mut DeviceKv, _next: usize, window: usize) -> Result<()> {
+        if kv.len() <= window.saturating_mul(2) {
+            Ok(())
+        } else {
+            Err(no_window())
+        }
     }
 
     fn attend_cached(
@@ -244,7 +261,7 @@ impl Backend for CudaBackend {
         q_pos: &[usize],
         kv: &DeviceKv,
     ) -> Result<Partial<DeviceTensor>> {
-        if !matches!(mask, Sparsity::Dense) {
+        if !as_dense(mask, q_pos) {
             return Err(no_window());
         }
         let (out, lse) = self.attention_cached(p, q, q_pos, kv).dev()?;
@@ -328,7 +345,7 @@ impl Backend for CudaBackend {
         kv: KvRef<'_, DeviceTensor>,
         k_pos: &[usize],
     ) -> Result<(Partial<DeviceTensor>, u64)> {
-        if !matches!(mask, Sparsity::Dense) {
+        if !as_dense(mask, q_pos) {
             return Err(no_window());
         }
         let (out, lse) = match kv {

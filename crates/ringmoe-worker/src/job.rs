@@ -137,6 +137,18 @@ impl JobRun<'_> {
                         "GPU workers run dense attention only; this job asks for {attention:?}"
                     )));
                 }
+                // Refused on the whole plan, not on this rank's positions, so every rank of the
+                // NCCL group refuses together instead of leaving the others waiting.
+                if let Some(w) = model.config.min_window()
+                    && self.shard.plan.len > w
+                {
+                    return Err(ParallelError::Invalid(format!(
+                        "sequence of {} tokens exceeds a layer's sliding window of {w}; \
+                         sliding-window attention is not implemented on the CUDA path (the CPU \
+                         engine runs it)",
+                        self.shard.plan.len
+                    )));
+                }
                 let b = self.gpu.ok_or_else(|| {
                     ParallelError::Invalid("a GPU model on a worker with no GPU opened".into())
                 })?;
