@@ -3,7 +3,7 @@
 
 use crate::{Error, Result};
 
-/// A dense, row-major f32 tensor. Compute is f32 on the CPU; lower precision lives only in checkpoints.
+/// A dense, row-major f32 tensor on the host: the CPU backend's activations and every host transfer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     shape: Vec<usize>,
