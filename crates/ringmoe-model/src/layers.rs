@@ -520,32 +520,28 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn qkv(&self, b: &B, x: &B::Act, rope: &B::Rope) -> Result<Qkv<B::Act>> {
         let rows = b.dims(x)?.0;
         let pieces = pieces_for(rows, PIECE_ROWS);
-        let mut parts = Vec::with_capacity(pieces);
-        for i in 0..pieces {
-            let (s, e) = piece_range(rows, pieces, i);
-            let normed = if pieces == 1 {
-                b.rms_norm(x, &self.input_norm, self.eps)?
-            } else {
-                b.rms_norm(&b.rows(x, s, e)?, &self.input_norm, self.eps)?
-            };
-            parts.push(self.attn.project(b, &normed)?);
-        }
-        let mut out = if parts.len() == 1 {
-            parts
-                .pop()
-                .ok_or_else(|| Error::InvalidInput("no pieces".into()))?
+        let mut out = if pieces == 1 {
+            self.attn
+                .project(b, &b.rms_norm(x, &self.input_norm, self.eps)?)?
         } else {
-            let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
-            for p in parts {
-                qs.push(p.q);
-                ks.push(p.k);
-                vs.push(p.v);
+            // Each piece's q/k/v goes straight into the whole batch's, so only one piece's
+            // projection exists beside them.
+            let p = &self.attn.params;
+            let (qw, kw) = (p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim);
+            let mut all = Qkv {
+                q: b.zeros(rows, qw)?,
+                k: b.zeros(rows, kw)?,
+                v: b.zeros(rows, kw)?,
+            };
+            for i in 0..pieces {
+                let (s, e) = piece_range(rows, pieces, i);
+                let normed = b.rms_norm(&b.rows(x, s, e)?, &self.input_norm, self.eps)?;
+                let part = self.attn.project(b, &normed)?;
+                b.set_rows(&mut all.q, s, &part.q)?;
+                b.set_rows(&mut all.k, s, &part.k)?;
+                b.set_rows(&mut all.v, s, &part.v)?;
             }
-            Qkv {
-                q: b.concat_rows_owned(qs)?,
-                k: b.concat_rows_owned(ks)?,
-                v: b.concat_rows_owned(vs)?,
-            }
+            all
         };
         self.attn.rotate(b, &mut out, rope)?;
         Ok(out)
