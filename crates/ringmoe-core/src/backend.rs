@@ -543,9 +543,11 @@ impl Backend for Cpu {
             });
         }
         let src = a.as_slice();
-        let mut out = Vec::with_capacity(idx.len() * w);
-        for &i in idx {
-            out.extend_from_slice(&src[i * w..(i + 1) * w]);
+        let mut out = vec![0f32; idx.len() * w];
+        if w > 0 {
+            out.par_chunks_mut(w)
+                .zip(idx.par_iter())
+                .for_each(|(row, &i)| row.copy_from_slice(&src[i * w..(i + 1) * w]));
         }
         Tensor::from_vec(out, [idx.len(), w])
     }

@@ -302,7 +302,7 @@ impl<B: Backend> SparseMoe<B> {
         let hidden = self.router.in_features;
         let (rows, _) = b.dims(x).map_err(Error::from)?;
         let logits = b
-            .download(&self.router.forward(b, x).map_err(Error::from)?)
+            .download_owned(self.router.forward(b, x).map_err(Error::from)?)
             .map_err(Error::from)?;
         let routing = moe::route(
             logits.as_slice(),
@@ -372,18 +372,7 @@ pub fn local_experts<B: Backend, E: From<Error>>(
     x: &B::Act,
     routing: &Routing,
 ) -> std::result::Result<B::Act, E> {
-    let go = || -> Result<B::Act> {
-        let plan = moe::plan(routing, m.experts.experts.len())?;
-        let token_of_row: Vec<usize> = (0..plan.slot_of_row.len())
-            .map(|r| plan.token_of_row(r))
-            .collect();
-        let rows = b.gather_rows(x, &token_of_row)?;
-        let groups = m.experts.groups(&plan.groups())?;
-        let y = b.grouped_mlp(&rows, &groups)?;
-        let (order, weights) = moe::combine_plan(routing, |s| plan.row_of_slot[s] as usize);
-        Ok(b.combine(&y, &order, &weights, routing.top_k)?)
-    };
-    go().map_err(E::from)
+    moe::experts_on(b, x, routing, &m.experts).map_err(E::from)
 }
 
 /// Pre-norm decoder layer: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.

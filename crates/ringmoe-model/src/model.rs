@@ -205,7 +205,7 @@ impl<B: Backend> Model<B> {
     pub fn logits(&self, hidden: &B::Act) -> Result<Tensor> {
         let b = &*self.b;
         let normed = b.rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
-        Ok(b.download(&b.linear(&normed, &self.lm_head, None)?)?)
+        Ok(b.download_owned(b.linear(&normed, &self.lm_head, None)?)?)
     }
 
     /// Runs the decoder stack on `tokens`, which follow the cached ones, and returns the final

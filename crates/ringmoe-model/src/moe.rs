@@ -407,17 +407,33 @@ pub fn moe_forward(
     Ok((experts_local(x, hidden, &routing, experts)?, routing))
 }
 
-/// plan → gather → compute → combine of already routed tokens, every expert on this process.
+/// plan → gather → grouped expert MLPs → combine in increasing expert id, of already routed
+/// tokens `x` (`[tokens, hidden]`) on backend `b`, every expert routed to held in `experts`.
+pub fn experts_on<B: Backend>(
+    b: &B,
+    x: &B::Act,
+    routing: &Routing,
+    experts: &ExpertSet<B>,
+) -> Result<B::Act> {
+    let plan = plan(routing, experts.experts.len())?;
+    let token_of_row: Vec<usize> = (0..plan.slot_of_row.len())
+        .map(|r| plan.token_of_row(r))
+        .collect();
+    let rows = b.gather_rows(x, &token_of_row)?;
+    let y = b.grouped_mlp(&rows, &experts.groups(&plan.groups())?)?;
+    let (order, weights) = combine_plan(routing, |s| plan.row_of_slot[s] as usize);
+    Ok(b.combine(&y, &order, &weights, routing.top_k)?)
+}
+
+/// [`experts_on`] on host rows (`[tokens, hidden]`): the single-process MoE's routed experts.
 pub fn experts_local(
     x: &[f32],
     hidden: usize,
     routing: &Routing,
     experts: &ExpertSet,
 ) -> Result<Vec<f32>> {
-    let plan = plan(routing, experts.experts.len())?;
-    let rows = gather_rows(x, hidden, &plan);
-    let y = expert_compute(&rows, hidden, &plan.groups(), experts)?;
-    combine(&y, hidden, &plan, routing)
+    let x = Tensor::from_vec(x.to_vec(), [routing.tokens(), hidden])?;
+    Ok(experts_on(&Cpu, &x, routing, experts)?.into_vec())
 }
 
 #[cfg(test)]

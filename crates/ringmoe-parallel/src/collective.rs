@@ -94,6 +94,16 @@ pub struct HostRows {
     tag: Tag,
 }
 
+/// The values of a payload of `rows` f32 rows of `width`, or what it was instead.
+fn f32_rows(p: Payload, rows: usize, width: usize) -> std::result::Result<Vec<f32>, String> {
+    let desc = p.describe();
+    match p.into_f32() {
+        Some(v) if v.len() == rows * width => Ok(v),
+        Some(v) => Err(format!("{} values", v.len())),
+        None => Err(desc),
+    }
+}
+
 fn counts_for(world: usize, what: &str, counts: &[usize]) -> Result<()> {
     if counts.len() != world {
         return Err(ParallelError::Invalid(format!(
@@ -201,21 +211,14 @@ impl<B: Backend> Collective<B> for Communicator {
         let total: usize = recv_rows.iter().sum();
         let mut out = Vec::with_capacity(total * width);
         for (from, (p, &n)) in frames.into_iter().zip(&recv_rows).enumerate() {
-            let desc = p.describe();
-            match p.into_f32() {
-                Some(v) if v.len() == n * width => out.extend_from_slice(&v),
-                got => {
-                    return Err(ParallelError::Dispatch(format!(
-                        "rank {}: {tag}: frame from rank {from}: header counts {n} rows of \
-                         {width}, the frame carries {}",
-                        Communicator::rank(self),
-                        match got {
-                            Some(v) => format!("{} values", v.len()),
-                            None => desc,
-                        }
-                    )));
-                }
-            }
+            let v = f32_rows(p, n, width).map_err(|got| {
+                ParallelError::Dispatch(format!(
+                    "rank {}: {tag}: frame from rank {from}: header counts {n} rows of {width}, \
+                     the frame carries {got}",
+                    Communicator::rank(self)
+                ))
+            })?;
+            out.extend_from_slice(&v);
         }
         Ok(b.upload_owned(Tensor::from_vec(out, [total, width])?)?)
     }
@@ -251,15 +254,12 @@ impl<B: Backend> Collective<B> for Communicator {
             rows,
             width,
         } = step;
-        let block = self.wait(pending)?;
-        if block.shape != [rows, width] || block.dtype() != ringmoe_core::DType::F32 {
-            return Err(ParallelError::Invalid(format!(
-                "rank {}: block from rank {from} is {}, expected F32[{rows}, {width}]",
-                Communicator::rank(self),
-                block.describe()
-            )));
-        }
-        let v = block.into_f32().unwrap_or_default();
+        let v = f32_rows(self.wait(pending)?, rows, width).map_err(|got| {
+            ParallelError::Invalid(format!(
+                "rank {}: block from rank {from} is {got}, expected F32[{rows}, {width}]",
+                Communicator::rank(self)
+            ))
+        })?;
         Ok(b.upload_owned(Tensor::from_vec(v, [rows, width])?)?)
     }
 
