@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the single-process engine on a bench-size random Mixtral (vocab 32000,
 //! hidden 1024, intermediate 2816, 4 layers, 16 heads, 8 KV heads, 8 experts, top-2):
 //! prefill tokens/s at 512 and 2048 tokens, the grouped expert GEMM, and the attention kernel;
-//! decode steps and one expert's GEMV with the weights held as f32, bf16 and q8.
+//! decode steps and one expert's GEMV with the weights held as f32, bf16 and q8; one expert's
+//! prefill GEMM (512 rows) per format; decode attention (one query, 4096 keys).
 //!
 //! Run: `cargo bench -p ringmoe-model --bench engine`. Numbers go to docs/performance.md.
 
@@ -176,8 +177,60 @@ fn gemv(c: &mut Criterion) {
     g.finish();
 }
 
+/// One expert's gate/up matrix (5632 × 1024) times 512 activation rows, per format (q8 per
+/// kernel): multiply-adds per second.
+fn matmul_prefill(c: &mut Criterion) {
+    let (n, k, m) = (2 * 2816, 1024, 512);
+    let src = RandomWeights { seed: 6 };
+    let w = src.load("w", &[n, k]).expect("w").into_vec();
+    let x = src.load("x", &[m, k]).expect("x").into_vec();
+    let mut g = c.benchmark_group("matmul_prefill");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((n * k * m) as u64));
+    for f in [WeightFormat::F32, WeightFormat::BF16, WeightFormat::Q8] {
+        let wt = Weights::from_f32_as(w.clone(), n, k, f).expect("weights");
+        let isas = if f == WeightFormat::Q8 {
+            Isa::available()
+        } else {
+            vec![Isa::detect()]
+        };
+        for isa in isas {
+            g.bench_function(format!("{f}_{isa:?}_512x1024x5632"), |b| {
+                b.iter(|| wt.matmul_nt_isa(&x, m, Par::Rayon, isa).expect("matmul"))
+            });
+        }
+    }
+    g.finish();
+}
+
+/// One decode query against 4096 cached keys (16 heads, 8 KV heads, d 64): K/V bytes per second.
+fn attention_decode(c: &mut Criterion) {
+    let (l, hq, hkv, d) = (4096usize, 16, 8, 64);
+    let src = RandomWeights { seed: 7 };
+    let q = src.load("q", &[1, hq * d]).expect("q").into_vec();
+    let k = src.load("k", &[l, hkv * d]).expect("k").into_vec();
+    let v = src.load("v", &[l, hkv * d]).expect("v").into_vec();
+    let pos: Vec<usize> = (0..l).collect();
+    let p = AttentionParams {
+        n_heads: hq,
+        n_kv_heads: hkv,
+        head_dim: d,
+        scale: 1.0 / 8.0,
+        causal: true,
+    };
+    let mut g = c.benchmark_group("attention_decode");
+    g.sample_size(30);
+    g.throughput(Throughput::Bytes((2 * l * hkv * d * 4) as u64));
+    g.bench_function("1x4096_h16_kv8_d64", |b| {
+        b.iter(|| attention_block(&p, &q, &[l - 1], &k, &v, &pos).expect("attention"))
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    matmul_prefill,
+    attention_decode,
     attention,
     swiglu,
     expert_gemm,

@@ -8,21 +8,12 @@
 //! * f32, bf16, f16 weights accumulate in f32 against f32 activations. bf16 → f32 is exact (a
 //!   16-bit shift), so a bf16 matrix gives the upcast f32 matrix's dot products up to summation
 //!   order. `avx512_bf16`'s `vdpbf16ps` is not used: it would round the activations to bf16 too.
-//! * q8 weights (blocks of [`Q8_BLOCK`] int8 with an f16 scale, GGUF's Q8_0) dot against
-//!   activations quantised the same way: integer products summed in i32 per block, then scaled
-//!   (llama.cpp's `vec_dot_q8_0_q8_0`).
+//! * q8 weights have their own kernels, shared with the prefill GEMM, in [`crate::q8`].
 //!
-//! Variants: AVX-512 (f32/bf16/f16; q8 two blocks per step with `vpmaddubsw`), AVX2+FMA+F16C
-//! (all formats; q8 one block per step), and a portable loop for every format, chosen at run time
-//! by [`Isa::detect`]. Tests run every variant
-//! the machine supports against a scalar reference. An AVX-512 VNNI q8 kernel (256-bit
-//! `vpdpbusd` per block) read 14 GB/s on one core of the dev machine (AMD EPYC, Zen 4) where
-//! `vpmaddubsw` reads 20–21 GB/s, so there is none.
+//! Variants: AVX-512, AVX2+FMA+F16C and a portable loop for every format, chosen at run time by
+//! [`Isa::detect`]. Tests run every variant the machine supports against a scalar reference.
 
 use half::{bf16, f16};
-
-/// Activations per q8 block (and its one scale).
-pub const Q8_BLOCK: usize = 32;
 
 /// The instruction set a kernel call uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +21,13 @@ pub enum Isa {
     Portable,
     Avx2,
     Avx512,
+    /// AVX-512 with VNNI (`vpdpbusd`): the float kernels are [`Isa::Avx512`]'s, q8 differs.
+    Avx512Vnni,
 }
 
 impl Isa {
-    /// The best the running CPU supports. `Avx512` means AVX-512 F/BW/DQ/VL and implies AVX2, FMA and F16C.
+    /// The best the running CPU supports. `Avx512` means AVX-512 F/BW/DQ/VL and implies AVX2, FMA
+    /// and F16C; `Avx512Vnni` adds AVX512-VNNI.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
@@ -44,7 +38,11 @@ impl Isa {
                     && has!("avx512dq")
                     && has!("avx512vl")
                 {
-                    Isa::Avx512
+                    if has!("avx512vnni") {
+                        Isa::Avx512Vnni
+                    } else {
+                        Isa::Avx512
+                    }
                 } else {
                     Isa::Avx2
                 };
@@ -57,6 +55,7 @@ impl Isa {
     pub fn available() -> Vec<Isa> {
         let mut v = vec![Isa::Portable];
         match Isa::detect() {
+            Isa::Avx512Vnni => v.extend([Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni]),
             Isa::Avx512 => v.extend([Isa::Avx2, Isa::Avx512]),
             Isa::Avx2 => v.push(Isa::Avx2),
             Isa::Portable => {}
@@ -311,154 +310,6 @@ mod x86 {
         fma256,
         hsum256
     );
-
-    // --- q8 ------------------------------------------------------------------------------------
-
-    /// One 32-byte block product `Σ x·w` as 8 i32 lanes, via `vpmaddubsw` (|x| as u8 times w with
-    /// x's sign) and `vpmaddwd`. No saturation: |x|, |w| ≤ 127, so a pair sums to ≤ 32258.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn dot_block_avx2(xv: __m256i, wv: __m256i) -> __m256i {
-        let ax = _mm256_sign_epi8(xv, xv);
-        let sw = _mm256_sign_epi8(wv, xv);
-        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1))
-    }
-
-    /// One f16 to f32 with F16C (the `half` crate's conversion is a call that checks the CPU).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn f16_to_f32(h: f16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
-    }
-
-    macro_rules! q8_simd {
-        ($name:ident, $feat:literal, $dot:ident) => {
-            #[target_feature(enable = $feat)]
-            pub(super) unsafe fn $name<const M: usize>(
-                wq: &[i8],
-                ws: &[f16],
-                xq: &[i8],
-                xs: &[f32],
-                blocks: usize,
-                out: &mut [f32],
-            ) {
-                let rows = out.len() / M;
-                let width = blocks * super::Q8_BLOCK;
-                for r in 0..rows {
-                    let mut acc = [zero256(); M];
-                    for b in 0..blocks {
-                        // SAFETY: row r's block b lies inside wq (rows·width elements) and each
-                        // activation row's block b inside xq (M·width), as the caller checked.
-                        unsafe {
-                            let wv = _mm256_loadu_si256(wq.as_ptr().add(r * width + b * 32).cast());
-                            let d = f16_to_f32(ws[r * blocks + b]);
-                            for i in 0..M {
-                                let xv =
-                                    _mm256_loadu_si256(xq.as_ptr().add(i * width + b * 32).cast());
-                                let p = _mm256_cvtepi32_ps($dot(xv, wv));
-                                acc[i] = _mm256_fmadd_ps(
-                                    p,
-                                    _mm256_set1_ps(d * xs[i * blocks + b]),
-                                    acc[i],
-                                );
-                            }
-                        }
-                    }
-                    for i in 0..M {
-                        out[r * M + i] = hsum256(acc[i]);
-                    }
-                }
-            }
-        };
-    }
-
-    q8_simd!(q8_avx2, "avx2,fma,f16c", dot_block_avx2);
-
-    /// q8 with AVX-512 BW: two blocks per 512-bit step (`vpabsb`, a masked negate for the sign,
-    /// `vpmaddubsw`, `vpmaddwd`), each half scaled by its own block's scales; an odd last block
-    /// goes through the 256-bit step.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
-    pub(super) unsafe fn q8_avx512<const M: usize>(
-        wq: &[i8],
-        ws: &[f16],
-        xq: &[i8],
-        xs: &[f32],
-        blocks: usize,
-        out: &mut [f32],
-    ) {
-        let rows = out.len() / M;
-        let width = blocks * super::Q8_BLOCK;
-        let pairs = blocks / 2;
-        let ones = _mm512_set1_epi16(1);
-        // Each activation row's scales as one vector per block pair ([d_b ×8, d_b+1 ×8]), built
-        // once per call; a weight row's pair of f16 scales is widened and spread the same way.
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let xsp: Vec<__m512> = (0..M * pairs)
-            .map(|ip| {
-                let (i, p) = (ip / pairs, ip % pairs);
-                let lo = _mm256_set1_ps(xs[i * blocks + 2 * p]);
-                let hi = _mm256_set1_ps(xs[i * blocks + 2 * p + 1]);
-                _mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi)
-            })
-            .collect();
-        // |x| and x's sign mask per block pair, also once per call (they do not depend on the
-        // weight row).
-        let (xabs, xneg): (Vec<__m512i>, Vec<__mmask64>) = (0..M * pairs)
-            .map(|ip| {
-                let (i, p) = (ip / pairs, ip % pairs);
-                // SAFETY: block pair p of activation row i lies inside xq (M·width elements).
-                let xv = unsafe { _mm512_loadu_si512(xq.as_ptr().add(i * width + p * 64).cast()) };
-                (_mm512_abs_epi8(xv), _mm512_movepi8_mask(xv))
-            })
-            .unzip();
-        for r in 0..rows {
-            let mut acc = [_mm512_setzero_ps(); M];
-            let mut tail = [zero256(); M];
-            for p in 0..pairs {
-                let b = 2 * p;
-                // SAFETY: blocks b and b + 1 of row r lie inside wq (rows·width elements), and
-                // their two scales inside ws (rows·blocks, read unaligned), as the caller
-                // checked; the activation pairs were read above.
-                unsafe {
-                    let wv = _mm512_loadu_si512(wq.as_ptr().add(r * width + b * 32).cast());
-                    // Scales b and b + 1 are adjacent: one 32-bit load holds both.
-                    let bits = ws
-                        .as_ptr()
-                        .add(r * blocks + b)
-                        .cast::<i32>()
-                        .read_unaligned();
-                    let wd = _mm512_permutexvar_ps(
-                        spread,
-                        _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(bits))),
-                    );
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let ip = i * pairs + p;
-                        let sw = _mm512_mask_sub_epi8(wv, xneg[ip], _mm512_setzero_si512(), wv);
-                        let p32 = _mm512_madd_epi16(_mm512_maddubs_epi16(xabs[ip], sw), ones);
-                        let sc = _mm512_mul_ps(wd, xsp[ip]);
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), sc, *a);
-                    }
-                }
-            }
-            if blocks % 2 == 1 {
-                let b = blocks - 1;
-                // SAFETY: as above, for the last block alone.
-                unsafe {
-                    let wv = _mm256_loadu_si256(wq.as_ptr().add(r * width + b * 32).cast());
-                    let d = f16_to_f32(ws[r * blocks + b]);
-                    for i in 0..M {
-                        let xv = _mm256_loadu_si256(xq.as_ptr().add(i * width + b * 32).cast());
-                        let p = _mm256_cvtepi32_ps(dot_block_avx2(xv, wv));
-                        tail[i] =
-                            _mm256_fmadd_ps(p, _mm256_set1_ps(d * xs[i * blocks + b]), tail[i]);
-                    }
-                }
-            }
-            for i in 0..M {
-                out[r * M + i] = _mm512_reduce_add_ps(acc[i]) + hsum256(tail[i]);
-            }
-        }
-    }
 }
 
 /// Calls `$k::<M>` for the runtime `m` (1..=4).
@@ -493,7 +344,9 @@ macro_rules! float_entry {
                 // SAFETY: `Isa::Avx512` and `Isa::Avx2` come from `Isa::detect` (or
                 // `Isa::available`), which checked the CPU has the kernel's features; the
                 // lengths were checked above.
-                Isa::Avx512 => return unsafe { by_m!(m, $avx512, (w, cols, x, out)) },
+                Isa::Avx512 | Isa::Avx512Vnni => {
+                    return unsafe { by_m!(m, $avx512, (w, cols, x, out)) };
+                }
                 // SAFETY: as above.
                 Isa::Avx2 => return unsafe { by_m!(m, $avx2, (w, cols, x, out)) },
                 Isa::Portable => {}
@@ -519,71 +372,6 @@ float_entry!(
     /// f16 weights, accumulated in f32.
     gemv_f16, f16, f16_avx512, f16_avx2
 );
-
-/// Quantises one row to q8 blocks: `q = round(v / d)` (to nearest, ties to even) with
-/// `d = max|v| / 127` per block, as GGUF's Q8_0 (which rounds ties away from zero). `q` gets `blocks · 32` values (the tail zero-padded), `d` one scale per block.
-pub fn quantize_row_q8(v: &[f32], q: &mut [i8], d: &mut [f32]) {
-    for (b, (qb, db)) in q.chunks_mut(Q8_BLOCK).zip(d.iter_mut()).enumerate() {
-        let src = v.get(b * Q8_BLOCK..).unwrap_or(&[]);
-        let src = &src[..src.len().min(Q8_BLOCK)];
-        let amax = src.iter().fold(0f32, |a, &x| a.max(x.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        *db = scale;
-        // Round to nearest (ties to even) by the 1.5·2^23 trick, which vectorises where libm's
-        // `roundf` is a call per element; |x · inv| ≤ 127 keeps it exact.
-        const MAGIC: f32 = 12_582_912.0;
-        let (head, pad) = qb.split_at_mut(src.len());
-        for (qv, &x) in head.iter_mut().zip(src) {
-            *qv = ((x * inv + MAGIC) - MAGIC) as i8;
-        }
-        pad.fill(0);
-    }
-}
-
-/// q8 weights (`wq`: `rows · blocks · 32`, `ws`: `rows · blocks`) against `m = xs.len() / blocks`
-/// q8 activation rows (`xq`: `m · blocks · 32`, `xs`: `m · blocks`); `out` as for the float
-/// kernels.
-pub fn gemv_q8(
-    isa: Isa,
-    wq: &[i8],
-    ws: &[f16],
-    xq: &[i8],
-    xs: &[f32],
-    blocks: usize,
-    out: &mut [f32],
-) {
-    let m = xs.len() / blocks.max(1);
-    let rows = out.len() / m.max(1);
-    let width = blocks * Q8_BLOCK;
-    check("gemv_q8", wq.len(), rows, width, xq.len(), m);
-    assert!(ws.len() >= rows * blocks && xs.len() == m * blocks);
-    #[cfg(target_arch = "x86_64")]
-    {
-        use x86::{q8_avx2, q8_avx512};
-        match isa {
-            // SAFETY: `Isa::Avx512` comes from `Isa::detect`/`available`, which checked for
-            // AVX-512 F/BW/DQ/VL besides AVX2, FMA and F16C; lengths checked above.
-            Isa::Avx512 => return unsafe { by_m!(m, q8_avx512, (wq, ws, xq, xs, blocks, out)) },
-            // SAFETY: as above, for AVX2, FMA and F16C.
-            Isa::Avx2 => return unsafe { by_m!(m, q8_avx2, (wq, ws, xq, xs, blocks, out)) },
-            Isa::Portable => {}
-        }
-    }
-    let _ = isa;
-    for r in 0..rows {
-        for i in 0..m {
-            let mut s = 0f32;
-            for b in 0..blocks {
-                let wb = &wq[r * width + b * Q8_BLOCK..][..Q8_BLOCK];
-                let xb = &xq[i * width + b * Q8_BLOCK..][..Q8_BLOCK];
-                let dot: i32 = wb.iter().zip(xb).map(|(&a, &c)| a as i32 * c as i32).sum();
-                s += dot as f32 * (ws[r * blocks + b].to_f32() * xs[i * blocks + b]);
-            }
-            out[r * m + i] = s;
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -650,83 +438,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    fn quantize(v: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>, usize) {
-        let blocks = cols.div_ceil(Q8_BLOCK);
-        let mut q = vec![0i8; rows * blocks * Q8_BLOCK];
-        let mut d = vec![0f32; rows * blocks];
-        for r in 0..rows {
-            quantize_row_q8(
-                &v[r * cols..(r + 1) * cols],
-                &mut q[r * blocks * Q8_BLOCK..(r + 1) * blocks * Q8_BLOCK],
-                &mut d[r * blocks..(r + 1) * blocks],
-            );
-        }
-        (q, d, blocks)
-    }
-
-    #[test]
-    fn q8_kernels_match_the_integer_reference_on_every_isa() {
-        for &(rows, cols) in &[(6, 1024), (3, 96), (4, 50)] {
-            let w = rand(rows * cols, 3);
-            let (wq, wd, blocks) = quantize(&w, rows, cols);
-            let ws: Vec<f16> = wd.iter().map(|&d| f16::from_f32(d)).collect();
-            for m in 1..=4 {
-                let x = rand(m * cols, 11 + m as u64);
-                let (xq, xs, _) = quantize(&x, m, cols);
-                // Reference: exact integer block sums, scaled in f64.
-                let width = blocks * Q8_BLOCK;
-                let mut want = vec![0f64; rows * m];
-                for r in 0..rows {
-                    for i in 0..m {
-                        want[r * m + i] = (0..blocks)
-                            .map(|b| {
-                                let dot: i64 = (0..Q8_BLOCK)
-                                    .map(|j| {
-                                        wq[r * width + b * 32 + j] as i64
-                                            * xq[i * width + b * 32 + j] as i64
-                                    })
-                                    .sum();
-                                dot as f64 * ws[r * blocks + b].to_f64() * xs[i * blocks + b] as f64
-                            })
-                            .sum();
-                    }
-                }
-                for isa in Isa::available() {
-                    let mut out = vec![0f32; rows * m];
-                    gemv_q8(isa, &wq, &ws, &xq, &xs, blocks, &mut out);
-                    close(
-                        &out,
-                        &want,
-                        cols,
-                        &format!("q8 {isa:?} m={m} {rows}x{cols}"),
-                    );
-                }
-                // And as a quality figure against the f32 product: within a few percent.
-                let exact = reference(&w, cols, &x, m, rows);
-                let mut out = vec![0f32; rows * m];
-                gemv_q8(Isa::detect(), &wq, &ws, &xq, &xs, blocks, &mut out);
-                let norm = (cols as f64).sqrt();
-                for (g, e) in out.iter().zip(&exact) {
-                    assert!((*g as f64 - e).abs() < 0.02 * norm, "q8 {g} vs f32 {e}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn quantize_pads_the_tail_and_handles_zero_blocks() {
-        let v = [0.0f32; 40];
-        let mut q = [1i8; 64];
-        let mut d = [1f32; 2];
-        quantize_row_q8(&v, &mut q, &mut d);
-        assert_eq!(d, [0.0, 0.0]);
-        assert!(q.iter().all(|&x| x == 0));
-        let v: Vec<f32> = (0..33).map(|i| i as f32 - 16.0).collect();
-        quantize_row_q8(&v, &mut q, &mut d);
-        assert_eq!(q[0], -127);
-        assert_eq!(q[32], 127);
-        assert!(q[33..].iter().all(|&x| x == 0));
     }
 }

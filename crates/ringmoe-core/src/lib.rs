@@ -13,6 +13,7 @@ pub mod gemm;
 pub mod gemv;
 pub mod kv;
 pub mod ops;
+pub mod q8;
 pub mod rope;
 pub mod simd;
 pub mod sparse;

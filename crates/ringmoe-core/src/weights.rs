@@ -5,9 +5,10 @@
 //! [`Weights::matmul_nt`] is the one linear-layer entry point:
 //! * up to [`GEMV_MAX_ROWS`] activation rows (decode) go through the [`crate::gemv`] kernels,
 //!   which read each weight once in its stored form;
-//! * more rows (prefill) run the f32 GEMM: f32 weights directly (exactly today's numerics), other
-//!   formats decoded to f32 one panel of output rows at a time, so the temporary is a few hundred
-//!   KiB whatever the matrix size.
+//! * more rows (prefill) run a GEMM: f32 weights the f32 GEMM directly (exactly today's numerics),
+//!   bf16/f16 decoded to f32 one panel of output rows at a time (the temporary is a few hundred
+//!   KiB whatever the matrix size), q8 the integer GEMM of [`crate::q8`], which computes each
+//!   product exactly as the decode kernel does.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -18,7 +19,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::gemm::{MatRef, Par, gemm_into, matmul_nt};
-use crate::gemv::{self, Isa, Q8_BLOCK};
+use crate::gemv::{self, Isa};
+use crate::q8::{self, Q8_BLOCK, Q8Ref, Q8Rows};
 use crate::{DType, Error, Result};
 
 /// Activation rows up to which a product runs as GEMV (weights streamed once for all rows).
@@ -124,8 +126,9 @@ enum Storage {
     BF16(Vec<bf16>),
     F16(Vec<f16>),
     Q8 {
-        /// `rows · blocks · 32`, each row's last block zero-padded.
-        quants: Vec<i8>,
+        /// `rows · blocks · 32`, each row's last block zero-padded; `q + 128` as u8, interleaved
+        /// as [`crate::q8`] describes.
+        quants: Vec<u8>,
         /// `rows · blocks`.
         scales: Vec<f16>,
     },
@@ -279,20 +282,7 @@ impl Weights {
             WeightFormat::BF16 => Storage::BF16(f.iter().map(|&x| bf16::from_f32(x)).collect()),
             WeightFormat::F16 => Storage::F16(f.iter().map(|&x| f16::from_f32(x)).collect()),
             WeightFormat::Q8 => {
-                let blocks = cols.div_ceil(Q8_BLOCK);
-                let mut quants = vec![0i8; rows * blocks * Q8_BLOCK];
-                let mut scales = vec![f16::ZERO; rows * blocks];
-                let mut d = vec![0f32; blocks];
-                for r in 0..rows {
-                    gemv::quantize_row_q8(
-                        &f[r * cols..(r + 1) * cols],
-                        &mut quants[r * blocks * Q8_BLOCK..(r + 1) * blocks * Q8_BLOCK],
-                        &mut d,
-                    );
-                    for (s, &v) in scales[r * blocks..(r + 1) * blocks].iter_mut().zip(&d) {
-                        *s = f16::from_f32(v);
-                    }
-                }
+                let (quants, scales) = q8::quantize_weights(&f, rows, cols);
                 Storage::Q8 { quants, scales }
             }
         };
@@ -332,8 +322,9 @@ impl Weights {
                     let r = start + i;
                     let q = &quants[r * width..(r + 1) * width];
                     let d = &scales[r * blocks..(r + 1) * blocks];
-                    for ((o, qb), d) in orow.chunks_mut(Q8_BLOCK).zip(q.chunks(Q8_BLOCK)).zip(d) {
-                        crate::simd::dequant_q8(qb, d.to_f32(), o);
+                    for (c, o) in orow.iter_mut().enumerate() {
+                        let v = q8::unbias(q[q8::packed_index(blocks, c)]);
+                        *o = v as f32 * d[c / Q8_BLOCK].to_f32();
                     }
                 }
             }
@@ -426,18 +417,16 @@ impl Weights {
         }
         match &*self.data {
             Storage::F32(w) => matmul_nt(x, m, k, w, n, par),
-            _ => {
-                // q8 multiplies activations quantised the way the GEMV kernels quantise them
-                // (dequantised again here, so the f32 GEMM computes the same block sums): a
-                // product does not depend on how many rows share the call.
-                let xq;
-                let x = match &*self.data {
-                    Storage::Q8 { .. } => {
-                        xq = fake_quantize_rows(x, m, k);
-                        &xq[..]
-                    }
-                    _ => x,
+            Storage::Q8 { quants, scales } => {
+                let w = Q8Ref {
+                    quants,
+                    scales,
+                    rows: n,
+                    blocks: self.blocks(),
                 };
+                Ok(q8_gemm(isa, w, &Q8Rows::quantize(x, m, k), par))
+            }
+            _ => {
                 let mut out = vec![0f32; m * n];
                 let panel = (PANEL_ELEMS / k.max(1)).clamp(16, n.max(16));
                 let mut buf = vec![0f32; panel.min(n) * k];
@@ -469,19 +458,7 @@ impl Weights {
         let mut t = vec![0f32; n * m]; // [n, m] column-major blocks
         // Quantised activations for q8, once per call.
         let xq = match &*self.data {
-            Storage::Q8 { .. } => {
-                let blocks = self.blocks();
-                let mut q = vec![0i8; m * blocks * Q8_BLOCK];
-                let mut d = vec![0f32; m * blocks];
-                for i in 0..m {
-                    gemv::quantize_row_q8(
-                        &x[i * k..(i + 1) * k],
-                        &mut q[i * blocks * Q8_BLOCK..(i + 1) * blocks * Q8_BLOCK],
-                        &mut d[i * blocks..(i + 1) * blocks],
-                    );
-                }
-                Some((q, d))
-            }
+            Storage::Q8 { .. } => Some(Q8Rows::quantize(x, m, k)),
             _ => None,
         };
         let run = |r0: usize, out: &mut [f32]| {
@@ -493,16 +470,14 @@ impl Weights {
                 Storage::Q8 { quants, scales } => {
                     let blocks = self.blocks();
                     let width = blocks * Q8_BLOCK;
-                    if let Some((q, d)) = &xq {
-                        gemv::gemv_q8(
-                            isa,
-                            &quants[r0 * width..r1 * width],
-                            &scales[r0 * blocks..r1 * blocks],
-                            q,
-                            d,
+                    if let Some(a) = &xq {
+                        let w = Q8Ref {
+                            quants: &quants[r0 * width..r1 * width],
+                            scales: &scales[r0 * blocks..r1 * blocks],
+                            rows: r1 - r0,
                             blocks,
-                            out,
-                        );
+                        };
+                        q8::gemv(isa, w, a, out);
                     }
                 }
             }
@@ -530,16 +505,45 @@ impl Weights {
     }
 }
 
-/// Each row quantised to q8 blocks and decoded back to f32.
-fn fake_quantize_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
-    let blocks = k.div_ceil(Q8_BLOCK);
-    let mut q = vec![0i8; blocks * Q8_BLOCK];
-    let mut d = vec![0f32; blocks];
-    let mut out = vec![0f32; m * k];
-    for (src, dst) in x.chunks(k).zip(out.chunks_mut(k)) {
-        gemv::quantize_row_q8(src, &mut q, &mut d);
-        for (j, o) in dst.iter_mut().enumerate() {
-            *o = q[j] as f32 * d[j / Q8_BLOCK];
+/// The q8 GEMM `[m, n]` over the rayon pool when `par` allows: activation rows split between
+/// threads when there are enough of them, weight rows otherwise (each part into its own buffer).
+fn q8_gemm(isa: Isa, w: Q8Ref<'_>, a: &Q8Rows, par: Par) -> Vec<f32> {
+    let (m, n) = (a.rows(), w.rows);
+    let mut out = vec![0f32; m * n];
+    let threads = rayon::current_num_threads();
+    let work = m * n * w.blocks * Q8_BLOCK;
+    if par == Par::Serial || threads == 1 || work < 1 << 22 {
+        q8::gemm(isa, w, a, (0, m), &mut out, n);
+    } else if m >= 8 * threads {
+        // Chunks of whole 4-row tiles, a few per thread for balance.
+        let per = m.div_ceil(threads * 4).next_multiple_of(4);
+        out.par_chunks_mut(per * n).enumerate().for_each(|(c, o)| {
+            let i0 = c * per;
+            q8::gemm(isa, w, a, (i0, i0 + o.len() / n), o, n);
+        });
+    } else {
+        let per = n.div_ceil(threads * 2).max(8);
+        let width = w.blocks * Q8_BLOCK;
+        let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(per))
+            .into_par_iter()
+            .map(|c| {
+                let (r0, r1) = (c * per, ((c + 1) * per).min(n));
+                let part = Q8Ref {
+                    quants: &w.quants[r0 * width..r1 * width],
+                    scales: &w.scales[r0 * w.blocks..r1 * w.blocks],
+                    rows: r1 - r0,
+                    blocks: w.blocks,
+                };
+                let mut o = vec![0f32; m * (r1 - r0)];
+                q8::gemm(isa, part, a, (0, m), &mut o, r1 - r0);
+                (r0, o)
+            })
+            .collect();
+        for (r0, o) in parts {
+            let cols = o.len() / m;
+            for i in 0..m {
+                out[i * n + r0..i * n + r0 + cols].copy_from_slice(&o[i * cols..(i + 1) * cols]);
+            }
         }
     }
     out
@@ -613,6 +617,10 @@ mod tests {
                     .unwrap();
                 let d = max_diff(&one, &batch[r * n..(r + 1) * n]);
                 assert!(d < 1e-4, "{format} row {r}: {d}");
+                if format == WeightFormat::Q8 {
+                    // The q8 GEMM computes each product exactly as the decode kernel does.
+                    assert_eq!(one, batch[r * n..(r + 1) * n], "q8 row {r}");
+                }
             }
         }
     }
