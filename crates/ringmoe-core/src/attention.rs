@@ -148,6 +148,11 @@ pub(crate) trait Rule: Sync {
     fn diagonals(&self, _h: usize) -> Option<&[usize]> {
         None
     }
+    /// True when `tile`, `keep` and `mask_row` ignore the head, and no head has gathered keys
+    /// or diagonals: query heads may then be scored together.
+    fn same_for_every_head(&self) -> bool {
+        false
+    }
 }
 
 /// Position → row of a block of keys, as runs of consecutive positions at consecutive rows.
@@ -218,6 +223,9 @@ impl Rule for Causal {
     fn keep(&self, _h: usize, qp: usize, kp: usize) -> bool {
         !self.0 || kp <= qp
     }
+    fn same_for_every_head(&self) -> bool {
+        true
+    }
 }
 
 /// One online-softmax step for a row of scores: rescales the running sum `l` and output `acc` to
@@ -253,6 +261,9 @@ struct Rows {
     k_at: Vec<usize>,
     v_at: Vec<usize>,
 }
+
+/// What [`Rows::finish`] returns: normalised output rows, their log-sum-exp, pairs scored.
+type Finished = (Vec<f32>, Vec<f32>, u64);
 
 /// Query blocks up to this many rows score a tile row by row instead of through the GEMM.
 const ROWWISE_QUERIES: usize = 4;
@@ -440,7 +451,7 @@ impl Rows {
     }
 
     /// Normalised output rows and their log-sum-exp (`-inf` and zeros for rows that kept nothing).
-    fn finish(mut self) -> (Vec<f32>, Vec<f32>, u64) {
+    fn finish(mut self) -> Finished {
         let d = self.d;
         let mut lse = vec![f32::NEG_INFINITY; self.m.len()];
         for (r, lv) in lse.iter_mut().enumerate() {
@@ -498,6 +509,58 @@ pub(crate) fn attend<R: Rule>(
             (s, e, lo, hi)
         })
         .collect();
+    // Decode (one query position) under grouped-query attention: the query heads that share a
+    // KV head are scored together as the rows of one task (up to the row-wise limit), so each
+    // K/V row comes from memory once per KV head instead of once per query head. Every row's
+    // arithmetic is what it is alone, so the result is bit-identical.
+    let sub = group.min(ROWWISE_QUERIES);
+    let tasks = hkv * group.div_ceil(sub);
+    if lq == 1 && sub > 1 && rule.same_for_every_head() && tasks >= rayon::current_num_threads() {
+        let qp = vec![q_pos[0]; sub];
+        let parts: Vec<(usize, Finished)> = (0..tasks)
+            .into_par_iter()
+            .map(|task| {
+                let (kvh, c) = (task / group.div_ceil(sub), task % group.div_ceil(sub));
+                let h0 = kvh * group + c * sub;
+                let n = sub.min((kvh + 1) * group - h0);
+                let q_view = MatRef {
+                    data: &q[h0 * d..],
+                    rows: n,
+                    cols: d,
+                    row_stride: d,
+                    col_stride: 1,
+                };
+                let mut rows = Rows::new(n, d);
+                for &(k0, k1, klo, khi) in &k_tiles {
+                    let kind = rule.tile(h0, (q_pos[0], q_pos[0]), (klo, khi));
+                    if kind == TileKind::Skip {
+                        continue;
+                    }
+                    let start = k0 * hkv * d + kvh * d;
+                    rows.tile(
+                        q_view,
+                        &qp[..n],
+                        strided(k, start, k1 - k0, d, hkv * d),
+                        strided(v, start, k1 - k0, d, hkv * d),
+                        &k_pos[k0..k1],
+                        p.scale,
+                        kind == TileKind::Masked,
+                        &|qp, kps: &[usize], row: &mut [f32]| rule.mask_row(h0, qp, kps, row),
+                    )?;
+                }
+                Ok((h0, rows.finish()))
+            })
+            .collect::<Result<_>>()?;
+        let mut res = PartialAttention::empty(1, hq, d);
+        let mut scored = 0;
+        for (h0, (acc, lse, n)) in parts {
+            scored += n;
+            res.out[h0 * d..h0 * d + acc.len()].copy_from_slice(&acc);
+            res.lse[h0..h0 + lse.len()].copy_from_slice(&lse);
+        }
+        return Ok((res, scored));
+    }
+
     let causal = Causal(true);
     let index = (0..hq)
         .any(|h| rule.diagonals(h).is_some())
@@ -763,6 +826,54 @@ mod tests {
             let got = attention_block(&p, &q, &q_pos, &k, &v, &k_pos).unwrap();
             let want = naive_attention(&p, &q, &q_pos, &k, &v, &k_pos).unwrap();
             assert_close(&got, &want, 1e-5);
+        }
+    }
+
+    #[test]
+    fn grouped_decode_is_bit_identical_to_one_head_at_a_time() {
+        // One query position: the heads sharing a KV head are scored as rows of one task. Each
+        // head alone (a one-head problem on its KV head's slice) must give the same bits.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (lk, d) = (300, 64);
+        for (hq, hkv) in [(8, 4), (12, 4), (32, 4), (16, 16)] {
+            let p = params(hq, hkv, d, true);
+            let k = rand_vec(lk * hkv * d, 21, 2.0);
+            let v = rand_vec(lk * hkv * d, 22, 1.0);
+            let k_pos: Vec<usize> = (0..lk).collect();
+            let q = rand_vec(hq * d, 23 + hq as u64, 2.0);
+            // The last position (every tile full) and one inside the second tile (masked, skipped).
+            for qp in [lk - 1, 150] {
+                let got = pool
+                    .install(|| attention_block(&p, &q, &[qp], &k, &v, &k_pos))
+                    .unwrap();
+                let one = params(1, 1, d, true);
+                for h in 0..hq {
+                    let kvh = h / (hq / hkv);
+                    let slice = |x: &[f32]| -> Vec<f32> {
+                        (0..lk)
+                            .flat_map(|t| x[(t * hkv + kvh) * d..][..d].to_vec())
+                            .collect()
+                    };
+                    let alone = attention_block(
+                        &one,
+                        &q[h * d..(h + 1) * d],
+                        &[qp],
+                        &slice(&k),
+                        &slice(&v),
+                        &k_pos,
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        &got.out[h * d..(h + 1) * d],
+                        &alone.out[..],
+                        "{hq}/{hkv} head {h}"
+                    );
+                    assert_eq!(got.lse[h].to_bits(), alone.lse[0].to_bits());
+                }
+            }
         }
     }
 

@@ -120,15 +120,6 @@ fn bf16_to_f32_body(src: &[half::bf16], dst: &mut [f32]) {
 }
 
 #[inline(always)]
-fn dequant_q8_body(q: &[i8], d: f32, dst: &mut [f32]) {
-    let n = q.len().min(dst.len());
-    let (q, dst) = (&q[..n], &mut dst[..n]);
-    for i in 0..n {
-        dst[i] = q[i] as f32 * d;
-    }
-}
-
-#[inline(always)]
 fn scale_body(row: &mut [f32], s: f32) {
     for x in row.iter_mut() {
         *x *= s;
@@ -172,6 +163,132 @@ fn axpy_rows_body(acc: &mut [f32], w: &[f32], m: &[f32], starts: &[usize]) {
     }
 }
 
+/// The decode attention's row kernels with AVX2, four rows at a time: four independent
+/// accumulator chains for four dot products; one load and store of `acc` for four weighted rows.
+/// (The loop bodies above, vectorised by LLVM, keep one chain per row and were most of a
+/// long-context decode step.) Each lane multiplies and adds (no FMA) in the bodies' order, and a
+/// dot's lanes are summed in the bodies' order, so the results are bit-identical to theirs.
+#[cfg(target_arch = "x86_64")]
+mod rows_x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows(x: &[f32], m: &[f32], starts: &[usize], out: &mut [f32]) {
+        let d = x.len();
+        let whole = d / 8 * 8;
+        let n = out.len().min(starts.len());
+        let mut j = 0;
+        while j + 4 <= n {
+            let rows = [
+                &m[starts[j]..starts[j] + d],
+                &m[starts[j + 1]..starts[j + 1] + d],
+                &m[starts[j + 2]..starts[j + 2] + d],
+                &m[starts[j + 3]..starts[j + 3] + d],
+            ];
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < whole {
+                // SAFETY: c + 8 ≤ whole ≤ d, the length of x and of each row slice.
+                unsafe {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(c));
+                    for (a, r) in acc.iter_mut().zip(&rows) {
+                        *a = _mm256_add_ps(
+                            *a,
+                            _mm256_mul_ps(xv, _mm256_loadu_ps(r.as_ptr().add(c))),
+                        );
+                    }
+                }
+                c += 8;
+            }
+            for (k, (a, r)) in acc.iter().zip(&rows).enumerate() {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds exactly eight f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+                let tail: f32 = x[whole..].iter().zip(&r[whole..]).map(|(a, b)| a * b).sum();
+                out[j + k] = lanes.iter().sum::<f32>() + tail;
+            }
+            j += 4;
+        }
+        for k in j..n {
+            out[k] = super::dot_body(x, &m[starts[k]..starts[k] + d]);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_rows(acc: &mut [f32], w: &[f32], m: &[f32], starts: &[usize]) {
+        let d = acc.len();
+        let whole = d / 8 * 8;
+        let n = w.len().min(starts.len());
+        let mut j = 0;
+        while j < n {
+            let k = (n - j).min(4);
+            // Rows past the last real one repeat it with weight 0 (adding exactly 0).
+            let at = |i: usize| starts[j + i.min(k - 1)];
+            let (a0, a1, a2, a3) = (at(0), at(1), at(2), at(3));
+            let rows = [
+                &m[a0..a0 + d],
+                &m[a1..a1 + d],
+                &m[a2..a2 + d],
+                &m[a3..a3 + d],
+            ];
+            let wt = |i: usize| if i < k { w[j + i] } else { 0.0 };
+            let wv = [wt(0), wt(1), wt(2), wt(3)];
+            let wb = [
+                _mm256_set1_ps(wv[0]),
+                _mm256_set1_ps(wv[1]),
+                _mm256_set1_ps(wv[2]),
+                _mm256_set1_ps(wv[3]),
+            ];
+            let mut c = 0;
+            while c < whole {
+                // SAFETY: c + 8 ≤ whole ≤ d, the length of acc and of each row slice.
+                unsafe {
+                    let p = acc.as_mut_ptr().add(c);
+                    let mut a = _mm256_loadu_ps(p);
+                    for (wk, r) in wb.iter().zip(&rows) {
+                        a = _mm256_add_ps(
+                            a,
+                            _mm256_mul_ps(*wk, _mm256_loadu_ps(r.as_ptr().add(c))),
+                        );
+                    }
+                    _mm256_storeu_ps(p, a);
+                }
+                c += 8;
+            }
+            for i in whole..d {
+                for (wk, r) in wv.iter().zip(&rows) {
+                    acc[i] += wk * r[i];
+                }
+            }
+            j += k;
+        }
+    }
+}
+
+/// `out[i] = x · m[starts[i] .. starts[i] + x.len()]`: one query against gathered key rows.
+pub fn dot_rows(x: &[f32], m: &[f32], starts: &[usize], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU was just checked for AVX2 and FMA.
+        return unsafe { rows_x86::dot_rows(x, m, starts, out) };
+    }
+    dot_rows_body(x, m, starts, out)
+}
+
+/// `acc += Σ w[i] · m[starts[i] .. starts[i] + acc.len()]`: weighted gathered value rows.
+pub fn axpy_rows(acc: &mut [f32], w: &[f32], m: &[f32], starts: &[usize]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU was just checked for AVX2 and FMA.
+        return unsafe { rows_x86::axpy_rows(acc, w, m, starts) };
+    }
+    axpy_rows_body(acc, w, m, starts)
+}
+
 #[inline(always)]
 fn dot_pairs_body(a: &[f32], a_at: &[usize], b: &[f32], b_at: &[usize], d: usize, out: &mut [f32]) {
     for ((o, &i), &j) in out.iter_mut().zip(a_at).zip(b_at) {
@@ -202,11 +319,6 @@ dispatch! {
 }
 
 dispatch! {
-    /// `dst[i] = q[i] · d` (one q8 block, or part of one).
-    pub fn dequant_q8(q: &[i8], d: f32, dst: &mut [f32]) -> () => dequant_q8_body
-}
-
-dispatch! {
     /// `out[n] = a[a_at[n] ..][..d] · b[b_at[n] ..][..d]`: dot products of paired rows.
     pub fn dot_pairs(a: &[f32], a_at: &[usize], b: &[f32], b_at: &[usize], d: usize, out: &mut [f32]) -> () => dot_pairs_body
 }
@@ -214,16 +326,6 @@ dispatch! {
 dispatch! {
     /// `acc[acc_at[n] ..][..d] += w[n] · b[b_at[n] ..][..d]` for each pair, in order.
     pub fn axpy_pairs(acc: &mut [f32], acc_at: &[usize], w: &[f32], b: &[f32], b_at: &[usize], d: usize) -> () => axpy_pairs_body
-}
-
-dispatch! {
-    /// `out[i] = x · m[starts[i] .. starts[i] + x.len()]`: one query against gathered key rows.
-    pub fn dot_rows(x: &[f32], m: &[f32], starts: &[usize], out: &mut [f32]) -> () => dot_rows_body
-}
-
-dispatch! {
-    /// `acc += Σ w[i] · m[starts[i] .. starts[i] + acc.len()]`: weighted gathered value rows.
-    pub fn axpy_rows(acc: &mut [f32], w: &[f32], m: &[f32], starts: &[usize]) -> () => axpy_rows_body
 }
 
 dispatch! {
@@ -283,6 +385,39 @@ mod tests {
         for ((o, g), u) in out.iter().zip(&row).zip(&e) {
             let w = *g as f64 / (1.0 + (-*g as f64).exp()) * *u as f64;
             assert!((*o as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()));
+        }
+    }
+
+    #[test]
+    fn row_kernels_are_bit_identical_to_the_loop_bodies() {
+        let mut r = crate::testing::XorShift::new(17);
+        for d in [1, 7, 8, 64, 77] {
+            for n in [0, 1, 3, 4, 5, 11, 16] {
+                let stride = d + 3;
+                let m: Vec<f32> = (0..n * stride + d).map(|_| r.next_signed_unit()).collect();
+                let x: Vec<f32> = (0..d).map(|_| r.next_signed_unit()).collect();
+                let w: Vec<f32> = (0..n).map(|_| r.next_signed_unit()).collect();
+                // Rows out of order, some repeated.
+                let starts: Vec<usize> = (0..n).map(|j| ((j * 5) % n.max(1)) * stride).collect();
+                let (mut out, mut want) = (vec![0f32; n], vec![0f32; n]);
+                dot_rows(&x, &m, &starts, &mut out);
+                dot_rows_body(&x, &m, &starts, &mut want);
+                assert_eq!(out, want, "dot d={d} n={n}");
+                let mut acc: Vec<f32> = (0..d).map(|_| r.next_signed_unit()).collect();
+                let mut want_acc = acc.clone();
+                axpy_rows(&mut acc, &w, &m, &starts);
+                axpy_rows_body(&mut want_acc, &w, &m, &starts);
+                assert_eq!(acc, want_acc, "axpy d={d} n={n}");
+                // And both are the products they claim to be.
+                for (j, &s) in starts.iter().enumerate() {
+                    let dot: f64 = x
+                        .iter()
+                        .zip(&m[s..s + d])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    assert!((out[j] as f64 - dot).abs() < 1e-5 * (d as f64).sqrt());
+                }
+            }
         }
     }
 }

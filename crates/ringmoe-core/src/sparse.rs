@@ -263,6 +263,9 @@ impl Rule for AShapeRule {
     fn keep(&self, _h: usize, qp: usize, kp: usize) -> bool {
         kp <= qp && (kp < self.0.sink || qp - kp < self.0.local)
     }
+    fn same_for_every_head(&self) -> bool {
+        true
+    }
 }
 
 /// A tile with at least one diagonal per this many offsets in its range is computed whole
