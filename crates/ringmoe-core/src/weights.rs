@@ -428,27 +428,50 @@ impl Weights {
             }
             _ => {
                 let mut out = vec![0f32; m * n];
-                let panel = (PANEL_ELEMS / k.max(1)).clamp(16, n.max(16));
-                let mut buf = vec![0f32; panel.min(n) * k];
-                let mut start = 0;
-                while start < n {
-                    let end = (start + panel).min(n);
-                    let w = &mut buf[..(end - start) * k];
-                    self.decode_rows(start, end, w)?;
-                    gemm_into(
-                        &mut out[start..],
-                        n,
-                        MatRef::row_major(x, m, k),
-                        MatRef::row_major(w, end - start, k).t(),
-                        1.0,
-                        false,
-                        par,
-                    )?;
-                    start = end;
+                let threads = rayon::current_num_threads();
+                if par == Par::Rayon && threads > 1 && m >= 16 * threads {
+                    // Activation rows split between threads, each decoding its own panels: one
+                    // panel's GEMM is too narrow for the GEMM to split well over threads (bf16
+                    // prefill ran at 0.63x of f32), and the decode is cheap next to the GEMM.
+                    let per = m.div_ceil(threads);
+                    out.par_chunks_mut(per * n)
+                        .enumerate()
+                        .try_for_each(|(c, o)| {
+                            let rows = o.len() / n;
+                            let xs = &x[c * per * k..(c * per + rows) * k];
+                            self.panels_into(xs, rows, o, Par::Serial)
+                        })?;
+                } else {
+                    self.panels_into(x, m, &mut out, par)?;
                 }
                 Ok(out)
             }
         }
+    }
+
+    /// `out[m × rows] = x · selfᵀ` for a bf16/f16 matrix: the f32 GEMM over panels of weight
+    /// rows decoded one at a time.
+    fn panels_into(&self, x: &[f32], m: usize, out: &mut [f32], par: Par) -> Result<()> {
+        let (n, k) = (self.rows, self.cols);
+        let panel = (PANEL_ELEMS / k.max(1)).clamp(16, n.max(16));
+        let mut buf = vec![0f32; panel.min(n) * k];
+        let mut start = 0;
+        while start < n {
+            let end = (start + panel).min(n);
+            let w = &mut buf[..(end - start) * k];
+            self.decode_rows(start, end, w)?;
+            gemm_into(
+                &mut out[start..],
+                n,
+                MatRef::row_major(x, m, k),
+                MatRef::row_major(w, end - start, k).t(),
+                1.0,
+                false,
+                par,
+            )?;
+            start = end;
+        }
+        Ok(())
     }
 
     /// The GEMV path: output rows split into chunks over the rayon pool when `par` allows and the
