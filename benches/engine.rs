@@ -81,13 +81,15 @@ fn expert_gemm(c: &mut Criterion) {
     g.finish();
 }
 
-fn attention(c: &mut Criterion) {
-    let (l, hq, hkv, d) = (2048usize, 16, 8, 64);
-    let src = RandomWeights { seed: 3 };
-    let q = src.load("q", &[l, hq * d]).expect("q").into_vec();
+/// Random q (`lq` rows), k and v (`l` rows) for 16 heads, 8 KV heads, d = 64, positions `0..l`.
+type AttentionInputs = (AttentionParams, Vec<f32>, Vec<f32>, Vec<f32>, Vec<usize>);
+
+fn attention_inputs(lq: usize, l: usize, seed: u64) -> AttentionInputs {
+    let (hq, hkv, d) = (16, 8, 64);
+    let src = RandomWeights { seed };
+    let q = src.load("q", &[lq, hq * d]).expect("q").into_vec();
     let k = src.load("k", &[l, hkv * d]).expect("k").into_vec();
     let v = src.load("v", &[l, hkv * d]).expect("v").into_vec();
-    let pos: Vec<usize> = (0..l).collect();
     let p = AttentionParams {
         n_heads: hq,
         n_kv_heads: hkv,
@@ -95,6 +97,12 @@ fn attention(c: &mut Criterion) {
         scale: 1.0 / 8.0,
         causal: true,
     };
+    (p, q, k, v, (0..l).collect())
+}
+
+fn attention(c: &mut Criterion) {
+    let (l, hq, d) = (2048usize, 16, 64);
+    let (p, q, k, v, pos) = attention_inputs(l, l, 3);
     let mut g = c.benchmark_group("attention");
     g.sample_size(10);
     // Causal FLOPs: QKᵀ and PV over half the score matrix.
@@ -205,19 +213,8 @@ fn matmul_prefill(c: &mut Criterion) {
 
 /// One decode query against 4096 cached keys (16 heads, 8 KV heads, d 64): K/V bytes per second.
 fn attention_decode(c: &mut Criterion) {
-    let (l, hq, hkv, d) = (4096usize, 16, 8, 64);
-    let src = RandomWeights { seed: 7 };
-    let q = src.load("q", &[1, hq * d]).expect("q").into_vec();
-    let k = src.load("k", &[l, hkv * d]).expect("k").into_vec();
-    let v = src.load("v", &[l, hkv * d]).expect("v").into_vec();
-    let pos: Vec<usize> = (0..l).collect();
-    let p = AttentionParams {
-        n_heads: hq,
-        n_kv_heads: hkv,
-        head_dim: d,
-        scale: 1.0 / 8.0,
-        causal: true,
-    };
+    let (l, hkv, d) = (4096usize, 8, 64);
+    let (p, q, k, v, pos) = attention_inputs(1, l, 7);
     let mut g = c.benchmark_group("attention_decode");
     g.sample_size(30);
     g.throughput(Throughput::Bytes((2 * l * hkv * d * 4) as u64));

@@ -376,7 +376,7 @@ float_entry!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::XorShift;
+    use crate::testing::{XorShift, assert_dots_close as close};
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = XorShift::new(seed);
@@ -399,13 +399,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn close(got: &[f32], want: &[f64], cols: usize, what: &str) {
-        for (j, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let tol = 1e-5 * (cols as f64).sqrt() * (1.0 + w.abs());
-            assert!((g as f64 - w).abs() <= tol, "{what} [{j}]: {g} vs {w}");
-        }
     }
 
     #[test]

@@ -289,6 +289,56 @@ mod x86 {
         if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
     }
 
+    /// Scales one group's integer block sums (`sums[n][i]`: weight row `j + n`, activation row
+    /// `i0 + i`) by their blocks' scale products and adds them to the float accumulators.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and F16C; the rows and group as in the callers' checks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scale512<const M: usize, const N: usize>(
+        acc: &mut [[__m512; M]; N],
+        sums: &[[__m512i; M]; N],
+        w: Q8Ref<'_>,
+        j: usize,
+        a: &Q8Rows,
+        i0: usize,
+        g0: usize,
+        sm: __mmask16,
+    ) {
+        let lanes = a.lanes();
+        for (n, (accs, sum)) in acc.iter_mut().zip(sums).enumerate() {
+            // SAFETY: row j + n's scales of this group (masked to the group's blocks) and each
+            // activation row's padded scales, inside the checked buffers.
+            unsafe {
+                let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    sm,
+                    w.scales.as_ptr().add((j + n) * w.blocks + g0).cast(),
+                ));
+                for (i, (f, s)) in accs.iter_mut().zip(sum).enumerate() {
+                    let dx = _mm512_loadu_ps(a.d.as_ptr().add((i0 + i) * lanes + g0));
+                    *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, dx), *f);
+                }
+            }
+        }
+    }
+
+    /// Each accumulator's lanes summed into `dst` (weight rows from `row` on).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    fn store512<const M: usize, const N: usize>(
+        acc: &[[__m512; M]; N],
+        dst: &mut Dst<'_>,
+        row: usize,
+    ) {
+        for (n, accs) in acc.iter().enumerate() {
+            for (i, v) in accs.iter().enumerate() {
+                dst.out[(row + n) * dst.sj + i * dst.si] = _mm512_reduce_add_ps(*v);
+            }
+        }
+    }
+
     /// Weight rows `j0..j1` (stepping `N`; the caller passes a multiple of `N`) against activation
     /// rows `i0..i0 + M`, AVX-512 with VNNI (`vpdpbusd`).
     ///
@@ -343,28 +393,11 @@ mod x86 {
                             }
                         }
                     }
-                    for n in 0..N {
-                        let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                            sm,
-                            w.scales.as_ptr().add((j + n) * blocks + g0).cast(),
-                        ));
-                        for i in 0..M {
-                            let dx = _mm512_loadu_ps(a.d.as_ptr().add((i0 + i) * lanes + g0));
-                            acc[n][i] = _mm512_fmadd_ps(
-                                _mm512_cvtepi32_ps(sums[n][i]),
-                                _mm512_mul_ps(dw, dx),
-                                acc[n][i],
-                            );
-                        }
-                    }
+                    scale512(&mut acc, &sums, w, j, a, i0, g0, sm);
                 }
                 g0 += len;
             }
-            for (n, row) in acc.iter().enumerate() {
-                for (i, v) in row.iter().enumerate() {
-                    dst.out[(j + n - j0) * dst.sj + i * dst.si] = _mm512_reduce_add_ps(*v);
-                }
-            }
+            store512(&acc, dst, j - j0);
             j += N;
         }
     }
@@ -385,7 +418,7 @@ mod x86 {
         i0: usize,
         dst: &mut Dst<'_>,
     ) {
-        let (blocks, width, lanes) = (a.blocks, a.width(), a.lanes());
+        let (blocks, width) = (a.blocks, a.width());
         let (wq, xq) = (w.quants.as_ptr(), a.q.as_ptr());
         let (bias, ones) = (_mm512_set1_epi8(-128), _mm512_set1_epi16(1));
         let mut j = j0;
@@ -420,28 +453,11 @@ mod x86 {
                             }
                         }
                     }
-                    for n in 0..N {
-                        let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                            sm,
-                            w.scales.as_ptr().add((j + n) * blocks + g0).cast(),
-                        ));
-                        for i in 0..M {
-                            let dx = _mm512_loadu_ps(a.d.as_ptr().add((i0 + i) * lanes + g0));
-                            acc[n][i] = _mm512_fmadd_ps(
-                                _mm512_cvtepi32_ps(sums[n][i]),
-                                _mm512_mul_ps(dw, dx),
-                                acc[n][i],
-                            );
-                        }
-                    }
+                    scale512(&mut acc, &sums, w, j, a, i0, g0, sm);
                 }
                 g0 += len;
             }
-            for (n, row) in acc.iter().enumerate() {
-                for (i, v) in row.iter().enumerate() {
-                    dst.out[(j + n - j0) * dst.sj + i * dst.si] = _mm512_reduce_add_ps(*v);
-                }
-            }
+            store512(&acc, dst, j - j0);
             j += N;
         }
     }
@@ -668,7 +684,7 @@ pub fn gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::XorShift;
+    use crate::testing::{XorShift, assert_dots_close as close};
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = XorShift::new(seed);
@@ -710,13 +726,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn close(got: &[f32], want: &[f64], cols: usize, what: &str) {
-        for (j, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let tol = 1e-5 * (cols as f64).sqrt() * (1.0 + w.abs());
-            assert!((g as f64 - w).abs() <= tol, "{what} [{j}]: {g} vs {w}");
-        }
     }
 
     /// Column counts: whole groups, a short last group (over and under 8 blocks), a padded block.

@@ -36,3 +36,13 @@ pub fn rand_vec(n: usize, seed: u64, amp: f32) -> Vec<f32> {
     let mut r = XorShift::new(seed);
     (0..n).map(|_| r.next_signed_unit() * amp).collect()
 }
+
+/// Asserts f32 dot products of length `cols` against f64 references, within f32 rounding over
+/// `cols` terms: `1e-5 · √cols · (1 + |want|)`.
+pub fn assert_dots_close(got: &[f32], want: &[f64], cols: usize, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (j, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-5 * (cols as f64).sqrt() * (1.0 + w.abs());
+        assert!((g as f64 - w).abs() <= tol, "{what} [{j}]: {g} vs {w}");
+    }
+}
