@@ -649,6 +649,24 @@ mod tests {
     }
 
     #[test]
+    fn q8_gemm_splits_give_the_serial_product() {
+        // Enough work to go parallel: few rows split the weight rows between threads, many rows
+        // split the activation rows. Either way every product is the serial one, bit for bit.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (n, k) = (1000, 1024);
+        let wt = Weights::from_f32_as(rand(n * k, 3), n, k, WeightFormat::Q8).unwrap();
+        for m in [9, 40] {
+            let x = rand(m * k, 4 + m as u64);
+            let serial = wt.matmul_nt(&x, m, Par::Serial).unwrap();
+            let par = pool.install(|| wt.matmul_nt(&x, m, Par::Rayon)).unwrap();
+            assert_eq!(serial, par, "m={m}");
+        }
+    }
+
+    #[test]
     fn storage_bytes_per_parameter() {
         let (n, k) = (64, 1024);
         let w = rand(n * k, 1);
