@@ -115,7 +115,7 @@ fn gemv_portable<E: WeightElem>(w: &[E], cols: usize, x: &[f32], m: usize, out: 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{WeightElem, bf16, f16};
     use std::arch::x86_64::*;
 
@@ -268,9 +268,10 @@ mod x86 {
         _mm256_fmadd_ps(a, b, c)
     }
 
+    /// The sum of a vector's eight lanes.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn hsum256(a: __m256) -> f32 {
+    pub(crate) fn hsum256(a: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));

@@ -281,6 +281,7 @@ fn run_portable<const M: usize, const N: usize>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Dst, GROUP, Q8_BLOCK, Q8Ref, Q8Rows};
+    use crate::gemv::x86::hsum256;
     use std::arch::x86_64::*;
 
     /// A mask of the first `n` bytes.
@@ -468,17 +469,6 @@ mod x86 {
     fn lane_mask(n: usize) -> __m256i {
         let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn hsum256(a: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(a);
-        let hi = _mm256_extractf128_ps::<1>(a);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
-        _mm_cvtss_f32(s)
     }
 
     /// As [`run_bw`] in two 256-bit halves per group (blocks 0–7, then 8–15).
