@@ -2,7 +2,8 @@
 //! far beyond the caches), per format and instruction set, next to this machine's read bandwidth
 //! (a summing pass over 512 MiB on every core).
 //!
-//! Run: `cargo run --release -p ringmoe-core --example gemv_bandwidth`
+//! Run: `cargo run --release -p ringmoe-core --example gemv_bandwidth [-- f32|bf16|q8 ...]` (the
+//! formats to measure; all by default).
 
 use std::time::Instant;
 
@@ -28,7 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let w: Vec<f32> = (0..n * k).map(|_| rng.next_signed_unit()).collect();
     let x: Vec<f32> = (0..k).map(|_| rng.next_signed_unit()).collect();
     let mut cases = Vec::new();
+    let only: Vec<String> = std::env::args().skip(1).collect();
     for f in [WeightFormat::F32, WeightFormat::BF16, WeightFormat::Q8] {
+        if !only.is_empty() && !only.iter().any(|o| o == f.name()) {
+            continue;
+        }
         let wt = Weights::from_f32_as(w.clone(), n, k, f)?;
         for isa in Isa::available() {
             for par in [Par::Rayon, Par::Serial] {
