@@ -63,9 +63,9 @@ pub struct Partial<A> {
 /// A place activations and weights live, and every operation the model's forward pass and the
 /// distributed forward need on them. The model (`ringmoe_model::Model<B>`), ring attention,
 /// sharded decode and expert parallelism are written once over this trait.
-pub trait Backend {
+pub trait Backend: Send + Sync {
     /// A `[rows, width]` f32 matrix on the backend.
-    type Act: std::fmt::Debug;
+    type Act: std::fmt::Debug + Send + Sync;
     /// A `[out, in]` weight matrix (HF layout) in the backend's storage precision.
     type Weight: Stored + Clone + std::fmt::Debug + Send + Sync;
     /// An f32 vector (norm weights, biases).
@@ -144,6 +144,14 @@ pub trait Backend {
 
     /// `[rows, width]` of `a`.
     fn dims(&self, a: &Self::Act) -> Result<(usize, usize)>;
+    /// Runs one forward step `f` (the decoder stack, or the lm_head) where this backend's
+    /// kernels run best. The CPU backend moves it onto a worker of the rayon pool: forked from a
+    /// worker, a step's parallel kernels are shared by stealing, where forked from any other
+    /// thread each kernel is handed to the pool while the caller sleeps, two thread switches per
+    /// kernel (a decode step has ~30). Other backends run `f` in place.
+    fn step<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
     /// A host matrix onto the backend.
     fn upload(&self, t: &Tensor) -> Result<Self::Act>;
     /// A backend matrix to the host.
@@ -502,6 +510,15 @@ impl Backend for Cpu {
             m => attention_sparse(p, m, q.as_slice(), q_pos, &kv.k, &kv.v, &kv.positions)?.0,
         };
         host_partial(p, q_pos.len(), part)
+    }
+
+    fn step<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if rayon::current_thread_index().is_some() {
+            f()
+        } else {
+            // From outside the pool, `scope` runs its body on a pool worker and waits for it.
+            rayon::scope(|_| f())
+        }
     }
 
     fn dims(&self, a: &Tensor) -> Result<(usize, usize)> {

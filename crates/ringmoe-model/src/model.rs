@@ -204,8 +204,10 @@ impl<B: Backend> Model<B> {
     /// the host.
     pub fn logits(&self, hidden: &B::Act) -> Result<Tensor> {
         let b = &*self.b;
-        let normed = b.rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
-        Ok(b.download_owned(b.linear(&normed, &self.lm_head, None)?)?)
+        b.step(|| {
+            let normed = b.rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+            Ok(b.download_owned(b.linear(&normed, &self.lm_head, None)?)?)
+        })
     }
 
     /// Runs the decoder stack on `tokens`, which follow the cached ones, and returns the final
@@ -223,6 +225,17 @@ impl<B: Backend> Model<B> {
     /// only for the final one, which is all generation needs; the result is that one row, and
     /// the last sparse layer's routing covers only it.
     fn run_layers(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        last_only: bool,
+    ) -> Result<(B::Act, LayerRouting)> {
+        self.b
+            .step(|| self.run_layers_here(tokens, cache, last_only))
+    }
+
+    /// [`Self::run_layers`] on the calling thread.
+    fn run_layers_here(
         &self,
         tokens: &[u32],
         cache: &mut KvCache<B>,
@@ -274,10 +287,13 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         which: LogitsFor,
     ) -> Result<ForwardOutput> {
-        let (rows, routing) = self.run_layers(tokens, cache, which == LogitsFor::Last)?;
-        Ok(ForwardOutput {
-            logits: self.logits(&rows)?,
-            routing,
+        // One step for the stack and the lm_head: nested steps run in place.
+        self.b.step(|| {
+            let (rows, routing) = self.run_layers(tokens, cache, which == LogitsFor::Last)?;
+            Ok(ForwardOutput {
+                logits: self.logits(&rows)?,
+                routing,
+            })
         })
     }
 
