@@ -269,6 +269,137 @@ mod rows_x86 {
     }
 }
 
+/// A weight element the transposing decode reads: f32, bf16 or f16.
+pub trait PanelElem: crate::gemv::WeightElem {
+    /// Eight elements at `p` as f32, with AVX2 and F16C.
+    ///
+    /// # Safety
+    /// Eight elements readable at `p`; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod panel_x86 {
+    use super::PanelElem;
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+
+    impl PanelElem for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: as the trait requires.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl PanelElem for bf16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const bf16) -> __m256 {
+            // SAFETY: as the trait requires (16 bytes at p; AVX2).
+            unsafe {
+                let h = _mm_loadu_si128(p.cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+    }
+
+    impl PanelElem for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            // SAFETY: as the trait requires (16 bytes at p; F16C).
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+    }
+
+    /// The 8×8 tiles of [`super::transpose_to_f32`]: eight rows loaded (and widened), transposed
+    /// in registers, stored as eight contiguous column pieces. Edges as the scalar body.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and F16C; the shapes are the caller's, checked.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn transpose<E: PanelElem>(w: &[E], p: usize, k: usize, out: &mut [f32]) {
+        let (p8, k8) = (p / 8 * 8, k / 8 * 8);
+        for r0 in (0..p8).step_by(8) {
+            for c0 in (0..k8).step_by(8) {
+                // SAFETY: rows r0..r0+8 ≤ p and columns c0..c0+8 ≤ k of the p×k input, and
+                // the same of the k×p output (both lengths checked by the caller).
+                unsafe {
+                    let r: [__m256; 8] =
+                        std::array::from_fn(|i| E::load8(w.as_ptr().add((r0 + i) * k + c0)));
+                    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    let cols = [
+                        _mm256_permute2f128_ps::<0x20>(s0, s4),
+                        _mm256_permute2f128_ps::<0x20>(s1, s5),
+                        _mm256_permute2f128_ps::<0x20>(s2, s6),
+                        _mm256_permute2f128_ps::<0x20>(s3, s7),
+                        _mm256_permute2f128_ps::<0x31>(s0, s4),
+                        _mm256_permute2f128_ps::<0x31>(s1, s5),
+                        _mm256_permute2f128_ps::<0x31>(s2, s6),
+                        _mm256_permute2f128_ps::<0x31>(s3, s7),
+                    ];
+                    for (c, v) in cols.iter().enumerate() {
+                        _mm256_storeu_ps(out.as_mut_ptr().add((c0 + c) * p + r0), *v);
+                    }
+                }
+            }
+        }
+        super::transpose_edges(w, p, k, out, p8, k8);
+    }
+}
+
+/// The elements the 8×8 tiles leave: rows from `p8` on, columns from `k8` on.
+fn transpose_edges<E: crate::gemv::WeightElem>(
+    w: &[E],
+    p: usize,
+    k: usize,
+    out: &mut [f32],
+    p8: usize,
+    k8: usize,
+) {
+    for r in 0..p {
+        let from = if r < p8 { k8 } else { 0 };
+        for c in from..k {
+            out[c * p + r] = w[r * k + c].to_f32();
+        }
+    }
+}
+
+/// `out[c·p + r] = w[r·k + c]` as f32: a row-major `p × k` block of f32, bf16 or f16 weights
+/// decoded and transposed (the layout the f32 GEMM packs without gathering).
+pub fn transpose_to_f32<E: PanelElem>(w: &[E], p: usize, k: usize, out: &mut [f32]) {
+    assert!(
+        w.len() == p * k && out.len() == p * k,
+        "transpose_to_f32: {p}x{k} from {} into {} values",
+        w.len(),
+        out.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the CPU was just checked; the lengths above.
+        return unsafe { panel_x86::transpose(w, p, k, out) };
+    }
+    transpose_edges(w, p, k, out, 0, 0)
+}
+
 /// `out[i] = x · m[starts[i] .. starts[i] + x.len()]`: one query against gathered key rows.
 pub fn dot_rows(x: &[f32], m: &[f32], starts: &[usize], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -351,6 +482,38 @@ dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transposing_decode_matches_the_scalar_transpose() {
+        use half::{bf16, f16};
+        let mut r = crate::testing::XorShift::new(7);
+        // Whole 8×8 tiles, ragged edges on either side, and blocks smaller than a tile.
+        for (p, k) in [(16, 24), (19, 37), (8, 5), (3, 8), (1, 1), (64, 1024)] {
+            let f: Vec<f32> = (0..p * k).map(|_| r.next_signed_unit()).collect();
+            let b: Vec<bf16> = f.iter().map(|&x| bf16::from_f32(x)).collect();
+            let h: Vec<f16> = f.iter().map(|&x| f16::from_f32(x)).collect();
+            let want = |g: &dyn Fn(usize) -> f32| {
+                let mut o = vec![0f32; p * k];
+                for rr in 0..p {
+                    for c in 0..k {
+                        o[c * p + rr] = g(rr * k + c);
+                    }
+                }
+                o
+            };
+            let mut got = vec![f32::NAN; p * k];
+            transpose_to_f32(&f, p, k, &mut got);
+            assert_eq!(got, want(&|i| f[i]), "f32 {p}x{k}");
+            transpose_to_f32(&b, p, k, &mut got);
+            assert_eq!(got, want(&|i| b[i].to_f32()), "bf16 {p}x{k}");
+            transpose_to_f32(&h, p, k, &mut got);
+            assert_eq!(got, want(&|i| h[i].to_f32()), "f16 {p}x{k}");
+            // The portable path alone.
+            let mut port = vec![f32::NAN; p * k];
+            transpose_edges(&b, p, k, &mut port, 0, 0);
+            assert_eq!(port, want(&|i| b[i].to_f32()), "portable bf16 {p}x{k}");
+        }
+    }
 
     #[test]
     fn exp_approx_is_accurate_and_exact_at_the_edges() {
