@@ -5,10 +5,10 @@
 //! [`Weights::matmul_nt`] is the one linear-layer entry point:
 //! * up to [`GEMV_MAX_ROWS`] activation rows (decode) go through the [`crate::gemv`] kernels,
 //!   which read each weight once in its stored form;
-//! * more rows (prefill) run a GEMM: f32 weights the f32 GEMM directly (exactly today's numerics),
-//!   bf16/f16 decoded to f32 one panel of output rows at a time (the temporary is a few hundred
-//!   KiB whatever the matrix size), q8 the integer GEMM of [`crate::q8`], which computes each
-//!   product exactly as the decode kernel does.
+//! * more rows (prefill) run a GEMM: f32, bf16 and f16 weights the f32 GEMM over panels of output
+//!   rows, each decoded to f32 and transposed into the layout the GEMM packs without gathering
+//!   (the temporary is 1 MiB whatever the matrix size); q8 the integer GEMM of [`crate::q8`],
+//!   which computes each product exactly as the decode kernel does.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -448,8 +448,8 @@ impl Weights {
         }
     }
 
-    /// `out[m × rows] = x · selfᵀ` for a bf16/f16 matrix: the f32 GEMM over panels of weight
-    /// rows decoded one at a time.
+    /// `out[m × rows] = x · selfᵀ` for an f32/bf16/f16 matrix: the f32 GEMM over panels of
+    /// weight rows, decoded and transposed one at a time.
     fn panels_into(&self, x: &[f32], m: usize, out: &mut [f32], par: Par) -> Result<()> {
         let (n, k) = (self.rows, self.cols);
         let panel = (PANEL_ELEMS / k.max(1)).clamp(16, n.max(16));
