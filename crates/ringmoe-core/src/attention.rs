@@ -833,10 +833,7 @@ mod tests {
     fn grouped_decode_is_bit_identical_to_one_head_at_a_time() {
         // One query position: the heads sharing a KV head are scored as rows of one task. Each
         // head alone (a one-head problem on its KV head's slice) must give the same bits.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = crate::testing::thread_pool(2);
         let (lk, d) = (300, 64);
         for (hq, hkv) in [(8, 4), (12, 4), (32, 4), (16, 16)] {
             let p = params(hq, hkv, d, true);

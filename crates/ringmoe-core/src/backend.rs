@@ -148,7 +148,8 @@ pub trait Backend: Send + Sync {
     /// kernels run best. The CPU backend moves it onto a worker of the rayon pool: forked from a
     /// worker, a step's parallel kernels are shared by stealing, where forked from any other
     /// thread each kernel is handed to the pool while the caller sleeps, two thread switches per
-    /// kernel (a decode step has ~30). Other backends run `f` in place.
+    /// kernel (a decode step of the bench model has about a dozen). Other backends run `f` in
+    /// place.
     fn step<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         f()
     }

@@ -67,12 +67,24 @@ impl Isa {
 /// A weight element that converts exactly to f32.
 pub trait WeightElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+    /// Eight elements at `p`, widened to f32 (exactly) in one AVX2 register.
+    ///
+    /// # Safety
+    /// Eight elements readable at `p`; the CPU has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl WeightElem for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: as the trait requires.
+        unsafe { x86::loadx256(p) }
     }
 }
 
@@ -81,12 +93,24 @@ impl WeightElem for bf16 {
     fn to_f32(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        // SAFETY: as the trait requires.
+        unsafe { x86::load_bf16_256(p) }
+    }
 }
 
 impl WeightElem for f16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        // SAFETY: as the trait requires.
+        unsafe { x86::load_f16_256(p) }
     }
 }
 
@@ -241,14 +265,14 @@ pub(crate) mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn loadx256(p: *const f32) -> __m256 {
+    pub(super) unsafe fn loadx256(p: *const f32) -> __m256 {
         // SAFETY: the caller guarantees 8 readable f32 at p.
         unsafe { _mm256_loadu_ps(p) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load_bf16_256(p: *const bf16) -> __m256 {
+    pub(super) unsafe fn load_bf16_256(p: *const bf16) -> __m256 {
         // SAFETY: the caller guarantees 8 readable bf16 (16 bytes) at p.
         let h = unsafe { _mm_loadu_si128(p.cast()) };
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
@@ -256,7 +280,7 @@ pub(crate) mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load_f16_256(p: *const f16) -> __m256 {
+    pub(super) unsafe fn load_f16_256(p: *const f16) -> __m256 {
         // SAFETY: the caller guarantees 8 readable f16 (16 bytes) at p.
         let h = unsafe { _mm_loadu_si128(p.cast()) };
         _mm256_cvtph_ps(h)

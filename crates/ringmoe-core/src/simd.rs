@@ -269,48 +269,10 @@ mod rows_x86 {
     }
 }
 
-/// A weight element the transposing decode reads: f32, bf16 or f16.
-pub trait PanelElem: crate::gemv::WeightElem {
-    /// Eight elements at `p` as f32, with AVX2 and F16C.
-    ///
-    /// # Safety
-    /// Eight elements readable at `p`; the CPU has AVX2 and F16C.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-}
-
 #[cfg(target_arch = "x86_64")]
 mod panel_x86 {
-    use super::PanelElem;
-    use half::{bf16, f16};
+    use crate::gemv::WeightElem;
     use std::arch::x86_64::*;
-
-    impl PanelElem for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            // SAFETY: as the trait requires.
-            unsafe { _mm256_loadu_ps(p) }
-        }
-    }
-
-    impl PanelElem for bf16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const bf16) -> __m256 {
-            // SAFETY: as the trait requires (16 bytes at p; AVX2).
-            unsafe {
-                let h = _mm_loadu_si128(p.cast());
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-            }
-        }
-    }
-
-    impl PanelElem for f16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f16) -> __m256 {
-            // SAFETY: as the trait requires (16 bytes at p; F16C).
-            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
-        }
-    }
 
     /// The 8×8 tiles of [`super::transpose_to_f32`]: eight rows loaded (and widened), transposed
     /// in registers, stored as eight contiguous column pieces. Edges as the scalar body.
@@ -318,7 +280,7 @@ mod panel_x86 {
     /// # Safety
     /// The CPU has AVX2 and F16C; the shapes are the caller's, checked.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn transpose<E: PanelElem>(w: &[E], p: usize, k: usize, out: &mut [f32]) {
+    pub(super) unsafe fn transpose<E: WeightElem>(w: &[E], p: usize, k: usize, out: &mut [f32]) {
         let (p8, k8) = (p / 8 * 8, k / 8 * 8);
         for r0 in (0..p8).step_by(8) {
             for c0 in (0..k8).step_by(8) {
@@ -382,7 +344,7 @@ fn transpose_edges<E: crate::gemv::WeightElem>(
 
 /// `out[c·p + r] = w[r·k + c]` as f32: a row-major `p × k` block of f32, bf16 or f16 weights
 /// decoded and transposed (the layout the f32 GEMM packs without gathering).
-pub fn transpose_to_f32<E: PanelElem>(w: &[E], p: usize, k: usize, out: &mut [f32]) {
+pub fn transpose_to_f32<E: crate::gemv::WeightElem>(w: &[E], p: usize, k: usize, out: &mut [f32]) {
     assert!(
         w.len() == p * k && out.len() == p * k,
         "transpose_to_f32: {p}x{k} from {} into {} values",

@@ -46,3 +46,13 @@ pub fn assert_dots_close(got: &[f32], want: &[f64], cols: usize, what: &str) {
         assert!((g as f64 - w).abs() <= tol, "{what} [{j}]: {g} vs {w}");
     }
 }
+
+/// A rayon pool of `threads` workers, so a test exercises the parallel splits whatever the
+/// machine's core count.
+#[cfg(test)]
+pub fn thread_pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a test thread pool")
+}

@@ -672,10 +672,7 @@ mod tests {
     fn q8_gemm_splits_give_the_serial_product() {
         // Enough work to go parallel: few rows split the weight rows between threads, many rows
         // split the activation rows. Either way every product is the serial one, bit for bit.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = crate::testing::thread_pool(2);
         let (n, k) = (1000, 1024);
         let wt = Weights::from_f32_as(rand(n * k, 3), n, k, WeightFormat::Q8).unwrap();
         for m in [9, 40] {
